@@ -1,0 +1,55 @@
+//! Test harness for end-to-end tests: private `slapd` instances (Debian's binary, a temp
+//! dir, a free loopback port and an ldapi socket), LDAP helpers for the writes the daemons
+//! must observe, and deadline-based waiting. No mock LDAP: everything talks to real slapd.
+//!
+//! A test that panics keeps its slapd directory (config, databases and `slapd.log`) and
+//! prints where it is, so a failure can be diagnosed after the fact.
+
+pub mod directory;
+pub mod net;
+pub mod slapd;
+pub mod wait;
+
+pub use directory::{Directory, Entry};
+pub use slapd::{Slapd, SlapdConfig};
+pub use wait::wait_until;
+
+/// Harness failures; tests usually just `?` or `unwrap` them.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("I/O error while {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("LDAP error while {context}: {source}")]
+    Ldap {
+        context: String,
+        #[source]
+        source: Box<ldap3::LdapError>,
+    },
+    #[error("slapd did not start: {0}")]
+    SlapdStart(String),
+    #[error("timed out after {seconds:.1}s waiting for {what}")]
+    Timeout { what: String, seconds: f64 },
+}
+
+pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
+
+pub(crate) fn io_context(
+    context: impl Into<String>,
+) -> impl FnOnce(std::io::Error) -> HarnessError {
+    let context = context.into();
+    move |source| HarnessError::Io { context, source }
+}
+
+pub(crate) fn ldap_context(
+    context: impl Into<String>,
+) -> impl FnOnce(ldap3::LdapError) -> HarnessError {
+    let context = context.into();
+    move |source| HarnessError::Ldap {
+        context,
+        source: Box::new(source),
+    }
+}

@@ -1,0 +1,454 @@
+//! Private slapd instances.
+//!
+//! A *provider* is configured like a UCS Primary as far as our daemons care: the main
+//! database `dc=example,dc=com` with the accesslog overlay (stock OpenLDAP change feed,
+//! followed via syncrepl) and a `cn=translog` database written over ldapi by root with
+//! SASL EXTERNAL and readable by any bound user (spec/notifier.md §1.6). A host account can
+//! read everything except `cn=restricted,…` (selective replication). A *replica* is a plain
+//! mdb database for a listener's replication target.
+
+use std::fmt::Write as _;
+use std::fs::{self, OpenOptions};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ldap3::LdapConn;
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use tempfile::TempDir;
+
+use crate::directory::Directory;
+use crate::net::{free_port, is_listening};
+use crate::{HarnessError, Result, io_context, ldap_context};
+
+pub const BASE: &str = "dc=example,dc=com";
+pub const ADMIN_DN: &str = "cn=admin,dc=example,dc=com";
+pub const ADMIN_PW: &str = "secret";
+/// The machine account a listener binds as.
+pub const HOST_DN: &str = "cn=host,dc=example,dc=com";
+pub const HOST_PW: &str = "hostsecret";
+/// A subtree the host account cannot see (selective replication).
+pub const RESTRICTED_DN: &str = "cn=restricted,dc=example,dc=com";
+/// The identity of root connecting over ldapi with SASL EXTERNAL.
+pub const ROOT_PEERCRED: &str = "gidNumber=0+uidNumber=0,cn=peercred,cn=external,cn=auth";
+pub const TRANSLOG_BASE: &str = "cn=translog";
+pub const ACCESSLOG_BASE: &str = "cn=accesslog";
+
+const SLAPD: &str = "/usr/sbin/slapd";
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+const START_ATTEMPTS: usize = 5;
+
+/// What a slapd instance contains.
+#[derive(Debug, Clone)]
+pub struct SlapdConfig {
+    /// `cn=accesslog` fed by the accesslog overlay (with syncprov on it).
+    pub accesslog: bool,
+    /// The UCS `cn=translog` database.
+    pub translog: bool,
+    /// Load the host account and the restricted subtree at first start.
+    pub fixture: bool,
+    /// `dbnosync` on every database: much faster writes, not crash-safe for the data.
+    pub dbnosync: bool,
+    /// Log operations (`-d stats`) to `slapd.log`; off for benchmarks.
+    pub log_operations: bool,
+}
+
+impl SlapdConfig {
+    /// Primary-like instance: accesslog, translog, host account, restricted subtree.
+    pub fn provider() -> SlapdConfig {
+        SlapdConfig {
+            accesslog: true,
+            translog: true,
+            fixture: true,
+            dbnosync: false,
+            log_operations: true,
+        }
+    }
+
+    /// Plain instance with only the base entry, e.g. a replication target.
+    pub fn replica() -> SlapdConfig {
+        SlapdConfig {
+            accesslog: false,
+            translog: false,
+            fixture: false,
+            dbnosync: false,
+            log_operations: true,
+        }
+    }
+
+    pub fn dbnosync(mut self, on: bool) -> SlapdConfig {
+        self.dbnosync = on;
+        self
+    }
+
+    pub fn log_operations(mut self, on: bool) -> SlapdConfig {
+        self.log_operations = on;
+        self
+    }
+}
+
+/// A running slapd. Killed on drop; its directory is removed unless the test panicked.
+pub struct Slapd {
+    dir: Option<TempDir>,
+    path: PathBuf,
+    port: u16,
+    config: SlapdConfig,
+    child: Option<Child>,
+}
+
+impl Slapd {
+    /// Starts a fresh instance and loads its fixture.
+    pub fn start(config: SlapdConfig) -> Result<Slapd> {
+        let dir = tempfile::Builder::new()
+            .prefix("slapd-")
+            .tempdir_in("/tmp")
+            .map_err(io_context("creating the slapd directory"))?;
+        let path = dir.path().to_path_buf();
+        for sub in ["data", "accesslog", "translog"] {
+            fs::create_dir(path.join(sub)).map_err(io_context(format!("creating {sub}")))?;
+        }
+        let mut slapd = Slapd {
+            dir: Some(dir),
+            path,
+            port: 0,
+            config,
+            child: None,
+        };
+        fs::write(slapd.conf_path(), slapd.render_config())
+            .map_err(io_context("writing slapd.conf"))?;
+        slapd.spawn_on_free_port()?;
+        slapd.load_fixture()?;
+        Ok(slapd)
+    }
+
+    pub fn provider() -> Result<Slapd> {
+        Slapd::start(SlapdConfig::provider())
+    }
+
+    pub fn replica() -> Result<Slapd> {
+        Slapd::start(SlapdConfig::replica())
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The instance directory (config, databases, `slapd.log`, ldapi socket).
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.path.join("slapd.log")
+    }
+
+    pub fn conf_path(&self) -> PathBuf {
+        self.path.join("slapd.conf")
+    }
+
+    pub fn ldapi_socket(&self) -> PathBuf {
+        self.path.join("ldapi")
+    }
+
+    /// `ldap://127.0.0.1:<port>/`
+    pub fn ldap_url(&self) -> String {
+        format!("ldap://127.0.0.1:{}/", self.port)
+    }
+
+    /// `ldapi://<percent-encoded socket path>/`
+    pub fn ldapi_url(&self) -> String {
+        let socket = self.ldapi_socket();
+        let encoded = utf8_percent_encode(&socket.to_string_lossy(), NON_ALPHANUMERIC).to_string();
+        format!("ldapi://{encoded}/")
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
+    }
+
+    /// Bound as the rootdn of the main database.
+    pub fn admin(&self) -> Result<Directory> {
+        self.simple_bind(ADMIN_DN, ADMIN_PW)
+    }
+
+    /// Bound as the host (machine) account.
+    pub fn host(&self) -> Result<Directory> {
+        self.simple_bind(HOST_DN, HOST_PW)
+    }
+
+    pub fn simple_bind(&self, dn: &str, password: &str) -> Result<Directory> {
+        let mut conn = LdapConn::new(&self.ldap_url())
+            .map_err(ldap_context(format!("connecting to {}", self.ldap_url())))?;
+        conn.simple_bind(dn, password)
+            .and_then(|r| r.success())
+            .map_err(ldap_context(format!("binding as {dn}")))?;
+        Ok(Directory::new(conn))
+    }
+
+    pub fn anonymous(&self) -> Result<Directory> {
+        let conn = LdapConn::new(&self.ldap_url())
+            .map_err(ldap_context(format!("connecting to {}", self.ldap_url())))?;
+        Ok(Directory::new(conn))
+    }
+
+    /// Root over ldapi with SASL EXTERNAL, as the notifier writes `cn=translog`.
+    pub fn root(&self) -> Result<Directory> {
+        let mut conn = LdapConn::new(&self.ldapi_url())
+            .map_err(ldap_context(format!("connecting to {}", self.ldapi_url())))?;
+        conn.sasl_external_bind()
+            .and_then(|r| r.success())
+            .map_err(ldap_context("SASL EXTERNAL bind over ldapi"))?;
+        Ok(Directory::new(conn))
+    }
+
+    /// Kills slapd hard (mdb is crash-safe), as a power cut or OOM kill would.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // The process may already be gone; only the wait result matters.
+            let _ = child.kill();
+            child
+                .wait()
+                .map_err(io_context("waiting for slapd to exit"))?;
+        }
+        Ok(())
+    }
+
+    /// Kills and starts slapd again on the same port and databases.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill()?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match self.spawn(self.port) {
+                Ok(()) => return Ok(()),
+                Err(err) if Instant::now() >= deadline => return Err(err),
+                // The old socket may linger briefly; the port is ours, so keep trying it.
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    fn spawn_on_free_port(&mut self) -> Result<()> {
+        let mut last_error = None;
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port()?;
+            match self.spawn(port) {
+                Ok(()) => return Ok(()),
+                Err(err @ HarnessError::SlapdStart(_)) if self.port_conflict() => {
+                    last_error = Some(err);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| HarnessError::SlapdStart("no free port".into())))
+    }
+
+    fn port_conflict(&self) -> bool {
+        fs::read_to_string(self.log_path())
+            .map(|log| log.contains("Address already in use"))
+            .unwrap_or(false)
+    }
+
+    fn spawn(&mut self, port: u16) -> Result<()> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(io_context("opening slapd.log"))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_context("duplicating slapd.log"))?;
+        let urls = format!("ldap://127.0.0.1:{port}/ {}", self.ldapi_url());
+        // `-d` keeps slapd in the foreground as our child; level 0 logs nothing.
+        let debug = if self.config.log_operations {
+            "stats"
+        } else {
+            "0"
+        };
+        let mut child = Command::new(SLAPD)
+            .arg("-f")
+            .arg(self.conf_path())
+            .arg("-h")
+            .arg(&urls)
+            .arg("-d")
+            .arg(debug)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(io_context(format!("starting {SLAPD}")))?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(HarnessError::SlapdStart(format!(
+                    "slapd exited with {status}; log {}:\n{}",
+                    self.log_path().display(),
+                    self.log_tail()
+                )));
+            }
+            if is_listening(port) && UnixStream::connect(self.ldapi_socket()).is_ok() {
+                break;
+            }
+            if start.elapsed() > START_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(HarnessError::SlapdStart(format!(
+                    "slapd not listening on port {port} after {START_TIMEOUT:?}; log:\n{}",
+                    self.log_tail()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.port = port;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The last lines of slapd.log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let log = fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn load_fixture(&self) -> Result<()> {
+        let mut admin = self.admin()?;
+        admin.add(
+            BASE,
+            &[
+                ("objectClass", &["dcObject", "organization"]),
+                ("dc", &["example"]),
+                ("o", &["Example"]),
+            ],
+        )?;
+        if self.config.fixture {
+            admin.add(
+                HOST_DN,
+                &[
+                    (
+                        "objectClass",
+                        &["applicationProcess", "simpleSecurityObject"],
+                    ),
+                    ("cn", &["host"]),
+                    ("userPassword", &[HOST_PW]),
+                ],
+            )?;
+            admin.add(
+                RESTRICTED_DN,
+                &[
+                    ("objectClass", &["organizationalRole"]),
+                    ("cn", &["restricted"]),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn render_config(&self) -> String {
+        let d = self.path.display();
+        let nosync = if self.config.dbnosync {
+            "dbnosync\n"
+        } else {
+            ""
+        };
+        let mut conf = format!(
+            "include /etc/ldap/schema/core.schema
+include /etc/ldap/schema/cosine.schema
+include /etc/ldap/schema/nis.schema
+include /etc/ldap/schema/inetorgperson.schema
+pidfile {d}/slapd.pid
+argsfile {d}/slapd.args
+modulepath /usr/lib/ldap
+moduleload back_mdb
+moduleload accesslog
+moduleload syncprov
+sizelimit unlimited
+
+database config
+rootdn \"{ROOT_PEERCRED}\"
+"
+        );
+        if self.config.translog {
+            // As UCS: written by root over ldapi, readable by any bound user, hidden from
+            // anonymous (spec/notifier.md §1.6).
+            let _ = write!(
+                conf,
+                "
+database mdb
+suffix \"{TRANSLOG_BASE}\"
+rootdn \"{ROOT_PEERCRED}\"
+directory {d}/translog
+maxsize 1073741824
+{nosync}index objectClass,reqSession eq
+access to * by dn.exact=\"{ROOT_PEERCRED}\" write by users read by * none
+"
+            );
+        }
+        if self.config.accesslog {
+            // Must be defined before the database that logs into it.
+            let _ = write!(
+                conf,
+                "
+database mdb
+suffix \"{ACCESSLOG_BASE}\"
+rootdn \"{ACCESSLOG_BASE}\"
+directory {d}/accesslog
+maxsize 1073741824
+{nosync}index default eq
+index entryCSN,objectClass,reqEnd,reqResult,reqStart,reqDN eq
+access to * by dn.exact=\"{ADMIN_DN}\" read by dn.exact=\"{ROOT_PEERCRED}\" read by * none
+limits dn.exact=\"{ADMIN_DN}\" time=unlimited size=unlimited
+overlay syncprov
+syncprov-nopresent TRUE
+syncprov-reloadhint TRUE
+"
+            );
+        }
+        let _ = write!(
+            conf,
+            "
+database mdb
+suffix \"{BASE}\"
+rootdn \"{ADMIN_DN}\"
+rootpw {ADMIN_PW}
+directory {d}/data
+maxsize 4294967296
+{nosync}index objectClass eq
+index entryCSN,entryUUID eq
+index uid,cn eq
+access to dn.subtree=\"{RESTRICTED_DN}\" by dn.exact=\"{ROOT_PEERCRED}\" manage by dn.exact=\"{HOST_DN}\" none by users read by * none
+access to attrs=userPassword by dn.exact=\"{ROOT_PEERCRED}\" manage by self write by anonymous auth by * none
+access to * by dn.exact=\"{ROOT_PEERCRED}\" manage by users read by * none
+"
+        );
+        if self.config.accesslog {
+            let _ = write!(
+                conf,
+                "overlay syncprov
+syncprov-checkpoint 100 10
+overlay accesslog
+logdb {ACCESSLOG_BASE}
+logops writes
+logsuccess TRUE
+logpurge 07+00:00 01+00:00
+"
+            );
+        }
+        conf
+    }
+}
+
+impl Drop for Slapd {
+    fn drop(&mut self) {
+        let _ = self.kill();
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            let kept = dir.keep();
+            eprintln!(
+                "test failed: slapd directory kept for diagnosis at {} (slapd.conf, slapd.log)",
+                kept.display()
+            );
+        }
+    }
+}

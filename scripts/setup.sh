@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what building and testing needs on Debian 12 (run as root). Idempotent: apt is
+# only touched when a package is missing, or always with --update.
+set -euo pipefail
+
+packages=(
+  slapd ldap-utils          # the real LDAP server every end-to-end test starts privately
+  python3-ldap              # `import ldap` inside Python listener modules (Debian's python3.11)
+  libldap2-dev libsasl2-dev # python-ldap headers, as on UCS
+  libpython3.11-dev         # pyo3 links Debian's libpython3.11
+  libssl-dev pkg-config     # ldap3's TLS (StartTLS to LDAP)
+  build-essential ca-certificates
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [[ ${1:-} == --update || ${#missing[@]} -gt 0 ]]; then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: missing packages (${missing[*]}); run as root or install them first" >&2
+    exit 1
+  fi
+  apt-get update
+  # Debian's slapd postinst would start a system instance; our tests never use it.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found; install a Rust toolchain (rustup, Rust >= 1.95) first" >&2
+  exit 1
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets everything up and runs every check and test of the workspace: formatting, clippy,
+# unit tests, and the end-to-end tests that start private slapd instances and the real
+# binaries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+# The embedded interpreter must be Debian's, so modules see Debian's python3-ldap.
+export PYO3_PYTHON=/usr/bin/python3.11
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo nextest run --workspace --locked --no-fail-fast "$@"
