@@ -11,4 +11,6 @@ export PYO3_PYTHON=/usr/bin/python3.11
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# End-to-end tests start the real binaries from target/debug.
+cargo build --workspace --bins --locked
 cargo nextest run --workspace --locked --no-fail-fast "$@"

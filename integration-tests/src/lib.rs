@@ -7,10 +7,14 @@
 
 pub mod directory;
 pub mod net;
+pub mod notifier;
+pub mod process;
 pub mod slapd;
 pub mod wait;
 
 pub use directory::{Directory, Entry};
+pub use notifier::{Client, Intake, Notifier};
+pub use process::Process;
 pub use slapd::{Slapd, SlapdConfig};
 pub use wait::wait_until;
 

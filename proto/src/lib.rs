@@ -32,6 +32,7 @@
 pub mod capability;
 pub mod codec;
 pub mod frame;
+pub mod ldap;
 pub mod line;
 
 pub use capability::{Capabilities, Capability};

@@ -1,0 +1,339 @@
+//! A real `univention-directory-notifier` under test, with its own `--ldap-dir`, port,
+//! PID and log files, plus a raw-bytes protocol client.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::net::{free_port, is_listening};
+use crate::process::Process;
+use crate::slapd::Slapd;
+use crate::{HarnessError, Result, io_context};
+
+pub const NOTIFIER: &str = "univention-directory-notifier";
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How the notifier gets its transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intake {
+    QueueFile,
+    Accesslog,
+}
+
+pub struct Notifier {
+    dir: Option<TempDir>,
+    path: PathBuf,
+    port: u16,
+    args: Vec<String>,
+    process: Option<Process>,
+}
+
+impl Notifier {
+    /// Starts a notifier against `slapd` (translog over its ldapi socket).
+    pub fn start(slapd: &Slapd, intake: Intake, extra: &[&str]) -> Result<Notifier> {
+        let dir = tempfile::Builder::new()
+            .prefix("notifier-")
+            .tempdir_in("/tmp")
+            .map_err(io_context("creating the notifier directory"))?;
+        let path = dir.path().to_path_buf();
+        let ldap_dir = path.join("ldap");
+        for sub in ["listener", "notify", "schema/id"] {
+            std::fs::create_dir_all(ldap_dir.join(sub))
+                .map_err(io_context(format!("creating {sub}")))?;
+        }
+        let mut args: Vec<String> = vec![
+            "-F".into(),
+            "-d".into(),
+            "3".into(),
+            "--ldap-dir".into(),
+            ldap_dir.display().to_string(),
+            "--pid-file".into(),
+            path.join("notifier.pid").display().to_string(),
+            "--ucr-file".into(),
+            path.join("base.conf").display().to_string(),
+            "--translog-uri".into(),
+            slapd.ldapi_url(),
+            "--ldap-base".into(),
+            crate::slapd::BASE.into(),
+            "--poll-interval".into(),
+            "0.5".into(),
+            "--listen".into(),
+            "127.0.0.1".into(),
+        ];
+        if intake == Intake::Accesslog {
+            args.extend([
+                "--intake".into(),
+                "accesslog".into(),
+                "--accesslog-uri".into(),
+                slapd.ldapi_url(),
+            ]);
+        }
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let mut notifier = Notifier {
+            dir: Some(dir),
+            path,
+            port: 0,
+            args,
+            process: None,
+        };
+        notifier.spawn_on_free_port()?;
+        Ok(notifier)
+    }
+
+    fn spawn_on_free_port(&mut self) -> Result<()> {
+        let mut last = None;
+        for _ in 0..5 {
+            let port = free_port()?;
+            match self.spawn(port) {
+                Ok(()) => return Ok(()),
+                Err(err) if self.log().contains("cannot listen on port") => last = Some(err),
+                Err(err) => return Err(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| HarnessError::SlapdStart("no free port".into())))
+    }
+
+    fn spawn(&mut self, port: u16) -> Result<()> {
+        let mut args = self.args.clone();
+        args.extend(["--port".into(), port.to_string()]);
+        let mut process = Process::spawn(NOTIFIER, &args, &self.path.join("notifier.log"))?;
+        let start = Instant::now();
+        while !is_listening(port) {
+            if let Some(status) = process.try_status() {
+                return Err(HarnessError::SlapdStart(format!(
+                    "notifier exited with {status}:\n{}",
+                    process.log()
+                )));
+            }
+            if start.elapsed() > START_TIMEOUT {
+                return Err(HarnessError::Timeout {
+                    what: format!("the notifier to listen on port {port}"),
+                    seconds: START_TIMEOUT.as_secs_f64(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.port = port;
+        self.process = Some(process);
+        Ok(())
+    }
+
+    /// Starts the notifier again on the same port and directories.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match self.spawn(self.port) {
+                Ok(()) => return Ok(()),
+                Err(err) if Instant::now() > deadline => return Err(err),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut process) = self.process.take() {
+            process.terminate(Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut process) = self.process.take() {
+            process.kill()?;
+        }
+        Ok(())
+    }
+
+    pub fn process(&mut self) -> Option<&mut Process> {
+        self.process.as_mut()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn ldap_dir(&self) -> PathBuf {
+        self.path.join("ldap")
+    }
+
+    pub fn queue_file(&self) -> PathBuf {
+        self.ldap_dir().join("listener").join("listener")
+    }
+
+    pub fn transaction_file(&self) -> PathBuf {
+        self.ldap_dir().join("notify").join("transaction")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path.join("notifier.log")).unwrap_or_default()
+    }
+
+    /// Appends lines to the queue file, as slapd's translog overlay does.
+    pub fn queue(&self, lines: &str) -> Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.queue_file())
+            .map_err(io_context("opening the queue file"))?;
+        file.write_all(lines.as_bytes())
+            .map_err(io_context("writing the queue file"))
+    }
+
+    /// The committed log as text.
+    pub fn transactions(&self) -> String {
+        std::fs::read_to_string(self.transaction_file()).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> Result<Client> {
+        Client::connect(self.port)
+    }
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            let _ = process.kill();
+        }
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            let kept = dir.keep();
+            eprintln!("test failed: notifier directory kept at {}", kept.display());
+            eprintln!("--- notifier log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A protocol client that sends raw bytes and reads raw answers, for exact-byte tests.
+pub struct Client {
+    stream: TcpStream,
+    pending: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(port: u16) -> Result<Client> {
+        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .map_err(io_context(format!("connecting to port {port}")))?;
+        Ok(Client {
+            stream,
+            pending: Vec::new(),
+        })
+    }
+
+    pub fn send(&mut self, bytes: &str) -> Result<()> {
+        self.stream
+            .write_all(bytes.as_bytes())
+            .map_err(io_context("sending to the notifier"))
+    }
+
+    /// Handshake with `version`; returns the server's reply block.
+    pub fn handshake(&mut self, version: u32) -> Result<String> {
+        self.send(&format!("Version: {version}\nCapabilities: \n\n"))?;
+        self.block(Duration::from_secs(10))
+    }
+
+    /// Sends one request and returns its answer block (`MSGID: k\n…\n\n`).
+    pub fn request(&mut self, msgid: u32, command: &str) -> Result<String> {
+        self.send(&format!("MSGID: {msgid}\n{command}\n\n"))?;
+        self.block(Duration::from_secs(10))
+    }
+
+    /// The next block ending in a blank line, exactly as received.
+    pub fn block(&mut self, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(end) = find_blank_line(&self.pending) {
+                let block: Vec<u8> = self.pending.drain(..end).collect();
+                return Ok(String::from_utf8_lossy(&block).into_owned());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(HarnessError::Timeout {
+                    what: format!(
+                        "an answer block (have {:?})",
+                        String::from_utf8_lossy(&self.pending)
+                    ),
+                    seconds: timeout.as_secs_f64(),
+                });
+            }
+            self.stream
+                .set_read_timeout(Some(left))
+                .map_err(io_context("setting a read timeout"))?;
+            let mut buf = [0u8; 4096];
+            match self.stream.read(&mut buf) {
+                Ok(0) => {
+                    return Err(HarnessError::Io {
+                        context: "reading an answer: connection closed".into(),
+                        source: std::io::ErrorKind::UnexpectedEof.into(),
+                    });
+                }
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(err) => return Err(io_context("reading an answer")(err)),
+            }
+        }
+    }
+
+    /// True when nothing arrives within `wait` and the connection is still open.
+    pub fn is_silent(&mut self, wait: Duration) -> Result<bool> {
+        self.stream
+            .set_read_timeout(Some(wait))
+            .map_err(io_context("setting a read timeout"))?;
+        let mut buf = [0u8; 256];
+        match self.stream.read(&mut buf) {
+            Ok(0) => Ok(false),
+            Ok(n) => {
+                self.pending.extend_from_slice(&buf[..n]);
+                Ok(false)
+            }
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(self.pending.is_empty())
+            }
+            Err(err) => Err(io_context("reading")(err)),
+        }
+    }
+
+    /// True when the server closed the connection within `wait`.
+    pub fn is_closed(&mut self, wait: Duration) -> Result<bool> {
+        self.stream
+            .set_read_timeout(Some(wait))
+            .map_err(io_context("setting a read timeout"))?;
+        let mut buf = [0u8; 256];
+        match self.stream.read(&mut buf) {
+            Ok(0) => Ok(true),
+            Ok(n) => {
+                self.pending.extend_from_slice(&buf[..n]);
+                Ok(false)
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => Ok(true),
+            Err(_) => Ok(false),
+        }
+    }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+fn find_blank_line(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+}

@@ -1,0 +1,160 @@
+//! The project's real binaries as child processes, with their output in a log file.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{HarnessError, Result, io_context};
+
+/// Path of a workspace binary, next to the test executable's `deps/` directory.
+///
+/// `scripts/test.sh` builds all binaries before the tests run.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(io_context("locating the test executable"))?;
+    let target_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| HarnessError::SlapdStart("test executable has no target dir".into()))?;
+    let path = target_dir.join(name);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(HarnessError::Io {
+            context: format!(
+                "finding {} (build it first: cargo build --workspace --bins)",
+                path.display()
+            ),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })
+    }
+}
+
+/// A running binary; killed on drop.
+pub struct Process {
+    name: String,
+    child: Option<Child>,
+    log_path: PathBuf,
+}
+
+impl Process {
+    /// Starts `name` with `args`, appending stdout and stderr to `log_path`.
+    pub fn spawn(name: &str, args: &[String], log_path: &Path) -> Result<Process> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .map_err(io_context(format!("opening {}", log_path.display())))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_context("duplicating the log file"))?;
+        let child = Command::new(binary(name)?)
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(io_context(format!("starting {name}")))?;
+        Ok(Process {
+            name: name.to_owned(),
+            child: Some(child),
+            log_path: log_path.to_owned(),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The exit status if it has exited.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_some() && self.try_status().is_none()
+    }
+
+    /// Everything the process wrote so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`).
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| HarnessError::SlapdStart(format!("{} is not running", self.name)))?;
+        let pid = libc::pid_t::try_from(pid).map_err(|_| HarnessError::SlapdStart("pid".into()))?;
+        // SAFETY: kill(2) with a pid of our own child; no memory is involved.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(HarnessError::Io {
+                context: format!("signalling {}", self.name),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits up to `timeout` for a clean exit (SIGKILL after that).
+    pub fn terminate(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        if self.child.is_none() {
+            return Ok(None);
+        }
+        self.signal(libc::SIGTERM)?;
+        let status = self.wait_exit(timeout)?;
+        if status.is_none() {
+            self.kill()?;
+        }
+        Ok(status)
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.try_status() {
+                self.child = None;
+                return Ok(Some(status));
+            }
+            if start.elapsed() > timeout {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGKILL: a crash at an arbitrary point.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            child
+                .wait()
+                .map_err(io_context(format!("waiting for {}", self.name)))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} log ({}) ---\n{}",
+                self.name,
+                self.log_path.display(),
+                self.log()
+            );
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The notifier with the UCS queue-file intake, against real slapd (cn=translog) and the
+//! real binary: ids, exact protocol bytes, durability order, bad input.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use integration_tests::slapd::{BASE, TRANSLOG_BASE};
+use integration_tests::{Intake, Notifier, Slapd, wait_until};
+
+const T: Duration = Duration::from_secs(20);
+
+fn get_id(notifier: &Notifier) -> u64 {
+    let mut client = notifier.client().unwrap();
+    client.handshake(3).unwrap();
+    let answer = client.request(1, "GET_ID").unwrap();
+    answer.lines().nth(1).unwrap().parse().unwrap()
+}
+
+fn wait_for_id(notifier: &Notifier, id: u64) {
+    wait_until(&format!("notifier last id {id}"), T, || {
+        Ok((get_id(notifier) >= id).then_some(()))
+    })
+    .unwrap();
+}
+
+#[test]
+fn queue_lines_become_transactions_with_exact_protocol_bytes() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start(&slapd, Intake::QueueFile, &["-v", "2"]).unwrap();
+    let mut v3 = notifier.client().unwrap();
+    assert_eq!(v3.handshake(3).unwrap(), "Version: 3\nCapabilities: \n\n");
+    assert_eq!(v3.request(1, "GET_ID").unwrap(), "MSGID: 1\n0\n\n");
+    assert_eq!(v3.request(2, "ALIVE").unwrap(), "MSGID: 2\nOKAY\n\n");
+    assert_eq!(v3.request(3, "GET_SCHEMA_ID").unwrap(), "MSGID: 3\n0\n\n");
+
+    // A wait for a future id is answered when it is committed.
+    v3.send("MSGID: 4\nWAIT_ID 1\n\n").unwrap();
+    assert!(v3.is_silent(Duration::from_millis(200)).unwrap());
+    notifier
+        .queue(&format!("1 cn=a,{BASE} a\n2 cn=with space,{BASE} m\n"))
+        .unwrap();
+    let answer = v3.block(T).unwrap();
+    assert!(
+        answer == "MSGID: 4\n1\n\n" || answer == "MSGID: 4\n2\n\n",
+        "{answer:?}"
+    );
+    wait_for_id(&notifier, 2);
+    // WAIT_ID at or below the last id answers the last id, not the requested one.
+    assert_eq!(v3.request(5, "WAIT_ID 1").unwrap(), "MSGID: 5\n2\n\n");
+    // GET_DN is for protocol 2 only: dropped silently, connection stays open.
+    v3.send("MSGID: 6\nGET_DN 1\n\n").unwrap();
+    assert!(v3.is_silent(Duration::from_millis(200)).unwrap());
+    assert_eq!(v3.request(7, "GET_ID").unwrap(), "MSGID: 7\n2\n\n");
+
+    let mut v2 = notifier.client().unwrap();
+    assert_eq!(v2.handshake(2).unwrap(), "Version: 2\nCapabilities: \n\n");
+    // The C listener sends GET_DN without the trailing blank line.
+    v2.send("MSGID: 1\nGET_DN 1\n").unwrap();
+    assert_eq!(
+        v2.block(T).unwrap(),
+        format!("MSGID: 1\n1 cn=a,{BASE} a\n\n")
+    );
+    assert_eq!(
+        v2.request(2, "GET_DN 2").unwrap(),
+        format!("MSGID: 2\n2 cn=with space,{BASE} m\n\n")
+    );
+    v2.send("MSGID: 3\nGET_DN 3\n").unwrap();
+    assert!(v2.is_silent(Duration::from_millis(200)).unwrap());
+    notifier.queue(&format!("3 cn=b,{BASE} d\n")).unwrap();
+    assert_eq!(
+        v2.block(T).unwrap(),
+        format!("MSGID: 3\n3 cn=b,{BASE} d\n\n")
+    );
+
+    assert_eq!(
+        notifier.transactions(),
+        format!("1 cn=a,{BASE} a\n2 cn=with space,{BASE} m\n3 cn=b,{BASE} d\n")
+    );
+    // The translog entries exist and the host account can read them.
+    let mut host = slapd.host().unwrap();
+    let entry = host
+        .get(&format!("reqSession=2,{TRANSLOG_BASE}"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        entry.first("reqDN"),
+        Some(format!("cn=with space,{BASE}").as_str())
+    );
+    assert_eq!(entry.first("reqType"), Some("m"));
+    let start = entry.first("reqStart").unwrap();
+    assert_eq!(start.len(), 15, "{start}");
+    assert!(start.ends_with('Z'));
+}
+
+#[test]
+fn translog_entry_exists_before_the_wait_id_answer() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start(&slapd, Intake::QueueFile, &[]).unwrap();
+    let mut host = slapd.host().unwrap();
+    for id in 1..=20u64 {
+        let mut client = notifier.client().unwrap();
+        client.handshake(3).unwrap();
+        client.send(&format!("MSGID: 1\nWAIT_ID {id}\n\n")).unwrap();
+        notifier
+            .queue(&format!("{id} cn=obj{id},{BASE} a\n"))
+            .unwrap();
+        client.block(T).unwrap();
+        // No waiting here: the entry must already exist when the id is announced.
+        let entry = host
+            .get(&format!("reqSession={id},{TRANSLOG_BASE}"))
+            .unwrap();
+        assert!(
+            entry.is_some(),
+            "translog entry {id} missing at announcement"
+        );
+    }
+}
+
+#[test]
+fn restart_keeps_numbering_and_leftover_private_file_is_drained_first() {
+    let slapd = Slapd::provider().unwrap();
+    let mut notifier = Notifier::start(&slapd, Intake::QueueFile, &[]).unwrap();
+    notifier
+        .queue(&format!("1 cn=a,{BASE} a\n2 cn=b,{BASE} a\n"))
+        .unwrap();
+    wait_for_id(&notifier, 2);
+    notifier.stop().unwrap();
+    // A crash left listener.priv behind (with an already committed line) and slapd kept
+    // writing to the queue meanwhile.
+    let listener_dir = notifier.ldap_dir().join("listener");
+    std::fs::write(
+        listener_dir.join("listener.priv"),
+        format!("2 cn=b,{BASE} a\n3 cn=c,{BASE} m\n"),
+    )
+    .unwrap();
+    notifier.queue(&format!("4 cn=d,{BASE} d\n")).unwrap();
+    notifier.restart().unwrap();
+    wait_for_id(&notifier, 4);
+    assert_eq!(
+        notifier.transactions(),
+        format!("1 cn=a,{BASE} a\n2 cn=b,{BASE} a\n3 cn=c,{BASE} m\n4 cn=d,{BASE} d\n")
+    );
+    assert!(!listener_dir.join("listener.priv").exists());
+    // The queue file is recreated empty, not removed: slapd's overlay appends to it.
+    assert_eq!(std::fs::read_to_string(notifier.queue_file()).unwrap(), "");
+}
+
+#[test]
+fn malformed_lines_are_quarantined_and_gaps_filled() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start(&slapd, Intake::QueueFile, &["--max-gap", "10"]).unwrap();
+    let garbage = [
+        "0 cn=zero,dc=example,dc=com m\n".to_owned(),
+        "<TransID> dc=example,dc=com m\n".to_owned(),
+        "7\n".to_owned(),
+        format!("8 cn=x,{BASE} q\n"),
+        format!("9 cn=nul\0,{BASE} m\n"),
+        format!("1000 cn=far,{BASE} m\n"),
+    ];
+    let mut queue = format!("1 cn=a,{BASE} a\n1 cn=a,{BASE} a\n");
+    for line in &garbage {
+        queue.push_str(line);
+    }
+    queue.push_str(&format!("4 cn=d,{BASE} m\n"));
+    notifier.queue(&queue).unwrap();
+    wait_for_id(&notifier, 4);
+    assert_eq!(
+        notifier.transactions(),
+        format!("1 cn=a,{BASE} a\n2 {BASE} m\n3 {BASE} m\n4 cn=d,{BASE} m\n")
+    );
+    let quarantine =
+        std::fs::read_to_string(notifier.ldap_dir().join("listener/listener.quarantine")).unwrap();
+    assert_eq!(quarantine, garbage.concat());
+    let log = notifier.log();
+    assert!(log.contains("invalid transaction line"), "{log}");
+    // Still serving after all that.
+    assert_eq!(get_id(&notifier), 4);
+    // Fillers have translog entries too, so protocol-3 listeners never hit a hole.
+    let mut host = slapd.host().unwrap();
+    let filler = host
+        .get(&format!("reqSession=2,{TRANSLOG_BASE}"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(filler.first("reqDN"), Some(BASE));
+}

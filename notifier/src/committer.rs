@@ -1,0 +1,174 @@
+//! The one path by which a transaction becomes visible: `cn=translog` entry, then the log
+//! line and index entry, then `fdatasync`, then the new last id is published to clients.
+//! A crash anywhere before the publish loses nothing the intake has acknowledged, because
+//! intakes acknowledge (remove `listener.priv`, store the accesslog position) only after
+//! `commit` returns.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use proto::{Command, Transaction, TransactionId};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::journal::{Journal, JournalError};
+use crate::metrics::Metrics;
+use crate::translog::TranslogWriter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("transaction log: {0}")]
+    Journal(#[from] JournalError),
+    #[error("the transaction log lock is poisoned by an earlier panic")]
+    Poisoned,
+    #[error("background task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("shutting down")]
+    Shutdown,
+}
+
+/// A transaction slapd refused in `cn=translog`, replaced by a harmless no-op modify so the
+/// id sequence stays gap-free for listeners.
+#[derive(Debug, Clone)]
+pub struct Replaced {
+    pub original: Transaction,
+    pub reason: String,
+}
+
+pub struct Committer {
+    journal: Arc<RwLock<Journal>>,
+    translog: Option<TranslogWriter>,
+    published: watch::Sender<u64>,
+    /// DN of the no-op transactions used to fill gaps (normally the LDAP base).
+    filler_dn: Option<String>,
+    metrics: Arc<Metrics>,
+}
+
+impl Committer {
+    pub fn new(
+        journal: Arc<RwLock<Journal>>,
+        translog: Option<TranslogWriter>,
+        published: watch::Sender<u64>,
+        filler_dn: Option<String>,
+        metrics: Arc<Metrics>,
+    ) -> Committer {
+        Committer {
+            journal,
+            translog,
+            published,
+            filler_dn,
+            metrics,
+        }
+    }
+
+    /// The last committed (and announced) id.
+    pub fn last_id(&self) -> u64 {
+        *self.published.borrow()
+    }
+
+    /// A no-op modify for `id`, used for gaps and for rejected transactions; it makes
+    /// listeners re-read an existing object, which changes nothing.
+    pub fn filler(&self, id: u64, near: &str) -> Transaction {
+        Transaction {
+            id: TransactionId(id),
+            dn: self.filler_dn.clone().unwrap_or_else(|| near.to_owned()),
+            command: Command::Modify,
+        }
+    }
+
+    /// Commits consecutive transactions starting at `last_id() + 1`, retrying storage and
+    /// LDAP trouble with backoff until it succeeds or `shutdown` fires. Returns what had to
+    /// be replaced.
+    pub async fn commit(
+        &mut self,
+        mut txs: Vec<Transaction>,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<Replaced>, CommitError> {
+        if txs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let started = Instant::now();
+        let replaced = match self.translog.take() {
+            Some(mut writer) => {
+                let result = tokio::select! {
+                    replaced = self.write_translog(&mut writer, &mut txs) => Ok(replaced),
+                    _ = shutdown.cancelled() => Err(CommitError::Shutdown),
+                };
+                self.translog = Some(writer);
+                result?
+            }
+            None => Vec::new(),
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let last = loop {
+            match self.append_and_sync(txs.clone()).await {
+                Ok(last) => break last,
+                Err(err) => {
+                    tracing::error!("cannot commit {} transactions: {err}; retrying", txs.len());
+                    tokio::select! {
+                        _ = backoff.wait() => {}
+                        _ = shutdown.cancelled() => return Err(CommitError::Shutdown),
+                    }
+                }
+            }
+        };
+        self.published.send_replace(last);
+        self.metrics
+            .record_commit(last, txs.len(), started.elapsed());
+        Ok(replaced)
+    }
+
+    async fn write_translog(
+        &self,
+        writer: &mut TranslogWriter,
+        txs: &mut [Transaction],
+    ) -> Vec<Replaced> {
+        let mut replaced = Vec::new();
+        let mut rejections = writer.write(txs).await;
+        // A replacement is the base DN or a DN slapd just accepted, so one more round is
+        // enough; the bound only guards against a misconfigured filler DN.
+        for _ in 0..3 {
+            if rejections.is_empty() {
+                break;
+            }
+            let mut fillers = Vec::new();
+            for rejection in rejections {
+                if let Some(tx) = txs.iter_mut().find(|tx| tx.id.get() == rejection.id) {
+                    let filler = self.filler(rejection.id, &tx.dn);
+                    tracing::error!(
+                        "slapd rejected the translog entry for transaction {tx}: {}; \
+                         committing it as the no-op {filler} instead",
+                        rejection.reason
+                    );
+                    replaced.push(Replaced {
+                        original: std::mem::replace(tx, filler.clone()),
+                        reason: rejection.reason,
+                    });
+                    fillers.push(filler);
+                }
+            }
+            rejections = writer.write(&fillers).await;
+        }
+        replaced
+    }
+
+    async fn append_and_sync(&self, txs: Vec<Transaction>) -> Result<u64, CommitError> {
+        let journal = Arc::clone(&self.journal);
+        tokio::task::spawn_blocking(move || {
+            {
+                let mut journal = journal.write().map_err(|_| CommitError::Poisoned)?;
+                // An earlier attempt may have appended part of this batch before failing.
+                let last = journal.last_id();
+                let fresh: Vec<Transaction> =
+                    txs.into_iter().filter(|tx| tx.id.get() > last).collect();
+                journal.append(&fresh)?;
+            }
+            // Sync under the read lock so clients can still look up older transactions.
+            let journal = journal.read().map_err(|_| CommitError::Poisoned)?;
+            journal.sync()?;
+            Ok(journal.last_id())
+        })
+        .await?
+    }
+}

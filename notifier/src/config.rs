@@ -1,0 +1,336 @@
+//! Command line and UCR defaults of `univention-directory-notifier`.
+//!
+//! Precedence: command line, then UCR `notifier/*` variables from
+//! `/etc/univention/base.conf`, then the UCS defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::ldap::Bind;
+use crate::ucr::Ucr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IntakeKind {
+    /// The UCS translog overlay's queue file `<ldap-dir>/listener/listener`.
+    File,
+    /// Stock OpenLDAP: follow `cn=accesslog` with a syncrepl search.
+    Accesslog,
+}
+
+/// Univention Directory Notifier: numbers every LDAP write as a transaction `ID DN CMD`,
+/// keeps the transaction log and its index, writes `reqSession=ID,cn=translog`, and serves
+/// the ids to listeners on TCP port 6669 (protocol 2 GET_DN, protocol 3 WAIT_ID).
+///
+/// Defaults come from UCR (`/etc/univention/base.conf`) when it exists: notifier/debug/level,
+/// notifier/cache/size, notifier/lock/count, notifier/lock/time, notifier/protocol/version,
+/// ldap/base.
+#[derive(Debug, Parser)]
+#[command(
+    name = "univention-directory-notifier",
+    version,
+    disable_version_flag = true
+)]
+pub struct Cli {
+    /// Stay in the foreground (always the case under systemd).
+    #[arg(short = 'F')]
+    pub foreground: bool,
+    /// Debug level 0-4 (ERROR, WARN, PROCESS, INFO, ALL); SIGUSR1/SIGUSR2 raise/lower it.
+    #[arg(short = 'd', value_name = "LEVEL", value_parser = clap::value_parser!(u8).range(0..=4))]
+    pub debug: Option<u8>,
+    /// Number of recent transactions kept in memory.
+    #[arg(short = 'C', value_name = "N")]
+    pub cache_size: Option<usize>,
+    /// Attempts to take a lock before giving up for now.
+    #[arg(short = 'L', value_name = "N")]
+    pub lock_count: Option<u32>,
+    /// Microseconds between lock attempts.
+    #[arg(short = 'T', value_name = "USEC")]
+    pub lock_time: Option<u64>,
+    /// Minimum protocol version accepted from clients (1-3).
+    #[arg(short = 'v', value_name = "VERSION", value_parser = clap::value_parser!(u32).range(1..=3))]
+    pub min_version: Option<u32>,
+    /// Deprecated UCS option; ignored.
+    #[arg(short = 'o', hide = true)]
+    pub deprecated_o: bool,
+    /// Deprecated UCS option; ignored.
+    #[arg(short = 'r', hide = true)]
+    pub deprecated_r: bool,
+    /// Deprecated UCS option; ignored.
+    #[arg(short = 's', hide = true)]
+    pub deprecated_s: bool,
+    /// Deprecated UCS option; ignored.
+    #[arg(short = 'S', hide = true, value_name = "X")]
+    pub deprecated_big_s: Option<String>,
+
+    /// TCP port for listeners.
+    #[arg(long, default_value_t = 6669)]
+    pub port: u16,
+    /// Address to listen on (default: dual-stack any, falling back to IPv4 any).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::IpAddr>,
+    /// Directory holding listener/, notify/ and schema/id/.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/univention-ldap")]
+    pub ldap_dir: PathBuf,
+    /// Where transactions come from.
+    #[arg(long, value_enum, default_value_t = IntakeKind::File)]
+    pub intake: IntakeKind,
+    /// LDAP server holding cn=accesslog (accesslog intake).
+    #[arg(long, value_name = "URI", default_value = "ldapi:///")]
+    pub accesslog_uri: String,
+    /// Base of the access log.
+    #[arg(long, value_name = "DN", default_value = "cn=accesslog")]
+    pub accesslog_base: String,
+    /// Simple-bind DN for the accesslog connection (default: SASL EXTERNAL over ldapi).
+    #[arg(long, value_name = "DN")]
+    pub accesslog_bind_dn: Option<String>,
+    /// File whose first line is the accesslog bind password.
+    #[arg(long, value_name = "FILE")]
+    pub accesslog_password_file: Option<PathBuf>,
+    /// With no stored position, replay the retained access log instead of starting after
+    /// its newest entry.
+    #[arg(long)]
+    pub accesslog_replay: bool,
+    /// LDAP server holding cn=translog, written with SASL EXTERNAL.
+    #[arg(long, value_name = "URI", default_value = "ldapi:///")]
+    pub translog_uri: String,
+    /// Base of the translog database.
+    #[arg(long, value_name = "DN", default_value = "cn=translog")]
+    pub translog_base: String,
+    /// Do not write cn=translog (only protocol-2 listeners can then follow).
+    #[arg(long)]
+    pub no_translog: bool,
+    /// LDAP base; DN of the no-op transactions that fill gaps (default: UCR ldap/base).
+    #[arg(long, value_name = "DN")]
+    pub ldap_base: Option<String>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9669).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// PID file.
+    #[arg(long, value_name = "FILE", default_value = "/var/run/udsnotifier.pid")]
+    pub pid_file: PathBuf,
+    /// Log to this file (reopened on SIGHUP) instead of stderr; ignored under journald.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Maximum simultaneous client connections.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Drop a client that has not read its answers for this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub client_write_timeout: f64,
+    /// Seconds between safety polls of the queue and schema files (inotify does the rest).
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+    pub poll_interval: f64,
+    /// Largest id jump in the queue file filled with no-ops; larger jumps are quarantined.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    pub max_gap: u64,
+    /// UCR file to read defaults from.
+    #[arg(long, value_name = "FILE", default_value = crate::ucr::BASE_CONF)]
+    pub ucr_file: PathBuf,
+}
+
+/// Everything the daemon needs, resolved.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub foreground: bool,
+    pub debug_level: u8,
+    pub cache_size: usize,
+    pub lock_attempts: u32,
+    pub lock_delay: Duration,
+    pub min_version: u32,
+    pub port: u16,
+    pub listen: Option<SocketAddr>,
+    pub ldap_dir: PathBuf,
+    pub intake: IntakeKind,
+    pub accesslog_uri: String,
+    pub accesslog_base: String,
+    pub accesslog_bind: Bind,
+    pub accesslog_replay: bool,
+    pub translog: Option<(String, String)>,
+    pub ldap_base: Option<String>,
+    pub metrics: Option<SocketAddr>,
+    pub pid_file: PathBuf,
+    pub log_file: Option<PathBuf>,
+    pub max_connections: usize,
+    pub client_write_timeout: Duration,
+    pub poll_interval: Duration,
+    pub max_gap: u64,
+    /// Deprecated options given, to warn about once logging is up.
+    pub ignored_options: Vec<&'static str>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the password file {path}: {source}")]
+    PasswordFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid value for {option}: {reason}")]
+    Invalid {
+        option: &'static str,
+        reason: String,
+    },
+}
+
+fn seconds(option: &'static str, value: f64) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(value).map_err(|err| ConfigError::Invalid {
+        option,
+        reason: err.to_string(),
+    })
+}
+
+impl Config {
+    pub fn resolve(cli: Cli, ucr: &Ucr) -> Result<Config, ConfigError> {
+        let min_version = cli
+            .min_version
+            .or_else(|| {
+                ucr.get_parsed::<u32>("notifier/protocol/version")
+                    .filter(|v| (1..=3).contains(v))
+            })
+            .unwrap_or(2);
+        let accesslog_bind = match (&cli.accesslog_bind_dn, &cli.accesslog_password_file) {
+            (Some(dn), Some(file)) => Bind::Simple {
+                dn: dn.clone(),
+                password: read_password(file)?,
+            },
+            (Some(dn), None) => Bind::Simple {
+                dn: dn.clone(),
+                password: String::new(),
+            },
+            (None, _) => Bind::SaslExternal,
+        };
+        let mut ignored_options = Vec::new();
+        for (given, name) in [
+            (cli.deprecated_o, "-o"),
+            (cli.deprecated_r, "-r"),
+            (cli.deprecated_s, "-s"),
+            (cli.deprecated_big_s.is_some(), "-S"),
+        ] {
+            if given {
+                ignored_options.push(name);
+            }
+        }
+        Ok(Config {
+            foreground: cli.foreground,
+            debug_level: cli
+                .debug
+                .or_else(|| ucr.get_parsed::<u8>("notifier/debug/level"))
+                .unwrap_or(2)
+                .min(4),
+            cache_size: cli
+                .cache_size
+                .or_else(|| ucr.get_parsed("notifier/cache/size"))
+                .unwrap_or(1000),
+            lock_attempts: cli
+                .lock_count
+                .or_else(|| ucr.get_parsed("notifier/lock/count"))
+                .unwrap_or(100),
+            lock_delay: Duration::from_micros(
+                cli.lock_time
+                    .or_else(|| ucr.get_parsed("notifier/lock/time"))
+                    .unwrap_or(100),
+            ),
+            min_version,
+            port: cli.port,
+            listen: cli.listen.map(|ip| SocketAddr::new(ip, cli.port)),
+            ldap_dir: cli.ldap_dir,
+            intake: cli.intake,
+            accesslog_uri: cli.accesslog_uri,
+            accesslog_base: cli.accesslog_base,
+            accesslog_bind,
+            accesslog_replay: cli.accesslog_replay,
+            translog: (!cli.no_translog).then_some((cli.translog_uri, cli.translog_base)),
+            ldap_base: cli
+                .ldap_base
+                .or_else(|| ucr.get("ldap/base").map(str::to_owned)),
+            metrics: cli.metrics,
+            pid_file: cli.pid_file,
+            log_file: cli.log_file,
+            max_connections: cli.max_connections.max(1),
+            client_write_timeout: seconds("--client-write-timeout", cli.client_write_timeout)?,
+            poll_interval: seconds("--poll-interval", cli.poll_interval)?,
+            max_gap: cli.max_gap,
+            ignored_options,
+        })
+    }
+
+    pub fn notify_dir(&self) -> PathBuf {
+        self.ldap_dir.join("notify")
+    }
+
+    pub fn listener_dir(&self) -> PathBuf {
+        self.ldap_dir.join("listener")
+    }
+}
+
+fn read_password(path: &std::path::Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::PasswordFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(text.lines().next().unwrap_or_default().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(
+            std::iter::once("univention-directory-notifier").chain(args.iter().copied()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn ucs_options_parse() {
+        let cli = parse(&[
+            "-F", "-d", "3", "-C", "500", "-L", "7", "-T", "250", "-v", "3", "-o", "-S", "x",
+        ]);
+        let config = Config::resolve(cli, &Ucr::default()).unwrap();
+        assert!(config.foreground);
+        assert_eq!(config.debug_level, 3);
+        assert_eq!(config.cache_size, 500);
+        assert_eq!(config.lock_attempts, 7);
+        assert_eq!(config.lock_delay, Duration::from_micros(250));
+        assert_eq!(config.min_version, 3);
+        assert_eq!(config.ignored_options, ["-o", "-S"]);
+        assert_eq!(config.port, 6669);
+    }
+
+    #[test]
+    fn version_outside_one_to_three_is_rejected() {
+        let err = Cli::try_parse_from(["udn", "-v", "4"]).unwrap_err();
+        assert!(err.to_string().contains("-v"), "{err}");
+    }
+
+    #[test]
+    fn ucr_supplies_defaults_and_the_command_line_wins() {
+        let ucr = Ucr::parse(
+            "notifier/debug/level: 1\nnotifier/cache/size: 42\nnotifier/protocol/version: 3\nldap/base: dc=x\n",
+        );
+        let config = Config::resolve(parse(&[]), &ucr).unwrap();
+        assert_eq!(config.debug_level, 1);
+        assert_eq!(config.cache_size, 42);
+        assert_eq!(config.min_version, 3);
+        assert_eq!(config.ldap_base.as_deref(), Some("dc=x"));
+        let config = Config::resolve(parse(&["-C", "7", "-v", "2"]), &ucr).unwrap();
+        assert_eq!(config.cache_size, 7);
+        assert_eq!(config.min_version, 2);
+    }
+
+    #[test]
+    fn defaults_match_ucs() {
+        let config = Config::resolve(parse(&[]), &Ucr::default()).unwrap();
+        assert_eq!(config.min_version, 2);
+        assert_eq!(config.cache_size, 1000);
+        assert_eq!(config.lock_attempts, 100);
+        assert_eq!(config.lock_delay, Duration::from_micros(100));
+        assert_eq!(config.pid_file, PathBuf::from("/var/run/udsnotifier.pid"));
+        assert!(config.translog.is_some());
+    }
+}

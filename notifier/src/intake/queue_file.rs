@@ -1,0 +1,340 @@
+//! Intake from the UCS queue file `<ldap-dir>/listener/listener` written by slapd's translog
+//! overlay (or a cascading listener), spec/notifier.md §1.4.
+//!
+//! The file is taken over by renaming it to `listener.priv` under the fcntl lock on
+//! `listener.lock` and recreating it with the same mode and owner; the private file is
+//! drained, committed, and only then removed, so a crash at any point replays it and ids at
+//! or below the last committed one are skipped. Unlike UCS, a malformed line never aborts:
+//! it is appended to `listener.quarantine` with a loud error, and a gap in the ids is filled
+//! with no-op transactions (what `univention-translog check --fix` does).
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use inotify::{Inotify, WatchMask};
+use proto::{LineError, Transaction};
+use tokio_util::sync::CancellationToken;
+
+use crate::committer::{CommitError, Committer, Replaced};
+use crate::lock::{LockError, lock_path, try_lock_file};
+use crate::metrics::Metrics;
+
+/// Transactions committed together: one translog pipeline round and one fdatasync.
+const BATCH_SIZE: usize = 1024;
+/// Retry delay while another process holds a lock we need.
+const BUSY_RETRY: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> QueueError {
+    let path = path.to_owned();
+    move |source| QueueError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueFileConfig {
+    /// `<ldap-dir>/listener`
+    pub dir: PathBuf,
+    pub lock_attempts: u32,
+    pub lock_delay: Duration,
+    /// Safety net in case an inotify event is missed.
+    pub poll_interval: Duration,
+    /// A larger jump in ids is quarantined instead of filled: it is garbage, not a gap.
+    pub max_gap: u64,
+}
+
+pub struct QueueFileIntake {
+    config: QueueFileConfig,
+    metrics: Arc<Metrics>,
+}
+
+enum Drain {
+    /// Nothing left to read.
+    Empty,
+    /// Another process holds a lock; try again shortly.
+    Busy,
+}
+
+impl QueueFileIntake {
+    pub fn new(config: QueueFileConfig, metrics: Arc<Metrics>) -> QueueFileIntake {
+        QueueFileIntake { config, metrics }
+    }
+
+    fn queue_path(&self) -> PathBuf {
+        self.config.dir.join("listener")
+    }
+
+    fn private_path(&self) -> PathBuf {
+        self.config.dir.join("listener.priv")
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        self.config.dir.join("listener.lock")
+    }
+
+    pub fn quarantine_path(&self) -> PathBuf {
+        self.config.dir.join("listener.quarantine")
+    }
+
+    /// Follows the queue until `shutdown`; returns early only on errors it cannot wait out.
+    pub async fn run(
+        self,
+        committer: &mut Committer,
+        shutdown: CancellationToken,
+    ) -> Result<(), QueueError> {
+        fs::create_dir_all(&self.config.dir).map_err(io_err("creating", &self.config.dir))?;
+        let inotify =
+            Inotify::init().map_err(io_err("initialising inotify for", &self.config.dir))?;
+        inotify
+            .watches()
+            .add(
+                &self.config.dir,
+                WatchMask::MODIFY
+                    | WatchMask::CLOSE_WRITE
+                    | WatchMask::MOVED_TO
+                    | WatchMask::CREATE,
+            )
+            .map_err(io_err("watching", &self.config.dir))?;
+        let mut events = inotify
+            .into_event_stream([0u8; 4096])
+            .map_err(io_err("reading inotify events for", &self.config.dir))?;
+        loop {
+            let wait = match self.drain(committer, &shutdown).await {
+                Ok(Drain::Empty) => self.config.poll_interval,
+                Ok(Drain::Busy) => BUSY_RETRY,
+                Err(QueueError::Commit(CommitError::Shutdown)) => return Ok(()),
+                Err(err) => return Err(err),
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                event = events.next() => {
+                    if let Some(Err(err)) = event {
+                        tracing::warn!("inotify on {}: {err}", self.config.dir.display());
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Drains the private file, then takes over the queue, until both are empty.
+    async fn drain(
+        &self,
+        committer: &mut Committer,
+        shutdown: &CancellationToken,
+    ) -> Result<Drain, QueueError> {
+        loop {
+            if shutdown.is_cancelled() {
+                return Err(CommitError::Shutdown.into());
+            }
+            if non_empty(&self.private_path())? {
+                if let Drain::Busy = self.drain_private(committer, shutdown).await? {
+                    return Ok(Drain::Busy);
+                }
+                continue;
+            }
+            if !non_empty(&self.queue_path())? {
+                return Ok(Drain::Empty);
+            }
+            if !self.take_over()? {
+                return Ok(Drain::Busy);
+            }
+        }
+    }
+
+    /// Renames the queue to the private file under `listener.lock` and recreates it with
+    /// the same mode and owner ("some tools expect the file to exist"). False when the lock
+    /// is busy.
+    fn take_over(&self) -> Result<bool, QueueError> {
+        let _lock = match lock_path(
+            &self.lock_path(),
+            self.config.lock_attempts,
+            self.config.lock_delay,
+        ) {
+            Ok(lock) => lock,
+            Err(LockError::Busy { .. }) => return Ok(false),
+            Err(err) => return Err(err.into()),
+        };
+        let queue = self.queue_path();
+        let meta = fs::metadata(&queue).map_err(io_err("reading metadata of", &queue))?;
+        if meta.len() == 0 {
+            return Ok(true);
+        }
+        fs::rename(&queue, self.private_path()).map_err(io_err("renaming", &queue))?;
+        let mode = meta.mode() & 0o7777;
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(mode)
+            .open(&queue)
+            .map_err(io_err("recreating", &queue))?;
+        // The umask may have narrowed the mode; the owner matters for slapd's overlay.
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(io_err("setting the mode of", &queue))?;
+        std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))
+            .map_err(io_err("setting the owner of", &queue))?;
+        Ok(true)
+    }
+
+    async fn drain_private(
+        &self,
+        committer: &mut Committer,
+        shutdown: &CancellationToken,
+    ) -> Result<Drain, QueueError> {
+        let path = self.private_path();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("opening", &path))?;
+        if !try_lock_file(&file).map_err(io_err("locking", &path))? {
+            tracing::warn!("{} is locked by another process; waiting", path.display());
+            return Ok(Drain::Busy);
+        }
+        let mut reader = BufReader::with_capacity(256 * 1024, &file);
+        let mut next_id = committer.last_id() + 1;
+        let mut batch: Vec<Transaction> = Vec::with_capacity(BATCH_SIZE);
+        let mut raw = Vec::new();
+        let mut line_no = 0u64;
+        loop {
+            raw.clear();
+            let n = reader
+                .read_until(b'\n', &mut raw)
+                .map_err(io_err("reading", &path))?;
+            if n == 0 {
+                break;
+            }
+            line_no += 1;
+            if raw.iter().all(|b| b.is_ascii_whitespace()) {
+                continue;
+            }
+            match Transaction::parse_queue_line(&raw) {
+                Ok(tx) => self.accept(tx, &raw, line_no, &mut next_id, &mut batch, committer)?,
+                Err(err) => self.quarantine(&raw, line_no, &err)?,
+            }
+            if batch.len() >= BATCH_SIZE {
+                self.commit(committer, std::mem::take(&mut batch), shutdown)
+                    .await?;
+            }
+        }
+        self.commit(committer, batch, shutdown).await?;
+        // Everything in the file is durable in the log now: acknowledge by removing it.
+        fs::remove_file(&path).map_err(io_err("removing", &path))?;
+        drop(file);
+        Ok(Drain::Empty)
+    }
+
+    fn accept(
+        &self,
+        tx: Transaction,
+        raw: &[u8],
+        line_no: u64,
+        next_id: &mut u64,
+        batch: &mut Vec<Transaction>,
+        committer: &Committer,
+    ) -> Result<(), QueueError> {
+        let id = tx.id.get();
+        if id < *next_id {
+            tracing::debug!("skipping old transaction {id} (already committed)");
+            return Ok(());
+        }
+        if id > *next_id {
+            let gap = id - *next_id;
+            if gap > self.config.max_gap {
+                let reason = format!(
+                    "id {id} jumps {gap} ids past the expected {}; more than --max-gap {}",
+                    *next_id, self.config.max_gap
+                );
+                return self.quarantine_line(raw, line_no, &reason);
+            }
+            tracing::warn!(
+                "transactions {}..{} are missing from the queue; filling them with no-op modifies",
+                *next_id,
+                id - 1
+            );
+            for missing in *next_id..id {
+                batch.push(committer.filler(missing, &tx.dn));
+            }
+            self.metrics.filled(gap);
+        }
+        *next_id = id + 1;
+        batch.push(tx);
+        Ok(())
+    }
+
+    async fn commit(
+        &self,
+        committer: &mut Committer,
+        batch: Vec<Transaction>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), QueueError> {
+        self.metrics.set_intake_lag(batch.len() as u64);
+        let replaced = committer.commit(batch, shutdown).await?;
+        self.metrics.set_intake_lag(0);
+        for Replaced { original, reason } in replaced {
+            self.metrics.filled(1);
+            self.quarantine_line(original.to_line().as_bytes(), 0, &reason)?;
+        }
+        Ok(())
+    }
+
+    fn quarantine(&self, raw: &[u8], line_no: u64, err: &LineError) -> Result<(), QueueError> {
+        self.quarantine_line(raw, line_no, &err.to_string())
+    }
+
+    /// Appends the raw line to the quarantine file (durably: the queue it came from is
+    /// about to be removed) and says so loudly.
+    fn quarantine_line(&self, raw: &[u8], line_no: u64, reason: &str) -> Result<(), QueueError> {
+        let path = self.quarantine_path();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err("opening", &path))?;
+        let mut line = raw.to_vec();
+        if line.last() != Some(&b'\n') {
+            line.push(b'\n');
+        }
+        file.write_all(&line).map_err(io_err("writing", &path))?;
+        file.sync_data().map_err(io_err("syncing", &path))?;
+        self.metrics.quarantined();
+        tracing::error!(
+            "invalid transaction line {line_no} ({reason}): {:?}; moved to {}",
+            String::from_utf8_lossy(raw.strip_suffix(b"\n").unwrap_or(raw)),
+            path.display()
+        );
+        Ok(())
+    }
+}
+
+fn non_empty(path: &Path) -> Result<bool, QueueError> {
+    match fs::metadata(path) {
+        Ok(meta) => Ok(meta.len() > 0),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(err) => Err(io_err("reading metadata of", path)(err)),
+    }
+}

@@ -1,0 +1,1253 @@
+//! The committed transaction log `<notify-dir>/transaction`, its UCS index
+//! `transaction.index` and the lock `transaction.lock`.
+//!
+//! [`Journal`] is the daemon's view: it holds the fcntl lock for its whole lifetime (so the
+//! C tools and `univention-translog` can tell that a notifier is running), validates the log
+//! once at startup in one sequential pass, and then serves lookups from an in-memory offset
+//! table and a ring buffer of the newest transactions instead of re-reading the file.
+//!
+//! [`scan`] and [`index`] are usable without the lock, for the offline tool.
+
+pub mod index;
+pub mod scan;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use proto::line::{LineError, MAX_LINE_LEN, Transaction};
+use thiserror::Error;
+
+use crate::lock::{FileLock, LockError, lock_path};
+use index::{Index, IndexEntry, IndexError, read_full_at};
+use scan::{LineScanner, content_start, is_blank, parse_line};
+
+/// File name of the committed log inside the notify directory.
+pub const TRANSACTION_FILE: &str = "transaction";
+/// File name of the binary index.
+pub const INDEX_FILE: &str = "transaction.index";
+/// File name of the lock file.
+pub const LOCK_FILE: &str = "transaction.lock";
+
+/// Hint appended to every corruption error: repairing the committed log is an operator
+/// decision, as in UCS.
+pub const CHECK_HINT: &str =
+    "stop the notifier and run `univention-translog check --fix` to repair it";
+
+/// Tuning of [`Journal::open`], mirroring the notifier's `-C`, `-L` and `-T` options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JournalOptions {
+    /// Transactions kept in memory (`-C`).
+    pub ring_size: usize,
+    /// Attempts to take `transaction.lock` (`-L`).
+    pub lock_attempts: u32,
+    /// Pause between lock attempts (`-T`).
+    pub lock_delay: Duration,
+}
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        JournalOptions {
+            ring_size: 1000,
+            lock_attempts: 100,
+            lock_delay: Duration::from_micros(100),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum JournalError {
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot lock the transaction log ({0}); is another notifier running?")]
+    Lock(#[from] LockError),
+    #[error("the transaction log in {dir} is already open in this process")]
+    AlreadyOpen { dir: PathBuf },
+    #[error("transaction log {path} is corrupt at line {line_no}: {reason}; {CHECK_HINT}")]
+    Corrupt {
+        path: PathBuf,
+        line_no: u64,
+        reason: String,
+    },
+    #[error(
+        "transaction {got} cannot be appended: the log ends at {last}, so {expected} must come next"
+    )]
+    NotConsecutive { last: u64, expected: u64, got: u64 },
+    #[error("transaction {id} cannot be written: {source}")]
+    InvalidTransaction {
+        id: u64,
+        #[source]
+        source: LineError,
+    },
+}
+
+/// Something [`Journal::open`] fixed or tolerated; the daemon logs each one loudly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Repair {
+    /// NUL bytes after the last line (delayed allocation after a crash) were cut off.
+    TrailingNuls { offset: u64, bytes: u64 },
+    /// A last line without `\n` (a torn write that was never synced) was cut off.
+    TornLine {
+        offset: u64,
+        bytes: u64,
+        content: String,
+    },
+    /// Lines holding only NUL bytes or whitespace were skipped; the log was left as is.
+    BlankLines { count: u64, first_line_no: u64 },
+    /// `transaction.index` was missing or disagreed with the log and was rewritten.
+    IndexRebuilt { reason: String },
+}
+
+impl fmt::Display for Repair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Repair::TrailingNuls { offset, bytes } => write!(
+                f,
+                "truncated {bytes} NUL bytes at the end of the transaction log (offset {offset})"
+            ),
+            Repair::TornLine {
+                offset,
+                bytes,
+                content,
+            } => write!(
+                f,
+                "truncated an incomplete last line of {bytes} bytes at offset {offset}: {content:?}"
+            ),
+            Repair::BlankLines {
+                count,
+                first_line_no,
+            } => write!(
+                f,
+                "ignored {count} blank or NUL-filled lines in the transaction log (first at line {first_line_no})"
+            ),
+            Repair::IndexRebuilt { reason } => {
+                write!(f, "rebuilt the transaction index: {reason}")
+            }
+        }
+    }
+}
+
+/// Directories with an open [`Journal`] in this process. Record locks never conflict within
+/// one process and closing any descriptor of the lock file drops the lock, so a second open
+/// here would silently unlock the first.
+static OPEN_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// Removes its directory from [`OPEN_DIRS`] when dropped.
+#[derive(Debug)]
+struct OpenGuard(PathBuf);
+
+impl OpenGuard {
+    fn claim(dir: &Path) -> Result<OpenGuard, JournalError> {
+        let key = dir.canonicalize().map_err(|source| JournalError::Io {
+            op: "resolve",
+            path: dir.to_owned(),
+            source,
+        })?;
+        let mut open = OPEN_DIRS.lock().unwrap_or_else(PoisonError::into_inner);
+        if !open.insert(key.clone()) {
+            return Err(JournalError::AlreadyOpen {
+                dir: dir.to_owned(),
+            });
+        }
+        Ok(OpenGuard(key))
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        let mut open = OPEN_DIRS.lock().unwrap_or_else(PoisonError::into_inner);
+        open.remove(&self.0);
+    }
+}
+
+/// The committed transaction log, locked for the lifetime of this value.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    index_path: PathBuf,
+    file: File,
+    /// `None` when the index cannot be written; the log itself is unaffected.
+    index: Option<Index>,
+    /// Length of the log; the next line goes here.
+    len: u64,
+    first_id: Option<u64>,
+    last_id: u64,
+    /// Offset of each transaction's line, indexed by `id - first_id`.
+    offsets: Vec<u64>,
+    /// The newest transactions, ending at `last_id`.
+    ring: VecDeque<Transaction>,
+    ring_size: usize,
+    repairs: Vec<Repair>,
+    // Dropped last: the lock must outlive every use of the files.
+    _lock: FileLock,
+    _guard: OpenGuard,
+}
+
+/// What one pass over the log found.
+struct Scanned {
+    first_id: Option<u64>,
+    last_id: u64,
+    offsets: Vec<u64>,
+    ring: VecDeque<Transaction>,
+    /// End of the last complete line.
+    good_len: u64,
+    /// A final line without `\n`.
+    tail: Option<Tail>,
+    /// Line number of the first blank line and how many there were.
+    blank: Option<(u64, u64)>,
+}
+
+/// A final line without `\n`.
+struct Tail {
+    offset: u64,
+    len: u64,
+    nul_prefix: u64,
+    /// The stored bytes after `nul_prefix` (a bounded prefix of the rest).
+    kept: Vec<u8>,
+}
+
+impl Journal {
+    /// Opens the log in `dir`, creating missing files; see the module documentation.
+    pub fn open(dir: &Path, opts: &JournalOptions) -> Result<Journal, JournalError> {
+        let guard = OpenGuard::claim(dir)?;
+        let lock = lock_path(&dir.join(LOCK_FILE), opts.lock_attempts, opts.lock_delay)?;
+        let path = dir.join(TRANSACTION_FILE);
+        let index_path = dir.join(INDEX_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| io_err("open", &path, source))?;
+
+        let scanned = scan_log(&file, &path, opts.ring_size)?;
+        let mut repairs = Vec::new();
+        if let Some((first_line_no, count)) = scanned.blank {
+            repairs.push(Repair::BlankLines {
+                count,
+                first_line_no,
+            });
+        }
+        let mut len = scanned.good_len;
+        if let Some(tail) = &scanned.tail {
+            let offset = tail.offset;
+            repairs.push(repair_tail(&file, &path, tail)?);
+            file.set_len(offset)
+                .map_err(|source| io_err("truncate", &path, source))?;
+            // The cut must survive a second crash before anything new is appended.
+            file.sync_data()
+                .map_err(|source| io_err("sync", &path, source))?;
+            len = offset;
+        }
+
+        let (index, index_repair) = open_index(
+            &index_path,
+            scanned.first_id,
+            scanned.last_id,
+            &scanned.offsets,
+        );
+        repairs.extend(index_repair);
+
+        Ok(Journal {
+            path,
+            index_path,
+            file,
+            index,
+            len,
+            first_id: scanned.first_id,
+            last_id: scanned.last_id,
+            offsets: scanned.offsets,
+            ring: scanned.ring,
+            ring_size: opts.ring_size,
+            repairs,
+            _lock: lock,
+            _guard: guard,
+        })
+    }
+
+    /// The newest transaction ID, 0 when the log is empty.
+    pub fn last_id(&self) -> u64 {
+        self.last_id
+    }
+
+    /// The oldest transaction ID in the log; more than 1 after a prune.
+    pub fn first_id(&self) -> Option<u64> {
+        self.first_id
+    }
+
+    /// Path of the transaction file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends consecutive transactions with one write of all lines, then their index
+    /// entries. The first must be `last_id + 1`; an empty log accepts any first ID (e.g. the
+    /// log was reset while the listeners' IDs continue). Does not sync; see [`Journal::sync`].
+    pub fn append(&mut self, txs: &[Transaction]) -> Result<(), JournalError> {
+        let Some(first) = txs.first() else {
+            return Ok(());
+        };
+        let expected = match self.first_id {
+            Some(_) => self.last_id.checked_add(1),
+            None => Some(first.id.get()),
+        };
+        let mut buf = Vec::new();
+        let mut new_offsets = Vec::with_capacity(txs.len());
+        let mut want = expected;
+        for tx in txs {
+            let id = tx.id.get();
+            if want != Some(id) {
+                return Err(JournalError::NotConsecutive {
+                    last: self.last_id,
+                    expected: want.unwrap_or(u64::MAX),
+                    got: id,
+                });
+            }
+            tx.validate()
+                .map_err(|source| JournalError::InvalidTransaction { id, source })?;
+            new_offsets.push(self.len.saturating_add(buf.len() as u64));
+            tx.write_line(&mut buf);
+            want = id.checked_add(1);
+        }
+
+        if let Err(source) = self.file.write_all_at(&buf, self.len) {
+            // Undo a partial write so the log keeps ending with a complete line; if even
+            // that fails, the next open() cuts the torn line.
+            let _ = self.file.set_len(self.len);
+            return Err(io_err("append to", &self.path, source));
+        }
+
+        let first_id = first.id.get();
+        if let Some(index) = &self.index
+            && let Err(e) = index.write_entries(first_id, &new_offsets)
+        {
+            // The index is a cache validated on every use; a failed write must not fail the
+            // commit, and the next open() rebuilds it.
+            tracing::warn!(error = %e, "cannot update {}", self.index_path.display());
+        }
+
+        self.len = self.len.saturating_add(buf.len() as u64);
+        self.first_id.get_or_insert(first_id);
+        self.offsets.extend_from_slice(&new_offsets);
+        if let Some(last) = txs.last() {
+            self.last_id = last.id.get();
+        }
+        for tx in txs.iter().skip(txs.len().saturating_sub(self.ring_size)) {
+            push_ring(&mut self.ring, self.ring_size, tx.clone());
+        }
+        Ok(())
+    }
+
+    /// `fdatasync` of the transaction file, so that announced IDs survive a crash.
+    pub fn sync(&self) -> Result<(), JournalError> {
+        self.file
+            .sync_data()
+            .map_err(|source| io_err("sync", &self.path, source))
+    }
+
+    /// The transaction `id`: from the ring buffer, else read at its offset. `None` when it is
+    /// outside `[first_id, last_id]` or its line no longer carries that ID.
+    pub fn get(&self, id: u64) -> Result<Option<Transaction>, JournalError> {
+        let Some(first) = self.first_id else {
+            return Ok(None);
+        };
+        if id < first || id > self.last_id {
+            return Ok(None);
+        }
+        let ring_first = self
+            .last_id
+            .saturating_sub(self.ring.len() as u64)
+            .saturating_add(1);
+        if !self.ring.is_empty() && id >= ring_first {
+            let slot = usize::try_from(id.saturating_sub(ring_first)).unwrap_or(usize::MAX);
+            if let Some(tx) = self.ring.get(slot) {
+                return Ok(Some(tx.clone()));
+            }
+        }
+        let Some(slot) = usize::try_from(id.saturating_sub(first)).ok() else {
+            return Ok(None);
+        };
+        let Some(&offset) = self.offsets.get(slot) else {
+            return Ok(None);
+        };
+        let end = self
+            .offsets
+            .get(slot.saturating_add(1))
+            .copied()
+            .unwrap_or(self.len);
+        self.read_line_at(offset, end, id)
+    }
+
+    fn read_line_at(
+        &self,
+        offset: u64,
+        end: u64,
+        id: u64,
+    ) -> Result<Option<Transaction>, JournalError> {
+        // A line is at most MAX_LINE_LEN bytes; blank lines skipped at open may follow it.
+        let want = end.saturating_sub(offset).min(MAX_LINE_LEN as u64);
+        let mut buf = vec![0u8; usize::try_from(want).unwrap_or(MAX_LINE_LEN)];
+        let got = read_full_at(&self.file, &mut buf, offset)
+            .map_err(|source| io_err("read", &self.path, source))?;
+        buf.truncate(got);
+        let line = match buf.iter().position(|&b| b == b'\n') {
+            Some(nl) => buf.get(..nl).unwrap_or_default(),
+            None => &buf[..],
+        };
+        match parse_line(line) {
+            Ok(tx) if tx.id.get() == id => Ok(Some(tx)),
+            Ok(tx) => {
+                tracing::warn!(
+                    "{}: line at offset {offset} carries transaction {} instead of {id}",
+                    self.path.display(),
+                    tx.id
+                );
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "{}: unreadable line at offset {offset} for transaction {id}: {e}",
+                    self.path.display()
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// What [`Journal::open`] repaired or tolerated.
+    pub fn repairs(&self) -> &[Repair] {
+        &self.repairs
+    }
+
+    /// Rough heap size of the offset table and the ring buffer.
+    pub fn memory_bytes(&self) -> usize {
+        let offsets = self.offsets.capacity().saturating_mul(size_of::<u64>());
+        let ring_slots = self
+            .ring
+            .capacity()
+            .saturating_mul(size_of::<Transaction>());
+        let dns: usize = self.ring.iter().map(|tx| tx.dn.capacity()).sum();
+        offsets.saturating_add(ring_slots).saturating_add(dns)
+    }
+}
+
+fn push_ring(ring: &mut VecDeque<Transaction>, size: usize, tx: Transaction) {
+    if size == 0 {
+        return;
+    }
+    while ring.len() >= size {
+        ring.pop_front();
+    }
+    ring.push_back(tx);
+}
+
+fn io_err(op: &'static str, path: &Path, source: io::Error) -> JournalError {
+    JournalError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// One sequential pass: validates every line and the ID sequence, records offsets and fills
+/// the ring.
+fn scan_log(file: &File, path: &Path, ring_size: usize) -> Result<Scanned, JournalError> {
+    let mut scanner = LineScanner::new(file);
+    let mut out = Scanned {
+        first_id: None,
+        last_id: 0,
+        offsets: Vec::new(),
+        ring: VecDeque::with_capacity(ring_size.min(1 << 16)),
+        good_len: 0,
+        tail: None,
+        blank: None,
+    };
+    let corrupt = |line_no: u64, reason: String| JournalError::Corrupt {
+        path: path.to_owned(),
+        line_no,
+        reason,
+    };
+    let mut buf = Vec::new();
+    while let Some(info) = scanner
+        .read_line(&mut buf)
+        .map_err(|source| io_err("read", path, source))?
+    {
+        if !info.complete {
+            // Only the last line can lack its newline.
+            out.tail = Some(Tail {
+                offset: info.offset,
+                len: info.len,
+                nul_prefix: info.nul_prefix,
+                kept: std::mem::take(&mut buf),
+            });
+            break;
+        }
+        let stored = (buf.len() as u64).saturating_add(info.nul_prefix);
+        if stored < info.len {
+            return Err(corrupt(
+                info.line_no,
+                format!(
+                    "line is {} bytes long (maximum {MAX_LINE_LEN})",
+                    info.len.saturating_sub(info.nul_prefix)
+                ),
+            ));
+        }
+        if is_blank(&buf) {
+            let (_, count) = out.blank.get_or_insert((info.line_no, 0));
+            *count = count.saturating_add(1);
+            out.good_len = info.offset.saturating_add(info.len);
+            continue;
+        }
+        let tx = parse_line(&buf).map_err(|e| corrupt(info.line_no, e.to_string()))?;
+        let id = tx.id.get();
+        if out.first_id.is_some() && Some(id) != out.last_id.checked_add(1) {
+            let reason = if id <= out.last_id {
+                format!(
+                    "transaction {id} follows transaction {} (repeated or out of order)",
+                    out.last_id
+                )
+            } else {
+                format!(
+                    "transaction {id} follows transaction {} (transactions {}..{} are missing)",
+                    out.last_id,
+                    out.last_id.saturating_add(1),
+                    id.saturating_sub(1)
+                )
+            };
+            return Err(corrupt(info.line_no, reason));
+        }
+        out.first_id.get_or_insert(id);
+        out.last_id = id;
+        let content = info
+            .offset
+            .saturating_add(info.nul_prefix)
+            .saturating_add(content_start(&buf) as u64);
+        out.offsets.push(content);
+        push_ring(&mut out.ring, ring_size, tx);
+        out.good_len = info.offset.saturating_add(info.len);
+    }
+    Ok(out)
+}
+
+/// Decides how to report a final line without `\n`, refusing to cut more than one torn line
+/// (plus any NULs) could hold.
+fn repair_tail(file: &File, path: &Path, tail: &Tail) -> Result<Repair, JournalError> {
+    let Tail {
+        offset,
+        len,
+        nul_prefix,
+        ref kept,
+    } = *tail;
+    if nul_prefix == len {
+        return Ok(Repair::TrailingNuls { offset, bytes: len });
+    }
+    let stored_end = offset
+        .saturating_add(nul_prefix)
+        .saturating_add(kept.len() as u64);
+    let rest_is_nul = region_is_nul(file, stored_end, offset.saturating_add(len))
+        .map_err(|source| io_err("read", path, source))?;
+    let content_len = kept.iter().filter(|&&b| b != 0).count();
+    if !rest_is_nul || content_len > MAX_LINE_LEN {
+        // Far more than one torn line: do not destroy it automatically.
+        return Err(JournalError::Corrupt {
+            path: path.to_owned(),
+            line_no: 0,
+            reason: format!(
+                "the file ends with {len} bytes at offset {offset} that are not a complete line"
+            ),
+        });
+    }
+    let content = String::from_utf8_lossy(scan::trim_line(kept)).into_owned();
+    Ok(Repair::TornLine {
+        offset,
+        bytes: len,
+        content,
+    })
+}
+
+/// Whether `[from, to)` of `file` holds only NUL bytes.
+fn region_is_nul(file: &File, from: u64, to: u64) -> io::Result<bool> {
+    let mut buf = vec![0u8; scan::BLOCK_SIZE];
+    let mut pos = from;
+    while pos < to {
+        let want = usize::try_from(to.saturating_sub(pos))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let Some(chunk) = buf.get_mut(..want) else {
+            break;
+        };
+        let got = read_full_at(file, chunk, pos)?;
+        if got == 0 {
+            break;
+        }
+        if chunk.get(..got).is_some_and(|c| c.iter().any(|&b| b != 0)) {
+            return Ok(false);
+        }
+        pos = pos.saturating_add(got as u64);
+    }
+    Ok(true)
+}
+
+/// Opens the index if it matches the log exactly, otherwise rebuilds it.
+fn open_index(
+    path: &Path,
+    first_id: Option<u64>,
+    last_id: u64,
+    offsets: &[u64],
+) -> (Option<Index>, Option<Repair>) {
+    let problem = match Index::open_rw(path) {
+        Ok(index) => match index_mismatch(&index, first_id, last_id, offsets) {
+            Ok(None) => return (Some(index), None),
+            Ok(Some(problem)) => problem,
+            Err(e) => e.to_string(),
+        },
+        Err(IndexError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            "it is missing".to_owned()
+        }
+        Err(e) => e.to_string(),
+    };
+    let fresh_install = offsets.is_empty() && !path.exists();
+    match Index::rebuild(path, first_id.unwrap_or(1), offsets) {
+        Ok(index) => {
+            let repair = (!fresh_install).then_some(Repair::IndexRebuilt { reason: problem });
+            (Some(index), repair)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot rebuild {}; continuing without it", path.display());
+            (None, None)
+        }
+    }
+}
+
+/// Why the index disagrees with the scanned offsets, if it does.
+fn index_mismatch(
+    index: &Index,
+    first_id: Option<u64>,
+    last_id: u64,
+    offsets: &[u64],
+) -> Result<Option<String>, IndexError> {
+    let want_size = last_id
+        .checked_add(1)
+        .and_then(index::entry_position)
+        .ok_or(IndexError::IdTooLarge { id: last_id })?;
+    let size = index.size()?;
+    if size > want_size {
+        return Ok(Some(format!(
+            "it has entries beyond the last transaction {last_id}"
+        )));
+    }
+    let Some(first) = first_id else {
+        return Ok(None);
+    };
+    let mut problem = None;
+    let mut expected = offsets.iter();
+    index.for_each_entry(first, offsets.len() as u64, |id, entry| {
+        let want = expected.next().copied();
+        match (entry, want) {
+            (
+                Some(IndexEntry {
+                    valid: true,
+                    offset,
+                }),
+                Some(want),
+            ) if offset == want => true,
+            (
+                Some(IndexEntry {
+                    valid: true,
+                    offset,
+                }),
+                Some(want),
+            ) => {
+                problem = Some(format!(
+                    "the entry for transaction {id} points to offset {offset} instead of {want}"
+                ));
+                false
+            }
+            _ => {
+                problem = Some(format!(
+                    "the entry for transaction {id} is missing or invalid"
+                ));
+                false
+            }
+        }
+    })?;
+    Ok(problem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use proto::line::{Command, TransactionId};
+    use std::fs;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Stdio};
+
+    fn tx(id: u64, dn: &str, command: Command) -> Transaction {
+        Transaction::new(TransactionId(id), dn, command)
+    }
+
+    fn user(id: u64) -> Transaction {
+        tx(
+            id,
+            &format!("uid=user{id},cn=users,dc=example,dc=com"),
+            Command::Modify,
+        )
+    }
+
+    fn lines(txs: &[Transaction]) -> String {
+        txs.iter().map(Transaction::to_line).collect()
+    }
+
+    fn opts(ring_size: usize) -> JournalOptions {
+        JournalOptions {
+            ring_size,
+            lock_attempts: 1,
+            lock_delay: Duration::ZERO,
+        }
+    }
+
+    fn open_with(dir: &Path, content: &[u8], ring_size: usize) -> Result<Journal, JournalError> {
+        fs::write(dir.join(TRANSACTION_FILE), content).unwrap();
+        Journal::open(dir, &opts(ring_size))
+    }
+
+    /// Repairs other than the index rebuild every test file without an index causes.
+    fn log_repairs(j: &Journal) -> Vec<Repair> {
+        j.repairs()
+            .iter()
+            .filter(|r| !matches!(r, Repair::IndexRebuilt { .. }))
+            .cloned()
+            .collect()
+    }
+
+    fn log_bytes(dir: &Path) -> Vec<u8> {
+        fs::read(dir.join(TRANSACTION_FILE)).unwrap()
+    }
+
+    fn index_bytes(dir: &Path) -> Vec<u8> {
+        fs::read(dir.join(INDEX_FILE)).unwrap()
+    }
+
+    /// The index a fresh journal writes incrementally for `txs`.
+    fn reference_index(txs: &[Transaction]) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), &opts(0)).unwrap();
+        j.append(txs).unwrap();
+        drop(j);
+        index_bytes(dir.path())
+    }
+
+    #[test]
+    fn missing_files_are_created_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), &JournalOptions::default()).unwrap();
+        assert_eq!(j.last_id(), 0);
+        assert_eq!(j.first_id(), None);
+        assert_eq!(j.get(0).unwrap(), None);
+        assert_eq!(j.get(1).unwrap(), None);
+        assert!(j.repairs().is_empty(), "{:?}", j.repairs());
+        for name in [TRANSACTION_FILE, INDEX_FILE, LOCK_FILE] {
+            assert!(dir.path().join(name).exists(), "{name}");
+        }
+        assert_eq!(index_bytes(dir.path()), index::MAGIC.to_le_bytes());
+    }
+
+    #[test]
+    fn empty_file_has_last_id_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = open_with(dir.path(), b"", 10).unwrap();
+        assert_eq!(j.last_id(), 0);
+        assert!(j.repairs().is_empty());
+    }
+
+    #[test]
+    fn last_id_of_complete_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = open_with(
+            dir.path(),
+            b"1 cn=foo,dc=example,dc=com a\n2 cn=bar,dc=example,dc=com m\n",
+            10,
+        )
+        .unwrap();
+        assert_eq!((j.first_id(), j.last_id()), (Some(1), 2));
+        assert_eq!(
+            j.get(2).unwrap(),
+            Some(tx(2, "cn=bar,dc=example,dc=com", Command::Modify))
+        );
+        drop(j);
+
+        let j = open_with(dir.path(), b"1 cn=foo,dc=example,dc=com a\n", 10).unwrap();
+        assert_eq!(j.last_id(), 1);
+        drop(j);
+        let j = open_with(dir.path(), b"12 cn=foo,dc=example,dc=com d\n", 10).unwrap();
+        assert_eq!((j.first_id(), j.last_id()), (Some(12), 12));
+    }
+
+    #[test]
+    fn torn_last_line_is_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = lines(&[user(1), user(2)]);
+        let mut content = good.clone().into_bytes();
+        content.extend_from_slice(b"3 uid=user3,cn=us");
+        let j = open_with(dir.path(), &content, 10).unwrap();
+        assert_eq!(j.last_id(), 2);
+        assert_eq!(
+            log_repairs(&j),
+            [Repair::TornLine {
+                offset: good.len() as u64,
+                bytes: 17,
+                content: "3 uid=user3,cn=us".into()
+            }]
+        );
+        assert!(j.repairs()[0].to_string().contains("17 bytes"));
+        assert_eq!(log_bytes(dir.path()), good.as_bytes());
+        drop(j);
+
+        // A whole but unterminated single line ("1 foo" in the C tests) is torn as well.
+        let j = open_with(dir.path(), b"1 cn=foo,dc=example,dc=com a", 10).unwrap();
+        assert_eq!(j.last_id(), 0);
+        assert_eq!(log_bytes(dir.path()), b"");
+    }
+
+    #[test]
+    fn trailing_nuls_are_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = lines(&[user(1)]);
+        let mut content = good.clone().into_bytes();
+        content.extend_from_slice(&[0; 5000]);
+        let mut j = open_with(dir.path(), &content, 10).unwrap();
+        assert_eq!(j.last_id(), 1);
+        assert_eq!(
+            log_repairs(&j),
+            [Repair::TrailingNuls {
+                offset: good.len() as u64,
+                bytes: 5000
+            }]
+        );
+        assert_eq!(log_bytes(dir.path()), good.as_bytes());
+        j.append(&[user(2)]).unwrap();
+        assert_eq!(log_bytes(dir.path()), lines(&[user(1), user(2)]).as_bytes());
+    }
+
+    #[test]
+    fn torn_line_followed_by_nuls_is_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = lines(&[user(1)]);
+        let mut content = good.clone().into_bytes();
+        content.extend_from_slice(b"2 uid=user2,cn=users,dc=example,dc=com m");
+        content.extend_from_slice(&[0; 100]);
+        let j = open_with(dir.path(), &content, 10).unwrap();
+        assert_eq!(j.last_id(), 1);
+        assert!(matches!(
+            log_repairs(&j)[..],
+            [Repair::TornLine { bytes: 140, .. }]
+        ));
+        assert_eq!(log_bytes(dir.path()), good.as_bytes());
+    }
+
+    #[test]
+    fn torn_line_followed_by_many_nuls_is_truncated() {
+        // Delayed allocation: the page holding the rest of the line and everything after it
+        // reads back as zeros.
+        let dir = tempfile::tempdir().unwrap();
+        let good = lines(&[user(1)]);
+        let mut content = good.clone().into_bytes();
+        content.extend_from_slice(b"2 uid=use");
+        content.extend_from_slice(&[0; 3 * MAX_LINE_LEN]);
+        let j = open_with(dir.path(), &content, 10).unwrap();
+        assert!(
+            matches!(&log_repairs(&j)[..], [Repair::TornLine { content, .. }] if content == "2 uid=use")
+        );
+        assert_eq!(log_bytes(dir.path()), good.as_bytes());
+    }
+
+    #[test]
+    fn big_nul_block_before_a_line_is_tolerated() {
+        // The C notifier appends after the NUL block, gluing it to its next line.
+        let dir = tempfile::tempdir().unwrap();
+        let mut content = lines(&[user(1)]).into_bytes();
+        content.extend_from_slice(&[0; 3 * MAX_LINE_LEN]);
+        content.extend_from_slice(lines(&[user(2)]).as_bytes());
+        let j = open_with(dir.path(), &content, 0).unwrap();
+        assert_eq!(j.last_id(), 2);
+        assert_eq!(j.get(2).unwrap(), Some(user(2)));
+    }
+
+    #[test]
+    fn huge_unterminated_tail_is_not_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut content = lines(&[user(1)]).into_bytes();
+        content.extend(std::iter::repeat_n(b'x', MAX_LINE_LEN * 3));
+        let err = open_with(dir.path(), &content, 10).unwrap_err();
+        assert!(matches!(err, JournalError::Corrupt { .. }), "{err}");
+        assert_eq!(log_bytes(dir.path()), content);
+    }
+
+    #[test]
+    fn leading_nul_line_is_accepted() {
+        // The `garbage` case of the UCS test suite.
+        let dir = tempfile::tempdir().unwrap();
+        let j = open_with(dir.path(), b"\x001 dc=example,dc=com a\n", 0).unwrap();
+        assert_eq!(j.last_id(), 1);
+        assert_eq!(
+            j.get(1).unwrap(),
+            Some(tx(1, "dc=example,dc=com", Command::Add))
+        );
+        // The index points past the NUL, where the C tools can parse the line.
+        let idx = Index::open(&dir.path().join(INDEX_FILE)).unwrap();
+        assert_eq!(
+            idx.read_entry(1).unwrap(),
+            Some(IndexEntry {
+                valid: true,
+                offset: 1
+            })
+        );
+        assert!(matches!(j.repairs(), [Repair::IndexRebuilt { .. }]));
+    }
+
+    #[test]
+    fn blank_lines_are_tolerated() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = format!("{}\0\0\0\n\n{}", lines(&[user(1)]), lines(&[user(2)]));
+        let j = open_with(dir.path(), content.as_bytes(), 0).unwrap();
+        assert_eq!(j.last_id(), 2);
+        assert_eq!(j.get(1).unwrap(), Some(user(1)));
+        assert_eq!(j.get(2).unwrap(), Some(user(2)));
+        assert!(j.repairs().contains(&Repair::BlankLines {
+            count: 2,
+            first_line_no: 2
+        }));
+    }
+
+    #[test]
+    fn log_starting_after_a_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = open_with(dir.path(), b"2 dc=example,dc=com a\n", 0).unwrap();
+        assert_eq!((j.first_id(), j.last_id()), (Some(2), 2));
+        assert_eq!(j.get(1).unwrap(), None);
+        assert_eq!(
+            j.get(2).unwrap(),
+            Some(tx(2, "dc=example,dc=com", Command::Add))
+        );
+        j.append(&[user(3)]).unwrap();
+        assert!(matches!(
+            j.append(&[user(5)]),
+            Err(JournalError::NotConsecutive {
+                last: 3,
+                expected: 4,
+                got: 5
+            })
+        ));
+        assert_eq!(j.get(3).unwrap(), Some(user(3)));
+        drop(j);
+        let j = Journal::open(dir.path(), &opts(0)).unwrap();
+        assert_eq!((j.first_id(), j.last_id()), (Some(2), 3));
+        assert!(j.repairs().is_empty(), "{:?}", j.repairs());
+    }
+
+    #[test]
+    fn empty_log_accepts_any_first_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), &opts(4)).unwrap();
+        j.append(&[user(40), user(41)]).unwrap();
+        assert_eq!((j.first_id(), j.last_id()), (Some(40), 41));
+        assert_eq!(j.get(40).unwrap(), Some(user(40)));
+    }
+
+    #[test]
+    fn deleted_index_is_rebuilt_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), &opts(2)).unwrap();
+        j.append(&[user(1)]).unwrap();
+        j.append(&[user(2), user(3), user(4)]).unwrap();
+        j.append(&[tx(5, "cn=Jürgen Müller,dc=example,dc=com", Command::ModRdn)])
+            .unwrap();
+        drop(j);
+        let incremental = index_bytes(dir.path());
+        assert_eq!(incremental.len(), 8 + 9 * 6);
+
+        // A clean reopen trusts the index and repairs nothing.
+        let j = Journal::open(dir.path(), &opts(2)).unwrap();
+        assert!(j.repairs().is_empty(), "{:?}", j.repairs());
+        drop(j);
+
+        fs::remove_file(dir.path().join(INDEX_FILE)).unwrap();
+        let j = Journal::open(dir.path(), &opts(2)).unwrap();
+        assert!(
+            matches!(j.repairs(), [Repair::IndexRebuilt { reason }] if reason.contains("missing"))
+        );
+        assert_eq!(index_bytes(dir.path()), incremental);
+        assert!(!dir.path().join("transaction.index.tmp").exists());
+    }
+
+    #[test]
+    fn corrupt_indexes_are_rebuilt() {
+        let txs: Vec<_> = (1..=6).map(user).collect();
+        let good = reference_index(&txs);
+        let mut wrong_magic = good.clone();
+        wrong_magic[0] ^= 0xff;
+        let mut wrong_offset = good.clone();
+        wrong_offset[8 + 9 * 4 + 1] ^= 0x10;
+        let mut invalid_flag = good.clone();
+        invalid_flag[8 + 9 * 6] = 0;
+        let mut stale = good.clone();
+        stale.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let short = good[..good.len() - 4].to_vec();
+        let tiny = good[..3].to_vec();
+        // Same content in the i386 layout: 4-byte header, 5-byte entries.
+        let mut i386 = vec![0xd4, 0xe0, 0x95, 0x33, 0, 0, 0, 0, 0];
+        let mut offset = 0u32;
+        for t in &txs {
+            i386.push(1);
+            i386.extend_from_slice(&offset.to_le_bytes());
+            offset += t.to_line().len() as u32;
+        }
+        let garbage: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        for (name, bad) in [
+            ("wrong magic", wrong_magic),
+            ("wrong offset", wrong_offset),
+            ("invalid flag", invalid_flag),
+            ("stale entries", stale),
+            ("short", short),
+            ("tiny", tiny),
+            ("i386", i386),
+            ("garbage", garbage),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join(INDEX_FILE), &bad).unwrap();
+            let j = open_with(dir.path(), lines(&txs).as_bytes(), 0).unwrap();
+            assert!(
+                matches!(j.repairs(), [Repair::IndexRebuilt { .. }]),
+                "{name}: {:?}",
+                j.repairs()
+            );
+            assert_eq!(index_bytes(dir.path()), good, "{name}");
+            for t in &txs {
+                assert_eq!(j.get(t.id.get()).unwrap().as_ref(), Some(t), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn non_consecutive_or_invalid_appends_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = open_with(dir.path(), lines(&[user(1), user(2)]).as_bytes(), 10).unwrap();
+        let before = log_bytes(dir.path());
+        for batch in [
+            vec![user(4)],
+            vec![user(2)],
+            vec![user(1)],
+            vec![user(3), user(5)],
+        ] {
+            let err = j.append(&batch).unwrap_err();
+            assert!(matches!(err, JournalError::NotConsecutive { .. }), "{err}");
+        }
+        let err = j.append(&[tx(3, "cn=a\nb", Command::Add)]).unwrap_err();
+        assert!(
+            matches!(err, JournalError::InvalidTransaction { id: 3, .. }),
+            "{err}"
+        );
+        assert_eq!(log_bytes(dir.path()), before);
+        assert_eq!(j.last_id(), 2);
+        j.append(&[]).unwrap();
+        j.append(&[user(3)]).unwrap();
+        assert_eq!(j.last_id(), 3);
+    }
+
+    #[test]
+    fn get_from_ring_and_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let txs: Vec<_> = (1..=10).map(user).collect();
+        let mut j = open_with(dir.path(), lines(&txs[..4]).as_bytes(), 3).unwrap();
+        j.append(&txs[4..7]).unwrap();
+        j.append(&txs[7..]).unwrap();
+        assert_eq!(j.ring.len(), 3);
+        assert_eq!(j.ring.front(), Some(&txs[7]));
+        for t in &txs {
+            assert_eq!(j.get(t.id.get()).unwrap().as_ref(), Some(t));
+        }
+        assert_eq!(j.get(0).unwrap(), None);
+        assert_eq!(j.get(11).unwrap(), None);
+        assert_eq!(j.get(u64::MAX).unwrap(), None);
+        assert!(j.memory_bytes() >= 10 * 8);
+
+        // Reads that miss the ring really go to the file: a line overwritten behind the
+        // journal's back no longer carries its ID and is reported as unreadable.
+        let path = dir.path().join(TRANSACTION_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0] = b'9';
+        fs::write(&path, bytes).unwrap();
+        assert_eq!(j.get(1).unwrap(), None);
+        assert_eq!(j.get(10).unwrap(), Some(txs[9].clone()));
+    }
+
+    #[test]
+    fn reopen_after_appends_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let txs: Vec<_> = (1..=50).map(user).collect();
+        let mut j = Journal::open(dir.path(), &opts(5)).unwrap();
+        for chunk in txs.chunks(7) {
+            j.append(chunk).unwrap();
+        }
+        j.sync().unwrap();
+        drop(j);
+        let j = Journal::open(dir.path(), &opts(5)).unwrap();
+        assert!(j.repairs().is_empty(), "{:?}", j.repairs());
+        assert_eq!((j.first_id(), j.last_id()), (Some(1), 50));
+        for t in &txs {
+            assert_eq!(j.get(t.id.get()).unwrap().as_ref(), Some(t));
+        }
+        assert_eq!(log_bytes(dir.path()), lines(&txs).as_bytes());
+    }
+
+    fn corrupt_at(content: &str) -> (u64, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let err = open_with(dir.path(), content.as_bytes(), 10).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("univention-translog check --fix"), "{msg}");
+        // The committed log is never rewritten on this path.
+        assert_eq!(log_bytes(dir.path()), content.as_bytes());
+        match err {
+            JournalError::Corrupt {
+                line_no, reason, ..
+            } => (line_no, reason),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn holes_repeats_and_bad_lines_are_refused() {
+        let hole = lines(&[user(1), user(3), user(4)]);
+        let (line, reason) = corrupt_at(&hole);
+        assert_eq!(line, 2);
+        assert!(reason.contains("missing"), "{reason}");
+
+        let repeated = lines(&[user(1), user(2), user(2), user(3)]);
+        let (line, reason) = corrupt_at(&repeated);
+        assert_eq!(line, 3);
+        assert!(reason.contains("repeated"), "{reason}");
+
+        let reordered = lines(&[user(2), user(1)]);
+        assert_eq!(corrupt_at(&reordered).0, 2);
+
+        let bad = format!("{}1 dc=example\n{}", lines(&[user(1)]), lines(&[user(2)]));
+        assert_eq!(corrupt_at(&bad).0, 2);
+
+        let zero = format!("{}0 dc=example,dc=com m\n", lines(&[user(1)]));
+        assert_eq!(corrupt_at(&zero).0, 2);
+
+        let long = format!("1 cn={},dc=x m\n", "x".repeat(MAX_LINE_LEN));
+        let (line, reason) = corrupt_at(&long);
+        assert_eq!(line, 1);
+        assert!(reason.contains("bytes long"), "{reason}");
+    }
+
+    /// Runs python's `fcntl.lockf` (the call UCS's C code makes) on `path` in a child.
+    fn python_lockf(path: &Path, hold: bool) -> (Child, String) {
+        let script = format!(
+            "import fcntl,sys,time\nf=open({:?},'a')\ntry:\n  fcntl.lockf(f,fcntl.LOCK_EX|fcntl.LOCK_NB)\n  print('locked',flush=True)\nexcept OSError:\n  print('busy',flush=True)\n  sys.exit(0)\nif {}: time.sleep(60)",
+            path.to_str().unwrap(),
+            if hold { "True" } else { "False" }
+        );
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        (child, line.trim().to_owned())
+    }
+
+    #[test]
+    fn lock_is_held_for_the_journals_lifetime() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join(LOCK_FILE);
+        let j = Journal::open(dir.path(), &opts(0)).unwrap();
+        let (mut child, answer) = python_lockf(&lock, false);
+        child.wait().unwrap();
+        assert_eq!(answer, "busy");
+        // A second journal in this process would release the lock when dropped.
+        assert!(matches!(
+            Journal::open(dir.path(), &opts(0)),
+            Err(JournalError::AlreadyOpen { .. })
+        ));
+        drop(j);
+        let (mut child, answer) = python_lockf(&lock, false);
+        child.wait().unwrap();
+        assert_eq!(answer, "locked");
+    }
+
+    #[test]
+    fn open_fails_while_another_process_holds_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut child, answer) = python_lockf(&dir.path().join(LOCK_FILE), true);
+        assert_eq!(answer, "locked");
+        let err = Journal::open(dir.path(), &opts(0)).unwrap_err();
+        assert!(
+            matches!(err, JournalError::Lock(LockError::Busy { .. })),
+            "{err}"
+        );
+        assert!(err.to_string().contains("another notifier"), "{err}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        Journal::open(dir.path(), &opts(0)).unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(40))]
+
+        #[test]
+        fn appends_and_reopens_read_back(
+            start in 1u64..1000,
+            batches in prop::collection::vec((1usize..20, any::<bool>(), 0usize..4), 1..12),
+            ring_size in 0usize..8,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut j = Journal::open(dir.path(), &opts(ring_size)).unwrap();
+            let mut all = Vec::new();
+            let mut next = start;
+            for (len, reopen, cmd) in batches {
+                let batch: Vec<_> = (next..next + len as u64)
+                    .map(|id| {
+                        let command = [Command::Add, Command::Modify, Command::Delete, Command::ModRdn][cmd];
+                        tx(id, &format!("cn=o {id},ou=x y,dc=example,dc=com"), command)
+                    })
+                    .collect();
+                j.append(&batch).unwrap();
+                next += len as u64;
+                all.extend(batch);
+                if reopen {
+                    drop(j);
+                    j = Journal::open(dir.path(), &opts(ring_size)).unwrap();
+                    prop_assert!(j.repairs().is_empty(), "{:?}", j.repairs());
+                }
+            }
+            prop_assert_eq!(j.first_id(), Some(start));
+            prop_assert_eq!(j.last_id(), next - 1);
+            for t in &all {
+                let got = j.get(t.id.get()).unwrap();
+                prop_assert_eq!(got.as_ref(), Some(t));
+            }
+            prop_assert_eq!(j.get(start - 1).unwrap(), None);
+            prop_assert_eq!(j.get(next).unwrap(), None);
+            drop(j);
+            prop_assert_eq!(index_bytes(dir.path()), reference_index(&all));
+        }
+    }
+}

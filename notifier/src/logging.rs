@@ -1,0 +1,155 @@
+//! Logging: journald when started by systemd with its journal on stdout/stderr
+//! (`JOURNAL_STREAM`), else a log file (reopened on SIGHUP, for logrotate) or stderr. The
+//! level follows UCS debug levels and moves at runtime with SIGUSR1/SIGUSR2.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Registry, reload};
+
+/// UCS levels 0 ERROR, 1 WARN, 2 PROCESS, 3 INFO, 4 ALL.
+pub fn level_filter(level: u8) -> LevelFilter {
+    match level {
+        0 => LevelFilter::ERROR,
+        1 => LevelFilter::WARN,
+        2 => LevelFilter::INFO,
+        3 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    }
+}
+
+pub struct Logging {
+    level: AtomicU8,
+    handle: reload::Handle<LevelFilter, Registry>,
+    file: Option<Arc<ReopenableFile>>,
+}
+
+impl Logging {
+    /// Installs the global subscriber.
+    pub fn init(level: u8, log_file: Option<&Path>) -> io::Result<Logging> {
+        let (filter, handle) = reload::Layer::new(level_filter(level));
+        let journald =
+            std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
+        let file = match (&journald, log_file) {
+            (None, Some(path)) => Some(Arc::new(ReopenableFile::open(path)?)),
+            _ => None,
+        };
+        let fmt_layer = match (&journald, &file) {
+            (Some(_), _) => None,
+            (None, Some(file)) => Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(SharedFile(Arc::clone(file)))
+                    .boxed(),
+            ),
+            (None, None) => Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(io::stderr)
+                    .boxed(),
+            ),
+        };
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(journald)
+            .with(fmt_layer)
+            .try_init()
+            .map_err(io::Error::other)?;
+        Ok(Logging {
+            level: AtomicU8::new(level.min(4)),
+            handle,
+            file,
+        })
+    }
+
+    /// SIGUSR1: one level more verbose.
+    pub fn raise(&self) {
+        self.set(self.level.load(Ordering::Relaxed).saturating_add(1).min(4));
+    }
+
+    /// SIGUSR2: one level less verbose.
+    pub fn lower(&self) {
+        self.set(self.level.load(Ordering::Relaxed).saturating_sub(1));
+    }
+
+    fn set(&self, level: u8) {
+        self.level.store(level, Ordering::Relaxed);
+        if let Err(err) = self.handle.modify(|filter| *filter = level_filter(level)) {
+            tracing::warn!("cannot change the log level: {err}");
+        } else {
+            tracing::warn!("debug level is now {level}");
+        }
+    }
+
+    /// SIGHUP: reopen the log file after rotation.
+    pub fn reopen(&self) -> io::Result<()> {
+        match &self.file {
+            Some(file) => file.reopen(),
+            None => Ok(()),
+        }
+    }
+}
+
+struct ReopenableFile {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl ReopenableFile {
+    fn open(path: &Path) -> io::Result<ReopenableFile> {
+        Ok(ReopenableFile {
+            path: path.to_owned(),
+            file: Mutex::new(open_append(path)?),
+        })
+    }
+
+    fn reopen(&self) -> io::Result<()> {
+        let fresh = open_append(&self.path)?;
+        let mut file = self
+            .file
+            .lock()
+            .map_err(|_| io::Error::other("log file lock poisoned"))?;
+        *file = fresh;
+        Ok(())
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// The subscriber's handle on the log file; each event locks it for one write.
+#[derive(Clone)]
+struct SharedFile(Arc<ReopenableFile>);
+
+struct FileWriter(Arc<ReopenableFile>);
+
+impl Write for FileWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut file = self
+            .0
+            .file
+            .lock()
+            .map_err(|_| io::Error::other("log file lock poisoned"))?;
+        file.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for SharedFile {
+    type Writer = FileWriter;
+
+    fn make_writer(&'a self) -> FileWriter {
+        FileWriter(Arc::clone(&self.0))
+    }
+}
