@@ -34,6 +34,17 @@ pub struct Notifier {
 impl Notifier {
     /// Starts a notifier against `slapd` (translog over its ldapi socket).
     pub fn start(slapd: &Slapd, intake: Intake, extra: &[&str]) -> Result<Notifier> {
+        Notifier::start_with(slapd, intake, extra, |_| Ok(()))
+    }
+
+    /// Like [`Notifier::start`], after `prepare` has populated the `--ldap-dir` (e.g. with
+    /// a crafted transaction log).
+    pub fn start_with(
+        slapd: &Slapd,
+        intake: Intake,
+        extra: &[&str],
+        prepare: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<Notifier> {
         let dir = tempfile::Builder::new()
             .prefix("notifier-")
             .tempdir_in("/tmp")
@@ -44,6 +55,7 @@ impl Notifier {
             std::fs::create_dir_all(ldap_dir.join(sub))
                 .map_err(io_context(format!("creating {sub}")))?;
         }
+        prepare(&ldap_dir).map_err(io_context("preparing the notifier directory"))?;
         let mut args: Vec<String> = vec![
             "-F".into(),
             "-d".into(),

@@ -1,0 +1,171 @@
+//! The notifier following stock OpenLDAP's cn=accesslog: every logged write becomes exactly
+//! one transaction (modrdn: `r` + `a`), across restarts and crashes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use integration_tests::slapd::{BASE, RESTRICTED_DN, TRANSLOG_BASE};
+use integration_tests::{Intake, Notifier, Slapd, SlapdConfig, wait_until};
+
+const T: Duration = Duration::from_secs(30);
+
+fn wait_for_lines(notifier: &Notifier, count: usize) -> Vec<String> {
+    wait_until(&format!("{count} transactions in the log"), T, || {
+        let lines: Vec<String> = notifier.transactions().lines().map(str::to_owned).collect();
+        Ok((lines.len() >= count).then_some(lines))
+    })
+    .unwrap()
+}
+
+/// A first start begins after the newest retained entry; wait until that point is fixed so
+/// the test's writes count as new.
+fn start(slapd: &Slapd, extra: &[&str]) -> Notifier {
+    let notifier = Notifier::start(slapd, Intake::Accesslog, extra).unwrap();
+    let position = notifier.ldap_dir().join("notify/accesslog.position");
+    wait_until("the stored accesslog position", T, || {
+        Ok(position.exists().then_some(()))
+    })
+    .unwrap();
+    notifier
+}
+
+fn add(slapd: &Slapd, cn: &str) {
+    slapd
+        .admin()
+        .unwrap()
+        .add(
+            &format!("cn={cn},{BASE}"),
+            &[("objectClass", &["organizationalRole"]), ("cn", &[cn])],
+        )
+        .unwrap();
+}
+
+#[test]
+fn writes_map_to_transactions_in_log_order() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = start(&slapd, &[]);
+    // Writes before the first start (the fixture's adds) are not replayed.
+    let mut admin = slapd.admin().unwrap();
+    let dn = format!("cn=alice,{BASE}");
+    admin
+        .add(
+            &dn,
+            &[("objectClass", &["organizationalRole"]), ("cn", &["alice"])],
+        )
+        .unwrap();
+    admin.replace(&dn, "description", &["x"]).unwrap();
+    admin.modrdn(&dn, "cn=alice2", true, None).unwrap();
+    let renamed = format!("cn=alice2,{BASE}");
+    admin
+        .modrdn(&renamed, "cn=alice3", true, Some(RESTRICTED_DN))
+        .unwrap();
+    let moved = format!("cn=alice3,{RESTRICTED_DN}");
+    admin.delete(&moved).unwrap();
+    // A failed write is not logged as a change.
+    assert!(admin.delete(&format!("cn=missing,{BASE}")).is_err());
+
+    let lines = wait_for_lines(&notifier, 7);
+    assert_eq!(
+        lines,
+        [
+            format!("1 {dn} a"),
+            format!("2 {dn} m"),
+            format!("3 {dn} r"),
+            format!("4 {renamed} a"),
+            format!("5 {renamed} r"),
+            format!("6 {moved} a"),
+            format!("7 {moved} d"),
+        ]
+    );
+    let mut host = slapd.host().unwrap();
+    let entry = host
+        .get(&format!("reqSession=6,{TRANSLOG_BASE}"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry.first("reqType"), Some("a"));
+    assert_eq!(entry.first("reqDN"), Some(moved.as_str()));
+}
+
+#[test]
+fn first_start_can_replay_the_retained_log() {
+    let slapd = Slapd::provider().unwrap();
+    add(&slapd, "early");
+    let notifier = start(&slapd, &["--accesslog-replay"]);
+    // The fixture (base, host, restricted) plus our add.
+    let lines = wait_for_lines(&notifier, 4);
+    assert_eq!(lines[0], format!("1 {BASE} a"));
+    assert_eq!(lines[3], format!("4 cn=early,{BASE} a"));
+}
+
+#[test]
+fn restart_resumes_without_loss_or_duplicates() {
+    let slapd = Slapd::provider().unwrap();
+    let mut notifier = start(&slapd, &[]);
+    add(&slapd, "one");
+    wait_for_lines(&notifier, 1);
+    notifier.stop().unwrap();
+    add(&slapd, "two");
+    add(&slapd, "three");
+    notifier.restart().unwrap();
+    add(&slapd, "four");
+    let lines = wait_for_lines(&notifier, 4);
+    let dns: Vec<&str> = lines.iter().map(|l| l.split(' ').nth(1).unwrap()).collect();
+    assert_eq!(
+        dns,
+        [
+            format!("cn=one,{BASE}"),
+            format!("cn=two,{BASE}"),
+            format!("cn=three,{BASE}"),
+            format!("cn=four,{BASE}")
+        ]
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(notifier.transactions().lines().count(), 4, "no duplicates");
+}
+
+#[test]
+fn sigkill_during_a_burst_loses_and_duplicates_nothing() {
+    let slapd = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
+    let mut notifier = start(&slapd, &[]);
+    let writer = std::thread::spawn({
+        let url = slapd.ldap_url();
+        move || {
+            let mut conn = ldap3::LdapConn::new(&url).unwrap();
+            conn.simple_bind("cn=admin,dc=example,dc=com", "secret")
+                .unwrap()
+                .success()
+                .unwrap();
+            for i in 0..400 {
+                let dn = format!("cn=burst{i},{BASE}");
+                conn.add(
+                    &dn,
+                    vec![
+                        ("objectClass", ["organizationalRole"].into()),
+                        ("cn", [format!("burst{i}").as_str()].into()),
+                    ],
+                )
+                .unwrap()
+                .success()
+                .unwrap();
+            }
+        }
+    });
+    // Kill the notifier twice while the burst is going on.
+    for _ in 0..2 {
+        wait_until("some progress", T, || {
+            Ok((notifier.transactions().lines().count() > 20).then_some(()))
+        })
+        .unwrap();
+        notifier.kill().unwrap();
+        notifier.restart().unwrap();
+    }
+    writer.join().unwrap();
+    let lines = wait_for_lines(&notifier, 400);
+    std::thread::sleep(Duration::from_millis(300));
+    let lines_after = notifier.transactions();
+    assert_eq!(lines_after.lines().count(), 400, "exactly once");
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line, &format!("{} cn=burst{i},{BASE} a", i + 1));
+    }
+}

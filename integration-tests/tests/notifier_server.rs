@@ -1,0 +1,253 @@
+//! Protocol edge cases, startup repair and operations of the real notifier binary.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use integration_tests::slapd::BASE;
+use integration_tests::{Intake, Notifier, Slapd, wait_until};
+
+const T: Duration = Duration::from_secs(20);
+const SHORT: Duration = Duration::from_millis(300);
+
+fn started(slapd: &Slapd, extra: &[&str]) -> Notifier {
+    Notifier::start(slapd, Intake::QueueFile, extra).unwrap()
+}
+
+#[test]
+fn version_gating_and_ignored_commands() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = started(&slapd, &["-v", "3"]);
+
+    // Below the minimum: closed without a single byte.
+    let mut old = notifier.client().unwrap();
+    old.send("Version: 2\nCapabilities: \n\n").unwrap();
+    assert!(old.is_closed(T).unwrap());
+
+    let mut bad = notifier.client().unwrap();
+    bad.send("Version: 3x\nCapabilities: \n\n").unwrap();
+    assert!(bad.is_closed(T).unwrap());
+
+    // Above 3: clamped.
+    let mut future = notifier.client().unwrap();
+    assert_eq!(
+        future.handshake(9).unwrap(),
+        "Version: 3\nCapabilities: \n\n"
+    );
+
+    // Commands before a version, and without MSGID, are ignored; the connection stays.
+    let mut early = notifier.client().unwrap();
+    early.send("MSGID: 1\nGET_ID\n\n").unwrap();
+    early.send("Capabilities: \n\n").unwrap();
+    assert!(early.is_silent(SHORT).unwrap());
+    assert_eq!(
+        early.handshake(3).unwrap(),
+        "Version: 3\nCapabilities: \n\n"
+    );
+    early
+        .send("GET_ID\n\nMSGID: 4294967295\nGET_ID\n\nMSGID: 2\nNO_SUCH_COMMAND\n\n")
+        .unwrap();
+    assert!(early.is_silent(SHORT).unwrap());
+    // A STARTTLS request is not offered, so it is not echoed.
+    let mut tls = notifier.client().unwrap();
+    tls.send("Version: 3\nCapabilities: STARTTLS\n\n").unwrap();
+    assert_eq!(tls.block(T).unwrap(), "Version: 3\nCapabilities: \n\n");
+    // Two requests in one segment, and one split across segments.
+    early
+        .send("MSGID: 3\nGET_ID\n\nMSGID: 4\nALIVE\n\nMSGID: 5\nGET_")
+        .unwrap();
+    assert_eq!(early.block(T).unwrap(), "MSGID: 3\n0\n\n");
+    assert_eq!(early.block(T).unwrap(), "MSGID: 4\nOKAY\n\n");
+    early.send("SCHEMA_ID\n\n").unwrap();
+    assert_eq!(early.block(T).unwrap(), "MSGID: 5\n0\n\n");
+}
+
+#[test]
+fn ucs_one_shot_client_works() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = started(&slapd, &[]);
+    notifier
+        .queue(&format!("1 {BASE} m\n2 {BASE} m\n"))
+        .unwrap();
+    wait_until("two transactions", T, || {
+        Ok((notifier.transactions().lines().count() == 2).then_some(()))
+    })
+    .unwrap();
+    // get_notifier_id.py: send, recv(100), send, recv(100), take line 1.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", notifier.port())).unwrap();
+    stream.set_read_timeout(Some(T)).unwrap();
+    stream.write_all(b"Version: 3\nCapabilities: \n\n").unwrap();
+    let mut buf = [0u8; 100];
+    let _ = stream.read(&mut buf).unwrap();
+    stream.write_all(b"MSGID: 1\nGET_ID\n\n").unwrap();
+    let n = stream.read(&mut buf).unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert_eq!(reply.split('\n').nth(1), Some("2"));
+}
+
+#[test]
+fn schema_id_follows_the_file() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start_with(&slapd, Intake::QueueFile, &[], |dir| {
+        std::fs::write(dir.join("schema/id/id"), "7")
+    })
+    .unwrap();
+    let mut client = notifier.client().unwrap();
+    client.handshake(3).unwrap();
+    assert_eq!(
+        client.request(1, "GET_SCHEMA_ID").unwrap(),
+        "MSGID: 1\n7\n\n"
+    );
+    std::fs::write(notifier.ldap_dir().join("schema/id/id"), "8\n").unwrap();
+    let mut msgid = 1;
+    wait_until("schema id 8", T, || {
+        msgid += 1;
+        Ok(
+            (client.request(msgid, "GET_SCHEMA_ID")? == format!("MSGID: {msgid}\n8\n\n"))
+                .then_some(()),
+        )
+    })
+    .unwrap();
+}
+
+#[test]
+fn get_dn_for_a_pruned_id_closes_the_connection() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start_with(&slapd, Intake::QueueFile, &["-v", "2"], |dir| {
+        std::fs::write(
+            dir.join("notify/transaction"),
+            format!("5 cn=a,{BASE} a\n6 cn=b,{BASE} m\n"),
+        )
+    })
+    .unwrap();
+    let mut client = notifier.client().unwrap();
+    client.handshake(2).unwrap();
+    assert_eq!(
+        client.request(1, "GET_DN 6").unwrap(),
+        format!("MSGID: 1\n6 cn=b,{BASE} m\n\n")
+    );
+    client.send("MSGID: 2\nGET_DN 2\n\n").unwrap();
+    assert!(client.is_closed(T).unwrap());
+}
+
+#[test]
+fn oversize_request_closes_the_connection() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = started(&slapd, &[]);
+    let mut client = notifier.client().unwrap();
+    client.handshake(3).unwrap();
+    client
+        .send(&format!("MSGID: 1\n{}", "X".repeat(9000)))
+        .unwrap();
+    assert!(client.is_closed(T).unwrap());
+    // Others are unaffected.
+    let mut other = notifier.client().unwrap();
+    other.handshake(3).unwrap();
+    assert_eq!(other.request(1, "ALIVE").unwrap(), "MSGID: 1\nOKAY\n\n");
+}
+
+#[test]
+fn a_client_that_never_reads_does_not_stall_others() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = started(&slapd, &["--client-write-timeout", "1"]);
+    let mut slow = notifier.client().unwrap();
+    slow.handshake(3).unwrap();
+    // Flood requests and never read the answers: its socket buffers fill up.
+    let request = "MSGID: 1\nGET_SCHEMA_ID\n\n".repeat(2000);
+    slow.stream()
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    for _ in 0..200 {
+        if slow.stream().write_all(request.as_bytes()).is_err() {
+            break;
+        }
+    }
+    let mut fast = notifier.client().unwrap();
+    fast.handshake(3).unwrap();
+    fast.send("MSGID: 1\nWAIT_ID 1\n\n").unwrap();
+    notifier.queue(&format!("1 {BASE} m\n")).unwrap();
+    assert_eq!(fast.block(T).unwrap(), "MSGID: 1\n1\n\n");
+    wait_until("the slow client to be dropped", T, || {
+        Ok(notifier.log().contains("dropping client").then_some(()))
+    })
+    .unwrap();
+}
+
+#[test]
+fn startup_repairs_torn_tail_and_nuls_and_rebuilds_a_missing_index() {
+    let slapd = Slapd::provider().unwrap();
+    let mut notifier = Notifier::start_with(&slapd, Intake::QueueFile, &["-v", "2"], |dir| {
+        let mut log = format!("1 cn=a,{BASE} a\n2 cn=b,{BASE} m\n").into_bytes();
+        log.extend_from_slice(b"3 cn=torn,dc=exa");
+        log.extend_from_slice(&[0u8; 100]);
+        std::fs::write(dir.join("notify/transaction"), log)
+    })
+    .unwrap();
+    assert_eq!(
+        notifier.transactions(),
+        format!("1 cn=a,{BASE} a\n2 cn=b,{BASE} m\n")
+    );
+    let log = notifier.log();
+    assert!(log.contains("repaired"), "{log}");
+    // The next transaction continues cleanly after the repaired tail.
+    notifier.queue(&format!("3 cn=c,{BASE} d\n")).unwrap();
+    wait_until("transaction 3", T, || {
+        Ok((notifier.transactions().lines().count() == 3).then_some(()))
+    })
+    .unwrap();
+    notifier.stop().unwrap();
+
+    let index = notifier.ldap_dir().join("notify/transaction.index");
+    let written = std::fs::read(&index).unwrap();
+    std::fs::remove_file(&index).unwrap();
+    notifier.restart().unwrap();
+    let mut client = notifier.client().unwrap();
+    client.handshake(2).unwrap();
+    assert_eq!(
+        client.request(1, "GET_DN 2").unwrap(),
+        format!("MSGID: 1\n2 cn=b,{BASE} m\n\n")
+    );
+    // UCS layout on amd64: 8-byte magic, 9 bytes per id at 8 + 9*id.
+    let rebuilt = std::fs::read(&index).unwrap();
+    assert_eq!(rebuilt, written);
+    assert_eq!(&rebuilt[..8], &0x3395e0d4u64.to_le_bytes());
+    assert_eq!(rebuilt.len(), 8 + 9 * 4);
+}
+
+#[test]
+fn sigterm_exits_cleanly_and_removes_the_pid_file() {
+    let slapd = Slapd::provider().unwrap();
+    let mut notifier = started(&slapd, &[]);
+    let pid_file = notifier.dir().join("notifier.pid");
+    assert!(pid_file.exists());
+    let process = notifier.process().unwrap();
+    process.signal(libc::SIGTERM).unwrap();
+    let status = process.wait_exit(T).unwrap().expect("exited");
+    assert!(status.success(), "{status}");
+    assert!(!pid_file.exists());
+}
+
+#[test]
+fn metrics_endpoint_reports_ids_and_clients() {
+    let slapd = Slapd::provider().unwrap();
+    let port = integration_tests::net::free_port().unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let notifier = started(&slapd, &["--metrics", &addr]);
+    notifier.queue(&format!("1 {BASE} m\n")).unwrap();
+    let mut client = notifier.client().unwrap();
+    client.handshake(3).unwrap();
+    let body = wait_until("metrics with last id 1", T, || {
+        let Ok(mut stream) = std::net::TcpStream::connect(&addr) else {
+            return Ok(None);
+        };
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).unwrap();
+        Ok(body.contains("udn_last_id 1\n").then_some(body))
+    })
+    .unwrap();
+    assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
+    assert!(body.contains("udn_clients 1\n"), "{body}");
+    assert!(body.contains("udn_commit_duration_seconds_count"), "{body}");
+}

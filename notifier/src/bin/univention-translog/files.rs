@@ -1,0 +1,375 @@
+//! Read-only access to the transaction file and its index, the atomic replacement of files
+//! and the lock check shared by the modifying sub-commands.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use notifier::journal::index::{Index, index_path_for};
+use notifier::journal::scan::{LineScanner, is_blank, line_id, parse_line, trim_line};
+use notifier::journal::{LOCK_FILE, TRANSACTION_FILE};
+use notifier::lock::{FileLock, LockError, lock_path};
+use proto::line::{MAX_LINE_LEN, Transaction};
+
+use crate::log::{debug, info, warning};
+
+/// First tail block read when looking for the last line; doubled until a line is found.
+const TAIL_BLOCK: u64 = 64 * 1024;
+
+/// The transaction file opened for reading, with its first and last IDs.
+pub struct Translog {
+    pub path: PathBuf,
+    pub file: File,
+    pub size: u64,
+    /// 0 when the file holds no transaction.
+    pub first: u64,
+    pub last: u64,
+}
+
+impl Translog {
+    pub fn open(path: &Path) -> Result<Translog> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let size = file
+            .metadata()
+            .with_context(|| format!("cannot stat {}", path.display()))?
+            .len();
+        let mut translog = Translog {
+            path: path.to_owned(),
+            file,
+            size,
+            first: 0,
+            last: 0,
+        };
+        translog.first = translog.find_first()?;
+        translog.last = translog.find_last()?;
+        if translog.last < translog.first {
+            // Out of order; report what the ends say rather than a negative count.
+            warning!(
+                "{}: last transaction {} is below the first {}; run `univention-translog check`",
+                path.display(),
+                translog.last,
+                translog.first
+            );
+        }
+        Ok(translog)
+    }
+
+    /// Number of transactions the ends imply.
+    pub fn count(&self) -> u64 {
+        if self.last == 0 || self.last < self.first {
+            0
+        } else {
+            self.last - self.first + 1
+        }
+    }
+
+    fn find_first(&self) -> Result<u64> {
+        for line in LineScanner::new(&self.file) {
+            let line = line.with_context(|| format!("cannot read {}", self.path.display()))?;
+            if !line.complete {
+                break;
+            }
+            if is_blank(&line.bytes) {
+                continue;
+            }
+            return line_id(trim_line(&line.bytes)).with_context(|| {
+                format!(
+                    "{}:{}: cannot parse the first transaction; run `univention-translog check`",
+                    self.path.display(),
+                    line.line_no
+                )
+            });
+        }
+        Ok(0)
+    }
+
+    /// The ID of the last complete, non-blank line, reading blocks backwards from the end.
+    fn find_last(&self) -> Result<u64> {
+        let mut block = TAIL_BLOCK;
+        loop {
+            let start = self.size.saturating_sub(block);
+            let len = usize::try_from(self.size - start).context("tail block too large")?;
+            let mut buf = vec![0u8; len];
+            self.file
+                .read_exact_at(&mut buf, start)
+                .with_context(|| format!("cannot read {}", self.path.display()))?;
+            // Drop an unterminated last line (torn write or an append in progress).
+            let end = buf.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+            let complete = buf.get(..end).unwrap_or_default();
+            let mut lines: Vec<&[u8]> = complete.split(|&b| b == b'\n').collect();
+            if start > 0 && !lines.is_empty() {
+                // The first piece may be the tail of a line that starts before the block.
+                lines.remove(0);
+            }
+            for line in lines.iter().rev() {
+                if !is_blank(line)
+                    && let Some(id) = line_id(trim_line(line))
+                {
+                    return Ok(id);
+                }
+            }
+            if start == 0 {
+                return Ok(0);
+            }
+            block = block.saturating_mul(4);
+        }
+    }
+
+    /// The transaction `id`: through the index if it is valid for it, else by a scan.
+    pub fn lookup(&self, index: Option<&Index>, id: u64) -> Result<Option<Transaction>> {
+        if let Some(index) = index {
+            match index.read_entry(id) {
+                Ok(Some(entry)) if entry.valid => {
+                    if let Some(tx) = self.read_at(entry.offset)?
+                        && tx.id.get() == id
+                    {
+                        return Ok(Some(tx));
+                    }
+                    debug!("index entry for {id} is stale; scanning");
+                }
+                Ok(_) => debug!("index has no valid entry for {id}; scanning"),
+                Err(e) => debug!("{e}; scanning"),
+            }
+        }
+        self.scan_for(id)
+    }
+
+    /// Parses the line starting at `offset`; `None` if there is none or it does not parse.
+    pub fn read_at(&self, offset: u64) -> Result<Option<Transaction>> {
+        if offset >= self.size {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; MAX_LINE_LEN + 1];
+        let mut got = 0;
+        while got < buf.len() {
+            let Some(rest) = buf.get_mut(got..) else {
+                break;
+            };
+            let n = self
+                .file
+                .read_at(rest, offset + got as u64)
+                .with_context(|| format!("cannot read {}", self.path.display()))?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        buf.truncate(got);
+        let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+            return Ok(None);
+        };
+        Ok(parse_line(buf.get(..nl).unwrap_or_default()).ok())
+    }
+
+    fn scan_for(&self, id: u64) -> Result<Option<Transaction>> {
+        for line in LineScanner::new(&self.file) {
+            let line = line.with_context(|| format!("cannot read {}", self.path.display()))?;
+            if line.complete && line_id(trim_line(&line.bytes)) == Some(id) {
+                return Ok(parse_line(&line.bytes).ok());
+            }
+        }
+        Ok(None)
+    }
+
+    /// A scanner positioned at transaction `id` if the index knows it, else at the start.
+    pub fn scanner_from(&self, index: Option<&Index>, id: u64) -> Result<LineScanner<File>> {
+        let mut file = self
+            .file
+            .try_clone()
+            .with_context(|| format!("cannot reopen {}", self.path.display()))?;
+        let mut start = 0;
+        if let Some(index) = index
+            && let Ok(Some(entry)) = index.read_entry(id)
+            && entry.valid
+            && self.read_at(entry.offset)?.is_some_and(|tx| tx.id.get() == id)
+        {
+            start = entry.offset;
+        }
+        file.seek(SeekFrom::Start(start))
+            .with_context(|| format!("cannot seek in {}", self.path.display()))?;
+        info!("reading {} from offset {start}", self.path.display());
+        Ok(LineScanner::starting_at(file, start, 0))
+    }
+}
+
+/// Opens the index of `translog` if it exists with a valid header.
+pub fn open_index(translog: &Path) -> Option<Index> {
+    let path = index_path_for(translog);
+    match Index::open(&path) {
+        Ok(index) => Some(index),
+        Err(e) => {
+            info!("{e}");
+            None
+        }
+    }
+}
+
+/// Removes the index of `translog`; it is rebuilt by the notifier at its next start.
+pub fn remove_index(translog: &Path, dry_run: bool) -> Result<()> {
+    let path = index_path_for(translog);
+    info!("Removing {} ...", path.display());
+    if dry_run {
+        return Ok(());
+    }
+    match fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+    }
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `/var/lib/univention-ldap` for the default transaction file: the parent of its `notify`
+/// directory.
+pub fn ldap_dir(translog: &Path) -> PathBuf {
+    let notify = parent_dir(translog);
+    match notify.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => notify.join(".."),
+    }
+}
+
+/// Why the log may not be modified now.
+pub enum LockOutcome {
+    Held(FileLock),
+    Refused(String),
+}
+
+/// Takes `transaction.lock` next to `translog` once; a running notifier holds it.
+pub fn lock_translog(translog: &Path) -> Result<LockOutcome> {
+    let path = parent_dir(translog).join(LOCK_FILE);
+    debug_assert!(TRANSACTION_FILE == "transaction");
+    match lock_path(&path, 1, Duration::ZERO) {
+        Ok(lock) => Ok(LockOutcome::Held(lock)),
+        Err(LockError::Busy { .. }) => Ok(LockOutcome::Refused(format!(
+            "the notifier is running and holds {}; stop it first",
+            path.display()
+        ))),
+        Err(e) => Err(e).context("cannot check whether the notifier is running"),
+    }
+}
+
+/// A replacement for `path` written to `path.new` and put in place by [`NewFile::commit`]:
+/// `path` → `path.bak`, `path.new` → `path`. Dropped without commit, `path.new` is removed.
+pub struct NewFile {
+    path: PathBuf,
+    new: PathBuf,
+    writer: Option<BufWriter<File>>,
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+impl NewFile {
+    /// Creates `path.new` with the mode and owner of `path` (if it exists).
+    pub fn create(path: &Path) -> Result<NewFile> {
+        let new = with_suffix(path, ".new");
+        let old = fs::metadata(path).ok();
+        let mode = old.as_ref().map_or(0o644, |m| m.mode() & 0o7777);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&new)
+            .with_context(|| format!("cannot create {}", new.display()))?;
+        if let Some(m) = &old {
+            // Keep the owner (the listener file belongs to slapd's user); only root can.
+            if let Err(e) = std::os::unix::fs::fchown(&file, Some(m.uid()), Some(m.gid())) {
+                debug!("cannot chown {}: {e}", new.display());
+            }
+            let _ = file.set_permissions(fs::Permissions::from_mode_compat(mode));
+        }
+        Ok(NewFile {
+            path: path.to_owned(),
+            new,
+            writer: Some(BufWriter::new(file)),
+        })
+    }
+
+    pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
+        if let Some(w) = self.writer.as_mut() {
+            w.write_all(data)
+                .with_context(|| format!("cannot write {}", self.new.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Syncs `path.new` and renames it into place, keeping the old file as `path.bak`.
+    pub fn commit(mut self) -> Result<()> {
+        let Some(writer) = self.writer.take() else {
+            return Ok(());
+        };
+        let file = writer
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("cannot write {}", self.new.display()))?;
+        file.sync_all()
+            .with_context(|| format!("cannot sync {}", self.new.display()))?;
+        drop(file);
+        let bak = with_suffix(&self.path, ".bak");
+        debug!("renaming {} {}", self.path.display(), bak.display());
+        match fs::rename(&self.path, &bak) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot rename {} to {}", self.path.display(), bak.display())
+                });
+            }
+        }
+        debug!("renaming {} {}", self.new.display(), self.path.display());
+        fs::rename(&self.new, &self.path).with_context(|| {
+            format!(
+                "cannot rename {} to {}",
+                self.new.display(),
+                self.path.display()
+            )
+        })?;
+        // Make the renames durable; failure only weakens crash safety.
+        if let Ok(dir) = File::open(parent_dir(&self.path)) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NewFile {
+    fn drop(&mut self) {
+        if self.writer.take().is_some() {
+            let _ = fs::remove_file(&self.new);
+        }
+    }
+}
+
+/// Replaces `path` with `content` atomically (see [`NewFile`]).
+pub fn replace_file(path: &Path, content: &[u8]) -> Result<()> {
+    let mut new = NewFile::create(path)?;
+    new.write_all(content)?;
+    new.commit()
+}
+
+/// `fs::Permissions::from_mode` under a name that reads well at the call site.
+trait PermissionsCompat {
+    fn from_mode_compat(mode: u32) -> fs::Permissions;
+}
+
+impl PermissionsCompat for fs::Permissions {
+    fn from_mode_compat(mode: u32) -> fs::Permissions {
+        use std::os::unix::fs::PermissionsExt;
+        fs::Permissions::from_mode(mode)
+    }
+}
