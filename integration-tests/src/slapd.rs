@@ -370,7 +370,8 @@ rootdn \"{ROOT_PEERCRED}\"
         );
         if self.config.translog {
             // As UCS: written by root over ldapi, readable by any bound user, hidden from
-            // anonymous (spec/notifier.md §1.6).
+            // anonymous, and `nosync` (spec/notifier.md §1.6): the notifier's fsynced log is
+            // the source of truth and `univention-translog import` rebuilds this database.
             let _ = write!(
                 conf,
                 "
@@ -379,7 +380,8 @@ suffix \"{TRANSLOG_BASE}\"
 rootdn \"{ROOT_PEERCRED}\"
 directory {d}/translog
 maxsize 1073741824
-{nosync}index objectClass,reqSession eq
+dbnosync
+index objectClass,reqSession eq
 access to * by dn.exact=\"{ROOT_PEERCRED}\" write by users read by * none
 "
             );

@@ -31,7 +31,9 @@ pub enum IntakeKind {
 #[command(
     name = "univention-directory-notifier",
     version,
-    disable_version_flag = true
+    disable_version_flag = true,
+    // Like getopt, a repeated option takes the last value.
+    args_override_self = true
 )]
 pub struct Cli {
     /// Stay in the foreground (always the case under systemd).

@@ -52,6 +52,7 @@ fn main() -> ExitCode {
     for option in &config.ignored_options {
         tracing::warn!("Ignoring deprecated option {option}");
     }
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -254,6 +255,28 @@ fn spawn_status_reporter(
             let _ = sd_notify::notify(&states);
         }
     });
+}
+
+/// Hundreds of listeners need more descriptors than the usual soft limit of 1024 (UCS's
+/// select() loop stopped at FD_SETSIZE); raise the soft limit to the hard one.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!(
+                    "cannot raise the open file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
 }
 
 /// The PID file, removed on drop.

@@ -1,0 +1,245 @@
+//! Notifier benchmark (prints figures; not a timed test). Run with `scripts/bench.sh notifier`.
+//!
+//! (a) Intake: N queued lines → fsynced log + cn=translog entries, in lines/s, next to
+//!     slapd's own sequential add rate measured in the same run (goal ≥ 3×).
+//! (b) Fan-out: C protocol-3 clients waiting while T transactions are committed: median and
+//!     p99 latency from queue write to WAIT_ID answer (an upper bound of commit-to-answer;
+//!     goal p99 < 50 ms), and the notifier's peak RSS (goal < 64 MB).
+//!
+//! Sizes can be lowered for a quick run: BENCH_INTAKE=20000 BENCH_CLIENTS=200 BENCH_TX=2000.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use integration_tests::slapd::BASE;
+use integration_tests::{Intake, Notifier, Slapd, SlapdConfig, wait_until};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let intake_lines = env_usize("BENCH_INTAKE", 100_000);
+    let clients = env_usize("BENCH_CLIENTS", 1000);
+    let transactions = env_usize("BENCH_TX", 10_000);
+    println!(
+        "notifier benchmark (release build, {} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    intake(intake_lines);
+    fan_out(clients, transactions);
+}
+
+/// slapd's own add rate: sequential adds on one connection, like ldapadd.
+fn slapd_add_rate(slapd: &Slapd, count: usize) -> f64 {
+    let mut admin = slapd.admin().unwrap();
+    let start = Instant::now();
+    for i in 0..count {
+        let uid = format!("ref{i}");
+        admin
+            .add(
+                &format!("uid={uid},{BASE}"),
+                &[
+                    ("objectClass", &["inetOrgPerson"]),
+                    ("uid", &[uid.as_str()]),
+                    ("cn", &[uid.as_str()]),
+                    ("sn", &["Reference"]),
+                ],
+            )
+            .unwrap();
+    }
+    count as f64 / start.elapsed().as_secs_f64()
+}
+
+fn intake(lines: usize) {
+    let slapd = Slapd::start(SlapdConfig::provider().log_operations(false)).unwrap();
+    let reference = slapd_add_rate(&slapd, 3000);
+    let mut queue = String::with_capacity(lines * 48);
+    for id in 1..=lines {
+        queue.push_str(&format!("{id} uid=user{id},cn=users,{BASE} m\n"));
+    }
+    let notifier = Notifier::start_with(&slapd, Intake::QueueFile, &["-d", "1"], |dir| {
+        std::fs::write(dir.join("listener/listener"), &queue)
+    })
+    .unwrap();
+    let start = Instant::now();
+    let expected = format!("{lines} uid=user{lines},cn=users,{BASE} m\n");
+    wait_until(
+        "the whole queue committed",
+        Duration::from_secs(600),
+        || Ok(notifier.transactions().ends_with(&expected).then_some(())),
+    )
+    .unwrap();
+    let elapsed = start.elapsed().as_secs_f64();
+    let rate = lines as f64 / elapsed;
+    println!("(a) intake: {lines} queued lines -> fsynced log + cn=translog in {elapsed:.2} s");
+    println!("    notifier intake      {rate:>10.0} lines/s");
+    println!("    slapd sequential add {reference:>10.0} adds/s (same slapd, same run)");
+    println!(
+        "    ratio                {:>10.2}x   (goal >= 3x)",
+        rate / reference
+    );
+}
+
+fn fan_out(clients: usize, transactions: usize) {
+    let slapd = Slapd::start(SlapdConfig::provider().log_operations(false)).unwrap();
+    let mut notifier = Notifier::start(
+        &slapd,
+        Intake::QueueFile,
+        &["-d", "1", "--poll-interval", "1"],
+    )
+    .unwrap();
+    let port = notifier.port();
+    let pid = notifier.process().and_then(|p| p.pid()).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Write time of every id, filled by the writer; read by clients at answer time.
+    let written: Arc<Mutex<Vec<Option<Instant>>>> =
+        Arc::new(Mutex::new(vec![None; transactions + 1]));
+    let samples: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::new()));
+    runtime.block_on(async {
+        let mut tasks = Vec::new();
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(clients);
+        for _ in 0..clients {
+            let written = Arc::clone(&written);
+            let samples = Arc::clone(&samples);
+            let ready = ready_tx.clone();
+            tasks.push(tokio::spawn(async move {
+                client(port, transactions as u64, written, samples, ready).await;
+            }));
+        }
+        for _ in 0..clients {
+            ready_rx.recv().await.unwrap();
+        }
+        // Feed the queue in small chunks, as slapd's overlay would under steady load.
+        let queue = notifier.queue_file();
+        let written_w = Arc::clone(&written);
+        let writer = tokio::task::spawn_blocking(move || {
+            let chunk = 10;
+            let mut id = 1;
+            while id <= transactions {
+                let end = (id + chunk - 1).min(transactions);
+                let mut text = String::new();
+                for i in id..=end {
+                    text.push_str(&format!("{i} cn=tx{i},{BASE} m\n"));
+                }
+                let now = Instant::now();
+                {
+                    let mut w = written_w.lock().unwrap();
+                    for slot in w.iter_mut().take(end + 1).skip(id) {
+                        *slot = Some(now);
+                    }
+                }
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(&queue)
+                    .unwrap();
+                f.write_all(text.as_bytes()).unwrap();
+                id = end + 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        writer.await.unwrap();
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(300), task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    });
+    let rss_kb = peak_rss_kb(pid);
+    let mut samples = samples.lock().unwrap().clone();
+    samples.sort();
+    let pick = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "(b) fan-out: {clients} v3 clients waiting, {transactions} transactions (10 per 5 ms)"
+    );
+    println!("    answers              {:>10}", samples.len());
+    println!(
+        "    median latency       {:>10.2} ms (queue write -> WAIT_ID answer)",
+        pick(0.5).as_secs_f64() * 1e3
+    );
+    println!(
+        "    p99 latency          {:>10.2} ms   (goal < 50 ms)",
+        pick(0.99).as_secs_f64() * 1e3
+    );
+    println!(
+        "    max latency          {:>10.2} ms",
+        pick(1.0).as_secs_f64() * 1e3
+    );
+    println!(
+        "    notifier peak RSS    {:>10.1} MB   (goal < 64 MB)",
+        rss_kb as f64 / 1024.0
+    );
+    notifier.stop().unwrap();
+}
+
+async fn client(
+    port: u16,
+    last: u64,
+    written: Arc<Mutex<Vec<Option<Instant>>>>,
+    samples: Arc<Mutex<Vec<Duration>>>,
+    ready: tokio::sync::mpsc::Sender<()>,
+) {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    write
+        .write_all(b"Version: 3\nCapabilities: \n\n")
+        .await
+        .unwrap();
+    // "Version: 3", "Capabilities: ", blank line.
+    for _ in 0..3 {
+        lines.next_line().await.unwrap();
+    }
+    let mut next = 1u64;
+    let mut msgid = 1u32;
+    let mut mine = Vec::new();
+    let mut seen = HashSet::new();
+    write
+        .write_all(format!("MSGID: {msgid}\nWAIT_ID {next}\n\n").as_bytes())
+        .await
+        .unwrap();
+    ready.send(()).await.unwrap();
+    while next <= last {
+        let _msgid_line = lines.next_line().await.unwrap().unwrap();
+        let id: u64 = lines.next_line().await.unwrap().unwrap().parse().unwrap();
+        let _blank = lines.next_line().await.unwrap();
+        let now = Instant::now();
+        if let Some(Some(at)) = written.lock().unwrap().get(id as usize) {
+            mine.push(now.duration_since(*at));
+        }
+        seen.insert(id);
+        next = id + 1;
+        msgid += 1;
+        if next <= last {
+            write
+                .write_all(format!("MSGID: {msgid}\nWAIT_ID {next}\n\n").as_bytes())
+                .await
+                .unwrap();
+        }
+    }
+    samples.lock().unwrap().extend(mine);
+}
+
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
