@@ -169,3 +169,23 @@ fn sigkill_during_a_burst_loses_and_duplicates_nothing() {
         assert_eq!(line, &format!("{} cn=burst{i},{BASE} a", i + 1));
     }
 }
+
+#[test]
+fn slapd_restart_is_survived_with_backoff() {
+    let mut slapd = Slapd::provider().unwrap();
+    let notifier = start(&slapd, &[]);
+    add(&slapd, "before");
+    wait_for_lines(&notifier, 1);
+    slapd.kill().unwrap();
+    // While slapd is down nothing is announced, and the notifier keeps running.
+    std::thread::sleep(Duration::from_millis(500));
+    slapd.restart().unwrap();
+    add(&slapd, "after");
+    let lines = wait_for_lines(&notifier, 2);
+    assert_eq!(lines[1], format!("2 cn=after,{BASE} a"));
+    let log = notifier.log();
+    assert!(
+        log.contains("reconnecting") || log.contains("retrying"),
+        "{log}"
+    );
+}

@@ -184,3 +184,26 @@ fn malformed_lines_are_quarantined_and_gaps_filled() {
         .unwrap();
     assert_eq!(filler.first("reqDN"), Some(BASE));
 }
+
+#[test]
+fn translog_outage_delays_announcement_and_loses_nothing() {
+    let mut slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start(&slapd, Intake::QueueFile, &[]).unwrap();
+    notifier.queue(&format!("1 cn=a,{BASE} a\n")).unwrap();
+    wait_for_id(&notifier, 1);
+    slapd.kill().unwrap();
+    notifier.queue(&format!("2 cn=b,{BASE} m\n")).unwrap();
+    // Without its translog entry, id 2 must not be announced.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(get_id(&notifier), 1);
+    assert_eq!(notifier.transactions().lines().count(), 1);
+    slapd.restart().unwrap();
+    wait_for_id(&notifier, 2);
+    let mut host = slapd.host().unwrap();
+    assert!(
+        host.get(&format!("reqSession=2,{TRANSLOG_BASE}"))
+            .unwrap()
+            .is_some()
+    );
+    assert!(notifier.log().contains("retrying"));
+}

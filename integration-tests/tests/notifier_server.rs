@@ -251,3 +251,49 @@ fn metrics_endpoint_reports_ids_and_clients() {
     assert!(body.contains("udn_clients 1\n"), "{body}");
     assert!(body.contains("udn_commit_duration_seconds_count"), "{body}");
 }
+
+#[test]
+fn sighup_reopens_the_log_file_and_sigusr_changes_the_level() {
+    let slapd = Slapd::provider().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log_file = dir.path().join("notifier.log");
+    let log_arg = log_file.display().to_string();
+    let mut notifier = started(&slapd, &["--log-file", &log_arg, "-d", "2"]);
+    wait_until("startup lines in the log file", T, || {
+        Ok(std::fs::read_to_string(&log_file)
+            .unwrap_or_default()
+            .contains("listening")
+            .then_some(()))
+    })
+    .unwrap();
+    // logrotate: move the file away, then SIGHUP.
+    let rotated = dir.path().join("notifier.log.1");
+    std::fs::rename(&log_file, &rotated).unwrap();
+    let process = notifier.process().unwrap();
+    process.signal(libc::SIGHUP).unwrap();
+    wait_until("a fresh log file", T, || {
+        Ok(log_file.exists().then_some(()))
+    })
+    .unwrap();
+    process.signal(libc::SIGUSR1).unwrap();
+    wait_until("the level change logged in the new file", T, || {
+        Ok(std::fs::read_to_string(&log_file)
+            .unwrap_or_default()
+            .contains("debug level is now 3")
+            .then_some(()))
+    })
+    .unwrap();
+    process.signal(libc::SIGUSR2).unwrap();
+    wait_until("the level lowered", T, || {
+        Ok(std::fs::read_to_string(&log_file)
+            .unwrap_or_default()
+            .contains("debug level is now 2")
+            .then_some(()))
+    })
+    .unwrap();
+    assert!(
+        std::fs::read_to_string(&rotated)
+            .unwrap()
+            .contains("listening")
+    );
+}
