@@ -1213,6 +1213,23 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(40))]
 
         #[test]
+        fn any_file_content_opens_or_fails_cleanly(
+            log in prop::collection::vec(
+                prop_oneof![Just(b'\n'), Just(0u8), Just(b' '), Just(b'1'), Just(b'2'), any::<u8>()],
+                0..300,
+            ),
+            index in prop::collection::vec(any::<u8>(), 0..80),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join(INDEX_FILE), &index).unwrap();
+            if let Ok(j) = open_with(dir.path(), &log, 2) {
+                for id in 0..5 {
+                    let _ = j.get(id).unwrap();
+                }
+            }
+        }
+
+        #[test]
         fn appends_and_reopens_read_back(
             start in 1u64..1000,
             batches in prop::collection::vec((1usize..20, any::<bool>(), 0usize..4), 1..12),

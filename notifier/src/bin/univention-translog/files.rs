@@ -2,15 +2,15 @@
 //! and the lock check shared by the modifying sub-commands.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use notifier::journal::LOCK_FILE;
 use notifier::journal::index::{Index, index_path_for};
 use notifier::journal::scan::{LineScanner, is_blank, line_id, parse_line, trim_line};
-use notifier::journal::{LOCK_FILE, TRANSACTION_FILE};
 use notifier::lock::{FileLock, LockError, lock_path};
 use proto::line::{MAX_LINE_LEN, Transaction};
 
@@ -18,6 +18,21 @@ use crate::log::{debug, info, warning};
 
 /// First tail block read when looking for the last line; doubled until a line is found.
 const TAIL_BLOCK: u64 = 64 * 1024;
+
+/// Reads `file` from `pos` with positioned reads, leaving the descriptor's offset alone
+/// (descriptors of one open file share it).
+pub struct PosReader<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl Read for PosReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos = self.pos.saturating_add(n as u64);
+        Ok(n)
+    }
+}
 
 /// The transaction file opened for reading, with its first and last IDs.
 pub struct Translog {
@@ -67,7 +82,7 @@ impl Translog {
     }
 
     fn find_first(&self) -> Result<u64> {
-        for line in LineScanner::new(&self.file) {
+        for line in LineScanner::new(self.reader_at(0)) {
             let line = line.with_context(|| format!("cannot read {}", self.path.display()))?;
             if !line.complete {
                 break;
@@ -164,8 +179,16 @@ impl Translog {
         Ok(parse_line(buf.get(..nl).unwrap_or_default()).ok())
     }
 
+    /// A reader starting at byte `pos`.
+    pub fn reader_at(&self, pos: u64) -> PosReader<'_> {
+        PosReader {
+            file: &self.file,
+            pos,
+        }
+    }
+
     fn scan_for(&self, id: u64) -> Result<Option<Transaction>> {
-        for line in LineScanner::new(&self.file) {
+        for line in LineScanner::new(self.reader_at(0)) {
             let line = line.with_context(|| format!("cannot read {}", self.path.display()))?;
             if line.complete && line_id(trim_line(&line.bytes)) == Some(id) {
                 return Ok(parse_line(&line.bytes).ok());
@@ -175,23 +198,23 @@ impl Translog {
     }
 
     /// A scanner positioned at transaction `id` if the index knows it, else at the start.
-    pub fn scanner_from(&self, index: Option<&Index>, id: u64) -> Result<LineScanner<File>> {
-        let mut file = self
-            .file
-            .try_clone()
-            .with_context(|| format!("cannot reopen {}", self.path.display()))?;
+    pub fn scanner_from(
+        &self,
+        index: Option<&Index>,
+        id: u64,
+    ) -> Result<LineScanner<PosReader<'_>>> {
         let mut start = 0;
         if let Some(index) = index
             && let Ok(Some(entry)) = index.read_entry(id)
             && entry.valid
-            && self.read_at(entry.offset)?.is_some_and(|tx| tx.id.get() == id)
+            && self
+                .read_at(entry.offset)?
+                .is_some_and(|tx| tx.id.get() == id)
         {
             start = entry.offset;
         }
-        file.seek(SeekFrom::Start(start))
-            .with_context(|| format!("cannot seek in {}", self.path.display()))?;
         info!("reading {} from offset {start}", self.path.display());
-        Ok(LineScanner::starting_at(file, start, 0))
+        Ok(LineScanner::starting_at(self.reader_at(start), start, 0))
     }
 }
 
@@ -248,7 +271,6 @@ pub enum LockOutcome {
 /// Takes `transaction.lock` next to `translog` once; a running notifier holds it.
 pub fn lock_translog(translog: &Path) -> Result<LockOutcome> {
     let path = parent_dir(translog).join(LOCK_FILE);
-    debug_assert!(TRANSACTION_FILE == "transaction");
     match lock_path(&path, 1, Duration::ZERO) {
         Ok(lock) => Ok(LockOutcome::Held(lock)),
         Err(LockError::Busy { .. }) => Ok(LockOutcome::Refused(format!(
@@ -291,7 +313,8 @@ impl NewFile {
             if let Err(e) = std::os::unix::fs::fchown(&file, Some(m.uid()), Some(m.gid())) {
                 debug!("cannot chown {}: {e}", new.display());
             }
-            let _ = file.set_permissions(fs::Permissions::from_mode_compat(mode));
+            // The mode given to open() was reduced by the umask.
+            let _ = file.set_permissions(fs::Permissions::from_mode(mode));
         }
         Ok(NewFile {
             path: path.to_owned(),
@@ -360,16 +383,4 @@ pub fn replace_file(path: &Path, content: &[u8]) -> Result<()> {
     let mut new = NewFile::create(path)?;
     new.write_all(content)?;
     new.commit()
-}
-
-/// `fs::Permissions::from_mode` under a name that reads well at the call site.
-trait PermissionsCompat {
-    fn from_mode_compat(mode: u32) -> fs::Permissions;
-}
-
-impl PermissionsCompat for fs::Permissions {
-    fn from_mode_compat(mode: u32) -> fs::Permissions {
-        use std::os::unix::fs::PermissionsExt;
-        fs::Permissions::from_mode(mode)
-    }
 }
