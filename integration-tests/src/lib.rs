@@ -6,6 +6,7 @@
 //! prints where it is, so a failure can be diagnosed after the fact.
 
 pub mod directory;
+pub mod lockf;
 pub mod net;
 pub mod notifier;
 pub mod process;

@@ -120,35 +120,12 @@ pub fn lock_path(path: &Path, attempts: u32, delay: Duration) -> Result<FileLock
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
-
-    /// Holds a lockf() lock on `path` in a child process (python's fcntl.lockf is the same
-    /// call UCS's C code makes) until the returned child is killed.
-    fn hold_in_child(path: &Path) -> std::process::Child {
-        let script = format!(
-            "import fcntl,sys,time\nf=open({:?},'a')\nfcntl.lockf(f,fcntl.LOCK_EX)\nprint('locked',flush=True)\ntime.sleep(60)",
-            path.to_str().unwrap()
-        );
-        let mut child = Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        use std::io::BufRead;
-        std::io::BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "locked");
-        child
-    }
 
     #[test]
     fn conflicts_with_lockf_of_another_process() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("transaction.lock");
-        let mut child = hold_in_child(&path);
+        let mut child = integration_tests::lockf::hold_lockf(&path).unwrap();
         let err = lock_path(&path, 3, Duration::from_millis(1)).unwrap_err();
         assert!(matches!(err, LockError::Busy { attempts: 3, .. }), "{err}");
         assert!(err.to_string().contains("locked by another process"));
@@ -165,7 +142,7 @@ mod tests {
         let file = File::create(&path).unwrap();
         assert!(try_lock_file(&file).unwrap());
         unlock_file(&file).unwrap();
-        let mut child = hold_in_child(&path);
+        let mut child = integration_tests::lockf::hold_lockf(&path).unwrap();
         assert!(!try_lock_file(&file).unwrap());
         child.kill().unwrap();
         child.wait().unwrap();

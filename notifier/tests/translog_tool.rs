@@ -6,9 +6,8 @@
 
 use std::ffi::OsString;
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use notifier::journal::{Journal, JournalOptions};
 use proto::line::{Command as Cmd, Transaction, TransactionId};
@@ -390,31 +389,11 @@ fn check_fix_dry_run_changes_nothing() {
     assert!(!c.exists("last"));
 }
 
-/// Holds a lockf() lock on `path` from a python child, like the C notifier does.
-fn hold_lock(path: &Path) -> Child {
-    let script = format!(
-        "import fcntl,time\nf=open({:?},'a')\nfcntl.lockf(f,fcntl.LOCK_EX)\nprint('locked',flush=True)\ntime.sleep(60)",
-        path.to_str().unwrap()
-    );
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "locked");
-    child
-}
-
 #[test]
 fn modifying_commands_refuse_while_the_notifier_runs() {
     let input = b"2 dc=example,dc=com m\n1 dc=example,dc=com a\n";
     let c = Case::new(&[("transaction", input)]);
-    let mut child = hold_lock(&c.path("transaction.lock"));
+    let mut child = integration_tests::lockf::hold_lockf(&c.path("transaction.lock")).unwrap();
 
     let out = c.check_fix();
     assert_exit(&out, 1);
@@ -429,7 +408,7 @@ fn modifying_commands_refuse_while_the_notifier_runs() {
     assert_exit(&run(&c.check_args(false, "domaincontroller_master")), 1);
 
     let log = Case::new(&[("transaction", b"1 dc=x a\n2 dc=x m\n3 dc=x m\n")]);
-    let mut child2 = hold_lock(&log.path("transaction.lock"));
+    let mut child2 = integration_tests::lockf::hold_lockf(&log.path("transaction.lock")).unwrap();
     let out = run(&log.translog_args(&["prune", "2", "--role", "domaincontroller_master"]));
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("stop it first"));

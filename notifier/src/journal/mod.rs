@@ -691,8 +691,6 @@ mod tests {
     use proptest::prelude::*;
     use proto::line::{Command, TransactionId};
     use std::fs;
-    use std::io::{BufRead, BufReader};
-    use std::process::{Child, Stdio};
 
     fn tx(id: u64, dn: &str, command: Command) -> Transaction {
         Transaction::new(TransactionId(id), dn, command)
@@ -1154,32 +1152,12 @@ mod tests {
         assert!(reason.contains("bytes long"), "{reason}");
     }
 
-    /// Runs python's `fcntl.lockf` (the call UCS's C code makes) on `path` in a child.
-    fn python_lockf(path: &Path, hold: bool) -> (Child, String) {
-        let script = format!(
-            "import fcntl,sys,time\nf=open({:?},'a')\ntry:\n  fcntl.lockf(f,fcntl.LOCK_EX|fcntl.LOCK_NB)\n  print('locked',flush=True)\nexcept OSError:\n  print('busy',flush=True)\n  sys.exit(0)\nif {}: time.sleep(60)",
-            path.to_str().unwrap(),
-            if hold { "True" } else { "False" }
-        );
-        let mut child = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        (child, line.trim().to_owned())
-    }
-
     #[test]
     fn lock_is_held_for_the_journals_lifetime() {
         let dir = tempfile::tempdir().unwrap();
         let lock = dir.path().join(LOCK_FILE);
         let j = Journal::open(dir.path(), &opts(0)).unwrap();
-        let (mut child, answer) = python_lockf(&lock, false);
+        let (mut child, answer) = integration_tests::lockf::python_lockf(&lock, false).unwrap();
         child.wait().unwrap();
         assert_eq!(answer, "busy");
         // A second journal in this process would release the lock when dropped.
@@ -1188,7 +1166,7 @@ mod tests {
             Err(JournalError::AlreadyOpen { .. })
         ));
         drop(j);
-        let (mut child, answer) = python_lockf(&lock, false);
+        let (mut child, answer) = integration_tests::lockf::python_lockf(&lock, false).unwrap();
         child.wait().unwrap();
         assert_eq!(answer, "locked");
     }
@@ -1196,7 +1174,8 @@ mod tests {
     #[test]
     fn open_fails_while_another_process_holds_the_lock() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut child, answer) = python_lockf(&dir.path().join(LOCK_FILE), true);
+        let (mut child, answer) =
+            integration_tests::lockf::python_lockf(&dir.path().join(LOCK_FILE), true).unwrap();
         assert_eq!(answer, "locked");
         let err = Journal::open(dir.path(), &opts(0)).unwrap_err();
         assert!(
