@@ -22,6 +22,7 @@ use proto::{Command, Transaction, TransactionId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::{FileError, file_err};
 use crate::backoff::Backoff;
 use crate::committer::{CommitError, Committer};
 use crate::ldap::{Bind, connect};
@@ -44,13 +45,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccesslogError {
-    #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("invalid position file {path}: {reason}")]
     Position { path: PathBuf, reason: String },
     #[error(transparent)]
@@ -80,13 +76,7 @@ impl Position {
         let text = match fs::read_to_string(path) {
             Ok(text) => text,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(AccesslogError::Io {
-                    action: "reading",
-                    path: path.to_owned(),
-                    source,
-                });
-            }
+            Err(err) => return Err(file_err("reading", path)(err).into()),
         };
         let invalid = |reason: &str| AccesslogError::Position {
             path: path.to_owned(),
@@ -112,18 +102,10 @@ impl Position {
     /// Writes atomically (temp file, fsync, rename) so a crash leaves the old or the new.
     pub fn store(&self, path: &Path) -> Result<(), AccesslogError> {
         let tmp = path.with_extension("position.tmp");
-        let io_err = |action: &'static str| {
-            let path = path.to_owned();
-            move |source| AccesslogError::Io {
-                action,
-                path,
-                source,
-            }
-        };
-        let mut file = fs::File::create(&tmp).map_err(io_err("creating"))?;
-        write!(file, "csn={}\nid={}\n", self.csn, self.id).map_err(io_err("writing"))?;
-        file.sync_data().map_err(io_err("syncing"))?;
-        fs::rename(&tmp, path).map_err(io_err("renaming over"))?;
+        let mut file = fs::File::create(&tmp).map_err(file_err("creating", &tmp))?;
+        write!(file, "csn={}\nid={}\n", self.csn, self.id).map_err(file_err("writing", &tmp))?;
+        file.sync_data().map_err(file_err("syncing", &tmp))?;
+        fs::rename(&tmp, path).map_err(file_err("renaming over", path))?;
         Ok(())
     }
 }

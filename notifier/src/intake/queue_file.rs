@@ -20,6 +20,7 @@ use inotify::{Inotify, WatchMask};
 use proto::{LineError, Transaction};
 use tokio_util::sync::CancellationToken;
 
+use super::{FileError, file_err};
 use crate::committer::{CommitError, Committer, Replaced};
 use crate::lock::{LockError, lock_path, try_lock_file};
 use crate::metrics::Metrics;
@@ -31,26 +32,12 @@ const BUSY_RETRY: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error(transparent)]
     Lock(#[from] LockError),
     #[error(transparent)]
     Commit(#[from] CommitError),
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> QueueError {
-    let path = path.to_owned();
-    move |source| QueueError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -104,9 +91,9 @@ impl QueueFileIntake {
         committer: &mut Committer,
         shutdown: CancellationToken,
     ) -> Result<(), QueueError> {
-        fs::create_dir_all(&self.config.dir).map_err(io_err("creating", &self.config.dir))?;
+        fs::create_dir_all(&self.config.dir).map_err(file_err("creating", &self.config.dir))?;
         let inotify =
-            Inotify::init().map_err(io_err("initialising inotify for", &self.config.dir))?;
+            Inotify::init().map_err(file_err("initialising inotify for", &self.config.dir))?;
         inotify
             .watches()
             .add(
@@ -116,10 +103,10 @@ impl QueueFileIntake {
                     | WatchMask::MOVED_TO
                     | WatchMask::CREATE,
             )
-            .map_err(io_err("watching", &self.config.dir))?;
+            .map_err(file_err("watching", &self.config.dir))?;
         let mut events = inotify
             .into_event_stream([0u8; 4096])
-            .map_err(io_err("reading inotify events for", &self.config.dir))?;
+            .map_err(file_err("reading inotify events for", &self.config.dir))?;
         loop {
             let wait = match self.drain(committer, &shutdown).await {
                 Ok(Drain::Empty) => self.config.poll_interval,
@@ -178,11 +165,11 @@ impl QueueFileIntake {
             Err(err) => return Err(err.into()),
         };
         let queue = self.queue_path();
-        let meta = fs::metadata(&queue).map_err(io_err("reading metadata of", &queue))?;
+        let meta = fs::metadata(&queue).map_err(file_err("reading metadata of", &queue))?;
         if meta.len() == 0 {
             return Ok(true);
         }
-        fs::rename(&queue, self.private_path()).map_err(io_err("renaming", &queue))?;
+        fs::rename(&queue, self.private_path()).map_err(file_err("renaming", &queue))?;
         let mode = meta.mode() & 0o7777;
         let file = OpenOptions::new()
             .write(true)
@@ -190,12 +177,12 @@ impl QueueFileIntake {
             .truncate(false)
             .mode(mode)
             .open(&queue)
-            .map_err(io_err("recreating", &queue))?;
+            .map_err(file_err("recreating", &queue))?;
         // The umask may have narrowed the mode; the owner matters for slapd's overlay.
         file.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(io_err("setting the mode of", &queue))?;
+            .map_err(file_err("setting the mode of", &queue))?;
         std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))
-            .map_err(io_err("setting the owner of", &queue))?;
+            .map_err(file_err("setting the owner of", &queue))?;
         Ok(true)
     }
 
@@ -209,8 +196,8 @@ impl QueueFileIntake {
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(io_err("opening", &path))?;
-        if !try_lock_file(&file).map_err(io_err("locking", &path))? {
+            .map_err(file_err("opening", &path))?;
+        if !try_lock_file(&file).map_err(file_err("locking", &path))? {
             tracing::warn!("{} is locked by another process; waiting", path.display());
             return Ok(Drain::Busy);
         }
@@ -223,7 +210,7 @@ impl QueueFileIntake {
             raw.clear();
             let n = reader
                 .read_until(b'\n', &mut raw)
-                .map_err(io_err("reading", &path))?;
+                .map_err(file_err("reading", &path))?;
             if n == 0 {
                 break;
             }
@@ -242,7 +229,7 @@ impl QueueFileIntake {
         }
         self.commit(committer, batch, shutdown).await?;
         // Everything in the file is durable in the log now: acknowledge by removing it.
-        fs::remove_file(&path).map_err(io_err("removing", &path))?;
+        fs::remove_file(&path).map_err(file_err("removing", &path))?;
         drop(file);
         Ok(Drain::Empty)
     }
@@ -314,13 +301,13 @@ impl QueueFileIntake {
             .append(true)
             .mode(0o600)
             .open(&path)
-            .map_err(io_err("opening", &path))?;
+            .map_err(file_err("opening", &path))?;
         let mut line = raw.to_vec();
         if line.last() != Some(&b'\n') {
             line.push(b'\n');
         }
-        file.write_all(&line).map_err(io_err("writing", &path))?;
-        file.sync_data().map_err(io_err("syncing", &path))?;
+        file.write_all(&line).map_err(file_err("writing", &path))?;
+        file.sync_data().map_err(file_err("syncing", &path))?;
         self.metrics.quarantined();
         tracing::error!(
             "invalid transaction line {line_no} ({reason}): {:?}; moved to {}",
@@ -335,6 +322,6 @@ fn non_empty(path: &Path) -> Result<bool, QueueError> {
     match fs::metadata(path) {
         Ok(meta) => Ok(meta.len() > 0),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(err) => Err(io_err("reading metadata of", path)(err)),
+        Err(err) => Err(file_err("reading metadata of", path)(err).into()),
     }
 }
