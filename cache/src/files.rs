@@ -1,0 +1,121 @@
+//! The small plain files next to the cache that other tools read: the `bad_cache` marker and
+//! the legacy `notifier_id` (spec listener.md §6.1).
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// Name of the corruption marker inside the cache directory. While it exists the listener
+/// refuses to start (exit 3 in UCS), so a damaged cache is never silently built upon.
+pub const BAD_CACHE_FILE: &str = "bad_cache";
+/// Name of the legacy last-id file inside the cache directory.
+pub const NOTIFIER_ID_FILE: &str = "notifier_id";
+const NOTIFIER_ID_TMP: &str = "notifier_id.tmp";
+
+pub(crate) fn bad_cache_path(dir: &Path) -> PathBuf {
+    dir.join(BAD_CACHE_FILE)
+}
+
+/// Writes `<dir>/bad_cache` with `reason` (one line), so the next start refuses the cache.
+pub fn mark_bad(dir: &Path, reason: &str) -> io::Result<()> {
+    let mut text = reason.trim_end().to_owned();
+    text.push('\n');
+    fs::write(bad_cache_path(dir), text)
+}
+
+pub fn is_marked_bad(dir: &Path) -> bool {
+    // symlink_metadata: a dangling symlink named bad_cache still marks the cache bad.
+    fs::symlink_metadata(bad_cache_path(dir)).is_ok()
+}
+
+/// The reason stored by [`mark_bad`], for the error message.
+pub(crate) fn bad_cache_reason(dir: &Path) -> String {
+    match fs::read(bad_cache_path(dir)) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes).trim().to_owned();
+            if text.is_empty() {
+                "no reason given".to_owned()
+            } else {
+                text
+            }
+        }
+        Err(e) => format!("reason unreadable: {e}"),
+    }
+}
+
+/// Rewrites `<dir>/notifier_id` (decimal, no newline) through `notifier_id.tmp` + rename, so a
+/// reader (Nagios, `univention-directory-listener-ctrl status`) never sees a partial number.
+///
+/// Not fsynced: the authoritative id is the master record committed with the cache, and this
+/// file is informational. A crash may leave it one group commit behind, never torn.
+pub fn write_legacy_notifier_id(dir: &Path, id: u64) -> io::Result<()> {
+    let tmp = dir.join(NOTIFIER_ID_TMP);
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(id.to_string().as_bytes())?;
+    drop(file);
+    fs::rename(&tmp, dir.join(NOTIFIER_ID_FILE))
+}
+
+/// The id in `<dir>/notifier_id`; `None` if it is missing or not a decimal number
+/// (surrounding whitespace, as written by hand or by old tools, is accepted).
+pub fn read_legacy_notifier_id(dir: &Path) -> Option<u64> {
+    let text = fs::read_to_string(dir.join(NOTIFIER_ID_FILE)).ok()?;
+    text.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_cache_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_marked_bad(dir.path()));
+        mark_bad(dir.path(), "Check log file").unwrap();
+        assert!(is_marked_bad(dir.path()));
+        assert_eq!(
+            fs::read_to_string(dir.path().join("bad_cache")).unwrap(),
+            "Check log file\n"
+        );
+        assert_eq!(bad_cache_reason(dir.path()), "Check log file");
+        fs::write(dir.path().join("bad_cache"), "").unwrap();
+        assert_eq!(bad_cache_reason(dir.path()), "no reason given");
+    }
+
+    #[test]
+    fn legacy_notifier_id_is_replaced_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_legacy_notifier_id(dir.path()), None);
+        write_legacy_notifier_id(dir.path(), 42).unwrap();
+        let path = dir.path().join("notifier_id");
+        assert_eq!(fs::read(&path).unwrap(), b"42");
+        write_legacy_notifier_id(dir.path(), 1234567).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"1234567");
+        assert_eq!(read_legacy_notifier_id(dir.path()), Some(1234567));
+        // The temporary file is renamed away, not left behind.
+        assert!(!dir.path().join("notifier_id.tmp").exists());
+        write_legacy_notifier_id(dir.path(), u64::MAX).unwrap();
+        assert_eq!(read_legacy_notifier_id(dir.path()), Some(u64::MAX));
+    }
+
+    #[test]
+    fn legacy_notifier_id_tolerates_whitespace_and_rejects_junk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notifier_id");
+        fs::write(&path, "17\n").unwrap();
+        assert_eq!(read_legacy_notifier_id(dir.path()), Some(17));
+        fs::write(&path, "").unwrap();
+        assert_eq!(read_legacy_notifier_id(dir.path()), None);
+        fs::write(&path, "12abc").unwrap();
+        assert_eq!(read_legacy_notifier_id(dir.path()), None);
+        fs::write(&path, "-1").unwrap();
+        assert_eq!(read_legacy_notifier_id(dir.path()), None);
+    }
+
+    #[test]
+    fn legacy_notifier_id_write_fails_cleanly_without_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        assert!(write_legacy_notifier_id(&missing, 1).is_err());
+    }
+}

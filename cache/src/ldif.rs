@@ -1,0 +1,342 @@
+//! LDIF (RFC 2849) export of cache entries, for `univention-directory-listener-dump`.
+//!
+//! One record per entry:
+//!
+//! ```text
+//! dn: <dn>
+//! <attr>: <value>            one line per value, in stored order
+//! listenerModule: <module>   one line per module, in stored order
+//! <blank line>
+//! ```
+//!
+//! A value is written as `attr:: <base64>` exactly when RFC 2849 does not allow it as a
+//! SAFE-STRING: it starts with a space, `:` or `<`, ends with a space, or contains NUL, CR,
+//! LF or any byte >= 0x80 (so non-ASCII UTF-8 is base64 too). The same rule applies to the
+//! DN (`dn:: `) and module names.
+//!
+//! Differences from UCS's dump, by choice: UCS base64-encodes every value with a byte that is
+//! not `isgraph()` (so any value containing a space) and truncates values at an embedded NUL;
+//! this writer follows RFC 2849 and never loses bytes. Like UCS, an empty value is written as
+//! `attr: ` with a trailing space (RFC 2849 also allows `attr:`); both parse the same.
+//!
+//! Lines are folded so that no physical line exceeds [`LINE_WIDTH`] bytes (OpenLDAP's
+//! `LDIF_LINE_WIDTH`); continuation lines start with one space.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+
+use crate::entry::CacheEntry;
+
+/// Maximum length of a physical line in bytes, without the newline.
+pub const LINE_WIDTH: usize = 76;
+
+/// Appends the LDIF record of `entry`, including its terminating blank line, to `out`.
+pub fn write_entry(out: &mut String, entry: &CacheEntry) {
+    write_line(out, "dn", entry.dn.as_bytes());
+    for (name, values) in &entry.attributes {
+        for value in values {
+            write_line(out, name, value);
+        }
+    }
+    for module in &entry.modules {
+        write_line(out, "listenerModule", module.as_bytes());
+    }
+    out.push('\n');
+}
+
+/// Whether RFC 2849 lets `value` stand as a SAFE-STRING after `attr: `.
+pub fn is_safe_string(value: &[u8]) -> bool {
+    match (value.first(), value.last()) {
+        (None, _) => true,
+        (Some(b' ' | b':' | b'<'), _) | (_, Some(b' ')) => false,
+        _ => value
+            .iter()
+            .all(|&b| b != 0 && b != b'\n' && b != b'\r' && b < 0x80),
+    }
+}
+
+fn write_line(out: &mut String, name: &str, value: &[u8]) {
+    let mut line = String::with_capacity(name.len() + 3 + value.len() * 4 / 3 + 4);
+    line.push_str(name);
+    if is_safe_string(value) {
+        line.push_str(": ");
+        // A safe string is ASCII, so each byte is one char.
+        line.extend(value.iter().map(|&b| char::from(b)));
+    } else {
+        line.push_str(":: ");
+        STANDARD.encode_string(value, &mut line);
+    }
+    fold_into(out, &line);
+}
+
+/// Appends `line` folded at [`LINE_WIDTH`] bytes plus a newline. Splits only at char
+/// boundaries, which matters only for non-ASCII attribute names (values are ASCII here).
+fn fold_into(out: &mut String, line: &str) {
+    let mut rest = line;
+    let mut width = LINE_WIDTH;
+    loop {
+        if rest.len() <= width {
+            out.push_str(rest);
+            out.push('\n');
+            return;
+        }
+        let mut cut = width;
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (head, tail) = rest.split_at(cut);
+        out.push_str(head);
+        out.push_str("\n ");
+        rest = tail;
+        // The leading space of a continuation line counts towards its width.
+        width = LINE_WIDTH - 1;
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(attributes: Vec<(&str, Vec<&[u8]>)>, modules: &[&str]) -> CacheEntry {
+        CacheEntry {
+            dn: "cn=test,dc=example,dc=org".into(),
+            attributes: attributes
+                .into_iter()
+                .map(|(n, vs)| (n.to_owned(), vs.into_iter().map(<[u8]>::to_vec).collect()))
+                .collect(),
+            modules: modules.iter().map(|m| (*m).to_owned()).collect(),
+        }
+    }
+
+    fn ldif(e: &CacheEntry) -> String {
+        let mut out = String::new();
+        write_entry(&mut out, e);
+        out
+    }
+
+    /// A minimal reader for the records written here: unfolds, splits and decodes, so the
+    /// property test can check that nothing is lost.
+    pub(crate) fn parse(text: &str) -> CacheEntry {
+        let mut lines: Vec<String> = Vec::new();
+        for physical in text.split('\n') {
+            if let Some(cont) = physical.strip_prefix(' ') {
+                lines.last_mut().unwrap().push_str(cont);
+            } else {
+                lines.push(physical.to_owned());
+            }
+        }
+        let mut e = CacheEntry::default();
+        for line in lines.iter().filter(|l| !l.is_empty()) {
+            let (name, rest) = line.split_once(':').unwrap();
+            let value = match rest.strip_prefix(':') {
+                Some(b64) => STANDARD.decode(b64.strip_prefix(' ').unwrap()).unwrap(),
+                None => rest.strip_prefix(' ').unwrap().as_bytes().to_vec(),
+            };
+            match name {
+                "dn" => e.dn = String::from_utf8(value).unwrap(),
+                "listenerModule" => e.modules.push(String::from_utf8(value).unwrap()),
+                _ => match e.attributes.last_mut() {
+                    Some((last, values)) if last == name => values.push(value),
+                    _ => e.attributes.push((name.to_owned(), vec![value])),
+                },
+            }
+        }
+        e
+    }
+
+    #[test]
+    fn plain_values_and_modules() {
+        let e = entry(
+            vec![
+                ("objectClass", vec![b"top", b"person"]),
+                ("cn", vec![b"test"]),
+                ("description", vec![b"a b  c"]),
+            ],
+            &["replication", "nfs-shares"],
+        );
+        assert_eq!(
+            ldif(&e),
+            "dn: cn=test,dc=example,dc=org\n\
+             objectClass: top\n\
+             objectClass: person\n\
+             cn: test\n\
+             description: a b  c\n\
+             listenerModule: replication\n\
+             listenerModule: nfs-shares\n\
+             \n"
+        );
+    }
+
+    #[test]
+    fn empty_value_has_a_trailing_space() {
+        let e = entry(vec![("description", vec![b""])], &[]);
+        assert_eq!(ldif(&e), "dn: cn=test,dc=example,dc=org\ndescription: \n\n");
+    }
+
+    #[test]
+    fn unsafe_starts_and_ends_are_base64() {
+        let e = entry(
+            vec![
+                ("a", vec![b" lead"]),
+                ("b", vec![b"trail "]),
+                ("c", vec![b":colon"]),
+                ("d", vec![b"<less"]),
+                // Only the first byte is restricted: these are safe.
+                ("e", vec![b"in:side<", b"x y"]),
+            ],
+            &[],
+        );
+        assert_eq!(
+            ldif(&e),
+            "dn: cn=test,dc=example,dc=org\n\
+             a:: IGxlYWQ=\n\
+             b:: dHJhaWwg\n\
+             c:: OmNvbG9u\n\
+             d:: PGxlc3M=\n\
+             e: in:side<\n\
+             e: x y\n\
+             \n"
+        );
+    }
+
+    #[test]
+    fn non_ascii_and_binary_are_base64() {
+        let e = entry(
+            vec![
+                ("sn", vec!["Bär".as_bytes()]),
+                ("nul", vec![b"a\0b"]),
+                ("lf", vec![b"a\nb"]),
+                ("cr", vec![b"a\rb"]),
+                ("bin", vec![&[0xff, 0x00, 0x0a]]),
+                // DEL and other controls below 0x80 (except NUL, LF, CR) are safe.
+                ("ctl", vec![b"a\x7f\x01\tb"]),
+            ],
+            &[],
+        );
+        assert_eq!(
+            ldif(&e),
+            "dn: cn=test,dc=example,dc=org\n\
+             sn:: QsOkcg==\n\
+             nul:: YQBi\n\
+             lf:: YQpi\n\
+             cr:: YQ1i\n\
+             bin:: /wAK\n\
+             ctl: a\x7f\x01\tb\n\
+             \n"
+        );
+    }
+
+    #[test]
+    fn non_ascii_dn_is_base64() {
+        let mut e = entry(vec![], &[]);
+        e.dn = "cn=Bär".into();
+        assert_eq!(ldif(&e), "dn:: Y249QsOkcg==\n\n");
+    }
+
+    #[test]
+    fn long_values_fold_at_76_columns() {
+        let value = "x".repeat(200);
+        let e = entry(vec![("description", vec![value.as_bytes()])], &[]);
+        let text = ldif(&e);
+        let lines: Vec<&str> = text.lines().collect();
+        // "description: " is 13 bytes, so the first line carries 63 value bytes, the
+        // continuation lines 75 each: 63 + 75 + 62 = 200.
+        assert_eq!(lines[1], format!("description: {}", "x".repeat(63)));
+        assert_eq!(lines[2], format!(" {}", "x".repeat(75)));
+        assert_eq!(lines[3], format!(" {}", "x".repeat(62)));
+        assert_eq!(lines[4], "");
+        assert_eq!(lines.len(), 5);
+        assert!(text.lines().all(|l| l.len() <= LINE_WIDTH));
+        assert_eq!(lines[1].len(), 76);
+        assert_eq!(lines[2].len(), 76);
+        assert_eq!(parse(&text), e);
+    }
+
+    #[test]
+    fn exactly_76_bytes_is_not_folded() {
+        let value = "y".repeat(LINE_WIDTH - "cn: ".len());
+        let e = entry(vec![("cn", vec![value.as_bytes()])], &[]);
+        let text = ldif(&e);
+        assert_eq!(text.lines().nth(1).unwrap().len(), 76);
+        assert_eq!(text.lines().count(), 3);
+        let value = "y".repeat(LINE_WIDTH - "cn: ".len() + 1);
+        let e = entry(vec![("cn", vec![value.as_bytes()])], &[]);
+        assert_eq!(ldif(&e).lines().nth(2).unwrap(), " y");
+    }
+
+    #[test]
+    fn long_base64_folds_too() {
+        let value = vec![0xffu8; 120];
+        let e = entry(vec![("jpegPhoto", vec![&value])], &[]);
+        let text = ldif(&e);
+        assert!(text.lines().all(|l| l.len() <= LINE_WIDTH), "{text}");
+        assert!(text.lines().nth(2).unwrap().starts_with(' '));
+        assert_eq!(parse(&text), e);
+    }
+
+    #[test]
+    fn folding_never_splits_a_character_in_a_name() {
+        let name = "ä".repeat(50);
+        let e = entry(vec![(name.as_str(), vec![b"v"])], &[]);
+        let text = ldif(&e);
+        assert!(text.lines().all(|l| l.len() <= LINE_WIDTH));
+        assert_eq!(parse(&text), e);
+    }
+
+    #[test]
+    fn attribute_without_values_writes_nothing() {
+        let e = entry(vec![("gone", vec![])], &["m"]);
+        assert_eq!(
+            ldif(&e),
+            "dn: cn=test,dc=example,dc=org\nlistenerModule: m\n\n"
+        );
+    }
+
+    #[test]
+    fn safe_string_rule() {
+        assert!(is_safe_string(b""));
+        assert!(is_safe_string(b"abc def"));
+        assert!(is_safe_string(b"a:b<c"));
+        assert!(!is_safe_string(b" "));
+        assert!(!is_safe_string(b":"));
+        assert!(!is_safe_string(b"<"));
+        assert!(!is_safe_string(b"a "));
+        assert!(!is_safe_string(b"\0"));
+        assert!(!is_safe_string("é".as_bytes()));
+        assert!(!is_safe_string(&[0x80]));
+    }
+
+    fn attr_name() -> impl Strategy<Value = String> {
+        // Real attribute names: a letter, then letters, digits and hyphens.
+        "[a-zA-Z][a-zA-Z0-9-]{0,30}"
+    }
+
+    proptest! {
+        #[test]
+        fn lines_never_exceed_76_bytes_and_round_trip(
+            dn in ".{0,200}",
+            attributes in proptest::collection::vec(
+                (attr_name(), proptest::collection::vec(
+                    proptest::collection::vec(any::<u8>(), 0..300), 1..4)),
+                0..6,
+            ),
+            modules in proptest::collection::vec("[ -~]{0,100}", 0..4),
+        ) {
+            // Consecutive equal names would merge in the reader; the writer keeps them apart
+            // only through the entry's structure, so give every attribute its own name.
+            let attributes: Vec<_> = attributes
+                .into_iter()
+                .enumerate()
+                .map(|(i, (n, v))| (format!("{n}{i}"), v))
+                .collect();
+            let e = CacheEntry { dn, attributes, modules };
+            let text = ldif(&e);
+            for line in text.lines() {
+                prop_assert!(line.len() <= LINE_WIDTH, "{line:?}");
+            }
+            prop_assert!(text.ends_with("\n\n"));
+            prop_assert_eq!(parse(&text), e);
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! The listener cache: the last known state of every replicated LDAP object (attributes as
+//! exact bytes, plus the modules that handled it), an entryUUID index, and the master record
+//! (last notifier id, schema id), kept in sled.
+//!
+//! The change engine reads the old state of an object here, runs the handler modules, and
+//! then commits the new state, the module list and the notifier id as one atomic [`Batch`]
+//! (DESIGN.md decision 4). Only this crate knows sled; records carry a format version byte so
+//! the engine can be swapped by export/import (decision 5). The UCS LMDB format is not
+//! reused.
+//!
+//! Layout of the cache directory (`/var/lib/univention-directory-listener`):
+//! - `cache.sled/` — the database ([`Cache`]),
+//! - `bad_cache` — corruption marker ([`mark_bad`]); its presence makes [`Cache::open`] fail,
+//! - `notifier_id` — the legacy last id for monitoring ([`write_legacy_notifier_id`]).
+
+mod entry;
+mod files;
+mod key;
+pub mod ldif;
+mod record;
+mod store;
+
+use std::io;
+use std::path::PathBuf;
+
+pub use entry::{Attributes, CacheEntry, MasterRecord};
+pub use files::{
+    BAD_CACHE_FILE, NOTIFIER_ID_FILE, is_marked_bad, mark_bad, read_legacy_notifier_id,
+    write_legacy_notifier_id,
+};
+pub use key::dn_key;
+pub use store::{Batch, Cache, DB_DIR};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// An error of the storage engine, as text so that its types stay private.
+    #[error("cache database error: {0}")]
+    Store(String),
+    /// A record that cannot be decoded: the caller marks the cache bad ([`mark_bad`]) and
+    /// exits 3, as UCS does on a cache parse error.
+    #[error("corrupt cache record {key:?}: {reason}")]
+    Corrupt { key: String, reason: String },
+    /// `bad_cache` exists: an earlier run found the cache corrupt.
+    #[error("the listener cache is marked bad by {path}: {reason}")]
+    BadCache { path: PathBuf, reason: String },
+    /// A record written by a newer (or unknown) format version.
+    #[error("cache record {key:?} has format version {version}; this build reads version 1")]
+    UnsupportedVersion { key: String, version: u8 },
+}

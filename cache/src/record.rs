@@ -1,0 +1,361 @@
+//! The stored format: keys and versioned values.
+//!
+//! Keys (one sled tree, so one batch covers all of them):
+//! - `e:` + [`crate::dn_key`] → entry record,
+//! - `u:` + ASCII-lower-cased entryUUID → index record (the entry's dn_key),
+//! - `m` → master record,
+//! - `n` → number of entries (derived data, kept so that opening needs no scan).
+//!
+//! Every value is one format version byte ([`FORMAT_VERSION`]) followed by the bincode 2
+//! encoding (serde API, `config::standard()`: varint lengths and integers) of a private
+//! record struct. The version byte lets a later build convert old records or refuse them
+//! instead of misreading them, and lets the engine be swapped by export/import.
+//!
+//! Decoding borrows from the stored bytes instead of using bincode's owned decoder: the
+//! owned decoder allocates a buffer of whatever length a (possibly corrupt) record claims
+//! before checking that the bytes exist, while the borrowed one checks the length against
+//! the record first. A corrupt record therefore costs an error, never a huge allocation.
+
+use serde::ser::{Serialize, Serializer};
+use serde::{Deserialize, Serialize as DeriveSerialize};
+
+use crate::CacheError;
+use crate::entry::{CacheEntry, MasterRecord};
+
+/// The version byte every stored value starts with.
+pub(crate) const FORMAT_VERSION: u8 = 1;
+
+pub(crate) const ENTRY_PREFIX: &[u8] = b"e:";
+pub(crate) const UUID_PREFIX: &[u8] = b"u:";
+pub(crate) const MASTER_KEY: &[u8] = b"m";
+pub(crate) const COUNT_KEY: &[u8] = b"n";
+
+pub(crate) fn entry_key(dn_key: &str) -> Vec<u8> {
+    prefixed(ENTRY_PREFIX, dn_key)
+}
+
+/// Index key of an entryUUID. UUIDs match case-insensitively in LDAP (`UUIDMatch`), so the
+/// key is ASCII-lower-cased; OpenLDAP already returns them in lower case.
+pub(crate) fn uuid_key(uuid: &str) -> Vec<u8> {
+    prefixed(UUID_PREFIX, &uuid.to_ascii_lowercase())
+}
+
+fn prefixed(prefix: &[u8], rest: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + rest.len());
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(rest.as_bytes());
+    key
+}
+
+/// A key as text for error messages.
+pub(crate) fn key_text(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
+}
+
+fn config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+// ---- entry record -------------------------------------------------------------------------
+
+/// Encoding side of the entry record: borrows the entry, so storing copies nothing twice.
+#[derive(DeriveSerialize)]
+struct EntryRecordOut<'a> {
+    dn: &'a str,
+    attributes: AttributesOut<'a>,
+    modules: &'a [String],
+}
+
+/// Decoding side of the same record, borrowing from the stored value.
+#[derive(Deserialize)]
+struct EntryRecordIn<'a> {
+    #[serde(borrow)]
+    dn: &'a str,
+    #[serde(borrow)]
+    attributes: Vec<(&'a str, Vec<&'a [u8]>)>,
+    #[serde(borrow)]
+    modules: Vec<&'a str>,
+}
+
+struct AttributesOut<'a>(&'a [(String, Vec<Vec<u8>>)]);
+
+impl Serialize for AttributesOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(
+            self.0
+                .iter()
+                .map(|(name, values)| (name.as_str(), ValuesOut(values))),
+        )
+    }
+}
+
+struct ValuesOut<'a>(&'a [Vec<u8>]);
+
+impl Serialize for ValuesOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|v| BytesOut(v)))
+    }
+}
+
+/// A value as serde bytes (length + raw bytes) rather than a sequence of `u8` elements; in
+/// bincode both are the same bytes on disk, but this one is written and read in one piece.
+struct BytesOut<'a>(&'a [u8]);
+
+impl Serialize for BytesOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
+pub(crate) fn encode_entry(entry: &CacheEntry) -> Result<Vec<u8>, String> {
+    encode(&EntryRecordOut {
+        dn: &entry.dn,
+        attributes: AttributesOut(&entry.attributes),
+        modules: &entry.modules,
+    })
+}
+
+pub(crate) fn decode_entry(key: &[u8], value: &[u8]) -> Result<CacheEntry, CacheError> {
+    let record: EntryRecordIn<'_> = decode(key, value)?;
+    Ok(CacheEntry {
+        dn: record.dn.to_owned(),
+        attributes: record
+            .attributes
+            .into_iter()
+            .map(|(name, values)| {
+                (
+                    name.to_owned(),
+                    values.into_iter().map(<[u8]>::to_vec).collect(),
+                )
+            })
+            .collect(),
+        modules: record.modules.into_iter().map(str::to_owned).collect(),
+    })
+}
+
+/// Only the entryUUID of a stored entry (ASCII-lower-cased), without copying the rest: what
+/// a commit needs to keep the index in step when it overwrites or deletes the entry.
+pub(crate) fn decode_entry_uuid(key: &[u8], value: &[u8]) -> Result<Option<String>, CacheError> {
+    let record: EntryRecordIn<'_> = decode(key, value)?;
+    Ok(record
+        .attributes
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("entryUUID"))
+        .and_then(|(_, values)| values.first())
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_ascii_lowercase))
+}
+
+// ---- uuid index record --------------------------------------------------------------------
+
+#[derive(DeriveSerialize, Deserialize)]
+struct IndexRecord<'a> {
+    #[serde(borrow)]
+    dn_key: &'a str,
+}
+
+pub(crate) fn encode_index(dn_key: &str) -> Result<Vec<u8>, String> {
+    encode(&IndexRecord { dn_key })
+}
+
+pub(crate) fn decode_index(key: &[u8], value: &[u8]) -> Result<String, CacheError> {
+    let record: IndexRecord<'_> = decode(key, value)?;
+    Ok(record.dn_key.to_owned())
+}
+
+// ---- master record ------------------------------------------------------------------------
+
+#[derive(DeriveSerialize, Deserialize)]
+struct MasterRecordV1 {
+    notifier_id: u64,
+    schema_id: u64,
+}
+
+pub(crate) fn encode_master(master: MasterRecord) -> Result<Vec<u8>, String> {
+    encode(&MasterRecordV1 {
+        notifier_id: master.notifier_id,
+        schema_id: master.schema_id,
+    })
+}
+
+pub(crate) fn decode_master(value: &[u8]) -> Result<MasterRecord, CacheError> {
+    let record: MasterRecordV1 = decode(MASTER_KEY, value)?;
+    Ok(MasterRecord {
+        notifier_id: record.notifier_id,
+        schema_id: record.schema_id,
+    })
+}
+
+// ---- entry count --------------------------------------------------------------------------
+
+#[derive(DeriveSerialize, Deserialize)]
+struct CountRecordV1 {
+    entries: u64,
+}
+
+pub(crate) fn encode_count(entries: u64) -> Result<Vec<u8>, String> {
+    encode(&CountRecordV1 { entries })
+}
+
+pub(crate) fn decode_count(value: &[u8]) -> Result<u64, CacheError> {
+    let record: CountRecordV1 = decode(COUNT_KEY, value)?;
+    Ok(record.entries)
+}
+
+// ---- framing ------------------------------------------------------------------------------
+
+fn encode<T: Serialize>(record: &T) -> Result<Vec<u8>, String> {
+    let mut out = vec![FORMAT_VERSION];
+    bincode::serde::encode_into_std_write(record, &mut out, config()).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+fn decode<'de, T: Deserialize<'de>>(key: &[u8], value: &'de [u8]) -> Result<T, CacheError> {
+    let corrupt = |reason: String| CacheError::Corrupt {
+        key: key_text(key),
+        reason,
+    };
+    let Some((&version, body)) = value.split_first() else {
+        return Err(corrupt("empty record".into()));
+    };
+    if version != FORMAT_VERSION {
+        return Err(CacheError::UnsupportedVersion {
+            key: key_text(key),
+            version,
+        });
+    }
+    let (record, used) = bincode::serde::borrow_decode_from_slice(body, config())
+        .map_err(|e| corrupt(e.to_string()))?;
+    if used != body.len() {
+        return Err(corrupt(format!(
+            "{} unexpected bytes after the record",
+            body.len() - used
+        )));
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> CacheEntry {
+        CacheEntry {
+            dn: "CN=Bär,DC=example".into(),
+            attributes: vec![
+                ("cn".into(), vec!["Bär".as_bytes().to_vec()]),
+                ("jpegPhoto".into(), vec![vec![0, 0xff, b'\n', 0]]),
+                ("empty".into(), vec![vec![]]),
+                ("none".into(), vec![]),
+            ],
+            modules: vec!["b".into(), "a".into()],
+        }
+    }
+
+    #[test]
+    fn entry_round_trips() {
+        let e = sample();
+        let bytes = encode_entry(&e).unwrap();
+        assert_eq!(bytes[0], FORMAT_VERSION);
+        assert_eq!(decode_entry(b"e:x", &bytes).unwrap(), e);
+        assert_eq!(decode_entry_uuid(b"e:x", &bytes).unwrap(), None);
+    }
+
+    #[test]
+    fn entry_uuid_is_found_without_full_decode() {
+        let mut e = sample();
+        e.attributes
+            .push(("EntryUUID".into(), vec![b"ABC-def".to_vec(), b"x".to_vec()]));
+        let bytes = encode_entry(&e).unwrap();
+        assert_eq!(
+            decode_entry_uuid(b"e:x", &bytes).unwrap().as_deref(),
+            Some("abc-def")
+        );
+    }
+
+    #[test]
+    fn values_are_encoded_as_length_and_raw_bytes() {
+        // The documented layout: version, then varint lengths and raw bytes.
+        let e = CacheEntry {
+            dn: "cn=a".into(),
+            attributes: vec![("cn".into(), vec![b"a".to_vec()])],
+            modules: vec!["m".into()],
+        };
+        let bytes = encode_entry(&e).unwrap();
+        let expected: &[u8] = &[
+            1, // version
+            4, b'c', b'n', b'=', b'a', // dn
+            1,    // one attribute
+            2, b'c', b'n', 1, 1, b'a', // "cn": ["a"]
+            1, 1, b'm', // modules: ["m"]
+        ];
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn master_and_index_round_trip() {
+        let m = MasterRecord {
+            notifier_id: u64::MAX,
+            schema_id: 7,
+        };
+        assert_eq!(decode_master(&encode_master(m).unwrap()).unwrap(), m);
+        assert_eq!(
+            decode_count(&encode_count(100_000).unwrap()).unwrap(),
+            100_000
+        );
+        let bytes = encode_index("cn=x,dc=y").unwrap();
+        assert_eq!(decode_index(b"u:1", &bytes).unwrap(), "cn=x,dc=y");
+    }
+
+    #[test]
+    fn garbage_is_corrupt() {
+        for garbage in [
+            &b""[..],
+            &[1],
+            &[1, 0xff, 0xff, 0xff],
+            // A length prefix claiming ~2^64 bytes must not allocate anything.
+            &[1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+            &[
+                1, 4, b'c', b'n', b'=', b'a', 0xfd, 0, 0, 0, 0, 0, 0, 0, 0x40,
+            ],
+            // Invalid UTF-8 in the DN.
+            &[1, 2, 0xc3, 0x28, 0, 0],
+        ] {
+            let err = decode_entry(b"e:cn=a", garbage).unwrap_err();
+            assert!(
+                matches!(&err, CacheError::Corrupt { key, .. } if key == "e:cn=a"),
+                "{garbage:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_corrupt() {
+        let mut bytes = encode_entry(&sample()).unwrap();
+        bytes.push(0);
+        let err = decode_entry(b"e:x", &bytes).unwrap_err();
+        assert!(err.to_string().contains("1 unexpected bytes"), "{err}");
+    }
+
+    #[test]
+    fn unknown_version_is_reported_as_such() {
+        let mut bytes = encode_entry(&sample()).unwrap();
+        bytes[0] = 2;
+        let err = decode_entry(b"e:x", &bytes).unwrap_err();
+        assert!(
+            matches!(err, CacheError::UnsupportedVersion { ref key, version: 2 } if key == "e:x"),
+            "{err}"
+        );
+        let err = decode_master(&[0, 1, 2]).unwrap_err();
+        assert!(matches!(
+            err,
+            CacheError::UnsupportedVersion { version: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn uuid_keys_ignore_ascii_case() {
+        assert_eq!(uuid_key("AB-cd"), b"u:ab-cd");
+        assert_eq!(entry_key("cn=a"), b"e:cn=a");
+    }
+}

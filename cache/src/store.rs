@@ -1,0 +1,777 @@
+//! The sled-backed store: [`Cache`] and its write unit [`Batch`].
+//!
+//! Everything lives in sled's default tree under the key prefixes of [`crate::record`], so
+//! one `sled::Batch` covers entries, the entryUUID index, the entry count and the master
+//! record: a crash leaves either all of a commit or none of it (DESIGN.md decision 4).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::fs::DirBuilder;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use crate::CacheError;
+use crate::entry::{CacheEntry, MasterRecord};
+use crate::files::{bad_cache_path, bad_cache_reason, is_marked_bad};
+use crate::key::dn_key;
+use crate::record::{
+    COUNT_KEY, ENTRY_PREFIX, MASTER_KEY, decode_count, decode_entry, decode_entry_uuid,
+    decode_index, decode_master, encode_count, encode_entry, encode_index, encode_master,
+    entry_key, key_text, uuid_key,
+};
+
+/// Name of the sled database directory inside the cache directory.
+pub const DB_DIR: &str = "cache.sled";
+
+/// sled's page cache. Its default (1 GiB) would dominate the listener's memory; the working
+/// set of the change engine is the few entries of the current transactions, and a full scan
+/// (dump, module initialisation) is sequential, so a small cache costs little speed.
+///
+/// Caveat, measured with sled 0.34.7: pages brought in by *reads* are not held to this
+/// bound. Reading every entry of a 100k-entry cache (75 MB of records) leaves about 80-95 MB
+/// resident even with an 8 MiB capacity; writes stay near the bound. Hence no scan on open.
+const PAGE_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Entries changed per commit by [`Cache::remove_module_everywhere`], bounding the memory of
+/// one sled batch on large caches.
+const REMOVE_MODULE_CHUNK: usize = 1000;
+
+/// How long [`Cache::open`] waits for sled's file lock. sled releases the lock of a dropped
+/// database only when its I/O threads let go of the file, a moment after the drop, so a
+/// reopen in the same process can briefly find it taken.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+const LOCK_POLL: Duration = Duration::from_millis(10);
+
+/// Databases open in this process. sled's lock cannot tell a second open in this process
+/// from the delayed release described at [`LOCK_WAIT`], so this set does.
+static OPEN_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// Removes its path from [`OPEN_DIRS`] when dropped.
+struct OpenGuard(PathBuf);
+
+impl OpenGuard {
+    fn claim(path: &Path) -> Result<OpenGuard, CacheError> {
+        let key = path.canonicalize().map_err(|source| CacheError::Io {
+            op: "resolve",
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut open = OPEN_DIRS.lock().unwrap_or_else(PoisonError::into_inner);
+        if !open.insert(key.clone()) {
+            return Err(CacheError::Store(format!(
+                "{} is already open in this process",
+                path.display()
+            )));
+        }
+        Ok(OpenGuard(key))
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        let mut open = OPEN_DIRS.lock().unwrap_or_else(PoisonError::into_inner);
+        open.remove(&self.0);
+    }
+}
+
+/// The listener cache in `<dir>/cache.sled`.
+///
+/// Reads may happen from any thread at any time. Commits are serialised internally, because a
+/// commit reads the records it replaces to keep the entryUUID index in step.
+pub struct Cache {
+    db: sled::Db,
+    path: PathBuf,
+    /// Held while a commit computes and applies its changes.
+    writer: Mutex<()>,
+    /// Number of entries (`e:` keys), also stored under `n` by every commit that changes it:
+    /// sled only counts by scanning, and a scan makes sled 0.34 keep every page it read in
+    /// memory, whatever its cache capacity.
+    entries: AtomicUsize,
+    // Dropped after `db`.
+    _guard: OpenGuard,
+}
+
+impl fmt::Debug for Cache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("path", &self.path)
+            .field("entries", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cache {
+    /// Opens or creates `<dir>/cache.sled`, creating `dir` (mode 0700) if needed. Refuses with
+    /// [`CacheError::BadCache`] while `<dir>/bad_cache` exists.
+    pub fn open(dir: &Path) -> Result<Cache, CacheError> {
+        if is_marked_bad(dir) {
+            return Err(CacheError::BadCache {
+                path: bad_cache_path(dir),
+                reason: bad_cache_reason(dir),
+            });
+        }
+        create_private_dir(dir)?;
+        let path = dir.join(DB_DIR);
+        // Created here rather than by sled so that it is private too: the cache holds
+        // password hashes and other secrets of every replicated object.
+        create_private_dir(&path)?;
+        let guard = OpenGuard::claim(&path)?;
+        let db = open_db(&path)?;
+        let entries = stored_count(&db)?;
+        Ok(Cache {
+            db,
+            path,
+            writer: Mutex::new(()),
+            entries: AtomicUsize::new(entries),
+            _guard: guard,
+        })
+    }
+
+    /// The entry cached for `dn` (compared by [`dn_key`]).
+    pub fn get(&self, dn: &str) -> Result<Option<CacheEntry>, CacheError> {
+        self.get_by_key(&dn_key(dn))
+    }
+
+    /// The entry whose entryUUID is `uuid` (ASCII case ignored). When several entries carry
+    /// the same entryUUID (UCS's fake containers all use the nil UUID), this is the one
+    /// stored last.
+    pub fn get_by_uuid(&self, uuid: &str) -> Result<Option<CacheEntry>, CacheError> {
+        let index_key = uuid_key(uuid);
+        let Some(value) = self.db.get(&index_key).map_err(store_error)? else {
+            return Ok(None);
+        };
+        let target = decode_index(&index_key, &value)?;
+        let Some(entry) = self.get_by_key(&target)? else {
+            return Ok(None);
+        };
+        // Commits keep the index exact; this only guards against an index record left
+        // behind when a commit replaced an entry record it could not read.
+        if entry
+            .entry_uuid()
+            .is_some_and(|u| u.eq_ignore_ascii_case(uuid))
+        {
+            Ok(Some(entry))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The master record; `None` on a fresh cache.
+    pub fn master(&self) -> Result<Option<MasterRecord>, CacheError> {
+        match self.db.get(MASTER_KEY).map_err(store_error)? {
+            None => Ok(None),
+            Some(value) => decode_master(&value).map(Some),
+        }
+    }
+
+    /// An empty batch; fill it and hand it to [`Cache::commit`].
+    pub fn batch(&self) -> Batch {
+        Batch::default()
+    }
+
+    /// Applies `batch` atomically: its entries, their index updates and the master record
+    /// become visible together and survive a crash together. With `durable`, also flushes
+    /// (fsync) before returning; otherwise the commit is durable after the next [`flush`]
+    /// (or sled's background flush), which allows group commit.
+    ///
+    /// [`flush`]: Cache::flush
+    pub fn commit(&self, batch: Batch, durable: bool) -> Result<(), CacheError> {
+        let writer = self.lock_writer();
+        self.apply(&writer, batch)?;
+        drop(writer);
+        if durable {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every commit so far durable.
+    pub fn flush(&self) -> Result<(), CacheError> {
+        self.db.flush().map_err(store_error)?;
+        Ok(())
+    }
+
+    /// All entries in key ([`dn_key`]) order. An undecodable record yields an error item and
+    /// iteration continues with the next one.
+    pub fn iter(&self) -> impl Iterator<Item = Result<CacheEntry, CacheError>> + '_ {
+        self.db.scan_prefix(ENTRY_PREFIX).map(|item| {
+            let (key, value) = item.map_err(store_error)?;
+            decode_entry(&key, &value)
+        })
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes `module` from every entry and deletes the entries whose module list is then
+    /// empty, including entries no module had handled (spec listener.md §3.9 step 2).
+    /// Returns how many entries were changed or deleted. Commits in chunks and flushes at the
+    /// end; repeating it after a crash finishes the job.
+    pub fn remove_module_everywhere(&self, module: &str) -> Result<usize, CacheError> {
+        let writer = self.lock_writer();
+        let mut changed = 0;
+        let mut batch = Batch::default();
+        for item in self.db.scan_prefix(ENTRY_PREFIX) {
+            let (raw_key, value) = item.map_err(store_error)?;
+            let mut entry = decode_entry(&raw_key, &value)?;
+            let key = stored_dn_key(&raw_key)?;
+            let had = entry.has_module(module);
+            entry.remove_module(module);
+            if entry.modules.is_empty() {
+                batch.ops.push(Op::Delete { key });
+            } else if had {
+                batch.push_put(key, &entry);
+            } else {
+                continue;
+            }
+            changed += 1;
+            if batch.len() >= REMOVE_MODULE_CHUNK {
+                self.apply(&writer, std::mem::take(&mut batch))?;
+            }
+        }
+        self.apply(&writer, batch)?;
+        drop(writer);
+        self.flush()?;
+        Ok(changed)
+    }
+
+    /// Deletes all entries, the index and the master record in one atomic batch, then
+    /// flushes: the cache is as fresh, so a crash cannot leave an id without its entries.
+    pub fn clear(&self) -> Result<(), CacheError> {
+        let writer = self.lock_writer();
+        let mut batch = sled::Batch::default();
+        for key in self.db.iter().keys() {
+            batch.remove(key.map_err(store_error)?);
+        }
+        batch.insert(COUNT_KEY, encode_count(0).map_err(CacheError::Store)?);
+        self.db.apply_batch(batch).map_err(store_error)?;
+        self.entries.store(0, Ordering::Relaxed);
+        drop(writer);
+        self.flush()
+    }
+
+    /// Bytes used by the database files.
+    pub fn size_on_disk(&self) -> Result<u64, CacheError> {
+        self.db.size_on_disk().map_err(store_error)
+    }
+
+    fn lock_writer(&self) -> MutexGuard<'_, ()> {
+        // The guarded state is sled's, which a panicking writer cannot leave half-applied.
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get_by_key(&self, key: &str) -> Result<Option<CacheEntry>, CacheError> {
+        let key = entry_key(key);
+        match self.db.get(&key).map_err(store_error)? {
+            None => Ok(None),
+            Some(value) => decode_entry(&key, &value).map(Some),
+        }
+    }
+
+    /// Computes the writes of `batch` against the current records and applies them as one
+    /// sled batch. The caller holds the writer lock, so the records read here are the ones
+    /// being replaced.
+    fn apply(&self, _writer: &MutexGuard<'_, ()>, batch: Batch) -> Result<(), CacheError> {
+        if let Some(reason) = batch.error {
+            return Err(CacheError::Store(reason));
+        }
+        if batch.ops.is_empty() {
+            return Ok(());
+        }
+        let mut plan = Plan::new(&self.db);
+        for op in batch.ops {
+            plan.add(op)?;
+        }
+        let (mut writes, delta) = plan.finish();
+        let entries = self.entries.load(Ordering::Relaxed);
+        let entries = if delta >= 0 {
+            entries.saturating_add(delta.unsigned_abs())
+        } else {
+            entries.saturating_sub(delta.unsigned_abs())
+        };
+        if delta != 0 {
+            // In the same batch, so the stored count is exact after a crash too.
+            let value = encode_count(entries as u64).map_err(CacheError::Store)?;
+            writes.insert(COUNT_KEY, value);
+        }
+        self.db.apply_batch(writes).map_err(store_error)?;
+        self.entries.store(entries, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes raw bytes under a raw key, to plant corrupt records in tests.
+    #[cfg(test)]
+    pub(crate) fn put_raw(&self, key: &[u8], value: &[u8]) {
+        let _writer = self.lock_writer();
+        let old = self.db.insert(key, value).unwrap();
+        if key.starts_with(ENTRY_PREFIX) && old.is_none() {
+            self.entries.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The writes of one transaction (or a group of them), applied by [`Cache::commit`].
+///
+/// Operations apply in the order they were added, so `put` then `delete` of the same DN
+/// deletes it, and a rename can be written as `put(new)` + `delete(old)` in either order.
+#[derive(Debug, Default)]
+pub struct Batch {
+    ops: Vec<Op>,
+    /// The first entry that could not be encoded; reported by `commit`, which then writes
+    /// nothing, so a batch is never applied partially.
+    error: Option<String>,
+}
+
+#[derive(Debug)]
+enum Op {
+    Put {
+        key: String,
+        uuid: Option<String>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: String,
+    },
+    SetMaster(MasterRecord),
+}
+
+impl Batch {
+    /// Stores `entry` under [`dn_key`] of its DN, replacing what was there.
+    pub fn put(&mut self, entry: &CacheEntry) {
+        self.push_put(dn_key(&entry.dn), entry);
+    }
+
+    /// Deletes the entry cached for `dn`, if any.
+    pub fn delete(&mut self, dn: &str) {
+        self.ops.push(Op::Delete { key: dn_key(dn) });
+    }
+
+    /// Sets the master record (last notifier id and schema id).
+    pub fn set_master(&mut self, master: MasterRecord) {
+        self.ops.push(Op::SetMaster(master));
+    }
+
+    /// Number of operations added.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    fn push_put(&mut self, key: String, entry: &CacheEntry) {
+        // Encoded now, so the batch does not hold a second copy of the entry.
+        match encode_entry(entry) {
+            Ok(value) => self.ops.push(Op::Put {
+                key,
+                uuid: entry.entry_uuid().map(str::to_ascii_lowercase),
+                value,
+            }),
+            Err(e) => {
+                if self.error.is_none() {
+                    self.error = Some(format!("cannot encode the entry {}: {e}", entry.dn));
+                }
+            }
+        }
+    }
+}
+
+/// An entry's state while a batch is planned.
+#[derive(Clone)]
+enum Slot {
+    Absent,
+    /// Present, with its (lower-cased) entryUUID.
+    Present(Option<String>),
+}
+
+/// A uuid index record's state while a batch is planned.
+#[derive(Clone, PartialEq)]
+enum IndexState {
+    Absent,
+    /// Points to this dn_key.
+    To(String),
+    /// Present but undecodable: replaced or removed whenever it is touched.
+    Unreadable,
+}
+
+/// Turns a [`Batch`] into sled writes, tracking the state the earlier operations of the same
+/// batch leave behind, so that several operations on one DN or uuid compose correctly.
+struct Plan<'a> {
+    db: &'a sled::Db,
+    entries: HashMap<String, Slot>,
+    index: HashMap<String, IndexState>,
+    /// Final value per key (`None` = remove). A BTreeMap keeps the sled batch deterministic.
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    delta: isize,
+}
+
+impl<'a> Plan<'a> {
+    fn new(db: &'a sled::Db) -> Plan<'a> {
+        Plan {
+            db,
+            entries: HashMap::new(),
+            index: HashMap::new(),
+            writes: BTreeMap::new(),
+            delta: 0,
+        }
+    }
+
+    fn add(&mut self, op: Op) -> Result<(), CacheError> {
+        match op {
+            Op::Put { key, uuid, value } => {
+                match self.entry(&key)? {
+                    Slot::Absent => self.delta += 1,
+                    Slot::Present(Some(old)) if uuid.as_ref() != Some(&old) => {
+                        self.unindex(&old, &key)?;
+                    }
+                    Slot::Present(_) => {}
+                }
+                if let Some(uuid) = &uuid {
+                    self.index_to(uuid, &key)?;
+                }
+                self.writes.insert(entry_key(&key), Some(value));
+                self.entries.insert(key, Slot::Present(uuid));
+            }
+            Op::Delete { key } => match self.entry(&key)? {
+                Slot::Absent => {}
+                Slot::Present(uuid) => {
+                    if let Some(uuid) = uuid {
+                        self.unindex(&uuid, &key)?;
+                    }
+                    self.delta -= 1;
+                    self.writes.insert(entry_key(&key), None);
+                    self.entries.insert(key, Slot::Absent);
+                }
+            },
+            Op::SetMaster(master) => {
+                let value = encode_master(master).map_err(CacheError::Store)?;
+                self.writes.insert(MASTER_KEY.to_vec(), Some(value));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> (sled::Batch, isize) {
+        let mut batch = sled::Batch::default();
+        for (key, value) in self.writes {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        (batch, self.delta)
+    }
+
+    fn entry(&mut self, key: &str) -> Result<Slot, CacheError> {
+        if let Some(slot) = self.entries.get(key) {
+            return Ok(slot.clone());
+        }
+        let raw_key = entry_key(key);
+        let slot = match self.db.get(&raw_key).map_err(store_error)? {
+            None => Slot::Absent,
+            // A record that cannot be read is being replaced or deleted, which repairs it;
+            // its index record, if any, is then left to get_by_uuid's consistency check.
+            Some(value) => Slot::Present(decode_entry_uuid(&raw_key, &value).unwrap_or(None)),
+        };
+        self.entries.insert(key.to_owned(), slot.clone());
+        Ok(slot)
+    }
+
+    fn index(&mut self, uuid: &str) -> Result<IndexState, CacheError> {
+        if let Some(state) = self.index.get(uuid) {
+            return Ok(state.clone());
+        }
+        let raw_key = uuid_key(uuid);
+        let state = match self.db.get(&raw_key).map_err(store_error)? {
+            None => IndexState::Absent,
+            Some(value) => match decode_index(&raw_key, &value) {
+                Ok(target) => IndexState::To(target),
+                Err(_) => IndexState::Unreadable,
+            },
+        };
+        self.index.insert(uuid.to_owned(), state.clone());
+        Ok(state)
+    }
+
+    /// Points `uuid` at `key` (the entry stored last wins).
+    fn index_to(&mut self, uuid: &str, key: &str) -> Result<(), CacheError> {
+        if let IndexState::To(target) = self.index(uuid)?
+            && target == key
+        {
+            return Ok(());
+        }
+        let value = encode_index(key).map_err(CacheError::Store)?;
+        self.writes.insert(uuid_key(uuid), Some(value));
+        self.index
+            .insert(uuid.to_owned(), IndexState::To(key.to_owned()));
+        Ok(())
+    }
+
+    /// Removes the index record of `uuid` if it belongs to `key`; if it points to another
+    /// entry (which took over the uuid, as in a rename), it stays.
+    fn unindex(&mut self, uuid: &str, key: &str) -> Result<(), CacheError> {
+        match self.index(uuid)? {
+            IndexState::To(target) if target != key => return Ok(()),
+            IndexState::Absent => return Ok(()),
+            IndexState::To(_) | IndexState::Unreadable => {}
+        }
+        self.writes.insert(uuid_key(uuid), None);
+        self.index.insert(uuid.to_owned(), IndexState::Absent);
+        Ok(())
+    }
+}
+
+/// The stored entry count; recounted (a full scan) when the record is missing or unreadable,
+/// which it can be because it is derived data.
+fn stored_count(db: &sled::Db) -> Result<usize, CacheError> {
+    if let Some(value) = db.get(COUNT_KEY).map_err(store_error)?
+        && let Ok(count) = decode_count(&value)
+        && let Ok(count) = usize::try_from(count)
+    {
+        return Ok(count);
+    }
+    let mut entries = 0;
+    for key in db.scan_prefix(ENTRY_PREFIX).keys() {
+        key.map_err(store_error)?;
+        entries += 1;
+    }
+    Ok(entries)
+}
+
+fn open_db(path: &Path) -> Result<sled::Db, CacheError> {
+    let config = sled::Config::new()
+        .path(path)
+        .cache_capacity(PAGE_CACHE_BYTES);
+    let mut waited = Duration::ZERO;
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            // sled 0.34 reports a taken lock only as text (ErrorKind::Other).
+            Err(sled::Error::Io(e))
+                if waited < LOCK_WAIT && e.to_string().contains("could not acquire lock") =>
+            {
+                std::thread::sleep(LOCK_POLL);
+                waited += LOCK_POLL;
+            }
+            Err(e) => return Err(store_error(e)),
+        }
+    }
+}
+
+/// The dn_key part of a stored entry key.
+fn stored_dn_key(raw_key: &[u8]) -> Result<String, CacheError> {
+    let rest = raw_key.strip_prefix(ENTRY_PREFIX).unwrap_or(raw_key);
+    String::from_utf8(rest.to_vec()).map_err(|_| CacheError::Corrupt {
+        key: key_text(raw_key),
+        reason: "the key is not UTF-8".into(),
+    })
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), CacheError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| CacheError::Io {
+            op: "create",
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// sled errors become text so that no sled type leaks into the API; sled's own corruption
+/// report maps to [`CacheError::Corrupt`] so the caller marks the cache bad.
+fn store_error(error: sled::Error) -> CacheError {
+    match error {
+        sled::Error::Corruption { .. } => CacheError::Corrupt {
+            key: DB_DIR.to_owned(),
+            reason: error.to_string(),
+        },
+        other => CacheError::Store(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::FORMAT_VERSION;
+
+    fn entry(dn: &str, uuid: &str) -> CacheEntry {
+        CacheEntry {
+            dn: dn.into(),
+            attributes: vec![("entryUUID".into(), vec![uuid.as_bytes().to_vec()])],
+            modules: vec!["m".into()],
+        }
+    }
+
+    fn put(cache: &Cache, e: &CacheEntry) {
+        let mut b = cache.batch();
+        b.put(e);
+        cache.commit(b, false).unwrap();
+    }
+
+    #[test]
+    fn corrupt_entry_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        put(&cache, &entry("cn=ok", "1"));
+        cache.put_raw(b"e:cn=bad", &[FORMAT_VERSION, 0xfd, 0xff, 0xff]);
+        let err = cache.get("CN=Bad").unwrap_err();
+        assert!(
+            matches!(&err, CacheError::Corrupt { key, .. } if key == "e:cn=bad"),
+            "{err}"
+        );
+        // Iteration reports the bad record and goes on.
+        let items: Vec<_> = cache.iter().collect();
+        assert_eq!(items.len(), 2);
+        assert!(matches!(items[0], Err(CacheError::Corrupt { .. })));
+        assert_eq!(items[1].as_ref().unwrap().dn, "cn=ok");
+        // remove_module_everywhere cannot work around it either.
+        assert!(matches!(
+            cache.remove_module_everywhere("m"),
+            Err(CacheError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_version_byte_is_unsupported_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let mut value = encode_entry(&entry("cn=new", "1")).unwrap();
+        value[0] = 9;
+        cache.put_raw(b"e:cn=new", &value);
+        let err = cache.get("cn=new").unwrap_err();
+        assert!(
+            matches!(&err, CacheError::UnsupportedVersion { key, version: 9 } if key == "e:cn=new"),
+            "{err}"
+        );
+        cache.put_raw(MASTER_KEY, &[2, 0, 0]);
+        assert!(matches!(
+            cache.master(),
+            Err(CacheError::UnsupportedVersion { version: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn corrupt_master_record_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        cache.put_raw(MASTER_KEY, &[FORMAT_VERSION, 1]);
+        assert!(matches!(cache.master(), Err(CacheError::Corrupt { .. })));
+        cache.put_raw(MASTER_KEY, &[]);
+        assert!(matches!(cache.master(), Err(CacheError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn overwriting_or_deleting_a_corrupt_record_repairs_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        cache.put_raw(b"e:cn=a", b"\x01garbage");
+        cache.put_raw(b"e:cn=b", b"\x01garbage");
+        put(&cache, &entry("cn=A", "u-a"));
+        assert_eq!(cache.get("cn=a").unwrap().unwrap().dn, "cn=A");
+        assert_eq!(cache.get_by_uuid("u-a").unwrap().unwrap().dn, "cn=A");
+        let mut b = cache.batch();
+        b.delete("cn=b");
+        cache.commit(b, false).unwrap();
+        assert_eq!(cache.get("cn=b").unwrap(), None);
+        assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn stale_index_record_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        put(&cache, &entry("cn=a", "u-a"));
+        // An index record pointing at an entry with another uuid, or at nothing.
+        cache.put_raw(b"u:u-x", &encode_index("cn=a").unwrap());
+        cache.put_raw(b"u:u-y", &encode_index("cn=gone").unwrap());
+        assert_eq!(cache.get_by_uuid("u-x").unwrap(), None);
+        assert_eq!(cache.get_by_uuid("u-y").unwrap(), None);
+        // An undecodable index record is an error when read, replaced when written.
+        cache.put_raw(b"u:u-z", b"\x01\xff");
+        assert!(matches!(
+            cache.get_by_uuid("u-z"),
+            Err(CacheError::Corrupt { .. })
+        ));
+        put(&cache, &entry("cn=z", "u-z"));
+        assert_eq!(cache.get_by_uuid("u-z").unwrap().unwrap().dn, "cn=z");
+    }
+
+    #[test]
+    fn entry_count_is_stored_and_recounted_when_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cache = Cache::open(dir.path()).unwrap();
+            let mut b = cache.batch();
+            for i in 0..5 {
+                b.put(&entry(&format!("cn={i}"), &format!("u{i}")));
+            }
+            b.delete("cn=0");
+            cache.commit(b, true).unwrap();
+            assert_eq!(cache.len(), 4);
+            let stored = cache.db.get(COUNT_KEY).unwrap().unwrap();
+            assert_eq!(decode_count(&stored).unwrap(), 4);
+            // A commit that changes no count leaves the record alone.
+            put(&cache, &entry("cn=1", "u1"));
+            assert_eq!(
+                decode_count(&cache.db.get(COUNT_KEY).unwrap().unwrap()).unwrap(),
+                4
+            );
+            cache.db.remove(COUNT_KEY).unwrap();
+            cache.flush().unwrap();
+        }
+        {
+            let cache = Cache::open(dir.path()).unwrap();
+            assert_eq!(cache.len(), 4);
+            cache.put_raw(COUNT_KEY, b"\x01");
+            cache.flush().unwrap();
+        }
+        let cache = Cache::open(dir.path()).unwrap();
+        assert_eq!(cache.len(), 4);
+        cache.clear().unwrap();
+        assert_eq!(
+            decode_count(&cache.db.get(COUNT_KEY).unwrap().unwrap()).unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn index_records_are_exact_after_renames() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        put(&cache, &entry("cn=a", "U1"));
+        let mut b = cache.batch();
+        b.put(&entry("cn=b", "u1"));
+        b.delete("cn=a");
+        cache.commit(b, false).unwrap();
+        let index: Vec<_> = cache
+            .db
+            .scan_prefix(crate::record::UUID_PREFIX)
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                (key_text(&k), decode_index(&k, &v).unwrap())
+            })
+            .collect();
+        assert_eq!(index, [("u:u1".to_owned(), "cn=b".to_owned())]);
+        // Changing the uuid of an entry drops its old index record.
+        put(&cache, &entry("cn=b", "u2"));
+        let keys: Vec<_> = cache
+            .db
+            .scan_prefix(crate::record::UUID_PREFIX)
+            .keys()
+            .map(|k| key_text(&k.unwrap()))
+            .collect();
+        assert_eq!(keys, ["u:u2"]);
+    }
+}

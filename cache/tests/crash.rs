@@ -1,0 +1,141 @@
+//! Crash consistency: a child process commits transactions the way the listener does (entry
+//! put + older entry deleted + master record, one batch each, durable every few) and is
+//! killed with SIGKILL at an arbitrary moment. After each kill the cache must hold exactly
+//! the state of some committed transaction N: the master record says N, the entries and the
+//! entryUUID index are those after N, and N is not older than the last durable commit.
+//!
+//! The child is this test binary itself, re-executed with `CACHE_CRASH_CHILD_DIR` set (the
+//! habit of sled's own crash tests).
+
+// Test helpers outside #[test] functions are not covered by clippy.toml's test exemption.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use cache::{Cache, CacheEntry, MasterRecord};
+
+const CHILD_ENV: &str = "CACHE_CRASH_CHILD_DIR";
+/// Each transaction deletes the entry written this many transactions earlier.
+const LIVE: u64 = 3;
+const DURABLE_EVERY: u64 = 7;
+
+fn entry(id: u64) -> CacheEntry {
+    CacheEntry {
+        dn: format!("cn=Tx{id},dc=example"),
+        attributes: vec![
+            ("cn".into(), vec![format!("Tx{id}").into_bytes()]),
+            ("entryUUID".into(), vec![format!("uuid-{id}").into_bytes()]),
+            // Some bulk, so that commits span more than one sled buffer now and then.
+            (
+                "description".into(),
+                vec![vec![b'd'; (id % 17 * 300) as usize]],
+            ),
+        ],
+        modules: vec!["replication".into()],
+    }
+}
+
+/// Runs only inside the child: commits until killed.
+#[test]
+fn crash_child() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let cache = Cache::open(dir.as_ref()).unwrap();
+    let mut id = cache.master().unwrap().map_or(0, |m| m.notifier_id);
+    let mut out = std::io::stdout().lock();
+    loop {
+        id += 1;
+        let mut b = cache.batch();
+        b.put(&entry(id));
+        if id > LIVE {
+            b.delete(&format!("CN=TX{},DC=EXAMPLE", id - LIVE));
+        }
+        b.set_master(MasterRecord {
+            notifier_id: id,
+            schema_id: 1,
+        });
+        let durable = id.is_multiple_of(DURABLE_EVERY);
+        cache.commit(b, durable).unwrap();
+        if durable {
+            writeln!(out, "durable {id}").unwrap();
+            out.flush().unwrap();
+        }
+    }
+}
+
+fn check_consistent(cache: &Cache, min_id: u64) -> u64 {
+    let n = cache
+        .master()
+        .unwrap()
+        .expect("a master record")
+        .notifier_id;
+    assert!(
+        n >= min_id,
+        "master {n} is older than the durable commit {min_id}"
+    );
+    let first = n.saturating_sub(LIVE - 1).max(1);
+    let live: Vec<String> = cache.iter().map(|e| e.unwrap().dn).collect();
+    let mut expected: Vec<String> = (first..=n).map(|id| entry(id).dn).collect();
+    expected.sort_by_key(|dn| cache::dn_key(dn));
+    assert_eq!(live, expected, "entries after transaction {n}");
+    assert_eq!(cache.len(), expected.len());
+    for id in first..=n {
+        let e = cache.get_by_uuid(&format!("uuid-{id}")).unwrap();
+        assert_eq!(e, Some(entry(id)));
+    }
+    for id in [first.saturating_sub(1), n + 1] {
+        assert_eq!(cache.get_by_uuid(&format!("uuid-{id}")).unwrap(), None);
+    }
+    n
+}
+
+#[test]
+fn killed_writer_leaves_a_consistent_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut last_master = 0;
+    for round in 1..=20u64 {
+        let mut child = Command::new(&exe)
+            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, tmp.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(id) = line.strip_prefix("durable ") {
+                    let _ = tx.send(id.parse::<u64>().unwrap());
+                }
+            }
+        });
+        // Kill after a different number of durable commits each round, so the kill lands
+        // at different points of the commit cycle.
+        let mut durable = 0;
+        for _ in 0..=round % 5 {
+            durable = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the child commits");
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        reader.join().unwrap();
+        // Durable commits the child reported after the ones counted above also count.
+        durable = rx.try_iter().fold(durable, u64::max);
+
+        let cache = Cache::open(tmp.path()).unwrap();
+        let n = check_consistent(&cache, durable);
+        assert!(
+            n > last_master,
+            "round {round}: no progress past {last_master}"
+        );
+        last_master = n;
+    }
+}
