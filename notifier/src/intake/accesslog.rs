@@ -431,9 +431,10 @@ async fn follow_inner(
             continue;
         }
         let state = sync_state(&message).map_err(|e: BerError| e.to_string())?;
-        // Deletions are logpurge expiring old entries; nothing was written.
+        // Deletions are logpurge expiring old entries, and present messages name entries
+        // that did not change: neither is a write.
         if let Some(state) = &state
-            && matches!(state.state, SyncEntryState::Delete)
+            && matches!(state.state, SyncEntryState::Delete | SyncEntryState::Present)
         {
             continue;
         }
