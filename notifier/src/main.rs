@@ -242,7 +242,6 @@ fn spawn_status_reporter(
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(period) => {}
             }
-            let _ = last_id.has_changed();
             let status = format!(
                 "last id {}, {} listeners connected",
                 *last_id.borrow_and_update(),
