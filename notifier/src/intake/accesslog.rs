@@ -434,7 +434,10 @@ async fn follow_inner(
         // Deletions are logpurge expiring old entries, and present messages name entries
         // that did not change: neither is a write.
         if let Some(state) = &state
-            && matches!(state.state, SyncEntryState::Delete | SyncEntryState::Present)
+            && matches!(
+                state.state,
+                SyncEntryState::Delete | SyncEntryState::Present
+            )
         {
             continue;
         }
