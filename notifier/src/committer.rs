@@ -100,9 +100,12 @@ impl Committer {
             }
             None => Vec::new(),
         };
+        let count = txs.len();
+        // Shared with the blocking task, so a retry needs no copy of the batch.
+        let txs: Arc<[Transaction]> = txs.into();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let last = loop {
-            match self.append_and_sync(txs.clone()).await {
+            match self.append_and_sync(Arc::clone(&txs)).await {
                 Ok(last) => break last,
                 Err(err) => {
                     tracing::error!("cannot commit {} transactions: {err}; retrying", txs.len());
@@ -115,7 +118,7 @@ impl Committer {
         };
         self.published.send_replace(last);
         self.metrics
-            .record_commit(last, txs.len(), started.elapsed());
+            .record_commit(last, count, started.elapsed());
         Ok(replaced)
     }
 
@@ -153,16 +156,16 @@ impl Committer {
         replaced
     }
 
-    async fn append_and_sync(&self, txs: Vec<Transaction>) -> Result<u64, CommitError> {
+    async fn append_and_sync(&self, txs: Arc<[Transaction]>) -> Result<u64, CommitError> {
         let journal = Arc::clone(&self.journal);
         tokio::task::spawn_blocking(move || {
             {
                 let mut journal = journal.write().map_err(|_| CommitError::Poisoned)?;
                 // An earlier attempt may have appended part of this batch before failing.
                 let last = journal.last_id();
-                let fresh: Vec<Transaction> =
-                    txs.into_iter().filter(|tx| tx.id.get() > last).collect();
-                journal.append(&fresh)?;
+                // Ids are consecutive, so what is already there is a prefix.
+                let done = txs.iter().take_while(|tx| tx.id.get() <= last).count();
+                journal.append(txs.get(done..).unwrap_or_default())?;
             }
             // Sync under the read lock so clients can still look up older transactions.
             let journal = journal.read().map_err(|_| CommitError::Poisoned)?;
