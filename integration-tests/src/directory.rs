@@ -85,6 +85,15 @@ impl Directory {
         self.add_raw(dn, attrs)
     }
 
+    /// Adds a minimal `organizationalRole` entry `cn=<cn>,…`: the cheapest object to write
+    /// when a test only needs some change to happen.
+    pub fn add_role(&mut self, dn: &str, cn: &str) -> Result<()> {
+        self.add(
+            dn,
+            &[("objectClass", &["organizationalRole"]), ("cn", &[cn])],
+        )
+    }
+
     /// Adds an entry whose values may be binary.
     pub fn add_bytes(&mut self, dn: &str, attrs: &[(&str, &[&[u8]])]) -> Result<()> {
         let attrs = attrs

@@ -278,72 +278,57 @@ impl Client {
                     seconds: timeout.as_secs_f64(),
                 });
             }
-            self.stream
-                .set_read_timeout(Some(left))
-                .map_err(io_context("setting a read timeout"))?;
-            let mut buf = [0u8; 4096];
-            match self.stream.read(&mut buf) {
-                Ok(0) => {
-                    return Err(HarnessError::Io {
-                        context: "reading an answer: connection closed".into(),
-                        source: std::io::ErrorKind::UnexpectedEof.into(),
-                    });
-                }
-                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
-                Err(err)
-                    if matches!(
-                        err.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(err) => return Err(io_context("reading an answer")(err)),
+            if let Arrived::Closed = self.read_within(left)? {
+                return Err(HarnessError::Io {
+                    context: "reading an answer: connection closed".into(),
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                });
             }
         }
     }
 
     /// True when nothing arrives within `wait` and the connection is still open.
     pub fn is_silent(&mut self, wait: Duration) -> Result<bool> {
-        self.stream
-            .set_read_timeout(Some(wait))
-            .map_err(io_context("setting a read timeout"))?;
-        let mut buf = [0u8; 256];
-        match self.stream.read(&mut buf) {
-            Ok(0) => Ok(false),
-            Ok(n) => {
-                self.pending.extend_from_slice(&buf[..n]);
-                Ok(false)
-            }
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Ok(self.pending.is_empty())
-            }
-            Err(err) => Err(io_context("reading")(err)),
-        }
+        Ok(matches!(self.read_within(wait)?, Arrived::Nothing) && self.pending.is_empty())
     }
 
     /// True when the server closed the connection within `wait`.
     pub fn is_closed(&mut self, wait: Duration) -> Result<bool> {
+        Ok(matches!(self.read_within(wait)?, Arrived::Closed))
+    }
+
+    /// One read of whatever arrives within `wait`, appended to the pending bytes.
+    fn read_within(&mut self, wait: Duration) -> Result<Arrived> {
         self.stream
             .set_read_timeout(Some(wait))
             .map_err(io_context("setting a read timeout"))?;
-        let mut buf = [0u8; 256];
+        let mut buf = [0u8; 4096];
         match self.stream.read(&mut buf) {
-            Ok(0) => Ok(true),
+            Ok(0) => Ok(Arrived::Closed),
             Ok(n) => {
                 self.pending.extend_from_slice(&buf[..n]);
-                Ok(false)
+                Ok(Arrived::Data)
             }
-            Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => Ok(true),
-            Err(_) => Ok(false),
+            Err(err) => match err.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    Ok(Arrived::Nothing)
+                }
+                std::io::ErrorKind::ConnectionReset => Ok(Arrived::Closed),
+                _ => Err(io_context("reading from the notifier")(err)),
+            },
         }
     }
 
     pub fn stream(&mut self) -> &mut TcpStream {
         &mut self.stream
     }
+}
+
+/// What one read within a deadline brought.
+enum Arrived {
+    Data,
+    Nothing,
+    Closed,
 }
 
 fn find_blank_line(bytes: &[u8]) -> Option<usize> {

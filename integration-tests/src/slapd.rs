@@ -333,13 +333,7 @@ impl Slapd {
                     ("userPassword", &[HOST_PW]),
                 ],
             )?;
-            admin.add(
-                RESTRICTED_DN,
-                &[
-                    ("objectClass", &["organizationalRole"]),
-                    ("cn", &["restricted"]),
-                ],
-            )?;
+            admin.add_role(RESTRICTED_DN, "restricted")?;
         }
         Ok(())
     }

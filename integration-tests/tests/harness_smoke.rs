@@ -40,12 +40,7 @@ fn writes_appear_in_accesslog() {
     let before = accesslog(&slapd).len();
     let mut admin = slapd.admin().unwrap();
     let dn = format!("cn=alice,{BASE}");
-    admin
-        .add(
-            &dn,
-            &[("objectClass", &["organizationalRole"]), ("cn", &["alice"])],
-        )
-        .unwrap();
+    admin.add_role(&dn, "alice").unwrap();
     let uuid = admin
         .get(&dn)
         .unwrap()
@@ -85,12 +80,7 @@ fn rename_without_new_superior_keeps_old_rdn_when_asked() {
     let slapd = Slapd::provider().unwrap();
     let mut admin = slapd.admin().unwrap();
     let dn = format!("cn=bob,{BASE}");
-    admin
-        .add(
-            &dn,
-            &[("objectClass", &["organizationalRole"]), ("cn", &["bob"])],
-        )
-        .unwrap();
+    admin.add_role(&dn, "bob").unwrap();
     admin.modrdn(&dn, "cn=robert", false, None).unwrap();
     let renamed = admin.get(&format!("cn=robert,{BASE}")).unwrap().unwrap();
     let mut cns = renamed.texts("cn");
@@ -146,15 +136,7 @@ fn restricted_subtree_is_invisible_to_the_host() {
     let slapd = Slapd::provider().unwrap();
     let mut admin = slapd.admin().unwrap();
     let secret = format!("cn=secret,{RESTRICTED_DN}");
-    admin
-        .add(
-            &secret,
-            &[
-                ("objectClass", &["organizationalRole"]),
-                ("cn", &["secret"]),
-            ],
-        )
-        .unwrap();
+    admin.add_role(&secret, "secret").unwrap();
     assert!(admin.get(&secret).unwrap().is_some());
     let mut host = slapd.host().unwrap();
     assert!(host.get(&secret).unwrap().is_none());
@@ -197,17 +179,7 @@ fn kill_and_restart_keeps_data_and_port() {
     let mut slapd = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
     let port = slapd.port();
     let dn = format!("cn=persist,{BASE}");
-    slapd
-        .admin()
-        .unwrap()
-        .add(
-            &dn,
-            &[
-                ("objectClass", &["organizationalRole"]),
-                ("cn", &["persist"]),
-            ],
-        )
-        .unwrap();
+    slapd.admin().unwrap().add_role(&dn, "persist").unwrap();
     slapd.kill().unwrap();
     assert!(!slapd.is_running());
     assert!(slapd.admin().is_err(), "slapd is down");

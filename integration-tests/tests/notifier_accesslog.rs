@@ -34,10 +34,7 @@ fn add(slapd: &Slapd, cn: &str) {
     slapd
         .admin()
         .unwrap()
-        .add(
-            &format!("cn={cn},{BASE}"),
-            &[("objectClass", &["organizationalRole"]), ("cn", &[cn])],
-        )
+        .add_role(&format!("cn={cn},{BASE}"), cn)
         .unwrap();
 }
 
@@ -48,12 +45,7 @@ fn writes_map_to_transactions_in_log_order() {
     // Writes before the first start (the fixture's adds) are not replayed.
     let mut admin = slapd.admin().unwrap();
     let dn = format!("cn=alice,{BASE}");
-    admin
-        .add(
-            &dn,
-            &[("objectClass", &["organizationalRole"]), ("cn", &["alice"])],
-        )
-        .unwrap();
+    admin.add_role(&dn, "alice").unwrap();
     admin.replace(&dn, "description", &["x"]).unwrap();
     admin.modrdn(&dn, "cn=alice2", true, None).unwrap();
     let renamed = format!("cn=alice2,{BASE}");

@@ -259,13 +259,7 @@ fn sighup_reopens_the_log_file_and_sigusr_changes_the_level() {
     let log_file = dir.path().join("notifier.log");
     let log_arg = log_file.display().to_string();
     let mut notifier = started(&slapd, &["--log-file", &log_arg, "-d", "2"]);
-    wait_until("startup lines in the log file", T, || {
-        Ok(std::fs::read_to_string(&log_file)
-            .unwrap_or_default()
-            .contains("listening")
-            .then_some(()))
-    })
-    .unwrap();
+    wait_for_text(&log_file, "listening");
     // logrotate: move the file away, then SIGHUP.
     let rotated = dir.path().join("notifier.log.1");
     std::fs::rename(&log_file, &rotated).unwrap();
@@ -276,24 +270,23 @@ fn sighup_reopens_the_log_file_and_sigusr_changes_the_level() {
     })
     .unwrap();
     process.signal(libc::SIGUSR1).unwrap();
-    wait_until("the level change logged in the new file", T, || {
-        Ok(std::fs::read_to_string(&log_file)
-            .unwrap_or_default()
-            .contains("debug level is now 3")
-            .then_some(()))
-    })
-    .unwrap();
+    wait_for_text(&log_file, "debug level is now 3");
     process.signal(libc::SIGUSR2).unwrap();
-    wait_until("the level lowered", T, || {
-        Ok(std::fs::read_to_string(&log_file)
-            .unwrap_or_default()
-            .contains("debug level is now 2")
-            .then_some(()))
-    })
-    .unwrap();
+    wait_for_text(&log_file, "debug level is now 2");
     assert!(
         std::fs::read_to_string(&rotated)
             .unwrap()
             .contains("listening")
     );
+}
+
+/// Waits until `path` contains `text`.
+fn wait_for_text(path: &std::path::Path, text: &str) {
+    wait_until(&format!("{text:?} in {}", path.display()), T, || {
+        Ok(std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .contains(text)
+            .then_some(()))
+    })
+    .unwrap();
 }

@@ -117,8 +117,7 @@ impl Committer {
             }
         };
         self.published.send_replace(last);
-        self.metrics
-            .record_commit(last, count, started.elapsed());
+        self.metrics.record_commit(last, count, started.elapsed());
         Ok(replaced)
     }
 
