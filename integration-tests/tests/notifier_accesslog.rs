@@ -181,3 +181,59 @@ fn slapd_restart_is_survived_with_backoff() {
         "{log}"
     );
 }
+
+#[test]
+fn follows_over_tcp_with_a_simple_bind() {
+    use integration_tests::slapd::{ADMIN_DN, ADMIN_PW};
+    let slapd = Slapd::provider().unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("accesslog.secret");
+    std::fs::write(&password_file, format!("{ADMIN_PW}\n")).unwrap();
+    let url = slapd.ldap_url();
+    let password_arg = password_file.display().to_string();
+    let notifier = start(
+        &slapd,
+        &[
+            "--accesslog-uri",
+            &url,
+            "--accesslog-bind-dn",
+            ADMIN_DN,
+            "--accesslog-password-file",
+            &password_arg,
+        ],
+    );
+    add(&slapd, "tcp");
+    assert_eq!(wait_for_lines(&notifier, 1), [format!("1 cn=tcp,{BASE} a")]);
+}
+
+#[test]
+fn a_wrong_password_is_reported_and_retried_not_fatal() {
+    use integration_tests::slapd::ADMIN_DN;
+    let slapd = Slapd::provider().unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("accesslog.secret");
+    std::fs::write(&password_file, "wrong\n").unwrap();
+    let url = slapd.ldap_url();
+    let password_arg = password_file.display().to_string();
+    let mut notifier = Notifier::start(
+        &slapd,
+        Intake::Accesslog,
+        &[
+            "--accesslog-uri",
+            &url,
+            "--accesslog-bind-dn",
+            ADMIN_DN,
+            "--accesslog-password-file",
+            &password_arg,
+        ],
+    )
+    .unwrap();
+    wait_until("the bind failure in the log", T, || {
+        Ok(notifier.log().contains("invalidCredentials").then_some(()))
+    })
+    .unwrap();
+    assert!(
+        notifier.process().unwrap().is_running(),
+        "no crash on bad credentials"
+    );
+}
