@@ -1,9 +1,16 @@
 //! The listener module host: what the change engine calls for every object it processes.
 //!
-//! So far this crate holds the UCS filter matcher ([`filter`]), which decides per object
-//! whether a module is called (spec listener.md §3.4, §5) and which objects stay out of the
-//! cache (`listener/cache/filter`, §6.3). It deliberately reproduces the restricted,
-//! case-sensitive C matcher of the UCS listener rather than RFC 4515 semantics, because
-//! existing modules were written against that matcher (must-match item 8).
+//! - [`module`]: the [`Module`] trait every handler module implements, native or Python;
+//! - [`filter`]: the UCS filter matcher, which decides per object whether a module is called
+//!   (spec listener.md §3.4, §5) and which objects stay out of the cache
+//!   (`listener/cache/filter`, §6.3). It deliberately reproduces the restricted,
+//!   case-sensitive C matcher of the UCS listener rather than RFC 4515 semantics, because
+//!   existing modules were written against that matcher (must-match item 8).
 
 pub mod filter;
+pub mod module;
+
+pub use module::{
+    Attributes, Call, Command, DEFAULT_PRIORITY, Module, ModuleError, ModuleInfo, ModuleSource,
+    REPLICATION,
+};
