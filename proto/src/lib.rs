@@ -14,7 +14,9 @@
 //! * [`capability`]: the handshake's capability list;
 //! * [`frame`]: typed messages for each direction;
 //! * [`codec`]: `tokio-util` codecs for the server ([`ServerCodec`]) and client
-//!   ([`ClientCodec`]) ends.
+//!   ([`ClientCodec`]) ends;
+//! * [`client`]: an async client ([`NotifierClient`]) doing the handshake, MSGID bookkeeping
+//!   and time limits for the listener and one-shot tools.
 //!
 //! Deviations from UCS, all strict supersets of what UCS accepts from well-behaved peers:
 //! * UCS parsed each `read()` on its own, so a request had to arrive in one TCP segment and a
@@ -30,12 +32,14 @@
 //! MSGID are decisions of the server built on top of this crate.
 
 pub mod capability;
+pub mod client;
 pub mod codec;
 pub mod frame;
 pub mod ldap;
 pub mod line;
 
 pub use capability::{Capabilities, Capability};
+pub use client::{ClientError, NotifierClient, parse_get_dn_reply, parse_id_reply};
 pub use codec::{ClientCodec, ProtocolError, ServerCodec};
 pub use frame::{
     ClientFrame, ClientMessage, MAX_FRAME_LEN, MAX_VERSION, Request, ServerMessage, clamp_version,
