@@ -6,6 +6,7 @@
 //! prints where it is, so a failure can be diagnosed after the fact.
 
 pub mod directory;
+pub mod listener;
 pub mod lockf;
 pub mod net;
 pub mod notifier;
@@ -14,6 +15,7 @@ pub mod slapd;
 pub mod wait;
 
 pub use directory::{Directory, Entry};
+pub use listener::{BindAs, Change, JsonlTail, Listener, ListenerOptions};
 pub use notifier::{Client, Intake, Notifier};
 pub use process::Process;
 pub use slapd::{Slapd, SlapdConfig};
@@ -36,6 +38,9 @@ pub enum HarnessError {
     },
     #[error("slapd did not start: {0}")]
     SlapdStart(String),
+    /// The listener exited, or its files (jsonl output, cache) are not what they must be.
+    #[error("listener: {0}")]
+    Listener(String),
     #[error("timed out after {seconds:.1}s waiting for {what}")]
     Timeout { what: String, seconds: f64 },
 }

@@ -1,33 +1,60 @@
 //! The project's real binaries as child processes, with their output in a log file.
 
 use std::fs::{self, File};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::{HarnessError, Result, io_context};
 
-/// Path of a workspace binary, next to the test executable's `deps/` directory.
+/// Path of a workspace binary in the cargo target directory (e.g. `target/debug`).
 ///
-/// `scripts/test.sh` builds all binaries before the tests run.
+/// Test executables live in `target/debug/deps`, so the binaries are one level up; a
+/// workspace binary that starts others (the demo runner) lives in `target/debug` itself.
+/// The executable's own directory is tried first, then its parent. `scripts/test.sh`
+/// builds all binaries before the tests run.
 pub fn binary(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().map_err(io_context("locating the test executable"))?;
-    let target_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| HarnessError::SlapdStart("test executable has no target dir".into()))?;
-    let path = target_dir.join(name);
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(HarnessError::Io {
-            context: format!(
-                "finding {} (build it first: cargo build --workspace --bins)",
-                path.display()
-            ),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        })
+    let exe = std::env::current_exe().map_err(io_context("locating the running executable"))?;
+    let own_dir = exe.parent().ok_or_else(|| {
+        HarnessError::SlapdStart("the running executable has no directory".into())
+    })?;
+    let candidates: Vec<PathBuf> = [Some(own_dir), own_dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|dir| dir.join(name))
+        .collect();
+    if let Some(path) = candidates.iter().find(|path| path.is_file()) {
+        return Ok(path.clone());
     }
+    let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    Err(HarnessError::Io {
+        context: format!(
+            "finding {name} (tried {}; build it first: cargo build --workspace --bins)",
+            tried.join(", ")
+        ),
+        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })
+}
+
+/// Whether children started from now on get a process group of their own.
+static OWN_PROCESS_GROUPS: AtomicBool = AtomicBool::new(false);
+
+/// Starts later children (binaries and slapd) in process groups of their own, so a Ctrl-C
+/// in the terminal reaches only this process, which can then stop them in order (the demo
+/// runner). Off by default: a test run interrupted with Ctrl-C should take its children
+/// down with it rather than leave them running.
+pub fn use_own_process_groups(on: bool) {
+    OWN_PROCESS_GROUPS.store(on, Ordering::Relaxed);
+}
+
+/// Applies [`use_own_process_groups`] to a command about to be spawned.
+pub(crate) fn apply_process_group(command: &mut Command) -> &mut Command {
+    if OWN_PROCESS_GROUPS.load(Ordering::Relaxed) {
+        command.process_group(0);
+    }
+    command
 }
 
 /// A running binary; killed on drop.
@@ -48,7 +75,8 @@ impl Process {
         let log_err = log
             .try_clone()
             .map_err(io_context("duplicating the log file"))?;
-        let child = Command::new(binary(name)?)
+        let mut command = Command::new(binary(name)?);
+        let child = apply_process_group(&mut command)
             .args(args)
             .env("RUST_BACKTRACE", "1")
             .env_remove("JOURNAL_STREAM")

@@ -214,6 +214,33 @@ impl Slapd {
         Ok(())
     }
 
+    /// SIGTERM and waits up to `timeout` for slapd to shut down cleanly; SIGKILL after that.
+    pub fn stop(&mut self, timeout: Duration) -> Result<()> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(());
+        };
+        // Already exited and reaped (e.g. by `is_running`): its pid may belong to another
+        // process by now, so it must not be signalled.
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            self.child = None;
+            return Ok(());
+        }
+        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+            // SAFETY: kill(2) with the pid of our own child, which has not been reaped (just
+            // checked); no memory is involved.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                self.child = None;
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.kill()
+    }
+
     /// Kills and starts slapd again on the same port and databases.
     pub fn restart(&mut self) -> Result<()> {
         self.kill()?;
@@ -265,7 +292,8 @@ impl Slapd {
         } else {
             "0"
         };
-        let mut child = Command::new(SLAPD)
+        let mut command = Command::new(SLAPD);
+        let mut child = crate::process::apply_process_group(&mut command)
             .arg("-f")
             .arg(self.conf_path())
             .arg("-h")

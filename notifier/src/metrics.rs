@@ -204,6 +204,16 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_text(addr, move || metrics.render(), shutdown).await
+}
+
+/// Serves whatever `render` returns as Prometheus text; shared with the listener.
+pub async fn serve_text(
+    addr: SocketAddr,
+    render: impl Fn() -> String + Send + Sync + 'static,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let render = Arc::new(render);
     let listener = TcpListener::bind(addr).await?;
     tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
     loop {
@@ -211,13 +221,13 @@ pub async fn serve(
             accepted = listener.accept() => accepted?,
             _ = shutdown.cancelled() => return Ok(()),
         };
-        let metrics = Arc::clone(&metrics);
+        let render = Arc::clone(&render);
         tokio::spawn(async move {
             // The request itself does not matter; read what arrived so the client sees a
             // clean close, with a short bound against idle connections.
             let mut buf = [0u8; 1024];
             let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
-            let body = metrics.render();
+            let body = render();
             let response = format!(
                 "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()

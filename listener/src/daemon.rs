@@ -1,0 +1,665 @@
+//! The main loop (spec listener.md §2.2): ask the notifier for the next id, get its DN and
+//! command, run the change engine, write the cascade line, commit cache and id together.
+//! Idle time runs `postrun` and closes LDAP connections; the notifier connection is kept
+//! alive with `ALIVE`. Unlike UCS, failures do not end the process: connections are
+//! re-established with backoff and the same transaction is retried, so a supervisor never
+//! sees a crash loop.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cache::CacheError;
+use notifier::backoff::Backoff;
+use proto::client::{ClientError, NotifierClient, parse_get_dn_reply};
+use proto::{Request, Transaction, TransactionId};
+use tokio::time::sleep_until;
+
+use crate::cascade::{Cascade, Line};
+use crate::config::{Config, Server};
+use crate::dispatch::Handlers;
+use crate::engine::{Engine, EngineError, Prefetched, Processed};
+use crate::ldap::TranslogEntry;
+use crate::loader;
+use crate::metrics::Metrics;
+use crate::prefetch::Prefetcher;
+use crate::privileges::Privileges;
+use crate::signals::Signals;
+
+/// Transactions read ahead (protocol 3).
+const PREFETCH_WINDOW: usize = 64;
+/// Group commit: make the cache durable at least this often while busy.
+const FLUSH_EVERY: u64 = 1000;
+const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the notifier's schema id is checked while working through a backlog.
+const SCHEMA_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a paused listener looks whether the reason went away.
+const PAUSE_POLL: Duration = Duration::from_secs(2);
+
+/// Why the daemon ended.
+#[derive(Debug)]
+pub enum Exit {
+    /// Stopped by a signal, everything committed.
+    Stopped,
+    /// A corrupt cache record: `bad_cache` was written; exit status 3.
+    BadCache(String),
+}
+
+/// A transaction as the upstream notifier described it (kept verbatim for the cascade).
+#[derive(Debug, Clone)]
+struct Received {
+    line: Line,
+    transaction: Option<Transaction>,
+}
+
+impl Received {
+    fn from_translog(entry: &TranslogEntry) -> Received {
+        Received {
+            line: Line {
+                id: entry.id.get(),
+                dn: entry.dn.clone(),
+                command: entry.req_type.clone(),
+            },
+            transaction: entry.transaction(),
+        }
+    }
+
+    fn from_transaction(tx: Transaction) -> Received {
+        Received {
+            line: Line {
+                id: tx.id.get(),
+                dn: tx.dn.clone(),
+                command: tx.command.to_string(),
+            },
+            transaction: Some(tx),
+        }
+    }
+}
+
+enum WaitEvent {
+    Reply(Result<String, ClientError>),
+    Postrun,
+    Alive,
+    Signal,
+}
+
+pub struct Daemon {
+    config: Config,
+    server: Server,
+    engine: Engine,
+    privileges: Privileges,
+    signals: Arc<Signals>,
+    metrics: Arc<Metrics>,
+    notifier: Option<NotifierClient>,
+    prefetcher: Prefetcher,
+    cascade: Option<Cascade>,
+    /// The cascade line of a stashed `r`, written right before its `a`.
+    stashed_line: Option<Line>,
+    /// Read-ahead answers for the transaction about to be handled.
+    pending_prefetch: Option<Prefetched>,
+    /// Last id handled (a stashed `r` is handled but not yet persisted).
+    position: u64,
+    /// Highest id the notifier reported.
+    last_known: u64,
+    unflushed: u64,
+    last_flush: Instant,
+    last_schema_check: Option<Instant>,
+    /// `postrun` ran and connections closed since the last transaction.
+    idle: bool,
+    backoff: Backoff,
+}
+
+impl Daemon {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Config,
+        server: Server,
+        engine: Engine,
+        privileges: Privileges,
+        signals: Arc<Signals>,
+        metrics: Arc<Metrics>,
+        notifier: Option<NotifierClient>,
+    ) -> Daemon {
+        let position = engine.master().notifier_id;
+        let prefetcher = Prefetcher::new(
+            PREFETCH_WINDOW,
+            config.translog_base.clone(),
+            config.base.clone(),
+            config.ldap_timeout,
+            Arc::clone(engine.cache()),
+        );
+        let cascade = config.cascade.then(|| Cascade::new(&config.ldap_dir));
+        Daemon {
+            server,
+            engine,
+            privileges,
+            signals,
+            metrics,
+            notifier,
+            prefetcher,
+            cascade,
+            stashed_line: None,
+            pending_prefetch: None,
+            position,
+            last_known: position,
+            unflushed: 0,
+            last_flush: Instant::now(),
+            last_schema_check: None,
+            idle: false,
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            config,
+        }
+    }
+
+    pub async fn run(mut self) -> Exit {
+        self.publish_status("running");
+        let exit = loop {
+            if self.signals.stop_requested() {
+                break Exit::Stopped;
+            }
+            if self.signals.take_reload() {
+                if let Err(exit) = self.reload().await {
+                    break exit;
+                }
+                continue;
+            }
+            if let Some(reason) = self.stop_reason() {
+                self.pause(&reason).await;
+                continue;
+            }
+            let next = self.position + 1;
+            let received = match self.next_transaction(next).await {
+                Ok(Some(received)) => received,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!("notifier: {e}");
+                    self.notifier = None;
+                    self.prefetcher.clear();
+                    self.wait_backoff().await;
+                    continue;
+                }
+            };
+            if let Err(exit) = self.handle(received).await {
+                break exit;
+            }
+        };
+        self.shutdown().await;
+        exit
+    }
+
+    /// The reason processing must pause now, if any.
+    fn stop_reason(&self) -> Option<String> {
+        if self.config.failed_ldif.exists() {
+            return Some(format!(
+                "replication stopped: {} exists; fix the replication problem, then remove \
+                 the file",
+                self.config.failed_ldif.display()
+            ));
+        }
+        if self.config.freespace_mib > 0 {
+            for dir in [&self.config.cache_dir, &self.config.ldap_dir] {
+                if let Some(free) = free_mib(dir)
+                    && free < self.config.freespace_mib
+                {
+                    return Some(format!(
+                        "file system of {} full: {free} MiB free, listener/freespace requires {} MiB",
+                        dir.display(),
+                        self.config.freespace_mib
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// Stops processing cleanly until `reason` is gone or a signal arrives: everything is
+    /// committed and postrun runs, but the process stays up (no restart loop).
+    async fn pause(&mut self, reason: &str) {
+        tracing::error!("{reason}");
+        self.publish_status(&format!("paused: {reason}"));
+        self.go_idle().await;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(PAUSE_POLL) => {}
+                _ = self.signals.woken() => {}
+            }
+            if self.signals.stop_requested() || self.stop_reason().is_none() {
+                break;
+            }
+        }
+        if !self.signals.stop_requested() {
+            tracing::info!("resuming replication");
+            self.publish_status("running");
+        }
+    }
+
+    async fn wait_backoff(&mut self) {
+        let delay = self.backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = self.signals.woken() => {}
+        }
+    }
+
+    /// The notifier connection, (re)connecting once if needed.
+    async fn connected(&mut self) -> Result<&mut NotifierClient, ClientError> {
+        if self.notifier.is_none() {
+            let client = NotifierClient::connect(
+                &self.server.notifier_host,
+                self.server.notifier_port,
+                self.config.protocol,
+                self.config.notifier_timeout,
+            )
+            .await?;
+            tracing::info!("connected to the notifier at {}", client.peer());
+            self.notifier = Some(client);
+        }
+        match self.notifier.as_mut() {
+            Some(client) => Ok(client),
+            None => Err(ClientError::Closed {
+                peer: self.server.notifier_host.clone(),
+            }),
+        }
+    }
+
+    /// Transaction `next`, waiting for it if needed; `None` if a signal interrupted.
+    async fn next_transaction(&mut self, next: u64) -> Result<Option<Received>, ClientError> {
+        if self.config.protocol >= 3 {
+            self.next_from_translog(next).await
+        } else {
+            self.next_from_get_dn(next).await
+        }
+    }
+
+    async fn next_from_translog(&mut self, next: u64) -> Result<Option<Received>, ClientError> {
+        if self.last_known < next {
+            self.flush(false);
+            self.publish_status("waiting");
+            let msgid = self
+                .connected()
+                .await?
+                .send(Request::WaitId(TransactionId(next)))
+                .await?;
+            let Some(body) = self.wait_reply(msgid).await? else {
+                return Ok(None);
+            };
+            let last = proto::client::parse_id_reply(&Request::WaitId(TransactionId(next)), &body)?;
+            if last < next {
+                return Err(ClientError::BadReply {
+                    request: format!("WAIT_ID {next}"),
+                    body,
+                    reason: "the notifier answered with an older id".into(),
+                });
+            }
+            self.last_known = last;
+            self.metrics.set_notifier_id(last);
+        }
+        self.check_schema().await?;
+        self.backoff.reset();
+        if let Ok(handle) = self.engine.ldap.handle().await {
+            self.prefetcher.fill(&handle, next, self.last_known);
+        }
+        let ahead = self.prefetcher.take(next).await;
+        let (entry, prefetched) = match ahead {
+            Some(ahead) => (ahead.entry.ok().flatten(), ahead.prefetched),
+            None => (None, Prefetched::default()),
+        };
+        let entry = match entry {
+            Some(entry) => entry,
+            None => match self.read_translog(next).await {
+                Some(entry) => entry,
+                None => return Ok(None),
+            },
+        };
+        let mut received = Received::from_translog(&entry);
+        self.pending_prefetch = Some(prefetched);
+        received.line.id = next;
+        Ok(Some(received))
+    }
+
+    /// The translog entry of `next`, retried until it can be read; `None` on a stop signal.
+    async fn read_translog(&mut self, next: u64) -> Option<TranslogEntry> {
+        let base = self.config.translog_base.clone();
+        loop {
+            match self
+                .engine
+                .ldap
+                .read_translog(&base, TransactionId(next))
+                .await
+            {
+                Ok(Some(entry)) => return Some(entry),
+                Ok(None) => tracing::warn!(
+                    "transaction {next} announced but reqSession={next},{base} does not exist"
+                ),
+                Err(e) => tracing::error!("cannot read transaction {next}: {e}"),
+            }
+            self.wait_backoff().await;
+            if self.signals.stop_requested() {
+                return None;
+            }
+        }
+    }
+
+    async fn next_from_get_dn(&mut self, next: u64) -> Result<Option<Received>, ClientError> {
+        let request = Request::GetDn(TransactionId(next));
+        if self.last_known < next {
+            self.flush(false);
+            self.publish_status("waiting");
+        }
+        let msgid = self.connected().await?.send(request.clone()).await?;
+        let Some(body) = self.wait_reply(msgid).await? else {
+            return Ok(None);
+        };
+        let tx = parse_get_dn_reply(&request, &body)?;
+        if tx.id.get() != next {
+            return Err(ClientError::BadReply {
+                request: format!("GET_DN {next}"),
+                body,
+                reason: format!(
+                    "notifier returned transaction id {} ({next} expected)",
+                    tx.id
+                ),
+            });
+        }
+        self.last_known = self.last_known.max(next);
+        self.metrics.set_notifier_id(next);
+        self.check_schema().await?;
+        self.backoff.reset();
+        self.pending_prefetch = Some(Prefetched::default());
+        Ok(Some(Received::from_transaction(tx)))
+    }
+
+    /// Waits for the reply to `msgid`: after the postrun delay runs `postrun` and closes the
+    /// LDAP connections, every alive interval checks the connection with `ALIVE`. `None` when
+    /// a signal needs attention.
+    async fn wait_reply(&mut self, msgid: u32) -> Result<Option<String>, ClientError> {
+        let postrun_at = tokio::time::Instant::now() + self.config.postrun_delay;
+        let mut alive_at = tokio::time::Instant::now() + self.config.alive_interval;
+        loop {
+            let idle = self.idle;
+            let Some(client) = self.notifier.as_mut() else {
+                return Err(ClientError::Closed {
+                    peer: self.server.notifier_host.clone(),
+                });
+            };
+            let event = tokio::select! {
+                reply = client.reply(msgid) => WaitEvent::Reply(reply),
+                _ = sleep_until(postrun_at), if !idle => WaitEvent::Postrun,
+                _ = sleep_until(alive_at) => WaitEvent::Alive,
+                _ = self.signals.woken() => WaitEvent::Signal,
+            };
+            match event {
+                WaitEvent::Reply(reply) => {
+                    self.idle = false;
+                    return reply.map(Some);
+                }
+                WaitEvent::Postrun => self.go_idle().await,
+                WaitEvent::Alive => {
+                    alive_at = tokio::time::Instant::now() + self.config.alive_interval;
+                    client.alive(self.config.notifier_timeout).await?;
+                }
+                WaitEvent::Signal => {
+                    if self.signals.stop_requested() {
+                        return Ok(None);
+                    }
+                    if self.signals.take_reload() {
+                        // The wait stays outstanding; its reply is kept for later.
+                        if let Err(e) = self.reload_modules().await {
+                            tracing::error!("reload: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asks the notifier's schema id when it may have changed: before the first
+    /// transaction and then at most once per [`SCHEMA_CHECK_INTERVAL`] (UCS asked for every
+    /// transaction).
+    async fn check_schema(&mut self) -> Result<(), ClientError> {
+        if self.config.is_master()
+            || self
+                .last_schema_check
+                .is_some_and(|t| t.elapsed() < SCHEMA_CHECK_INTERVAL)
+        {
+            return Ok(());
+        }
+        let timeout = self.config.notifier_timeout;
+        let id = self.connected().await?.get_schema_id(timeout).await?;
+        self.engine.set_notifier_schema_id(id);
+        self.last_schema_check = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Processes one transaction until it succeeds (transient failures are retried with
+    /// backoff), writes the cascade lines and commits.
+    async fn handle(&mut self, received: Received) -> Result<(), Exit> {
+        let id = received.line.id;
+        let mut prefetched = self.pending_prefetch.take().unwrap_or_default();
+        loop {
+            let checkpoint = self.engine.checkpoint();
+            let processed = match &received.transaction {
+                Some(tx) => {
+                    let result = self
+                        .engine
+                        .process(tx, std::mem::take(&mut prefetched))
+                        .await;
+                    match result {
+                        Ok(processed) => processed,
+                        Err(EngineError::Cache(e)) => return Err(self.cache_failure(e)),
+                        Err(e) => {
+                            tracing::error!(
+                                "transaction {id} ({}): {e}; retrying",
+                                received.line.dn
+                            );
+                            self.publish_status(&format!("retrying transaction {id}: {e}"));
+                            self.wait_backoff().await;
+                            if self.signals.stop_requested() {
+                                return Err(Exit::Stopped);
+                            }
+                            continue;
+                        }
+                    }
+                }
+                None => {
+                    tracing::warn!(
+                        "unknown command {:?} for {} (id {id})",
+                        received.line.command,
+                        received.line.dn
+                    );
+                    Processed::Done
+                }
+            };
+            if self.config.failed_ldif.exists() {
+                // The change that made replication fail is not persisted: it is processed
+                // again once the administrator removed the file (spec §2.2 step 7).
+                self.engine.rollback(checkpoint);
+                return Ok(());
+            }
+            if processed == Processed::Stashed {
+                self.stashed_line = Some(received.line.clone());
+                self.position = id;
+                return Ok(());
+            }
+            let mut lines: Vec<Line> = self.stashed_line.take().into_iter().collect();
+            lines.push(received.line.clone());
+            if let Some(cascade) = &self.cascade
+                && let Err(e) = cascade.append(&lines)
+            {
+                tracing::error!("cascade output: {e}; transaction {id} will be retried");
+                self.engine.rollback(checkpoint);
+                self.stashed_line = lines.into_iter().rev().nth(1);
+                self.wait_backoff().await;
+                return Ok(());
+            }
+            let batch = self.engine.take_batch(id);
+            if let Err(e) = self.engine.cache().commit(batch, false) {
+                return Err(self.cache_failure(e));
+            }
+            self.position = id;
+            self.unflushed += 1;
+            self.metrics.add_transactions(1);
+            self.metrics.set_processed(id);
+            self.backoff.reset();
+            if self.unflushed >= FLUSH_EVERY || self.last_flush.elapsed() >= FLUSH_INTERVAL {
+                self.flush(false);
+            }
+            return Ok(());
+        }
+    }
+
+    fn cache_failure(&mut self, e: CacheError) -> Exit {
+        let reason = e.to_string();
+        if matches!(
+            e,
+            CacheError::Corrupt { .. } | CacheError::UnsupportedVersion { .. }
+        ) {
+            if let Err(io) = cache::mark_bad(&self.config.cache_dir, &reason) {
+                tracing::error!("cannot write the bad_cache marker: {io}");
+            }
+            tracing::error!(
+                "corrupt cache ({reason}); marked bad: re-initialize with \
+                 `univention-directory-listener -i` (or remove {} after repairing)",
+                self.config.cache_dir.join(cache::BAD_CACHE_FILE).display()
+            );
+            Exit::BadCache(reason)
+        } else {
+            tracing::error!("cache write failed: {reason}; stopping");
+            Exit::BadCache(reason)
+        }
+    }
+
+    /// Makes every commit durable and rewrites the legacy `notifier_id` file (also with
+    /// nothing new when `force`d).
+    fn flush(&mut self, force: bool) {
+        if self.unflushed == 0 && !force {
+            return;
+        }
+        if let Err(e) = self.engine.cache().flush() {
+            tracing::error!("cache flush failed: {e}");
+            return;
+        }
+        let id = self.engine.master().notifier_id;
+        if let Err(e) = cache::write_legacy_notifier_id(&self.config.cache_dir, id) {
+            tracing::error!("cannot write the notifier_id file: {e}");
+        }
+        self.unflushed = 0;
+        self.last_flush = Instant::now();
+        self.publish_modules();
+    }
+
+    /// Idle: postrun for prepared modules and close the LDAP connections (UCS after 15 s).
+    async fn go_idle(&mut self) {
+        self.flush(false);
+        if !self.idle {
+            tokio::task::block_in_place(|| self.engine.handlers_mut().postrun());
+            self.prefetcher.clear();
+            self.engine.close_connections().await;
+            self.idle = true;
+            self.publish_modules();
+        }
+    }
+
+    /// SIGHUP: reload the modules, hand them `setdata` and initialise new ones (UCS did
+    /// neither, leaving new modules "not ready" until a restart).
+    async fn reload(&mut self) -> Result<(), Exit> {
+        if let Err(e) = self.reload_modules().await {
+            tracing::error!("reload: {e}");
+            if let EngineError::Cache(e) = e {
+                return Err(self.cache_failure(e));
+            }
+        }
+        Ok(())
+    }
+
+    async fn reload_modules(&mut self) -> Result<(), EngineError> {
+        self.flush(false);
+        tokio::task::block_in_place(|| self.engine.handlers_mut().postrun());
+        let modules = loader::load_modules(&self.config.native_modules, &self.config.module_paths);
+        let mut handlers = Handlers::new(modules, &self.config.cache_dir, self.privileges);
+        let old = self.engine.replace_handlers(Handlers::new(
+            Vec::new(),
+            &self.config.cache_dir,
+            self.privileges,
+        ));
+        drop(old.into_modules());
+        let data = setdata_values(&self.config, &self.server);
+        tokio::task::block_in_place(|| handlers.setdata(&data));
+        self.engine.replace_handlers(handlers);
+        tracing::info!(
+            "modules reloaded: {}",
+            self.engine
+                .handlers()
+                .names()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let result = self
+            .engine
+            .initialize_pending(self.config.scan_timeout)
+            .await;
+        self.publish_modules();
+        result
+    }
+
+    async fn shutdown(&mut self) {
+        self.publish_status("stopping");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        tokio::task::block_in_place(|| self.engine.handlers_mut().postrun());
+        self.flush(true);
+        self.engine.handlers().write_states();
+        self.engine.close_connections().await;
+        tracing::info!(
+            "stopped at transaction {}",
+            self.engine.master().notifier_id
+        );
+    }
+
+    fn publish_modules(&self) {
+        self.metrics.set_modules(
+            self.engine
+                .handlers()
+                .stats()
+                .map(|(name, stats, state)| (name.to_owned(), stats.clone(), state))
+                .collect(),
+        );
+    }
+
+    fn publish_status(&self, what: &str) {
+        let (ok, failed) = self.metrics.module_counts();
+        let status = format!(
+            "{what}: id {}, lag {}, modules {ok}/{failed}",
+            self.engine.master().notifier_id,
+            self.last_known.saturating_sub(self.position)
+        );
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+    }
+}
+
+/// The `setdata` values in UCS order: basedn, binddn, bindpw, ldapserver.
+pub fn setdata_values(config: &Config, server: &Server) -> Vec<(&'static str, Option<String>)> {
+    let (binddn, bindpw) = match &config.auth {
+        crate::config::Auth::Simple { dn, password } => (Some(dn.clone()), password.read().ok()),
+        _ => (None, None),
+    };
+    vec![
+        ("basedn", Some(config.base.clone())),
+        ("binddn", binddn),
+        ("bindpw", bindpw),
+        ("ldapserver", Some(server.host.clone())),
+    ]
+}
+
+/// Free space of the file system holding `dir`, in MiB.
+fn free_mib(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: zeroed statvfs is a valid value of this plain C struct.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: path is NUL-terminated and stat is a valid out pointer for the call.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+    if rc != 0 {
+        return None;
+    }
+    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64) / (1024 * 1024))
+}

@@ -1,0 +1,759 @@
+//! The loaded handler modules and the UCS rules for calling them (spec listener.md §3.4,
+//! §3.5, §4.3–4.5): order, filters, "up to date" skipping, lazy `prerun`, `postrun` of
+//! prepared modules, state files `<cache>/handlers/<name>`.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cache::CacheEntry;
+use modules::filter::Filter;
+use modules::{Call, Command, Module, ModuleError, REPLICATION};
+
+use crate::privileges::Privileges;
+
+/// State file bit: the module was initialised once.
+pub const INITIALIZED: u32 = 1;
+/// State file bit: the module is ready (initialised and not being re-initialised).
+pub const READY: u32 = 2;
+
+/// Subdirectory of the cache directory holding the state files.
+pub const STATE_DIR: &str = "handlers";
+
+/// Counters per module, for metrics and the status line.
+#[derive(Debug, Clone, Default)]
+pub struct CallStats {
+    pub calls: u64,
+    pub failures: u64,
+    pub busy: Duration,
+}
+
+struct Slot {
+    module: Box<dyn Module>,
+    filter: Option<Filter>,
+    state: u32,
+    /// `prerun` ran (or the module needs none) and `postrun` has not yet.
+    prepared: bool,
+    stats: CallStats,
+}
+
+impl Slot {
+    fn name(&self) -> &str {
+        &self.module.info().name
+    }
+
+    fn is_ready(&self) -> bool {
+        self.state & READY != 0
+    }
+}
+
+/// Which modules an update runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    All,
+    /// Module initialisation: only this one (index into the module list).
+    Only(usize),
+}
+
+/// All loaded modules, in call order.
+pub struct Handlers {
+    slots: Vec<Slot>,
+    state_dir: PathBuf,
+    privileges: Privileges,
+    /// During `-i`/`-P` a module that is not ready is still called (spec §4.5).
+    init_only: bool,
+}
+
+/// The attribute names whose value lists differ between `new` and `old` (names compared
+/// exactly, values positionally), plus names only in `old` (spec §3.4 step 1).
+pub fn changed_attributes<'a>(
+    new: &'a [(String, Vec<Vec<u8>>)],
+    old: &'a [(String, Vec<Vec<u8>>)],
+) -> Vec<&'a str> {
+    let mut changes: Vec<&str> = new
+        .iter()
+        .filter(|(name, values)| {
+            old.iter()
+                .find(|(n, _)| n == name)
+                .is_none_or(|(_, v)| v != values)
+        })
+        .map(|(name, _)| name.as_str())
+        .collect();
+    changes.extend(
+        old.iter()
+            .filter(|(name, _)| !new.iter().any(|(n, _)| n == name))
+            .map(|(name, _)| name.as_str()),
+    );
+    changes
+}
+
+fn order_key(module: &dyn Module) -> (f64, String) {
+    let info = module.info();
+    (info.priority, info.name.clone())
+}
+
+impl Handlers {
+    /// Orders `modules` by priority, then name (UCS 5), reads their state files, and drops
+    /// later modules whose name is taken (their state file and cache entries would collide).
+    pub fn new(
+        mut modules: Vec<Box<dyn Module>>,
+        cache_dir: &Path,
+        privileges: Privileges,
+    ) -> Handlers {
+        modules.sort_by(|a, b| {
+            let (pa, na) = order_key(a.as_ref());
+            let (pb, nb) = order_key(b.as_ref());
+            pa.total_cmp(&pb).then(na.cmp(&nb))
+        });
+        let state_dir = cache_dir.join(STATE_DIR);
+        let mut slots: Vec<Slot> = Vec::with_capacity(modules.len());
+        for module in modules {
+            let info = module.info();
+            if slots.iter().any(|s| s.name() == info.name) {
+                tracing::error!(
+                    "module {} from {} skipped: another module has that name",
+                    info.name,
+                    info.source
+                );
+                continue;
+            }
+            let filter = info.filter.as_deref().map(Filter::new);
+            for warning in filter.iter().flat_map(Filter::warnings) {
+                tracing::warn!("module {}: filter {warning}", info.name);
+            }
+            let state = read_state(&state_dir, &info.name);
+            slots.push(Slot {
+                module,
+                filter,
+                state,
+                prepared: false,
+                stats: CallStats::default(),
+            });
+        }
+        Handlers {
+            slots,
+            state_dir,
+            privileges,
+            init_only: false,
+        }
+    }
+
+    pub fn set_init_only(&mut self, on: bool) {
+        self.init_only = on;
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn name(&self, index: usize) -> &str {
+        self.slots.get(index).map_or("", Slot::name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.slots.iter().map(Slot::name)
+    }
+
+    pub fn filter_text(&self, index: usize) -> Option<&str> {
+        self.slots
+            .get(index)
+            .and_then(|s| s.filter.as_ref())
+            .map(Filter::as_str)
+    }
+
+    pub fn state(&self, index: usize) -> u32 {
+        self.slots.get(index).map_or(0, |s| s.state)
+    }
+
+    pub fn stats(&self) -> impl Iterator<Item = (&str, &CallStats, u32)> {
+        self.slots.iter().map(|s| (s.name(), &s.stats, s.state))
+    }
+
+    /// Indices of modules without the READY bit, in call order.
+    pub fn not_ready(&self) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(|&i| !self.slots[i].is_ready())
+            .collect()
+    }
+
+    /// Sets a module's state and writes its state file.
+    pub fn set_state(&mut self, index: usize, state: u32) -> io::Result<()> {
+        let Some(slot) = self.slots.get_mut(index) else {
+            return Ok(());
+        };
+        slot.state = state;
+        write_state(&self.state_dir, slot.name(), state)
+    }
+
+    /// Writes every module's state file (at exit and before a reload, like UCS).
+    pub fn write_states(&self) {
+        for slot in &self.slots {
+            if let Err(e) = write_state(&self.state_dir, slot.name(), slot.state) {
+                tracing::error!("cannot write the state of module {}: {e}", slot.name());
+            }
+        }
+    }
+
+    /// `setdata` for every module with the UCS keys in UCS order; `None` values are skipped.
+    pub fn setdata(&mut self, data: &[(&str, Option<String>)]) {
+        for index in 0..self.slots.len() {
+            for (key, value) in data {
+                if let Some(value) = value {
+                    let result = self.call(index, |m| m.setdata(key, value));
+                    if let Err(e) = result {
+                        tracing::error!("{}: setdata({key}) failed: {e}", self.name(index));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `clean()` then `initialize()` of one module (failures are logged and ignored, spec
+    /// §3.8).
+    pub fn clean_and_initialize(&mut self, index: usize) {
+        if let Err(e) = self.call(index, |m| m.clean()) {
+            tracing::error!("{}: clean failed: {e}", self.name(index));
+        }
+        if let Err(e) = self.call(index, |m| m.initialize()) {
+            tracing::error!("{}: initialize failed: {e}", self.name(index));
+        }
+    }
+
+    /// `H_update` (spec §3.4): runs the selected modules for an object whose new state is
+    /// `new` and cached state `old`; every module that ran successfully or is up to date is
+    /// added to `new.modules`.
+    pub fn update(
+        &mut self,
+        id: u64,
+        dn: &str,
+        new: &mut CacheEntry,
+        old: &CacheEntry,
+        command: Command,
+        selection: Selection,
+    ) {
+        let changes: Vec<String> = changed_attributes(&new.attributes, &old.attributes)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        for index in 0..self.slots.len() {
+            if selection != Selection::All && selection != Selection::Only(index) {
+                continue;
+            }
+            let slot = &self.slots[index];
+            let name = slot.name();
+            if name != REPLICATION && old.has_module(name) {
+                let watched = &slot.module.info().attributes;
+                let up_to_date = changes.is_empty()
+                    || (!watched.is_empty() && !watched.iter().any(|a| changes.contains(a)));
+                if up_to_date {
+                    let name = name.to_owned();
+                    new.add_module(&name);
+                    continue;
+                }
+            }
+            let matches = slot
+                .filter
+                .as_ref()
+                .is_some_and(|f| f.matches(new.attributes.as_slice()));
+            if !matches {
+                continue;
+            }
+            let call = Call {
+                id,
+                dn,
+                command,
+                new: &new.attributes,
+                old: &old.attributes,
+            };
+            if self.handle(index, &call) {
+                let name = self.name(index).to_owned();
+                new.add_module(&name);
+            }
+        }
+    }
+
+    /// `H_delete` (spec §3.5): modules recorded on `old`, `replication`, and modules with
+    /// `handle_every_delete` see the delete (`d`) or first half of a move (`r`); each that
+    /// succeeds is removed from `old.modules`.
+    pub fn delete(&mut self, id: u64, dn: &str, old: &mut CacheEntry, command: Command) {
+        for index in 0..self.slots.len() {
+            let slot = &self.slots[index];
+            let name = slot.name();
+            let wanted = old.has_module(name)
+                || name == REPLICATION
+                || slot.module.info().handle_every_delete;
+            if !wanted {
+                continue;
+            }
+            let call = Call {
+                id,
+                dn,
+                command,
+                new: &[],
+                old: &old.attributes,
+            };
+            if self.handle(index, &call) {
+                let name = self.name(index).to_owned();
+                old.remove_module(&name);
+            }
+        }
+    }
+
+    /// `postrun` for every prepared module; a module whose `postrun` fails stays prepared,
+    /// so it is retried at the next idle time (spec §3.8).
+    pub fn postrun(&mut self) {
+        for index in 0..self.slots.len() {
+            if !self.slots[index].prepared {
+                continue;
+            }
+            match self.call(index, |m| m.postrun()) {
+                Ok(()) => self.slots[index].prepared = false,
+                Err(e) => tracing::error!("{}: postrun failed: {e}", self.name(index)),
+            }
+        }
+    }
+
+    pub fn any_prepared(&self) -> bool {
+        self.slots.iter().any(|s| s.prepared)
+    }
+
+    /// Runs one handler call with the lazy `prerun`; true on success.
+    fn handle(&mut self, index: usize, call: &Call<'_>) -> bool {
+        let Some(slot) = self.slots.get(index) else {
+            return false;
+        };
+        if !slot.is_ready() && !self.init_only {
+            tracing::warn!(
+                "{}: not ready, {} {} skipped (failed)",
+                slot.name(),
+                call.command,
+                call.dn
+            );
+            self.slots[index].stats.failures += 1;
+            return false;
+        }
+        if !slot.prepared {
+            match self.call(index, |m| m.prerun()) {
+                Ok(()) => self.slots[index].prepared = true,
+                // The handler still runs; prerun is retried before the next call.
+                Err(e) => tracing::error!("{}: prerun failed: {e}", self.name(index)),
+            }
+        }
+        let started = Instant::now();
+        let result = self.call(index, |m| m.handler(call));
+        let slot = &mut self.slots[index];
+        slot.stats.calls += 1;
+        slot.stats.busy += started.elapsed();
+        match result {
+            Ok(()) => {
+                tracing::debug!("{}: {} {}", slot.name(), call.command, call.dn);
+                true
+            }
+            Err(e) => {
+                slot.stats.failures += 1;
+                tracing::error!(
+                    "{}: handler for {} {} (failed): {e}",
+                    slot.name(),
+                    call.command,
+                    call.dn
+                );
+                false
+            }
+        }
+    }
+
+    /// Calls into a module, then restores the daemon's effective uid/gid: modules may switch
+    /// to root (`listener.setuid(0)`) and forget to switch back (spec §4.3).
+    fn call(
+        &mut self,
+        index: usize,
+        f: impl FnOnce(&mut dyn Module) -> Result<(), ModuleError>,
+    ) -> Result<(), ModuleError> {
+        let Some(slot) = self.slots.get_mut(index) else {
+            return Ok(());
+        };
+        let result = f(slot.module.as_mut());
+        self.privileges.restore();
+        result
+    }
+
+    /// Takes the modules out (for a reload); their states are written first.
+    pub fn into_modules(self) -> Vec<Box<dyn Module>> {
+        self.write_states();
+        self.slots.into_iter().map(|s| s.module).collect()
+    }
+}
+
+fn state_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+/// The decimal state in `<dir>/<name>`; a missing or unreadable file is state 0.
+pub fn read_state(dir: &Path, name: &str) -> u32 {
+    std::fs::read_to_string(state_path(dir, name))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Writes `<dir>/<name>` atomically (temporary file + rename), decimal without newline.
+pub fn write_state(dir: &Path, name: &str, state: u32) -> io::Result<()> {
+    let path = state_path(dir, name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, state.to_string())?;
+    std::fs::rename(&tmp, &path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use modules::{ModuleInfo, ModuleSource};
+
+    use super::*;
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    struct Recorder {
+        info: ModuleInfo,
+        log: Log,
+        fail_handler: bool,
+        fail_prerun: bool,
+    }
+
+    impl Module for Recorder {
+        fn info(&self) -> &ModuleInfo {
+            &self.info
+        }
+        fn handler(&mut self, call: &Call<'_>) -> Result<(), ModuleError> {
+            self.log.lock().unwrap().push(format!(
+                "{} {} {} new={} old={}",
+                self.info.name,
+                call.command,
+                call.dn,
+                call.new.len(),
+                call.old.len()
+            ));
+            if self.fail_handler {
+                Err(ModuleError::new("boom"))
+            } else {
+                Ok(())
+            }
+        }
+        fn prerun(&mut self) -> Result<(), ModuleError> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("{} prerun", self.info.name));
+            if self.fail_prerun {
+                Err(ModuleError::new("no"))
+            } else {
+                Ok(())
+            }
+        }
+        fn postrun(&mut self) -> Result<(), ModuleError> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("{} postrun", self.info.name));
+            Ok(())
+        }
+        fn setdata(&mut self, key: &str, value: &str) -> Result<(), ModuleError> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("{} setdata {key}={value}", self.info.name));
+            Ok(())
+        }
+    }
+
+    fn recorder(name: &str, filter: Option<&str>, log: &Log) -> Recorder {
+        Recorder {
+            info: ModuleInfo {
+                name: name.into(),
+                description: String::new(),
+                filter: filter.map(str::to_owned),
+                attributes: vec![],
+                handle_every_delete: false,
+                priority: if name == REPLICATION { 0.0 } else { 50.0 },
+                source: ModuleSource::Native("test".into()),
+            },
+            log: Arc::clone(log),
+            fail_handler: false,
+            fail_prerun: false,
+        }
+    }
+
+    fn entry(dn: &str, attrs: &[(&str, &[&str])], modules: &[&str]) -> CacheEntry {
+        CacheEntry {
+            dn: dn.into(),
+            attributes: attrs
+                .iter()
+                .map(|(n, vs)| {
+                    (
+                        n.to_string(),
+                        vs.iter().map(|v| v.as_bytes().to_vec()).collect(),
+                    )
+                })
+                .collect(),
+            modules: modules.iter().map(|m| m.to_string()).collect(),
+        }
+    }
+
+    fn handlers(dir: &Path, modules: Vec<Recorder>) -> Handlers {
+        let boxed: Vec<Box<dyn Module>> = modules
+            .into_iter()
+            .map(|m| Box::new(m) as Box<dyn Module>)
+            .collect();
+        std::fs::create_dir_all(dir.join(STATE_DIR)).unwrap();
+        let mut h = Handlers::new(boxed, dir, Privileges::unchanged());
+        for i in 0..h.len() {
+            h.set_state(i, INITIALIZED | READY).unwrap();
+        }
+        h
+    }
+
+    fn take(log: &Log) -> Vec<String> {
+        std::mem::take(&mut *log.lock().unwrap())
+    }
+
+    #[test]
+    fn diff_is_positional_and_counts_removed_attributes() {
+        let old = entry(
+            "x",
+            &[("a", &["1", "2"]), ("b", &["x"]), ("gone", &["g"])],
+            &[],
+        );
+        let new = entry(
+            "x",
+            &[("a", &["2", "1"]), ("b", &["x"]), ("c", &["n"])],
+            &[],
+        );
+        assert_eq!(
+            changed_attributes(&new.attributes, &old.attributes),
+            ["a", "c", "gone"]
+        );
+        assert!(changed_attributes(&old.attributes, &old.attributes).is_empty());
+    }
+
+    #[test]
+    fn order_is_priority_then_name_with_replication_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let mut late = recorder("aaa", Some("(objectClass=*)"), &log);
+        late.info.priority = 60.0;
+        let h = handlers(
+            dir.path(),
+            vec![
+                late,
+                recorder("zeta", None, &log),
+                recorder(REPLICATION, None, &log),
+                recorder("beta", None, &log),
+                recorder("beta", None, &log),
+            ],
+        );
+        assert_eq!(
+            h.names().collect::<Vec<_>>(),
+            ["replication", "beta", "zeta", "aaa"]
+        );
+        assert_eq!(read_state(&dir.path().join(STATE_DIR), "beta"), 3);
+    }
+
+    #[test]
+    fn update_follows_filters_and_up_to_date_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let mut watcher = recorder("watcher", Some("(objectClass=person)"), &log);
+        watcher.info.attributes = vec!["mail".into()];
+        let h = &mut handlers(
+            dir.path(),
+            vec![
+                recorder("all", Some("(objectClass=*)"), &log),
+                recorder("groups", Some("(objectClass=group)"), &log),
+                watcher,
+            ],
+        );
+        let old = entry(
+            "cn=a",
+            &[
+                ("objectClass", &["person"]),
+                ("cn", &["a"]),
+                ("mail", &["m"]),
+            ],
+            &["all", "watcher", "groups"],
+        );
+        // Only cn changed: "watcher" only cares about mail, so it is up to date; "groups"
+        // no longer matches and silently drops out.
+        let mut new = entry(
+            "cn=a",
+            &[
+                ("objectClass", &["person"]),
+                ("cn", &["b"]),
+                ("mail", &["m"]),
+            ],
+            &[],
+        );
+        h.update(7, "cn=a", &mut new, &old, Command::Modify, Selection::All);
+        assert_eq!(take(&log), ["all prerun", "all m cn=a new=3 old=3"]);
+        assert_eq!(new.modules, ["all", "watcher"]);
+        // No change at all: nobody is called, recorded modules stay.
+        let mut same = old.clone();
+        same.modules.clear();
+        h.update(8, "cn=a", &mut same, &old, Command::Modify, Selection::All);
+        assert!(take(&log).is_empty());
+        assert_eq!(same.modules, ["all", "groups", "watcher"]);
+        // A module not recorded on the object ignores `attributes`.
+        let fresh = entry("cn=a", &[], &[]);
+        let mut new = old.clone();
+        new.modules.clear();
+        h.update(9, "cn=a", &mut new, &fresh, Command::Add, Selection::All);
+        assert_eq!(
+            take(&log),
+            [
+                "all a cn=a new=3 old=0",
+                "watcher prerun",
+                "watcher a cn=a new=3 old=0"
+            ]
+        );
+    }
+
+    #[test]
+    fn failures_are_not_recorded_and_prerun_failures_still_call_the_handler() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let mut bad = recorder("bad", Some("(cn=*)"), &log);
+        bad.fail_handler = true;
+        let mut noprep = recorder("noprep", Some("(cn=*)"), &log);
+        noprep.fail_prerun = true;
+        let h = &mut handlers(dir.path(), vec![bad, noprep]);
+        let mut new = entry("cn=a", &[("cn", &["a"])], &[]);
+        h.update(
+            1,
+            "cn=a",
+            &mut new,
+            &CacheEntry::default(),
+            Command::Add,
+            Selection::All,
+        );
+        assert_eq!(new.modules, ["noprep"]);
+        assert_eq!(
+            take(&log),
+            [
+                "bad prerun",
+                "bad a cn=a new=1 old=0",
+                "noprep prerun",
+                "noprep a cn=a new=1 old=0"
+            ]
+        );
+        // postrun only for prepared modules ("bad" prepared; "noprep" not).
+        h.postrun();
+        assert_eq!(take(&log), ["bad postrun"]);
+        assert!(!h.any_prepared());
+        let stats: Vec<_> = h
+            .stats()
+            .map(|(n, s, _)| (n.to_owned(), s.calls, s.failures))
+            .collect();
+        assert_eq!(
+            stats,
+            [("bad".to_owned(), 1, 1), ("noprep".to_owned(), 1, 0)]
+        );
+    }
+
+    #[test]
+    fn deletes_reach_recorded_replication_and_every_delete_modules() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let mut every = recorder("every", None, &log);
+        every.info.handle_every_delete = true;
+        let h = &mut handlers(
+            dir.path(),
+            vec![
+                recorder(REPLICATION, None, &log),
+                recorder("recorded", None, &log),
+                recorder("other", Some("(objectClass=*)"), &log),
+                every,
+            ],
+        );
+        let mut old = entry("cn=a", &[("cn", &["a"])], &["recorded"]);
+        h.delete(4, "CN=A", &mut old, Command::Delete);
+        let calls: Vec<_> = take(&log)
+            .into_iter()
+            .filter(|l| !l.ends_with("prerun"))
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                "replication d CN=A new=0 old=1",
+                "every d CN=A new=0 old=1",
+                "recorded d CN=A new=0 old=1"
+            ]
+        );
+        assert!(old.modules.is_empty());
+    }
+
+    #[test]
+    fn modules_that_are_not_ready_fail_except_in_init_only_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let h = &mut handlers(dir.path(), vec![recorder("m", Some("(cn=*)"), &log)]);
+        h.set_state(0, INITIALIZED).unwrap();
+        assert_eq!(h.not_ready(), [0]);
+        let mut new = entry("cn=a", &[("cn", &["a"])], &[]);
+        h.update(
+            1,
+            "cn=a",
+            &mut new,
+            &CacheEntry::default(),
+            Command::Add,
+            Selection::All,
+        );
+        assert!(new.modules.is_empty());
+        assert!(take(&log).is_empty());
+        h.set_init_only(true);
+        h.update(
+            1,
+            "cn=a",
+            &mut new,
+            &CacheEntry::default(),
+            Command::Init,
+            Selection::Only(0),
+        );
+        assert_eq!(new.modules, ["m"]);
+    }
+
+    #[test]
+    fn setdata_skips_missing_values_and_keeps_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let h = &mut handlers(dir.path(), vec![recorder("m", None, &log)]);
+        h.setdata(&[
+            ("basedn", Some("dc=x".into())),
+            ("binddn", None),
+            ("bindpw", Some("pw".into())),
+            ("ldapserver", Some("h".into())),
+        ]);
+        assert_eq!(
+            take(&log),
+            [
+                "m setdata basedn=dc=x",
+                "m setdata bindpw=pw",
+                "m setdata ldapserver=h"
+            ]
+        );
+    }
+
+    #[test]
+    fn state_files_round_trip_without_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        write_state(dir.path(), "mod", 3).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("mod")).unwrap(), b"3");
+        assert_eq!(read_state(dir.path(), "mod"), 3);
+        assert_eq!(read_state(dir.path(), "missing"), 0);
+        std::fs::write(dir.path().join("junk"), "x").unwrap();
+        assert_eq!(read_state(dir.path(), "junk"), 0);
+    }
+}

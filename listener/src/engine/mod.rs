@@ -1,0 +1,596 @@
+//! The change engine: the UCS change rules of spec listener.md §3 for one transaction at a
+//! time — find the object (by cached entryUUID, then DN), decide between update, delete,
+//! move (`r` stashed, completed by its `a`), delayed modify and schema update, call the
+//! modules, and stage the cache writes that the main loop commits together with the id.
+
+mod dn;
+mod parents;
+mod staged;
+
+use std::path::PathBuf;
+
+use cache::{Cache, CacheEntry, CacheError, MasterRecord};
+use modules::Command;
+use modules::filter::CacheFilter;
+use proto::Transaction;
+use proto::ldap::RawEntry;
+
+pub use dn::{parent, same_dn};
+pub use staged::Staged;
+
+use crate::dispatch::{Handlers, Selection};
+use crate::ldap::{Connection, LdapFailure, Lookup};
+
+/// DN under which the subschema is read and handed to modules (spec §3.7).
+pub const SUBSCHEMA_DN: &str = "cn=Subschema";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Ldap(#[from] LdapFailure),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+impl EngineError {
+    /// Retrying later may succeed (LDAP down or busy).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, EngineError::Ldap(e) if e.is_transient())
+    }
+}
+
+/// Answers read ahead for one transaction by the pipeline; the engine uses them when its
+/// own rules ask exactly these questions, and asks LDAP itself otherwise.
+#[derive(Debug, Default)]
+pub struct Prefetched {
+    /// Base read of the transaction's DN.
+    pub by_dn: Option<Lookup>,
+    /// entryUUID search for the uuid cached under the DN at prefetch time.
+    pub by_uuid: Option<(String, Lookup)>,
+}
+
+/// An operation in flight: the notifier's view plus what the cache knew.
+#[derive(Debug, Clone)]
+struct Op {
+    id: u64,
+    /// The notifier's DN spelling.
+    dn: String,
+    command: Command,
+    /// Old state, and the DN it is cached under (the `r`'s DN for the `a` of a move).
+    cache: Option<(String, CacheEntry)>,
+    uuid: Option<String>,
+}
+
+impl Op {
+    fn cached(&self) -> Option<&CacheEntry> {
+        self.cache.as_ref().map(|(_, e)| e)
+    }
+}
+
+/// See [`Engine::checkpoint`].
+#[derive(Debug)]
+pub struct Checkpoint {
+    prev: Option<Op>,
+}
+
+/// What became of a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Processed {
+    /// Done: commit the staged changes with this id.
+    Done,
+    /// An `r` waiting for its `a`: the id must not be persisted yet (spec §2.2 step 8).
+    Stashed,
+}
+
+/// Static settings of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub base: String,
+    pub cache_filter: Option<String>,
+    pub memberuid_skip: bool,
+    pub uniquemember_skip: bool,
+    /// Replicating roles check parents in the local LDAP (spec §3.6).
+    pub checks_parents: bool,
+    /// The primary never replicates the schema (spec §3.7).
+    pub schema_updates: bool,
+    /// `<ldap_dir>/schema/id/id`, rewritten when the schema id grows.
+    pub schema_id_file: PathBuf,
+}
+
+pub struct Engine {
+    settings: EngineSettings,
+    cache_filter: Option<CacheFilter>,
+    pub(crate) staged: Staged,
+    pub(crate) handlers: Handlers,
+    pub(crate) ldap: Connection,
+    local: Option<Connection>,
+    prev: Option<Op>,
+    master: MasterRecord,
+    /// Latest schema id the notifier reported.
+    notifier_schema_id: u64,
+}
+
+impl Engine {
+    pub fn new(
+        settings: EngineSettings,
+        cache: std::sync::Arc<Cache>,
+        handlers: Handlers,
+        ldap: Connection,
+        local: Option<Connection>,
+        master: MasterRecord,
+    ) -> Engine {
+        let cache_filter = settings
+            .cache_filter
+            .as_deref()
+            .map(|f| CacheFilter::new(f, &settings.base));
+        Engine {
+            settings,
+            cache_filter,
+            staged: Staged::new(cache),
+            handlers,
+            ldap,
+            local,
+            prev: None,
+            master,
+            notifier_schema_id: master.schema_id,
+        }
+    }
+
+    pub fn master(&self) -> MasterRecord {
+        self.master
+    }
+
+    pub fn handlers(&self) -> &Handlers {
+        &self.handlers
+    }
+
+    pub fn handlers_mut(&mut self) -> &mut Handlers {
+        &mut self.handlers
+    }
+
+    pub fn replace_handlers(&mut self, handlers: Handlers) -> Handlers {
+        std::mem::replace(&mut self.handlers, handlers)
+    }
+
+    pub fn cache(&self) -> &std::sync::Arc<Cache> {
+        self.staged.cache()
+    }
+
+    pub fn has_stashed_move(&self) -> bool {
+        self.prev.is_some()
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// What [`Engine::rollback`] needs to forget a processed transaction before it is
+    /// committed.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            prev: self.prev.clone(),
+        }
+    }
+
+    /// Forgets everything staged since `checkpoint` (its handlers have run; they run again
+    /// when the transaction is retried, like UCS after a restart).
+    pub fn rollback(&mut self, checkpoint: Checkpoint) {
+        self.staged.discard();
+        self.prev = checkpoint.prev;
+    }
+
+    /// Records the notifier's schema id; the next object found in LDAP triggers the update.
+    pub fn set_notifier_schema_id(&mut self, id: u64) {
+        self.notifier_schema_id = id;
+    }
+
+    /// Closes the LDAP connections (idle time, like UCS); they reopen on demand.
+    pub async fn close_connections(&mut self) {
+        self.ldap.close().await;
+        if let Some(local) = &mut self.local {
+            local.close().await;
+        }
+    }
+
+    /// Stages the master record for `id` and hands out everything staged since the last
+    /// commit, as one batch.
+    pub fn take_batch(&mut self, id: u64) -> cache::Batch {
+        self.master.notifier_id = id;
+        self.staged.take_batch(self.master)
+    }
+
+    /// Stages the current master record alone (startup, schema updates during init).
+    pub fn take_master_batch(&mut self) -> cache::Batch {
+        self.staged.take_batch(self.master)
+    }
+
+    /// Runs transaction `tx` through the change rules (spec §3.2–3.3). On error nothing of
+    /// it is staged and a stashed `r` stays stashed, so the transaction can be retried.
+    pub async fn process(
+        &mut self,
+        tx: &Transaction,
+        prefetched: Prefetched,
+    ) -> Result<Processed, EngineError> {
+        let result = self.process_inner(tx, prefetched).await;
+        if result.is_err() {
+            self.staged.discard();
+        }
+        result
+    }
+
+    async fn process_inner(
+        &mut self,
+        tx: &Transaction,
+        mut prefetched: Prefetched,
+    ) -> Result<Processed, EngineError> {
+        let mut cur = Op {
+            id: tx.id.get(),
+            dn: tx.dn.clone(),
+            command: tx.command,
+            cache: self.staged.get(&tx.dn)?.map(|e| (tx.dn.clone(), e)),
+            uuid: None,
+        };
+        let mut prev = self.prev.clone();
+        let mut is_move = false;
+        if let Some(p) = &prev {
+            let consecutive =
+                cur.command == Command::Add && p.command == Command::ModRdn && p.id + 1 == cur.id;
+            if p.cache.is_none() {
+                tracing::info!("move_to without history: {} -> {}", p.dn, cur.dn);
+                is_move = consecutive;
+            } else if consecutive {
+                if cur.cache.is_some() {
+                    tracing::warn!("move_to collision at {}", cur.dn);
+                }
+                cur.cache = p.cache.clone();
+                cur.uuid = p.uuid.clone();
+                is_move = true;
+            } else {
+                // UCS stops for good here ("non consecutive move") and hits the same error
+                // after every restart. The object left its old DN for a place we cannot
+                // know: handle it as gone, then go on with this transaction.
+                tracing::warn!(
+                    "non-consecutive move: {} (id {}) not followed by its add; \
+                     handling it as a delete",
+                    p.dn,
+                    p.id
+                );
+                self.delete(p)?;
+                prev = None;
+            }
+        }
+        if !is_move {
+            cur.uuid = cur
+                .cached()
+                .and_then(CacheEntry::entry_uuid)
+                .map(str::to_owned);
+        }
+
+        let mut lookup = match &cur.uuid {
+            Some(uuid) => self.fetch_by_uuid(&cur.dn, uuid, &mut prefetched).await?,
+            None => self.fetch_by_dn(&cur.dn, &mut prefetched).await?,
+        };
+        if lookup == Lookup::Missing && cur.uuid.is_some() {
+            lookup = self.fetch_by_dn(&cur.dn, &mut prefetched).await?;
+        }
+        let stashed = match lookup {
+            Lookup::Missing => {
+                self.delete(&cur)?;
+                None
+            }
+            Lookup::Found(entry) => self.update_cache(cur, entry, is_move, prev).await?,
+        };
+        let processed = if stashed.is_some() {
+            Processed::Stashed
+        } else {
+            Processed::Done
+        };
+        self.prev = stashed;
+        Ok(processed)
+    }
+
+    async fn fetch_by_dn(
+        &mut self,
+        dn: &str,
+        prefetched: &mut Prefetched,
+    ) -> Result<Lookup, EngineError> {
+        if let Some(lookup) = prefetched.by_dn.take() {
+            return Ok(lookup);
+        }
+        Ok(self.ldap.read_entry(dn).await?)
+    }
+
+    async fn fetch_by_uuid(
+        &mut self,
+        dn: &str,
+        uuid: &str,
+        prefetched: &mut Prefetched,
+    ) -> Result<Lookup, EngineError> {
+        if let Some((u, _)) = &prefetched.by_uuid
+            && u.eq_ignore_ascii_case(uuid)
+            && let Some((_, lookup)) = prefetched.by_uuid.take()
+        {
+            return Ok(lookup);
+        }
+        // A base read of the DN that found the object with this entryUUID is the answer the
+        // subtree search would give: entryUUIDs are unique.
+        if let Some(Lookup::Found(entry)) = &prefetched.by_dn
+            && entry
+                .first_str("entryUUID")
+                .is_some_and(|u| u.eq_ignore_ascii_case(uuid))
+            && same_dn(&entry.dn, dn)
+        {
+            return Ok(Lookup::Found(entry.clone()));
+        }
+        Ok(self.ldap.find_by_uuid(&self.settings.base, uuid).await?)
+    }
+
+    /// `change_update_cache` (spec §3.3); returns the operation to stash for an `r`.
+    async fn update_cache(
+        &mut self,
+        cur: Op,
+        entry: RawEntry,
+        is_move: bool,
+        prev: Option<Op>,
+    ) -> Result<Option<Op>, EngineError> {
+        self.update_schema().await?;
+        let ldap_dn = entry.dn.clone();
+        match cur.command {
+            Command::Modify => {
+                if !same_dn(&cur.dn, &ldap_dn) {
+                    tracing::info!("delaying update for {} until moved to {ldap_dn}", cur.dn);
+                } else {
+                    self.check_parents(&ldap_dn, false).await?;
+                    self.update_entry(cur.id, entry, Command::Modify)?;
+                }
+            }
+            Command::Add => match prev {
+                Some(prev) if is_move && prev.cache.is_some() => {
+                    self.process_move(cur, entry, prev).await?;
+                }
+                _ => {
+                    if !same_dn(&cur.dn, &ldap_dn) {
+                        tracing::warn!("schizophrenia: {} is now at {ldap_dn}", cur.dn);
+                    }
+                    self.check_parents(&ldap_dn, false).await?;
+                    self.update_entry(cur.id, entry, Command::Add)?;
+                }
+            },
+            Command::Delete => {
+                if !same_dn(&cur.dn, &ldap_dn) {
+                    tracing::warn!("resurrection: {} exists again as {ldap_dn}", cur.dn);
+                }
+                self.delete(&cur)?;
+            }
+            Command::ModRdn => return Ok(Some(cur)),
+            Command::Init => {
+                tracing::warn!(
+                    "unknown command {} for {} (id {})",
+                    cur.command,
+                    cur.dn,
+                    cur.id
+                );
+            }
+        }
+        Ok(None)
+    }
+
+    /// Converts an LDAP entry to a cache entry, dropping duplicate `memberUid` /
+    /// `uniqueMember` values when configured (spec §6.2).
+    pub(crate) fn to_cache_entry(&self, entry: RawEntry) -> CacheEntry {
+        let mut attributes = entry.attrs;
+        for (name, values) in &mut attributes {
+            let skip = (self.settings.memberuid_skip && name.eq_ignore_ascii_case("memberUid"))
+                || (self.settings.uniquemember_skip && name.eq_ignore_ascii_case("uniqueMember"));
+            if skip {
+                let mut seen = std::collections::HashSet::new();
+                values.retain(|v| seen.insert(v.clone()));
+            }
+        }
+        CacheEntry {
+            dn: entry.dn,
+            attributes,
+            modules: Vec::new(),
+        }
+    }
+
+    /// `change_update_entry`: all modules see `entry` against the cached state, then the
+    /// new state is stored.
+    pub(crate) fn update_entry(
+        &mut self,
+        id: u64,
+        entry: RawEntry,
+        command: Command,
+    ) -> Result<(), EngineError> {
+        let mut new = self.to_cache_entry(entry);
+        let old = self.staged.get(&new.dn)?.unwrap_or_default();
+        let dn = new.dn.clone();
+        self.handlers
+            .update(id, &dn, &mut new, &old, command, Selection::All);
+        self.store(new);
+        Ok(())
+    }
+
+    /// `store`: cache write, unless `listener/cache/filter` excludes the object — then any
+    /// older copy is removed too, so the cache never keeps a stale state (UCS kept it).
+    pub(crate) fn store(&mut self, entry: CacheEntry) {
+        let excluded = self
+            .cache_filter
+            .as_ref()
+            .is_some_and(|f| f.excludes(&entry.dn, entry.attributes.as_slice()));
+        if excluded {
+            self.staged.delete(&entry.dn);
+        } else {
+            self.staged.put(entry);
+        }
+    }
+
+    /// `change_delete`: delete handlers with command `d`, whatever the notifier said, then
+    /// the cache entry goes (even if a handler failed).
+    fn delete(&mut self, op: &Op) -> Result<(), EngineError> {
+        let mut old = op.cached().cloned().unwrap_or_default();
+        self.handlers
+            .delete(op.id, &op.dn, &mut old, Command::Delete);
+        if let Some((cached_dn, _)) = &op.cache {
+            self.staged.delete(cached_dn);
+            if !same_dn(cached_dn, &op.dn) {
+                self.staged.delete(&op.dn);
+            }
+        }
+        Ok(())
+    }
+
+    /// `process_move` (spec §3.3.1): `r` for the old DN, `a` with the cached state moved to
+    /// the new DN, then `m` if LDAP differs from that.
+    async fn process_move(
+        &mut self,
+        cur: Op,
+        entry: RawEntry,
+        prev: Op,
+    ) -> Result<(), EngineError> {
+        let Some((prev_cached_dn, mut prev_old)) = prev.cache.clone() else {
+            return Ok(());
+        };
+        let ldap_dn = entry.dn.clone();
+        let is_final = same_dn(&cur.dn, &ldap_dn);
+        let current_dn = if is_final { ldap_dn } else { cur.dn.clone() };
+
+        self.staged.delete(&prev_cached_dn);
+        let mut moved = prev_old.clone();
+        moved.dn = current_dn.clone();
+        replace_rdn_values(&mut moved, &prev.dn, &current_dn);
+        set_single(&mut moved, "entryDN", current_dn.as_bytes());
+        self.check_parents(&current_dn, true).await?;
+
+        self.handlers
+            .delete(prev.id, &prev.dn, &mut prev_old, Command::ModRdn);
+        let empty = CacheEntry::default();
+        self.handlers.update(
+            cur.id,
+            &current_dn,
+            &mut moved,
+            &empty,
+            Command::Add,
+            Selection::All,
+        );
+        self.store(moved);
+        if is_final {
+            self.update_entry(cur.id, entry, Command::Modify)?;
+        }
+        Ok(())
+    }
+
+    /// `change_update_schema` (spec §3.7), only when the notifier's schema id grew: modules
+    /// see `cn=Subschema` with `n`; the id is recorded even if the read failed, like UCS.
+    pub async fn update_schema(&mut self) -> Result<(), EngineError> {
+        if !self.settings.schema_updates || self.notifier_schema_id <= self.master.schema_id {
+            return Ok(());
+        }
+        let new_id = self.notifier_schema_id;
+        tracing::info!(
+            "schema id {} -> {new_id}: updating the schema",
+            self.master.schema_id
+        );
+        match self.ldap.read_entry(SUBSCHEMA_DN).await {
+            Ok(Lookup::Found(mut entry)) => {
+                entry.dn = SUBSCHEMA_DN.to_owned();
+                self.update_entry(self.master.notifier_id, entry, Command::Init)?;
+            }
+            Ok(Lookup::Missing) => tracing::error!("cannot read {SUBSCHEMA_DN}: not found"),
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => tracing::error!("cannot read {SUBSCHEMA_DN}: {e}"),
+        }
+        self.master.schema_id = new_id;
+        if let Err(e) = write_schema_id(&self.settings.schema_id_file, new_id) {
+            tracing::warn!(
+                "cannot write {}: {e}",
+                self.settings.schema_id_file.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Replaces the values of the RDN attributes when the first RDN changed: a copy of the old
+/// entry then shows the new naming value (spec §3.3.1 step 2; old values go even for a
+/// rename that kept them, as in UCS).
+fn replace_rdn_values(entry: &mut CacheEntry, old_dn: &str, new_dn: &str) {
+    let (Some(old_rdn), Some(new_rdn)) = (dn::first_rdn_avas(old_dn), dn::first_rdn_avas(new_dn))
+    else {
+        return;
+    };
+    if !dn::rdn_differs(&old_rdn, &new_rdn) {
+        return;
+    }
+    for ava in &new_rdn {
+        set_single(entry, &ava.attr, &ava.value);
+    }
+}
+
+/// Sets `attr` (found ASCII-case-insensitively, keeping the cached spelling) to one value,
+/// appending the attribute if absent.
+fn set_single(entry: &mut CacheEntry, attr: &str, value: &[u8]) {
+    match entry
+        .attributes
+        .iter_mut()
+        .find(|(name, _)| name.eq_ignore_ascii_case(attr))
+    {
+        Some((_, values)) => *values = vec![value.to_vec()],
+        None => entry
+            .attributes
+            .push((attr.to_owned(), vec![value.to_vec()])),
+    }
+}
+
+/// Writes the schema id file atomically.
+fn write_schema_id(path: &std::path::Path, id: u64) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, id.to_string())?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(attrs: &[(&str, &[&str])]) -> CacheEntry {
+        CacheEntry {
+            dn: "x".into(),
+            attributes: attrs
+                .iter()
+                .map(|(n, vs)| {
+                    (
+                        n.to_string(),
+                        vs.iter().map(|v| v.as_bytes().to_vec()).collect(),
+                    )
+                })
+                .collect(),
+            modules: vec![],
+        }
+    }
+
+    #[test]
+    fn rdn_values_are_replaced_only_when_the_rdn_changed() {
+        let mut e = entry(&[("cn", &["old", "alias"]), ("uid", &["u"])]);
+        replace_rdn_values(&mut e, "cn=old,ou=a,dc=x", "cn=old,ou=b,dc=x");
+        assert_eq!(e.values("cn").unwrap().len(), 2);
+        replace_rdn_values(&mut e, "cn=old,ou=a,dc=x", "CN=J\\2C Neu,ou=b,dc=x");
+        assert_eq!(e.values("cn").unwrap(), [b"J, Neu".to_vec()]);
+        assert_eq!(e.attributes[0].0, "cn");
+        replace_rdn_values(&mut e, "cn=old,dc=x", "cn=n+sn=s,dc=x");
+        assert_eq!(e.values("sn").unwrap(), [b"s".to_vec()]);
+    }
+
+    #[test]
+    fn entry_dn_is_set_or_added() {
+        let mut e = entry(&[("entryDN", &["cn=a"])]);
+        set_single(&mut e, "entrydn", b"cn=b");
+        assert_eq!(e.values("entryDN").unwrap(), [b"cn=b".to_vec()]);
+        let mut e = entry(&[]);
+        set_single(&mut e, "entryDN", b"cn=b");
+        assert_eq!(
+            e.attributes,
+            [("entryDN".to_string(), vec![b"cn=b".to_vec()])]
+        );
+    }
+}

@@ -1,0 +1,392 @@
+//! `univention-directory-listener`: the startup sequence of spec listener.md §1.2, then the
+//! main loop ([`listener::daemon`]).
+//!
+//! Exit status: 0 after a signal (everything committed) or a finished `-i`/`-P`; 1 on a
+//! configuration error, a second listener on the same cache, or a failed `-i`/`-P`; 3 when
+//! the cache is marked bad (as UCS).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cache::{Cache, CacheError, MasterRecord};
+use clap::Parser;
+use listener::config::{Cli, Config, LdapTarget, RunMode, Server};
+use listener::daemon::{Daemon, Exit, setdata_values};
+use listener::dispatch::{Handlers, STATE_DIR};
+use listener::engine::{Engine, EngineSettings};
+use listener::ldap::{Connection, Endpoint, Lookup};
+use listener::metrics::Metrics;
+use listener::privileges::Privileges;
+use listener::signals::Signals;
+use listener::{loader, signals};
+use notifier::backoff::Backoff;
+use notifier::logging::Logging;
+use proto::client::NotifierClient;
+
+const EXIT_BAD_CACHE: u8 = 3;
+const CACHE_LOCK: &str = "cache.lock";
+
+fn main() -> ExitCode {
+    let config = match Config::from_cli(Cli::parse()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("univention-directory-listener: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let logging = match Logging::init(config.debug, config.log_file.as_deref()) {
+        Ok(logging) => Arc::new(logging),
+        Err(e) => {
+            eprintln!("univention-directory-listener: cannot open the log: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(config, logging)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> {
+    let cache_dir = config.cache_dir.clone();
+    if cache::is_marked_bad(&cache_dir) {
+        tracing::error!(
+            "Corrupt cache: {} exists. Re-initialize the listener (stop it, then run \
+             univention-directory-listener -i with the usual options) or restore a backup; \
+             the marker says: {}",
+            cache_dir.join(cache::BAD_CACHE_FILE).display(),
+            std::fs::read_to_string(cache_dir.join(cache::BAD_CACHE_FILE)).unwrap_or_default()
+        );
+        return Ok(ExitCode::from(EXIT_BAD_CACHE));
+    }
+    create_private_dir(&cache_dir)?;
+    let _lock = match notifier::lock::lock_path(&cache_dir.join(CACHE_LOCK), 1, Duration::ZERO) {
+        Ok(lock) => lock,
+        Err(notifier::lock::LockError::Busy { .. }) => bail!(
+            "{} is locked: is another listener process running on {}?",
+            cache_dir.join(CACHE_LOCK).display(),
+            cache_dir.display()
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let signals = signals::install(Arc::clone(&logging)).context("installing signal handlers")?;
+
+    let cascade_dir = config.ldap_dir.join("listener");
+    let mut owned: Vec<&Path> = vec![&cache_dir];
+    if config.cascade {
+        owned.push(&cascade_dir);
+    }
+    let privileges = Privileges::drop_to(&config.user, &owned)
+        .with_context(|| format!("switching to user {}", config.user))?;
+
+    if config.purge {
+        purge(&cache_dir)?;
+    }
+    create_private_dir(&cache_dir.join(STATE_DIR))?;
+
+    let Some((server, ldap, mut notifier)) = connect(&config, &signals).await? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+
+    let cache = match Cache::open(&cache_dir) {
+        Ok(cache) => Arc::new(cache),
+        Err(e) => return Ok(cache_failure(&cache_dir, e)),
+    };
+    let modules = loader::load_modules(&config.native_modules, &config.module_paths);
+    let mut handlers = Handlers::new(modules, &cache_dir, privileges);
+    handlers.set_init_only(config.mode == RunMode::InitOnly);
+    let data = setdata_values(&config, &server);
+    tokio::task::block_in_place(|| handlers.setdata(&data));
+
+    let timeout = config.notifier_timeout;
+    let master = match cache.master() {
+        Ok(Some(master)) => master,
+        Ok(None) => {
+            let notifier_id = match cache::read_legacy_notifier_id(&cache_dir) {
+                Some(id) => id,
+                None => notifier.get_id(timeout).await.context("GET_ID")?,
+            };
+            let schema_id = std::fs::read_to_string(config.ldap_dir.join("schema/id/id"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            MasterRecord {
+                notifier_id,
+                schema_id,
+            }
+        }
+        Err(e) => return Ok(cache_failure(&cache_dir, e)),
+    };
+    tracing::info!(
+        "starting at transaction {} (schema id {})",
+        master.notifier_id,
+        master.schema_id
+    );
+
+    let local = config.checks_parents().then(|| {
+        Connection::new(
+            Endpoint {
+                uri: config.local_ldap.clone(),
+                auth: config.auth.clone(),
+                starttls: listener::config::StartTls::Off,
+                timeout: config.ldap_timeout,
+            },
+            config.ldap_retries,
+        )
+    });
+    let settings = EngineSettings {
+        base: config.base.clone(),
+        cache_filter: config.cache_filter.clone(),
+        memberuid_skip: config.memberuid_skip,
+        uniquemember_skip: config.uniquemember_skip,
+        checks_parents: config.checks_parents(),
+        schema_updates: !config.is_master(),
+        schema_id_file: config.ldap_dir.join("schema/id/id"),
+    };
+    let mut engine = Engine::new(settings, Arc::clone(&cache), handlers, ldap, local, master);
+    if let Err(e) = engine.commit_staged(true) {
+        return Ok(engine_failure(&cache_dir, e));
+    }
+    if let Err(e) = cache::write_legacy_notifier_id(&cache_dir, master.notifier_id) {
+        tracing::warn!("cannot write the notifier_id file: {e}");
+    }
+
+    if !config.is_master() {
+        let schema_id = notifier
+            .get_schema_id(timeout)
+            .await
+            .context("GET_SCHEMA_ID")?;
+        engine.set_notifier_schema_id(schema_id);
+        if let Err(e) = engine.update_schema().await {
+            tracing::error!("schema update failed: {e}");
+        }
+    }
+
+    let init = engine.initialize_pending(config.scan_timeout).await;
+    if config.mode == RunMode::InitOnly {
+        tokio::task::block_in_place(|| engine.handlers_mut().postrun());
+        engine.handlers().write_states();
+        if let Err(e) = engine.commit_staged(true) {
+            return Ok(engine_failure(&cache_dir, e));
+        }
+        cache::write_legacy_notifier_id(&cache_dir, engine.master().notifier_id)
+            .context("writing notifier_id")?;
+        return match init {
+            Ok(()) => {
+                tracing::info!("initialization done");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => bail!("initialization failed: {e}"),
+        };
+    }
+    if let Err(e) = init {
+        tracing::error!("module initialization failed: {e}; those modules stay not ready");
+    }
+
+    let metrics = Arc::new(Metrics::default());
+    metrics.set_processed(engine.master().notifier_id);
+    metrics.set_modules(
+        engine
+            .handlers()
+            .stats()
+            .map(|(n, s, st)| (n.to_owned(), s.clone(), st))
+            .collect(),
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = config.metrics {
+        let render = Arc::clone(&metrics);
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                notifier::metrics::serve_text(addr, move || render.render(), token).await
+            {
+                tracing::error!("metrics endpoint {addr}: {e}");
+            }
+        });
+    }
+    spawn_watchdog(shutdown.clone());
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(
+        "listening to the notifier at {}:{} (protocol {}), LDAP {}",
+        server.notifier_host,
+        server.notifier_port,
+        config.protocol,
+        server.uri
+    );
+    let daemon = Daemon::new(
+        config,
+        server,
+        engine,
+        privileges,
+        signals,
+        metrics,
+        Some(notifier),
+    );
+    let exit = daemon.run().await;
+    shutdown.cancel();
+    Ok(match exit {
+        Exit::Stopped => ExitCode::SUCCESS,
+        Exit::BadCache(_) => ExitCode::from(EXIT_BAD_CACHE),
+    })
+}
+
+/// Connects LDAP and the notifier, choosing the server again after every failure (spec
+/// §1.2 step 12); `-i`/`-P` give up at the first failure. `None` on a stop signal.
+async fn connect(
+    config: &Config,
+    signals: &Signals,
+) -> anyhow::Result<Option<(Server, Connection, NotifierClient)>> {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let seed = u64::from(std::process::id()) ^ now_nanos();
+    let mut attempt: u64 = 0;
+    loop {
+        attempt += 1;
+        let server = match &config.ldap {
+            LdapTarget::Fixed(server) => server.clone(),
+            LdapTarget::Select(candidates) => match candidates.pick(seed.wrapping_add(attempt)) {
+                Some(server) => server,
+                None => bail!("no LDAP server candidates"),
+            },
+        };
+        let delay = match try_connect(config, &server).await {
+            Ok((ldap, notifier)) => return Ok(Some((server, ldap, notifier))),
+            Err(e) if config.mode == RunMode::InitOnly => return Err(e),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::error!("{e:#}; retrying in {delay:?}");
+                delay
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = signals.woken() => {}
+        }
+        if signals.stop_requested() {
+            return Ok(None);
+        }
+    }
+}
+
+async fn try_connect(
+    config: &Config,
+    server: &Server,
+) -> anyhow::Result<(Connection, NotifierClient)> {
+    let mut ldap = Connection::new(
+        Endpoint {
+            uri: server.uri.clone(),
+            auth: config.auth.clone(),
+            starttls: config.starttls,
+            timeout: config.ldap_timeout,
+        },
+        0,
+    );
+    match ldap.read_entry(&config.base).await {
+        Ok(Lookup::Found(_)) => {}
+        Ok(Lookup::Missing) => bail!("LDAP base {} not found at {}", config.base, server.uri),
+        Err(e) => return Err(e).with_context(|| format!("LDAP server {}", server.uri)),
+    }
+    let mut ldap = Connection::new(ldap.endpoint().clone(), config.ldap_retries);
+    ldap.handle().await?;
+    let mut notifier = NotifierClient::connect(
+        &server.notifier_host,
+        server.notifier_port,
+        config.protocol,
+        config.notifier_timeout,
+    )
+    .await?;
+    notifier
+        .get_id(config.notifier_timeout)
+        .await
+        .context("GET_ID")?;
+    Ok((ldap, notifier))
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos().into())
+}
+
+/// `-g`/`-i`: the cache, the legacy id and every module state go; the lock stays.
+fn purge(cache_dir: &Path) -> anyhow::Result<()> {
+    tracing::info!("purging {}", cache_dir.display());
+    for entry in std::fs::read_dir(cache_dir).context("reading the cache directory")? {
+        let path = entry?.path();
+        if path.file_name().is_some_and(|n| n == CACHE_LOCK) {
+            continue;
+        }
+        let result = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        result.with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+fn cache_failure(cache_dir: &Path, e: CacheError) -> ExitCode {
+    if matches!(
+        e,
+        CacheError::Corrupt { .. } | CacheError::UnsupportedVersion { .. }
+    ) && let Err(io) = cache::mark_bad(cache_dir, &e.to_string())
+    {
+        tracing::error!("cannot write the bad_cache marker: {io}");
+    }
+    tracing::error!(
+        "cache {}: {e}; re-initialize with univention-directory-listener -i",
+        cache_dir.display()
+    );
+    ExitCode::from(EXIT_BAD_CACHE)
+}
+
+fn engine_failure(cache_dir: &Path, e: listener::engine::EngineError) -> ExitCode {
+    match e {
+        listener::engine::EngineError::Cache(e) => cache_failure(cache_dir, e),
+        other => {
+            tracing::error!("{other}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Feeds systemd's watchdog while the runtime is alive.
+fn spawn_watchdog(shutdown: tokio_util::sync::CancellationToken) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval / 2) => {}
+            }
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    });
+}

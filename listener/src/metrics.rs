@@ -1,0 +1,162 @@
+//! Prometheus metrics of the listener: progress, lag, and per-module calls, failures and
+//! time. The main loop publishes a snapshot; the HTTP endpoint renders it.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use crate::dispatch::{CallStats, READY};
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    processed_id: AtomicU64,
+    notifier_id: AtomicU64,
+    transactions: AtomicU64,
+    modules: Mutex<Vec<(String, CallStats, u32)>>,
+}
+
+impl Metrics {
+    pub fn set_processed(&self, id: u64) {
+        self.processed_id.store(id, Ordering::Relaxed);
+    }
+
+    pub fn set_notifier_id(&self, id: u64) {
+        self.notifier_id.fetch_max(id, Ordering::Relaxed);
+    }
+
+    pub fn add_transactions(&self, n: u64) {
+        self.transactions.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn processed(&self) -> u64 {
+        self.processed_id.load(Ordering::Relaxed)
+    }
+
+    pub fn notifier_id(&self) -> u64 {
+        self.notifier_id.load(Ordering::Relaxed)
+    }
+
+    pub fn lag(&self) -> u64 {
+        self.notifier_id().saturating_sub(self.processed())
+    }
+
+    pub fn set_modules(&self, modules: Vec<(String, CallStats, u32)>) {
+        *self.modules.lock().unwrap_or_else(PoisonError::into_inner) = modules;
+    }
+
+    /// "modules ok/failed": ready modules / modules that are not ready.
+    pub fn module_counts(&self) -> (usize, usize) {
+        let modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+        let ready = modules.iter().filter(|(_, _, s)| s & READY != 0).count();
+        (ready, modules.len() - ready)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        gauge(
+            "udl_processed_id",
+            "Last transaction id fully processed.",
+            "gauge",
+            self.processed(),
+        );
+        gauge(
+            "udl_notifier_id",
+            "Last transaction id the notifier reported.",
+            "gauge",
+            self.notifier_id(),
+        );
+        gauge(
+            "udl_lag",
+            "Transactions not yet processed.",
+            "gauge",
+            self.lag(),
+        );
+        gauge(
+            "udl_transactions_total",
+            "Transactions processed since start.",
+            "counter",
+            self.transactions.load(Ordering::Relaxed),
+        );
+        let modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+        let families: [(&str, &str, &str); 4] = [
+            (
+                "udl_module_calls_total",
+                "Handler calls per module.",
+                "counter",
+            ),
+            (
+                "udl_module_failures_total",
+                "Failed handler calls per module.",
+                "counter",
+            ),
+            (
+                "udl_module_seconds_total",
+                "Time spent in handler calls per module.",
+                "counter",
+            ),
+            (
+                "udl_module_ready",
+                "1 if the module is initialised and ready.",
+                "gauge",
+            ),
+        ];
+        for (name, help, kind) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (module, stats, state) in modules.iter() {
+                let value = match name {
+                    "udl_module_calls_total" => stats.calls.to_string(),
+                    "udl_module_failures_total" => stats.failures.to_string(),
+                    "udl_module_seconds_total" => format!("{:.6}", stats.busy.as_secs_f64()),
+                    _ => u8::from(state & READY != 0).to_string(),
+                };
+                let _ = writeln!(out, "{name}{{module=\"{}\"}} {value}", escape_label(module));
+            }
+        }
+        out
+    }
+}
+
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn renders_progress_and_modules() {
+        let m = Metrics::default();
+        m.set_notifier_id(12);
+        m.set_processed(10);
+        m.add_transactions(3);
+        m.set_modules(vec![(
+            "jsonl".into(),
+            CallStats {
+                calls: 5,
+                failures: 1,
+                busy: Duration::from_millis(1500),
+            },
+            3,
+        )]);
+        let text = m.render();
+        assert!(text.contains("udl_lag 2\n"), "{text}");
+        assert!(text.contains("udl_transactions_total 3\n"));
+        assert!(text.contains("udl_module_calls_total{module=\"jsonl\"} 5\n"));
+        assert!(text.contains("udl_module_failures_total{module=\"jsonl\"} 1\n"));
+        assert!(text.contains("udl_module_seconds_total{module=\"jsonl\"} 1.500000\n"));
+        assert!(text.contains("udl_module_ready{module=\"jsonl\"} 1\n"));
+        assert_eq!(m.module_counts(), (1, 0));
+    }
+}

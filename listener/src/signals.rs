@@ -1,0 +1,81 @@
+//! Signals as flags the main loop polls between transactions, plus a wake-up for its waits.
+//! SIGUSR1/SIGUSR2 change the log level right away; everything else is acted on by the main
+//! loop at a safe point (never in the middle of a transaction).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use notifier::logging::Logging;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+
+#[derive(Debug, Default)]
+pub struct Signals {
+    stop: AtomicBool,
+    reload: AtomicBool,
+    wake: Notify,
+}
+
+impl Signals {
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.notify_waiters();
+        self.wake.notify_one();
+    }
+
+    /// True once per SIGHUP.
+    pub fn take_reload(&self) -> bool {
+        self.reload.swap(false, Ordering::SeqCst)
+    }
+
+    /// Resolves when a signal needs the main loop's attention.
+    pub async fn woken(&self) {
+        if self.stop_requested() || self.reload.load(Ordering::SeqCst) {
+            return;
+        }
+        self.wake.notified().await;
+    }
+
+    fn request_reload(&self) {
+        self.reload.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+}
+
+/// Installs the handlers; signals arriving before this point have their default effect.
+pub fn install(logging: Arc<Logging>) -> std::io::Result<Arc<Signals>> {
+    let signals = Arc::new(Signals::default());
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    // A vanished reader of a pipe must not kill the daemon; the write reports EPIPE instead.
+    let mut pipe = signal(SignalKind::pipe())?;
+    let flags = Arc::clone(&signals);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); flags.request_stop() }
+                _ = int.recv() => { tracing::info!("SIGINT: stopping"); flags.request_stop() }
+                _ = quit.recv() => { tracing::info!("SIGQUIT: stopping"); flags.request_stop() }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading modules");
+                    if let Err(e) = logging.reopen() {
+                        tracing::error!("cannot reopen the log file: {e}");
+                    }
+                    flags.request_reload();
+                }
+                _ = usr1.recv() => logging.raise(),
+                _ = usr2.recv() => logging.lower(),
+                _ = pipe.recv() => {}
+            }
+        }
+    });
+    Ok(signals)
+}
