@@ -43,6 +43,8 @@ pub enum Exit {
     Stopped,
     /// A corrupt cache record: `bad_cache` was written; exit status 3.
     BadCache(String),
+    /// The cache cannot be written (e.g. disk full); nothing was lost, exit status 1.
+    CacheUnwritable(String),
 }
 
 /// A transaction as the upstream notifier described it (kept verbatim for the cascade).
@@ -524,8 +526,11 @@ impl Daemon {
             );
             Exit::BadCache(reason)
         } else {
-            tracing::error!("cache write failed: {reason}; stopping");
-            Exit::BadCache(reason)
+            tracing::error!(
+                "cache write failed: {reason}; stopping (the transaction is processed again \
+                 at the next start)"
+            );
+            Exit::CacheUnwritable(reason)
         }
     }
 
@@ -546,6 +551,7 @@ impl Daemon {
         self.unflushed = 0;
         self.last_flush = Instant::now();
         self.publish_modules();
+        self.publish_status("running");
     }
 
     /// Idle: postrun for prepared modules and close the LDAP connections (UCS after 15 s).
@@ -594,9 +600,10 @@ impl Daemon {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let signals = Arc::clone(&self.signals);
         let result = self
             .engine
-            .initialize_pending(self.config.scan_timeout)
+            .initialize_pending(self.config.scan_timeout, &signals)
             .await;
         self.publish_modules();
         result

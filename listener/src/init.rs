@@ -13,6 +13,7 @@ use modules::Command;
 use crate::dispatch::{INITIALIZED, READY, Selection};
 use crate::engine::{Engine, EngineError, SUBSCHEMA_DN};
 use crate::ldap::{self, Lookup};
+use crate::signals::Signals;
 
 /// LDAP reads in flight during initialisation.
 const FETCH_CONCURRENCY: usize = 32;
@@ -102,9 +103,14 @@ impl Engine {
     /// Initialises every module that is not READY, in call order. A module whose
     /// initialisation fails stays not ready (and is retried at the next start); transient
     /// LDAP failures are returned so the caller can retry later.
-    pub async fn initialize_pending(&mut self, scan_timeout: Duration) -> Result<(), EngineError> {
+    /// A stop request (`signals`) interrupts the initialisation; the module stays not ready.
+    pub async fn initialize_pending(
+        &mut self,
+        scan_timeout: Duration,
+        signals: &Signals,
+    ) -> Result<(), EngineError> {
         for index in self.handlers.not_ready() {
-            self.initialize_module(index, scan_timeout).await?;
+            self.initialize_module(index, scan_timeout, signals).await?;
         }
         Ok(())
     }
@@ -113,12 +119,15 @@ impl Engine {
         &mut self,
         index: usize,
         scan_timeout: Duration,
+        signals: &Signals,
     ) -> Result<(), EngineError> {
         let name = self.handlers.name(index).to_owned();
         let state = self.handlers.state(index);
         tracing::info!("initializing module {name}");
         self.set_state(index, state | READY);
-        let result = self.run_initialization(index, &name, scan_timeout).await;
+        let result = self
+            .run_initialization(index, &name, scan_timeout, signals)
+            .await;
         match &result {
             Ok(()) => self.set_state(index, INITIALIZED | READY),
             Err(e) => {
@@ -143,6 +152,7 @@ impl Engine {
         index: usize,
         name: &str,
         scan_timeout: Duration,
+        signals: &Signals,
     ) -> Result<(), EngineError> {
         self.commit_staged(false)?;
         self.handlers.clean_and_initialize(index);
@@ -204,6 +214,10 @@ impl Engine {
             .buffered(FETCH_CONCURRENCY);
         let mut since_commit = 0;
         while let Some(item) = fetched.next().await {
+            if signals.stop_requested() {
+                self.commit_staged(true)?;
+                return Err(EngineError::Interrupted);
+            }
             let item: Result<Option<Source>, ldap::LdapFailure> = item;
             let mut entry = match item? {
                 Some(Source::Cached(entry)) => entry,

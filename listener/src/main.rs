@@ -178,7 +178,9 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
         }
     }
 
-    let init = engine.initialize_pending(config.scan_timeout).await;
+    let init = engine
+        .initialize_pending(config.scan_timeout, &signals)
+        .await;
     if config.mode == RunMode::InitOnly {
         tokio::task::block_in_place(|| engine.handlers_mut().postrun());
         engine.handlers().write_states();
@@ -243,6 +245,7 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
     Ok(match exit {
         Exit::Stopped => ExitCode::SUCCESS,
         Exit::BadCache(_) => ExitCode::from(EXIT_BAD_CACHE),
+        Exit::CacheUnwritable(_) => ExitCode::from(1),
     })
 }
 

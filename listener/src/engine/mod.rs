@@ -30,6 +30,8 @@ pub enum EngineError {
     Ldap(#[from] LdapFailure),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error("interrupted by a stop request")]
+    Interrupted,
 }
 
 impl EngineError {
