@@ -58,6 +58,11 @@ pub struct ListenerOptions {
     extra_args: Vec<String>,
     ucr: String,
     postrun_delay: Duration,
+    /// Environment changes for the daemon: `(key, Some(value))` sets, `(key, None)` removes.
+    env: Vec<(String, Option<String>)>,
+    /// SASL EXTERNAL over ldapi instead of a simple bind (see
+    /// [`ListenerOptions::sasl_external_ldapi`]).
+    sasl_external_ldapi: bool,
 }
 
 impl Default for ListenerOptions {
@@ -72,6 +77,8 @@ impl Default for ListenerOptions {
             ucr: format!("ldap/base: {BASE}\n"),
             // Short, so tests see postrun soon; the daemon default (15 s) would dominate.
             postrun_delay: Duration::from_secs(1),
+            env: Vec::new(),
+            sasl_external_ldapi: false,
         }
     }
 }
@@ -153,6 +160,8 @@ pub struct Listener {
     path: PathBuf,
     args: Vec<String>,
     jsonl: bool,
+    /// Environment changes applied to every process started (see [`ListenerOptions::env`]).
+    env: Vec<(String, Option<String>)>,
     process: Option<Process>,
     /// Numbers the logs of [`Listener::run_once`] runs.
     runs: u32,
@@ -244,19 +253,23 @@ impl Listener {
         for dir in &options.module_dirs {
             args.extend(["-m".into(), dir.display().to_string()]);
         }
+        if options.sasl_external_ldapi {
+            use_sasl_external_ldapi(&mut args, &slapd.ldapi_url());
+        }
         args.extend(options.extra_args);
         Ok(Listener {
             dir: Some(dir),
             path,
             args,
             jsonl: options.jsonl,
+            env: options.env,
             process: None,
             runs: 0,
         })
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let process = Process::spawn(LISTENER, &self.args, &self.log_path())?;
+        let process = Process::spawn_with_env(LISTENER, &self.args, &self.env, &self.log_path())?;
         self.process = Some(process);
         Ok(())
     }
@@ -270,7 +283,7 @@ impl Listener {
         let log_path = self.path.join(format!("run-{}.log", self.runs));
         let mut args = self.args.clone();
         args.extend(extra.iter().map(|a| (*a).to_owned()));
-        let mut process = Process::spawn(LISTENER, &args, &log_path)?;
+        let mut process = Process::spawn_with_env(LISTENER, &args, &self.env, &log_path)?;
         match process.wait_exit(timeout)? {
             Some(status) => Ok((status, process.log())),
             None => {
@@ -509,6 +522,17 @@ impl Listener {
             },
             other => other,
         })
+    }
+
+    /// Public form of the daemon-aware wait: polls `check` until it yields a value, fails
+    /// at once if the daemon exits and quotes the log tail on timeout.
+    pub fn wait_until<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        check: impl FnMut(&Listener) -> Result<Option<T>>,
+    ) -> Result<T> {
+        self.wait_for(what, timeout, check)
     }
 }
 
@@ -788,6 +812,56 @@ fn seconds_arg(duration: Duration) -> String {
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// LDAP connection options of the listener under test.
+impl ListenerOptions {
+    /// Sets `key` to `value` in the daemon's environment (e.g. `SSL_CERT_FILE`, which
+    /// OpenSSL reads for its default trust store); also for [`Listener::run_once`] runs.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> ListenerOptions {
+        self.env.push((key.into(), Some(value.into())));
+        self
+    }
+
+    /// Removes `key` from the daemon's environment (which otherwise inherits the test's).
+    pub fn env_remove(mut self, key: impl Into<String>) -> ListenerOptions {
+        self.env.push((key.into(), None));
+        self
+    }
+
+    /// SASL EXTERNAL over the slapd's ldapi socket, the mechanism the listener uses without
+    /// `-x`: `-H <ldapi URL> --notifier-host 127.0.0.1` replace `-x -H <ldap URL> -h
+    /// 127.0.0.1 -D <dn> -y <file>` (an ldapi URI names no host for the notifier). slapd
+    /// maps the identity to the process's uid: root sees everything. `bind_as` is ignored;
+    /// the password file is still written.
+    pub fn sasl_external_ldapi(mut self) -> ListenerOptions {
+        self.sasl_external_ldapi = true;
+        self
+    }
+}
+
+/// Rewrites the harness's simple-bind command line for SASL EXTERNAL over `ldapi_url`.
+fn use_sasl_external_ldapi(args: &mut Vec<String>, ldapi_url: &str) {
+    let mut rewritten = Vec::with_capacity(args.len());
+    let mut iter = std::mem::take(args).into_iter();
+    while let Some(arg) = iter.next() {
+        match arg.as_str() {
+            "-x" => {}
+            "-D" | "-y" => {
+                iter.next();
+            }
+            "-H" => {
+                iter.next();
+                rewritten.extend(["-H".to_owned(), ldapi_url.to_owned()]);
+            }
+            "-h" => {
+                let host = iter.next().unwrap_or_default();
+                rewritten.extend(["--notifier-host".to_owned(), host]);
+            }
+            _ => rewritten.push(arg),
+        }
+    }
+    *args = rewritten;
 }
 
 #[cfg(test)]

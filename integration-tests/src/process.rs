@@ -67,6 +67,17 @@ pub struct Process {
 impl Process {
     /// Starts `name` with `args`, appending stdout and stderr to `log_path`.
     pub fn spawn(name: &str, args: &[String], log_path: &Path) -> Result<Process> {
+        Process::spawn_with_env(name, args, &[], log_path)
+    }
+
+    /// Like [`Process::spawn`], with environment changes on top of the inherited
+    /// environment: `(key, Some(value))` sets a variable, `(key, None)` removes it.
+    pub fn spawn_with_env(
+        name: &str,
+        args: &[String],
+        env: &[(String, Option<String>)],
+        log_path: &Path,
+    ) -> Result<Process> {
         let log = File::options()
             .create(true)
             .append(true)
@@ -76,11 +87,18 @@ impl Process {
             .try_clone()
             .map_err(io_context("duplicating the log file"))?;
         let mut command = Command::new(binary(name)?);
-        let child = apply_process_group(&mut command)
+        apply_process_group(&mut command)
             .args(args)
             .env("RUST_BACKTRACE", "1")
             .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET")
+            .env_remove("NOTIFY_SOCKET");
+        for (key, value) in env {
+            match value {
+                Some(value) => command.env(key, value),
+                None => command.env_remove(key),
+            };
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

@@ -52,6 +52,9 @@ pub struct SlapdConfig {
     pub dbnosync: bool,
     /// Log operations (`-d stats`) to `slapd.log`; off for benchmarks.
     pub log_operations: bool,
+    /// StartTLS with a throwaway CA and a server certificate for `127.0.0.1` and
+    /// `localhost`, generated with `openssl` into `<dir>/tls/` ([`Slapd::ca_cert_path`]).
+    pub tls: bool,
 }
 
 impl SlapdConfig {
@@ -63,6 +66,7 @@ impl SlapdConfig {
             fixture: true,
             dbnosync: false,
             log_operations: true,
+            tls: false,
         }
     }
 
@@ -74,6 +78,7 @@ impl SlapdConfig {
             fixture: false,
             dbnosync: false,
             log_operations: true,
+            tls: false,
         }
     }
 
@@ -107,6 +112,9 @@ impl Slapd {
         let path = dir.path().to_path_buf();
         for sub in ["data", "accesslog", "translog"] {
             fs::create_dir(path.join(sub)).map_err(io_context(format!("creating {sub}")))?;
+        }
+        if config.tls {
+            generate_tls_material(&path.join("tls"))?;
         }
         let mut slapd = Slapd {
             dir: Some(dir),
@@ -373,6 +381,16 @@ impl Slapd {
         } else {
             ""
         };
+        let tls = if self.config.tls {
+            format!(
+                "TLSCACertificateFile {d}/tls/ca.pem
+TLSCertificateFile {d}/tls/server.pem
+TLSCertificateKeyFile {d}/tls/server.key
+"
+            )
+        } else {
+            String::new()
+        };
         let mut conf = format!(
             "include /etc/ldap/schema/core.schema
 include /etc/ldap/schema/cosine.schema
@@ -385,7 +403,7 @@ moduleload back_mdb
 moduleload accesslog
 moduleload syncprov
 sizelimit unlimited
-
+{tls}
 database config
 rootdn \"{ROOT_PEERCRED}\"
 "
@@ -474,5 +492,155 @@ impl Drop for Slapd {
                 kept.display()
             );
         }
+    }
+}
+
+/// Bulk loading for benchmarks: `slapadd` is one to two orders of magnitude faster than
+/// LDAP adds, and writes no accesslog entries, so the notifier sees no transactions for the
+/// loaded entries (as after a UCS Primary's initial `slapadd`).
+impl Slapd {
+    /// Stops slapd, adds `ldif` (entries in LDIF, parents before children) to the main
+    /// database with `slapadd -q` and starts slapd again on the same port. slapadd fills
+    /// in `entryUUID`, `entryCSN` and the timestamps.
+    pub fn slapadd(&mut self, ldif: &str) -> Result<()> {
+        let file = self.path.join("bulk.ldif");
+        fs::write(&file, ldif).map_err(io_context("writing the bulk LDIF"))?;
+        self.stop(Duration::from_secs(30))?;
+        let output = Command::new("/usr/sbin/slapadd")
+            .arg("-f")
+            .arg(self.conf_path())
+            .args(["-b", BASE, "-q", "-l"])
+            .arg(&file)
+            .output()
+            .map_err(io_context("running slapadd"));
+        let _ = fs::remove_file(&file);
+        let started = self.restart();
+        let output = output?;
+        if !output.status.success() {
+            return Err(HarnessError::SlapdStart(format!(
+                "slapadd exited with {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        started
+    }
+}
+
+/// TLS (StartTLS on the `ldap://` port) for [`SlapdConfig::tls`].
+impl SlapdConfig {
+    pub fn tls(mut self, on: bool) -> SlapdConfig {
+        self.tls = on;
+        self
+    }
+}
+
+impl Slapd {
+    /// The throwaway CA that signed the server certificate of a [`SlapdConfig::tls`]
+    /// instance (PEM): what a client must trust, e.g. via `SSL_CERT_FILE`.
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.path.join("tls/ca.pem")
+    }
+
+    /// `ldap://localhost:<port>/`, the other name the TLS server certificate carries.
+    pub fn ldap_url_localhost(&self) -> String {
+        format!("ldap://localhost:{}/", self.port)
+    }
+}
+
+/// Writes `ca.pem` (a self-signed CA), `server.pem` (signed by it, subjectAltName
+/// `IP:127.0.0.1, DNS:localhost`) and `server.key` into `dir`, with the `openssl` tool.
+/// EC P-256 keys: generated in milliseconds.
+fn generate_tls_material(dir: &Path) -> Result<()> {
+    fs::create_dir(dir).map_err(io_context("creating the TLS directory"))?;
+    fs::write(
+        dir.join("ca.cnf"),
+        "[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = univention-directory-listener test CA
+[v3_ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+",
+    )
+    .map_err(io_context("writing ca.cnf"))?;
+    fs::write(
+        dir.join("server.ext"),
+        "basicConstraints = CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = serverAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+subjectAltName = IP:127.0.0.1,DNS:localhost
+",
+    )
+    .map_err(io_context("writing server.ext"))?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        dir,
+        &[
+            &["req", "-x509", "-config", "ca.cnf", "-extensions", "v3_ca"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "30"],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        dir,
+        &[
+            &["req", "-new", "-config", "ca.cnf", "-subj", "/CN=127.0.0.1"][..],
+            &ec,
+            &["-keyout", "server.key", "-out", "server.csr"],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            "2",
+            "-days",
+            "30",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ],
+    )
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io_context("running openssl (is it installed?)"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(HarnessError::SlapdStart(format!(
+            "openssl {} exited with {}: {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )))
     }
 }

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
@@ -173,25 +174,44 @@ impl std::fmt::Debug for Auth {
 #[derive(Clone)]
 pub enum Password {
     Literal(String),
-    /// First line of the file, read at every bind attempt after an invalid-credentials error.
-    File(PathBuf),
+    /// First line of the file, read at startup (before the daemon gives up root) and again
+    /// after an invalid-credentials error: machine passwords rotate.
+    File {
+        path: PathBuf,
+        current: Arc<Mutex<String>>,
+    },
 }
 
 impl std::fmt::Debug for Password {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Password::Literal(_) => f.write_str("<password>"),
-            Password::File(path) => write!(f, "file {}", path.display()),
+            Password::File { path, .. } => write!(f, "file {}", path.display()),
         }
     }
 }
 
 impl Password {
-    pub fn read(&self) -> std::io::Result<String> {
+    /// The password as last read.
+    pub fn current(&self) -> String {
         match self {
-            Password::Literal(pw) => Ok(pw.clone()),
-            Password::File(path) => read_password_file(path),
+            Password::Literal(pw) => pw.clone(),
+            Password::File { current, .. } => current
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
         }
+    }
+
+    /// Reads the file again (as root if the daemon was started as root: the file is
+    /// usually readable by root only); `false` for a literal password.
+    pub fn reread(&self) -> std::io::Result<bool> {
+        let Password::File { path, current } = self else {
+            return Ok(false);
+        };
+        let fresh = crate::privileges::with_root(|| read_password_file(path))?;
+        *current.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
+        Ok(true)
     }
 }
 
@@ -449,12 +469,14 @@ fn auth(cli: &Cli) -> Result<Auth, ConfigError> {
     };
     let password = match (&cli.password_file, &cli.password) {
         (Some(path), _) => {
-            // Checked now so a wrong path is a startup error, not a bind failure later.
-            read_password_file(path).map_err(|source| ConfigError::PasswordFile {
+            let current = read_password_file(path).map_err(|source| ConfigError::PasswordFile {
                 path: path.clone(),
                 source,
             })?;
-            Password::File(path.clone())
+            Password::File {
+                path: path.clone(),
+                current: Arc::new(Mutex::new(current)),
+            }
         }
         (None, Some(pw)) => Password::Literal(pw.clone()),
         (None, None) => Password::Literal(String::new()),
@@ -583,7 +605,7 @@ mod tests {
             panic!("simple bind expected")
         };
         assert_eq!(dn, "cn=host,dc=example,dc=com");
-        assert_eq!(password.read().unwrap(), "s3cret");
+        assert_eq!(password.current(), "s3cret");
         assert!(!format!("{:?}", config.auth).contains("s3cret"));
     }
 

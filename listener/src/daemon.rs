@@ -99,6 +99,8 @@ pub struct Daemon {
     stashed_line: Option<Line>,
     /// Read-ahead answers for the transaction about to be handled.
     pending_prefetch: Option<Prefetched>,
+    /// A transaction received while processing had to pause, handled after the pause.
+    held: Option<Received>,
     /// Last id handled (a stashed `r` is handled but not yet persisted).
     position: u64,
     /// Highest id the notifier reported.
@@ -142,6 +144,7 @@ impl Daemon {
             cascade,
             stashed_line: None,
             pending_prefetch: None,
+            held: None,
             position,
             last_known: position,
             unflushed: 0,
@@ -170,17 +173,28 @@ impl Daemon {
                 continue;
             }
             let next = self.position + 1;
-            let received = match self.next_transaction(next).await {
-                Ok(Some(received)) => received,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::error!("notifier: {e}");
-                    self.notifier = None;
-                    self.prefetcher.clear();
-                    self.wait_backoff().await;
-                    continue;
-                }
+            let received = match self.held.take() {
+                Some(received) => received,
+                None => match self.next_transaction(next).await {
+                    Ok(Some(received)) => received,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::error!("notifier: {e}");
+                        self.notifier = None;
+                        self.prefetcher.clear();
+                        self.wait_backoff().await;
+                        continue;
+                    }
+                },
             };
+            // The wait for this transaction may have been long: look again before any
+            // module sees it.
+            if let Some(reason) = self.stop_reason() {
+                self.held = Some(received);
+                self.pending_prefetch = None;
+                self.pause(&reason).await;
+                continue;
+            }
             if let Err(exit) = self.handle(received).await {
                 break exit;
             }
@@ -646,7 +660,9 @@ impl Daemon {
 /// The `setdata` values in UCS order: basedn, binddn, bindpw, ldapserver.
 pub fn setdata_values(config: &Config, server: &Server) -> Vec<(&'static str, Option<String>)> {
     let (binddn, bindpw) = match &config.auth {
-        crate::config::Auth::Simple { dn, password } => (Some(dn.clone()), password.read().ok()),
+        crate::config::Auth::Simple { dn, password } => {
+            (Some(dn.clone()), Some(password.current()))
+        }
         _ => (None, None),
     };
     vec![

@@ -152,10 +152,13 @@ async fn open(uri: &str, endpoint: &Endpoint, starttls: bool) -> Result<Ldap, Ld
     let settings = LdapConnSettings::new()
         .set_conn_timeout(endpoint.timeout)
         .set_starttls(starttls && !uri.starts_with("ldapi:"));
-    let (conn, ldap) = timed("connect", endpoint.timeout, async {
+    // ldap3 sends the StartTLS request while connecting: name it in the error, a server
+    // without TLS only says "unsupported extended operation".
+    let what = if starttls { "StartTLS" } else { "connect" };
+    let (conn, ldap) = timed(what, endpoint.timeout, async {
         LdapConnAsync::with_settings(settings, uri)
             .await
-            .map_err(|e| failure(uri, "connect", e))
+            .map_err(|e| failure(uri, what, e))
     })
     .await?;
     ldap3::drive!(conn);
@@ -173,36 +176,42 @@ async fn open(uri: &str, endpoint: &Endpoint, starttls: bool) -> Result<Ldap, Ld
             .await?;
         }
         Auth::Simple { dn, password } => {
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                let pw = password.read().map_err(|e| LdapFailure::Result {
-                    what: "bind".into(),
-                    rc: rc::INVALID_CREDENTIALS,
-                    message: format!("cannot read the password: {e}"),
-                })?;
-                let result = timed("bind", endpoint.timeout, async {
-                    ldap.clone()
-                        .simple_bind(dn, &pw)
+            let bind = |pw: String| {
+                let mut ldap = ldap.clone();
+                async move {
+                    ldap.simple_bind(dn, &pw)
                         .await
                         .and_then(|r| r.success())
                         .map(drop)
                         .map_err(|e| failure(uri, &format!("bind as {dn}"), e))
-                })
-                .await;
-                match result {
-                    Err(LdapFailure::Result {
-                        rc: rc::INVALID_CREDENTIALS,
-                        ..
-                    }) if attempt == 1 && matches!(password, crate::config::Password::File(_)) => {
-                        tracing::info!("bind as {dn} rejected; re-reading the password file");
-                    }
-                    other => break other?,
                 }
+            };
+            match timed("bind", endpoint.timeout, bind(password.current())).await {
+                Err(LdapFailure::Result {
+                    rc: rc::INVALID_CREDENTIALS,
+                    ..
+                }) if reread(password) => {
+                    tracing::info!(
+                        "bind as {dn} rejected; retrying with the re-read password file"
+                    );
+                    timed("bind", endpoint.timeout, bind(password.current())).await?;
+                }
+                other => other?,
             }
         }
     }
     Ok(ldap)
+}
+
+/// Re-reads a password file; false if there is none or it cannot be read.
+fn reread(password: &crate::config::Password) -> bool {
+    match password.reread() {
+        Ok(reread) => reread,
+        Err(e) => {
+            tracing::error!("cannot re-read the password file: {e}");
+            false
+        }
+    }
 }
 
 /// Base-scope read of `dn` with all attributes.

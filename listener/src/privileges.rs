@@ -148,6 +148,25 @@ impl Privileges {
     }
 }
 
+/// Runs `f` with effective uid/gid 0 when the real uid is root and the effective one is
+/// not, then restores the effective ids; otherwise just runs `f`. For reading root-only
+/// files (the bind password) after the switch to the `listener` user.
+pub fn with_root<T>(f: impl FnOnce() -> T) -> T {
+    let before = effective();
+    if !is_root() || before.uid == 0 {
+        return f();
+    }
+    if let Err(e) = become_identity(Identity { uid: 0, gid: 0 }) {
+        tracing::error!("cannot regain root: {e}");
+        return f();
+    }
+    let result = f();
+    if let Err(e) = become_identity(before) {
+        tracing::error!("cannot restore effective uid {}: {e}", before.uid);
+    }
+    result
+}
+
 /// `chown -R` of `path` to `identity` where the owner differs; a missing path is fine.
 fn chown_tree(path: &Path, identity: Identity) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;

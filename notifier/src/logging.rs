@@ -3,13 +3,13 @@
 //! level follows UCS debug levels and moves at runtime with SIGUSR1/SIGUSR2.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tracing_subscriber::Layer as _;
-use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -52,12 +52,20 @@ impl Logging {
             ),
             (None, None) => Some(
                 tracing_subscriber::fmt::layer()
+                    .with_ansi(io::stderr().is_terminal())
                     .with_writer(io::stderr)
                     .boxed(),
             ),
         };
+        // sled logs every page write at debug level through `log`; besides flooding the log
+        // at -d 4, such a record emitted while a runtime thread exits reaches the formatter
+        // after its thread-local buffer is gone, which aborts the process.
+        let quiet_storage = Targets::new()
+            .with_target("sled", LevelFilter::WARN)
+            .with_default(LevelFilter::TRACE);
         tracing_subscriber::registry()
             .with(filter)
+            .with(quiet_storage)
             .with(journald)
             .with(fmt_layer)
             .try_init()
