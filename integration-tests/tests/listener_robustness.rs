@@ -517,6 +517,42 @@ fn a_cache_marked_bad_refuses_to_start_with_status_3_until_the_marker_is_gone() 
     assert_eq!(wait_call(&mut listener, id).summary(), format!("a {dn}"));
 }
 
+#[test]
+fn a_corrupt_record_marks_the_cache_bad_and_stops_with_status_3() {
+    let (slapd, notifier) = stack();
+    let mut listener = start_listener(&slapd, &notifier, ListenerOptions::new());
+    let (dn, id) = add(&slapd, &notifier, "victim");
+    wait_call(&mut listener, id);
+    assert!(listener.stop().unwrap().success());
+
+    // Version byte 1, then bytes no record decodes from.
+    let db = sled::open(listener.cache_dir().join(cache::DB_DIR)).unwrap();
+    let key = [b"e:".as_slice(), cache::dn_key(&dn).as_bytes()].concat();
+    assert!(
+        db.get(&key).unwrap().is_some(),
+        "the entry is cached under {key:?}"
+    );
+    db.insert(key, vec![1u8, 0xff, 0xff, 0xff, 0xff]).unwrap();
+    db.flush().unwrap();
+    drop(db);
+
+    listener.restart().unwrap();
+    slapd
+        .admin()
+        .unwrap()
+        .replace(&dn, "description", &["touch"])
+        .unwrap();
+    let status = listener.process().unwrap().wait_exit(T).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(3), "{}", listener.log());
+    let marker = listener.cache_dir().join(cache::BAD_CACHE_FILE);
+    assert!(marker.exists(), "bad_cache written: {}", listener.log());
+    assert!(listener.log().contains("corrupt"), "{}", listener.log());
+    // The id of the modify was not persisted.
+    assert_eq!(listener.notifier_id(), Some(id));
+    let (status, log) = listener.run_once(&[], T).unwrap();
+    assert_eq!(status.code(), Some(3), "{log}");
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. A second listener on the same cache
 // ---------------------------------------------------------------------------------------
