@@ -1108,18 +1108,21 @@ fn filter_and_attributes() {
 // ---------------------------------------------------------------------------------------
 
 /// Asserts the calls of one module initialisation (§3.9): `n` for every object visible
-/// under the base (the filter is `(objectClass=*)`), old = {}, new = LDAP's entry, parents
-/// before children (sorted by DN length).
+/// under the base (the filter is `(objectClass=*)`), old = {}, new = LDAP's entry, every
+/// parent before its children (UCS sorted by DN length; the listener keeps the server's
+/// order and only defers children whose parent is still to come).
 fn assert_initialisation(env: &mut Env, init: &[Change], visible: &[String]) {
     let mut seen: Vec<String> = init.iter().map(|c| c.dn.clone()).collect();
     assert!(init.iter().all(|c| c.command == 'n'), "{:?}", calls(init));
     for (i, c) in init.iter().enumerate() {
         assert!(c.old.is_empty(), "{c:?}");
         assert_eq!(c.new, env.ldap_attrs(&c.dn), "n: new must be LDAP's entry");
-        if i > 0 {
+        if let Some((_, parent)) = c.dn.split_once(',') {
+            let parent_at = init.iter().position(|p| p.dn.eq_ignore_ascii_case(parent));
             assert!(
-                init[i - 1].dn.len() <= c.dn.len(),
-                "not sorted by DN length: {:?}",
+                parent_at.is_none_or(|p| p < i),
+                "{} before its parent: {:?}",
+                c.dn,
                 calls(init)
             );
         }

@@ -1,31 +1,40 @@
 //! Module (re)initialisation (spec listener.md §3.9, §4.4–4.6): `clean`, `initialize`, then
 //! every object matching the module's filter with command `n`, parents first. Objects the
 //! cache holds are passed as cached (so a pending transaction still finds its old state);
-//! the others are read from LDAP, many at a time over the multiplexed connection.
+//! the others come from one paged search with all attributes (UCS read every object
+//! separately, which costs slapd ten times the work).
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use cache::CacheEntry;
-use futures::StreamExt;
+use std::collections::{HashMap, HashSet};
+
+use cache::{CacheEntry, dn_key};
+use ldap3::Scope;
+use ldap3::adapters::{Adapter, EntriesOnly, PagedResults};
 use modules::Command;
+use proto::ldap::{RawEntry, parse_entry};
 
 use crate::dispatch::{INITIALIZED, READY, Selection};
-use crate::engine::{Engine, EngineError, SUBSCHEMA_DN};
-use crate::ldap::{self, Lookup};
+use crate::engine::{Engine, EngineError, SUBSCHEMA_DN, parent};
+use crate::ldap;
 use crate::signals::Signals;
 
-/// LDAP reads in flight during initialisation.
-const FETCH_CONCURRENCY: usize = 32;
+/// Entries per page of the initialisation search.
+const PAGE_SIZE: i32 = 1000;
 /// Objects per cache commit during initialisation.
 const COMMIT_EVERY: usize = 1000;
 
-/// Where an object's state for its `n` call comes from.
-enum Source {
-    Cached(CacheEntry),
-    /// To be read from LDAP.
-    Ldap(String),
-    Fetched(proto::ldap::RawEntry),
+/// State of one module's initialisation scan.
+struct InitPass {
+    index: usize,
+    id: u64,
+    /// Cache keys of every DN the scan returns.
+    expected: HashSet<String>,
+    done: HashSet<String>,
+    /// Entries whose parent (key) is expected but not done yet.
+    waiting: HashMap<String, Vec<RawEntry>>,
+    since_commit: usize,
 }
 
 /// Count, rate and ETA of an initialisation: a rewritten line on a terminal, a log line
@@ -178,74 +187,135 @@ impl Engine {
             return self.commit_staged(true);
         };
         let base = self.settings().base.clone();
-        let mut dns = self.ldap.subtree_dns(&base, &filter, scan_timeout).await?;
-        // Parents before children; stable, so siblings keep the server's order.
-        dns.sort_by_key(String::len);
+        // The DNs first, to know which parents are part of the result.
+        let dns = self.ldap.subtree_dns(&base, &filter, scan_timeout).await?;
+        let expected: HashSet<String> = dns.iter().map(|dn| dn_key(dn)).collect();
+        drop(dns);
         self.update_schema().await?;
 
-        let mut sources = Vec::with_capacity(dns.len());
-        for dn in dns {
-            sources.push(match self.staged.get(&dn)? {
-                Some(cached) => Source::Cached(cached),
-                None => Source::Ldap(dn),
-            });
-        }
-        let mut progress = Progress::new(name, sources.len());
-        let handle = self.ldap.handle().await?;
-        let timeout = self.ldap.endpoint().timeout;
-        let mut fetched = futures::stream::iter(sources)
-            .map(|source| {
-                let mut handle = handle.clone();
-                async move {
-                    match source {
-                        Source::Cached(entry) => Ok(Some(Source::Cached(entry))),
-                        Source::Ldap(dn) => {
-                            match ldap::read_entry(&mut handle, &dn, timeout).await? {
-                                Lookup::Found(entry) => Ok(Some(Source::Fetched(entry))),
-                                // Deleted since the search (UCS stored an empty entry): its own
-                                // transaction follows.
-                                Lookup::Missing => Ok(None),
-                            }
-                        }
-                        Source::Fetched(entry) => Ok(Some(Source::Fetched(entry))),
-                    }
-                }
-            })
-            .buffered(FETCH_CONCURRENCY);
-        let mut since_commit = 0;
-        while let Some(item) = fetched.next().await {
+        let mut progress = Progress::new(name, expected.len());
+        let mut pass = InitPass {
+            index,
+            id,
+            expected,
+            done: HashSet::new(),
+            waiting: HashMap::new(),
+            since_commit: 0,
+        };
+        let mut handle = self.ldap.handle().await?;
+        let what = format!("search {filter} below {base}");
+        let adapters: Vec<Box<dyn Adapter<'_, &str, Vec<&str>>>> = vec![
+            Box::new(EntriesOnly::new()),
+            Box::new(PagedResults::new(PAGE_SIZE)),
+        ];
+        let mut stream = handle
+            .streaming_search_with(
+                adapters,
+                &base,
+                Scope::Subtree,
+                &filter,
+                ldap::ALL_ATTRS.to_vec(),
+            )
+            .await
+            .map_err(|e| ldap::search_failure(&what, e))?;
+        loop {
             if signals.stop_requested() {
                 self.commit_staged(true)?;
                 return Err(EngineError::Interrupted);
             }
-            let item: Result<Option<Source>, ldap::LdapFailure> = item;
-            let mut entry = match item? {
-                Some(Source::Cached(entry)) => entry,
-                Some(Source::Fetched(entry)) => self.to_cache_entry(entry),
-                Some(Source::Ldap(_)) | None => {
-                    progress.step();
-                    continue;
+            let next = tokio::time::timeout(scan_timeout, stream.next()).await;
+            let entry = match next {
+                Err(_) => {
+                    return Err(EngineError::Ldap(ldap::LdapFailure::Timeout {
+                        what,
+                        after: scan_timeout,
+                    }));
                 }
+                Ok(result) => result.map_err(|e| ldap::search_failure(&what, e))?,
             };
-            let dn = entry.dn.clone();
-            self.handlers.update(
-                id,
-                &dn,
-                &mut entry,
-                &empty,
-                Command::Init,
-                Selection::Only(index),
-            );
-            self.store(entry);
-            progress.step();
-            since_commit += 1;
-            if since_commit >= COMMIT_EVERY {
-                self.commit_staged(false)?;
-                since_commit = 0;
-            }
+            let Some(entry) = entry else { break };
+            let raw = parse_entry(&entry).map_err(|e| ldap::LdapFailure::Decode {
+                what: what.clone(),
+                reason: e.to_string(),
+            })?;
+            self.init_entry(&mut pass, raw, &mut progress)?;
+        }
+        let status = stream.finish().await;
+        if status.rc != 0 && status.rc != ldap::rc::NO_SUCH_OBJECT {
+            return Err(EngineError::Ldap(ldap::LdapFailure::Result {
+                what,
+                rc: status.rc,
+                message: status.text,
+            }));
+        }
+        // Parents that vanished during the scan: their children go now, shortest first.
+        let mut orphans: Vec<RawEntry> = pass.waiting.drain().flat_map(|(_, v)| v).collect();
+        orphans.sort_by_key(|e| e.dn.len());
+        for raw in orphans {
+            self.init_one(&mut pass, raw, &mut progress)?;
         }
         progress.finish();
         self.commit_staged(true)
+    }
+
+    /// Hands `raw` (and then every child that waited for it) to the module, unless its
+    /// parent is part of the result and still to come: parents go first (UCS sorted by DN
+    /// length; the server's order already has parents first except after moves).
+    fn init_entry(
+        &mut self,
+        pass: &mut InitPass,
+        raw: RawEntry,
+        progress: &mut Progress,
+    ) -> Result<(), EngineError> {
+        if let Some(parent) = parent(&raw.dn) {
+            let parent_key = dn_key(parent);
+            if pass.expected.contains(&parent_key) && !pass.done.contains(&parent_key) {
+                pass.waiting.entry(parent_key).or_default().push(raw);
+                return Ok(());
+            }
+        }
+        let mut ready = vec![raw];
+        while let Some(raw) = ready.pop() {
+            let key = dn_key(&raw.dn);
+            self.init_one(pass, raw, progress)?;
+            if let Some(children) = pass.waiting.remove(&key) {
+                ready.extend(children);
+            }
+        }
+        Ok(())
+    }
+
+    /// The `n` call for one object: its cached state if the cache has it (not refreshed, so
+    /// a pending transaction still finds its old state), else the entry just read.
+    fn init_one(
+        &mut self,
+        pass: &mut InitPass,
+        raw: RawEntry,
+        progress: &mut Progress,
+    ) -> Result<(), EngineError> {
+        let key = dn_key(&raw.dn);
+        let mut entry = match self.staged.get(&raw.dn)? {
+            Some(cached) => cached,
+            None => self.to_cache_entry(raw),
+        };
+        let dn = entry.dn.clone();
+        self.handlers.update(
+            pass.id,
+            &dn,
+            &mut entry,
+            &CacheEntry::default(),
+            Command::Init,
+            Selection::Only(pass.index),
+        );
+        self.store(entry);
+        pass.done.insert(key);
+        progress.step();
+        pass.since_commit += 1;
+        if pass.since_commit >= COMMIT_EVERY {
+            self.commit_staged(false)?;
+            pass.since_commit = 0;
+        }
+        Ok(())
     }
 
     /// Commits what is staged, with the current master record.

@@ -214,6 +214,11 @@ fn reread(password: &crate::config::Password) -> bool {
     }
 }
 
+/// The error of a search that failed as a whole.
+pub fn search_failure(what: &str, err: LdapError) -> LdapFailure {
+    failure("", what, err)
+}
+
 /// Base-scope read of `dn` with all attributes.
 pub async fn read_entry(
     ldap: &mut Ldap,
