@@ -125,16 +125,9 @@ fn text_set(value: String) -> HashSet<Vec<u8>> {
     HashSet::from([value.into_bytes()])
 }
 
-/// The notifier's last id (protocol 3 GET_ID).
+/// The notifier's last transaction id (`GET_ID`).
 fn notifier_last_id(notifier: &Notifier) -> u64 {
-    let mut client = notifier.client().unwrap();
-    client.handshake(3).unwrap();
-    let answer = client.request(1, "GET_ID").unwrap();
-    answer
-        .lines()
-        .nth(1)
-        .and_then(|line| line.trim().parse().ok())
-        .unwrap_or_else(|| panic!("bad GET_ID answer {answer:?}"))
+    notifier.last_id().unwrap()
 }
 
 /// Waits until the notifier's id has not moved for a while, and returns it.

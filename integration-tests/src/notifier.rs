@@ -209,6 +209,37 @@ impl Notifier {
     pub fn client(&self) -> Result<Client> {
         Client::connect(self.port)
     }
+
+    /// The notifier's last transaction id, asked with protocol 3 `GET_ID`.
+    pub fn last_id(&self) -> Result<u64> {
+        let mut client = self.client()?;
+        client.handshake(3)?;
+        let answer = client.request(1, "GET_ID")?;
+        answer
+            .lines()
+            .nth(1)
+            .and_then(|line| line.trim().parse().ok())
+            .ok_or_else(|| HarnessError::Io {
+                context: format!("reading the answer to GET_ID: {answer:?}"),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+            })
+    }
+
+    /// The id of the newest logged transaction `<id> <dn> <command>`, waiting up to
+    /// `timeout` for it to appear.
+    pub fn wait_transaction(&self, dn: &str, command: char, timeout: Duration) -> Result<u64> {
+        let suffix = format!(" {dn} {command}");
+        crate::wait_until(
+            &format!("transaction `{dn} {command}` at the notifier"),
+            timeout,
+            || {
+                Ok(self.transactions().lines().rev().find_map(|line| {
+                    line.strip_suffix(suffix.as_str())
+                        .and_then(|id| id.parse().ok())
+                }))
+            },
+        )
+    }
 }
 
 impl Drop for Notifier {

@@ -17,8 +17,7 @@ use std::time::Duration;
 use integration_tests::listener::{HANDLER_READY, JSONL_MODULE};
 use integration_tests::slapd::{BASE, HOST_DN, RESTRICTED_DN};
 use integration_tests::{
-    Change, Client, Directory, Intake, JsonlTail, Listener, ListenerOptions, Notifier, Slapd,
-    wait_until,
+    Change, Directory, Intake, JsonlTail, Listener, ListenerOptions, Notifier, Slapd, wait_until,
 };
 
 /// Far above what a healthy stack needs (well under a second per transaction).
@@ -170,14 +169,7 @@ fn one_by_one(env: &mut Env, feeds: &mut [&mut Feed], writes: Vec<Write<'_>>) ->
 
 /// The notifier's last transaction id (`GET_ID`).
 fn notifier_last_id(notifier: &Notifier) -> u64 {
-    let mut client = Client::connect(notifier.port()).unwrap();
-    client.handshake(3).unwrap();
-    let answer = client.request(1, "GET_ID").unwrap();
-    answer
-        .lines()
-        .nth(1)
-        .and_then(|line| line.trim().parse().ok())
-        .unwrap_or_else(|| panic!("unexpected answer to GET_ID: {answer:?}"))
+    notifier.last_id().unwrap()
 }
 
 fn calls(changes: &[Change]) -> Vec<Call> {

@@ -49,21 +49,9 @@ fn tls_stack() -> (Slapd, Notifier) {
     stack(SlapdConfig::provider().dbnosync(true).tls(true))
 }
 
-/// The id of the newest transaction `<id> <dn> <command>` in the notifier's log, waiting
-/// for it to appear.
+/// The id of the newest transaction `<id> <dn> <command>` in the notifier's log.
 fn transaction_id(notifier: &Notifier, dn: &str, command: char) -> u64 {
-    let suffix = format!(" {dn} {command}");
-    wait_until(
-        &format!("transaction `{dn} {command}` at the notifier"),
-        T,
-        || {
-            Ok(notifier.transactions().lines().rev().find_map(|line| {
-                line.strip_suffix(suffix.as_str())
-                    .and_then(|id| id.parse().ok())
-            }))
-        },
-    )
-    .unwrap()
+    notifier.wait_transaction(dn, command, T).unwrap()
 }
 
 /// Adds `dn` (an `organizationalRole`) as the rootdn, waits until the listener has

@@ -60,21 +60,9 @@ fn start_listener(slapd: &Slapd, notifier: &Notifier, options: ListenerOptions) 
     listener
 }
 
-/// The id of the newest transaction `<id> <dn> <command>` in the notifier's log, waiting
-/// for it to appear.
+/// The id of the newest transaction `<id> <dn> <command>` in the notifier's log.
 fn transaction_id(notifier: &Notifier, dn: &str, command: char) -> u64 {
-    let suffix = format!(" {dn} {command}");
-    wait_until(
-        &format!("transaction `{dn} {command}` at the notifier"),
-        T,
-        || {
-            Ok(notifier.transactions().lines().rev().find_map(|line| {
-                line.strip_suffix(suffix.as_str())
-                    .and_then(|id| id.parse().ok())
-            }))
-        },
-    )
-    .unwrap()
+    notifier.wait_transaction(dn, command, T).unwrap()
 }
 
 /// Waits for transaction `id` at the notifier and asserts it is `<dn> <command>`.
@@ -102,12 +90,9 @@ fn transactions(notifier: &Notifier) -> BTreeMap<u64, (String, char)> {
         .collect()
 }
 
-/// The notifier's newest id, asked over the protocol.
+/// The notifier's last transaction id (`GET_ID`).
 fn notifier_last_id(notifier: &Notifier) -> u64 {
-    let mut client = notifier.client().unwrap();
-    client.handshake(3).unwrap();
-    let answer = client.request(1, "GET_ID").unwrap();
-    answer.lines().nth(1).unwrap().trim().parse().unwrap()
+    notifier.last_id().unwrap()
 }
 
 /// Adds `cn=<cn>,<base>` and returns its DN and the transaction id.
