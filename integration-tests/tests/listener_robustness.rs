@@ -538,6 +538,61 @@ fn a_corrupt_record_marks_the_cache_bad_and_stops_with_status_3() {
     assert_eq!(status.code(), Some(3), "{log}");
 }
 
+#[test]
+fn a_new_schema_id_hands_the_subschema_to_the_modules_once() {
+    let (slapd, notifier) = stack();
+    let mut listener = start_listener(&slapd, &notifier, ListenerOptions::new());
+    fs::write(notifier.ldap_dir().join("schema/id/id"), "5").unwrap();
+    wait_until("the notifier serving schema id 5", T, || {
+        let mut client = notifier.client()?;
+        client.handshake(3)?;
+        let answer = client.request(1, "GET_SCHEMA_ID")?;
+        Ok(answer
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.trim() == "5")
+            .then_some(()))
+    })
+    .unwrap();
+
+    let (first, id) = add(&slapd, &notifier, "after-schema");
+    wait_call(&mut listener, id);
+    let calls: Vec<String> = listener
+        .changes()
+        .unwrap()
+        .iter()
+        .filter(|c| c.command != 'n' || c.dn == "cn=Subschema")
+        .map(Change::summary)
+        .collect();
+    assert_eq!(calls, ["n cn=Subschema".to_owned(), format!("a {first}")]);
+    let schema = listener
+        .changes()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.dn == "cn=Subschema")
+        .unwrap();
+    assert!(
+        schema.new.contains_key("attributeTypes"),
+        "{:?}",
+        schema.new.keys()
+    );
+    assert_eq!(
+        fs::read_to_string(listener.ldap_dir().join("schema/id/id")).unwrap(),
+        "5"
+    );
+
+    // The same schema id again: no second subschema call.
+    let (second, id) = add(&slapd, &notifier, "later");
+    wait_call(&mut listener, id);
+    let subschema_calls = listener
+        .changes()
+        .unwrap()
+        .iter()
+        .filter(|c| c.dn == "cn=Subschema")
+        .count();
+    assert_eq!(subschema_calls, 1, "after {second}");
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. A second listener on the same cache
 // ---------------------------------------------------------------------------------------
