@@ -6,8 +6,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::fs::DirBuilder;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -578,15 +576,11 @@ fn stored_dn_key(raw_key: &[u8]) -> Result<String, CacheError> {
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), CacheError> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| CacheError::Io {
-            op: "create",
-            path: dir.to_owned(),
-            source,
-        })
+    crate::files::create_private_dir(dir).map_err(|source| CacheError::Io {
+        op: "create",
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 /// sled errors become text so that no sled type leaks into the API; sled's own corruption

@@ -388,24 +388,16 @@ impl Handlers {
     }
 }
 
-fn state_path(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name)
-}
-
 /// The decimal state in `<dir>/<name>`; a missing or unreadable file is state 0.
 pub fn read_state(dir: &Path, name: &str) -> u32 {
-    std::fs::read_to_string(state_path(dir, name))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
+    cache::read_decimal(&dir.join(name))
+        .and_then(|n| u32::try_from(n).ok())
         .unwrap_or(0)
 }
 
-/// Writes `<dir>/<name>` atomically (temporary file + rename), decimal without newline.
+/// Writes `<dir>/<name>` atomically, decimal without newline.
 pub fn write_state(dir: &Path, name: &str, state: u32) -> io::Result<()> {
-    let path = state_path(dir, name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, state.to_string())?;
-    std::fs::rename(&tmp, &path)
+    cache::write_decimal(&dir.join(name), state.into())
 }
 
 #[cfg(test)]

@@ -28,6 +28,8 @@ use proto::client::NotifierClient;
 
 const EXIT_BAD_CACHE: u8 = 3;
 const CACHE_LOCK: &str = "cache.lock";
+/// Below the LDAP state directory (`-l`).
+const SCHEMA_ID_FILE: &str = "schema/id/id";
 
 fn main() -> ExitCode {
     let config = match Config::from_cli(Cli::parse()) {
@@ -122,9 +124,7 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
                 Some(id) => id,
                 None => notifier.get_id(timeout).await.context("GET_ID")?,
             };
-            let schema_id = std::fs::read_to_string(config.ldap_dir.join("schema/id/id"))
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
+            let schema_id = notifier::schema::read_schema_id(&config.ldap_dir.join(SCHEMA_ID_FILE))
                 .unwrap_or(0);
             MasterRecord {
                 notifier_id,
@@ -157,7 +157,7 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
         uniquemember_skip: config.uniquemember_skip,
         checks_parents: config.checks_parents(),
         schema_updates: !config.is_master(),
-        schema_id_file: config.ldap_dir.join("schema/id/id"),
+        schema_id_file: config.ldap_dir.join(SCHEMA_ID_FILE),
     };
     let mut engine = Engine::new(settings, Arc::clone(&cache), handlers, ldap, local, master);
     if let Err(e) = engine.commit_staged(true) {
@@ -345,12 +345,7 @@ fn purge(cache_dir: &Path) -> anyhow::Result<()> {
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))
+    cache::create_private_dir(dir).with_context(|| format!("creating {}", dir.display()))
 }
 
 fn cache_failure(cache_dir: &Path, e: CacheError) -> ExitCode {

@@ -503,7 +503,7 @@ impl Engine {
             Err(e) => tracing::error!("cannot read {SUBSCHEMA_DN}: {e}"),
         }
         self.master.schema_id = new_id;
-        if let Err(e) = write_schema_id(&self.settings.schema_id_file, new_id) {
+        if let Err(e) = cache::write_decimal(&self.settings.schema_id_file, new_id) {
             tracing::warn!(
                 "cannot write {}: {e}",
                 self.settings.schema_id_file.display()
@@ -542,13 +542,6 @@ fn set_single(entry: &mut CacheEntry, attr: &str, value: &[u8]) {
             .attributes
             .push((attr.to_owned(), vec![value.to_vec()])),
     }
-}
-
-/// Writes the schema id file atomically.
-fn write_schema_id(path: &std::path::Path, id: u64) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, id.to_string())?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
