@@ -235,10 +235,9 @@ impl Handlers {
         command: Command,
         selection: Selection,
     ) {
-        let changes: Vec<String> = changed_attributes(&new.attributes, &old.attributes)
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
+        // Modules to record, added after the calls: the calls borrow `new`'s attributes.
+        let mut recorded: Vec<usize> = Vec::new();
+        let changes = changed_attributes(&new.attributes, &old.attributes);
         for index in 0..self.slots.len() {
             if selection != Selection::All && selection != Selection::Only(index) {
                 continue;
@@ -248,10 +247,10 @@ impl Handlers {
             if name != REPLICATION && old.has_module(name) {
                 let watched = &slot.module.info().attributes;
                 let up_to_date = changes.is_empty()
-                    || (!watched.is_empty() && !watched.iter().any(|a| changes.contains(a)));
+                    || (!watched.is_empty()
+                        && !watched.iter().any(|a| changes.contains(&a.as_str())));
                 if up_to_date {
-                    let name = name.to_owned();
-                    new.add_module(&name);
+                    recorded.push(index);
                     continue;
                 }
             }
@@ -270,9 +269,11 @@ impl Handlers {
                 old: &old.attributes,
             };
             if self.handle(index, &call) {
-                let name = self.name(index).to_owned();
-                new.add_module(&name);
+                recorded.push(index);
             }
+        }
+        for index in recorded {
+            new.add_module(self.name(index));
         }
     }
 
@@ -297,8 +298,7 @@ impl Handlers {
                 old: &old.attributes,
             };
             if self.handle(index, &call) {
-                let name = self.name(index).to_owned();
-                old.remove_module(&name);
+                old.remove_module(self.name(index));
             }
         }
     }
