@@ -596,16 +596,12 @@ impl Daemon {
         self.flush(false);
         tokio::task::block_in_place(|| self.engine.handlers_mut().postrun());
         let modules = loader::load_modules(&self.config.native_modules, &self.config.module_paths);
+        // The new modules read their state files before the old ones write theirs, so a
+        // state file removed for a resync leads to a re-initialisation.
         let mut handlers = Handlers::new(modules, &self.config.cache_dir, self.privileges);
-        let old = self.engine.replace_handlers(Handlers::new(
-            Vec::new(),
-            &self.config.cache_dir,
-            self.privileges,
-        ));
-        drop(old.into_modules());
         let data = setdata_values(&self.config, &self.server);
         tokio::task::block_in_place(|| handlers.setdata(&data));
-        self.engine.replace_handlers(handlers);
+        self.engine.replace_handlers(handlers).write_states();
         tracing::info!(
             "modules reloaded: {}",
             self.engine

@@ -380,12 +380,6 @@ impl Handlers {
         self.privileges.restore();
         result
     }
-
-    /// Takes the modules out (for a reload); their states are written first.
-    pub fn into_modules(self) -> Vec<Box<dyn Module>> {
-        self.write_states();
-        self.slots.into_iter().map(|s| s.module).collect()
-    }
 }
 
 /// The decimal state in `<dir>/<name>`; a missing or unreadable file is state 0.

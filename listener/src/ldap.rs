@@ -31,8 +31,8 @@ pub mod rc {
 #[derive(Debug, thiserror::Error)]
 pub enum LdapFailure {
     /// The connection is gone or never came up: reconnect and retry.
-    #[error("LDAP server {uri} unreachable: {reason}")]
-    Down { uri: String, reason: String },
+    #[error("LDAP {what} failed, server unreachable: {reason}")]
+    Down { what: String, reason: String },
     /// The server answered with an error result.
     #[error("LDAP {what} failed: {message} (result code {rc})")]
     Result {
@@ -78,7 +78,8 @@ pub struct Endpoint {
     pub timeout: Duration,
 }
 
-fn failure(uri: &str, what: &str, err: LdapError) -> LdapFailure {
+/// Classifies an ldap3 error of the operation `what`.
+fn failure(what: &str, err: LdapError) -> LdapFailure {
     match err {
         LdapError::LdapResult { result } => LdapFailure::Result {
             what: what.to_owned(),
@@ -100,7 +101,7 @@ fn failure(uri: &str, what: &str, err: LdapError) -> LdapFailure {
             }
         }
         other => LdapFailure::Down {
-            uri: uri.to_owned(),
+            what: what.to_owned(),
             reason: other.to_string(),
         },
     }
@@ -154,11 +155,15 @@ async fn open(uri: &str, endpoint: &Endpoint, starttls: bool) -> Result<Ldap, Ld
         .set_starttls(starttls && !uri.starts_with("ldapi:"));
     // ldap3 sends the StartTLS request while connecting: name it in the error, a server
     // without TLS only says "unsupported extended operation".
-    let what = if starttls { "StartTLS" } else { "connect" };
-    let (conn, ldap) = timed(what, endpoint.timeout, async {
+    let what = if starttls {
+        format!("StartTLS with {uri}")
+    } else {
+        format!("connect to {uri}")
+    };
+    let (conn, ldap) = timed(&what, endpoint.timeout, async {
         LdapConnAsync::with_settings(settings, uri)
             .await
-            .map_err(|e| failure(uri, what, e))
+            .map_err(|e| failure(&what, e))
     })
     .await?;
     ldap3::drive!(conn);
@@ -171,7 +176,7 @@ async fn open(uri: &str, endpoint: &Endpoint, starttls: bool) -> Result<Ldap, Ld
                     .await
                     .and_then(|r| r.success())
                     .map(drop)
-                    .map_err(|e| failure(uri, "SASL EXTERNAL bind", e))
+                    .map_err(|e| failure("SASL EXTERNAL bind", e))
             })
             .await?;
         }
@@ -183,7 +188,7 @@ async fn open(uri: &str, endpoint: &Endpoint, starttls: bool) -> Result<Ldap, Ld
                         .await
                         .and_then(|r| r.success())
                         .map(drop)
-                        .map_err(|e| failure(uri, &format!("bind as {dn}"), e))
+                        .map_err(|e| failure(&format!("bind as {dn}"), e))
                 }
             };
             match timed("bind", endpoint.timeout, bind(password.current())).await {
@@ -216,7 +221,7 @@ fn reread(password: &crate::config::Password) -> bool {
 
 /// The error of a search that failed as a whole.
 pub fn search_failure(what: &str, err: LdapError) -> LdapFailure {
-    failure("", what, err)
+    failure(what, err)
 }
 
 /// Base-scope read of `dn` with all attributes.
@@ -320,7 +325,7 @@ async fn search_one(
         let result = ldap
             .search(base, scope, filter, attrs.to_vec())
             .await
-            .map_err(|e| failure("", &what, e))?;
+            .map_err(|e| failure(&what, e))?;
         let ldap3::SearchResult(entries, status) = result;
         match status.rc {
             0 => {}
@@ -367,9 +372,9 @@ pub async fn subtree_dns(
         let mut stream = ldap
             .streaming_search_with(adapters, base, Scope::Subtree, filter, vec!["1.1"])
             .await
-            .map_err(|e| failure("", &what, e))?;
+            .map_err(|e| failure(&what, e))?;
         let mut dns = Vec::new();
-        while let Some(entry) = stream.next().await.map_err(|e| failure("", &what, e))? {
+        while let Some(entry) = stream.next().await.map_err(|e| failure(&what, e))? {
             let entry = parse_entry(&entry).map_err(|e| LdapFailure::Decode {
                 what: what.clone(),
                 reason: e.to_string(),
@@ -523,7 +528,7 @@ mod tests {
     #[test]
     fn only_connection_problems_are_transient() {
         let down = LdapFailure::Down {
-            uri: "u".into(),
+            what: "w".into(),
             reason: "r".into(),
         };
         assert!(down.is_transient());

@@ -112,19 +112,31 @@ async fn read_ahead(
             prefetched,
         };
     };
-    let uuid = cache
-        .get(&tx.dn)
-        .ok()
-        .flatten()
-        .and_then(|e| e.entry_uuid().map(str::to_owned));
-    // An `r`'s object has left its DN: only the entryUUID search can find it.
-    let moved_away = tx.command() == Some(Command::ModRdn) && uuid.is_some();
-    if !moved_away {
-        prefetched.by_dn = ldap::read_entry(&mut handle, &tx.dn, timeout).await.ok();
-    }
-    let by_dn_missing = matches!(prefetched.by_dn, None | Some(Lookup::Missing));
+    let cached_uuid = || {
+        cache
+            .get(&tx.dn)
+            .ok()
+            .flatten()
+            .and_then(|e| e.entry_uuid().map(str::to_owned))
+    };
+    // An `r`'s object has left its DN: only the entryUUID search can find it. For the
+    // others the cache is only consulted when the DN read finds nothing.
+    let moved_away_uuid = if tx.command() == Some(Command::ModRdn) {
+        cached_uuid()
+    } else {
+        None
+    };
+    let uuid = match moved_away_uuid {
+        Some(uuid) => Some(uuid),
+        None => {
+            prefetched.by_dn = ldap::read_entry(&mut handle, &tx.dn, timeout).await.ok();
+            match prefetched.by_dn {
+                Some(Lookup::Found(_)) => None,
+                _ => cached_uuid(),
+            }
+        }
+    };
     if let Some(uuid) = uuid
-        && by_dn_missing
         && let Ok(lookup) = ldap::find_by_uuid(&mut handle, &base, &uuid, timeout).await
     {
         prefetched.by_uuid = Some((uuid, lookup));
