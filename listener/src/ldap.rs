@@ -416,10 +416,6 @@ impl Connection {
         &self.endpoint
     }
 
-    pub fn is_open(&self) -> bool {
-        self.ldap.is_some()
-    }
-
     /// The handle, connecting first if needed (one attempt).
     pub async fn handle(&mut self) -> Result<Ldap, LdapFailure> {
         if let Some(ldap) = &mut self.ldap

@@ -121,10 +121,6 @@ impl Privileges {
         })
     }
 
-    pub fn target(&self) -> Option<Identity> {
-        self.target
-    }
-
     /// Takes the daemon's identity back after a module call that may have changed it.
     pub fn restore(&self) {
         if let Some(target) = self.target
@@ -132,19 +128,6 @@ impl Privileges {
         {
             tracing::error!("cannot restore effective uid {}: {e}", target.uid);
         }
-    }
-
-    /// Runs `f` with effective uid/gid 0 (e.g. to create a file in a root-owned directory).
-    pub fn as_root<T>(&self, f: impl FnOnce() -> T) -> T {
-        let Some(_) = self.target else {
-            return f();
-        };
-        if let Err(e) = become_identity(Identity { uid: 0, gid: 0 }) {
-            tracing::error!("cannot regain root: {e}");
-        }
-        let result = f();
-        self.restore();
-        result
     }
 }
 
@@ -204,9 +187,8 @@ mod tests {
     fn without_a_user_nothing_changes() {
         let before = effective();
         let p = Privileges::drop_to("no-such-user-for-udl-tests", &[]).unwrap();
-        assert_eq!(p.target(), None);
         p.restore();
-        assert_eq!(p.as_root(effective), before);
+        assert_eq!(with_root(effective), before);
         assert_eq!(effective(), before);
     }
 }

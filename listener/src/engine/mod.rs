@@ -158,10 +158,6 @@ impl Engine {
         self.staged.cache()
     }
 
-    pub fn has_stashed_move(&self) -> bool {
-        self.prev.is_some()
-    }
-
     pub fn settings(&self) -> &EngineSettings {
         &self.settings
     }
