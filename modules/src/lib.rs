@@ -12,6 +12,7 @@
 pub mod filter;
 pub mod module;
 pub mod native;
+pub mod python;
 
 pub use module::{
     Attributes, Call, Command, DEFAULT_PRIORITY, Module, ModuleError, ModuleInfo, ModuleSource,
