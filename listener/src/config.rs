@@ -126,6 +126,10 @@ pub struct Cli {
     /// Seconds allowed per LDAP operation.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     pub ldap_timeout: f64,
+    /// Seconds a stop request waits for a module call that does not return; then the
+    /// listener exits without finishing that transaction (it is redone at the next start).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub stop_timeout: f64,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9670).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
@@ -265,6 +269,7 @@ pub struct Config {
     pub alive_interval: Duration,
     pub notifier_timeout: Duration,
     pub ldap_timeout: Duration,
+    pub stop_timeout: Duration,
     pub scan_timeout: Duration,
     pub ldap_retries: u32,
     pub metrics: Option<SocketAddr>,
@@ -426,6 +431,7 @@ impl Config {
             alive_interval: seconds("--alive-interval", cli.alive_interval)?,
             notifier_timeout: seconds("--notifier-timeout", cli.notifier_timeout)?,
             ldap_timeout: seconds("--ldap-timeout", cli.ldap_timeout)?,
+            stop_timeout: seconds("--stop-timeout", cli.stop_timeout)?,
             scan_timeout: Duration::from_secs(
                 ucr.get_parsed("listener/timeout/scans").unwrap_or(7200),
             ),

@@ -595,7 +595,7 @@ impl Daemon {
     async fn reload_modules(&mut self) -> Result<(), EngineError> {
         self.flush(false);
         tokio::task::block_in_place(|| self.engine.handlers_mut().postrun());
-        let modules = loader::load_modules(&self.config.native_modules, &self.config.module_paths);
+        let modules = loader::load_modules(&self.config, &self.privileges);
         // The new modules read their state files before the old ones write theirs, so a
         // state file removed for a resync leads to a re-initialisation.
         let mut handlers = Handlers::new(modules, &self.config.cache_dir, self.privileges);

@@ -4,6 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use modules::Module;
+use modules::python::{HostOptions, PythonHost, PythonModule};
+use notifier::ucr::BASE_CONF;
+
+use crate::config::Config;
+use crate::privileges::Privileges;
 
 /// Module files of one `-m` path: the file itself, or the `*.py` files of a directory with
 /// `replication.py` first and the others by name (UCS used readdir order; sorted is stable).
@@ -21,10 +26,12 @@ pub fn module_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Loads every configured module. A module that fails to load is reported with its source
-/// and skipped; the others run (spec §4.1).
-pub fn load_modules(native_specs: &[String], module_paths: &[PathBuf]) -> Vec<Box<dyn Module>> {
+/// and skipped; the others run (spec §4.1). Module files are imported with the daemon's
+/// effective identity, which is taken back after each import (a module may switch at
+/// import time).
+pub fn load_modules(config: &Config, privileges: &Privileges) -> Vec<Box<dyn Module>> {
     let mut loaded: Vec<Box<dyn Module>> = Vec::new();
-    for spec in native_specs {
+    for spec in &config.native_modules {
         match modules::native::load(spec) {
             Ok(module) => {
                 tracing::info!(
@@ -37,23 +44,44 @@ pub fn load_modules(native_specs: &[String], module_paths: &[PathBuf]) -> Vec<Bo
             Err(e) => tracing::error!("{e}; module skipped"),
         }
     }
-    for path in module_paths {
-        let files = match module_files(path) {
-            Ok(files) => files,
-            Err(e) => {
-                tracing::error!("cannot read module directory {}: {e}", path.display());
-                continue;
+    let mut files = Vec::new();
+    for path in &config.module_paths {
+        match module_files(path) {
+            Ok(found) => files.extend(found),
+            Err(e) => tracing::error!("cannot read module directory {}: {e}", path.display()),
+        }
+    }
+    if files.is_empty() {
+        return loaded;
+    }
+    let host = match PythonHost::start(host_options(config)) {
+        Ok(host) => host,
+        Err(e) => {
+            tracing::error!("{e}; {} Python module(s) skipped", files.len());
+            return loaded;
+        }
+    };
+    for file in files {
+        let result = PythonModule::load(&host, &file);
+        privileges.restore();
+        match result {
+            Ok(module) => {
+                tracing::info!("loaded module {} ({})", module.info().name, file.display());
+                loaded.push(Box::new(module));
             }
-        };
-        for file in files {
-            tracing::error!(
-                "import of filename={} failed: this build has no Python module host yet; \
-                 module skipped",
-                file.display()
-            );
+            Err(e) => tracing::error!("{e}\nmodule skipped"),
         }
     }
     loaded
+}
+
+fn host_options(config: &Config) -> HostOptions {
+    HostOptions {
+        // SAFETY: geteuid cannot fail; modules are loaded after the switch to the daemon's
+        // identity, so this is the uid `listener.unsetuid()` must return to.
+        daemon_uid: unsafe { libc::geteuid() },
+        ucr_file: (config.ucr_file != Path::new(BASE_CONF)).then(|| config.ucr_file.clone()),
+    }
 }
 
 #[cfg(test)]

@@ -87,7 +87,8 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
         ),
         Err(e) => return Err(e.into()),
     };
-    let signals = signals::install(Arc::clone(&logging)).context("installing signal handlers")?;
+    let signals = signals::install(Arc::clone(&logging), config.stop_timeout)
+        .context("installing signal handlers")?;
 
     let cascade_dir = config.ldap_dir.join("listener");
     let mut owned: Vec<&Path> = vec![&cache_dir];
@@ -110,7 +111,7 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
         Ok(cache) => Arc::new(cache),
         Err(e) => return Ok(cache_failure(&cache_dir, e)),
     };
-    let modules = loader::load_modules(&config.native_modules, &config.module_paths);
+    let modules = loader::load_modules(&config, &privileges);
     let mut handlers = Handlers::new(modules, &cache_dir, privileges);
     handlers.set_init_only(config.mode == RunMode::InitOnly);
     let data = setdata_values(&config, &server);

@@ -4,6 +4,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use modules::python::PythonHost;
 
 use notifier::logging::Logging;
 use tokio::signal::unix::{SignalKind, signal};
@@ -12,6 +15,7 @@ use tokio::sync::Notify;
 #[derive(Debug, Default)]
 pub struct Signals {
     stop: AtomicBool,
+    stop_timeout: Duration,
     reload: AtomicBool,
     wake: Notify,
 }
@@ -22,7 +26,9 @@ impl Signals {
     }
 
     pub fn request_stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        if !self.stop.swap(true, Ordering::SeqCst) {
+            spawn_stop_guard(self.stop_timeout);
+        }
         self.wake.notify_waiters();
         self.wake.notify_one();
     }
@@ -46,9 +52,44 @@ impl Signals {
     }
 }
 
+/// The main loop acts on a stop request between transactions; a module call that never
+/// returns would keep it from ever getting there. After `timeout` the process exits anyway:
+/// everything committed stays, and the unfinished transaction is processed again at the
+/// next start (like after a crash, which the cache is built to survive).
+fn spawn_stop_guard(timeout: Duration) {
+    let guard = std::thread::Builder::new()
+        .name("stop-guard".into())
+        .spawn(move || {
+            std::thread::sleep(timeout);
+            match PythonHost::current_call() {
+                Some(call) => tracing::error!(
+                    "module {} has been in {}{} for {:.0?} and did not return within {:?} of \
+                     the stop request; exiting without it (the transaction is processed \
+                     again at the next start)",
+                    call.module,
+                    call.function,
+                    call.dn.map(|dn| format!(" for {dn}")).unwrap_or_default(),
+                    call.started.elapsed(),
+                    timeout
+                ),
+                None => tracing::error!(
+                    "not stopped within {timeout:?} of the stop request; exiting (uncommitted \
+                     transactions are processed again at the next start)"
+                ),
+            }
+            std::process::exit(1);
+        });
+    if let Err(e) = guard {
+        tracing::warn!("cannot start the stop guard: {e}");
+    }
+}
+
 /// Installs the handlers; signals arriving before this point have their default effect.
-pub fn install(logging: Arc<Logging>) -> std::io::Result<Arc<Signals>> {
-    let signals = Arc::new(Signals::default());
+pub fn install(logging: Arc<Logging>, stop_timeout: Duration) -> std::io::Result<Arc<Signals>> {
+    let signals = Arc::new(Signals {
+        stop_timeout,
+        ..Signals::default()
+    });
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut quit = signal(SignalKind::quit())?;
