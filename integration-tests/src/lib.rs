@@ -12,6 +12,7 @@ pub mod net;
 pub mod notifier;
 pub mod process;
 pub mod slapd;
+pub mod users;
 pub mod wait;
 
 pub use directory::{Directory, Entry};

@@ -37,6 +37,18 @@ impl Notifier {
         Notifier::start_with(slapd, intake, extra, |_| Ok(()))
     }
 
+    /// Starts a notifier following slapd's accesslog and waits until its first start has
+    /// fixed its position (after the newest accesslog entry): only later writes become
+    /// transactions.
+    pub fn following_accesslog(slapd: &Slapd, timeout: Duration) -> Result<Notifier> {
+        let notifier = Notifier::start(slapd, Intake::Accesslog, &[])?;
+        let position = notifier.ldap_dir().join("notify/accesslog.position");
+        crate::wait_until("the notifier's stored accesslog position", timeout, || {
+            Ok(position.exists().then_some(()))
+        })?;
+        Ok(notifier)
+    }
+
     /// Like [`Notifier::start`], after `prepare` has populated the `--ldap-dir` (e.g. with
     /// a crafted transaction log).
     pub fn start_with(

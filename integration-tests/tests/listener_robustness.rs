@@ -11,12 +11,12 @@ use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use integration_tests::listener::{HANDLER_READY, JSONL_MODULE};
 use integration_tests::net::free_port;
 use integration_tests::slapd::{ADMIN_DN, ADMIN_PW, BASE, RESTRICTED_DN};
+use integration_tests::users::TempUser;
 use integration_tests::{
     Change, Intake, Listener, ListenerOptions, Notifier, Slapd, SlapdConfig, wait_until,
 };
@@ -1008,46 +1008,6 @@ fn exec_module_failure_is_not_recorded_in_the_cache() {
 // 11. Effective uid
 // ---------------------------------------------------------------------------------------
 
-/// A system user for the test, removed on drop (also when the test panics).
-struct TempUser {
-    name: String,
-}
-
-impl TempUser {
-    fn create() -> TempUser {
-        let name = format!("udltest{}", std::process::id());
-        let status = Command::new("useradd")
-            .args([
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                &name,
-            ])
-            .status()
-            .unwrap();
-        assert!(status.success(), "useradd {name}: {status}");
-        TempUser { name }
-    }
-
-    /// uid and gid from the passwd database.
-    fn ids(&self) -> (u32, u32) {
-        let output = Command::new("getent")
-            .args(["passwd", &self.name])
-            .output()
-            .unwrap();
-        let line = String::from_utf8(output.stdout).unwrap();
-        let fields: Vec<&str> = line.trim().split(':').collect();
-        (fields[2].parse().unwrap(), fields[3].parse().unwrap())
-    }
-}
-
-impl Drop for TempUser {
-    fn drop(&mut self) {
-        let _ = Command::new("userdel").arg(&self.name).status();
-    }
-}
-
 /// The four ids of a `Uid:`/`Gid:` line of `/proc/<pid>/status`.
 fn proc_ids(pid: u32, key: &str) -> Vec<u32> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -1069,7 +1029,7 @@ fn started_as_root_it_takes_the_effective_uid_of_the_user() {
         return;
     }
     let (slapd, notifier) = stack();
-    let user = TempUser::create();
+    let user = TempUser::create("");
     let (uid, gid) = user.ids();
     let options = ListenerOptions::new().args(["--user".to_owned(), user.name.clone()]);
     let mut listener = Listener::prepare(&slapd, &notifier, options).unwrap();
