@@ -84,6 +84,16 @@ fn demo_once_shows_every_handler_call() {
             "no handler call line `{call}`\n{report}"
         );
     }
+    // The Python module's journal: the object-oriented API reports both moves as moves.
+    for line in [
+        format!("python user_journal: created alice {alice}"),
+        "python user_journal: modified alice mail".to_owned(),
+        format!("python user_journal: moved alicia {alice} -> {alicia}"),
+        format!("python user_journal: moved alicia {alicia} -> {moved}"),
+        format!("python user_journal: removed alicia {moved}"),
+    ] {
+        assert!(stdout.contains(&line), "no journal line `{line}`\n{report}");
+    }
     // The modify line names the changed attribute with its old and new value.
     assert!(
         stdout.contains("mail: alice@example.com → alice.liddell@example.com"),

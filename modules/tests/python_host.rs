@@ -503,6 +503,20 @@ class Recorder(ListenerModuleHandler):
             &a2,
         ))
         .unwrap();
+    // A second pure move right after: reported, although nothing but the DN changed (the
+    // listener sent no follow-up modify this time, e.g. skipped by `attributes`).
+    module
+        .handler(&call("cn=a,ou=y,dc=x", Command::ModRdn, &empty, &a2))
+        .unwrap();
+    module
+        .handler(&call("cn=a,ou=z,dc=x", Command::Add, &a2, &empty))
+        .unwrap();
+    module
+        .handler(&call("cn=a,ou=z,dc=x", Command::ModRdn, &empty, &a2))
+        .unwrap();
+    module
+        .handler(&call("cn=a,ou=y,dc=x", Command::Add, &a2, &empty))
+        .unwrap();
     module
         .handler(&call("cn=a,ou=y,dc=x", Command::Delete, &empty, &a2))
         .unwrap();
@@ -521,6 +535,8 @@ class Recorder(ListenerModuleHandler):
             "('create', 'cn=a,dc=x', ['cn', 'entryCSN', 'sn'])",
             "('modify', 'cn=a,dc=x', None, ['sn'])",
             "('modify', 'cn=a,ou=y,dc=x', 'cn=a,dc=x', [])",
+            "('modify', 'cn=a,ou=z,dc=x', 'cn=a,ou=y,dc=x', [])",
+            "('modify', 'cn=a,ou=y,dc=x', 'cn=a,ou=z,dc=x', [])",
             "('remove', 'cn=a,ou=y,dc=x')",
             "('remove', 'cn=fail,dc=x')",
             "('post_run',)",

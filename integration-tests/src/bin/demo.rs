@@ -2,8 +2,9 @@
 //! look at what the project does.
 //!
 //! It starts a private slapd, a notifier following slapd's `cn=accesslog` and a listener
-//! with the native `jsonl` module, makes a few typical changes with the real ldap-utils
-//! tools and prints every handler call the listener makes for them as it arrives. With
+//! with the native `jsonl` module and the Python example module `user_journal` (the
+//! object-oriented UCS API), makes a few typical changes with the real ldap-utils tools and
+//! prints every handler call and journal line as it arrives. With
 //! `--once` it exits after the last expected call (0) or on a missing one (1); otherwise it
 //! keeps running for the user's own changes until Ctrl-C. `scripts/demo.sh` builds and
 //! runs it.
@@ -28,6 +29,10 @@ const WAIT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(50);
 /// Quiet time after handler calls before the interactive mode prints the ids again.
 const SETTLE: Duration = Duration::from_secs(1);
+/// The Python module the demo runs next to `jsonl`: the object-oriented API example.
+const PYTHON_MODULE: &str = "user_journal";
+const PYTHON_SOURCE: &str = include_str!("../../../modules/examples/user_journal.py");
+
 /// Log lines shown when something fails.
 const LOG_TAIL_LINES: usize = 40;
 /// Longest value shown in a handler call line.
@@ -124,7 +129,7 @@ fn run(once: bool) -> Result<ExitCode> {
     println!("Univention Directory Listener demo");
     println!("==================================");
     println!("LDAP changes flow: slapd (cn=accesslog) -> notifier (numbered transactions)");
-    println!("-> listener (reads each changed entry, calls its modules) -> jsonl module.");
+    println!("-> listener (reads each changed entry, calls its modules) -> jsonl + a Python module.");
     println!();
     let mut demo = Demo::start()?;
     let outcome = demo.script(once);
@@ -283,6 +288,35 @@ struct Demo {
     /// Expected calls are searched for from here on: everything before was matched
     /// already or belongs to the initial sync.
     cursor: usize,
+    /// The `-m` directory with the Python module, and its journal file.
+    _modules: tempfile::TempDir,
+    journal: LineTail,
+}
+
+/// Complete lines appended to a file since the last look.
+struct LineTail {
+    path: std::path::PathBuf,
+    offset: usize,
+    lines: Vec<String>,
+}
+
+impl LineTail {
+    fn poll(&mut self) -> Vec<String> {
+        let bytes = std::fs::read(&self.path).unwrap_or_default();
+        let Some(rest) = bytes.get(self.offset..) else {
+            return Vec::new();
+        };
+        let Some(end) = rest.iter().rposition(|&b| b == b'\n') else {
+            return Vec::new();
+        };
+        self.offset += end + 1;
+        let lines: Vec<String> = String::from_utf8_lossy(&rest[..end])
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        self.lines.extend(lines.iter().cloned());
+        lines
+    }
 }
 
 impl Demo {
@@ -312,17 +346,33 @@ impl Demo {
         check_interrupted()?;
 
         println!("Starting the listener …");
-        let listener = Listener::start(&slapd, &notifier, ListenerOptions::new())
-            .context("starting the listener")?;
+        let modules = tempfile::tempdir().context("creating the module directory")?;
+        let module_file = modules.path().join(format!("{PYTHON_MODULE}.py"));
+        std::fs::write(&module_file, PYTHON_SOURCE).context("writing the Python module")?;
+        let journal = modules.path().join(format!("{PYTHON_MODULE}.log"));
+        let options = ListenerOptions::new()
+            .module_dir(modules.path())
+            .ucr(format!(
+                "ldap/base: {BASE}\nlistener/module/{PYTHON_MODULE}/file: {}\n",
+                journal.display()
+            ));
+        let listener =
+            Listener::start(&slapd, &notifier, options).context("starting the listener")?;
         println!("  listener  bound to slapd as {HOST_DN}");
         println!("            cache dir {}", listener.cache_dir().display());
         println!(
             "            handler calls (jsonl module) {}",
             listener.jsonl_path().display()
         );
+        println!(
+            "            Python module {} (journal {})",
+            module_file.display(),
+            journal.display()
+        );
         println!("            log {}", listener.log_path().display());
         println!();
         println!("Handler call lines read: [id <transaction>] <module> <command> <dn>  (details)");
+        println!("  then the Python module's journal lines: python user_journal: <line>");
         println!("  commands: a add, m modify, d delete, r renamed or moved away");
         println!(
             "  (+attr: added, -attr: removed, attr: old → new; operational attributes left out)"
@@ -336,6 +386,12 @@ impl Demo {
             tail,
             seen: Vec::new(),
             cursor: 0,
+            _modules: modules,
+            journal: LineTail {
+                path: journal,
+                offset: 0,
+                lines: Vec::new(),
+            },
         })
     }
 
@@ -344,7 +400,9 @@ impl Demo {
             "==> Waiting for the listener's initial sync (a handler call for every visible entry) …"
         );
         self.wait_for("the listener's initial sync", |demo| {
-            let ready = demo.listener.handler_state(JSONL_MODULE) == Some(HANDLER_READY);
+            let ready = [JSONL_MODULE, PYTHON_MODULE]
+                .iter()
+                .all(|module| demo.listener.handler_state(module) == Some(HANDLER_READY));
             Ok(demo.listener.notifier_id().filter(|_| ready))
         })?;
         self.cursor = self.seen.len();
@@ -359,6 +417,24 @@ impl Demo {
         let expected: usize = steps.iter().map(|step| step.expect.len()).sum();
         for step in &steps {
             self.apply(step, &url)?;
+        }
+        // The journal line of the last step is written in the same transaction as its
+        // jsonl call; the listener's id moves only after every module ran.
+        let last = self.seen.last().map_or(0, |change| change.id);
+        self.wait_for("the Python module's journal", |demo| {
+            Ok(demo.listener.notifier_id().filter(|&id| id >= last))
+        })?;
+        self.pump()?;
+        if !self
+            .journal
+            .lines
+            .iter()
+            .any(|line| line.starts_with("removed alicia"))
+        {
+            bail!(
+                "the Python module {PYTHON_MODULE} did not journal the last change; its lines: {:?}",
+                self.journal.lines
+            );
         }
         println!("All {expected} expected handler calls arrived.");
         println!();
@@ -456,6 +532,9 @@ impl Demo {
         }
         let count = changes.len();
         self.seen.extend(changes);
+        for line in self.journal.poll() {
+            println!("    python {PYTHON_MODULE}: {line}");
+        }
         Ok(count)
     }
 

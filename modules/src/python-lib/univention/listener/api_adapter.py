@@ -53,13 +53,15 @@ class ListenerModuleAdapter(object):
             )
 
     def _handler(self, dn, new, old, command):
+        # Whether the previous call completed a move: only the call right after it may be
+        # the listener's follow-up modify (UCS keeps the flag until some later modify).
+        after_move, self._renamed = self._renamed, False
         if command == "r":
             # First half of a move: remember the old object, report it with the `a`.
             self._saved_old = old
             self._saved_old_dn = dn
             self._rename_pending = True
             return
-        just_renamed, self._renamed = self._renamed, False
         old_dn = None
         if command == "a" and self._rename_pending:
             old, old_dn = self._saved_old, self._saved_old_dn
@@ -71,8 +73,8 @@ class ListenerModuleAdapter(object):
             if old and not new:
                 instance.remove(dn, old)
             elif old and new:
-                if just_renamed and not instance.diff(old, new):
-                    # The modify the listener sends after a move changed nothing of interest.
+                if after_move and not instance.diff(old, new):
+                    # The modify after a move that changed nothing but metadata.
                     return
                 instance.modify(dn, old, new, old_dn)
             elif new:
