@@ -45,6 +45,11 @@ const LONG: Duration = Duration::from_secs(600);
 
 static STARTED: OnceLock<Instant> = OnceLock::new();
 
+/// Called for every object and every delete, like the jsonl module; does almost nothing.
+const TRIVIAL_PYTHON_MODULE: &str = "name = 'trivial'\ndescription = 'benchmark'\n\
+    filter = '(objectClass=*)'\nhandle_every_delete = True\nmodrdn = '1'\ncalls = 0\n\
+    def handler(dn, new, old, command):\n    global calls\n    calls += 1\n";
+
 fn progress(message: impl std::fmt::Display) {
     let secs = STARTED.get_or_init(Instant::now).elapsed().as_secs_f64();
     println!("    [{secs:>6.1}s] {message}");
@@ -372,8 +377,32 @@ fn backlog(total: usize, searches: usize, rounds: usize, debug: &str) {
     let mut jsonl = Listener::start(&slapd, &notifier, options(true, debug)).unwrap();
     jsonl.wait_initialized(LONG).unwrap();
     jsonl.stop().unwrap();
+    // A trivial Python module that is called for everything jsonl is called for.
+    let python_modules = tempfile::tempdir().unwrap();
+    std::fs::write(
+        python_modules.path().join("trivial.py"),
+        TRIVIAL_PYTHON_MODULE,
+    )
+    .unwrap();
+    let mut python = Listener::start(
+        &slapd,
+        &notifier,
+        options(false, debug).module_dir(python_modules.path()),
+    )
+    .unwrap();
+    python
+        .wait_until("the Python module's initialisation", LONG, |l| {
+            Ok((l.handler_state("trivial") == Some(3) && l.notifier_id().is_some()).then_some(()))
+        })
+        .unwrap();
+    python.stop().unwrap();
     let start_id = plain.notifier_id().unwrap();
     assert_eq!(jsonl.notifier_id(), Some(start_id), "listeners start apart");
+    assert_eq!(
+        python.notifier_id(),
+        Some(start_id),
+        "listeners start apart"
+    );
     assert_eq!(settled_id(&notifier), start_id, "the notifier moved on");
     let jsonl_lines_before = line_count(&jsonl.jsonl_path());
 
@@ -415,15 +444,19 @@ fn backlog(total: usize, searches: usize, rounds: usize, debug: &str) {
     // Both caches as they are before the backlog, so every round starts at `start_id`.
     let plain_snapshot = plain.dir().join("cache.snapshot");
     let jsonl_snapshot = jsonl.dir().join("cache.snapshot");
+    let python_snapshot = python.dir().join("cache.snapshot");
     copy_dir(&plain.cache_dir(), &plain_snapshot);
     copy_dir(&jsonl.cache_dir(), &jsonl_snapshot);
+    copy_dir(&python.cache_dir(), &python_snapshot);
     let mut plain_runs = Vec::new();
     let mut jsonl_runs = Vec::new();
+    let mut python_runs = Vec::new();
     let mut calls = None;
     for round in 1..=rounds.max(1) {
         if round > 1 {
             restore(&plain, &plain_snapshot);
             restore(&jsonl, &jsonl_snapshot);
+            restore(&python, &python_snapshot);
         }
         progress(format!("catch-up without modules (round {round})"));
         plain_runs.push(catch_up(&mut plain, &slapd, target));
@@ -432,19 +465,28 @@ fn backlog(total: usize, searches: usize, rounds: usize, debug: &str) {
         jsonl_runs.push(catch_up(&mut jsonl, &slapd, target));
         jsonl.stop().unwrap();
         calls.get_or_insert_with(|| command_counts(&jsonl.jsonl_path(), jsonl_lines_before));
+        progress(format!(
+            "catch-up with a trivial Python module (round {round})"
+        ));
+        python_runs.push(catch_up(&mut python, &slapd, target));
+        python.stop().unwrap();
     }
 
     let tx = transactions as f64;
-    let mut rates = [0.0; 2];
-    for (index, (name, runs)) in [("no modules  ", &plain_runs), ("jsonl module", &jsonl_runs)]
-        .into_iter()
-        .enumerate()
+    let mut rates = [0.0; 3];
+    for (index, (name, runs)) in [
+        ("no modules", &plain_runs),
+        ("jsonl module", &jsonl_runs),
+        ("Python module", &python_runs),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let run = runs.iter().min_by_key(|run| run.wall).unwrap();
         let (rate, all) = best(&runs.iter().map(|r| tx / r.secs()).collect::<Vec<_>>());
         rates[index] = rate;
         println!(
-            "    {name}         {rate:>10.0} tx/s  (best of {all}; {:.2} s incl. {:.2} s startup; {}; RSS peak {:.1} MB)",
+            "    {name:<13}        {rate:>10.0} tx/s  (best of {all}; {:.2} s incl. {:.2} s startup; {}; RSS peak {:.1} MB)",
             run.secs(),
             run.startup.as_secs_f64(),
             run.cpu_line(),
@@ -470,6 +512,10 @@ fn backlog(total: usize, searches: usize, rounds: usize, debug: &str) {
     println!(
         "    jsonl / 3000 tx/s    {:>10.2}    (goal >= 1)",
         jsonl_rate / 3000.0
+    );
+    println!(
+        "    Python / jsonl       {:>10.2}    (goal >= 0.7)",
+        rates[2] / jsonl_rate
     );
 }
 

@@ -2,14 +2,15 @@
 //! call; the rest of the listener talks to it through a bounded channel and waits for the
 //! answer of each call, so calls keep their order and module state never changes threads.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Mutex, OnceLock};
-use std::time::Instant;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyModule};
+use pyo3::types::{PyBytes, PyDict, PyList, PyModule, PyString};
 
 use super::builtins::{self, CurrentCall, SHARED, Shared};
 use super::{HostOptions, PythonError};
@@ -19,16 +20,91 @@ use crate::{Command, DEFAULT_PRIORITY};
 /// Requests waiting for the interpreter; the caller blocks on each answer anyway, so a
 /// short queue is enough.
 const QUEUE: usize = 16;
+/// How long both sides poll for the other's message before they sleep: a hand-over through
+/// a sleeping thread costs microseconds of wake-up each way, more than most handler calls.
+const SPIN: Duration = Duration::from_micros(50);
 
-type Attrs = Vec<(String, Vec<Vec<u8>>)>;
+/// Attributes copied into one buffer for the trip to the interpreter thread: a handful of
+/// allocations instead of one per name and value (freeing on another thread is what makes
+/// many small allocations expensive).
+#[derive(Default)]
+pub(crate) struct FlatAttrs {
+    data: Vec<u8>,
+    /// Per attribute: its name in `data`, and its values as a range of `values`.
+    attrs: Vec<(Range<usize>, Range<usize>)>,
+    values: Vec<Range<usize>>,
+}
+
+impl FlatAttrs {
+    fn new(attrs: &crate::Attributes) -> FlatAttrs {
+        let size = attrs
+            .iter()
+            .map(|(name, values)| name.len() + values.iter().map(Vec::len).sum::<usize>())
+            .sum();
+        let mut flat = FlatAttrs {
+            data: Vec::with_capacity(size),
+            attrs: Vec::with_capacity(attrs.len()),
+            values: Vec::with_capacity(attrs.iter().map(|(_, v)| v.len()).sum()),
+        };
+        for (name, values) in attrs {
+            let name_start = flat.data.len();
+            flat.data.extend_from_slice(name.as_bytes());
+            let first_value = flat.values.len();
+            for value in values {
+                let start = flat.data.len();
+                flat.data.extend_from_slice(value);
+                flat.values.push(start..flat.data.len());
+            }
+            flat.attrs.push((
+                name_start..name_start + name.len(),
+                first_value..flat.values.len(),
+            ));
+        }
+        flat
+    }
+
+    fn to_dict<'py>(&self, py: Python<'py>, names: &mut NameCache) -> PyResult<Bound<'py, PyDict>> {
+        let bytes = |range: &Range<usize>| self.data.get(range.clone()).unwrap_or_default();
+        let dict = PyDict::new(py);
+        for (name, values) in &self.attrs {
+            let name = names.get(py, bytes(name));
+            let values = self.values.get(values.clone()).unwrap_or_default();
+            let list = PyList::new(py, values.iter().map(|v| PyBytes::new(py, bytes(v))))?;
+            dict.set_item(name, list)?;
+        }
+        Ok(dict)
+    }
+}
+
+/// Attribute names as Python strings, made once: the schema bounds how many there are, and
+/// a reused string also keeps its hash for the dict insertions.
+#[derive(Default)]
+struct NameCache(HashMap<Box<[u8]>, Py<PyString>>);
+
+impl NameCache {
+    /// More distinct names than any schema has means something else is going on.
+    const LIMIT: usize = 10_000;
+
+    fn get<'py>(&mut self, py: Python<'py>, name: &[u8]) -> Bound<'py, PyString> {
+        if let Some(cached) = self.0.get(name) {
+            return cached.bind(py).clone();
+        }
+        if self.0.len() >= Self::LIMIT {
+            self.0.clear();
+        }
+        let string = PyString::new(py, &String::from_utf8_lossy(name));
+        self.0.insert(name.into(), string.clone().unbind());
+        string
+    }
+}
 
 /// One lifecycle call, with the data copied so it can cross to the interpreter thread.
 pub(crate) enum Work {
     Handler {
         dn: String,
         command: Command,
-        new: Attrs,
-        old: Attrs,
+        new: FlatAttrs,
+        old: FlatAttrs,
     },
     Prerun,
     Postrun,
@@ -45,8 +121,8 @@ impl Work {
         Work::Handler {
             dn: call.dn.to_owned(),
             command: call.command,
-            new: call.new.to_vec(),
-            old: call.old.to_vec(),
+            new: FlatAttrs::new(call.new),
+            old: FlatAttrs::new(call.old),
         }
     }
 
@@ -63,24 +139,51 @@ impl Work {
 }
 
 enum Request {
-    Load {
-        path: PathBuf,
-        reply: SyncSender<Result<(usize, ModuleInfo), PythonError>>,
-    },
-    Call {
-        slot: usize,
-        work: Work,
-        reply: SyncSender<Result<(), ModuleError>>,
-    },
-    Unload {
-        slot: usize,
-    },
+    Load { path: PathBuf },
+    Call { slot: usize, work: Work },
+    Unload { slot: usize },
+}
+
+/// Answers to `Load` and `Call`, in request order (`Unload` has none).
+enum Reply {
+    Loaded(Result<(usize, ModuleInfo), PythonError>),
+    Called(Result<(), ModuleError>),
+}
+
+/// The two directions; locked for a whole request and its answer, so answers always
+/// belong to the request just sent.
+struct Channel {
+    requests: SyncSender<Request>,
+    replies: Receiver<Reply>,
+}
+
+impl Channel {
+    fn ask(&self, request: Request) -> Option<Reply> {
+        self.requests.send(request).ok()?;
+        receive(&self.replies)
+    }
 }
 
 /// Handle to the interpreter thread; cheap to clone.
 #[derive(Clone)]
 pub struct PythonHost {
-    requests: SyncSender<Request>,
+    channel: Arc<Mutex<Channel>>,
+}
+
+/// Waits for the next message, polling briefly before sleeping; `None` once the other side
+/// is gone.
+fn receive<T>(receiver: &Receiver<T>) -> Option<T> {
+    let deadline = Instant::now() + SPIN;
+    loop {
+        match receiver.try_recv() {
+            Ok(message) => return Some(message),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) if Instant::now() >= deadline => {
+                return receiver.recv().ok();
+            }
+            Err(TryRecvError::Empty) => std::thread::yield_now(),
+        }
+    }
 }
 
 static HOST: OnceLock<Result<PythonHost, PythonError>> = OnceLock::new();
@@ -93,29 +196,33 @@ impl PythonHost {
     }
 
     /// Imports one module file and reads its declarations (spec §4.1–4.2).
+    fn ask(&self, request: Request) -> Option<Reply> {
+        self.channel.lock().ok()?.ask(request)
+    }
+
     pub(crate) fn load(&self, path: &Path) -> Result<(usize, ModuleInfo), PythonError> {
-        let (reply, answer) = sync_channel(1);
-        self.requests
-            .send(Request::Load {
-                path: path.to_owned(),
-                reply,
-            })
-            .map_err(|_| PythonError::Stopped)?;
-        answer.recv().map_err(|_| PythonError::Stopped)?
+        match self.ask(Request::Load {
+            path: path.to_owned(),
+        }) {
+            Some(Reply::Loaded(result)) => result,
+            _ => Err(PythonError::Stopped),
+        }
     }
 
     pub(crate) fn call(&self, slot: usize, work: Work) -> Result<(), ModuleError> {
-        let stopped = || ModuleError::new("the Python interpreter thread has stopped");
-        let (reply, answer) = sync_channel(1);
-        self.requests
-            .send(Request::Call { slot, work, reply })
-            .map_err(|_| stopped())?;
-        answer.recv().map_err(|_| stopped())?
+        match self.ask(Request::Call { slot, work }) {
+            Some(Reply::Called(result)) => result,
+            _ => Err(ModuleError::new(
+                "the Python interpreter thread has stopped",
+            )),
+        }
     }
 
     pub(crate) fn unload(&self, slot: usize) {
         // Best effort: a stopped interpreter has nothing left to unload.
-        let _ = self.requests.send(Request::Unload { slot });
+        if let Ok(channel) = self.channel.lock() {
+            let _ = channel.requests.send(Request::Unload { slot });
+        }
     }
 
     /// The module call running right now, if any (for status reports and for the log line
@@ -127,20 +234,24 @@ impl PythonHost {
 
 fn spawn(options: HostOptions) -> Result<PythonHost, PythonError> {
     let (requests, receiver) = sync_channel(QUEUE);
+    let (reply, replies) = sync_channel(QUEUE);
     let (ready, started) = sync_channel(1);
     std::thread::Builder::new()
         .name("python".into())
-        .spawn(move || interpreter_thread(options, receiver, ready))
+        .spawn(move || interpreter_thread(options, receiver, reply, ready))
         .map_err(|e| PythonError::Start(format!("cannot start the interpreter thread: {e}")))?;
     started
         .recv()
         .map_err(|_| PythonError::Start("the interpreter thread ended during start-up".into()))??;
-    Ok(PythonHost { requests })
+    Ok(PythonHost {
+        channel: Arc::new(Mutex::new(Channel { requests, replies })),
+    })
 }
 
 fn interpreter_thread(
     options: HostOptions,
     requests: Receiver<Request>,
+    reply: SyncSender<Reply>,
     ready: SyncSender<Result<(), PythonError>>,
 ) {
     let _ = SHARED.set(Shared {
@@ -161,13 +272,14 @@ fn interpreter_thread(
         }
         let _ = ready.send(Ok(()));
         let mut slots: Vec<Option<Loaded>> = Vec::new();
+        let mut names = NameCache::default();
         // Release the GIL while waiting, so threads a module started keep running. (The
         // mutex only makes the receiver shareable with the detached closure.)
         let requests = Mutex::new(requests);
-        let next = || requests.lock().ok().and_then(|r| r.recv().ok());
+        let next = || requests.lock().ok().and_then(|r| receive(&r));
         while let Some(request) = py.detach(next) {
             match request {
-                Request::Load { path, reply } => {
+                Request::Load { path } => {
                     let result = load(py, &path).map(|loaded| {
                         let info = loaded.info.clone();
                         let slot = match slots.iter().position(Option::is_none) {
@@ -182,14 +294,14 @@ fn interpreter_thread(
                         };
                         (slot, info)
                     });
-                    let _ = reply.send(result);
+                    let _ = reply.send(Reply::Loaded(result));
                 }
-                Request::Call { slot, work, reply } => {
+                Request::Call { slot, work } => {
                     let result = match slots.get(slot).and_then(Option::as_ref) {
-                        Some(loaded) => run(py, loaded, work),
+                        Some(loaded) => run(py, loaded, work, &mut names),
                         None => Err(ModuleError::new("module was unloaded")),
                     };
-                    let _ = reply.send(result);
+                    let _ = reply.send(Reply::Called(result));
                 }
                 Request::Unload { slot } => {
                     if let Some(loaded) = slots.get_mut(slot).and_then(Option::take) {
@@ -439,17 +551,13 @@ fn set_current(call: Option<CurrentCall>) {
     }
 }
 
-fn attributes_dict<'py>(py: Python<'py>, attrs: &Attrs) -> PyResult<Bound<'py, PyDict>> {
-    let dict = PyDict::new(py);
-    for (name, values) in attrs {
-        let list = PyList::new(py, values.iter().map(|v| PyBytes::new(py, v)))?;
-        dict.set_item(name, list)?;
-    }
-    Ok(dict)
-}
-
 /// Runs one call. Success only when the function returns `None` (spec §4.3).
-fn run(py: Python<'_>, loaded: &Loaded, work: Work) -> Result<(), ModuleError> {
+fn run(
+    py: Python<'_>,
+    loaded: &Loaded,
+    work: Work,
+    names: &mut NameCache,
+) -> Result<(), ModuleError> {
     let function = match &work {
         Work::Handler { .. } => Some(&loaded.handler),
         Work::Prerun => loaded.prerun.as_ref(),
@@ -476,8 +584,9 @@ fn run(py: Python<'_>, loaded: &Loaded, work: Work) -> Result<(), ModuleError> {
             command,
             new,
             old,
-        } => attributes_dict(py, &new)
-            .and_then(|new| Ok((new, attributes_dict(py, &old)?)))
+        } => new
+            .to_dict(py, names)
+            .and_then(|new| Ok((new, old.to_dict(py, names)?)))
             .and_then(|(new, old)| {
                 if loaded.modrdn {
                     let command = command.as_char().to_string();
