@@ -110,33 +110,22 @@ fn main() {
     let mut best_host = 0.0f64;
     let mut best_direct = 0.0f64;
     for round in 1..=3 {
-        let start = Instant::now();
-        for _ in 0..calls {
-            module
-                .handler(&Call {
+        let mut rate_via_host = |command, new: &Attrs, old: &Attrs| {
+            let start = Instant::now();
+            for _ in 0..calls {
+                let call = Call {
                     id: 1,
                     dn: "uid=jdoe,cn=users,dc=example,dc=com",
-                    command: Command::Modify,
-                    new: &new,
-                    old: &old,
-                })
-                .unwrap();
-        }
-        let host_rate = calls as f64 / start.elapsed().as_secs_f64();
-        let empty: Attrs = Vec::new();
-        let start = Instant::now();
-        for _ in 0..calls {
-            module
-                .handler(&Call {
-                    id: 1,
-                    dn: "uid=jdoe,cn=users,dc=example,dc=com",
-                    command: Command::Delete,
-                    new: &empty,
-                    old: &empty,
-                })
-                .unwrap();
-        }
-        let bare_rate = calls as f64 / start.elapsed().as_secs_f64();
+                    command,
+                    new,
+                    old,
+                };
+                module.handler(&call).unwrap();
+            }
+            calls as f64 / start.elapsed().as_secs_f64()
+        };
+        let host_rate = rate_via_host(Command::Modify, &new, &old);
+        let bare_rate = rate_via_host(Command::Delete, &Vec::new(), &Vec::new());
 
         // Reference: the same work on this (attached) thread, no hand-over.
         let direct_rate = Python::attach(|py| -> PyResult<f64> {

@@ -20,9 +20,12 @@ use crate::{Command, DEFAULT_PRIORITY};
 /// Requests waiting for the interpreter; the caller blocks on each answer anyway, so a
 /// short queue is enough.
 const QUEUE: usize = 16;
-/// How long both sides poll for the other's message before they sleep: a hand-over through
-/// a sleeping thread costs microseconds of wake-up each way, more than most handler calls.
-const SPIN: Duration = Duration::from_micros(50);
+/// How long the caller polls for an answer before it sleeps: a hand-over through a sleeping
+/// thread costs microseconds of wake-up each way, more than most handler calls.
+const ANSWER_SPIN: Duration = Duration::from_micros(50);
+/// How long the interpreter thread polls for the next request: long enough for the next
+/// call of the same transaction, short enough not to burn CPU between transactions.
+const REQUEST_SPIN: Duration = Duration::from_micros(10);
 
 /// Attributes copied into one buffer for the trip to the interpreter thread: a handful of
 /// allocations instead of one per name and value (freeing on another thread is what makes
@@ -160,7 +163,7 @@ struct Channel {
 impl Channel {
     fn ask(&self, request: Request) -> Option<Reply> {
         self.requests.send(request).ok()?;
-        receive(&self.replies)
+        receive(&self.replies, ANSWER_SPIN)
     }
 }
 
@@ -172,8 +175,8 @@ pub struct PythonHost {
 
 /// Waits for the next message, polling briefly before sleeping; `None` once the other side
 /// is gone.
-fn receive<T>(receiver: &Receiver<T>) -> Option<T> {
-    let deadline = Instant::now() + SPIN;
+fn receive<T>(receiver: &Receiver<T>, spin: Duration) -> Option<T> {
+    let deadline = Instant::now() + spin;
     loop {
         match receiver.try_recv() {
             Ok(message) => return Some(message),
@@ -276,7 +279,7 @@ fn interpreter_thread(
         // Release the GIL while waiting, so threads a module started keep running. (The
         // mutex only makes the receiver shareable with the detached closure.)
         let requests = Mutex::new(requests);
-        let next = || requests.lock().ok().and_then(|r| receive(&r));
+        let next = || requests.lock().ok().and_then(|r| receive(&r, REQUEST_SPIN));
         while let Some(request) = py.detach(next) {
             match request {
                 Request::Load { path } => {
