@@ -129,7 +129,9 @@ fn run(once: bool) -> Result<ExitCode> {
     println!("Univention Directory Listener demo");
     println!("==================================");
     println!("LDAP changes flow: slapd (cn=accesslog) -> notifier (numbered transactions)");
-    println!("-> listener (reads each changed entry, calls its modules) -> jsonl + a Python module.");
+    println!(
+        "-> listener (reads each changed entry, calls its modules) -> jsonl + a Python module."
+    );
     println!();
     let mut demo = Demo::start()?;
     let outcome = demo.script(once);
