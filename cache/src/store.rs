@@ -261,13 +261,13 @@ impl Cache {
     }
 
     /// Writes a consistent copy of the database into the fresh cache directory `dir`
-    /// (`<dir>/cache.sled`, mode 0700) and flushes it; returns the number of entries.
+    /// (`<dir>/cache.sled`, mode 0700) and flushes it; returns what it holds.
     ///
     /// Commits wait while the copy runs, so it holds the state after some commit and never
     /// part of one, and the master record in it matches its entries. This is how tools and
     /// backups read the cache while the listener runs: sled's file lock keeps a second
     /// process from opening the original.
-    pub fn export_to(&self, dir: &Path) -> Result<usize, CacheError> {
+    pub fn export_to(&self, dir: &Path) -> Result<Exported, CacheError> {
         let writer = self.lock_writer();
         let copy = Cache::open(dir)?;
         if copy.db.iter().next().is_some() {
@@ -290,10 +290,13 @@ impl Cache {
             }
         }
         copy.db.apply_batch(batch).map_err(store_error)?;
-        let entries = self.len();
+        let exported = Exported {
+            entries: self.len(),
+            master: self.master()?,
+        };
         drop(writer);
         copy.flush()?;
-        Ok(entries)
+        Ok(exported)
     }
 
     /// Bytes used by the database files.
@@ -354,6 +357,14 @@ impl Cache {
             self.entries.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// What [`Cache::export_to`] copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exported {
+    pub entries: usize,
+    /// `None` for a cache that never committed a master record.
+    pub master: Option<MasterRecord>,
 }
 
 /// The writes of one transaction (or a group of them), applied by [`Cache::commit`].
@@ -793,7 +804,9 @@ mod tests {
         });
         cache.commit(b, false).unwrap();
         let target = dir.path().join("b");
-        assert_eq!(cache.export_to(&target).unwrap(), 2500);
+        let exported = cache.export_to(&target).unwrap();
+        assert_eq!(exported.entries, 2500);
+        assert_eq!(exported.master.unwrap().notifier_id, 42);
         // The original goes on being usable, and the copy does not follow it.
         put(&cache, &entry("cn=later", "u-later"));
         let copy = Cache::open(&target).unwrap();

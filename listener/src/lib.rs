@@ -10,6 +10,7 @@
 
 pub mod cascade;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dispatch;
 pub mod engine;
