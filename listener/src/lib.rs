@@ -8,6 +8,7 @@
 //! and the cache commit carries entry, module list and id together. [`init`] initialises
 //! modules that are not ready.
 
+pub mod backup;
 pub mod cascade;
 pub mod config;
 pub mod control;
@@ -21,3 +22,4 @@ pub mod metrics;
 pub mod prefetch;
 pub mod privileges;
 pub mod signals;
+pub mod tools;
