@@ -21,7 +21,7 @@ use serde::Serialize;
 
 const AFTER_HELP: &str = "\
 Output formats:
-  status    blocks \"Listener status:\", \"Current Notifier ID on \\\"<host>\\\":\", \"Last Notifier
+  status    blocks \"Listener status:\", \"Current Notifier ID on <host>:\", \"Last Notifier
             ID processed by local Listener:\", \"Lag:\", \"failed.ldif:\", then the modules;
             each value indented by one space. --json: one JSON object (see README).
   modules   \"Modules:\", then \"<state>\\t<name>\\t<file>\" per module (state 3 = ready,
