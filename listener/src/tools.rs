@@ -89,21 +89,20 @@ pub fn try_lock(cache_dir: &Path) -> Result<Option<FileLock>, ToolError> {
 }
 
 /// Whether a listener holds `cache.lock` of `cache_dir` (false if the directory or the
-/// lock file does not exist). Tests the lock without creating the file.
+/// lock file does not exist). Asks with `F_GETLK`, which neither creates the file nor takes
+/// the lock, so a listener starting at this moment is not turned away.
 pub fn listener_running(cache_dir: &Path) -> bool {
-    let Ok(file) = File::options()
-        .read(true)
-        .append(true)
-        .open(cache_dir.join(CACHE_LOCK))
-    else {
+    use std::os::fd::AsRawFd as _;
+    let Ok(file) = File::open(cache_dir.join(CACHE_LOCK)) else {
         return false;
     };
-    match notifier::lock::try_lock_file(&file) {
-        // Taken by us: nobody else holds it; closing the file releases it again.
-        Ok(true) => false,
-        Ok(false) => true,
-        Err(_) => false,
-    }
+    // SAFETY: a zeroed `flock` is a valid value of this plain C struct.
+    let mut query: libc::flock = unsafe { std::mem::zeroed() };
+    query.l_type = libc::F_WRLCK as libc::c_short;
+    query.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: the descriptor is valid while `file` lives; `query` is a valid flock.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut query) };
+    rc == 0 && query.l_type != libc::F_UNLCK as libc::c_short
 }
 
 /// A consistent view of the listener state in `cache_dir`; see the module comment.
