@@ -22,10 +22,15 @@
 //! Lines are folded so that no physical line exceeds [`LINE_WIDTH`] bytes (OpenLDAP's
 //! `LDIF_LINE_WIDTH`); continuation lines start with one space.
 
+use std::io::{self, BufRead};
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
 use crate::entry::CacheEntry;
+
+/// The attribute name under which [`write_entry`] lists the modules of an entry.
+pub const MODULE_ATTRIBUTE: &str = "listenerModule";
 
 /// Maximum length of a physical line in bytes, without the newline.
 pub const LINE_WIDTH: usize = 76;
@@ -39,7 +44,7 @@ pub fn write_entry(out: &mut String, entry: &CacheEntry) {
         }
     }
     for module in &entry.modules {
-        write_line(out, "listenerModule", module.as_bytes());
+        write_line(out, MODULE_ATTRIBUTE, module.as_bytes());
     }
     out.push('\n');
 }
@@ -93,6 +98,176 @@ fn fold_into(out: &mut String, line: &str) {
     }
 }
 
+/// What [`Reader`] yields: a record, or a comment line between records (`# ` removed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    Comment(String),
+    Entry(CacheEntry),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LdifError {
+    #[error("LDIF line {line}: {reason}")]
+    Syntax { line: u64, reason: String },
+    #[error("cannot read the LDIF: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads back what [`write_entry`] writes (any RFC 2849 content records without `:<` URLs
+/// or change records): unfolds lines, decodes base64, turns `listenerModule` lines into the
+/// module list. Consecutive values of one attribute form one attribute.
+///
+/// It also keeps a CRC-32 of every physical line that is not part of a comment, newline
+/// included ([`Reader::checksum`]), so a file that carries the CRC of its records in a
+/// trailing comment (a listener backup) can be checked while it is read.
+pub struct Reader<R> {
+    input: R,
+    line: u64,
+    /// A physical line read ahead to see whether it continues the previous one.
+    ahead: Option<String>,
+    crc: crc32fast::Hasher,
+}
+
+impl<R: BufRead> Reader<R> {
+    pub fn new(input: R) -> Reader<R> {
+        Reader {
+            input,
+            line: 0,
+            ahead: None,
+            crc: crc32fast::Hasher::new(),
+        }
+    }
+
+    /// CRC-32 of the non-comment lines read so far.
+    pub fn checksum(&self) -> u32 {
+        self.crc.clone().finalize()
+    }
+
+    /// Number of physical lines read so far.
+    pub fn line(&self) -> u64 {
+        self.line
+    }
+
+    /// The next comment or record; `None` at the end of the input.
+    pub fn next_item(&mut self) -> Result<Option<Item>, LdifError> {
+        let mut entry: Option<CacheEntry> = None;
+        loop {
+            let Some((logical, raw)) = self.logical_line()? else {
+                return Ok(entry.map(Item::Entry));
+            };
+            if let Some(comment) = logical.strip_prefix('#') {
+                if entry.is_none() {
+                    let text = comment.strip_prefix(' ').unwrap_or(comment);
+                    return Ok(Some(Item::Comment(text.to_owned())));
+                }
+                continue;
+            }
+            self.crc.update(raw.as_bytes());
+            if logical.is_empty() {
+                match entry {
+                    Some(entry) => return Ok(Some(Item::Entry(entry))),
+                    None => continue,
+                }
+            }
+            let (name, value) = self.attribute(&logical)?;
+            match entry.as_mut() {
+                None if name.eq_ignore_ascii_case("dn") => {
+                    let dn =
+                        String::from_utf8(value).map_err(|_| self.error("the DN is not UTF-8"))?;
+                    entry = Some(CacheEntry {
+                        dn,
+                        ..CacheEntry::default()
+                    });
+                }
+                None => return Err(self.error(&format!("record starts with {name:?}, not dn"))),
+                Some(entry) if name == MODULE_ATTRIBUTE => {
+                    let module = String::from_utf8(value)
+                        .map_err(|_| self.error("a module name is not UTF-8"))?;
+                    entry.modules.push(module);
+                }
+                Some(entry) => match entry.attributes.last_mut() {
+                    Some((last, values)) if *last == name => values.push(value),
+                    _ => entry.attributes.push((name, vec![value])),
+                },
+            }
+        }
+    }
+
+    fn error(&self, reason: &str) -> LdifError {
+        LdifError::Syntax {
+            line: self.line,
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// Splits `name: value`, `name:: base64`; `name:< url` is refused.
+    fn attribute(&self, line: &str) -> Result<(String, Vec<u8>), LdifError> {
+        let Some((name, rest)) = line.split_once(':') else {
+            return Err(self.error("no colon in the line"));
+        };
+        if name.is_empty() {
+            return Err(self.error("empty attribute name"));
+        }
+        let value = if let Some(encoded) = rest.strip_prefix(':') {
+            STANDARD
+                .decode(encoded.trim_start_matches(' '))
+                .map_err(|e| self.error(&format!("bad base64 value of {name}: {e}")))?
+        } else if rest.starts_with('<') {
+            return Err(self.error("URL values (:<) are not supported"));
+        } else {
+            rest.trim_start_matches(' ').as_bytes().to_vec()
+        };
+        Ok((name.to_owned(), value))
+    }
+
+    /// One physical line without its line end; `None` at the end.
+    fn physical_line(&mut self) -> Result<Option<String>, LdifError> {
+        if let Some(line) = self.ahead.take() {
+            return Ok(Some(line));
+        }
+        let mut bytes = Vec::new();
+        if self.input.read_until(b'\n', &mut bytes)? == 0 {
+            return Ok(None);
+        }
+        self.line += 1;
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+        }
+        String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| self.error("the line is not UTF-8"))
+    }
+
+    /// A line with its continuation lines joined, and its physical lines as read (each with
+    /// a newline) for the checksum.
+    fn logical_line(&mut self) -> Result<Option<(String, String)>, LdifError> {
+        let Some(mut logical) = self.physical_line()? else {
+            return Ok(None);
+        };
+        let mut raw = format!("{logical}\n");
+        if logical.is_empty() {
+            return Ok(Some((logical, raw)));
+        }
+        while let Some(next) = self.physical_line()? {
+            match next.strip_prefix(' ') {
+                Some(continued) => {
+                    logical.push_str(continued);
+                    raw.push_str(&next);
+                    raw.push('\n');
+                }
+                None => {
+                    self.ahead = Some(next);
+                    break;
+                }
+            }
+        }
+        Ok(Some((logical, raw)))
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -115,34 +290,13 @@ pub(crate) mod tests {
         out
     }
 
-    /// A minimal reader for the records written here: unfolds, splits and decodes, so the
-    /// property test can check that nothing is lost.
+    /// Reads one record back with [`Reader`], so the tests check that nothing is lost.
     pub(crate) fn parse(text: &str) -> CacheEntry {
-        let mut lines: Vec<String> = Vec::new();
-        for physical in text.split('\n') {
-            if let Some(cont) = physical.strip_prefix(' ') {
-                lines.last_mut().unwrap().push_str(cont);
-            } else {
-                lines.push(physical.to_owned());
-            }
+        let mut reader = Reader::new(text.as_bytes());
+        match reader.next_item().unwrap() {
+            Some(Item::Entry(e)) => e,
+            other => panic!("one entry expected, got {other:?}"),
         }
-        let mut e = CacheEntry::default();
-        for line in lines.iter().filter(|l| !l.is_empty()) {
-            let (name, rest) = line.split_once(':').unwrap();
-            let value = match rest.strip_prefix(':') {
-                Some(b64) => STANDARD.decode(b64.strip_prefix(' ').unwrap()).unwrap(),
-                None => rest.strip_prefix(' ').unwrap().as_bytes().to_vec(),
-            };
-            match name {
-                "dn" => e.dn = String::from_utf8(value).unwrap(),
-                "listenerModule" => e.modules.push(String::from_utf8(value).unwrap()),
-                _ => match e.attributes.last_mut() {
-                    Some((last, values)) if last == name => values.push(value),
-                    _ => e.attributes.push((name.to_owned(), vec![value])),
-                },
-            }
-        }
-        e
     }
 
     #[test]
@@ -305,6 +459,65 @@ pub(crate) mod tests {
         assert!(!is_safe_string(b"\0"));
         assert!(!is_safe_string("é".as_bytes()));
         assert!(!is_safe_string(&[0x80]));
+    }
+
+    #[test]
+    fn reader_yields_comments_and_entries_and_checksums_only_records() {
+        let mut text = String::from("# header\n# {\"a\": 1}\n");
+        let first = entry(vec![("cn", vec![b"x"])], &["m"]);
+        let mut second = entry(vec![("jpegPhoto", vec![&[0xff; 90]])], &[]);
+        second.dn = "cn=Bär,dc=example,dc=org".into();
+        let mut records = String::new();
+        write_entry(&mut records, &first);
+        write_entry(&mut records, &second);
+        text.push_str(&records);
+        text.push_str("# end\n");
+        let mut reader = Reader::new(text.as_bytes());
+        assert_eq!(
+            reader.next_item().unwrap(),
+            Some(Item::Comment("header".into()))
+        );
+        assert_eq!(
+            reader.next_item().unwrap(),
+            Some(Item::Comment("{\"a\": 1}".into()))
+        );
+        assert_eq!(reader.next_item().unwrap(), Some(Item::Entry(first)));
+        assert_eq!(reader.next_item().unwrap(), Some(Item::Entry(second)));
+        assert_eq!(reader.checksum(), crc32fast::hash(records.as_bytes()));
+        assert_eq!(
+            reader.next_item().unwrap(),
+            Some(Item::Comment("end".into()))
+        );
+        assert_eq!(reader.next_item().unwrap(), None);
+    }
+
+    #[test]
+    fn reader_accepts_a_last_record_without_blank_line_and_crlf() {
+        let text = "dn: cn=a\r\ncn:  a\r\n b\r\nlistenerModule: m";
+        let mut reader = Reader::new(text.as_bytes());
+        let Some(Item::Entry(e)) = reader.next_item().unwrap() else {
+            panic!()
+        };
+        assert_eq!(e.dn, "cn=a");
+        assert_eq!(e.attributes, [("cn".to_owned(), vec![b"ab".to_vec()])]);
+        assert_eq!(e.modules, ["m"]);
+        assert_eq!(reader.next_item().unwrap(), None);
+    }
+
+    #[test]
+    fn reader_reports_bad_lines_with_their_number() {
+        for (text, line) in [
+            ("cn: x\n", 1),
+            ("dn: cn=a\nno colon\n", 2),
+            ("dn: cn=a\ncn:: !!!\n", 2),
+            ("dn: cn=a\ncn:< file:///etc/passwd\n", 2),
+        ] {
+            let err = Reader::new(text.as_bytes()).next_item().unwrap_err();
+            assert!(
+                matches!(err, LdifError::Syntax { line: l, .. } if l == line),
+                "{text:?}: {err}"
+            );
+        }
     }
 
     fn attr_name() -> impl Strategy<Value = String> {

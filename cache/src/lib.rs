@@ -29,7 +29,7 @@ pub use files::{
     read_legacy_notifier_id, write_decimal, write_legacy_notifier_id,
 };
 pub use key::dn_key;
-pub use store::{Batch, Cache, DB_DIR};
+pub use store::{Batch, Cache, DB_DIR, Exported};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {

@@ -37,6 +37,9 @@ const PAGE_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 /// one sled batch on large caches.
 const REMOVE_MODULE_CHUNK: usize = 1000;
 
+/// Records per sled batch while [`Cache::export_to`] copies, bounding its memory.
+const EXPORT_CHUNK: usize = 1000;
+
 /// How long [`Cache::open`] waits for sled's file lock. sled releases the lock of a dropped
 /// database only when its I/O threads let go of the file, a moment after the drop, so a
 /// reopen in the same process can briefly find it taken.
@@ -257,6 +260,45 @@ impl Cache {
         self.flush()
     }
 
+    /// Writes a consistent copy of the database into the fresh cache directory `dir`
+    /// (`<dir>/cache.sled`, mode 0700) and flushes it; returns what it holds.
+    ///
+    /// Commits wait while the copy runs, so it holds the state after some commit and never
+    /// part of one, and the master record in it matches its entries. This is how tools and
+    /// backups read the cache while the listener runs: sled's file lock keeps a second
+    /// process from opening the original.
+    pub fn export_to(&self, dir: &Path) -> Result<Exported, CacheError> {
+        let writer = self.lock_writer();
+        let copy = Cache::open(dir)?;
+        if copy.db.iter().next().is_some() {
+            return Err(CacheError::Store(format!(
+                "cannot export into {}: it already holds a cache",
+                dir.display()
+            )));
+        }
+        let mut batch = sled::Batch::default();
+        let mut pending = 0;
+        for item in self.db.iter() {
+            let (key, value) = item.map_err(store_error)?;
+            batch.insert(key, value);
+            pending += 1;
+            if pending >= EXPORT_CHUNK {
+                copy.db
+                    .apply_batch(std::mem::take(&mut batch))
+                    .map_err(store_error)?;
+                pending = 0;
+            }
+        }
+        copy.db.apply_batch(batch).map_err(store_error)?;
+        let exported = Exported {
+            entries: self.len(),
+            master: self.master()?,
+        };
+        drop(writer);
+        copy.flush()?;
+        Ok(exported)
+    }
+
     /// Bytes used by the database files.
     pub fn size_on_disk(&self) -> Result<u64, CacheError> {
         self.db.size_on_disk().map_err(store_error)
@@ -315,6 +357,14 @@ impl Cache {
             self.entries.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// What [`Cache::export_to`] copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exported {
+    pub entries: usize,
+    /// `None` for a cache that never committed a master record.
+    pub master: Option<MasterRecord>,
 }
 
 /// The writes of one transaction (or a group of them), applied by [`Cache::commit`].
@@ -738,6 +788,45 @@ mod tests {
             decode_count(&cache.db.get(COUNT_KEY).unwrap().unwrap()).unwrap(),
             0
         );
+    }
+
+    #[test]
+    fn export_copies_entries_index_count_and_master() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&dir.path().join("a")).unwrap();
+        let mut b = cache.batch();
+        for i in 0..2500 {
+            b.put(&entry(&format!("cn={i}"), &format!("u{i}")));
+        }
+        b.set_master(MasterRecord {
+            notifier_id: 42,
+            schema_id: 7,
+        });
+        cache.commit(b, false).unwrap();
+        let target = dir.path().join("b");
+        let exported = cache.export_to(&target).unwrap();
+        assert_eq!(exported.entries, 2500);
+        assert_eq!(exported.master.unwrap().notifier_id, 42);
+        // The original goes on being usable, and the copy does not follow it.
+        put(&cache, &entry("cn=later", "u-later"));
+        let copy = Cache::open(&target).unwrap();
+        assert_eq!(copy.len(), 2500);
+        assert_eq!(
+            copy.master().unwrap(),
+            Some(MasterRecord {
+                notifier_id: 42,
+                schema_id: 7
+            })
+        );
+        assert_eq!(copy.get_by_uuid("u17").unwrap().unwrap().dn, "cn=17");
+        assert_eq!(copy.get("cn=later").unwrap(), None);
+        assert_eq!(copy.iter().count(), 2500);
+        // A second export into a cache that holds data is refused.
+        drop(copy);
+        assert!(matches!(
+            cache.export_to(&target),
+            Err(CacheError::Store(_))
+        ));
     }
 
     #[test]

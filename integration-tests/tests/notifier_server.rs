@@ -70,8 +70,10 @@ fn ucs_one_shot_client_works() {
     notifier
         .queue(&format!("1 {BASE} m\n2 {BASE} m\n"))
         .unwrap();
-    wait_until("two transactions", T, || {
-        Ok((notifier.transactions().lines().count() == 2).then_some(()))
+    // The log line is written before the id is announced (durable before visible), so
+    // wait for the announcement, not for the file.
+    wait_until("two transactions announced", T, || {
+        Ok((notifier.last_id()? == 2).then_some(()))
     })
     .unwrap();
     // get_notifier_id.py: send, recv(100), send, recv(100), take line 1.

@@ -393,13 +393,7 @@ impl Config {
             .clone()
             .or_else(|| ucr.get("ldap/base").map(str::to_owned))
             .ok_or(ConfigError::NoBase)?;
-        let notifier_port = cli
-            .notifier_port
-            .or_else(|| {
-                ucr.get_parsed::<u16>("notifier/server/port")
-                    .filter(|p| *p > 0)
-            })
-            .unwrap_or(DEFAULT_NOTIFIER_PORT);
+        let notifier_port = notifier_port(cli.notifier_port, &ucr);
         let ldap = ldap_target(&cli, &ucr, notifier_port)?;
         let auth = auth(&cli)?;
         let starttls = match cli.starttls {
@@ -460,6 +454,25 @@ impl Config {
     pub fn checks_parents(&self) -> bool {
         matches!(self.role.as_deref(), Some(role::BACKUP | role::SLAVE))
     }
+}
+
+/// The notifier port: the given one, else UCR `notifier/server/port`, else 6669.
+pub fn notifier_port(given: Option<u16>, ucr: &Ucr) -> u16 {
+    given
+        .or_else(|| {
+            ucr.get_parsed::<u16>("notifier/server/port")
+                .filter(|p| *p > 0)
+        })
+        .unwrap_or(DEFAULT_NOTIFIER_PORT)
+}
+
+/// The notifier host the operator tools ask by default: UCR `notifier/server`, else
+/// `ldap/master` (what UCS's `listener-ctrl status` asks), else `localhost`.
+pub fn default_notifier_host(ucr: &Ucr) -> String {
+    ucr.get("notifier/server")
+        .or_else(|| ucr.get("ldap/master"))
+        .unwrap_or("localhost")
+        .to_owned()
 }
 
 fn auth(cli: &Cli) -> Result<Auth, ConfigError> {
@@ -701,6 +714,18 @@ mod tests {
             resolve(&[], "ldap/base: dc=x\n"),
             Err(ConfigError::NoServer(_))
         ));
+    }
+
+    #[test]
+    fn tools_find_the_notifier_like_the_listener() {
+        let ucr = Ucr::parse("ldap/master: m\nnotifier/server/port: 7000\n");
+        assert_eq!(default_notifier_host(&ucr), "m");
+        assert_eq!(notifier_port(None, &ucr), 7000);
+        assert_eq!(notifier_port(Some(1), &ucr), 1);
+        let ucr = Ucr::parse("ldap/master: m\nnotifier/server: n\n");
+        assert_eq!(default_notifier_host(&ucr), "n");
+        assert_eq!(notifier_port(None, &ucr), 6669);
+        assert_eq!(default_notifier_host(&Ucr::parse("")), "localhost");
     }
 
     #[test]

@@ -633,16 +633,12 @@ impl Daemon {
     }
 
     fn publish_modules(&self) {
-        self.metrics.set_modules(
-            self.engine
-                .handlers()
-                .stats()
-                .map(|(name, stats, state)| (name.to_owned(), stats.clone(), state))
-                .collect(),
-        );
+        self.metrics
+            .set_modules(self.engine.handlers().module_stats());
     }
 
     fn publish_status(&self, what: &str) {
+        self.metrics.set_state(what);
         let (ok, failed) = self.metrics.module_counts();
         let status = format!(
             "{what}: id {}, lag {}, modules {ok}/{failed}",

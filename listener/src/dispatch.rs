@@ -165,6 +165,19 @@ impl Handlers {
         self.slots.iter().map(|s| (s.name(), &s.stats, s.state))
     }
 
+    /// Every module with its source, state and counters, for metrics and `ctrl status`.
+    pub fn module_stats(&self) -> Vec<crate::metrics::ModuleStat> {
+        self.slots
+            .iter()
+            .map(|s| crate::metrics::ModuleStat {
+                name: s.name().to_owned(),
+                source: s.module.info().source.to_string(),
+                state: s.state,
+                stats: s.stats.clone(),
+            })
+            .collect()
+    }
+
     /// Indices of modules without the READY bit, in call order.
     pub fn not_ready(&self) -> Vec<usize> {
         (0..self.slots.len())

@@ -8,8 +8,10 @@
 //! and the cache commit carries entry, module list and id together. [`init`] initialises
 //! modules that are not ready.
 
+pub mod backup;
 pub mod cascade;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dispatch;
 pub mod engine;
@@ -20,3 +22,4 @@ pub mod metrics;
 pub mod prefetch;
 pub mod privileges;
 pub mod signals;
+pub mod tools;

@@ -111,6 +111,28 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
         Ok(cache) => Arc::new(cache),
         Err(e) => return Ok(cache_failure(&cache_dir, e)),
     };
+    let metrics = Arc::new(Metrics::default());
+    metrics.set_state("starting");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    // Served from here on, so tools see a starting or initialising listener too; the
+    // socket file goes when `_control` drops at the end of `run`.
+    let _control = match listener::control::start(
+        listener::control::Context {
+            cache: Arc::clone(&cache),
+            metrics: Arc::clone(&metrics),
+            cache_dir: cache_dir.clone(),
+            failed_ldif: config.failed_ldif.clone(),
+        },
+        shutdown.clone(),
+    ) {
+        Ok(socket) => Some(socket),
+        Err(e) => {
+            tracing::error!(
+                "cannot serve the control socket (the tools will not reach this listener): {e}"
+            );
+            None
+        }
+    };
     let modules = loader::load_modules(&config, &privileges);
     let mut handlers = Handlers::new(modules, &cache_dir, privileges);
     handlers.set_init_only(config.mode == RunMode::InitOnly);
@@ -179,6 +201,9 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
         }
     }
 
+    metrics.set_processed(engine.master().notifier_id);
+    metrics.set_modules(engine.handlers().module_stats());
+    metrics.set_state("initialising modules");
     let init = engine
         .initialize_pending(config.scan_timeout, &signals)
         .await;
@@ -202,16 +227,8 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
         tracing::error!("module initialization failed: {e}; those modules stay not ready");
     }
 
-    let metrics = Arc::new(Metrics::default());
     metrics.set_processed(engine.master().notifier_id);
-    metrics.set_modules(
-        engine
-            .handlers()
-            .stats()
-            .map(|(n, s, st)| (n.to_owned(), s.clone(), st))
-            .collect(),
-    );
-    let shutdown = tokio_util::sync::CancellationToken::new();
+    metrics.set_modules(engine.handlers().module_stats());
     if let Some(addr) = config.metrics {
         let render = Arc::clone(&metrics);
         let token = shutdown.clone();

@@ -4,20 +4,57 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::time::SystemTime;
 
 use crate::dispatch::{CallStats, READY};
+
+/// One loaded module as the metrics and the control socket show it.
+#[derive(Debug, Clone)]
+pub struct ModuleStat {
+    pub name: String,
+    /// A file path or `native:<kind>`.
+    pub source: String,
+    /// The state-file bits (3 = ready).
+    pub state: u32,
+    pub stats: CallStats,
+}
 
 #[derive(Debug, Default)]
 pub struct Metrics {
     processed_id: AtomicU64,
     notifier_id: AtomicU64,
     transactions: AtomicU64,
-    modules: Mutex<Vec<(String, CallStats, u32)>>,
+    modules: Mutex<Vec<ModuleStat>>,
+    /// What the daemon does, as in its systemd STATUS ("waiting", "paused: …").
+    state: Mutex<String>,
+    /// When `processed_id` last changed: the "seconds since progress" of `ctrl status`.
+    last_progress: Mutex<Option<SystemTime>>,
 }
 
 impl Metrics {
     pub fn set_processed(&self, id: u64) {
-        self.processed_id.store(id, Ordering::Relaxed);
+        if self.processed_id.swap(id, Ordering::Relaxed) != id {
+            *lock(&self.last_progress) = Some(SystemTime::now());
+        }
+    }
+
+    pub fn last_progress(&self) -> Option<SystemTime> {
+        *lock(&self.last_progress)
+    }
+
+    pub fn set_state(&self, state: &str) {
+        let mut current = lock(&self.state);
+        if *current != state {
+            state.clone_into(&mut current);
+        }
+    }
+
+    pub fn state(&self) -> String {
+        lock(&self.state).clone()
+    }
+
+    pub fn modules(&self) -> Vec<ModuleStat> {
+        lock(&self.modules).clone()
     }
 
     pub fn set_notifier_id(&self, id: u64) {
@@ -40,14 +77,14 @@ impl Metrics {
         self.notifier_id().saturating_sub(self.processed())
     }
 
-    pub fn set_modules(&self, modules: Vec<(String, CallStats, u32)>) {
-        *self.modules.lock().unwrap_or_else(PoisonError::into_inner) = modules;
+    pub fn set_modules(&self, modules: Vec<ModuleStat>) {
+        *lock(&self.modules) = modules;
     }
 
     /// "modules ok/failed": ready modules / modules that are not ready.
     pub fn module_counts(&self) -> (usize, usize) {
-        let modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
-        let ready = modules.iter().filter(|(_, _, s)| s & READY != 0).count();
+        let modules = lock(&self.modules);
+        let ready = modules.iter().filter(|m| m.state & READY != 0).count();
         (ready, modules.len() - ready)
     }
 
@@ -83,7 +120,7 @@ impl Metrics {
             "counter",
             self.transactions.load(Ordering::Relaxed),
         );
-        let modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+        let modules = lock(&self.modules);
         let families: [(&str, &str, &str); 4] = [
             (
                 "udl_module_calls_total",
@@ -108,7 +145,13 @@ impl Metrics {
         ];
         for (name, help, kind) in families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (module, stats, state) in modules.iter() {
+            for ModuleStat {
+                name: module,
+                stats,
+                state,
+                ..
+            } in modules.iter()
+            {
                 let value = match name {
                     "udl_module_calls_total" => stats.calls.to_string(),
                     "udl_module_failures_total" => stats.failures.to_string(),
@@ -120,6 +163,11 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The guarded values are plain data that a panicking writer cannot leave inconsistent.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn escape_label(value: &str) -> String {
@@ -141,15 +189,16 @@ mod tests {
         m.set_notifier_id(12);
         m.set_processed(10);
         m.add_transactions(3);
-        m.set_modules(vec![(
-            "jsonl".into(),
-            CallStats {
+        m.set_modules(vec![ModuleStat {
+            name: "jsonl".into(),
+            source: "native:jsonl".into(),
+            stats: CallStats {
                 calls: 5,
                 failures: 1,
                 busy: Duration::from_millis(1500),
             },
-            3,
-        )]);
+            state: 3,
+        }]);
         let text = m.render();
         assert!(text.contains("udl_lag 2\n"), "{text}");
         assert!(text.contains("udl_transactions_total 3\n"));
@@ -158,5 +207,17 @@ mod tests {
         assert!(text.contains("udl_module_seconds_total{module=\"jsonl\"} 1.500000\n"));
         assert!(text.contains("udl_module_ready{module=\"jsonl\"} 1\n"));
         assert_eq!(m.module_counts(), (1, 0));
+    }
+
+    #[test]
+    fn progress_time_moves_only_when_the_id_does() {
+        let m = Metrics::default();
+        assert_eq!(m.last_progress(), None);
+        m.set_processed(5);
+        let first = m.last_progress().unwrap();
+        m.set_processed(5);
+        assert_eq!(m.last_progress(), Some(first));
+        m.set_state("waiting");
+        assert_eq!(m.state(), "waiting");
     }
 }

@@ -1,0 +1,673 @@
+//! `univention-directory-listener-ctrl`: status, modules, resync, the notifier's ids, and
+//! backup/restore of the listener state (spec listener.md §6.6).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use listener::backup;
+use listener::config::{DEFAULT_CACHE_DIR, DEFAULT_FAILED_LDIF};
+use listener::control::{self, Status};
+use listener::dispatch::STATE_DIR;
+use listener::tools::{self, ModuleEntry};
+use notifier::ucr::Ucr;
+use serde::Serialize;
+
+const AFTER_HELP: &str = "\
+Output formats:
+  status    blocks \"Listener status:\", \"Current Notifier ID on <host>:\", \"Last Notifier
+            ID processed by local Listener:\", \"Lag:\", \"failed.ldif:\", then the modules;
+            each value indented by one space. --json: one JSON object (see README).
+  modules   \"Modules:\", then \"<state>\\t<name>\\t<file>\" per module (state 3 = ready,
+            - = no state file; file - = known only by its state file)
+  notifier-id   the id alone
+Colours only on a terminal (and not with NO_COLOR).
+
+Exit status: 0 success (status: healthy); 1 failure (status: not running, paused,
+failed.ldif present, a module not ready, or the notifier unreachable; backup verify:
+damaged; restore/resync refused); 2 usage error or unknown module.";
+
+/// Controls the Univention Directory Listener.
+#[derive(Debug, Parser)]
+#[command(name = "univention-directory-listener-ctrl", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// Cache directory.
+    #[arg(short = 'c', long, value_name = "DIR", default_value = DEFAULT_CACHE_DIR, global = true)]
+    cache_dir: PathBuf,
+    /// Module directory or file, for `modules` and `resync` while the listener is stopped;
+    /// repeatable.
+    #[arg(short = 'm', long = "modules-dir", value_name = "PATH", global = true)]
+    module_dirs: Vec<PathBuf>,
+    /// The replication stop file.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_FAILED_LDIF, global = true)]
+    failed_ldif: PathBuf,
+    /// Notifier host (default: UCR notifier/server, else ldap/master).
+    #[arg(long, value_name = "HOST", global = true)]
+    notifier_host: Option<String>,
+    /// Notifier port (default: UCR notifier/server/port, else 6669).
+    #[arg(long, value_name = "PORT", global = true)]
+    notifier_port: Option<u16>,
+    /// systemd unit of the listener.
+    #[arg(
+        long,
+        value_name = "UNIT",
+        default_value = "univention-directory-listener",
+        global = true
+    )]
+    unit: String,
+    /// UCR file to read defaults from.
+    #[arg(long, value_name = "FILE", default_value = notifier::ucr::BASE_CONF, global = true)]
+    ucr_file: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Whether the listener runs, how far it is behind the notifier, and its modules.
+    Status {
+        /// One JSON object, for monitoring.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The modules with state, name and file (native modules included while it runs).
+    Modules,
+    /// Re-initialises modules: stops the listener, removes their states, starts it.
+    Resync {
+        /// Module names.
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// Only remove the states (the listener must be stopped); for use without systemd.
+        #[arg(long)]
+        no_restart: bool,
+    },
+    /// The notifier's current transaction id (like get_notifier_id).
+    NotifierId {
+        /// Notifier host.
+        host: Option<String>,
+        /// The schema id instead.
+        #[arg(short = 's', long)]
+        schema: bool,
+    },
+    /// Backup and restore of the listener state (cache, module states, notifier id).
+    #[command(subcommand)]
+    Backup(BackupCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupCmd {
+    /// Writes a consistent backup to FILE (also while the listener runs).
+    Create { file: PathBuf },
+    /// Checks FILE completely and prints what it holds.
+    Verify { file: PathBuf },
+    /// Replaces the listener state with FILE; refused while the listener runs.
+    Restore { file: PathBuf },
+}
+
+const NOTIFIER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `resync` waits for a stopped listener to release its lock.
+const STOP_WAIT: Duration = Duration::from_secs(300);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("univention-directory-listener-ctrl: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let ucr = Ucr::load(&cli.ucr_file);
+    match &cli.command {
+        Cmd::Status { json } => status(cli, &ucr, *json),
+        Cmd::Modules => {
+            let colour = tools::colour_stdout();
+            print_modules(&modules(cli)?, colour);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Resync { names, no_restart } => resync(cli, names, *no_restart),
+        Cmd::NotifierId { host, schema } => {
+            let host = host.clone().or_else(|| cli.notifier_host.clone());
+            let (host, port) = notifier_target(cli, &ucr, host);
+            let id = runtime()?.block_on(tools::query_notifier(
+                &host,
+                port,
+                *schema,
+                NOTIFIER_TIMEOUT,
+            ))?;
+            println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Backup(BackupCmd::Create { file }) => backup_create(cli, file),
+        Cmd::Backup(BackupCmd::Verify { file }) => backup_verify(file),
+        Cmd::Backup(BackupCmd::Restore { file }) => backup_restore(cli, file),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn notifier_target(cli: &Cli, ucr: &Ucr, host: Option<String>) -> (String, u16) {
+    (
+        host.unwrap_or_else(|| listener::config::default_notifier_host(ucr)),
+        listener::config::notifier_port(cli.notifier_port, ucr),
+    )
+}
+
+fn module_dirs(cli: &Cli) -> Vec<PathBuf> {
+    if cli.module_dirs.is_empty() {
+        vec![PathBuf::from(tools::DEFAULT_MODULE_DIR)]
+    } else {
+        cli.module_dirs.clone()
+    }
+}
+
+fn states(cli: &Cli) -> anyhow::Result<BTreeMap<String, u32>> {
+    let dir = cli.cache_dir.join(STATE_DIR);
+    control::read_states(&dir).with_context(|| format!("reading {}", dir.display()))
+}
+
+/// The running listener's status, `None` when it does not run.
+fn live_status(cli: &Cli) -> anyhow::Result<Option<Status>> {
+    if !tools::listener_running(&cli.cache_dir) {
+        return Ok(None);
+    }
+    Ok(Some(control::status_of(&cli.cache_dir).with_context(
+        || "the listener runs but its control socket does not answer",
+    )?))
+}
+
+/// The running listener's modules, or the module files and state files.
+fn modules(cli: &Cli) -> anyhow::Result<Vec<ModuleEntry>> {
+    let states = states(cli)?;
+    // A listener that does not answer yet: fall back to the files.
+    let running = live_status(cli).unwrap_or_default();
+    Ok(match running {
+        Some(status) => {
+            let mut modules: Vec<ModuleEntry> = status
+                .modules
+                .into_iter()
+                .map(|m| ModuleEntry {
+                    name: m.name,
+                    state: Some(m.state),
+                    file: m.source,
+                })
+                .collect();
+            tools::add_state_only(&mut modules, &states);
+            modules
+        }
+        None => tools::scan_modules(&module_dirs(cli), &states),
+    })
+}
+
+const RED: &str = "\x1b[31m";
+const GREEN: &str = "\x1b[32m";
+const RESET: &str = "\x1b[0m";
+
+fn paint(text: &str, good: bool, colour: bool) -> String {
+    if colour {
+        format!("{}{text}{RESET}", if good { GREEN } else { RED })
+    } else {
+        text.to_owned()
+    }
+}
+
+fn print_modules(modules: &[ModuleEntry], colour: bool) {
+    println!("Modules:");
+    for m in modules {
+        let state = m.state.map_or_else(|| "-".to_owned(), |s| s.to_string());
+        let line = format!("{state}\t{}\t{}", m.name, m.file);
+        if m.state == Some(3) || !colour {
+            println!("{line}");
+        } else {
+            println!("{}", paint(&line, false, true));
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct StatusReport {
+    healthy: bool,
+    listener: ListenerReport,
+    notifier: NotifierReport,
+    processed_id: Option<u64>,
+    lag: Option<u64>,
+    seconds_since_progress: Option<u64>,
+    failed_ldif: control::FailedLdif,
+    modules: Vec<ModuleReport>,
+}
+
+#[derive(Debug, Serialize)]
+struct ListenerReport {
+    running: bool,
+    pid: Option<u32>,
+    state: Option<String>,
+    cache_entries: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct NotifierReport {
+    host: String,
+    port: u16,
+    id: Option<u64>,
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ModuleReport {
+    name: String,
+    file: String,
+    state: Option<u32>,
+    ready: bool,
+    calls: Option<u64>,
+    failures: Option<u64>,
+}
+
+fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
+    let (host, port) = notifier_target(cli, ucr, cli.notifier_host.clone());
+    let notifier = runtime()?.block_on(tools::query_notifier(&host, port, false, NOTIFIER_TIMEOUT));
+    let live = live_status(cli);
+    let running = tools::listener_running(&cli.cache_dir);
+    let now = SystemTime::now();
+    let (live, live_error) = match live {
+        Ok(live) => (live, None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+    let processed_id = match &live {
+        Some(s) => Some(s.processed_id),
+        None => cache::read_legacy_notifier_id(&cli.cache_dir),
+    };
+    let last_progress = match &live {
+        Some(s) => s.last_progress,
+        None => std::fs::metadata(cli.cache_dir.join(cache::NOTIFIER_ID_FILE))
+            .and_then(|m| m.modified())
+            .ok()
+            .map(control::unix_seconds),
+    };
+    let notifier_id = notifier.as_ref().ok().copied();
+    let lag = match (notifier_id, processed_id) {
+        (Some(n), Some(p)) => Some(n.saturating_sub(p)),
+        _ => None,
+    };
+    let states = states(cli)?;
+    let modules: Vec<ModuleReport> = match &live {
+        Some(s) => {
+            let mut modules: Vec<ModuleReport> = s
+                .modules
+                .iter()
+                .map(|m| ModuleReport {
+                    name: m.name.clone(),
+                    file: m.source.clone(),
+                    state: Some(m.state),
+                    ready: m.ready,
+                    calls: Some(m.calls),
+                    failures: Some(m.failures),
+                })
+                .collect();
+            for (name, state) in &states {
+                if !modules.iter().any(|m| &m.name == name) {
+                    modules.push(state_only(name, *state));
+                }
+            }
+            modules
+        }
+        None => tools::scan_modules(&module_dirs(cli), &states)
+            .into_iter()
+            .map(|m| ModuleReport {
+                ready: m.state.is_some_and(|s| s & listener::dispatch::READY != 0),
+                name: m.name,
+                file: m.file,
+                state: m.state,
+                calls: None,
+                failures: None,
+            })
+            .collect(),
+    };
+    let failed_ldif = control::FailedLdif {
+        present: cli.failed_ldif.exists(),
+        path: cli.failed_ldif.clone(),
+    };
+    let paused = live.as_ref().is_some_and(|s| s.state.starts_with("paused"));
+    let healthy = running
+        && live_error.is_none()
+        && !paused
+        && !failed_ldif.present
+        && notifier_id.is_some()
+        && modules.iter().all(|m| m.ready);
+    let report = StatusReport {
+        healthy,
+        listener: ListenerReport {
+            running,
+            pid: live.as_ref().map(|s| s.pid),
+            state: live.as_ref().map(|s| s.state.clone()).or(live_error),
+            cache_entries: live.as_ref().map(|s| s.cache_entries),
+        },
+        notifier: NotifierReport {
+            host: host.clone(),
+            port,
+            id: notifier_id,
+            error: notifier.as_ref().err().map(ToString::to_string),
+        },
+        processed_id,
+        lag,
+        seconds_since_progress: last_progress.map(|t| control::unix_seconds(now).saturating_sub(t)),
+        failed_ldif,
+        modules,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_status(&report, tools::colour_stdout());
+    }
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn state_only(name: &str, state: u32) -> ModuleReport {
+    ModuleReport {
+        name: name.to_owned(),
+        file: "-".into(),
+        state: Some(state),
+        ready: state & listener::dispatch::READY != 0,
+        calls: None,
+        failures: None,
+    }
+}
+
+fn print_status(r: &StatusReport, colour: bool) {
+    println!("Listener status:");
+    let listener = match (&r.listener.pid, &r.listener.state) {
+        (Some(pid), Some(state)) => format!("running (pid {pid}): {state}"),
+        (None, Some(problem)) if r.listener.running => format!("running, but {problem}"),
+        _ if r.listener.running => "running".to_owned(),
+        _ => "not running".to_owned(),
+    };
+    let good = r.listener.running && !listener.contains("paused");
+    println!(" {}", paint(&listener, good, colour));
+    println!("Current Notifier ID on \"{}\":", r.notifier.host);
+    match (&r.notifier.id, &r.notifier.error) {
+        (Some(id), _) => println!(" {id}"),
+        (None, error) => println!(
+            " {}",
+            paint(
+                &format!("unknown: {}", error.as_deref().unwrap_or("")),
+                false,
+                colour
+            )
+        ),
+    }
+    println!("Last Notifier ID processed by local Listener:");
+    let processed = r
+        .processed_id
+        .map_or_else(|| "unknown".to_owned(), |id| id.to_string());
+    println!(
+        " {}",
+        paint(
+            &processed,
+            r.processed_id.is_some() && r.processed_id == r.notifier.id,
+            colour
+        )
+    );
+    println!("Lag:");
+    let lag = r
+        .lag
+        .map_or_else(|| "unknown".to_owned(), |l| format!("{l} transactions"));
+    let since = r.seconds_since_progress.map_or_else(
+        || "no progress recorded".to_owned(),
+        |s| format!("last progress {s} s ago"),
+    );
+    println!(" {lag}, {since}");
+    println!("failed.ldif:");
+    let failed = if r.failed_ldif.present {
+        format!(
+            "present: {} (replication stopped)",
+            r.failed_ldif.path.display()
+        )
+    } else {
+        format!("absent ({})", r.failed_ldif.path.display())
+    };
+    println!(" {}", paint(&failed, !r.failed_ldif.present, colour));
+    let modules: Vec<ModuleEntry> = r
+        .modules
+        .iter()
+        .map(|m| ModuleEntry {
+            name: m.name.clone(),
+            state: m.state,
+            file: m.file.clone(),
+        })
+        .collect();
+    print_modules(&modules, colour);
+}
+
+fn systemctl(args: &[&str]) -> Option<bool> {
+    Command::new("systemctl")
+        .args(args)
+        .stdin(Stdio::null())
+        .status()
+        .ok()
+        .map(|s| s.success())
+}
+
+fn resync(cli: &Cli, names: &[String], no_restart: bool) -> anyhow::Result<ExitCode> {
+    let modules = modules(cli)?;
+    let unknown: Vec<&String> = names
+        .iter()
+        .filter(|n| !modules.iter().any(|m| &m.name == *n))
+        .collect();
+    if !unknown.is_empty() {
+        let list: Vec<&str> = unknown.iter().map(|s| s.as_str()).collect();
+        eprintln!("Unknown module(s): {}", list.join(", "));
+        print_modules(&modules, tools::colour_stdout());
+        return Ok(ExitCode::from(2));
+    }
+    let running = tools::listener_running(&cli.cache_dir);
+    let restart = running && !no_restart;
+    if running && no_restart {
+        bail!(
+            "the listener is running on {} (it holds cache.lock): stop it first, or leave out \
+             --no-restart to have it stopped and started through systemd",
+            cli.cache_dir.display()
+        );
+    }
+    if restart {
+        if systemctl(&["is-active", "--quiet", &cli.unit]) != Some(true) {
+            bail!(
+                "the listener is running, but not as the active systemd unit {}: stop it \
+                 yourself, then use --no-restart",
+                cli.unit
+            );
+        }
+        println!("Stopping {}", cli.unit);
+        if systemctl(&["stop", &cli.unit]) != Some(true) {
+            bail!("systemctl stop {} failed", cli.unit);
+        }
+    }
+    // Wait for the lock, then hold it so that nothing starts while the states go.
+    let deadline = Instant::now() + STOP_WAIT;
+    let lock = loop {
+        if let Some(lock) = tools::try_lock(&cli.cache_dir)? {
+            break lock;
+        }
+        if Instant::now() >= deadline {
+            bail!("the listener did not stop within {STOP_WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let dir = cli.cache_dir.join(STATE_DIR);
+    for name in names {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => println!("Module {name}: state removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!("Module {name}: no state (not initialised yet)");
+            }
+            Err(e) => return Err(e).with_context(|| format!("removing the state of {name}")),
+        }
+    }
+    drop(lock);
+    if restart {
+        println!("Starting {}", cli.unit);
+        if systemctl(&["start", &cli.unit]) != Some(true) {
+            bail!("systemctl start {} failed", cli.unit);
+        }
+    } else {
+        println!("The modules are re-initialised when the listener starts next.");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn backup_create(cli: &Cli, file: &Path) -> anyhow::Result<ExitCode> {
+    let access = tools::open_state(&cli.cache_dir)?;
+    let tmp = file.with_file_name(format!(
+        ".{}.tmp",
+        file.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    let out = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let mut out = BufWriter::new(out);
+    let origin = backup::Origin {
+        host: tools::hostname(),
+        cache_dir: std::path::absolute(&cli.cache_dir).unwrap_or_else(|_| cli.cache_dir.clone()),
+        created: control::unix_seconds(SystemTime::now()),
+    };
+    let result = backup::write(&mut out, access.dir(), origin).and_then(|header| {
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(header)
+    });
+    let header = match result {
+        Ok(header) => header,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).context("writing the backup");
+        }
+    };
+    std::fs::rename(&tmp, file).with_context(|| format!("renaming to {}", file.display()))?;
+    println!(
+        "Backup of {} written to {}: transaction {}, schema {}, {} entries, {} module(s){}",
+        cli.cache_dir.display(),
+        file.display(),
+        header.notifier_id,
+        header.schema_id,
+        header.entries,
+        header.modules.len(),
+        if access.is_snapshot() {
+            " (snapshot of the running listener)"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_backup(file: &Path) -> anyhow::Result<BufReader<File>> {
+    Ok(BufReader::new(
+        File::open(file).with_context(|| format!("opening {}", file.display()))?,
+    ))
+}
+
+fn backup_verify(file: &Path) -> anyhow::Result<ExitCode> {
+    match backup::read(open_backup(file)?, |_| Ok(())) {
+        Ok(h) => {
+            let modules: Vec<String> = h.modules.iter().map(|(n, s)| format!("{n}={s}")).collect();
+            println!(
+                "OK: {} format {} by {} {}, of {} on {} at {}: transaction {}, schema {}, {} \
+                 entries, modules: {}",
+                file.display(),
+                h.format,
+                h.producer,
+                h.version,
+                h.cache_dir.display(),
+                h.host,
+                h.created,
+                h.notifier_id,
+                h.schema_id,
+                h.entries,
+                if modules.is_empty() {
+                    "none".to_owned()
+                } else {
+                    modules.join(" ")
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("FAILED: {}: {e}", file.display());
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn backup_restore(cli: &Cli, file: &Path) -> anyhow::Result<ExitCode> {
+    // Check the whole file before anything is touched.
+    backup::read(open_backup(file)?, |_| Ok(()))
+        .with_context(|| format!("{} cannot be restored", file.display()))?;
+    cache::create_private_dir(&cli.cache_dir)
+        .with_context(|| format!("creating {}", cli.cache_dir.display()))?;
+    let Some(lock) = tools::try_lock(&cli.cache_dir)? else {
+        bail!(
+            "the listener is running on {} (it holds cache.lock): stop it before restoring",
+            cli.cache_dir.display()
+        );
+    };
+    let header = backup::restore(open_backup(file)?, &cli.cache_dir).context("restoring")?;
+    if let Err(e) = chown_like_parent(&cli.cache_dir) {
+        eprintln!("warning: {e:#}");
+    }
+    drop(lock);
+    println!(
+        "Restored {} into {}: transaction {}, schema {}, {} entries, {} module state(s)",
+        file.display(),
+        cli.cache_dir.display(),
+        header.notifier_id,
+        header.schema_id,
+        header.entries,
+        header.modules.len()
+    );
+    std::io::stdout().flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The restored files belong to the owner of the cache directory (the listener user), as
+/// the replaced ones did.
+fn chown_like_parent(cache_dir: &Path) -> anyhow::Result<()> {
+    for path in [
+        cache_dir.join(cache::DB_DIR),
+        cache_dir.join(STATE_DIR),
+        cache_dir.join(cache::NOTIFIER_ID_FILE),
+    ] {
+        chown_tree(&path, cache_dir)?;
+    }
+    Ok(())
+}
+
+fn chown_tree(path: &Path, like: &Path) -> anyhow::Result<()> {
+    tools::give_to_owner_of(path, like)?;
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), like)?;
+        }
+    }
+    Ok(())
+}

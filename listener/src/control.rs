@@ -1,0 +1,482 @@
+//! The listener's control socket, `<cache_dir>/control.sock`: how the operator tools talk to
+//! a running daemon.
+//!
+//! sled locks its database for one process, so while the listener runs no tool can open the
+//! cache. Instead a tool connects here (a unix stream socket, mode 0600: root and the
+//! listener user only), sends one request line and reads one reply line, then the
+//! connection closes:
+//!
+//! ```text
+//! STATUS\n              → OK {"pid":…,"state":…,"processed_id":…,…}\n   (a [`Status`])
+//! SNAPSHOT <dir>\n      → OK {"dir":…,"notifier_id":…,…}\n            (a [`SnapshotInfo`])
+//! anything else         → ERROR <reason>\n
+//! ```
+//!
+//! `SNAPSHOT` writes a consistent copy of the listener state into the existing, empty,
+//! absolute directory `<dir>`: `cache.sled/` ([`cache::Cache::export_to`], taken between two
+//! commits), `handlers/<name>` (the module state files) and `notifier_id` (the id of the
+//! copied master record). Afterwards `<dir>` is a cache directory the tools open like the
+//! real one. The copy runs on this server's task, not the main loop: the cache serialises
+//! it with the commits, so it also works during a module initialisation that keeps the
+//! main loop busy for hours.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cache::Cache;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::{READY, STATE_DIR};
+use crate::metrics::Metrics;
+
+/// Name of the socket inside the cache directory.
+pub const SOCKET_FILE: &str = "control.sock";
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 4096;
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a tool waits for a `STATUS` reply.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a tool waits for a `SNAPSHOT`: copying a large cache takes a while.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1800);
+
+pub fn socket_path(cache_dir: &Path) -> PathBuf {
+    cache_dir.join(SOCKET_FILE)
+}
+
+/// The daemon's answer to `STATUS`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub version: String,
+    /// "starting", "initialising modules", "running", "waiting", "paused: <reason>",
+    /// "retrying transaction <id>: <error>", "stopping".
+    pub state: String,
+    /// Last transaction fully processed (and committed).
+    pub processed_id: u64,
+    /// Highest id the notifier reported to the daemon.
+    pub notifier_id: u64,
+    pub lag: u64,
+    /// Unix time of the last change of `processed_id`.
+    pub last_progress: Option<u64>,
+    pub cache_entries: usize,
+    pub failed_ldif: FailedLdif,
+    pub modules: Vec<ModuleStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedLdif {
+    pub path: PathBuf,
+    pub present: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleStatus {
+    pub name: String,
+    pub source: String,
+    pub state: u32,
+    pub ready: bool,
+    pub calls: u64,
+    pub failures: u64,
+    pub seconds: f64,
+}
+
+/// The answer to `SNAPSHOT`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub dir: PathBuf,
+    pub notifier_id: u64,
+    pub schema_id: u64,
+    pub entries: usize,
+    /// Module states copied, by name.
+    pub modules: BTreeMap<String, u32>,
+}
+
+/// What the server reads to answer.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub cache: Arc<Cache>,
+    pub metrics: Arc<Metrics>,
+    pub cache_dir: PathBuf,
+    pub failed_ldif: PathBuf,
+}
+
+/// The bound socket; the file is removed when this is dropped (at exit).
+#[derive(Debug)]
+pub struct Socket {
+    path: PathBuf,
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds `<cache_dir>/control.sock` (replacing a stale one: the caller holds `cache.lock`,
+/// so no other listener serves it) and serves requests until `shutdown`.
+pub fn start(context: Context, shutdown: CancellationToken) -> io::Result<Socket> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = socket_path(&context.cache_dir);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(&path)?;
+    let socket = Socket { path };
+    std::fs::set_permissions(&socket.path, std::fs::Permissions::from_mode(0o600))?;
+    let context = Arc::new(context);
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!("control socket: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let context = Arc::clone(&context);
+            tokio::spawn(async move {
+                if let Err(e) = serve(stream, &context).await {
+                    tracing::debug!("control socket client: {e}");
+                }
+            });
+        }
+    });
+    Ok(socket)
+}
+
+async fn serve(stream: UnixStream, context: &Arc<Context>) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
+    match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+        Ok(result) => result?,
+        Err(_) => return Ok(()),
+    };
+    let reply = match answer(line.trim_end_matches(['\n', '\r']), context).await {
+        Ok(json) => format!("OK {json}\n"),
+        Err(reason) => format!("ERROR {}\n", reason.replace('\n', " ")),
+    };
+    write.write_all(reply.as_bytes()).await?;
+    write.shutdown().await
+}
+
+async fn answer(request: &str, context: &Arc<Context>) -> Result<String, String> {
+    let (command, argument) = request.split_once(' ').unwrap_or((request, ""));
+    match command {
+        "STATUS" => to_json(&status(context)),
+        "SNAPSHOT" => {
+            let dir = PathBuf::from(argument);
+            let context = Arc::clone(context);
+            let info = tokio::task::spawn_blocking(move || snapshot(&context, &dir))
+                .await
+                .map_err(|e| format!("snapshot task failed: {e}"))??;
+            to_json(&info)
+        }
+        _ => Err(format!(
+            "unknown request {command:?}; known: STATUS, SNAPSHOT <dir>"
+        )),
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String, String> {
+    serde_json::to_string(value).map_err(|e| e.to_string())
+}
+
+fn status(context: &Context) -> Status {
+    let metrics = &context.metrics;
+    Status {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        state: metrics.state(),
+        processed_id: metrics.processed(),
+        notifier_id: metrics.notifier_id().max(metrics.processed()),
+        lag: metrics.lag(),
+        last_progress: metrics.last_progress().map(unix_seconds),
+        cache_entries: context.cache.len(),
+        failed_ldif: FailedLdif {
+            path: context.failed_ldif.clone(),
+            present: context.failed_ldif.exists(),
+        },
+        modules: metrics
+            .modules()
+            .into_iter()
+            .map(|m| ModuleStatus {
+                ready: m.state & READY != 0,
+                calls: m.stats.calls,
+                failures: m.stats.failures,
+                seconds: m.stats.busy.as_secs_f64(),
+                name: m.name,
+                source: m.source,
+                state: m.state,
+            })
+            .collect(),
+    }
+}
+
+pub fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn snapshot(context: &Context, dir: &Path) -> Result<SnapshotInfo, String> {
+    if !dir.is_absolute() {
+        return Err(format!("SNAPSHOT needs an absolute directory, not {dir:?}"));
+    }
+    let mut listing =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    if listing.next().is_some() {
+        return Err(format!("{} is not empty", dir.display()));
+    }
+    let exported = context
+        .cache
+        .export_to(dir)
+        .map_err(|e| format!("cannot copy the cache: {e}"))?;
+    let master = exported.master.unwrap_or_default();
+    cache::write_legacy_notifier_id(dir, master.notifier_id)
+        .map_err(|e| format!("cannot write {}/notifier_id: {e}", dir.display()))?;
+    let modules = copy_states(&context.cache_dir.join(STATE_DIR), &dir.join(STATE_DIR))
+        .map_err(|e| format!("cannot copy the module states: {e}"))?;
+    tracing::info!(
+        "snapshot of the cache at transaction {} written to {}",
+        master.notifier_id,
+        dir.display()
+    );
+    Ok(SnapshotInfo {
+        dir: dir.to_owned(),
+        notifier_id: master.notifier_id,
+        schema_id: master.schema_id,
+        entries: exported.entries,
+        modules,
+    })
+}
+
+/// Copies every readable module state file of `from` into `to` (created).
+pub fn copy_states(from: &Path, to: &Path) -> io::Result<BTreeMap<String, u32>> {
+    cache::create_private_dir(to)?;
+    let states = read_states(from)?;
+    for (name, state) in &states {
+        cache::write_decimal(&to.join(name), u64::from(*state))?;
+    }
+    Ok(states)
+}
+
+/// The module states in a `handlers` directory, by name; files that do not hold a number
+/// (temporary files, junk) are left out. A missing directory has none.
+pub fn read_states(dir: &Path) -> io::Result<BTreeMap<String, u32>> {
+    let listing = match std::fs::read_dir(dir) {
+        Ok(listing) => listing,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e),
+    };
+    let mut states = BTreeMap::new();
+    for entry in listing {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !entry.file_type()?.is_file() {
+            continue;
+        }
+        if let Some(state) = cache::read_decimal(&entry.path()).and_then(|n| u32::try_from(n).ok())
+        {
+            states.insert(name, state);
+        }
+    }
+    Ok(states)
+}
+
+// ---- client side, for the tools ------------------------------------------------------
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot connect to the listener's control socket {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the listener refused {request}: {reason}")]
+    Refused { request: String, reason: String },
+    #[error("unexpected reply from the listener to {request}: {reply:?}")]
+    BadReply { request: String, reply: String },
+}
+
+/// Sends `request` (one line) to the listener serving `cache_dir` and returns the JSON of
+/// its `OK` reply.
+pub fn request(cache_dir: &Path, request: &str, timeout: Duration) -> Result<String, ControlError> {
+    let path = socket_path(cache_dir);
+    let io_error = |source| ControlError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(&path).map_err(|source| ControlError::Connect {
+            path: path.clone(),
+            source,
+        })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io_error)?;
+    stream
+        .set_write_timeout(Some(REQUEST_TIMEOUT))
+        .map_err(io_error)?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(io_error)?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(io_error)?;
+    let reply = reply.trim_end();
+    if let Some(json) = reply.strip_prefix("OK ") {
+        Ok(json.to_owned())
+    } else if let Some(reason) = reply.strip_prefix("ERROR ") {
+        Err(ControlError::Refused {
+            request: request.to_owned(),
+            reason: reason.to_owned(),
+        })
+    } else {
+        Err(ControlError::BadReply {
+            request: request.to_owned(),
+            reply: reply.to_owned(),
+        })
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(request: &str, json: &str) -> Result<T, ControlError> {
+    serde_json::from_str(json).map_err(|e| ControlError::BadReply {
+        request: request.to_owned(),
+        reply: format!("{json} ({e})"),
+    })
+}
+
+/// `STATUS` of the listener serving `cache_dir`.
+pub fn status_of(cache_dir: &Path) -> Result<Status, ControlError> {
+    let json = request(cache_dir, "STATUS", STATUS_TIMEOUT)?;
+    parse("STATUS", &json)
+}
+
+/// `SNAPSHOT <dir>` of the listener serving `cache_dir`.
+pub fn snapshot_of(cache_dir: &Path, dir: &Path) -> Result<SnapshotInfo, ControlError> {
+    let request_line = format!("SNAPSHOT {}", dir.display());
+    let json = request(cache_dir, &request_line, SNAPSHOT_TIMEOUT)?;
+    parse(&request_line, &json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cache::{CacheEntry, MasterRecord};
+
+    fn context(dir: &Path) -> Context {
+        let cache_dir = dir.join("cache");
+        let cache = Arc::new(Cache::open(&cache_dir).unwrap());
+        let mut batch = cache.batch();
+        batch.put(&CacheEntry {
+            dn: "cn=a,dc=x".into(),
+            attributes: vec![("cn".into(), vec![b"a".to_vec()])],
+            modules: vec!["m".into()],
+        });
+        batch.set_master(MasterRecord {
+            notifier_id: 9,
+            schema_id: 2,
+        });
+        cache.commit(batch, true).unwrap();
+        std::fs::create_dir_all(cache_dir.join(STATE_DIR)).unwrap();
+        std::fs::write(cache_dir.join(STATE_DIR).join("m"), "3").unwrap();
+        std::fs::write(cache_dir.join(STATE_DIR).join(".m.tmp"), "1").unwrap();
+        let metrics = Arc::new(Metrics::default());
+        metrics.set_processed(9);
+        metrics.set_notifier_id(12);
+        metrics.set_state("waiting");
+        Context {
+            cache,
+            metrics,
+            cache_dir,
+            failed_ldif: dir.join("failed.ldif"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn status_snapshot_and_errors_over_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let cache_dir = ctx.cache_dir.clone();
+        // A stale socket file from a killed daemon is replaced.
+        std::fs::write(socket_path(&cache_dir), "").unwrap();
+        let shutdown = CancellationToken::new();
+        let socket = start(ctx, shutdown.clone()).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(socket_path(&cache_dir))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let (status, snap_dir) = {
+            let cache_dir = cache_dir.clone();
+            let target = dir.path().join("snap");
+            std::fs::create_dir(&target).unwrap();
+            tokio::task::spawn_blocking(move || {
+                let status = status_of(&cache_dir).unwrap();
+                let info = snapshot_of(&cache_dir, &target).unwrap();
+                assert_eq!(info.notifier_id, 9);
+                assert_eq!(info.schema_id, 2);
+                assert_eq!(info.entries, 1);
+                assert_eq!(info.modules, BTreeMap::from([("m".to_owned(), 3)]));
+                // Not empty any more, relative, unknown: refused with a reason.
+                for bad in ["SNAPSHOT relative", "FROB"] {
+                    let err = request(&cache_dir, bad, STATUS_TIMEOUT).unwrap_err();
+                    assert!(matches!(err, ControlError::Refused { .. }), "{err}");
+                }
+                let err = snapshot_of(&cache_dir, &target).unwrap_err();
+                assert!(err.to_string().contains("not empty"), "{err}");
+                (status, target)
+            })
+            .await
+            .unwrap()
+        };
+        assert_eq!(status.pid, std::process::id());
+        assert_eq!(status.processed_id, 9);
+        assert_eq!(status.notifier_id, 12);
+        assert_eq!(status.lag, 3);
+        assert_eq!(status.state, "waiting");
+        assert_eq!(status.cache_entries, 1);
+        assert!(!status.failed_ldif.present);
+        assert!(status.last_progress.is_some());
+
+        let copy = Cache::open(&snap_dir).unwrap();
+        assert_eq!(copy.get("CN=A,DC=X").unwrap().unwrap().modules, ["m"]);
+        assert_eq!(cache::read_legacy_notifier_id(&snap_dir), Some(9));
+        assert_eq!(
+            read_states(&snap_dir.join(STATE_DIR)).unwrap(),
+            BTreeMap::from([("m".to_owned(), 3)])
+        );
+
+        shutdown.cancel();
+        drop(socket);
+        assert!(!socket_path(&cache_dir).exists());
+    }
+
+    #[test]
+    fn no_daemon_is_a_connect_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            status_of(dir.path()),
+            Err(ControlError::Connect { .. })
+        ));
+    }
+}

@@ -1,0 +1,323 @@
+//! What the operator tools (`-dump`, `-verify`, `-ctrl`, `get_notifier_id`) share: reading
+//! the listener state whether or not the daemon runs, asking the notifier for its ids, and
+//! finding the modules.
+//!
+//! The state is read from a consistent copy: while the listener runs (it holds
+//! `cache.lock`) the tool asks it for a `SNAPSHOT` over the control socket into a private
+//! directory inside the cache directory; while it does not, the tool takes `cache.lock`
+//! itself, so no listener starts in the middle, and reads the cache directory directly.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notifier::lock::{FileLock, LockError};
+use proto::client::{ClientError, NotifierClient};
+
+use crate::control::{self, ControlError, SnapshotInfo};
+
+/// The process lock of the listener inside the cache directory.
+pub const CACHE_LOCK: &str = "cache.lock";
+/// The module directory of a UCS system.
+pub const DEFAULT_MODULE_DIR: &str = "/usr/lib/univention-directory-listener/system";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("{0} is not a listener cache directory (it does not exist)")]
+    NoCacheDir(PathBuf),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(
+        "the listener holds {lock} but does not answer on its control socket ({source}); it \
+         may still be starting, or be older than these tools"
+    )]
+    NoControl {
+        lock: PathBuf,
+        #[source]
+        source: ControlError,
+    },
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Read access to the listener state; the lock or the snapshot lives as long as this.
+#[derive(Debug)]
+pub enum StateAccess {
+    /// The listener is stopped and this process holds `cache.lock`.
+    Direct { dir: PathBuf, _lock: FileLock },
+    /// A copy written by the running listener; removed when dropped.
+    Snapshot {
+        dir: tempfile::TempDir,
+        info: SnapshotInfo,
+    },
+}
+
+impl StateAccess {
+    /// The directory to read: `cache.sled/`, `handlers/`, `notifier_id`.
+    pub fn dir(&self) -> &Path {
+        match self {
+            StateAccess::Direct { dir, .. } => dir,
+            StateAccess::Snapshot { dir, .. } => dir.path(),
+        }
+    }
+
+    pub fn is_snapshot(&self) -> bool {
+        matches!(self, StateAccess::Snapshot { .. })
+    }
+}
+
+/// Takes `cache.lock` once, without waiting: `None` while a listener holds it.
+pub fn try_lock(cache_dir: &Path) -> Result<Option<FileLock>, ToolError> {
+    if !cache_dir.is_dir() {
+        return Err(ToolError::NoCacheDir(cache_dir.to_owned()));
+    }
+    match notifier::lock::lock_path(&cache_dir.join(CACHE_LOCK), 1, Duration::ZERO) {
+        Ok(lock) => Ok(Some(lock)),
+        Err(LockError::Busy { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether a listener holds `cache.lock` of `cache_dir` (false if the directory or the
+/// lock file does not exist). Asks with `F_GETLK`, which neither creates the file nor takes
+/// the lock, so a listener starting at this moment is not turned away.
+pub fn listener_running(cache_dir: &Path) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let Ok(file) = File::open(cache_dir.join(CACHE_LOCK)) else {
+        return false;
+    };
+    // SAFETY: a zeroed `flock` is a valid value of this plain C struct.
+    let mut query: libc::flock = unsafe { std::mem::zeroed() };
+    query.l_type = libc::F_WRLCK as libc::c_short;
+    query.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: the descriptor is valid while `file` lives; `query` is a valid flock.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut query) };
+    rc == 0 && query.l_type != libc::F_UNLCK as libc::c_short
+}
+
+/// A consistent view of the listener state in `cache_dir`; see the module comment.
+pub fn open_state(cache_dir: &Path) -> Result<StateAccess, ToolError> {
+    if let Some(lock) = try_lock(cache_dir)? {
+        return Ok(StateAccess::Direct {
+            dir: cache_dir.to_owned(),
+            _lock: lock,
+        });
+    }
+    // Inside the cache directory: on the same file system as the cache (a copy of a large
+    // cache may not fit into /tmp) and as private as the cache itself.
+    let dir = tempfile::Builder::new()
+        .prefix(".snapshot-")
+        .tempdir_in(cache_dir)
+        .map_err(|source| ToolError::Io {
+            what: "create a snapshot directory in",
+            path: cache_dir.to_owned(),
+            source,
+        })?;
+    give_to_owner_of(dir.path(), cache_dir)?;
+    match control::snapshot_of(cache_dir, dir.path()) {
+        Ok(info) => Ok(StateAccess::Snapshot { dir, info }),
+        Err(source @ ControlError::Connect { .. }) => Err(ToolError::NoControl {
+            lock: cache_dir.join(CACHE_LOCK),
+            source,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Hands `path` to the owner of `like` when running as root: the listener runs as its own
+/// user and must be able to write the snapshot.
+pub fn give_to_owner_of(path: &Path, like: &Path) -> Result<(), ToolError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let meta = std::fs::metadata(like).map_err(|source| ToolError::Io {
+        what: "read the owner of",
+        path: like.to_owned(),
+        source,
+    })?;
+    std::os::unix::fs::chown(path, Some(meta.uid()), Some(meta.gid())).map_err(|source| {
+        ToolError::Io {
+            what: "change the owner of",
+            path: path.to_owned(),
+            source,
+        }
+    })
+}
+
+/// The notifier's last transaction id (`GET_ID`) or, with `schema`, its schema id
+/// (`GET_SCHEMA_ID`), over protocol 3.
+pub async fn query_notifier(
+    host: &str,
+    port: u16,
+    schema: bool,
+    timeout: Duration,
+) -> Result<u64, ClientError> {
+    let mut client = NotifierClient::connect(host, port, 3, timeout).await?;
+    if schema {
+        client.get_schema_id(timeout).await
+    } else {
+        client.get_id(timeout).await
+    }
+}
+
+/// A module as the tools list it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleEntry {
+    pub name: String,
+    /// State-file value; `None` without a state file.
+    pub state: Option<u32>,
+    /// The module file, `native:<kind>`, or `-` when only a state file is known.
+    pub file: String,
+}
+
+/// The modules of a stopped listener: every `*.py` file in `dirs` (the name from its
+/// top-level `name = '…'` line, else the file name without `.py`, as UCS 5) with its
+/// state, then state files no file accounts for (native modules, removed files).
+pub fn scan_modules(dirs: &[PathBuf], states: &BTreeMap<String, u32>) -> Vec<ModuleEntry> {
+    let mut modules: Vec<ModuleEntry> = Vec::new();
+    for dir in dirs {
+        let files: Vec<PathBuf> = if dir.is_file() {
+            vec![dir.clone()]
+        } else {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map(|listing| {
+                    listing
+                        .filter_map(Result::ok)
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|x| x == "py"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            files.sort();
+            files
+        };
+        for file in files {
+            let name = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|text| module_name(&text))
+                .or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .unwrap_or_default();
+            modules.push(ModuleEntry {
+                state: states.get(&name).copied(),
+                name,
+                file: file.display().to_string(),
+            });
+        }
+    }
+    add_state_only(&mut modules, states);
+    modules
+}
+
+/// Appends the modules that only have a state file.
+pub fn add_state_only(modules: &mut Vec<ModuleEntry>, states: &BTreeMap<String, u32>) {
+    for (name, state) in states {
+        if !modules.iter().any(|m| &m.name == name) {
+            modules.push(ModuleEntry {
+                name: name.clone(),
+                state: Some(*state),
+                file: "-".into(),
+            });
+        }
+    }
+}
+
+/// The value of a top-level `name = '…'` / `name = "…"` assignment.
+pub fn module_name(source: &str) -> Option<String> {
+    source.lines().find_map(|line| {
+        let rest = line.strip_prefix("name")?.trim_start();
+        let value = rest.strip_prefix('=')?.trim();
+        let quote = value.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+        let inner = value.get(1..)?;
+        let end = inner.find(quote)?;
+        Some(inner[..end].to_owned())
+    })
+}
+
+/// The host name, for backup headers.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates within it or
+    // truncates, and the tail is zeroed, so the search below finds a NUL.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Whether standard output is a terminal (colours only then, and not with `NO_COLOR`).
+pub fn colour_stdout() -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    let tty = unsafe { libc::isatty(1) } == 1;
+    tty && std::env::var_os("NO_COLOR").is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_names_from_python_sources() {
+        assert_eq!(
+            module_name("# x\nname = 'replication'\ndescription = 'x'\n").as_deref(),
+            Some("replication")
+        );
+        assert_eq!(module_name("name=\"nfs\"\n").as_deref(), Some("nfs"));
+        // Indented (inside a class: the OO API) or other names do not count.
+        assert_eq!(module_name("class C:\n    name = 'inner'\n"), None);
+        assert_eq!(module_name("names = 'x'\n"), None);
+        assert_eq!(module_name("name = get_name()\n"), None);
+    }
+
+    #[test]
+    fn scan_lists_files_then_state_only_modules() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("b.py"), "name = 'beta'\n").unwrap();
+        std::fs::write(dir.path().join("a.py"), "class X: pass\n").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "name = 'no'\n").unwrap();
+        let states = BTreeMap::from([("beta".to_owned(), 3), ("jsonl".to_owned(), 1)]);
+        let modules = scan_modules(&[dir.path().to_owned()], &states);
+        let summary: Vec<_> = modules
+            .iter()
+            .map(|m| (m.name.as_str(), m.state, m.file.rsplit('/').next().unwrap()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("a", None, "a.py"),
+                ("beta", Some(3), "b.py"),
+                ("jsonl", Some(1), "-")
+            ]
+        );
+    }
+
+    #[test]
+    fn lock_tells_whether_a_listener_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!listener_running(dir.path()));
+        assert!(matches!(
+            try_lock(&dir.path().join("missing")),
+            Err(ToolError::NoCacheDir(_))
+        ));
+        let lock = try_lock(dir.path()).unwrap();
+        assert!(lock.is_some());
+        // Record locks never conflict within one process, so a second try succeeds here;
+        // the conflict with another process is covered by the end-to-end tests.
+        drop(lock);
+        let access = open_state(dir.path()).unwrap();
+        assert!(!access.is_snapshot());
+        assert_eq!(access.dir(), dir.path());
+    }
+}
