@@ -14,6 +14,30 @@ PACKAGE=univention-directory-rs
   exit 1
 }
 
+# What postinst creates and purge keeps. Left behind on a developer's machine, a `listener`
+# user would make the harness's listeners switch their effective uid (`--user listener` is
+# the default) and break the next test run, so whatever did not exist before is removed.
+STATE_DIRS=(/var/lib/univention-ldap /var/lib/univention-directory-listener
+  /var/lib/univention-directory-replication)
+had_user=0
+getent passwd listener >/dev/null && had_user=1
+absent_dirs=()
+for dir in "${STATE_DIRS[@]}"; do [[ -e $dir ]] || absent_dirs+=("$dir"); done
+package_was_installed=0
+dpkg-query -W -f='${Status}' "$PACKAGE" 2>/dev/null | grep -q "install ok installed" &&
+  package_was_installed=1
+
+cleanup() {
+  if [[ $package_was_installed -eq 0 ]]; then
+    dpkg --purge "$PACKAGE" >/dev/null 2>&1 || true
+  fi
+  if [[ $had_user -eq 0 ]] && getent passwd listener >/dev/null; then
+    userdel listener || true
+  fi
+  for dir in "${absent_dirs[@]}"; do rm -rf "$dir"; done
+}
+trap cleanup EXIT
+
 timed() {
   local name=$1 start=$SECONDS
   shift
@@ -55,8 +79,9 @@ check_postinst() {
 }
 
 run_installed() {
-  UDR_BIN_DIR=/usr/sbin cargo nextest run --locked -p integration-tests \
-    --test installed_package --run-ignored only
+  # --workspace like scripts/test.sh: the same feature set, so nothing is rebuilt.
+  UDR_BIN_DIR=/usr/sbin cargo nextest run --locked --workspace --run-ignored only \
+    -E 'binary(installed_package)'
 }
 
 reinstall_and_purge() {
