@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,8 +29,8 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::intake::accesslog::{POSITION_FILE, Position};
-use crate::journal::index::{ENTRY_LEN, HEADER_LEN, MAGIC, entry_position};
-use crate::journal::scan::{LineScanner, content_start, is_blank, parse_line};
+use crate::journal::index::{ENTRY_LEN, HEADER_LEN, IndexEntry, MAGIC, entry_position};
+use crate::journal::scan::{LineScanner, PosReader, content_start, is_blank, parse_line};
 use crate::journal::{INDEX_FILE, LOCK_FILE, TRANSACTION_FILE};
 use crate::lock::{FileLock, LockError, lock_path};
 
@@ -300,8 +300,7 @@ pub fn create(
         offsets: &snapshot.offsets,
     };
     let mut index_hasher = Sha256::new();
-    index
-        .write_to(&mut HashWriter(&mut index_hasher))
+    io::copy(&mut index.reader(), &mut HashWriter(&mut index_hasher))
         .map_err(io_err("hash the index of", &log_path))?;
 
     let mut files = vec![
@@ -357,7 +356,7 @@ pub fn create(
         // Copy exactly the scanned prefix and check that it still hashes the same.
         let mut hasher = Sha256::new();
         let reader = HashReader {
-            inner: PosReader { file: &log, pos: 0 }.take(snapshot.len),
+            inner: PosReader::new(&log, 0).take(snapshot.len),
             hasher: &mut hasher,
         };
         let mode = log_meta.mode() & 0o7777;
@@ -475,7 +474,7 @@ struct Snapshot {
 /// Validates the live log up to `limit` like the notifier's startup scan and hashes the
 /// complete lines; an incomplete last line (a write in progress) is left out.
 fn scan_source(log: &File, limit: u64, path: &Path) -> Result<Snapshot, BackupError> {
-    let reader = PosReader { file: log, pos: 0 }.take(limit);
+    let reader = PosReader::new(log, 0).take(limit);
     let mut checker = LogChecker::default();
     let mut hasher = Sha256::new();
     let mut scanner = LineScanner::new(reader);
@@ -580,32 +579,8 @@ impl GeneratedIndex<'_> {
             .unwrap_or(u64::MAX)
     }
 
-    fn write_to(&self, out: &mut impl Write) -> io::Result<()> {
-        out.write_all(&MAGIC.to_le_bytes())?;
-        if self.offsets.is_empty() {
-            return Ok(());
-        }
-        let holes = vec![0u8; INDEX_CHUNK * ENTRY_LEN as usize];
-        let mut left = self.first_id.saturating_mul(ENTRY_LEN);
-        while left > 0 {
-            let n = left.min(holes.len() as u64) as usize;
-            out.write_all(holes.get(..n).unwrap_or_default())?;
-            left = left.saturating_sub(n as u64);
-        }
-        let mut buf = Vec::with_capacity(INDEX_CHUNK * ENTRY_LEN as usize);
-        for chunk in self.offsets.chunks(INDEX_CHUNK) {
-            buf.clear();
-            for offset in chunk {
-                buf.push(1);
-                buf.extend_from_slice(&offset.to_le_bytes());
-            }
-            out.write_all(&buf)?;
-        }
-        Ok(())
-    }
-
-    /// A reader producing the same bytes as [`GeneratedIndex::write_to`], for the tar
-    /// builder. Generated into memory chunk by chunk rather than all at once.
+    /// The index's bytes, generated chunk by chunk rather than held in memory (a pruned
+    /// log's index starts with holes for every id below the first).
     fn reader(&self) -> impl Read + '_ {
         let mut chunks: Vec<Box<dyn Read + '_>> = Vec::new();
         chunks.push(Box::new(io::Cursor::new(MAGIC.to_le_bytes())));
@@ -644,9 +619,8 @@ impl Read for EntryReader<'_> {
             let (chunk, rest) = self.offsets.split_at(take);
             self.offsets = rest;
             self.buf.clear();
-            for offset in chunk {
-                self.buf.push(1);
-                self.buf.extend_from_slice(&offset.to_le_bytes());
+            for &offset in chunk {
+                IndexEntry::encode(offset, &mut self.buf);
             }
             self.pos = 0;
         }
@@ -901,10 +875,7 @@ fn check_index(reader: &mut impl Read, log: &LogChecker) -> Result<(), String> {
             Ok(false) => break,
             Err(e) => return Err(e),
         }
-        let valid = entry.first() == Some(&1);
-        let mut le = [0u8; 8];
-        le.copy_from_slice(entry.get(1..9).unwrap_or(&[0; 8]));
-        let offset = u64::from_le_bytes(le);
+        let IndexEntry { valid, offset } = IndexEntry::decode(&entry);
         let want = id
             .checked_sub(first)
             .filter(|_| log.first_id.is_some())
@@ -998,20 +969,6 @@ impl<R: Read> Read for CheckedReader<R> {
         {
             self.sink_err = Some(e);
         }
-        Ok(n)
-    }
-}
-
-/// Reads `file` from `pos` with positioned reads (the descriptor's offset is not touched).
-struct PosReader<'a> {
-    file: &'a File,
-    pos: u64,
-}
-
-impl Read for PosReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.file.read_at(buf, self.pos)?;
-        self.pos = self.pos.saturating_add(n as u64);
         Ok(n)
     }
 }
