@@ -10,6 +10,7 @@ packages=(
   libpython3.11-dev         # pyo3 links Debian's libpython3.11
   libssl-dev pkg-config     # ldap3's TLS (StartTLS to LDAP)
   build-essential ca-certificates
+  systemd                   # systemd-analyze verify of the units (scripts/verify-units.sh)
 )
 
 missing=()

@@ -13,4 +13,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # End-to-end tests start the real binaries from target/debug.
 cargo build --workspace --bins --locked
+# systemd-analyze verify of systemd/*.service (ExecStart pointed at target/debug).
+scripts/verify-units.sh
 cargo nextest run --workspace --locked --no-fail-fast "$@"

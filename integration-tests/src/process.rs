@@ -9,13 +9,29 @@ use std::time::{Duration, Instant};
 
 use crate::{HarnessError, Result, io_context};
 
+/// Environment variable naming the directory the project's binaries are taken from.
+pub const BIN_DIR_ENV: &str = "UDR_BIN_DIR";
+
 /// Path of a workspace binary in the cargo target directory (e.g. `target/debug`).
 ///
 /// Test executables live in `target/debug/deps`, so the binaries are one level up; a
 /// workspace binary that starts others (the demo runner) lives in `target/debug` itself.
 /// The executable's own directory is tried first, then its parent. `scripts/test.sh`
 /// builds all binaries before the tests run.
+///
+/// With [`BIN_DIR_ENV`] set, the binaries come from that directory instead (e.g.
+/// `/usr/sbin`, to run the tests or the demo against an installed package).
 pub fn binary(name: &str) -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
+        let path = PathBuf::from(dir).join(name);
+        if path.is_file() {
+            return Ok(path);
+        }
+        return Err(HarnessError::Io {
+            context: format!("finding {name} in {BIN_DIR_ENV}={}", path.display()),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
     let exe = std::env::current_exe().map_err(io_context("locating the running executable"))?;
     let own_dir = exe.parent().ok_or_else(|| {
         HarnessError::SlapdStart("the running executable has no directory".into())

@@ -7,6 +7,7 @@
 //! (`journal`) and only then publishes the new last id to the `server`'s connections.
 
 pub mod backoff;
+pub mod backup;
 pub mod committer;
 pub mod config;
 pub mod intake;

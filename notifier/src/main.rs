@@ -181,7 +181,9 @@ async fn run(config: Config, logging: Arc<Logging>) -> Result<()> {
                     bind: config.accesslog_bind.clone(),
                     base: config.accesslog_base.clone(),
                     replay: config.accesslog_replay,
-                    position_file: config.notify_dir().join("accesslog.position"),
+                    position_file: config
+                        .notify_dir()
+                        .join(notifier::intake::accesslog::POSITION_FILE),
                 },
                 Arc::clone(&metrics),
             );

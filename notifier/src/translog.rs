@@ -197,6 +197,19 @@ pub fn generalized_time(time: SystemTime) -> String {
     )
 }
 
+/// `YYYY-mm-ddTHH:MM:SSZ` (RFC 3339) in UTC, for humans and manifests.
+pub fn rfc3339(time: SystemTime) -> String {
+    let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
 /// (Howard Hinnant's algorithm).
 fn civil_from_days(days: u64) -> (u64, u64, u64) {
@@ -223,5 +236,6 @@ mod tests {
         assert_eq!(generalized_time(t), "20240131120000Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_825_599); // 2000-02-29 11:59:59
         assert_eq!(generalized_time(leap), "20000229115959Z");
+        assert_eq!(rfc3339(leap), "2000-02-29T11:59:59Z");
     }
 }

@@ -28,6 +28,9 @@ use crate::committer::{CommitError, Committer};
 use crate::ldap::{Bind, connect};
 use crate::metrics::Metrics;
 
+/// File name of the stored position inside the notify directory.
+pub const POSITION_FILE: &str = "accesslog.position";
+
 const FILTER: &str = "(&(objectClass=auditWriteObject)(reqResult=0))";
 const ATTRS: [&str; 6] = [
     "reqType",
@@ -78,24 +81,30 @@ impl Position {
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(err) => return Err(file_err("reading", path)(err).into()),
         };
-        let invalid = |reason: &str| AccesslogError::Position {
-            path: path.to_owned(),
-            reason: reason.to_owned(),
-        };
+        Position::parse(&text)
+            .map(Some)
+            .map_err(|reason| AccesslogError::Position {
+                path: path.to_owned(),
+                reason,
+            })
+    }
+
+    /// Parses the `csn=…` and `id=…` lines of a position file.
+    pub fn parse(text: &str) -> Result<Position, String> {
         let mut csn = None;
         let mut id = None;
         for line in text.lines() {
             match line.split_once('=') {
                 Some(("csn", value)) => csn = Some(value.to_owned()),
                 Some(("id", value)) => {
-                    id = Some(value.parse().map_err(|_| invalid("id is not a number"))?)
+                    id = Some(value.parse().map_err(|_| "id is not a number".to_owned())?)
                 }
                 _ => {}
             }
         }
         match (csn, id) {
-            (Some(csn), Some(id)) => Ok(Some(Position { csn, id })),
-            _ => Err(invalid("expected csn=… and id=… lines")),
+            (Some(csn), Some(id)) => Ok(Position { csn, id }),
+            _ => Err("expected csn=… and id=… lines".to_owned()),
         }
     }
 

@@ -33,7 +33,8 @@ pub struct IndexEntry {
 }
 
 impl IndexEntry {
-    fn decode(raw: &[u8]) -> IndexEntry {
+    /// Decodes one on-disk entry (`ENTRY_LEN` bytes).
+    pub fn decode(raw: &[u8]) -> IndexEntry {
         let valid = raw.first() == Some(&1);
         let mut le = [0u8; 8];
         if let Some(bytes) = raw.get(1..9) {
@@ -45,7 +46,8 @@ impl IndexEntry {
         }
     }
 
-    fn encode(offset: u64, out: &mut Vec<u8>) {
+    /// Appends the on-disk form of a valid entry pointing at `offset`.
+    pub fn encode(offset: u64, out: &mut Vec<u8>) {
         out.push(1);
         out.extend_from_slice(&offset.to_le_bytes());
     }

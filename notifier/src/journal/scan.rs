@@ -191,6 +191,27 @@ impl<R: Read> Iterator for LineScanner<R> {
     }
 }
 
+/// Reads `file` from `pos` with positioned reads, leaving the descriptor's offset alone
+/// (descriptors of one open file share it).
+pub struct PosReader<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl<'a> PosReader<'a> {
+    pub fn new(file: &'a File, pos: u64) -> PosReader<'a> {
+        PosReader { file, pos }
+    }
+}
+
+impl Read for PosReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.pos)?;
+        self.pos = self.pos.saturating_add(n as u64);
+        Ok(n)
+    }
+}
+
 /// Bytes that surround a line's content without being part of it: whitespace and the NUL
 /// blocks a crash with delayed allocation leaves behind.
 fn is_padding(b: u8) -> bool {

@@ -2,7 +2,7 @@
 //! and the lock check shared by the modifying sub-commands.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use notifier::journal::LOCK_FILE;
 use notifier::journal::index::{Index, index_path_for};
-use notifier::journal::scan::{LineScanner, is_blank, line_id, parse_line, trim_line};
+use notifier::journal::scan::{LineScanner, PosReader, is_blank, line_id, parse_line, trim_line};
 use notifier::lock::{FileLock, LockError, lock_path};
 use proto::line::{MAX_LINE_LEN, Transaction};
 
@@ -18,21 +18,6 @@ use crate::log::{debug, info, warning};
 
 /// First tail block read when looking for the last line; doubled until a line is found.
 const TAIL_BLOCK: u64 = 64 * 1024;
-
-/// Reads `file` from `pos` with positioned reads, leaving the descriptor's offset alone
-/// (descriptors of one open file share it).
-pub struct PosReader<'a> {
-    file: &'a File,
-    pos: u64,
-}
-
-impl Read for PosReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.file.read_at(buf, self.pos)?;
-        self.pos = self.pos.saturating_add(n as u64);
-        Ok(n)
-    }
-}
 
 /// The transaction file opened for reading, with its first and last IDs.
 pub struct Translog {
@@ -181,10 +166,7 @@ impl Translog {
 
     /// A reader starting at byte `pos`.
     pub fn reader_at(&self, pos: u64) -> PosReader<'_> {
-        PosReader {
-            file: &self.file,
-            pos,
-        }
+        PosReader::new(&self.file, pos)
     }
 
     fn scan_for(&self, id: u64) -> Result<Option<Transaction>> {

@@ -1,6 +1,7 @@
 //! `univention-translog`: inspect and repair the notifier's transaction log, and keep
 //! `cn=translog` in LDAP in step with it. A reimplementation of the UCS Python tool.
 
+mod backup;
 mod check;
 mod dn;
 mod files;
@@ -33,7 +34,8 @@ Output formats:
 Modifying sub-commands (check --fix, prune) refuse to run while the notifier holds
 transaction.lock. Services are never stopped or started by this tool.
 
-Exit status: 0 success, 1 problems found or operation refused, 2 usage or I/O error.";
+Exit status: 0 success, 1 problems found or operation refused, 2 usage or I/O error
+(backup: see `univention-translog backup --help`).";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -134,6 +136,9 @@ enum Cmd {
         #[arg(short = 'M', long)]
         max: Option<u64>,
     },
+    /// Back up, verify and restore the transaction log, its index and the intake position
+    #[command(subcommand, after_help = backup::AFTER_HELP)]
+    Backup(backup::BackupCmd),
 }
 
 #[derive(Args, Debug)]
@@ -176,6 +181,12 @@ pub enum Exit {
     Ok,
     /// Problems found or operation refused.
     Problem,
+    /// Usage or I/O error (reported by the sub-command itself).
+    Error,
+    /// Refused because the notifier is running.
+    Running,
+    /// Unknown or newer archive format.
+    Format,
 }
 
 fn main() -> ExitCode {
@@ -186,6 +197,9 @@ fn main() -> ExitCode {
     match result {
         Ok(Exit::Ok) => ExitCode::SUCCESS,
         Ok(Exit::Problem) => ExitCode::from(1),
+        Ok(Exit::Error) => ExitCode::from(2),
+        Ok(Exit::Running) => ExitCode::from(3),
+        Ok(Exit::Format) => ExitCode::from(4),
         Err(e) => {
             error!("{e:#}");
             ExitCode::from(2)
@@ -237,6 +251,7 @@ fn run(cli: Cli) -> Result<Exit> {
             prune::run(&cli.translog_file, id, role.as_deref(), &conn)
         }
         Cmd::Import { count, min, max } => ldap::import(&cli.translog_file, &conn, count, min, max),
+        Cmd::Backup(cmd) => backup::run(cmd, &cli.translog_file, cli.dry_run),
     }
 }
 
