@@ -52,8 +52,9 @@ build_package() {
 }
 
 install_package() {
-  # apt resolves the Depends dpkg-shlibdeps computed.
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$deb"
+  # dpkg -i as an administrator would; should a Depends (from dpkg-shlibdeps) be missing,
+  # apt completes the installation.
+  dpkg -i "$deb" || DEBIAN_FRONTEND=noninteractive apt-get -f install -y -q
   dpkg-query -W -f='${Package} ${Version} ${Status}\n' "$PACKAGE"
 }
 
