@@ -46,16 +46,20 @@ impl Entry {
 
     /// All values of `attr` as text (invalid UTF-8 is replaced).
     pub fn texts(&self, attr: &str) -> Vec<String> {
-        self.attrs
-            .get(attr)
-            .map(|values| {
-                values
-                    .iter()
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        texts(self.attrs.get(attr))
     }
+}
+
+/// Attribute values as text (invalid UTF-8 is replaced); no values for `None`.
+pub fn texts(values: Option<&Vec<Vec<u8>>>) -> Vec<String> {
+    values
+        .map(|values| {
+            values
+                .iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A connection to one of the harness's slapd instances.

@@ -20,6 +20,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
 use tempfile::TempDir;
 
+use crate::directory::texts;
 use crate::notifier::Notifier;
 use crate::process::Process;
 use crate::slapd::{ADMIN_DN, ADMIN_PW, BASE, HOST_DN, HOST_PW, Slapd};
@@ -630,17 +631,6 @@ fn lookup<'a>(side: &'a BTreeMap<String, Vec<Vec<u8>>>, attr: &str) -> Option<&'
             .find(|(name, _)| name.eq_ignore_ascii_case(attr))
             .map(|(_, values)| values)
     })
-}
-
-fn texts(values: Option<&Vec<Vec<u8>>>) -> Vec<String> {
-    values
-        .map(|values| {
-            values
-                .iter()
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 impl Change {

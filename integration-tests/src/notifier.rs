@@ -40,8 +40,12 @@ impl Notifier {
     /// Starts a notifier following slapd's accesslog and waits until its first start has
     /// fixed its position (after the newest accesslog entry): only later writes become
     /// transactions.
-    pub fn following_accesslog(slapd: &Slapd, timeout: Duration) -> Result<Notifier> {
-        let notifier = Notifier::start(slapd, Intake::Accesslog, &[])?;
+    pub fn following_accesslog(
+        slapd: &Slapd,
+        extra: &[&str],
+        timeout: Duration,
+    ) -> Result<Notifier> {
+        let notifier = Notifier::start(slapd, Intake::Accesslog, extra)?;
         let position = notifier.ldap_dir().join("notify/accesslog.position");
         crate::wait_until("the notifier's stored accesslog position", timeout, || {
             Ok(position.exists().then_some(()))

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use integration_tests::process::BIN_DIR_ENV;
 use integration_tests::slapd::BASE;
-use integration_tests::{Intake, Listener, ListenerOptions, Notifier, Slapd, wait_until};
+use integration_tests::{Listener, ListenerOptions, Notifier, Slapd};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -78,12 +78,7 @@ fn installed_notifier_and_listener_replicate_and_the_tools_see_them() {
     let bins = bin_dir();
     let (uid, gid) = ids("listener");
     let slapd = Slapd::provider().unwrap();
-    let notifier = Notifier::start(&slapd, Intake::Accesslog, &[]).unwrap();
-    let position = notifier.ldap_dir().join("notify/accesslog.position");
-    wait_until("the notifier's accesslog position", WAIT, || {
-        Ok(position.exists().then_some(()))
-    })
-    .unwrap();
+    let notifier = Notifier::following_accesslog(&slapd, &[], WAIT).unwrap();
 
     // The listener as the unit runs it: root, effective uid of the package's user.
     let mut listener = Listener::prepare(&slapd, &notifier, ListenerOptions::new()).unwrap();

@@ -17,7 +17,7 @@ use std::time::Duration;
 use integration_tests::listener::{HANDLER_READY, JSONL_MODULE};
 use integration_tests::slapd::{BASE, HOST_DN, RESTRICTED_DN};
 use integration_tests::{
-    Change, Directory, Intake, JsonlTail, Listener, ListenerOptions, Notifier, Slapd, wait_until,
+    Change, Directory, JsonlTail, Listener, ListenerOptions, Notifier, Slapd, wait_until,
 };
 
 /// Far above what a healthy stack needs (well under a second per transaction).
@@ -48,14 +48,7 @@ impl Env {
 
     fn start_with(notifier_args: &[&str]) -> Env {
         let slapd = Slapd::provider().unwrap();
-        let notifier = Notifier::start(&slapd, Intake::Accesslog, notifier_args).unwrap();
-        // The notifier's first start begins after the newest accesslog entry; only once
-        // that position is stored do later writes count as transactions.
-        let position = notifier.ldap_dir().join("notify/accesslog.position");
-        wait_until("the notifier's accesslog position", WAIT, || {
-            Ok(position.exists().then_some(()))
-        })
-        .unwrap();
+        let notifier = Notifier::following_accesslog(&slapd, notifier_args, WAIT).unwrap();
         let admin = slapd.admin().unwrap();
         let last = notifier_last_id(&notifier);
         Env {
@@ -200,15 +193,7 @@ fn with(state: &Attrs, replace: &[(&str, &[&[u8]])]) -> Attrs {
 }
 
 fn texts(state: &Attrs, attr: &str) -> Vec<String> {
-    state
-        .get(attr)
-        .map(|values| {
-            values
-                .iter()
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+    integration_tests::directory::texts(state.get(attr))
 }
 
 fn add_person(admin: &mut Directory, dn: &str, uid: &str, cn: &str, sn: &str) {

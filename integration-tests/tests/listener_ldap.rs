@@ -13,9 +13,7 @@ use std::fs;
 use std::time::Duration;
 
 use integration_tests::slapd::{BASE, HOST_DN, RESTRICTED_DN};
-use integration_tests::{
-    Intake, Listener, ListenerOptions, Notifier, Slapd, SlapdConfig, wait_until,
-};
+use integration_tests::{Listener, ListenerOptions, Notifier, Slapd, SlapdConfig, wait_until};
 use ldap3::Mod;
 
 /// Far above what a healthy stack needs; a timeout means something is broken.
@@ -36,12 +34,7 @@ fn dn(cn: &str) -> String {
 /// starting point is fixed (later writes are transactions).
 fn stack(config: SlapdConfig) -> (Slapd, Notifier) {
     let slapd = Slapd::start(config).unwrap();
-    let notifier = Notifier::start(&slapd, Intake::Accesslog, &[]).unwrap();
-    let position = notifier.ldap_dir().join("notify/accesslog.position");
-    wait_until("the notifier's stored accesslog position", T, || {
-        Ok(position.exists().then_some(()))
-    })
-    .unwrap();
+    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
     (slapd, notifier)
 }
 

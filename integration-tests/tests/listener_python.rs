@@ -90,6 +90,9 @@ impl Recorded {
     }
 }
 
+/// A handler call as `(command, dn, entryUUID of old, entryUUID of new)`.
+type Seen = (String, String, Option<String>, Option<String>);
+
 fn dn(rdn: &str) -> String {
     format!("{rdn},{BASE}")
 }
@@ -104,7 +107,7 @@ struct Stack {
 impl Stack {
     fn start() -> Stack {
         let slapd = Slapd::provider().unwrap();
-        let notifier = Notifier::following_accesslog(&slapd, T).unwrap();
+        let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
         let admin = slapd.admin().unwrap();
         let modules = tempfile::tempdir().unwrap();
         // Readable for a listener running with another effective uid.
@@ -178,10 +181,7 @@ fn read_recorded(path: &Path) -> Vec<Recorded> {
 }
 
 /// The jsonl module's calls as `(command, dn, old uuid, new uuid)`, from `from` on.
-fn jsonl_calls(
-    listener: &Listener,
-    skip: usize,
-) -> Vec<(String, String, Option<String>, Option<String>)> {
+fn jsonl_calls(listener: &Listener, skip: usize) -> Vec<Seen> {
     listener
         .changes()
         .unwrap()
@@ -202,10 +202,7 @@ fn jsonl_calls(
         .collect()
 }
 
-fn recorded_calls(
-    calls: &[Recorded],
-    skip: usize,
-) -> Vec<(String, String, Option<String>, Option<String>)> {
+fn recorded_calls(calls: &[Recorded], skip: usize) -> Vec<Seen> {
     calls
         .iter()
         .skip(skip)
@@ -322,7 +319,7 @@ fn python_modules_see_the_same_calls_as_jsonl() {
     let with = stack.handler_calls("with_modrdn");
     assert_eq!(recorded_calls(&with, skip), expected);
     let without = stack.handler_calls("without_modrdn");
-    let strip = |calls: Vec<(String, String, Option<String>, Option<String>)>| -> Vec<_> {
+    let strip = |calls: Vec<Seen>| -> Vec<_> {
         calls.into_iter().map(|(_, dn, o, n)| (dn, o, n)).collect()
     };
     assert_eq!(

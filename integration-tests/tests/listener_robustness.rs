@@ -38,13 +38,7 @@ fn dn(cn: &str) -> String {
 /// A notifier following slapd's accesslog; its first start begins after the newest
 /// accesslog entry, so wait until that point is fixed before writing.
 fn start_notifier(slapd: &Slapd) -> Notifier {
-    let notifier = Notifier::start(slapd, Intake::Accesslog, &[]).unwrap();
-    let position = notifier.ldap_dir().join("notify/accesslog.position");
-    wait_until("the notifier's stored accesslog position", T, || {
-        Ok(position.exists().then_some(()))
-    })
-    .unwrap();
-    notifier
+    Notifier::following_accesslog(slapd, &[], T).unwrap()
 }
 
 fn stack() -> (Slapd, Notifier) {

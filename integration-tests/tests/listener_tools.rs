@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use integration_tests::listener::{HANDLER_READY, JSONL_MODULE};
 use integration_tests::process::binary;
 use integration_tests::slapd::{BASE, HOST_DN, RESTRICTED_DN};
-use integration_tests::{Intake, Listener, ListenerOptions, Notifier, Slapd, wait_until};
+use integration_tests::{Listener, ListenerOptions, Notifier, Slapd};
 
 const T: Duration = Duration::from_secs(60);
 const DUMP: &str = "univention-directory-listener-dump";
@@ -73,12 +73,7 @@ fn tool(name: &str, args: &[&str]) -> Run {
 
 fn stack() -> (Slapd, Notifier) {
     let slapd = Slapd::provider().unwrap();
-    let notifier = Notifier::start(&slapd, Intake::Accesslog, &[]).unwrap();
-    let position = notifier.ldap_dir().join("notify/accesslog.position");
-    wait_until("the notifier's stored accesslog position", T, || {
-        Ok(position.exists().then_some(()))
-    })
-    .unwrap();
+    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
     (slapd, notifier)
 }
 

@@ -15,11 +15,11 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 use integration_tests::listener::{HANDLER_READY, JSONL_MODULE, tail};
 use integration_tests::slapd::{ADMIN_DN, ADMIN_PW, BASE, HOST_DN};
 use integration_tests::{
-    Change, Client, Intake, JsonlTail, Listener, ListenerOptions, Notifier, Process, Slapd, process,
+    Change, Intake, JsonlTail, Listener, ListenerOptions, Notifier, Process, Slapd, process,
 };
 
 /// How long each stage may take; far more than a healthy stack needs (well under a second
@@ -579,14 +579,7 @@ impl Demo {
 
     /// The notifier's newest transaction, asked over the listener protocol.
     fn notifier_id(&self) -> Result<u64> {
-        let mut client = Client::connect(self.notifier.port())?;
-        client.handshake(3)?;
-        let answer = client.request(1, "GET_ID")?;
-        answer
-            .lines()
-            .nth(1)
-            .and_then(|line| line.trim().parse().ok())
-            .ok_or_else(|| anyhow!("unexpected answer to GET_ID: {answer:?}"))
+        Ok(self.notifier.last_id()?)
     }
 
     fn print_status(&self) {

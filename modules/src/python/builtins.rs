@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use pyo3::prelude::*;
@@ -67,9 +67,9 @@ const LISTENER: &std::ffi::CStr = pyo3::ffi::c_str!(include_str!("listener.py"))
 /// reports about a module that does not return.
 #[derive(Debug, Clone)]
 pub struct CurrentCall {
-    pub module: String,
+    pub module: Arc<str>,
     pub function: &'static str,
-    pub dn: Option<String>,
+    pub dn: Option<Arc<str>>,
     pub started: Instant,
 }
 
@@ -97,7 +97,7 @@ fn log(level: i64, message: &str) -> PyResult<()> {
         .current
         .lock()
         .ok()
-        .and_then(|c| c.as_ref().map(|c| c.module.clone()));
+        .and_then(|c| c.as_ref().map(|c| Arc::clone(&c.module)));
     let module = current.as_deref().unwrap_or("python");
     match level {
         i64::MIN..=0 => tracing::error!(target: "python", "{module}: {message}"),

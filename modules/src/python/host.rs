@@ -104,7 +104,8 @@ impl NameCache {
 /// One lifecycle call, with the data copied so it can cross to the interpreter thread.
 pub(crate) enum Work {
     Handler {
-        dn: String,
+        // Shared with the current-call record, so naming the call costs no copy.
+        dn: Arc<str>,
         command: Command,
         new: FlatAttrs,
         old: FlatAttrs,
@@ -122,7 +123,7 @@ pub(crate) enum Work {
 impl Work {
     pub(crate) fn from_call(call: &Call<'_>) -> Work {
         Work::Handler {
-            dn: call.dn.to_owned(),
+            dn: call.dn.into(),
             command: call.command,
             new: FlatAttrs::new(call.new),
             old: FlatAttrs::new(call.old),
@@ -354,6 +355,8 @@ fn initialize_interpreter() -> Result<(), String> {
 /// A module as imported, with the functions UCS looks up once at import time.
 struct Loaded {
     info: ModuleInfo,
+    /// `info.name`, shared with the current-call record.
+    name: Arc<str>,
     sys_name: String,
     handler: Py<PyAny>,
     modrdn: bool,
@@ -397,6 +400,7 @@ fn load(py: Python<'_>, path: &Path) -> Result<Loaded, PythonError> {
             clean: function("clean")?,
             initialize: function("initialize")?,
             setdata: function("setdata")?,
+            name: info.name.as_str().into(),
             info,
             sys_name: sys_name.clone(),
             modrdn,
@@ -436,8 +440,8 @@ fn import_file<'py>(
     set_current(Some(CurrentCall {
         module: path
             .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+            .map(|s| s.to_string_lossy().into())
+            .unwrap_or_else(|| "".into()),
         function: "import",
         dn: None,
         started: Instant::now(),
@@ -573,10 +577,10 @@ fn run(
         return Ok(());
     };
     set_current(Some(CurrentCall {
-        module: loaded.info.name.clone(),
+        module: Arc::clone(&loaded.name),
         function: work.function(),
         dn: match &work {
-            Work::Handler { dn, .. } => Some(dn.clone()),
+            Work::Handler { dn, .. } => Some(Arc::clone(dn)),
             _ => None,
         },
         started: Instant::now(),
@@ -593,9 +597,9 @@ fn run(
             .and_then(|(new, old)| {
                 if loaded.modrdn {
                     let command = command.as_char().to_string();
-                    function.call1(py, (dn, new, old, command))
+                    function.call1(py, (&*dn, new, old, command))
                 } else {
-                    function.call1(py, (dn, new, old))
+                    function.call1(py, (&*dn, new, old))
                 }
             }),
         Work::Setdata { key, value } => function.call1(py, (key, value)),

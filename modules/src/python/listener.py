@@ -40,7 +40,7 @@ def run(file, argv, uid=-1, wait=True):
     try:
         mode = os.P_WAIT if wait else os.P_NOWAIT
         return os.spawnv(mode, file, argv)
-    except BaseException:
+    except Exception:
         return 100
     finally:
         setuid(os.getuid())
