@@ -260,22 +260,36 @@ impl Cache {
         self.flush()
     }
 
-    /// Writes a consistent copy of the database into the fresh cache directory `dir`
-    /// (`<dir>/cache.sled`, mode 0700) and flushes it; returns what it holds.
+    /// Writes a consistent copy of the database into the cache directory `dir`, which must
+    /// be missing or empty (`<dir>/cache.sled`, mode 0700), and flushes it; returns what it
+    /// holds.
     ///
     /// Commits wait while the copy runs, so it holds the state after some commit and never
     /// part of one, and the master record in it matches its entries. This is how tools and
     /// backups read the cache while the listener runs: sled's file lock keeps a second
     /// process from opening the original.
     pub fn export_to(&self, dir: &Path) -> Result<Exported, CacheError> {
-        let writer = self.lock_writer();
-        let copy = Cache::open(dir)?;
-        if copy.db.iter().next().is_some() {
-            return Err(CacheError::Store(format!(
-                "cannot export into {}: it already holds a cache",
-                dir.display()
-            )));
+        // Checked and opened before taking the writer lock, so commits wait for the copy only.
+        match std::fs::read_dir(dir) {
+            Ok(mut listing) => {
+                if listing.next().is_some() {
+                    return Err(CacheError::Store(format!(
+                        "cannot export into {}: it is not empty",
+                        dir.display()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(CacheError::Io {
+                    op: "read",
+                    path: dir.to_owned(),
+                    source,
+                });
+            }
         }
+        let copy = Cache::open(dir)?;
+        let writer = self.lock_writer();
         let mut batch = sled::Batch::default();
         let mut pending = 0;
         for item in self.db.iter() {

@@ -233,11 +233,6 @@ fn snapshot(context: &Context, dir: &Path) -> Result<SnapshotInfo, String> {
     if !dir.is_absolute() {
         return Err(format!("SNAPSHOT needs an absolute directory, not {dir:?}"));
     }
-    let mut listing =
-        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
-    if listing.next().is_some() {
-        return Err(format!("{} is not empty", dir.display()));
-    }
     let exported = context
         .cache
         .export_to(dir)
