@@ -24,13 +24,12 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use proto::line::MAX_LINE_LEN;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::intake::accesslog::{POSITION_FILE, Position};
 use crate::journal::index::{ENTRY_LEN, HEADER_LEN, IndexEntry, MAGIC, entry_position};
-use crate::journal::scan::{LineScanner, PosReader, content_start, is_blank, parse_line};
+use crate::journal::scan::{LineChecker, LineScanner, PosReader};
 use crate::journal::{INDEX_FILE, LOCK_FILE, TRANSACTION_FILE};
 use crate::lock::{FileLock, LockError, lock_path};
 
@@ -475,7 +474,7 @@ struct Snapshot {
 /// complete lines; an incomplete last line (a write in progress) is left out.
 fn scan_source(log: &File, limit: u64, path: &Path) -> Result<Snapshot, BackupError> {
     let reader = PosReader::new(log, 0).take(limit);
-    let mut checker = LogChecker::default();
+    let mut checker = LineChecker::default();
     let mut hasher = Sha256::new();
     let mut scanner = LineScanner::new(reader);
     let mut buf = Vec::new();
@@ -485,62 +484,26 @@ fn scan_source(log: &File, limit: u64, path: &Path) -> Result<Snapshot, BackupEr
             break;
         }
         checker
-            .line(&info, &buf)
-            .map_err(|reason| BackupError::Source {
+            .check(&info, &buf)
+            .map_err(|fault| BackupError::Source {
                 path: path.to_owned(),
                 reason: format!(
-                    "{reason}; stop the notifier and run `univention-translog check` first"
+                    "line {}: {fault}; stop the notifier and run `univention-translog check` first",
+                    info.line_no
                 ),
             })?;
         hash_zeros(&mut hasher, info.nul_prefix);
         hasher.update(&buf);
         len = info.offset.saturating_add(info.len);
     }
+    let (first_id, last_id, offsets) = checker.into_parts();
     Ok(Snapshot {
         len,
         sha256: hasher.finalize().to_vec(),
-        first_id: checker.first_id.unwrap_or(0),
-        last_id: checker.last_id,
-        offsets: checker.offsets,
+        first_id: first_id.unwrap_or(0),
+        last_id,
+        offsets,
     })
-}
-
-/// The rules every line of a log must follow, shared by backup and verify.
-#[derive(Default)]
-struct LogChecker {
-    first_id: Option<u64>,
-    last_id: u64,
-    offsets: Vec<u64>,
-}
-
-impl LogChecker {
-    fn line(&mut self, info: &crate::journal::scan::LineInfo, buf: &[u8]) -> Result<(), String> {
-        let line_no = info.line_no;
-        if (buf.len() as u64).saturating_add(info.nul_prefix) < info.len {
-            return Err(format!(
-                "line {line_no} is longer than {MAX_LINE_LEN} bytes"
-            ));
-        }
-        if is_blank(buf) {
-            return Ok(());
-        }
-        let tx = parse_line(buf).map_err(|e| format!("line {line_no}: {e}"))?;
-        let id = tx.id.get();
-        if self.first_id.is_some() && Some(id) != self.last_id.checked_add(1) {
-            return Err(format!(
-                "line {line_no}: transaction {id} follows transaction {}",
-                self.last_id
-            ));
-        }
-        self.first_id.get_or_insert(id);
-        self.last_id = id;
-        self.offsets.push(
-            info.offset
-                .saturating_add(info.nul_prefix)
-                .saturating_add(content_start(buf) as u64),
-        );
-        Ok(())
-    }
 }
 
 fn hash_zeros(hasher: &mut Sha256, mut count: u64) {
@@ -735,7 +698,7 @@ fn read_archive(archive: &Path, staging: Option<&Staging>) -> Result<Manifest, B
         }
     }
 
-    let mut log: Option<LogChecker> = None;
+    let mut log: Option<LineChecker> = None;
     let mut seen: Vec<String> = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| invalid(format!("truncated or corrupt tar data ({e})")))?;
@@ -809,7 +772,7 @@ fn read_archive(archive: &Path, staging: Option<&Staging>) -> Result<Manifest, B
         }
     }
     let checker = log.unwrap_or_default();
-    let (first, last) = (checker.first_id.unwrap_or(0), checker.last_id);
+    let (first, last) = (checker.first_id().unwrap_or(0), checker.last_id());
     if (first, last) != (manifest.first_id, manifest.last_id) {
         return Err(invalid(format!(
             "the log holds transactions {first}..{last}, the MANIFEST says {}..{}",
@@ -842,8 +805,8 @@ fn create_staged(path: &Path, mode: u32) -> Result<File, BackupError> {
     Ok(file)
 }
 
-fn check_log(reader: &mut impl Read) -> Result<LogChecker, String> {
-    let mut checker = LogChecker::default();
+fn check_log(reader: &mut impl Read) -> Result<LineChecker, String> {
+    let mut checker = LineChecker::default();
     let mut scanner = LineScanner::new(reader);
     let mut buf = Vec::new();
     while let Some(info) = scanner
@@ -853,12 +816,14 @@ fn check_log(reader: &mut impl Read) -> Result<LogChecker, String> {
         if !info.complete {
             return Err(format!("line {} has no newline", info.line_no));
         }
-        checker.line(&info, &buf)?;
+        checker
+            .check(&info, &buf)
+            .map_err(|fault| format!("line {}: {fault}", info.line_no))?;
     }
     Ok(checker)
 }
 
-fn check_index(reader: &mut impl Read, log: &LogChecker) -> Result<(), String> {
+fn check_index(reader: &mut impl Read, log: &LineChecker) -> Result<(), String> {
     let mut header = [0u8; HEADER_LEN as usize];
     reader
         .read_exact(&mut header)
@@ -866,7 +831,7 @@ fn check_index(reader: &mut impl Read, log: &LogChecker) -> Result<(), String> {
     if u64::from_le_bytes(header) != MAGIC {
         return Err(format!("wrong magic (expected {MAGIC:#x})"));
     }
-    let first = log.first_id.unwrap_or(0);
+    let first = log.first_id().unwrap_or(0);
     let mut id = 0u64;
     let mut entry = [0u8; ENTRY_LEN as usize];
     loop {
@@ -878,8 +843,8 @@ fn check_index(reader: &mut impl Read, log: &LogChecker) -> Result<(), String> {
         let IndexEntry { valid, offset } = IndexEntry::decode(&entry);
         let want = id
             .checked_sub(first)
-            .filter(|_| log.first_id.is_some())
-            .and_then(|slot| log.offsets.get(usize::try_from(slot).ok()?));
+            .filter(|_| log.first_id().is_some())
+            .and_then(|slot| log.offsets().get(usize::try_from(slot).ok()?));
         match want {
             Some(&want) if valid && offset == want => {}
             Some(&want) => {
@@ -896,8 +861,8 @@ fn check_index(reader: &mut impl Read, log: &LogChecker) -> Result<(), String> {
         }
         id = id.saturating_add(1);
     }
-    let want_entries = if log.first_id.is_some() {
-        log.last_id.saturating_add(1)
+    let want_entries = if log.first_id().is_some() {
+        log.last_id().saturating_add(1)
     } else {
         0
     };

@@ -25,7 +25,7 @@ use thiserror::Error;
 
 use crate::lock::{FileLock, LockError, lock_path};
 use index::{Index, IndexEntry, IndexError, read_full_at};
-use scan::{LineScanner, content_start, is_blank, parse_line};
+use scan::{LineChecker, LineScanner, parse_line};
 
 /// File name of the committed log inside the notify directory.
 pub const TRANSACTION_FILE: &str = "transaction";
@@ -478,6 +478,7 @@ fn scan_log(file: &File, path: &Path, ring_size: usize) -> Result<Scanned, Journ
         line_no,
         reason,
     };
+    let mut checker = LineChecker::default();
     let mut buf = Vec::new();
     while let Some(info) = scanner
         .read_line(&mut buf)
@@ -493,50 +494,19 @@ fn scan_log(file: &File, path: &Path, ring_size: usize) -> Result<Scanned, Journ
             });
             break;
         }
-        let stored = (buf.len() as u64).saturating_add(info.nul_prefix);
-        if stored < info.len {
-            return Err(corrupt(
-                info.line_no,
-                format!(
-                    "line is {} bytes long (maximum {MAX_LINE_LEN})",
-                    info.len.saturating_sub(info.nul_prefix)
-                ),
-            ));
-        }
-        if is_blank(&buf) {
+        let Some(tx) = checker
+            .check(&info, &buf)
+            .map_err(|e| corrupt(info.line_no, e.to_string()))?
+        else {
             let (_, count) = out.blank.get_or_insert((info.line_no, 0));
             *count = count.saturating_add(1);
             out.good_len = info.offset.saturating_add(info.len);
             continue;
-        }
-        let tx = parse_line(&buf).map_err(|e| corrupt(info.line_no, e.to_string()))?;
-        let id = tx.id.get();
-        if out.first_id.is_some() && Some(id) != out.last_id.checked_add(1) {
-            let reason = if id <= out.last_id {
-                format!(
-                    "transaction {id} follows transaction {} (repeated or out of order)",
-                    out.last_id
-                )
-            } else {
-                format!(
-                    "transaction {id} follows transaction {} (transactions {}..{} are missing)",
-                    out.last_id,
-                    out.last_id.saturating_add(1),
-                    id.saturating_sub(1)
-                )
-            };
-            return Err(corrupt(info.line_no, reason));
-        }
-        out.first_id.get_or_insert(id);
-        out.last_id = id;
-        let content = info
-            .offset
-            .saturating_add(info.nul_prefix)
-            .saturating_add(content_start(&buf) as u64);
-        out.offsets.push(content);
+        };
         push_ring(&mut out.ring, ring_size, tx);
         out.good_len = info.offset.saturating_add(info.len);
     }
+    (out.first_id, out.last_id, out.offsets) = checker.into_parts();
     Ok(out)
 }
 

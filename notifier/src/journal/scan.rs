@@ -10,6 +10,7 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
 
 use proto::line::{LineError, MAX_LINE_LEN, Transaction};
+use thiserror::Error;
 
 /// Size of one read from the file.
 pub const BLOCK_SIZE: usize = 256 * 1024;
@@ -259,6 +260,92 @@ pub fn line_id(trimmed: &[u8]) -> Option<u64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
+/// Why a complete line breaks the rules of a transaction log. The wording is the journal's
+/// start-up scan's; callers add the file and line number.
+#[derive(Debug, Error)]
+pub(crate) enum LineFault {
+    #[error("line is {len} bytes long (maximum {MAX_LINE_LEN})")]
+    TooLong { len: u64 },
+    #[error("{0}")]
+    Parse(#[from] LineError),
+    #[error("transaction {id} follows transaction {last} (repeated or out of order)")]
+    OutOfOrder { id: u64, last: u64 },
+    #[error(
+        "transaction {id} follows transaction {last} (transactions {}..{} are missing)",
+        last.saturating_add(1),
+        id.saturating_sub(1)
+    )]
+    Gap { id: u64, last: u64 },
+}
+
+/// The rules every complete line of a log must follow, in one place so that the journal's
+/// start-up scan and the backup accept exactly the same logs: bounded length, blank lines
+/// allowed, parseable, ids consecutive. Records each transaction's content offset for the
+/// index.
+#[derive(Debug, Default)]
+pub(crate) struct LineChecker {
+    first_id: Option<u64>,
+    last_id: u64,
+    offsets: Vec<u64>,
+}
+
+impl LineChecker {
+    /// Checks one complete line read by a [`LineScanner`] into `buf`; `None` for a blank
+    /// line.
+    pub(crate) fn check(
+        &mut self,
+        info: &LineInfo,
+        buf: &[u8],
+    ) -> Result<Option<Transaction>, LineFault> {
+        if (buf.len() as u64).saturating_add(info.nul_prefix) < info.len {
+            return Err(LineFault::TooLong {
+                len: info.len.saturating_sub(info.nul_prefix),
+            });
+        }
+        if is_blank(buf) {
+            return Ok(None);
+        }
+        let tx = parse_line(buf)?;
+        let id = tx.id.get();
+        let last = self.last_id;
+        if self.first_id.is_some() && Some(id) != last.checked_add(1) {
+            return Err(if id <= last {
+                LineFault::OutOfOrder { id, last }
+            } else {
+                LineFault::Gap { id, last }
+            });
+        }
+        self.first_id.get_or_insert(id);
+        self.last_id = id;
+        self.offsets.push(
+            info.offset
+                .saturating_add(info.nul_prefix)
+                .saturating_add(content_start(buf) as u64),
+        );
+        Ok(Some(tx))
+    }
+
+    /// The first transaction's id; `None` while no line held one.
+    pub(crate) fn first_id(&self) -> Option<u64> {
+        self.first_id
+    }
+
+    /// The last transaction's id; 0 while no line held one.
+    pub(crate) fn last_id(&self) -> u64 {
+        self.last_id
+    }
+
+    /// Offset of each transaction's content, in id order from [`LineChecker::first_id`].
+    pub(crate) fn offsets(&self) -> &[u64] {
+        &self.offsets
+    }
+
+    /// `(first_id, last_id, offsets)`.
+    pub(crate) fn into_parts(self) -> (Option<u64>, u64, Vec<u64>) {
+        (self.first_id, self.last_id, self.offsets)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,6 +448,35 @@ mod tests {
             parse_line(b"\x001 dc=example,dc=com a\n").unwrap().id.get(),
             1
         );
+    }
+
+    fn check_all(data: &[u8]) -> Result<LineChecker, (u64, String)> {
+        let mut checker = LineChecker::default();
+        let mut scanner = LineScanner::new(data).with_max_keep(40);
+        let mut buf = Vec::new();
+        while let Some(info) = scanner.read_line(&mut buf).unwrap() {
+            checker
+                .check(&info, &buf)
+                .map_err(|e| (info.line_no, e.to_string()))?;
+        }
+        Ok(checker)
+    }
+
+    #[test]
+    fn line_checker_rules() {
+        let ok = check_all(b"3 cn=a m\n\n\0\x004 cn=b a\n").unwrap();
+        assert_eq!((ok.first_id(), ok.last_id()), (Some(3), 4));
+        assert_eq!(ok.offsets(), &[0, 12]);
+        let (line, reason) = check_all(b"1 cn=a m\n1 cn=a m\n").unwrap_err();
+        assert_eq!(line, 2);
+        assert!(reason.contains("repeated or out of order"), "{reason}");
+        let (_, reason) = check_all(b"1 cn=a m\n4 cn=a m\n").unwrap_err();
+        assert!(reason.contains("transactions 2..3 are missing"), "{reason}");
+        let (_, reason) = check_all(&[b'x'; 50]).unwrap_err();
+        assert!(reason.contains("50 bytes long"), "{reason}");
+        assert!(check_all(b"x cn=a m\n").is_err());
+        let empty = check_all(b"").unwrap();
+        assert_eq!((empty.first_id(), empty.last_id()), (None, 0));
     }
 
     #[test]
