@@ -28,7 +28,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cache::Cache;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
@@ -37,10 +38,10 @@ use crate::metrics::Metrics;
 
 /// Name of the socket inside the cache directory.
 pub const SOCKET_FILE: &str = "control.sock";
-/// Longest request line accepted.
+/// Longest request line accepted, newline included.
 const MAX_REQUEST: u64 = 4096;
-/// How long a client may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send its request (short in tests, which wait it out).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 10 });
 /// How long a tool waits for a `STATUS` reply.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a tool waits for a `SNAPSHOT`: copying a large cache takes a while.
@@ -158,18 +159,36 @@ pub fn start(context: Context, shutdown: CancellationToken) -> io::Result<Socket
 
 async fn serve(stream: UnixStream, context: &Arc<Context>) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
-    match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
-        Ok(result) => result?,
-        Err(_) => return Ok(()),
+    let reply = match read_request(read).await? {
+        Ok(request) => answer(request.trim_end_matches(['\n', '\r']), context).await,
+        Err(reason) => Err(reason),
     };
-    let reply = match answer(line.trim_end_matches(['\n', '\r']), context).await {
+    let reply = match reply {
         Ok(json) => format!("OK {json}\n"),
         Err(reason) => format!("ERROR {}\n", reason.replace('\n', " ")),
     };
     write.write_all(reply.as_bytes()).await?;
     write.shutdown().await
+}
+
+/// The request line, or the reason there is none to carry out: a cut-off request must
+/// not run as if it were a shorter one.
+async fn read_request(read: OwnedReadHalf) -> io::Result<Result<String, String>> {
+    let mut line = Vec::new();
+    let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
+    match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Ok(Err(format!(
+                "no request within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            )));
+        }
+    };
+    if !line.ends_with(b"\n") && line.len() as u64 >= MAX_REQUEST {
+        return Ok(Err(format!("request longer than {MAX_REQUEST} bytes")));
+    }
+    Ok(String::from_utf8(line).map_err(|_| "request is not UTF-8".to_owned()))
 }
 
 async fn answer(request: &str, context: &Arc<Context>) -> Result<String, String> {
@@ -464,6 +483,52 @@ mod tests {
         shutdown.cancel();
         drop(socket);
         assert!(!socket_path(&cache_dir).exists());
+    }
+
+    /// Sends `bytes` as they are (no newline added) and returns the whole reply.
+    fn raw_request(cache_dir: &Path, bytes: &[u8]) -> String {
+        use std::io::Read as _;
+        let mut stream = std::os::unix::net::UnixStream::connect(socket_path(cache_dir)).unwrap();
+        stream.set_read_timeout(Some(STATUS_TIMEOUT)).unwrap();
+        stream.write_all(bytes).unwrap();
+        let mut reply = String::new();
+        // The server may reset the connection after its reply; what arrived counts.
+        let _ = stream.read_to_string(&mut reply);
+        reply
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_requests_are_refused_over_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let cache_dir = ctx.cache_dir.clone();
+        let shutdown = CancellationToken::new();
+        let socket = start(ctx, shutdown.clone()).unwrap();
+        tokio::task::spawn_blocking(move || {
+            let limit = usize::try_from(MAX_REQUEST).unwrap();
+            // As long as the limit without a newline: refused, not run cut off.
+            let long = format!("STATUS{}", " ".repeat(limit - 6));
+            assert_eq!(
+                raw_request(&cache_dir, long.as_bytes()),
+                format!("ERROR request longer than {MAX_REQUEST} bytes\n")
+            );
+            // One byte less leaves room for the newline: carried out.
+            let fits = format!("STATUS{}\n", " ".repeat(limit - 7));
+            assert!(raw_request(&cache_dir, fits.as_bytes()).starts_with("OK {"));
+            assert_eq!(
+                raw_request(&cache_dir, b"STATUS\xff\n"),
+                "ERROR request is not UTF-8\n"
+            );
+            // A request that never ends waits out the timeout.
+            assert_eq!(
+                raw_request(&cache_dir, b"STAT"),
+                format!("ERROR no request within {} s\n", REQUEST_TIMEOUT.as_secs())
+            );
+        })
+        .await
+        .unwrap();
+        shutdown.cancel();
+        drop(socket);
     }
 
     #[test]
