@@ -222,7 +222,7 @@ fn status(context: &Context) -> Status {
         processed_id: metrics.processed(),
         notifier_id: metrics.notifier_id().max(metrics.processed()),
         lag: metrics.lag(),
-        last_progress: metrics.last_progress().map(unix_seconds),
+        last_progress: metrics.last_progress(),
         cache_entries: context.cache.len(),
         failed_ldif: FailedLdif {
             path: context.failed_ldif.clone(),

@@ -201,7 +201,7 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
         }
     }
 
-    metrics.set_processed(engine.master().notifier_id);
+    metrics.start_at(engine.master().notifier_id);
     metrics.set_modules(engine.handlers().module_stats());
     metrics.set_state("initialising modules");
     let init = engine
@@ -227,6 +227,7 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
         tracing::error!("module initialization failed: {e}; those modules stay not ready");
     }
 
+    // Stamps progress only if initialising the modules moved the id.
     metrics.set_processed(engine.master().notifier_id);
     metrics.set_modules(engine.handlers().module_stats());
     if let Some(addr) = config.metrics {

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::SystemTime;
 
+use crate::control::unix_seconds;
 use crate::dispatch::{CallStats, READY};
 
 /// One loaded module as the metrics and the control socket show it.
@@ -27,19 +28,30 @@ pub struct Metrics {
     modules: Mutex<Vec<ModuleStat>>,
     /// What the daemon does, as in its systemd STATUS ("waiting", "paused: …").
     state: Mutex<String>,
-    /// When `processed_id` last changed: the "seconds since progress" of `ctrl status`.
-    last_progress: Mutex<Option<SystemTime>>,
+    /// Unix seconds when `processed_id` last changed, 0 for not since start: the "seconds
+    /// since progress" of `ctrl status`. An atomic keeps the per-transaction path lock-free.
+    last_progress: AtomicU64,
 }
 
 impl Metrics {
+    /// The id the daemon starts from: not progress, so it leaves `last_progress` alone.
+    pub fn start_at(&self, id: u64) {
+        self.processed_id.store(id, Ordering::Relaxed);
+    }
+
     pub fn set_processed(&self, id: u64) {
         if self.processed_id.swap(id, Ordering::Relaxed) != id {
-            *lock(&self.last_progress) = Some(SystemTime::now());
+            self.last_progress
+                .store(unix_seconds(SystemTime::now()), Ordering::Relaxed);
         }
     }
 
-    pub fn last_progress(&self) -> Option<SystemTime> {
-        *lock(&self.last_progress)
+    /// Unix seconds of the last change of the processed id, if any since start.
+    pub fn last_progress(&self) -> Option<u64> {
+        match self.last_progress.load(Ordering::Relaxed) {
+            0 => None,
+            seconds => Some(seconds),
+        }
     }
 
     pub fn set_state(&self, state: &str) {
@@ -182,6 +194,18 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn only_a_change_of_the_processed_id_is_progress() {
+        let metrics = Metrics::default();
+        metrics.start_at(5);
+        assert_eq!(metrics.processed(), 5);
+        assert_eq!(metrics.last_progress(), None);
+        metrics.set_processed(5);
+        assert_eq!(metrics.last_progress(), None);
+        metrics.set_processed(6);
+        assert!(metrics.last_progress().is_some_and(|s| s > 0));
+    }
 
     #[test]
     fn renders_progress_and_modules() {
