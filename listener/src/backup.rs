@@ -208,9 +208,9 @@ fn parse_header(json: &str) -> Result<Header, BackupError> {
 
 /// Replaces the listener state in `cache_dir` with the backup: a new cache is built next
 /// to the old one and swapped in, then the module states and `notifier_id` are replaced
-/// and a `bad_cache` marker is removed. The caller holds `cache.lock` and has checked the
-/// file with [`read`] already, so a damaged file does not get here; should it fail anyway,
-/// the old cache stays in place.
+/// and a `bad_cache` marker is removed. The caller holds `cache.lock`. The whole file is
+/// read and checked (entries, count, checksum) into the new cache before the swap, so a
+/// damaged file leaves the old cache in place.
 pub fn restore(input: impl BufRead, cache_dir: &Path) -> Result<Header, BackupError> {
     let work = tempfile::Builder::new()
         .prefix(".restore-")

@@ -620,9 +620,6 @@ fn backup_verify(file: &Path) -> anyhow::Result<ExitCode> {
 }
 
 fn backup_restore(cli: &Cli, file: &Path) -> anyhow::Result<ExitCode> {
-    // Check the whole file before anything is touched.
-    backup::read(open_backup(file)?, |_| Ok(()))
-        .with_context(|| format!("{} cannot be restored", file.display()))?;
     cache::create_private_dir(&cli.cache_dir)
         .with_context(|| format!("creating {}", cli.cache_dir.display()))?;
     let Some(lock) = tools::try_lock(&cli.cache_dir)? else {
@@ -631,7 +628,9 @@ fn backup_restore(cli: &Cli, file: &Path) -> anyhow::Result<ExitCode> {
             cli.cache_dir.display()
         );
     };
-    let header = backup::restore(open_backup(file)?, &cli.cache_dir).context("restoring")?;
+    // restore verifies the whole file before it swaps anything in.
+    let header = backup::restore(open_backup(file)?, &cli.cache_dir)
+        .with_context(|| format!("{} cannot be restored", file.display()))?;
     if let Err(e) = chown_like_parent(&cli.cache_dir) {
         eprintln!("warning: {e:#}");
     }
