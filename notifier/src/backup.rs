@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::atomic::{FileError, TempFile, with_suffix};
 use crate::intake::accesslog::{POSITION_FILE, Position};
 use crate::journal::index::{ENTRY_LEN, HEADER_LEN, IndexEntry, MAGIC, entry_position};
 use crate::journal::scan::{LineChecker, LineScanner, PosReader};
@@ -79,6 +80,12 @@ pub enum BackupError {
     UnsupportedFormat { path: PathBuf, found: String },
     #[error("{path} is damaged: {reason}")]
     Invalid { path: PathBuf, reason: String },
+}
+
+impl From<FileError> for BackupError {
+    fn from(FileError { op, path, source }: FileError) -> BackupError {
+        BackupError::Io { op, path, source }
+    }
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> BackupError {
@@ -335,9 +342,9 @@ pub fn create(
     };
 
     let mtime = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let out = TempFile::create(archive, 0o600)?;
+    let out = TempFile::create(archive, &format!(".tmp{}", std::process::id()), 0o600)?;
     {
-        let mut tar = tar::Builder::new(BufWriter::new(out.file()?));
+        let mut tar = tar::Builder::new(BufWriter::new(out.file()));
         let text = manifest.to_text();
         let member = |name, size, mode| Member {
             name,
@@ -390,7 +397,7 @@ pub fn create(
             .into_inner()
             .map_err(|e| io_err("write", archive)(e.into_error()))?;
     }
-    out.commit(archive)?;
+    out.commit(None)?;
     drop(lock);
     Ok(manifest)
 }
@@ -1002,68 +1009,6 @@ fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into())
-}
-
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
-}
-
-/// The archive being written, renamed into place by [`TempFile::commit`] and removed when
-/// dropped before that.
-struct TempFile {
-    path: PathBuf,
-    file: Option<File>,
-}
-
-impl TempFile {
-    fn create(target: &Path, mode: u32) -> Result<TempFile, BackupError> {
-        let path = with_suffix(target, &format!(".tmp{}", std::process::id()));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&path)
-            .map_err(io_err("create", &path))?;
-        Ok(TempFile {
-            path,
-            file: Some(file),
-        })
-    }
-
-    fn file(&self) -> Result<File, BackupError> {
-        self.file
-            .as_ref()
-            .ok_or_else(|| BackupError::Io {
-                op: "write",
-                path: self.path.clone(),
-                source: io::ErrorKind::NotFound.into(),
-            })?
-            .try_clone()
-            .map_err(io_err("write", &self.path))
-    }
-
-    fn commit(mut self, target: &Path) -> Result<(), BackupError> {
-        if let Some(file) = self.file.take() {
-            file.sync_all().map_err(io_err("sync", &self.path))?;
-        }
-        fs::rename(&self.path, target).map_err(io_err("rename", &self.path))?;
-        if let Some(dir) = target.parent().filter(|p| !p.as_os_str().is_empty())
-            && let Ok(dir) = File::open(dir)
-        {
-            let _ = dir.sync_all();
-        }
-        Ok(())
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! `committer`, which writes `cn=translog` (`translog`), appends and fsyncs the log
 //! (`journal`) and only then publishes the new last id to the `server`'s connections.
 
+pub mod atomic;
 pub mod backoff;
 pub mod backup;
 pub mod committer;

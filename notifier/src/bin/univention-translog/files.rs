@@ -1,13 +1,14 @@
 //! Read-only access to the transaction file and its index, the atomic replacement of files
 //! and the lock check shared by the modifying sub-commands.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use notifier::atomic::TempFile;
 use notifier::journal::LOCK_FILE;
 use notifier::journal::index::{Index, index_path_for};
 use notifier::journal::scan::{LineScanner, PosReader, is_blank, line_id, parse_line, trim_line};
@@ -263,106 +264,18 @@ pub fn lock_translog(translog: &Path) -> Result<LockOutcome> {
     }
 }
 
-/// A replacement for `path` written to `path.new` and put in place by [`NewFile::commit`]:
-/// `path` → `path.bak`, `path.new` → `path`. Dropped without commit, `path.new` is removed.
-pub struct NewFile {
-    path: PathBuf,
-    new: PathBuf,
-    writer: Option<BufWriter<File>>,
-}
+/// Suffix of the replacement for a log while it is written.
+pub const NEW_SUFFIX: &str = ".new";
+/// Suffix the replaced log keeps.
+pub const BAK_SUFFIX: &str = ".bak";
 
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
-}
-
-impl NewFile {
-    /// Creates `path.new` with the mode and owner of `path` (if it exists).
-    pub fn create(path: &Path) -> Result<NewFile> {
-        let new = with_suffix(path, ".new");
-        let old = fs::metadata(path).ok();
-        let mode = old.as_ref().map_or(0o644, |m| m.mode() & 0o7777);
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&new)
-            .with_context(|| format!("cannot create {}", new.display()))?;
-        if let Some(m) = &old {
-            // Keep the owner (the listener file belongs to slapd's user); only root can.
-            if let Err(e) = std::os::unix::fs::fchown(&file, Some(m.uid()), Some(m.gid())) {
-                debug!("cannot chown {}: {e}", new.display());
-            }
-            // The mode given to open() was reduced by the umask.
-            let _ = file.set_permissions(fs::Permissions::from_mode(mode));
-        }
-        Ok(NewFile {
-            path: path.to_owned(),
-            new,
-            writer: Some(BufWriter::new(file)),
-        })
-    }
-
-    pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
-        if let Some(w) = self.writer.as_mut() {
-            w.write_all(data)
-                .with_context(|| format!("cannot write {}", self.new.display()))?;
-        }
-        Ok(())
-    }
-
-    /// Syncs `path.new` and renames it into place, keeping the old file as `path.bak`.
-    pub fn commit(mut self) -> Result<()> {
-        let Some(writer) = self.writer.take() else {
-            return Ok(());
-        };
-        let file = writer
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .with_context(|| format!("cannot write {}", self.new.display()))?;
-        file.sync_all()
-            .with_context(|| format!("cannot sync {}", self.new.display()))?;
-        drop(file);
-        let bak = with_suffix(&self.path, ".bak");
-        debug!("renaming {} {}", self.path.display(), bak.display());
-        match fs::rename(&self.path, &bak) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("cannot rename {} to {}", self.path.display(), bak.display())
-                });
-            }
-        }
-        debug!("renaming {} {}", self.new.display(), self.path.display());
-        fs::rename(&self.new, &self.path).with_context(|| {
-            format!(
-                "cannot rename {} to {}",
-                self.new.display(),
-                self.path.display()
-            )
-        })?;
-        // Make the renames durable; failure only weakens crash safety.
-        if let Ok(dir) = File::open(parent_dir(&self.path)) {
-            let _ = dir.sync_all();
-        }
-        Ok(())
-    }
-}
-
-impl Drop for NewFile {
-    fn drop(&mut self) {
-        if self.writer.take().is_some() {
-            let _ = fs::remove_file(&self.new);
-        }
-    }
-}
-
-/// Replaces `path` with `content` atomically (see [`NewFile`]).
+/// Replaces `path` with `content` atomically, keeping the old file as `path.bak`.
 pub fn replace_file(path: &Path, content: &[u8]) -> Result<()> {
-    let mut new = NewFile::create(path)?;
-    new.write_all(content)?;
-    new.commit()
+    let new = TempFile::replacing(path, NEW_SUFFIX)?;
+    debug!("writing {}", new.path().display());
+    new.file()
+        .write_all(content)
+        .with_context(|| format!("cannot write {}", new.path().display()))?;
+    new.commit(Some(BAK_SUFFIX))?;
+    Ok(())
 }

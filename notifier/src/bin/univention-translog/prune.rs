@@ -1,14 +1,16 @@
 //! `prune TID`: drops transactions below TID from the transaction file (atomic rewrite,
 //! index removed) and their entries from cn=translog.
 
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use notifier::atomic::TempFile;
 use notifier::journal::scan::{LineScanner, is_blank, parse_line, trim_line};
 
 use crate::Exit;
 use crate::check::{BACKUP, PRIMARY};
-use crate::files::{LockOutcome, NewFile, Translog, lock_translog, remove_index};
+use crate::files::{BAK_SUFFIX, LockOutcome, NEW_SUFFIX, Translog, lock_translog, remove_index};
 use crate::ldap::{self, ConnOptions};
 use crate::log::{debug, error, info, warning};
 
@@ -56,7 +58,8 @@ pub fn run(path: &Path, id: i64, role: Option<&str>, conn: &ConnOptions) -> Resu
         return Ok(Exit::Problem);
     }
 
-    let mut new = NewFile::create(path)?;
+    let new = TempFile::replacing(path, NEW_SUFFIX)?;
+    let mut out = BufWriter::new(new.file());
     let mut dropped: u64 = 0;
     for line in
         LineScanner::open(path).with_context(|| format!("cannot open {}", path.display()))?
@@ -89,9 +92,13 @@ pub fn run(path: &Path, id: i64, role: Option<&str>, conn: &ConnOptions) -> Resu
             dropped += 1;
             continue;
         }
-        new.write_all(trim_line(&line.bytes))?;
-        new.write_all(b"\n")?;
+        out.write_all(trim_line(&line.bytes))
+            .and_then(|()| out.write_all(b"\n"))
+            .with_context(|| format!("cannot write {}", new.path().display()))?;
     }
+    out.flush()
+        .with_context(|| format!("cannot write {}", new.path().display()))?;
+    drop(out);
     if conn.dry_run {
         info!(
             "(dry run) would drop {dropped} transactions from {}",
@@ -99,7 +106,7 @@ pub fn run(path: &Path, id: i64, role: Option<&str>, conn: &ConnOptions) -> Resu
         );
         drop(new);
     } else {
-        new.commit()?;
+        new.commit(Some(BAK_SUFFIX))?;
         remove_index(path, false)?;
         info!("Dropped {dropped} transactions from {}", path.display());
     }
