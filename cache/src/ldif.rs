@@ -35,6 +35,10 @@ pub const MODULE_ATTRIBUTE: &str = "listenerModule";
 /// Maximum length of a physical line in bytes, without the newline.
 pub const LINE_WIDTH: usize = 76;
 
+/// Longest physical line [`Reader`] accepts, line end excluded: far above any real value,
+/// low enough that a file without line ends (junk, a wrong file) cannot exhaust memory.
+pub const MAX_LINE: u64 = 16 << 20;
+
 /// Appends the LDIF record of `entry`, including its terminating blank line, to `out`.
 pub fn write_entry(out: &mut String, entry: &CacheEntry) {
     write_line(out, "dn", entry.dn.as_bytes());
@@ -226,10 +230,14 @@ impl<R: BufRead> Reader<R> {
             return Ok(Some(line));
         }
         let mut bytes = Vec::new();
-        if self.input.read_until(b'\n', &mut bytes)? == 0 {
+        // One byte more than the limit: a line end after it is still accepted.
+        if io::Read::take(&mut self.input, MAX_LINE + 1).read_until(b'\n', &mut bytes)? == 0 {
             return Ok(None);
         }
         self.line += 1;
+        if bytes.last() != Some(&b'\n') && bytes.len() as u64 > MAX_LINE {
+            return Err(self.error(&format!("the line is longer than {} MiB", MAX_LINE >> 20)));
+        }
         if bytes.last() == Some(&b'\n') {
             bytes.pop();
             if bytes.last() == Some(&b'\r') {
@@ -272,6 +280,21 @@ impl<R: BufRead> Reader<R> {
 pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_endless_line_is_an_error_not_an_allocation_without_bound() {
+        let endless = io::BufReader::new(io::repeat(b'x'));
+        let err = Reader::new(endless).next_item().unwrap_err();
+        assert!(err.to_string().contains("longer than 16 MiB"), "{err}");
+        // A line of exactly the limit is read.
+        let limit = usize::try_from(MAX_LINE).unwrap();
+        let mut text = format!("dn: {}\n", "x".repeat(limit - 4)).into_bytes();
+        text.extend_from_slice(b"\n");
+        let Some(Item::Entry(entry)) = Reader::new(&text[..]).next_item().unwrap() else {
+            panic!("no entry");
+        };
+        assert_eq!(entry.dn.len(), limit - 4);
+    }
 
     fn entry(attributes: Vec<(&str, Vec<&[u8]>)>, modules: &[&str]) -> CacheEntry {
         CacheEntry {

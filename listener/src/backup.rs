@@ -135,7 +135,13 @@ pub fn read(
     mut each: impl FnMut(cache::CacheEntry) -> Result<(), BackupError>,
 ) -> Result<Header, BackupError> {
     let mut reader = Reader::new(input);
-    match reader.next_item()? {
+    // A wrong file fails to parse long before the header: say so rather than name its
+    // first unreadable line.
+    let not_a_backup = |e: LdifError| match e {
+        LdifError::Syntax { .. } => BackupError::NotABackup(e.to_string()),
+        LdifError::Io(_) => BackupError::Ldif(e),
+    };
+    match reader.next_item().map_err(not_a_backup)? {
         Some(Item::Comment(magic)) if magic == MAGIC => {}
         _ => {
             return Err(BackupError::NotABackup(format!(
@@ -143,7 +149,7 @@ pub fn read(
             )));
         }
     }
-    let header = match reader.next_item()? {
+    let header = match reader.next_item().map_err(not_a_backup)? {
         Some(Item::Comment(json)) => parse_header(&json)?,
         _ => return Err(BackupError::NotABackup("no header line".into())),
     };
@@ -383,5 +389,17 @@ mod tests {
             ok("dn: cn=x\n\n"),
             Err(BackupError::NotABackup(_))
         ));
+    }
+
+    #[test]
+    fn junk_and_endless_lines_are_not_a_backup() {
+        let junk: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+        let err = read(&junk[..], |_| Ok(())).unwrap_err();
+        assert!(matches!(err, BackupError::NotABackup(_)), "{err}");
+        // A file without line ends is refused, not read into memory whole.
+        let endless = io::BufReader::new(io::repeat(b'#'));
+        let err = read(endless, |_| Ok(())).unwrap_err();
+        assert!(matches!(err, BackupError::NotABackup(_)), "{err}");
+        assert!(err.to_string().contains("longer than"), "{err}");
     }
 }
