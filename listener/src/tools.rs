@@ -181,27 +181,18 @@ pub struct ModuleEntry {
     pub file: String,
 }
 
-/// The modules of a stopped listener: every `*.py` file in `dirs` (the name from its
-/// top-level `name = '…'` line, else the file name without `.py`, as UCS 5) with its
-/// state, then state files no file accounts for (native modules, removed files).
+/// The modules of a stopped listener: the module files of `dirs` in the daemon's load order
+/// ([`crate::loader::module_files`]; the name from a top-level `name = '…'` line, else the
+/// file name without `.py`, as UCS 5) with their states, then state files no file accounts
+/// for (native modules, removed files).
 pub fn scan_modules(dirs: &[PathBuf], states: &BTreeMap<String, u32>) -> Vec<ModuleEntry> {
     let mut modules: Vec<ModuleEntry> = Vec::new();
     for dir in dirs {
-        let files: Vec<PathBuf> = if dir.is_file() {
-            vec![dir.clone()]
-        } else {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map(|listing| {
-                    listing
-                        .filter_map(Result::ok)
-                        .map(|e| e.path())
-                        .filter(|p| p.extension().is_some_and(|x| x == "py"))
-                        .collect()
-                })
-                .unwrap_or_default();
-            files.sort();
-            files
-        };
+        // The daemon's own file list and order; an unreadable or missing path lists none.
+        let files = crate::loader::module_files(dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|file| file.is_file());
         for file in files {
             let name = std::fs::read_to_string(&file)
                 .ok()
