@@ -47,6 +47,8 @@ pub const BEFORE_RESTORE: &str = ".before-restore";
 const MAX_MANIFEST: u64 = 64 * 1024;
 /// A position file larger than this is not one.
 const MAX_POSITION: u64 = 64 * 1024;
+/// The files a restore replaces, in the order it moves them.
+const RESTORED: [&str; 3] = [TRANSACTION_FILE, INDEX_FILE, POSITION_FILE];
 /// Index entries generated per write.
 const INDEX_CHUNK: usize = 16 * 1024;
 
@@ -80,6 +82,18 @@ pub enum BackupError {
     UnsupportedFormat { path: PathBuf, found: String },
     #[error("{path} is damaged: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    #[error(
+        "{path} is left from an earlier restore; move the *{BEFORE_RESTORE} files away \
+         (or remove them) first"
+    )]
+    PreviousRestore { path: PathBuf },
+    #[error("{failure}; undoing it failed too ({undo}), check {dir}")]
+    NotUndone {
+        dir: PathBuf,
+        #[source]
+        failure: Box<BackupError>,
+        undo: String,
+    },
 }
 
 impl From<FileError> for BackupError {
@@ -419,43 +433,109 @@ pub struct Restored {
 
 /// Replaces the state in `notify_dir` with the archive's, refusing while a notifier holds
 /// the lock. Nothing is changed unless the whole archive verifies; replaced files are kept
-/// as `<name>.before-restore`. A file that exists and is restored keeps its owner and mode;
+/// as `<name>.before-restore`, and a restore is refused while such files of an earlier one
+/// exist. A file that exists and is restored keeps its owner and mode;
 /// a new file gets the mode recorded in the archive.
 pub fn restore(notify_dir: &Path, archive: &Path) -> Result<Restored, BackupError> {
     // Check the archive before touching the directory, so a wrong file changes nothing.
     read_manifest_only(archive)?;
     fs::create_dir_all(notify_dir).map_err(io_err("create", notify_dir))?;
     let lock = take_lock(notify_dir)?;
+    // The saved files may be the only copy of the state before the first restore.
+    for name in RESTORED {
+        let aside = with_suffix(&notify_dir.join(name), BEFORE_RESTORE);
+        if fs::symlink_metadata(&aside).is_ok() {
+            return Err(BackupError::PreviousRestore { path: aside });
+        }
+    }
     let staged = Staging::new(notify_dir);
     let manifest = read_archive(archive, Some(&staged))?;
 
-    let mut kept = Vec::new();
-    for name in [TRANSACTION_FILE, INDEX_FILE, POSITION_FILE] {
+    let mut swaps = Vec::new();
+    for name in RESTORED {
         let target = notify_dir.join(name);
         let existing = fs::metadata(&target).ok();
-        if let Some(meta) = &existing {
-            let aside = with_suffix(&target, BEFORE_RESTORE);
-            fs::rename(&target, &aside).map_err(io_err("rename", &target))?;
-            kept.push(aside);
-            if manifest.file(name).is_some() {
-                let staged_path = staged.path(name);
-                fs::set_permissions(&staged_path, fs::Permissions::from_mode(meta.mode()))
-                    .map_err(io_err("set the mode of", &staged_path))?;
-                // Only root can give a file away; the owner is kept where possible.
-                let _ = std::os::unix::fs::chown(&staged_path, Some(meta.uid()), Some(meta.gid()));
-            }
+        let staged_path = manifest.file(name).map(|_| staged.path(name));
+        if let (Some(meta), Some(staged_path)) = (&existing, &staged_path) {
+            fs::set_permissions(staged_path, fs::Permissions::from_mode(meta.mode()))
+                .map_err(io_err("set the mode of", staged_path))?;
+            // Only root can give a file away; the owner is kept where possible.
+            let _ = std::os::unix::fs::chown(staged_path, Some(meta.uid()), Some(meta.gid()));
         }
-        if manifest.file(name).is_some() {
-            let staged_path = staged.path(name);
-            fs::rename(&staged_path, &target).map_err(io_err("rename", &staged_path))?;
-        }
+        swaps.push(Swap {
+            aside: existing.map(|_| with_suffix(&target, BEFORE_RESTORE)),
+            target,
+            staged: staged_path,
+        });
     }
+    let kept = swap_in(notify_dir, &swaps, &mut |from, to| fs::rename(from, to))?;
     if let Ok(dir) = File::open(notify_dir) {
         // Makes the renames durable; failing only weakens crash safety.
         let _ = dir.sync_all();
     }
     drop(lock);
     Ok(Restored { manifest, kept })
+}
+
+/// One file of a restore: `target` is moved to `aside` if it exists, and `staged` (if the
+/// archive has the file) takes its place.
+struct Swap {
+    target: PathBuf,
+    aside: Option<PathBuf>,
+    staged: Option<PathBuf>,
+}
+
+/// Moves every existing target aside, and only then every staged file into place, so that
+/// a failure never leaves the log and its index from different states: whatever was done
+/// is undone before the error is returned. Returns the paths the old files now have.
+fn swap_in(
+    notify_dir: &Path,
+    swaps: &[Swap],
+    rename: &mut dyn FnMut(&Path, &Path) -> io::Result<()>,
+) -> Result<Vec<PathBuf>, BackupError> {
+    let mut moved_aside: Vec<(&Path, &Path)> = Vec::new();
+    let mut placed: Vec<&Path> = Vec::new();
+    let mut run = || -> Result<(), BackupError> {
+        for swap in swaps {
+            if let Some(aside) = &swap.aside {
+                rename(&swap.target, aside).map_err(io_err("rename", &swap.target))?;
+                moved_aside.push((&swap.target, aside));
+            }
+        }
+        for swap in swaps {
+            if let Some(staged) = &swap.staged {
+                rename(staged, &swap.target).map_err(io_err("rename", staged))?;
+                placed.push(&swap.target);
+            }
+        }
+        Ok(())
+    };
+    let Err(failure) = run() else {
+        return Ok(moved_aside
+            .into_iter()
+            .map(|(_, aside)| aside.to_owned())
+            .collect());
+    };
+    let mut undo = Vec::new();
+    for target in placed.into_iter().rev() {
+        if let Err(e) = fs::remove_file(target) {
+            undo.push(format!("cannot remove {}: {e}", target.display()));
+        }
+    }
+    for (target, aside) in moved_aside.into_iter().rev() {
+        if let Err(e) = rename(aside, target) {
+            undo.push(format!("cannot rename {}: {e}", aside.display()));
+        }
+    }
+    if undo.is_empty() {
+        Err(failure)
+    } else {
+        Err(BackupError::NotUndone {
+            dir: notify_dir.to_owned(),
+            failure: Box::new(failure),
+            undo: undo.join("; "),
+        })
+    }
 }
 
 fn take_lock(notify_dir: &Path) -> Result<FileLock, BackupError> {
@@ -624,7 +704,7 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         // Whatever was not renamed into place is left over from a failed restore.
-        for name in [TRANSACTION_FILE, INDEX_FILE, POSITION_FILE] {
+        for name in RESTORED {
             let _ = fs::remove_file(self.path(name));
         }
     }
@@ -1307,6 +1387,64 @@ mod tests {
         assert!(!dst.path().join(POSITION_FILE).exists());
         let journal = Journal::open(dst.path(), &JournalOptions::default()).unwrap();
         assert_eq!(journal.last_id(), 3);
+    }
+
+    #[test]
+    fn a_second_restore_is_refused_and_keeps_the_first_ones_files() {
+        let src = notify_dir(1, 3);
+        let archive = src.path().join("b.tar");
+        create(src.path(), &archive, &opts()).unwrap();
+        let dst = notify_dir(1, 5);
+        let original = fs::read(dst.path().join(TRANSACTION_FILE)).unwrap();
+        restore(dst.path(), &archive).unwrap();
+
+        let err = restore(dst.path(), &archive).unwrap_err();
+        assert!(matches!(err, BackupError::PreviousRestore { .. }), "{err}");
+        assert!(err.to_string().contains("earlier restore"), "{err}");
+        let kept = fs::read(dst.path().join("transaction.before-restore")).unwrap();
+        assert_eq!(kept, original);
+        assert!(!dst.path().join(".restore.transaction").exists());
+    }
+
+    #[test]
+    fn a_failed_swap_is_undone() {
+        // Fail at each rename in turn: the directory must end up exactly as before.
+        for fail_at in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let mut swaps = Vec::new();
+            for name in [TRANSACTION_FILE, INDEX_FILE] {
+                let target = dir.path().join(name);
+                fs::write(&target, format!("old {name}")).unwrap();
+                let staged = dir.path().join(format!(".restore.{name}"));
+                fs::write(&staged, format!("new {name}")).unwrap();
+                swaps.push(Swap {
+                    aside: Some(with_suffix(&target, BEFORE_RESTORE)),
+                    target,
+                    staged: Some(staged),
+                });
+            }
+            let mut calls = 0;
+            let mut rename = |from: &Path, to: &Path| {
+                calls += 1;
+                if calls == fail_at + 1 {
+                    return Err(io::Error::other("injected"));
+                }
+                fs::rename(from, to)
+            };
+            let result = swap_in(dir.path(), &swaps, &mut rename);
+            if fail_at == 4 {
+                assert_eq!(result.unwrap().len(), 2);
+                continue;
+            }
+            let err = result.unwrap_err();
+            assert!(err.to_string().contains("injected"), "{err}");
+            for name in [TRANSACTION_FILE, INDEX_FILE] {
+                let text = fs::read_to_string(dir.path().join(name)).unwrap();
+                assert_eq!(text, format!("old {name}"), "failing rename {fail_at}");
+                let aside = with_suffix(&dir.path().join(name), BEFORE_RESTORE);
+                assert!(!aside.exists(), "failing rename {fail_at}");
+            }
+        }
     }
 
     #[test]

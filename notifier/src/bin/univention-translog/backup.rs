@@ -43,8 +43,8 @@ with the accesslog intake, accesslog.position. `create` copies the log up to its
 complete line and generates the index from that copy, so it is consistent while the
 notifier runs. While no notifier runs, `create` holds transaction.lock, so a notifier
 started meanwhile exits (systemd restarts it). `restore` verifies the whole archive before
-it changes anything and keeps replaced files as <name>.before-restore; with --dry-run it
-only verifies.
+it changes anything and keeps replaced files as <name>.before-restore (it refuses while
+those of an earlier restore exist); with --dry-run it only verifies.
 
 Exit status of backup: 0 success, 1 the archive is damaged or not a backup, 2 usage or I/O
 error, 3 refused because the notifier is running, 4 the archive has an unknown or newer
