@@ -21,13 +21,13 @@ use listener::ldap::{Connection, Endpoint, Lookup};
 use listener::metrics::Metrics;
 use listener::privileges::Privileges;
 use listener::signals::Signals;
+use listener::tools::{self, CACHE_LOCK};
 use listener::{loader, signals};
 use notifier::backoff::Backoff;
 use notifier::logging::Logging;
 use proto::client::NotifierClient;
 
 const EXIT_BAD_CACHE: u8 = 3;
-const CACHE_LOCK: &str = "cache.lock";
 /// Below the LDAP state directory (`-l`).
 const SCHEMA_ID_FILE: &str = "schema/id/id";
 
@@ -78,14 +78,12 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
         return Ok(ExitCode::from(EXIT_BAD_CACHE));
     }
     create_private_dir(&cache_dir)?;
-    let _lock = match notifier::lock::lock_path(&cache_dir.join(CACHE_LOCK), 1, Duration::ZERO) {
-        Ok(lock) => lock,
-        Err(notifier::lock::LockError::Busy { .. }) => bail!(
+    let Some(_lock) = tools::lock_cache(&cache_dir)? else {
+        bail!(
             "{} is locked: is another listener process running on {}?",
             cache_dir.join(CACHE_LOCK).display(),
             cache_dir.display()
-        ),
-        Err(e) => return Err(e.into()),
+        );
     };
     let signals = signals::install(Arc::clone(&logging), config.stop_timeout)
         .context("installing signal handlers")?;

@@ -76,16 +76,22 @@ impl StateAccess {
     }
 }
 
-/// Takes `cache.lock` once, without waiting: `None` while a listener holds it.
+/// Takes `cache.lock` of `cache_dir` once, without waiting: `None` while another process
+/// holds it. The daemon holds it for its lifetime, the tools while they open the cache.
+pub fn lock_cache(cache_dir: &Path) -> Result<Option<FileLock>, LockError> {
+    match notifier::lock::lock_path(&cache_dir.join(CACHE_LOCK), 1, Duration::ZERO) {
+        Ok(lock) => Ok(Some(lock)),
+        Err(LockError::Busy { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`lock_cache`] for the tools, which refuse a missing cache directory.
 pub fn try_lock(cache_dir: &Path) -> Result<Option<FileLock>, ToolError> {
     if !cache_dir.is_dir() {
         return Err(ToolError::NoCacheDir(cache_dir.to_owned()));
     }
-    match notifier::lock::lock_path(&cache_dir.join(CACHE_LOCK), 1, Duration::ZERO) {
-        Ok(lock) => Ok(Some(lock)),
-        Err(LockError::Busy { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    Ok(lock_cache(cache_dir)?)
 }
 
 /// Whether a listener holds `cache.lock` of `cache_dir` (false if the directory or the
