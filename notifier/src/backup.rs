@@ -1085,7 +1085,9 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
-fn hostname() -> String {
+/// The kernel's host name, or `unknown` when /proc cannot be read. Public so that the
+/// listener's tools name the host exactly as backups do.
+pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into())
