@@ -25,8 +25,7 @@ use cache::ldif::{Item, LdifError, Reader, write_entry};
 use cache::{Cache, CacheError, MasterRecord};
 use serde::{Deserialize, Serialize};
 
-use crate::control::read_states;
-use crate::dispatch::STATE_DIR;
+use crate::dispatch::{STATE_DIR, read_states, write_state};
 
 /// First line of every backup.
 pub const MAGIC: &str = "univention-directory-listener backup";
@@ -255,7 +254,7 @@ pub fn restore(input: impl BufRead, cache_dir: &Path) -> Result<Header, BackupEr
         fs::remove_file(states.join(name))?;
     }
     for (name, state) in &header.modules {
-        cache::write_decimal(&states.join(name), u64::from(*state))?;
+        write_state(&states, name, *state)?;
     }
     cache::write_legacy_notifier_id(cache_dir, header.notifier_id)?;
     match fs::remove_file(cache_dir.join(cache::BAD_CACHE_FILE)) {

@@ -33,7 +33,7 @@ use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{READY, STATE_DIR};
+use crate::dispatch::{READY, STATE_DIR, read_states, write_state};
 use crate::metrics::Metrics;
 
 /// Name of the socket inside the cache directory.
@@ -276,34 +276,11 @@ fn snapshot(context: &Context, dir: &Path) -> Result<SnapshotInfo, String> {
 }
 
 /// Copies every readable module state file of `from` into `to` (created).
-pub fn copy_states(from: &Path, to: &Path) -> io::Result<BTreeMap<String, u32>> {
+fn copy_states(from: &Path, to: &Path) -> io::Result<BTreeMap<String, u32>> {
     cache::create_private_dir(to)?;
     let states = read_states(from)?;
     for (name, state) in &states {
-        cache::write_decimal(&to.join(name), u64::from(*state))?;
-    }
-    Ok(states)
-}
-
-/// The module states in a `handlers` directory, by name; files that do not hold a number
-/// (temporary files, junk) are left out. A missing directory has none.
-pub fn read_states(dir: &Path) -> io::Result<BTreeMap<String, u32>> {
-    let listing = match std::fs::read_dir(dir) {
-        Ok(listing) => listing,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(e) => return Err(e),
-    };
-    let mut states = BTreeMap::new();
-    for entry in listing {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || !entry.file_type()?.is_file() {
-            continue;
-        }
-        if let Some(state) = cache::read_decimal(&entry.path()).and_then(|n| u32::try_from(n).ok())
-        {
-            states.insert(name, state);
-        }
+        write_state(to, name, *state)?;
     }
     Ok(states)
 }

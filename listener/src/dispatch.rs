@@ -2,6 +2,7 @@
 //! §3.5, §4.3–4.5): order, filters, "up to date" skipping, lazy `prerun`, `postrun` of
 //! prepared modules, state files `<cache>/handlers/<name>`.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -385,9 +386,33 @@ impl Handlers {
 
 /// The decimal state in `<dir>/<name>`; a missing or unreadable file is state 0.
 pub fn read_state(dir: &Path, name: &str) -> u32 {
-    cache::read_decimal(&dir.join(name))
-        .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(0)
+    parse_state(&dir.join(name)).unwrap_or(0)
+}
+
+fn parse_state(path: &Path) -> Option<u32> {
+    cache::read_decimal(path).and_then(|n| u32::try_from(n).ok())
+}
+
+/// The module states in a `handlers` directory, by name; files that do not hold a number
+/// (temporary files, junk) are left out. A missing directory has none.
+pub fn read_states(dir: &Path) -> io::Result<BTreeMap<String, u32>> {
+    let listing = match std::fs::read_dir(dir) {
+        Ok(listing) => listing,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e),
+    };
+    let mut states = BTreeMap::new();
+    for entry in listing {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !entry.file_type()?.is_file() {
+            continue;
+        }
+        if let Some(state) = parse_state(&entry.path()) {
+            states.insert(name, state);
+        }
+    }
+    Ok(states)
 }
 
 /// Writes `<dir>/<name>` atomically, decimal without newline.

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use listener::backup;
 use listener::config::{DEFAULT_CACHE_DIR, DEFAULT_FAILED_LDIF};
 use listener::control::{self, Status};
-use listener::dispatch::STATE_DIR;
+use listener::dispatch::{self, STATE_DIR};
 use listener::tools::{self, ModuleEntry};
 use notifier::ucr::Ucr;
 use serde::Serialize;
@@ -176,7 +176,7 @@ fn module_dirs(cli: &Cli) -> Vec<PathBuf> {
 
 fn states(cli: &Cli) -> anyhow::Result<BTreeMap<String, u32>> {
     let dir = cli.cache_dir.join(STATE_DIR);
-    control::read_states(&dir).with_context(|| format!("reading {}", dir.display()))
+    dispatch::read_states(&dir).with_context(|| format!("reading {}", dir.display()))
 }
 
 /// The running listener's status, `None` when it does not run.
