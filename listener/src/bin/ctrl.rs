@@ -179,9 +179,10 @@ fn states(cli: &Cli) -> anyhow::Result<BTreeMap<String, u32>> {
     dispatch::read_states(&dir).with_context(|| format!("reading {}", dir.display()))
 }
 
-/// The running listener's status, `None` when it does not run.
-fn live_status(cli: &Cli) -> anyhow::Result<Option<Status>> {
-    if !tools::listener_running(&cli.cache_dir) {
+/// The running listener's status, `None` when it does not run. `running` is what the
+/// caller found with [`tools::listener_running`], so its report never contradicts this.
+fn live_status(cli: &Cli, running: bool) -> anyhow::Result<Option<Status>> {
+    if !running {
         return Ok(None);
     }
     Ok(Some(control::status_of(&cli.cache_dir).with_context(
@@ -193,7 +194,7 @@ fn live_status(cli: &Cli) -> anyhow::Result<Option<Status>> {
 fn modules(cli: &Cli) -> anyhow::Result<Vec<ModuleEntry>> {
     let states = states(cli)?;
     // A listener that does not answer yet: fall back to the files.
-    let running = live_status(cli).unwrap_or_default();
+    let running = live_status(cli, tools::listener_running(&cli.cache_dir)).unwrap_or_default();
     Ok(match running {
         Some(status) => {
             let mut modules: Vec<ModuleEntry> = status
@@ -278,8 +279,8 @@ struct ModuleReport {
 fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
     let (host, port) = notifier_target(cli, ucr, cli.notifier_host.clone());
     let notifier = runtime()?.block_on(tools::query_notifier(&host, port, false, NOTIFIER_TIMEOUT));
-    let live = live_status(cli);
     let running = tools::listener_running(&cli.cache_dir);
+    let live = live_status(cli, running);
     let now = SystemTime::now();
     let (live, live_error) = match live {
         Ok(live) => (live, None),
