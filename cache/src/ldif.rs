@@ -147,11 +147,6 @@ impl<R: BufRead> Reader<R> {
         self.crc.clone().finalize()
     }
 
-    /// Number of physical lines read so far.
-    pub fn line(&self) -> u64 {
-        self.line
-    }
-
     /// The next comment or record; `None` at the end of the input.
     pub fn next_item(&mut self) -> Result<Option<Item>, LdifError> {
         let mut entry: Option<CacheEntry> = None;

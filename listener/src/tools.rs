@@ -230,7 +230,7 @@ pub fn add_state_only(modules: &mut Vec<ModuleEntry>, states: &BTreeMap<String, 
 }
 
 /// The value of a top-level `name = '…'` / `name = "…"` assignment.
-pub fn module_name(source: &str) -> Option<String> {
+fn module_name(source: &str) -> Option<String> {
     source.lines().find_map(|line| {
         let rest = line.strip_prefix("name")?.trim_start();
         let value = rest.strip_prefix('=')?.trim();
