@@ -18,18 +18,6 @@ fn wait_for_lines(notifier: &Notifier, count: usize) -> Vec<String> {
     .unwrap()
 }
 
-/// A first start begins after the newest retained entry; wait until that point is fixed so
-/// the test's writes count as new.
-fn start(slapd: &Slapd, extra: &[&str]) -> Notifier {
-    let notifier = Notifier::start(slapd, Intake::Accesslog, extra).unwrap();
-    let position = notifier.ldap_dir().join("notify/accesslog.position");
-    wait_until("the stored accesslog position", T, || {
-        Ok(position.exists().then_some(()))
-    })
-    .unwrap();
-    notifier
-}
-
 fn add(slapd: &Slapd, cn: &str) {
     slapd
         .admin()
@@ -41,7 +29,7 @@ fn add(slapd: &Slapd, cn: &str) {
 #[test]
 fn writes_map_to_transactions_in_log_order() {
     let slapd = Slapd::provider().unwrap();
-    let notifier = start(&slapd, &[]);
+    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
     // Writes before the first start (the fixture's adds) are not replayed.
     let mut admin = slapd.admin().unwrap();
     let dn = format!("cn=alice,{BASE}");
@@ -83,7 +71,7 @@ fn writes_map_to_transactions_in_log_order() {
 fn first_start_can_replay_the_retained_log() {
     let slapd = Slapd::provider().unwrap();
     add(&slapd, "early");
-    let notifier = start(&slapd, &["--accesslog-replay"]);
+    let notifier = Notifier::following_accesslog(&slapd, &["--accesslog-replay"], T).unwrap();
     // The fixture (base, host, restricted) plus our add.
     let lines = wait_for_lines(&notifier, 4);
     assert_eq!(lines[0], format!("1 {BASE} a"));
@@ -93,7 +81,7 @@ fn first_start_can_replay_the_retained_log() {
 #[test]
 fn restart_resumes_without_loss_or_duplicates() {
     let slapd = Slapd::provider().unwrap();
-    let mut notifier = start(&slapd, &[]);
+    let mut notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
     add(&slapd, "one");
     wait_for_lines(&notifier, 1);
     notifier.stop().unwrap();
@@ -119,7 +107,7 @@ fn restart_resumes_without_loss_or_duplicates() {
 #[test]
 fn sigkill_during_a_burst_loses_and_duplicates_nothing() {
     let slapd = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
-    let mut notifier = start(&slapd, &[]);
+    let mut notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
     let writer = std::thread::spawn({
         let url = slapd.ldap_url();
         move || {
@@ -165,7 +153,7 @@ fn sigkill_during_a_burst_loses_and_duplicates_nothing() {
 #[test]
 fn slapd_restart_is_survived_with_backoff() {
     let mut slapd = Slapd::provider().unwrap();
-    let notifier = start(&slapd, &[]);
+    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
     add(&slapd, "before");
     wait_for_lines(&notifier, 1);
     slapd.kill().unwrap();
@@ -191,7 +179,7 @@ fn follows_over_tcp_with_a_simple_bind() {
     std::fs::write(&password_file, format!("{ADMIN_PW}\n")).unwrap();
     let url = slapd.ldap_url();
     let password_arg = password_file.display().to_string();
-    let notifier = start(
+    let notifier = Notifier::following_accesslog(
         &slapd,
         &[
             "--accesslog-uri",
@@ -201,7 +189,9 @@ fn follows_over_tcp_with_a_simple_bind() {
             "--accesslog-password-file",
             &password_arg,
         ],
-    );
+        T,
+    )
+    .unwrap();
     add(&slapd, "tcp");
     assert_eq!(wait_for_lines(&notifier, 1), [format!("1 cn=tcp,{BASE} a")]);
 }
