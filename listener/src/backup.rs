@@ -212,10 +212,14 @@ fn parse_header(json: &str) -> Result<Header, BackupError> {
 }
 
 /// Replaces the listener state in `cache_dir` with the backup: a new cache is built next
-/// to the old one and swapped in, then the module states and `notifier_id` are replaced
+/// to the old one and swapped in (the old one stays as [`BEFORE_RESTORE`], replacing an
+/// older one), then the module states and `notifier_id` are replaced
 /// and a `bad_cache` marker is removed. The caller holds `cache.lock`. The whole file is
 /// read and checked (entries, count, checksum) into the new cache before the swap, so a
 /// damaged file leaves the old cache in place.
+/// Where [`restore`] keeps the replaced cache database, inside the cache directory.
+pub const BEFORE_RESTORE: &str = "cache.sled.before-restore";
+
 pub fn restore(input: impl BufRead, cache_dir: &Path) -> Result<Header, BackupError> {
     let work = tempfile::Builder::new()
         .prefix(".restore-")
@@ -237,8 +241,14 @@ pub fn restore(input: impl BufRead, cache_dir: &Path) -> Result<Header, BackupEr
     drop(fresh);
 
     let live = cache_dir.join(cache::DB_DIR);
-    let old = work.path().join("old.sled");
+    // Kept in the cache directory, not in the work directory that is removed at the end:
+    // the replaced cache outlives a crash halfway through and an unwanted restore.
+    let old = cache_dir.join(BEFORE_RESTORE);
     if live.exists() {
+        match fs::remove_dir_all(&old) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
         fs::rename(&live, &old)?;
     }
     if let Err(e) = fs::rename(work.path().join(cache::DB_DIR), &live) {
@@ -357,6 +367,20 @@ mod tests {
             .filter(|n| n.starts_with(".restore-"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+        // The replaced cache is kept in the cache directory.
+        drop(restored);
+        let kept = |name: &str| {
+            let dir = dir.path().join(name);
+            fs::create_dir(&dir).unwrap();
+            fs::rename(target.join(BEFORE_RESTORE), dir.join(cache::DB_DIR)).unwrap();
+            Cache::open(&dir).unwrap()
+        };
+        assert!(kept("kept1").get("cn=stale").unwrap().is_some());
+        // An older kept copy is replaced by the next restore.
+        fs::create_dir(target.join(BEFORE_RESTORE)).unwrap();
+        fs::write(target.join(BEFORE_RESTORE).join("older"), "x").unwrap();
+        restore(&file[..], &target).unwrap();
+        assert_eq!(kept("kept2").len(), 1500);
     }
 
     #[test]

@@ -106,7 +106,8 @@ enum BackupCmd {
     Create { file: PathBuf },
     /// Checks FILE completely and prints what it holds.
     Verify { file: PathBuf },
-    /// Replaces the listener state with FILE; refused while the listener runs.
+    /// Replaces the listener state with FILE; refused while the listener runs. The replaced
+    /// cache stays as cache.sled.before-restore in the cache directory (an older one goes).
     Restore { file: PathBuf },
 }
 
