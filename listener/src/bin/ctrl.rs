@@ -7,7 +7,7 @@ use std::io::{BufReader, BufWriter, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -602,7 +602,7 @@ fn backup_verify(file: &Path) -> anyhow::Result<ExitCode> {
                 h.version,
                 h.cache_dir.display(),
                 h.host,
-                h.created,
+                notifier::translog::rfc3339(UNIX_EPOCH + Duration::from_secs(h.created)),
                 h.notifier_id,
                 h.schema_id,
                 h.entries,
