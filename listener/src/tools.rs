@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use notifier::lock::{FileLock, LockError};
 use proto::client::{ClientError, NotifierClient};
+use serde::Serialize;
 
-use crate::control::{self, ControlError, SnapshotInfo};
+use crate::control::{self, ControlError, ModuleStatus, SnapshotInfo};
+use crate::dispatch::READY;
 
 /// The process lock of the listener inside the cache directory.
 pub const CACHE_LOCK: &str = "cache.lock";
@@ -177,14 +179,55 @@ pub async fn query_notifier(
     }
 }
 
-/// A module as the tools list it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A module as the tools list it; also a module of `ctrl status --json`, hence the field
+/// order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ModuleEntry {
     pub name: String,
-    /// State-file value; `None` without a state file.
-    pub state: Option<u32>,
     /// The module file, `native:<kind>`, or `-` when only a state file is known.
     pub file: String,
+    /// State-file value; `None` without a state file.
+    pub state: Option<u32>,
+    /// Derived from `state`, for readers of the JSON.
+    pub ready: bool,
+    /// Calls and failed calls since the daemon started; only a running listener knows them.
+    pub calls: Option<u64>,
+    pub failures: Option<u64>,
+}
+
+impl ModuleEntry {
+    fn new(name: String, file: String, state: Option<u32>) -> ModuleEntry {
+        ModuleEntry {
+            ready: state.is_some_and(|s| s & READY != 0),
+            name,
+            file,
+            state,
+            calls: None,
+            failures: None,
+        }
+    }
+}
+
+/// The modules of the running listener (`live`, from its `STATUS`) or else of the module
+/// files in `dirs` ([`scan_modules`]), then state files no module accounts for.
+pub fn list_modules(
+    live: Option<&[ModuleStatus]>,
+    dirs: &[PathBuf],
+    states: &BTreeMap<String, u32>,
+) -> Vec<ModuleEntry> {
+    let Some(live) = live else {
+        return scan_modules(dirs, states);
+    };
+    let mut modules = live
+        .iter()
+        .map(|m| ModuleEntry {
+            calls: Some(m.calls),
+            failures: Some(m.failures),
+            ..ModuleEntry::new(m.name.clone(), m.source.clone(), Some(m.state))
+        })
+        .collect();
+    add_state_only(&mut modules, states);
+    modules
 }
 
 /// The modules of a stopped listener: the module files of `dirs` in the daemon's load order
@@ -205,11 +248,8 @@ pub fn scan_modules(dirs: &[PathBuf], states: &BTreeMap<String, u32>) -> Vec<Mod
                 .and_then(|text| module_name(&text))
                 .or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()))
                 .unwrap_or_default();
-            modules.push(ModuleEntry {
-                state: states.get(&name).copied(),
-                name,
-                file: file.display().to_string(),
-            });
+            let state = states.get(&name).copied();
+            modules.push(ModuleEntry::new(name, file.display().to_string(), state));
         }
     }
     add_state_only(&mut modules, states);
@@ -217,14 +257,10 @@ pub fn scan_modules(dirs: &[PathBuf], states: &BTreeMap<String, u32>) -> Vec<Mod
 }
 
 /// Appends the modules that only have a state file.
-pub fn add_state_only(modules: &mut Vec<ModuleEntry>, states: &BTreeMap<String, u32>) {
+fn add_state_only(modules: &mut Vec<ModuleEntry>, states: &BTreeMap<String, u32>) {
     for (name, state) in states {
         if !modules.iter().any(|m| &m.name == name) {
-            modules.push(ModuleEntry {
-                name: name.clone(),
-                state: Some(*state),
-                file: "-".into(),
-            });
+            modules.push(ModuleEntry::new(name.clone(), "-".into(), Some(*state)));
         }
     }
 }
@@ -264,6 +300,25 @@ pub fn colour_stdout() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_modules_then_state_only_ones_as_status_json_shows_them() {
+        let live = [ModuleStatus {
+            name: "a".into(),
+            source: "native:jsonl".into(),
+            state: 3,
+            ready: true,
+            calls: 5,
+            failures: 1,
+            seconds: 0.5,
+        }];
+        let states = BTreeMap::from([("a".to_owned(), 3), ("b".to_owned(), 1)]);
+        let modules = list_modules(Some(&live), &[], &states);
+        assert_eq!(
+            serde_json::to_string(&modules).unwrap(),
+            r#"[{"name":"a","file":"native:jsonl","state":3,"ready":true,"calls":5,"failures":1},{"name":"b","file":"-","state":1,"ready":false,"calls":null,"failures":null}]"#
+        );
+    }
 
     #[test]
     fn module_names_from_python_sources() {

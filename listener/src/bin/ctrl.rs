@@ -195,23 +195,20 @@ fn live_status(cli: &Cli, running: bool) -> anyhow::Result<Option<Status>> {
 fn modules(cli: &Cli) -> anyhow::Result<Vec<ModuleEntry>> {
     let states = states(cli)?;
     // A listener that does not answer yet: fall back to the files.
-    let running = live_status(cli, tools::listener_running(&cli.cache_dir)).unwrap_or_default();
-    Ok(match running {
-        Some(status) => {
-            let mut modules: Vec<ModuleEntry> = status
-                .modules
-                .into_iter()
-                .map(|m| ModuleEntry {
-                    name: m.name,
-                    state: Some(m.state),
-                    file: m.source,
-                })
-                .collect();
-            tools::add_state_only(&mut modules, &states);
-            modules
-        }
-        None => tools::scan_modules(&module_dirs(cli), &states),
-    })
+    let live = live_status(cli, tools::listener_running(&cli.cache_dir)).unwrap_or_default();
+    Ok(module_listing(cli, live.as_ref(), &states))
+}
+
+fn module_listing(
+    cli: &Cli,
+    live: Option<&Status>,
+    states: &BTreeMap<String, u32>,
+) -> Vec<ModuleEntry> {
+    tools::list_modules(
+        live.map(|s| s.modules.as_slice()),
+        &module_dirs(cli),
+        states,
+    )
 }
 
 const RED: &str = "\x1b[31m";
@@ -248,7 +245,7 @@ struct StatusReport {
     lag: Option<u64>,
     seconds_since_progress: Option<u64>,
     failed_ldif: control::FailedLdif,
-    modules: Vec<ModuleReport>,
+    modules: Vec<ModuleEntry>,
 }
 
 #[derive(Debug, Serialize)]
@@ -265,16 +262,6 @@ struct NotifierReport {
     port: u16,
     id: Option<u64>,
     error: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-struct ModuleReport {
-    name: String,
-    file: String,
-    state: Option<u32>,
-    ready: bool,
-    calls: Option<u64>,
-    failures: Option<u64>,
 }
 
 fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
@@ -304,39 +291,7 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     let states = states(cli)?;
-    let modules: Vec<ModuleReport> = match &live {
-        Some(s) => {
-            let mut modules: Vec<ModuleReport> = s
-                .modules
-                .iter()
-                .map(|m| ModuleReport {
-                    name: m.name.clone(),
-                    file: m.source.clone(),
-                    state: Some(m.state),
-                    ready: m.ready,
-                    calls: Some(m.calls),
-                    failures: Some(m.failures),
-                })
-                .collect();
-            for (name, state) in &states {
-                if !modules.iter().any(|m| &m.name == name) {
-                    modules.push(state_only(name, *state));
-                }
-            }
-            modules
-        }
-        None => tools::scan_modules(&module_dirs(cli), &states)
-            .into_iter()
-            .map(|m| ModuleReport {
-                ready: m.state.is_some_and(|s| s & listener::dispatch::READY != 0),
-                name: m.name,
-                file: m.file,
-                state: m.state,
-                calls: None,
-                failures: None,
-            })
-            .collect(),
-    };
+    let modules = module_listing(cli, live.as_ref(), &states);
     let failed_ldif = control::FailedLdif {
         present: cli.failed_ldif.exists(),
         path: cli.failed_ldif.clone(),
@@ -378,17 +333,6 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
-}
-
-fn state_only(name: &str, state: u32) -> ModuleReport {
-    ModuleReport {
-        name: name.to_owned(),
-        file: "-".into(),
-        state: Some(state),
-        ready: state & listener::dispatch::READY != 0,
-        calls: None,
-        failures: None,
-    }
 }
 
 fn print_status(r: &StatusReport, colour: bool) {
@@ -444,16 +388,7 @@ fn print_status(r: &StatusReport, colour: bool) {
         format!("absent ({})", r.failed_ldif.path.display())
     };
     println!(" {}", paint(&failed, !r.failed_ldif.present, colour));
-    let modules: Vec<ModuleEntry> = r
-        .modules
-        .iter()
-        .map(|m| ModuleEntry {
-            name: m.name.clone(),
-            state: m.state,
-            file: m.file.clone(),
-        })
-        .collect();
-    print_modules(&modules, colour);
+    print_modules(&r.modules, colour);
 }
 
 fn systemctl(args: &[&str]) -> Option<bool> {
