@@ -309,7 +309,7 @@ fn interpreter_thread(
                 }
                 Request::Unload { slot } => {
                     if let Some(loaded) = slots.get_mut(slot).and_then(Option::take) {
-                        unload(py, &loaded);
+                        forget(py, &loaded.sys_name);
                     }
                 }
             }
@@ -544,10 +544,6 @@ fn forget(py: Python<'_>, sys_name: &str) {
     {
         files.remove(sys_name);
     }
-}
-
-fn unload(py: Python<'_>, loaded: &Loaded) {
-    forget(py, &loaded.sys_name);
 }
 
 fn set_current(call: Option<CurrentCall>) {
