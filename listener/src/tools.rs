@@ -277,19 +277,6 @@ fn module_name(source: &str) -> Option<String> {
     })
 }
 
-/// The host name, for backup headers.
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates within it or
-    // truncates, and the tail is zeroed, so the search below finds a NUL.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
-    if rc != 0 {
-        return String::new();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
 /// Whether standard output is a terminal (colours only then, and not with `NO_COLOR`).
 pub fn colour_stdout() -> bool {
     // SAFETY: isatty only inspects the descriptor.

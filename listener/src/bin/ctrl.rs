@@ -484,7 +484,7 @@ fn backup_create(cli: &Cli, file: &Path) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("creating {}", tmp.display()))?;
     let mut out = BufWriter::new(out);
     let origin = backup::Origin {
-        host: tools::hostname(),
+        host: notifier::backup::hostname(),
         cache_dir: std::path::absolute(&cli.cache_dir).unwrap_or_else(|_| cli.cache_dir.clone()),
         created: control::unix_seconds(SystemTime::now()),
     };
