@@ -2,8 +2,10 @@
 //! the legacy `notifier_id` (spec listener.md §6.1).
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+
+use daemon::fs::{FileError, read_decimal, write_decimal};
 
 /// Name of the corruption marker inside the cache directory. While it exists the listener
 /// refuses to start (exit 3 in UCS), so a damaged cache is never silently built upon.
@@ -42,48 +44,17 @@ pub(crate) fn bad_cache_reason(dir: &Path) -> String {
     }
 }
 
-/// Rewrites `<dir>/notifier_id` (decimal, no newline) atomically ([`write_decimal`]), so a
-/// reader (Nagios, `univention-directory-listener-ctrl status`) never sees a partial number.
-///
-/// Not fsynced: the authoritative id is the master record committed with the cache, and this
-/// file is informational. A crash may leave it one group commit behind, never torn.
-pub fn write_legacy_notifier_id(dir: &Path, id: u64) -> io::Result<()> {
+/// Rewrites `<dir>/notifier_id` (decimal, no newline) atomically and durably
+/// ([`daemon::fs::write_decimal`]), so a reader (Nagios, `univention-directory-listener-ctrl
+/// status`) never sees a partial number. Informational: the authoritative id is the master
+/// record committed with the cache.
+pub fn write_legacy_notifier_id(dir: &Path, id: u64) -> Result<(), FileError> {
     write_decimal(&dir.join(NOTIFIER_ID_FILE), id)
 }
 
 /// The id in `<dir>/notifier_id`; `None` if it is missing or not a decimal number.
 pub fn read_legacy_notifier_id(dir: &Path) -> Option<u64> {
     read_decimal(&dir.join(NOTIFIER_ID_FILE))
-}
-
-/// Writes `n` in decimal without newline through `.<name>.tmp` + rename: the UCS format of
-/// `notifier_id`, the module state files and the schema id file.
-pub fn write_decimal(path: &Path, n: u64) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(n.to_string().as_bytes())?;
-    drop(file);
-    fs::rename(&tmp, path)
-}
-
-/// The number in a file written by [`write_decimal`]; `None` if it is missing or not a
-/// decimal number (surrounding whitespace, as written by hand or by old tools, is accepted).
-pub fn read_decimal(path: &Path) -> Option<u64> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// Creates `dir` and its missing parents with mode 0700: the cache and the module states hold
-/// password hashes and other secrets of every replicated object.
-pub fn create_private_dir(dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
 }
 
 #[cfg(test)]
@@ -115,24 +86,8 @@ mod tests {
         write_legacy_notifier_id(dir.path(), 1234567).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"1234567");
         assert_eq!(read_legacy_notifier_id(dir.path()), Some(1234567));
-        // The temporary file is renamed away, not left behind.
-        assert!(!dir.path().join(".notifier_id.tmp").exists());
         write_legacy_notifier_id(dir.path(), u64::MAX).unwrap();
         assert_eq!(read_legacy_notifier_id(dir.path()), Some(u64::MAX));
-    }
-
-    #[test]
-    fn legacy_notifier_id_tolerates_whitespace_and_rejects_junk() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("notifier_id");
-        fs::write(&path, "17\n").unwrap();
-        assert_eq!(read_legacy_notifier_id(dir.path()), Some(17));
-        fs::write(&path, "").unwrap();
-        assert_eq!(read_legacy_notifier_id(dir.path()), None);
-        fs::write(&path, "12abc").unwrap();
-        assert_eq!(read_legacy_notifier_id(dir.path()), None);
-        fs::write(&path, "-1").unwrap();
-        assert_eq!(read_legacy_notifier_id(dir.path()), None);
     }
 
     #[test]

@@ -15,7 +15,6 @@
 
 mod entry;
 mod files;
-mod key;
 pub mod ldif;
 mod record;
 mod store;
@@ -25,10 +24,9 @@ use std::path::PathBuf;
 
 pub use entry::{Attributes, CacheEntry, MasterRecord};
 pub use files::{
-    BAD_CACHE_FILE, NOTIFIER_ID_FILE, create_private_dir, is_marked_bad, mark_bad, read_decimal,
-    read_legacy_notifier_id, write_decimal, write_legacy_notifier_id,
+    BAD_CACHE_FILE, NOTIFIER_ID_FILE, is_marked_bad, mark_bad, read_legacy_notifier_id,
+    write_legacy_notifier_id,
 };
-pub use key::dn_key;
 pub use store::{Batch, Cache, DB_DIR, Exported};
 
 #[derive(Debug, thiserror::Error)]

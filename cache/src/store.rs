@@ -14,12 +14,12 @@ use std::time::Duration;
 use crate::CacheError;
 use crate::entry::{CacheEntry, MasterRecord};
 use crate::files::{bad_cache_path, bad_cache_reason, is_marked_bad};
-use crate::key::dn_key;
 use crate::record::{
     COUNT_KEY, ENTRY_PREFIX, MASTER_KEY, decode_count, decode_entry, decode_entry_uuid,
     decode_index, decode_master, encode_count, encode_entry, encode_index, encode_master,
     entry_key, key_text, uuid_key,
 };
+use ldap::dn::dn_key;
 
 /// Name of the sled database directory inside the cache directory.
 pub const DB_DIR: &str = "cache.sled";
@@ -640,7 +640,7 @@ fn stored_dn_key(raw_key: &[u8]) -> Result<String, CacheError> {
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), CacheError> {
-    crate::files::create_private_dir(dir).map_err(|source| CacheError::Io {
+    daemon::fs::create_private_dir(dir).map_err(|source| CacheError::Io {
         op: "create",
         path: dir.to_owned(),
         source,

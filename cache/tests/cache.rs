@@ -8,7 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Instant;
 
-use cache::{Cache, CacheEntry, CacheError, MasterRecord, dn_key, is_marked_bad, mark_bad};
+use cache::{Cache, CacheEntry, CacheError, MasterRecord, is_marked_bad, mark_bad};
+use ldap::dn::dn_key;
 use proptest::prelude::*;
 
 fn entry(dn: &str, uuid: &str, modules: &[&str]) -> CacheEntry {

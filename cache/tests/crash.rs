@@ -80,7 +80,7 @@ fn check_consistent(cache: &Cache, min_id: u64) -> u64 {
     let first = n.saturating_sub(LIVE - 1).max(1);
     let live: Vec<String> = cache.iter().map(|e| e.unwrap().dn).collect();
     let mut expected: Vec<String> = (first..=n).map(|id| entry(id).dn).collect();
-    expected.sort_by_key(|dn| cache::dn_key(dn));
+    expected.sort_by_key(|dn| ldap::dn::dn_key(dn));
     assert_eq!(live, expected, "entries after transaction {n}");
     assert_eq!(cache.len(), expected.len());
     for id in first..=n {

@@ -506,7 +506,7 @@ fn a_corrupt_record_marks_the_cache_bad_and_stops_with_status_3() {
 
     // Version byte 1, then bytes no record decodes from.
     let db = sled::open(listener.cache_dir().join(cache::DB_DIR)).unwrap();
-    let key = [b"e:".as_slice(), cache::dn_key(&dn).as_bytes()].concat();
+    let key = [b"e:".as_slice(), ldap::dn::dn_key(&dn).as_bytes()].concat();
     assert!(
         db.get(&key).unwrap().is_some(),
         "the entry is cached under {key:?}"

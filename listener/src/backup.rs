@@ -54,6 +54,8 @@ pub enum BackupError {
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
     #[error(transparent)]
+    File(#[from] daemon::fs::FileError),
+    #[error(transparent)]
     Cache(#[from] CacheError),
     #[error(transparent)]
     Ldif(#[from] LdifError),
@@ -259,7 +261,7 @@ pub fn restore(input: impl BufRead, cache_dir: &Path) -> Result<Header, BackupEr
         return Err(e.into());
     }
     let states = cache_dir.join(STATE_DIR);
-    cache::create_private_dir(&states)?;
+    daemon::fs::create_private_dir(&states)?;
     for name in read_states(&states)?.keys() {
         fs::remove_file(states.join(name))?;
     }

@@ -10,7 +10,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notifier::lock::{LockError, lock_path};
+use daemon::lock::{LockError, lock_path};
+use daemon::paths::QueueFiles;
 
 /// UCS retries the lock every millisecond, 100 times.
 const LOCK_ATTEMPTS: u32 = 100;
@@ -51,9 +52,11 @@ pub struct Cascade {
 impl Cascade {
     /// The queue file of the local notifier below `ldap_dir`.
     pub fn new(ldap_dir: &Path) -> Cascade {
-        let path = ldap_dir.join("listener").join("listener");
-        let lock = ldap_dir.join("listener").join("listener.lock");
-        Cascade { path, lock }
+        let files = QueueFiles::in_ldap_dir(ldap_dir);
+        Cascade {
+            path: files.queue(),
+            lock: files.lock(),
+        }
     }
 
     pub fn path(&self) -> &Path {

@@ -4,12 +4,12 @@
 //! listener.md §8.1), then the UCS defaults.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
-use notifier::ucr::Ucr;
+use daemon::ucr::Ucr;
+use ldap::{Auth, Password, StartTls};
 
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/univention-directory-listener";
 pub const DEFAULT_LDAP_DIR: &str = "/var/lib/univention-ldap";
@@ -152,86 +152,8 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
     /// UCR file to read defaults from.
-    #[arg(long, value_name = "FILE", default_value = notifier::ucr::BASE_CONF)]
+    #[arg(long, value_name = "FILE", default_value = daemon::ucr::BASE_CONF)]
     pub ucr_file: PathBuf,
-}
-
-/// How to authenticate to LDAP.
-#[derive(Clone)]
-pub enum Auth {
-    Anonymous,
-    Simple { dn: String, password: Password },
-    SaslExternal,
-}
-
-impl std::fmt::Debug for Auth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Auth::Anonymous => f.write_str("Anonymous"),
-            Auth::Simple { dn, password } => write!(f, "Simple({dn}, {password:?})"),
-            Auth::SaslExternal => f.write_str("SaslExternal"),
-        }
-    }
-}
-
-/// Where the simple-bind password comes from.
-#[derive(Clone)]
-pub enum Password {
-    Literal(String),
-    /// First line of the file, read at startup (before the daemon gives up root) and again
-    /// after an invalid-credentials error: machine passwords rotate.
-    File {
-        path: PathBuf,
-        current: Arc<Mutex<String>>,
-    },
-}
-
-impl std::fmt::Debug for Password {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Password::Literal(_) => f.write_str("<password>"),
-            Password::File { path, .. } => write!(f, "file {}", path.display()),
-        }
-    }
-}
-
-impl Password {
-    /// The password as last read.
-    pub fn current(&self) -> String {
-        match self {
-            Password::Literal(pw) => pw.clone(),
-            Password::File { current, .. } => current
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-        }
-    }
-
-    /// Reads the file again (as root if the daemon was started as root: the file is
-    /// usually readable by root only); `false` for a literal password.
-    pub fn reread(&self) -> std::io::Result<bool> {
-        let Password::File { path, current } = self else {
-            return Ok(false);
-        };
-        let fresh = crate::privileges::with_root(|| read_password_file(path))?;
-        *current.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
-        Ok(true)
-    }
-}
-
-/// The first line of `path` without its line end, as UCS's `-y`.
-pub fn read_password_file(path: &Path) -> std::io::Result<String> {
-    let text = std::fs::read_to_string(path)?;
-    Ok(text.lines().next().unwrap_or_default().to_owned())
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StartTls {
-    Off,
-    /// -Z: try, continue without TLS if the server refuses.
-    Try,
-    /// -ZZ: fail unless TLS is established.
-    Require,
 }
 
 /// What the process does after startup.
@@ -396,11 +318,7 @@ impl Config {
         let notifier_port = notifier_port(cli.notifier_port, &ucr);
         let ldap = ldap_target(&cli, &ucr, notifier_port)?;
         let auth = auth(&cli)?;
-        let starttls = match cli.starttls {
-            0 => StartTls::Off,
-            1 => StartTls::Try,
-            _ => StartTls::Require,
-        };
+        let starttls = StartTls::from_z_count(cli.starttls);
         let mode = if cli.init_only || cli.init_keep_cache {
             RunMode::InitOnly
         } else {
@@ -488,14 +406,10 @@ fn auth(cli: &Cli) -> Result<Auth, ConfigError> {
     };
     let password = match (&cli.password_file, &cli.password) {
         (Some(path), _) => {
-            let current = read_password_file(path).map_err(|source| ConfigError::PasswordFile {
+            Password::from_file(path).map_err(|source| ConfigError::PasswordFile {
                 path: path.clone(),
                 source,
-            })?;
-            Password::File {
-                path: path.clone(),
-                current: Arc::new(Mutex::new(current)),
-            }
+            })?
         }
         (None, Some(pw)) => Password::Literal(pw.clone()),
         (None, None) => Password::Literal(String::new()),

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::io::{self, BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use cache::Cache;
 use serde::{Deserialize, Serialize};
@@ -32,6 +32,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::dispatch::{READY, STATE_DIR, read_states, write_state};
 use crate::metrics::Metrics;
@@ -110,34 +111,45 @@ pub struct Context {
 
 /// The bound socket; the file is removed when this is dropped (at exit).
 #[derive(Debug)]
-pub struct Socket {
+pub struct ControlServer {
     path: PathBuf,
+    listener: UnixListener,
+    context: Arc<Context>,
 }
 
-impl Drop for Socket {
+impl Drop for ControlServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
-/// Binds `<cache_dir>/control.sock` (replacing a stale one: the caller holds `cache.lock`,
-/// so no other listener serves it) and serves requests until `shutdown`.
-pub fn start(context: Context, shutdown: CancellationToken) -> io::Result<Socket> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let path = socket_path(&context.cache_dir);
-    match std::fs::remove_file(&path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+impl ControlServer {
+    /// Binds `<cache_dir>/control.sock` (replacing a stale one: the caller holds
+    /// `cache.lock`, so no other listener serves it), mode 0600.
+    pub fn bind(context: Context) -> io::Result<ControlServer> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = socket_path(&context.cache_dir);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(&path)?;
+        let server = ControlServer {
+            path,
+            listener,
+            context: Arc::new(context),
+        };
+        std::fs::set_permissions(&server.path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(server)
     }
-    let listener = UnixListener::bind(&path)?;
-    let socket = Socket { path };
-    std::fs::set_permissions(&socket.path, std::fs::Permissions::from_mode(0o600))?;
-    let context = Arc::new(context);
-    tokio::spawn(async move {
+
+    /// Serves requests until `shutdown`, then waits for the requests in progress.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        let clients = TaskTracker::new();
         loop {
             let stream = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
+                _ = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
                         tracing::warn!("control socket: {e}");
@@ -146,15 +158,16 @@ pub fn start(context: Context, shutdown: CancellationToken) -> io::Result<Socket
                     }
                 },
             };
-            let context = Arc::clone(&context);
-            tokio::spawn(async move {
+            let context = Arc::clone(&self.context);
+            clients.spawn(async move {
                 if let Err(e) = serve(stream, &context).await {
                     tracing::debug!("control socket client: {e}");
                 }
             });
         }
-    });
-    Ok(socket)
+        clients.close();
+        clients.wait().await;
+    }
 }
 
 async fn serve(stream: UnixStream, context: &Arc<Context>) -> io::Result<()> {
@@ -244,10 +257,6 @@ fn status(context: &Context) -> Status {
     }
 }
 
-pub fn unix_seconds(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 fn snapshot(context: &Context, dir: &Path) -> Result<SnapshotInfo, String> {
     if !dir.is_absolute() {
         return Err(format!("SNAPSHOT needs an absolute directory, not {dir:?}"));
@@ -277,7 +286,7 @@ fn snapshot(context: &Context, dir: &Path) -> Result<SnapshotInfo, String> {
 
 /// Copies every readable module state file of `from` into `to` (created).
 fn copy_states(from: &Path, to: &Path) -> io::Result<BTreeMap<String, u32>> {
-    cache::create_private_dir(to)?;
+    daemon::fs::create_private_dir(to)?;
     let states = read_states(from)?;
     for (name, state) in &states {
         write_state(to, name, *state)?;
@@ -409,7 +418,7 @@ mod tests {
         // A stale socket file from a killed daemon is replaced.
         std::fs::write(socket_path(&cache_dir), "").unwrap();
         let shutdown = CancellationToken::new();
-        let socket = start(ctx, shutdown.clone()).unwrap();
+        let server = tokio::spawn(ControlServer::bind(ctx).unwrap().serve(shutdown.clone()));
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(socket_path(&cache_dir))
             .unwrap()
@@ -458,7 +467,7 @@ mod tests {
         );
 
         shutdown.cancel();
-        drop(socket);
+        server.await.unwrap();
         assert!(!socket_path(&cache_dir).exists());
     }
 
@@ -480,7 +489,7 @@ mod tests {
         let ctx = context(dir.path());
         let cache_dir = ctx.cache_dir.clone();
         let shutdown = CancellationToken::new();
-        let socket = start(ctx, shutdown.clone()).unwrap();
+        let server = tokio::spawn(ControlServer::bind(ctx).unwrap().serve(shutdown.clone()));
         tokio::task::spawn_blocking(move || {
             let limit = usize::try_from(MAX_REQUEST).unwrap();
             // As long as the limit without a newline: refused, not run cut off.
@@ -505,7 +514,7 @@ mod tests {
         .await
         .unwrap();
         shutdown.cancel();
-        drop(socket);
+        server.await.unwrap();
     }
 
     #[test]

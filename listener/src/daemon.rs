@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache::CacheError;
-use notifier::backoff::Backoff;
+use daemon::backoff::Backoff;
+use daemon::tasks::run_blocking;
 use proto::client::{ClientError, NotifierClient, parse_get_dn_reply};
 use proto::{Request, Transaction, TransactionId};
 use tokio::time::sleep_until;
@@ -19,12 +20,12 @@ use crate::cascade::{Cascade, Line};
 use crate::config::{Config, Server};
 use crate::dispatch::Handlers;
 use crate::engine::{Engine, EngineError, Prefetched, Processed};
-use crate::ldap::TranslogEntry;
 use crate::loader;
 use crate::metrics::Metrics;
 use crate::prefetch::Prefetcher;
-use crate::privileges::Privileges;
 use crate::signals::Signals;
+use daemon::privileges::Privileges;
+use ldap::TranslogEntry;
 
 /// Transactions read ahead (protocol 3).
 const PREFETCH_WINDOW: usize = 64;
@@ -159,6 +160,7 @@ impl Daemon {
     pub async fn run(mut self) -> Exit {
         self.publish_status("running");
         let exit = loop {
+            self.engine.handlers().heartbeat().beat();
             if self.signals.stop_requested() {
                 break Exit::Stopped;
             }
@@ -235,8 +237,9 @@ impl Daemon {
         self.publish_status(&format!("paused: {reason}"));
         self.go_idle().await;
         loop {
+            let heartbeat = self.engine.handlers().heartbeat();
             tokio::select! {
-                _ = tokio::time::sleep(PAUSE_POLL) => {}
+                _ = heartbeat.waiting(tokio::time::sleep(PAUSE_POLL)) => {}
                 _ = self.signals.woken() => {}
             }
             if self.signals.stop_requested() || self.stop_reason().is_none() {
@@ -251,8 +254,9 @@ impl Daemon {
 
     async fn wait_backoff(&mut self) {
         let delay = self.backoff.next_delay();
+        let heartbeat = self.engine.handlers().heartbeat();
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = heartbeat.waiting(tokio::time::sleep(delay)) => {}
             _ = self.signals.woken() => {}
         }
     }
@@ -391,6 +395,7 @@ impl Daemon {
     async fn wait_reply(&mut self, msgid: u32) -> Result<Option<String>, ClientError> {
         let postrun_at = tokio::time::Instant::now() + self.config.postrun_delay;
         let mut alive_at = tokio::time::Instant::now() + self.config.alive_interval;
+        let heartbeat = self.engine.handlers().heartbeat().clone();
         loop {
             let idle = self.idle;
             let Some(client) = self.notifier.as_mut() else {
@@ -399,7 +404,7 @@ impl Daemon {
                 });
             };
             let event = tokio::select! {
-                reply = client.reply(msgid) => WaitEvent::Reply(reply),
+                reply = heartbeat.waiting(client.reply(msgid)) => WaitEvent::Reply(reply),
                 _ = sleep_until(postrun_at), if !idle => WaitEvent::Postrun,
                 _ = sleep_until(alive_at) => WaitEvent::Alive,
                 _ = self.signals.woken() => WaitEvent::Signal,
@@ -509,7 +514,8 @@ impl Daemon {
                 return Ok(());
             }
             let batch = self.engine.take_batch(id);
-            if let Err(e) = self.engine.cache().commit(batch, false) {
+            let cache = self.engine.cache();
+            if let Err(e) = run_blocking(|| cache.commit(batch, false)) {
                 return Err(self.cache_failure(e));
             }
             self.position = id;
@@ -554,7 +560,8 @@ impl Daemon {
         if self.unflushed == 0 && !force {
             return;
         }
-        if let Err(e) = self.engine.cache().flush() {
+        let cache = self.engine.cache();
+        if let Err(e) = run_blocking(|| cache.flush()) {
             tracing::error!("cache flush failed: {e}");
             return;
         }
@@ -572,7 +579,7 @@ impl Daemon {
     async fn go_idle(&mut self) {
         self.flush(false);
         if !self.idle {
-            tokio::task::block_in_place(|| self.engine.handlers_mut().postrun());
+            self.engine.handlers_mut().postrun();
             self.prefetcher.clear();
             self.engine.close_connections().await;
             self.idle = true;
@@ -594,13 +601,18 @@ impl Daemon {
 
     async fn reload_modules(&mut self) -> Result<(), EngineError> {
         self.flush(false);
-        tokio::task::block_in_place(|| self.engine.handlers_mut().postrun());
+        self.engine.handlers_mut().postrun();
         let modules = loader::load_modules(&self.config, &self.privileges);
         // The new modules read their state files before the old ones write theirs, so a
         // state file removed for a resync leads to a re-initialisation.
-        let mut handlers = Handlers::new(modules, &self.config.cache_dir, self.privileges);
+        let mut handlers = Handlers::new(
+            modules,
+            &self.config.cache_dir,
+            self.privileges,
+            self.engine.handlers().heartbeat().clone(),
+        );
         let data = setdata_values(&self.config, &self.server);
-        tokio::task::block_in_place(|| handlers.setdata(&data));
+        handlers.setdata(&data);
         self.engine.replace_handlers(handlers).write_states();
         tracing::info!(
             "modules reloaded: {}",
@@ -622,7 +634,7 @@ impl Daemon {
     async fn shutdown(&mut self) {
         self.publish_status("stopping");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        tokio::task::block_in_place(|| self.engine.handlers_mut().postrun());
+        self.engine.handlers_mut().postrun();
         self.flush(true);
         self.engine.handlers().write_states();
         self.engine.close_connections().await;
@@ -652,9 +664,7 @@ impl Daemon {
 /// The `setdata` values in UCS order: basedn, binddn, bindpw, ldapserver.
 pub fn setdata_values(config: &Config, server: &Server) -> Vec<(&'static str, Option<String>)> {
     let (binddn, bindpw) = match &config.auth {
-        crate::config::Auth::Simple { dn, password } => {
-            (Some(dn.clone()), Some(password.current()))
-        }
+        ldap::Auth::Simple { dn, password } => (Some(dn.clone()), Some(password.current())),
         _ => (None, None),
     };
     vec![

@@ -4,14 +4,17 @@
 
 use std::collections::BTreeMap;
 use std::io;
+
+use daemon::fs::FileError;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cache::CacheEntry;
+use daemon::privileges::Privileges;
+use daemon::systemd::Heartbeat;
+use daemon::tasks::run_blocking;
 use modules::filter::Filter;
 use modules::{Call, Command, Module, ModuleError, REPLICATION};
-
-use crate::privileges::Privileges;
 
 /// State file bit: the module was initialised once.
 pub const INITIALIZED: u32 = 1;
@@ -20,6 +23,17 @@ pub const READY: u32 = 2;
 
 /// Subdirectory of the cache directory holding the state files.
 pub const STATE_DIR: &str = "handlers";
+
+/// One loaded module as the metrics and the control socket show it.
+#[derive(Debug, Clone)]
+pub struct ModuleStat {
+    pub name: String,
+    /// A file path or `native:<kind>`.
+    pub source: String,
+    /// The state-file bits (3 = ready).
+    pub state: u32,
+    pub stats: CallStats,
+}
 
 /// Counters per module, for metrics and the status line.
 #[derive(Debug, Clone, Default)]
@@ -61,6 +75,9 @@ pub struct Handlers {
     slots: Vec<Slot>,
     state_dir: PathBuf,
     privileges: Privileges,
+    /// Beaten after every module call: module calls are the daemon's progress, and a call
+    /// that never returns stops the beats and so the watchdog.
+    heartbeat: Heartbeat,
     /// During `-i`/`-P` a module that is not ready is still called (spec §4.5).
     init_only: bool,
 }
@@ -100,6 +117,7 @@ impl Handlers {
         mut modules: Vec<Box<dyn Module>>,
         cache_dir: &Path,
         privileges: Privileges,
+        heartbeat: Heartbeat,
     ) -> Handlers {
         modules.sort_by(|a, b| {
             let (pa, na) = order_key(a.as_ref());
@@ -135,8 +153,13 @@ impl Handlers {
             slots,
             state_dir,
             privileges,
+            heartbeat,
             init_only: false,
         }
+    }
+
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.heartbeat
     }
 
     pub fn set_init_only(&mut self, on: bool) {
@@ -167,10 +190,10 @@ impl Handlers {
     }
 
     /// Every module with its source, state and counters, for metrics and `ctrl status`.
-    pub fn module_stats(&self) -> Vec<crate::metrics::ModuleStat> {
+    pub fn module_stats(&self) -> Vec<ModuleStat> {
         self.slots
             .iter()
-            .map(|s| crate::metrics::ModuleStat {
+            .map(|s| ModuleStat {
                 name: s.name().to_owned(),
                 source: s.module.info().source.to_string(),
                 state: s.state,
@@ -187,7 +210,7 @@ impl Handlers {
     }
 
     /// Sets a module's state and writes its state file.
-    pub fn set_state(&mut self, index: usize, state: u32) -> io::Result<()> {
+    pub fn set_state(&mut self, index: usize, state: u32) -> Result<(), FileError> {
         let Some(slot) = self.slots.get_mut(index) else {
             return Ok(());
         };
@@ -368,8 +391,9 @@ impl Handlers {
         }
     }
 
-    /// Calls into a module, then restores the daemon's effective uid/gid: modules may switch
-    /// to root (`listener.setuid(0)`) and forget to switch back (spec §4.3).
+    /// Calls into a module (blocking work: [`run_blocking`]), then restores the daemon's
+    /// effective uid/gid: modules may switch to root (`listener.setuid(0)`) and forget to
+    /// switch back (spec §4.3).
     fn call(
         &mut self,
         index: usize,
@@ -378,8 +402,9 @@ impl Handlers {
         let Some(slot) = self.slots.get_mut(index) else {
             return Ok(());
         };
-        let result = f(slot.module.as_mut());
+        let result = run_blocking(|| f(slot.module.as_mut()));
         self.privileges.restore();
+        self.heartbeat.beat();
         result
     }
 }
@@ -390,7 +415,7 @@ pub fn read_state(dir: &Path, name: &str) -> u32 {
 }
 
 fn parse_state(path: &Path) -> Option<u32> {
-    cache::read_decimal(path).and_then(|n| u32::try_from(n).ok())
+    daemon::fs::read_decimal(path).and_then(|n| u32::try_from(n).ok())
 }
 
 /// The module states in a `handlers` directory, by name; files that do not hold a number
@@ -415,9 +440,9 @@ pub fn read_states(dir: &Path) -> io::Result<BTreeMap<String, u32>> {
     Ok(states)
 }
 
-/// Writes `<dir>/<name>` atomically, decimal without newline.
-pub fn write_state(dir: &Path, name: &str, state: u32) -> io::Result<()> {
-    cache::write_decimal(&dir.join(name), state.into())
+/// Writes `<dir>/<name>` atomically and durably, decimal without newline.
+pub fn write_state(dir: &Path, name: &str, state: u32) -> Result<(), FileError> {
+    daemon::fs::write_decimal(&dir.join(name), state.into())
 }
 
 #[cfg(test)]
@@ -522,7 +547,7 @@ mod tests {
             .map(|m| Box::new(m) as Box<dyn Module>)
             .collect();
         std::fs::create_dir_all(dir.join(STATE_DIR)).unwrap();
-        let mut h = Handlers::new(boxed, dir, Privileges::unchanged());
+        let mut h = Handlers::new(boxed, dir, Privileges::unchanged(), Heartbeat::new());
         for i in 0..h.names().count() {
             h.set_state(i, INITIALIZED | READY).unwrap();
         }

@@ -9,15 +9,14 @@ use std::time::{Duration, Instant};
 
 use std::collections::{HashMap, HashSet};
 
-use cache::{CacheEntry, dn_key};
-use ldap3::Scope;
-use ldap3::adapters::{Adapter, EntriesOnly, PagedResults};
+use cache::CacheEntry;
+use daemon::tasks::run_blocking;
+use ldap::dn::{dn_key, parent};
+use ldap::{ALL_ATTRS, PagedSearch, RawEntry, Scope};
 use modules::Command;
-use proto::ldap::{RawEntry, parse_entry};
 
 use crate::dispatch::{INITIALIZED, READY, Selection};
-use crate::engine::{Engine, EngineError, SUBSCHEMA_DN, parent};
-use crate::ldap;
+use crate::engine::{Engine, EngineError, SUBSCHEMA_DN};
 use crate::signals::Signals;
 
 /// Entries per page of the initialisation search.
@@ -165,7 +164,8 @@ impl Engine {
     ) -> Result<(), EngineError> {
         self.commit_staged(false)?;
         self.handlers.clean_and_initialize(index);
-        let removed = self.cache().remove_module_everywhere(name)?;
+        let cache = self.cache();
+        let removed = run_blocking(|| cache.remove_module_everywhere(name))?;
         tracing::debug!("module {name} removed from {removed} cache entries");
         let id = self.master().notifier_id;
         let empty = CacheEntry::default();
@@ -203,51 +203,27 @@ impl Engine {
             since_commit: 0,
         };
         let mut handle = self.ldap.handle().await?;
-        let what = format!("search {filter} below {base}");
-        let adapters: Vec<Box<dyn Adapter<'_, &str, Vec<&str>>>> = vec![
-            Box::new(EntriesOnly::new()),
-            Box::new(PagedResults::new(PAGE_SIZE)),
-        ];
-        let mut stream = handle
-            .streaming_search_with(
-                adapters,
-                &base,
-                Scope::Subtree,
-                &filter,
-                ldap::ALL_ATTRS.to_vec(),
-            )
-            .await
-            .map_err(|e| ldap::search_failure(&what, e))?;
+        let mut search = PagedSearch::start(
+            &mut handle,
+            &base,
+            Scope::Subtree,
+            &filter,
+            &ALL_ATTRS,
+            PAGE_SIZE,
+            scan_timeout,
+        )
+        .await?;
         loop {
             if signals.stop_requested() {
                 self.commit_staged(true)?;
                 return Err(EngineError::Interrupted);
             }
-            let next = tokio::time::timeout(scan_timeout, stream.next()).await;
-            let entry = match next {
-                Err(_) => {
-                    return Err(EngineError::Ldap(ldap::LdapFailure::Timeout {
-                        what,
-                        after: scan_timeout,
-                    }));
-                }
-                Ok(result) => result.map_err(|e| ldap::search_failure(&what, e))?,
+            let Some(raw) = search.next().await? else {
+                break;
             };
-            let Some(entry) = entry else { break };
-            let raw = parse_entry(&entry).map_err(|e| ldap::LdapFailure::Decode {
-                what: what.clone(),
-                reason: e.to_string(),
-            })?;
             self.init_entry(&mut pass, raw, &mut progress)?;
         }
-        let status = stream.finish().await;
-        if status.rc != 0 && status.rc != ldap::rc::NO_SUCH_OBJECT {
-            return Err(EngineError::Ldap(ldap::LdapFailure::Result {
-                what,
-                rc: status.rc,
-                message: status.text,
-            }));
-        }
+        search.finish().await?;
         // Parents that vanished during the scan: their children go now, shortest first.
         let mut orphans: Vec<RawEntry> = pass.waiting.drain().flat_map(|(_, v)| v).collect();
         orphans.sort_by_key(|e| e.dn.len());
@@ -321,7 +297,8 @@ impl Engine {
     /// Commits what is staged, with the current master record.
     pub fn commit_staged(&mut self, durable: bool) -> Result<(), EngineError> {
         let batch = self.take_master_batch();
-        self.cache().commit(batch, durable)?;
+        let cache = self.cache();
+        run_blocking(|| cache.commit(batch, durable))?;
         Ok(())
     }
 }

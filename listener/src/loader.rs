@@ -3,12 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use daemon::ucr::BASE_CONF;
 use modules::Module;
 use modules::python::{HostOptions, PythonHost, PythonModule};
-use notifier::ucr::BASE_CONF;
 
 use crate::config::Config;
-use crate::privileges::Privileges;
+use daemon::privileges::Privileges;
 
 /// Module files of one `-m` path: the file itself, or the `*.py` files of a directory with
 /// `replication.py` first and the others by name (UCS used readdir order; sorted is stable).

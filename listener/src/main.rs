@@ -13,23 +13,26 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use cache::{Cache, CacheError, MasterRecord};
 use clap::Parser;
+use daemon::backoff::Backoff;
+use daemon::logging::Logging;
+use daemon::paths::{QueueFiles, SCHEMA_ID_FILE};
+use daemon::privileges::Privileges;
+use daemon::systemd::{self, Heartbeat};
+use daemon::tasks::TaskSet;
+use ldap::{Connection, Endpoint, Lookup, StartTls};
 use listener::config::{Cli, Config, LdapTarget, RunMode, Server};
 use listener::daemon::{Daemon, Exit, setdata_values};
 use listener::dispatch::{Handlers, STATE_DIR};
 use listener::engine::{Engine, EngineSettings};
-use listener::ldap::{Connection, Endpoint, Lookup};
 use listener::metrics::Metrics;
-use listener::privileges::Privileges;
 use listener::signals::Signals;
 use listener::tools::{self, CACHE_LOCK};
 use listener::{loader, signals};
-use notifier::backoff::Backoff;
-use notifier::logging::Logging;
 use proto::client::NotifierClient;
 
 const EXIT_BAD_CACHE: u8 = 3;
-/// Below the LDAP state directory (`-l`).
-const SCHEMA_ID_FILE: &str = "schema/id/id";
+/// Time allowed for each task (control socket, metrics, watchdog) to stop at exit.
+const TASK_GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
     let config = match Config::from_cli(Cli::parse()) {
@@ -87,72 +90,81 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
     };
     let signals = signals::install(Arc::clone(&logging), config.stop_timeout)
         .context("installing signal handlers")?;
+    let mut tasks = TaskSet::new(tokio_util::sync::CancellationToken::new());
+    let heartbeat = Heartbeat::new();
+    if let Some(watchdog) = systemd::spawn_watchdog(heartbeat.clone(), "main loop", tasks.token()) {
+        tasks.adopt("watchdog", watchdog);
+    }
+    let code = run_locked(config, &signals, &heartbeat, &mut tasks, &cache_dir).await;
+    tasks.shutdown(TASK_GRACE).await;
+    code
+}
 
-    let cascade_dir = config.ldap_dir.join("listener");
-    let mut owned: Vec<&Path> = vec![&cache_dir];
+/// Everything after `cache.lock` is taken; `tasks` are shut down by the caller.
+async fn run_locked(
+    config: Config,
+    signals: &Arc<Signals>,
+    heartbeat: &Heartbeat,
+    tasks: &mut TaskSet,
+    cache_dir: &Path,
+) -> anyhow::Result<ExitCode> {
+    let cascade_dir = QueueFiles::in_ldap_dir(&config.ldap_dir);
+    let mut owned: Vec<&Path> = vec![cache_dir];
     if config.cascade {
-        owned.push(&cascade_dir);
+        owned.push(cascade_dir.dir());
     }
     let privileges = Privileges::drop_to(&config.user, &owned)
         .with_context(|| format!("switching to user {}", config.user))?;
 
     if config.purge {
-        purge(&cache_dir)?;
+        purge(cache_dir)?;
     }
     create_private_dir(&cache_dir.join(STATE_DIR))?;
 
-    let Some((server, ldap, mut notifier)) = connect(&config, &signals).await? else {
+    let Some((server, ldap, mut notifier)) = connect(&config, signals, heartbeat).await? else {
         return Ok(ExitCode::SUCCESS);
     };
 
-    let cache = match Cache::open(&cache_dir) {
+    let cache = match Cache::open(cache_dir) {
         Ok(cache) => Arc::new(cache),
-        Err(e) => return Ok(cache_failure(&cache_dir, e)),
+        Err(e) => return Ok(cache_failure(cache_dir, e)),
     };
     let metrics = Arc::new(Metrics::default());
     metrics.set_state("starting");
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    // Served from here on, so tools see a starting or initialising listener too; the
-    // socket file goes when `_control` drops at the end of `run`.
-    let _control = match listener::control::start(
-        listener::control::Context {
-            cache: Arc::clone(&cache),
-            metrics: Arc::clone(&metrics),
-            cache_dir: cache_dir.clone(),
-            failed_ldif: config.failed_ldif.clone(),
-        },
-        shutdown.clone(),
-    ) {
-        Ok(socket) => Some(socket),
-        Err(e) => {
-            tracing::error!(
-                "cannot serve the control socket (the tools will not reach this listener): {e}"
-            );
-            None
-        }
+    // Served from here on, so tools see a starting or initialising listener too.
+    let control = listener::control::Context {
+        cache: Arc::clone(&cache),
+        metrics: Arc::clone(&metrics),
+        cache_dir: cache_dir.to_owned(),
+        failed_ldif: config.failed_ldif.clone(),
     };
+    match listener::control::ControlServer::bind(control) {
+        Ok(server) => tasks.spawn("control socket", server.serve(tasks.token())),
+        Err(e) => tracing::error!(
+            "cannot serve the control socket (the tools will not reach this listener): {e}"
+        ),
+    }
     let modules = loader::load_modules(&config, &privileges);
-    let mut handlers = Handlers::new(modules, &cache_dir, privileges);
+    let mut handlers = Handlers::new(modules, cache_dir, privileges, heartbeat.clone());
     handlers.set_init_only(config.mode == RunMode::InitOnly);
-    let data = setdata_values(&config, &server);
-    tokio::task::block_in_place(|| handlers.setdata(&data));
+    handlers.setdata(&setdata_values(&config, &server));
 
     let timeout = config.notifier_timeout;
     let master = match cache.master() {
         Ok(Some(master)) => master,
         Ok(None) => {
-            let notifier_id = match cache::read_legacy_notifier_id(&cache_dir) {
+            let notifier_id = match cache::read_legacy_notifier_id(cache_dir) {
                 Some(id) => id,
                 None => notifier.get_id(timeout).await.context("GET_ID")?,
             };
-            let schema_id = notifier::schema::read_schema_id(&config.ldap_dir.join(SCHEMA_ID_FILE))
-                .unwrap_or(0);
+            let schema_id =
+                daemon::fs::read_decimal(&config.ldap_dir.join(SCHEMA_ID_FILE)).unwrap_or(0);
             MasterRecord {
                 notifier_id,
                 schema_id,
             }
         }
-        Err(e) => return Ok(cache_failure(&cache_dir, e)),
+        Err(e) => return Ok(cache_failure(cache_dir, e)),
     };
     tracing::info!(
         "starting at transaction {} (schema id {})",
@@ -165,7 +177,7 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
             Endpoint {
                 uri: config.local_ldap.clone(),
                 auth: config.auth.clone(),
-                starttls: listener::config::StartTls::Off,
+                starttls: StartTls::Off,
                 timeout: config.ldap_timeout,
             },
             config.ldap_retries,
@@ -182,9 +194,9 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
     };
     let mut engine = Engine::new(settings, Arc::clone(&cache), handlers, ldap, local, master);
     if let Err(e) = engine.commit_staged(true) {
-        return Ok(engine_failure(&cache_dir, e));
+        return Ok(engine_failure(cache_dir, e));
     }
-    if let Err(e) = cache::write_legacy_notifier_id(&cache_dir, master.notifier_id) {
+    if let Err(e) = cache::write_legacy_notifier_id(cache_dir, master.notifier_id) {
         tracing::warn!("cannot write the notifier_id file: {e}");
     }
 
@@ -203,15 +215,15 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
     metrics.set_modules(engine.handlers().module_stats());
     metrics.set_state("initialising modules");
     let init = engine
-        .initialize_pending(config.scan_timeout, &signals)
+        .initialize_pending(config.scan_timeout, signals)
         .await;
     if config.mode == RunMode::InitOnly {
-        tokio::task::block_in_place(|| engine.handlers_mut().postrun());
+        engine.handlers_mut().postrun();
         engine.handlers().write_states();
         if let Err(e) = engine.commit_staged(true) {
-            return Ok(engine_failure(&cache_dir, e));
+            return Ok(engine_failure(cache_dir, e));
         }
-        cache::write_legacy_notifier_id(&cache_dir, engine.master().notifier_id)
+        cache::write_legacy_notifier_id(cache_dir, engine.master().notifier_id)
             .context("writing notifier_id")?;
         return match init {
             Ok(()) => {
@@ -230,17 +242,14 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
     metrics.set_modules(engine.handlers().module_stats());
     if let Some(addr) = config.metrics {
         let render = Arc::clone(&metrics);
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) =
-                notifier::metrics::serve_text(addr, move || render.render(), token).await
-            {
+        let token = tasks.token();
+        tasks.spawn("metrics endpoint", async move {
+            if let Err(e) = daemon::metrics::serve(addr, move || render.render(), token).await {
                 tracing::error!("metrics endpoint {addr}: {e}");
             }
         });
     }
-    spawn_watchdog(shutdown.clone());
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    systemd::ready("running");
     tracing::info!(
         "listening to the notifier at {}:{} (protocol {}), LDAP {}",
         server.notifier_host,
@@ -253,12 +262,11 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
         server,
         engine,
         privileges,
-        signals,
+        Arc::clone(signals),
         metrics,
         Some(notifier),
     );
     let exit = daemon.run().await;
-    shutdown.cancel();
     Ok(match exit {
         Exit::Stopped => ExitCode::SUCCESS,
         Exit::BadCache(_) => ExitCode::from(EXIT_BAD_CACHE),
@@ -271,6 +279,7 @@ async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> 
 async fn connect(
     config: &Config,
     signals: &Signals,
+    heartbeat: &Heartbeat,
 ) -> anyhow::Result<Option<(Server, Connection, NotifierClient)>> {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let seed = u64::from(std::process::id()) ^ now_nanos();
@@ -294,7 +303,7 @@ async fn connect(
             }
         };
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = heartbeat.waiting(tokio::time::sleep(delay)) => {}
             _ = signals.woken() => {}
         }
         if signals.stop_requested() {
@@ -362,7 +371,7 @@ fn purge(cache_dir: &Path) -> anyhow::Result<()> {
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    cache::create_private_dir(dir).with_context(|| format!("creating {}", dir.display()))
+    daemon::fs::create_private_dir(dir).with_context(|| format!("creating {}", dir.display()))
 }
 
 fn cache_failure(cache_dir: &Path, e: CacheError) -> ExitCode {
@@ -388,20 +397,4 @@ fn engine_failure(cache_dir: &Path, e: listener::engine::EngineError) -> ExitCod
             ExitCode::from(1)
         }
     }
-}
-
-/// Feeds systemd's watchdog while the runtime is alive.
-fn spawn_watchdog(shutdown: tokio_util::sync::CancellationToken) {
-    let Some(interval) = sd_notify::watchdog_enabled() else {
-        return;
-    };
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval / 2) => {}
-            }
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-        }
-    });
 }

@@ -1,24 +1,14 @@
 //! Prometheus metrics of the listener: progress, lag, and per-module calls, failures and
 //! time. The main loop publishes a snapshot; the HTTP endpoint renders it.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::SystemTime;
 
-use crate::control::unix_seconds;
-use crate::dispatch::{CallStats, READY};
+use daemon::metrics::{Exposition, Kind};
+use daemon::time::unix_seconds;
 
-/// One loaded module as the metrics and the control socket show it.
-#[derive(Debug, Clone)]
-pub struct ModuleStat {
-    pub name: String,
-    /// A file path or `native:<kind>`.
-    pub source: String,
-    /// The state-file bits (3 = ready).
-    pub state: u32,
-    pub stats: CallStats,
-}
+use crate::dispatch::{ModuleStat, READY};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -101,92 +91,74 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        };
-        gauge(
+        let mut e = Exposition::new();
+        e.single(
             "udl_processed_id",
+            Kind::Gauge,
             "Last transaction id fully processed.",
-            "gauge",
             self.processed(),
-        );
-        gauge(
+        )
+        .single(
             "udl_notifier_id",
+            Kind::Gauge,
             "Last transaction id the notifier reported.",
-            "gauge",
             self.notifier_id(),
-        );
-        gauge(
+        )
+        .single(
             "udl_lag",
+            Kind::Gauge,
             "Transactions not yet processed.",
-            "gauge",
             self.lag(),
-        );
-        gauge(
+        )
+        .single(
             "udl_transactions_total",
+            Kind::Counter,
             "Transactions processed since start.",
-            "counter",
             self.transactions.load(Ordering::Relaxed),
         );
         let modules = lock(&self.modules);
-        let families: [(&str, &str, &str); 4] = [
+        let families: [(&str, Kind, &str, ModuleValue); 4] = [
             (
                 "udl_module_calls_total",
+                Kind::Counter,
                 "Handler calls per module.",
-                "counter",
+                |m| m.stats.calls.to_string(),
             ),
             (
                 "udl_module_failures_total",
+                Kind::Counter,
                 "Failed handler calls per module.",
-                "counter",
+                |m| m.stats.failures.to_string(),
             ),
             (
                 "udl_module_seconds_total",
+                Kind::Counter,
                 "Time spent in handler calls per module.",
-                "counter",
+                |m| format!("{:.6}", m.stats.busy.as_secs_f64()),
             ),
             (
                 "udl_module_ready",
+                Kind::Gauge,
                 "1 if the module is initialised and ready.",
-                "gauge",
+                |m| u8::from(m.state & READY != 0).to_string(),
             ),
         ];
-        for (name, help, kind) in families {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for ModuleStat {
-                name: module,
-                stats,
-                state,
-                ..
-            } in modules.iter()
-            {
-                let value = match name {
-                    "udl_module_calls_total" => stats.calls.to_string(),
-                    "udl_module_failures_total" => stats.failures.to_string(),
-                    "udl_module_seconds_total" => format!("{:.6}", stats.busy.as_secs_f64()),
-                    _ => u8::from(state & READY != 0).to_string(),
-                };
-                let _ = writeln!(out, "{name}{{module=\"{}\"}} {value}", escape_label(module));
+        for (name, kind, help, value) in families {
+            e.family(name, kind, help);
+            for module in modules.iter() {
+                e.sample(name, &[("module", &module.name)], value(module));
             }
         }
-        out
+        e.finish()
     }
 }
+
+/// One per-module value of a metric family.
+type ModuleValue = fn(&ModuleStat) -> String;
 
 /// The guarded values are plain data that a panicking writer cannot leave inconsistent.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn escape_label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -194,6 +166,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::dispatch::CallStats;
 
     #[test]
     fn only_a_change_of_the_processed_id_is_progress() {

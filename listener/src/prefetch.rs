@@ -14,7 +14,9 @@ use proto::{Command, TransactionId};
 use tokio::task::JoinHandle;
 
 use crate::engine::Prefetched;
-use crate::ldap::{self, LdapFailure, Lookup, TranslogEntry};
+use ldap::search::{find_by_uuid, read_entry};
+use ldap::translog::read_translog;
+use ldap::{LdapFailure, Lookup, TranslogEntry};
 
 /// What was read ahead for one id; `entry` is `Err` when even the translog read failed
 /// (the caller then reads it itself, with retries).
@@ -104,7 +106,7 @@ async fn read_ahead(
     cache: Arc<Cache>,
 ) -> Ahead {
     let mut prefetched = Prefetched::default();
-    let entry = ldap::read_translog(&mut handle, &translog_base, TransactionId(id), timeout).await;
+    let entry = read_translog(&mut handle, &translog_base, TransactionId(id), timeout).await;
     let Ok(Some(tx)) = &entry else {
         return Ahead {
             id,
@@ -129,7 +131,7 @@ async fn read_ahead(
     let uuid = match moved_away_uuid {
         Some(uuid) => Some(uuid),
         None => {
-            prefetched.by_dn = ldap::read_entry(&mut handle, &tx.dn, timeout).await.ok();
+            prefetched.by_dn = read_entry(&mut handle, &tx.dn, timeout).await.ok();
             match prefetched.by_dn {
                 Some(Lookup::Found(_)) => None,
                 _ => cached_uuid(),
@@ -137,7 +139,7 @@ async fn read_ahead(
         }
     };
     if let Some(uuid) = uuid
-        && let Ok(lookup) = ldap::find_by_uuid(&mut handle, &base, &uuid, timeout).await
+        && let Ok(lookup) = find_by_uuid(&mut handle, &base, &uuid, timeout).await
     {
         prefetched.by_uuid = Some((uuid, lookup));
     }

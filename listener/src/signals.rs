@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use modules::python::PythonHost;
 
-use notifier::logging::Logging;
+use daemon::logging::Logging;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 

@@ -8,13 +8,12 @@
 //! itself, so no listener starts in the middle, and reads the cache directory directly.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notifier::lock::{FileLock, LockError};
+use daemon::lock::{FileLock, LockError};
 use proto::client::{ClientError, NotifierClient};
 use serde::Serialize;
 
@@ -81,7 +80,7 @@ impl StateAccess {
 /// Takes `cache.lock` of `cache_dir` once, without waiting: `None` while another process
 /// holds it. The daemon holds it for its lifetime, the tools while they open the cache.
 pub fn lock_cache(cache_dir: &Path) -> Result<Option<FileLock>, LockError> {
-    match notifier::lock::lock_path(&cache_dir.join(CACHE_LOCK), 1, Duration::ZERO) {
+    match daemon::lock::lock_path(&cache_dir.join(CACHE_LOCK), 1, Duration::ZERO) {
         Ok(lock) => Ok(Some(lock)),
         Err(LockError::Busy { .. }) => Ok(None),
         Err(e) => Err(e),
@@ -97,20 +96,9 @@ pub fn try_lock(cache_dir: &Path) -> Result<Option<FileLock>, ToolError> {
 }
 
 /// Whether a listener holds `cache.lock` of `cache_dir` (false if the directory or the
-/// lock file does not exist). Asks with `F_GETLK`, which neither creates the file nor takes
-/// the lock, so a listener starting at this moment is not turned away.
+/// lock file does not exist); asks without taking the lock ([`daemon::lock::holder`]).
 pub fn listener_running(cache_dir: &Path) -> bool {
-    use std::os::fd::AsRawFd as _;
-    let Ok(file) = File::open(cache_dir.join(CACHE_LOCK)) else {
-        return false;
-    };
-    // SAFETY: a zeroed `flock` is a valid value of this plain C struct.
-    let mut query: libc::flock = unsafe { std::mem::zeroed() };
-    query.l_type = libc::F_WRLCK as libc::c_short;
-    query.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: the descriptor is valid while `file` lives; `query` is a valid flock.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut query) };
-    rc == 0 && query.l_type != libc::F_UNLCK as libc::c_short
+    daemon::lock::holder(&cache_dir.join(CACHE_LOCK)).is_ok_and(|pid| pid.is_some())
 }
 
 /// A consistent view of the listener state in `cache_dir`; see the module comment.

@@ -42,6 +42,23 @@ pub struct ModuleInfo {
     pub source: ModuleSource,
 }
 
+/// Checks a module name: it names the state file `<cache>/handlers/<name>` and is written
+/// into cached module lists and `listenerModule:` lines of dumps, so it must be a plain file
+/// name (not empty, no `/`, not hidden) without control characters.
+pub fn check_module_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.starts_with('.')
+        || name.contains('/')
+        || name.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "{name:?} is not a valid module name (it names the state file: no `/`, no leading \
+             `.`, no control characters)"
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModuleSource {
     File(PathBuf),

@@ -27,12 +27,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::atomic::{FileError, TempFile, with_suffix};
 use crate::intake::accesslog::{POSITION_FILE, Position};
 use crate::journal::index::{ENTRY_LEN, HEADER_LEN, IndexEntry, MAGIC, entry_position};
 use crate::journal::scan::{LineChecker, LineScanner, PosReader};
 use crate::journal::{INDEX_FILE, LOCK_FILE, TRANSACTION_FILE};
-use crate::lock::{FileLock, LockError, lock_path};
+use daemon::fs::{FileError, TempFile, with_suffix};
+use daemon::lock::{FileLock, LockError, lock_path};
 
 /// Name of the manifest entry, always the first in the archive.
 pub const MANIFEST: &str = "MANIFEST";
@@ -346,8 +346,8 @@ pub fn create(
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         tool_version: opts.tool_version.clone(),
-        created: crate::translog::rfc3339(now),
-        hostname: hostname(),
+        created: daemon::time::rfc3339(now),
+        hostname: daemon::host::hostname(),
         notifier_running: lock.is_none(),
         first_id: snapshot.first_id,
         last_id: snapshot.last_id,
@@ -1083,14 +1083,6 @@ fn hex(bytes: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
         s
     })
-}
-
-/// The kernel's host name, or `unknown` when /proc cannot be read. Public so that the
-/// listener's tools name the host exactly as backups do.
-pub fn hostname() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 #[cfg(test)]

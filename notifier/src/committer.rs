@@ -11,10 +11,11 @@ use proto::{Command, Transaction, TransactionId};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::journal::{Journal, JournalError};
 use crate::metrics::Metrics;
 use crate::translog::TranslogWriter;
+use daemon::backoff::Backoff;
+use daemon::systemd::Heartbeat;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
@@ -43,6 +44,9 @@ pub struct Committer {
     /// DN of the no-op transactions used to fill gaps (normally the LDAP base).
     filler_dn: Option<String>,
     metrics: Arc<Metrics>,
+    /// Beaten by every commit and by the intakes while they wait for work; the watchdog
+    /// is fed only while it beats.
+    heartbeat: Heartbeat,
 }
 
 impl Committer {
@@ -52,6 +56,7 @@ impl Committer {
         published: watch::Sender<u64>,
         filler_dn: Option<String>,
         metrics: Arc<Metrics>,
+        heartbeat: Heartbeat,
     ) -> Committer {
         Committer {
             journal,
@@ -59,7 +64,13 @@ impl Committer {
             published,
             filler_dn,
             metrics,
+            heartbeat,
         }
+    }
+
+    /// The intakes beat it while they wait for changes.
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.heartbeat
     }
 
     /// The last committed (and announced) id.
@@ -91,8 +102,10 @@ impl Committer {
         let started = Instant::now();
         let replaced = match self.translog.take() {
             Some(mut writer) => {
+                // Retrying an unreachable or refusing slapd is a legitimate wait.
+                let heartbeat = self.heartbeat.clone();
                 let result = tokio::select! {
-                    replaced = self.write_translog(&mut writer, &mut txs) => Ok(replaced),
+                    replaced = heartbeat.waiting(self.write_translog(&mut writer, &mut txs)) => Ok(replaced),
                     _ = shutdown.cancelled() => Err(CommitError::Shutdown),
                 };
                 self.translog = Some(writer);
@@ -117,6 +130,7 @@ impl Committer {
             }
         };
         self.published.send_replace(last);
+        self.heartbeat.beat();
         self.metrics.record_commit(last, count, started.elapsed());
         Ok(replaced)
     }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::ldap::Bind;
-use crate::ucr::Ucr;
+use daemon::ucr::Ucr;
+use ldap::{Auth, Password};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum IntakeKind {
@@ -129,7 +129,7 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub max_gap: u64,
     /// UCR file to read defaults from.
-    #[arg(long, value_name = "FILE", default_value = crate::ucr::BASE_CONF)]
+    #[arg(long, value_name = "FILE", default_value = daemon::ucr::BASE_CONF)]
     pub ucr_file: PathBuf,
 }
 
@@ -148,7 +148,7 @@ pub struct Config {
     pub intake: IntakeKind,
     pub accesslog_uri: String,
     pub accesslog_base: String,
-    pub accesslog_bind: Bind,
+    pub accesslog_auth: Auth,
     pub accesslog_replay: bool,
     pub translog: Option<(String, String)>,
     pub ldap_base: Option<String>,
@@ -194,16 +194,20 @@ impl Config {
                     .filter(|v| (1..=3).contains(v))
             })
             .unwrap_or(2);
-        let accesslog_bind = match (&cli.accesslog_bind_dn, &cli.accesslog_password_file) {
-            (Some(dn), Some(file)) => Bind::Simple {
-                dn: dn.clone(),
-                password: read_password(file)?,
-            },
-            (Some(dn), None) => Bind::Simple {
-                dn: dn.clone(),
-                password: String::new(),
-            },
-            (None, _) => Bind::SaslExternal,
+        let password = cli
+            .accesslog_password_file
+            .as_deref()
+            .map(|path| {
+                Password::from_file(path).map_err(|source| ConfigError::PasswordFile {
+                    path: path.to_owned(),
+                    source,
+                })
+            })
+            .transpose()?;
+        // Like the tools: a bind DN means a simple bind, else SASL EXTERNAL (over ldapi).
+        let accesslog_auth = match cli.accesslog_bind_dn.clone() {
+            Some(dn) => Auth::for_tool(&cli.accesslog_uri, Some(dn), password),
+            None => Auth::SaslExternal,
         };
         let mut ignored_options = Vec::new();
         for (given, name) in [
@@ -243,7 +247,7 @@ impl Config {
             intake: cli.intake,
             accesslog_uri: cli.accesslog_uri,
             accesslog_base: cli.accesslog_base,
-            accesslog_bind,
+            accesslog_auth,
             accesslog_replay: cli.accesslog_replay,
             translog: (!cli.no_translog).then_some((cli.translog_uri, cli.translog_base)),
             ldap_base: cli
@@ -267,14 +271,6 @@ impl Config {
     pub fn listener_dir(&self) -> PathBuf {
         self.ldap_dir.join("listener")
     }
-}
-
-fn read_password(path: &std::path::Path) -> Result<String, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::PasswordFile {
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(text.lines().next().unwrap_or_default().to_owned())
 }
 
 #[cfg(test)]

@@ -6,18 +6,12 @@
 //! `committer`, which writes `cn=translog` (`translog`), appends and fsyncs the log
 //! (`journal`) and only then publishes the new last id to the `server`'s connections.
 
-pub mod atomic;
-pub mod backoff;
 pub mod backup;
 pub mod committer;
 pub mod config;
 pub mod intake;
 pub mod journal;
-pub mod ldap;
-pub mod lock;
-pub mod logging;
 pub mod metrics;
 pub mod schema;
 pub mod server;
 pub mod translog;
-pub mod ucr;

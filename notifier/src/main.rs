@@ -3,23 +3,33 @@
 use std::process::ExitCode;
 use std::sync::{Arc, RwLock};
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use clap::Parser;
+use daemon::logging::Logging;
+use daemon::pidfile::PidFile;
+use daemon::systemd::{self, Heartbeat};
+use daemon::tasks::TaskSet;
+use daemon::ucr::Ucr;
+use ldap::{Auth, Endpoint, StartTls};
 use notifier::committer::Committer;
 use notifier::config::{Cli, Config, IntakeKind};
 use notifier::intake::accesslog::{AccesslogConfig, AccesslogIntake};
 use notifier::intake::queue_file::{QueueFileConfig, QueueFileIntake};
 use notifier::journal::{Journal, JournalOptions};
-use notifier::ldap::Bind;
-use notifier::logging::Logging;
-use notifier::metrics::{self, Metrics};
+use notifier::metrics::Metrics;
 use notifier::schema::SchemaWatcher;
 use notifier::server::{self, ServerConfig, ServerState};
 use notifier::translog::TranslogWriter;
-use notifier::ucr::Ucr;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// Time allowed for each task (server, schema watcher, metrics) to stop at shutdown.
+const TASK_GRACE: Duration = Duration::from_secs(10);
+/// How long an LDAP connection attempt of the intake or translog writer may take.
+const LDAP_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -67,8 +77,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
-            let _ =
-                sd_notify::notify(&[sd_notify::NotifyState::Status(&format!("failed: {err:#}"))]);
+            systemd::status(&format!("failed: {err:#}"));
             ExitCode::from(1)
         }
     }
@@ -77,6 +86,7 @@ fn main() -> ExitCode {
 async fn run(config: Config, logging: Arc<Logging>) -> Result<()> {
     let pid_file = PidFile::create(&config.pid_file)?;
     let shutdown = CancellationToken::new();
+    let heartbeat = Heartbeat::new();
     spawn_signal_handler(shutdown.clone(), Arc::clone(&logging))?;
 
     let notify_dir = config.notify_dir();
@@ -117,45 +127,54 @@ async fn run(config: Config, logging: Arc<Logging>) -> Result<()> {
         write_timeout: config.client_write_timeout,
         ..ServerConfig::default()
     };
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(server::serve(
-        listener,
-        state,
-        server_config,
-        shutdown.clone(),
-    ));
-    tasks.spawn(schema.run(shutdown.clone()));
+    let mut tasks = TaskSet::new(shutdown.clone());
+    tasks.spawn(
+        "client server",
+        server::serve(listener, state, server_config, shutdown.clone()),
+    );
+    tasks.spawn("schema watcher", schema.run(shutdown.clone()));
     if let Some(addr) = config.metrics {
         let metrics = Arc::clone(&metrics);
         let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(err) = metrics::serve(addr, metrics, shutdown).await {
+        tasks.spawn("metrics endpoint", async move {
+            if let Err(err) = daemon::metrics::serve(addr, move || metrics.render(), shutdown).await
+            {
                 tracing::error!("metrics endpoint on {addr}: {err}");
             }
         });
     }
-    spawn_status_reporter(
-        &mut tasks,
-        Arc::clone(&metrics),
-        published.subscribe(),
-        shutdown.clone(),
+    tasks.spawn(
+        "status reporter",
+        report_status(
+            Arc::clone(&metrics),
+            published.subscribe(),
+            shutdown.clone(),
+        ),
     );
+    if let Some(watchdog) =
+        systemd::spawn_watchdog(heartbeat.clone(), "committer", shutdown.clone())
+    {
+        tasks.adopt("watchdog", watchdog);
+    }
 
-    let translog = config
-        .translog
-        .as_ref()
-        .map(|(uri, base)| TranslogWriter::new(uri.clone(), Bind::SaslExternal, base.clone()));
+    let translog = config.translog.as_ref().map(|(uri, base)| {
+        let endpoint = Endpoint {
+            uri: uri.clone(),
+            auth: Auth::SaslExternal,
+            starttls: StartTls::Off,
+            timeout: LDAP_TIMEOUT,
+        };
+        TranslogWriter::new(endpoint, base.clone())
+    });
     let mut committer = Committer::new(
         Arc::clone(&journal),
         translog,
         published,
         config.ldap_base.clone(),
         Arc::clone(&metrics),
+        heartbeat,
     );
-    let _ = sd_notify::notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&format!("last id {last_id}")),
-    ]);
+    systemd::ready(&format!("last id {last_id}"));
 
     let result = match config.intake {
         IntakeKind::File => {
@@ -177,8 +196,12 @@ async fn run(config: Config, logging: Arc<Logging>) -> Result<()> {
         IntakeKind::Accesslog => {
             let intake = AccesslogIntake::new(
                 AccesslogConfig {
-                    uri: config.accesslog_uri.clone(),
-                    bind: config.accesslog_bind.clone(),
+                    endpoint: Endpoint {
+                        uri: config.accesslog_uri.clone(),
+                        auth: config.accesslog_auth.clone(),
+                        starttls: StartTls::Off,
+                        timeout: LDAP_TIMEOUT,
+                    },
                     base: config.accesslog_base.clone(),
                     replay: config.accesslog_replay,
                     position_file: config
@@ -193,9 +216,8 @@ async fn run(config: Config, logging: Arc<Logging>) -> Result<()> {
                 .map_err(anyhow::Error::from)
         }
     };
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    shutdown.cancel();
-    while tasks.join_next().await.is_some() {}
+    systemd::stopping();
+    tasks.shutdown(TASK_GRACE).await;
     drop(pid_file);
     tracing::info!("stopped at last id {}", committer.last_id());
     result.context("intake failed")
@@ -227,35 +249,23 @@ fn spawn_signal_handler(shutdown: CancellationToken, logging: Arc<Logging>) -> R
     Ok(())
 }
 
-/// Keeps systemd's STATUS current and feeds the watchdog when it is enabled.
-fn spawn_status_reporter(
-    tasks: &mut tokio::task::JoinSet<()>,
+/// Keeps systemd's STATUS current.
+async fn report_status(
     metrics: Arc<Metrics>,
     mut last_id: watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
-    let watchdog = sd_notify::watchdog_enabled();
-    let period = watchdog
-        .map(|interval| interval / 2)
-        .unwrap_or(std::time::Duration::from_secs(5));
-    tasks.spawn(async move {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(period) => {}
-            }
-            let status = format!(
-                "last id {}, {} listeners connected",
-                *last_id.borrow_and_update(),
-                metrics.clients()
-            );
-            let mut states = vec![sd_notify::NotifyState::Status(&status)];
-            if watchdog.is_some() {
-                states.push(sd_notify::NotifyState::Watchdog);
-            }
-            let _ = sd_notify::notify(&states);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
-    });
+        systemd::status(&format!(
+            "last id {}, {} listeners connected",
+            *last_id.borrow_and_update(),
+            metrics.clients()
+        ));
+    }
 }
 
 /// Hundreds of listeners need more descriptors than the usual soft limit of 1024 (UCS's
@@ -277,25 +287,5 @@ fn raise_open_file_limit() {
                 );
             }
         }
-    }
-}
-
-/// The PID file, removed on drop.
-struct PidFile(std::path::PathBuf);
-
-impl PidFile {
-    fn create(path: &std::path::Path) -> Result<PidFile> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).ok();
-        }
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .with_context(|| format!("cannot write the PID file {}", path.display()))?;
-        Ok(PidFile(path.to_owned()))
-    }
-}
-
-impl Drop for PidFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }

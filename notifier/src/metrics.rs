@@ -1,14 +1,10 @@
 //! Prometheus metrics, served as text on `--metrics ADDR` (`GET /metrics`).
 
-use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use daemon::metrics::{Exposition, Kind};
 
 /// Upper bounds (seconds) of the commit latency histogram.
 const LATENCY_BUCKETS: [f64; 10] = [
@@ -50,9 +46,7 @@ impl Metrics {
                 bucket.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = daemon::time::unix_seconds(SystemTime::now());
         self.last_commit_unix.store(now, Ordering::Relaxed);
     }
 
@@ -104,137 +98,93 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        };
-        metric(
+        let mut e = Exposition::new();
+        e.single(
             "udn_last_id",
-            "gauge",
+            Kind::Gauge,
             "Last committed transaction id.",
             get(&self.last_id),
-        );
-        metric(
+        )
+        .single(
             "udn_transactions_total",
-            "counter",
+            Kind::Counter,
             "Transactions committed.",
             get(&self.transactions),
-        );
-        metric(
+        )
+        .single(
             "udn_schema_id",
-            "gauge",
+            Kind::Gauge,
             "Current schema id.",
             get(&self.schema_id),
-        );
-        metric(
+        )
+        .single(
             "udn_clients",
-            "gauge",
+            Kind::Gauge,
             "Connected listeners.",
             get(&self.clients),
-        );
-        metric(
+        )
+        .single(
             "udn_clients_total",
-            "counter",
+            Kind::Counter,
             "Accepted connections.",
             get(&self.clients_total),
-        );
-        metric(
+        )
+        .single(
             "udn_clients_dropped_slow_total",
-            "counter",
+            Kind::Counter,
             "Connections dropped because the client stopped reading.",
             get(&self.clients_dropped_slow),
-        );
-        metric(
+        )
+        .single(
             "udn_waits",
-            "gauge",
+            Kind::Gauge,
             "Outstanding WAIT_ID/GET_DN requests.",
             get(&self.waits),
-        );
-        metric(
+        )
+        .single(
             "udn_intake_lag",
-            "gauge",
+            Kind::Gauge,
             "Changes read by the intake and not yet committed.",
             get(&self.intake_lag),
-        );
-        metric(
+        )
+        .single(
             "udn_quarantined_lines_total",
-            "counter",
+            Kind::Counter,
             "Malformed intake lines moved to the quarantine file.",
             get(&self.quarantined),
-        );
-        metric(
+        )
+        .single(
             "udn_filled_transactions_total",
-            "counter",
+            Kind::Counter,
             "No-op transactions written to fill gaps or replace rejected ones.",
             get(&self.filled),
-        );
-        metric(
+        )
+        .single(
             "udn_last_commit_timestamp_seconds",
-            "gauge",
+            Kind::Gauge,
             "Unix time of the last commit.",
             get(&self.last_commit_unix),
         );
         let name = "udn_commit_duration_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time from intake to durable, announced commit per batch.\n# TYPE {name} histogram"
+        e.family(
+            name,
+            Kind::Histogram,
+            "Time from intake to durable, announced commit per batch.",
         );
-        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.commit_buckets) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", get(bucket));
+        let bucket = format!("{name}_bucket");
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.commit_buckets) {
+            e.sample(&bucket, &[("le", &bound.to_string())], get(count));
         }
         let count = get(&self.commits);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            get(&self.commit_micros_sum) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count {count}");
-        out
-    }
-}
-
-/// Serves `GET /metrics` (any path, in fact) over plain HTTP/1.0 until shutdown.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    serve_text(addr, move || metrics.render(), shutdown).await
-}
-
-/// Serves whatever `render` returns as Prometheus text; shared with the listener.
-pub async fn serve_text(
-    addr: SocketAddr,
-    render: impl Fn() -> String + Send + Sync + 'static,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let render = Arc::new(render);
-    let listener = TcpListener::bind(addr).await?;
-    tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
-    loop {
-        let (mut stream, _) = tokio::select! {
-            accepted = listener.accept() => accepted?,
-            _ = shutdown.cancelled() => return Ok(()),
-        };
-        let render = Arc::clone(&render);
-        tokio::spawn(async move {
-            // The request itself does not matter; read what arrived so the client sees a
-            // clean close, with a short bound against idle connections.
-            let mut buf = [0u8; 1024];
-            let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
-            let body = render();
-            let response = format!(
-                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
+        e.sample(&bucket, &[("le", "+Inf")], count)
+            .sample(
+                &format!("{name}_sum"),
+                &[],
+                get(&self.commit_micros_sum) as f64 / 1e6,
+            )
+            .sample(&format!("{name}_count"), &[], count);
+        e.finish()
     }
 }
 

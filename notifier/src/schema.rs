@@ -12,18 +12,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-/// Reads the id; `None` when the file is missing, empty or not a number (the caller keeps
-/// the old value, like UCS).
-pub fn read_schema_id(path: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let digits: String = text
-        .trim_start()
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
-}
-
 pub struct SchemaWatcher {
     file: PathBuf,
     current: Arc<AtomicU64>,
@@ -33,7 +21,7 @@ pub struct SchemaWatcher {
 
 impl SchemaWatcher {
     pub fn new(ldap_dir: &Path, metrics: Arc<Metrics>, poll_interval: Duration) -> SchemaWatcher {
-        let file = ldap_dir.join("schema").join("id").join("id");
+        let file = ldap_dir.join(daemon::paths::SCHEMA_ID_FILE);
         let current = Arc::new(AtomicU64::new(0));
         let watcher = SchemaWatcher {
             file,
@@ -50,7 +38,8 @@ impl SchemaWatcher {
     }
 
     fn reload(&self) {
-        if let Some(id) = read_schema_id(&self.file) {
+        // A missing, empty or garbled file keeps the old value, like UCS.
+        if let Some(id) = daemon::fs::read_decimal(&self.file) {
             let old = self.current.swap(id, Ordering::Relaxed);
             if old != id {
                 tracing::info!("schema id is now {id}");
@@ -93,25 +82,5 @@ impl SchemaWatcher {
             WatchMask::CLOSE_WRITE | WatchMask::MODIFY | WatchMask::MOVED_TO | WatchMask::CREATE,
         )?;
         inotify.into_event_stream([0u8; 1024])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_decimal_ids_and_rejects_garbage() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("id");
-        assert_eq!(read_schema_id(&path), None);
-        std::fs::write(&path, "7").unwrap();
-        assert_eq!(read_schema_id(&path), Some(7));
-        std::fs::write(&path, "12\n").unwrap();
-        assert_eq!(read_schema_id(&path), Some(12));
-        std::fs::write(&path, "").unwrap();
-        assert_eq!(read_schema_id(&path), None);
-        std::fs::write(&path, "x").unwrap();
-        assert_eq!(read_schema_id(&path), None);
     }
 }

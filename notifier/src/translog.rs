@@ -1,19 +1,20 @@
 //! Writes `reqSession=<id>,cn=translog` entries: protocol-3 listeners read DN and command
 //! from there, so each entry must exist before its id is announced (spec/notifier.md §9.7).
 
-use std::collections::HashSet;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use ldap3::{Ldap, LdapError, Scope};
+use ldap::search::search_one;
+use ldap::{Ldap, Lookup, Scope};
 use proto::Transaction;
 
-use crate::backoff::Backoff;
-use crate::ldap::{Bind, connect, rc};
+use daemon::backoff::Backoff;
+use daemon::time::generalized_time;
+use ldap::translog::{base_attrs, entry_attrs, session_dn};
+use ldap::{Endpoint, LdapFailure, connect, rc};
 
 /// Adds in flight at once on the one (multiplexed) connection.
 const PIPELINE_DEPTH: usize = 64;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A transaction LDAP refused for its content (e.g. a DN slapd considers invalid): retrying
 /// cannot help, so the caller replaces it.
@@ -24,8 +25,7 @@ pub struct Rejection {
 }
 
 pub struct TranslogWriter {
-    url: String,
-    bind: Bind,
+    endpoint: Endpoint,
     base: String,
     ldap: Option<Ldap>,
     backoff: Backoff,
@@ -39,10 +39,9 @@ enum AddOutcome {
 }
 
 impl TranslogWriter {
-    pub fn new(url: impl Into<String>, bind: Bind, base: impl Into<String>) -> TranslogWriter {
+    pub fn new(endpoint: Endpoint, base: impl Into<String>) -> TranslogWriter {
         TranslogWriter {
-            url: url.into(),
-            bind,
+            endpoint,
             base: base.into(),
             ldap: None,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(30)),
@@ -59,7 +58,7 @@ impl TranslogWriter {
             let ldap = match self.connection().await {
                 Ok(ldap) => ldap,
                 Err(err) => {
-                    tracing::error!(url = %self.url, "cannot connect to the translog LDAP server: {err}; retrying");
+                    tracing::error!("cannot connect to the translog LDAP server: {err}; retrying");
                     self.backoff.wait().await;
                     continue;
                 }
@@ -114,60 +113,49 @@ impl TranslogWriter {
         rejections
     }
 
-    async fn connection(&mut self) -> Result<Ldap, LdapError> {
-        if let Some(ldap) = &self.ldap {
+    async fn connection(&mut self) -> Result<Ldap, LdapFailure> {
+        if let Some(ldap) = &mut self.ldap
+            && !ldap.is_closed()
+        {
             return Ok(ldap.clone());
         }
-        let ldap = connect(&self.url, &self.bind, CONNECT_TIMEOUT).await?;
+        let ldap = connect(&self.endpoint).await?;
         self.ldap = Some(ldap.clone());
         Ok(ldap)
     }
 
-    async fn create_base(&self, ldap: &Ldap) -> Result<(), LdapError> {
+    async fn create_base(&self, ldap: &Ldap) -> Result<(), String> {
         let mut ldap = ldap.clone();
-        let found = ldap
-            .search(&self.base, Scope::Base, "(objectClass=*)", vec!["1.1"])
-            .await?;
-        if found.1.rc != rc::NO_SUCH_OBJECT {
-            return found.success().map(|_| ());
+        if let Lookup::Found(_) = search_one(
+            &mut ldap,
+            &self.base,
+            Scope::Base,
+            "(objectClass=*)",
+            &["1.1"],
+            self.endpoint.timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        {
+            return Ok(());
         }
-        let cn = self
-            .base
-            .split(',')
-            .next()
-            .and_then(|rdn| rdn.split_once('='))
-            .map(|(_, value)| value.to_owned())
-            .unwrap_or_else(|| "translog".to_owned());
+        let attrs = base_attrs(&self.base).ok_or_else(|| format!("{} is not a DN", self.base))?;
         let result = ldap
-            .add(
-                &self.base,
-                vec![
-                    ("objectClass", HashSet::from(["auditContainer"])),
-                    ("cn", HashSet::from([cn.as_str()])),
-                ],
-            )
-            .await?;
+            .add(&self.base, attrs)
+            .await
+            .map_err(|e| e.to_string())?;
         if result.rc == rc::SUCCESS || result.rc == rc::ALREADY_EXISTS {
             tracing::info!("created the translog base {}", self.base);
             Ok(())
         } else {
-            result.success().map(|_| ())
+            Err(result.to_string())
         }
     }
 }
 
 async fn add_entry(ldap: &mut Ldap, base: &str, tx: &Transaction) -> AddOutcome {
-    let dn = format!("reqSession={},{base}", tx.id);
-    let id = tx.id.to_string();
-    let now = generalized_time(SystemTime::now());
-    let command = tx.command.as_char().to_string();
-    let attrs = vec![
-        ("objectClass", HashSet::from(["auditObject"])),
-        ("reqStart", HashSet::from([now.as_str()])),
-        ("reqSession", HashSet::from([id.as_str()])),
-        ("reqDN", HashSet::from([tx.dn.as_str()])),
-        ("reqType", HashSet::from([command.as_str()])),
-    ];
+    let dn = session_dn(tx.id.get(), base);
+    let attrs = entry_attrs(tx, &generalized_time(SystemTime::now()));
     match ldap.add(&dn, attrs).await {
         Err(err) => AddOutcome::Retry(err.to_string()),
         Ok(result) => match result.rc {
@@ -181,61 +169,5 @@ async fn add_entry(ldap: &mut Ldap, base: &str, tx: &Transaction) -> AddOutcome 
             }
             other => AddOutcome::Retry(format!("LDAP result {other}: {}", result.text)),
         },
-    }
-}
-
-/// `YYYYmmddHHMMSSZ` in UTC, the `reqStart` format UCS writes.
-pub fn generalized_time(time: SystemTime) -> String {
-    let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}{month:02}{day:02}{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// `YYYY-mm-ddTHH:MM:SSZ` (RFC 3339) in UTC, for humans and manifests.
-pub fn rfc3339(time: SystemTime) -> String {
-    let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formats_generalized_time_in_utc() {
-        assert_eq!(generalized_time(UNIX_EPOCH), "19700101000000Z");
-        let t = UNIX_EPOCH + Duration::from_secs(1_706_702_400); // 2024-01-31 12:00:00
-        assert_eq!(generalized_time(t), "20240131120000Z");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_825_599); // 2000-02-29 11:59:59
-        assert_eq!(generalized_time(leap), "20000229115959Z");
-        assert_eq!(rfc3339(leap), "2000-02-29T11:59:59Z");
     }
 }

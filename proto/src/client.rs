@@ -21,7 +21,8 @@ use tokio::net::{TcpSocket, TcpStream, lookup_host};
 use tokio::time::timeout;
 use tokio_util::codec::Framed;
 
-use crate::codec::{ClientCodec, ProtocolError};
+use crate::codec::ClientCodec;
+use crate::error::ProtocolError;
 use crate::frame::{ClientFrame, MSGID_UNSET, Request, ServerMessage};
 use crate::line::{Transaction, TransactionId, parse_get_dn_body, parse_u64};
 

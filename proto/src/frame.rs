@@ -9,7 +9,7 @@ use std::fmt;
 use bytes::BytesMut;
 
 use crate::capability::Capabilities;
-use crate::codec::ProtocolError;
+use crate::error::ProtocolError;
 use crate::line::{TransactionId, parse_u64};
 
 /// UCS closes a connection once 8192 or more request bytes are pending.

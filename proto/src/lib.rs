@@ -34,13 +34,14 @@
 pub mod capability;
 pub mod client;
 pub mod codec;
+pub mod error;
 pub mod frame;
-pub mod ldap;
 pub mod line;
 
 pub use capability::{Capabilities, Capability};
 pub use client::{ClientError, NotifierClient, parse_get_dn_reply, parse_id_reply};
-pub use codec::{ClientCodec, ProtocolError, ServerCodec};
+pub use codec::{ClientCodec, ServerCodec};
+pub use error::ProtocolError;
 pub use frame::{
     ClientFrame, ClientMessage, MAX_FRAME_LEN, MAX_VERSION, Request, ServerMessage, clamp_version,
 };

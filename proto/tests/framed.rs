@@ -5,7 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use futures::{SinkExt, StreamExt};
-use proto::codec::{ClientCodec, ProtocolError, ServerCodec};
+use proto::ProtocolError;
+use proto::codec::{ClientCodec, ServerCodec};
 use proto::frame::{ClientFrame, ClientMessage, Request, ServerMessage};
 use proto::line::TransactionId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -4,7 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use bytes::BytesMut;
-use proto::codec::{ClientCodec, ProtocolError, ServerCodec};
+use proto::ProtocolError;
+use proto::codec::{ClientCodec, ServerCodec};
 use proto::frame::{
     ClientFrame, ClientMessage, MAX_FRAME_LEN, Request, ServerMessage, clamp_version,
 };

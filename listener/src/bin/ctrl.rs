@@ -1,22 +1,22 @@
 //! `univention-directory-listener-ctrl`: status, modules, resync, the notifier's ids, and
 //! backup/restore of the listener state (spec listener.md §6.6).
 
+use daemon::fs::{TempFile, with_suffix};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write as _};
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use daemon::ucr::Ucr;
 use listener::backup;
 use listener::config::{DEFAULT_CACHE_DIR, DEFAULT_FAILED_LDIF};
 use listener::control::{self, Status};
 use listener::dispatch::{self, STATE_DIR};
 use listener::tools::{self, ModuleEntry};
-use notifier::ucr::Ucr;
 use serde::Serialize;
 
 const AFTER_HELP: &str = "\
@@ -62,7 +62,7 @@ struct Cli {
     )]
     unit: String,
     /// UCR file to read defaults from.
-    #[arg(long, value_name = "FILE", default_value = notifier::ucr::BASE_CONF, global = true)]
+    #[arg(long, value_name = "FILE", default_value = daemon::ucr::BASE_CONF, global = true)]
     ucr_file: PathBuf,
     #[command(subcommand)]
     command: Cmd,
@@ -283,7 +283,7 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
         None => std::fs::metadata(cli.cache_dir.join(cache::NOTIFIER_ID_FILE))
             .and_then(|m| m.modified())
             .ok()
-            .map(control::unix_seconds),
+            .map(daemon::time::unix_seconds),
     };
     let notifier_id = notifier.as_ref().ok().copied();
     let lag = match (notifier_id, processed_id) {
@@ -319,7 +319,8 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
         },
         processed_id,
         lag,
-        seconds_since_progress: last_progress.map(|t| control::unix_seconds(now).saturating_sub(t)),
+        seconds_since_progress: last_progress
+            .map(|t| daemon::time::unix_seconds(now).saturating_sub(t)),
         failed_ldif,
         modules,
     };
@@ -469,38 +470,23 @@ fn resync(cli: &Cli, names: &[String], no_restart: bool) -> anyhow::Result<ExitC
 
 fn backup_create(cli: &Cli, file: &Path) -> anyhow::Result<ExitCode> {
     let access = tools::open_state(&cli.cache_dir)?;
-    let tmp = file.with_file_name(format!(
-        ".{}.tmp",
-        file.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    let out = File::options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    let mut out = BufWriter::new(out);
+    // A leftover of an interrupted run is replaced; the target appears only when complete.
+    let _ = std::fs::remove_file(with_suffix(file, ".tmp"));
+    let out = TempFile::create(file, ".tmp", 0o600)?;
+    let mut writer = BufWriter::new(out.file());
     let origin = backup::Origin {
-        host: notifier::backup::hostname(),
+        host: daemon::host::hostname(),
         cache_dir: std::path::absolute(&cli.cache_dir).unwrap_or_else(|_| cli.cache_dir.clone()),
-        created: control::unix_seconds(SystemTime::now()),
+        created: daemon::time::unix_seconds(SystemTime::now()),
     };
-    let result = backup::write(&mut out, access.dir(), origin).and_then(|header| {
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        Ok(header)
-    });
-    let header = match result {
-        Ok(header) => header,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e).context("writing the backup");
-        }
-    };
-    std::fs::rename(&tmp, file).with_context(|| format!("renaming to {}", file.display()))?;
+    let header = backup::write(&mut writer, access.dir(), origin)
+        .and_then(|header| {
+            writer.flush()?;
+            Ok(header)
+        })
+        .context("writing the backup")?;
+    drop(writer);
+    out.commit(None)?;
     println!(
         "Backup of {} written to {}: transaction {}, schema {}, {} entries, {} module(s){}",
         cli.cache_dir.display(),
@@ -537,7 +523,7 @@ fn backup_verify(file: &Path) -> anyhow::Result<ExitCode> {
                 h.version,
                 h.cache_dir.display(),
                 h.host,
-                notifier::translog::rfc3339(UNIX_EPOCH + Duration::from_secs(h.created)),
+                daemon::time::rfc3339(UNIX_EPOCH + Duration::from_secs(h.created)),
                 h.notifier_id,
                 h.schema_id,
                 h.entries,
@@ -557,7 +543,7 @@ fn backup_verify(file: &Path) -> anyhow::Result<ExitCode> {
 }
 
 fn backup_restore(cli: &Cli, file: &Path) -> anyhow::Result<ExitCode> {
-    cache::create_private_dir(&cli.cache_dir)
+    daemon::fs::create_private_dir(&cli.cache_dir)
         .with_context(|| format!("creating {}", cli.cache_dir.display()))?;
     let Some(lock) = tools::try_lock(&cli.cache_dir)? else {
         bail!(

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use notifier::ucr::Ucr;
+use daemon::ucr::Ucr;
 
 /// Prints the Univention Directory Notifier's last transaction id (or, with -s, its
 /// schema id). Exit status: 0 success, 1 the notifier cannot be asked.
@@ -34,7 +34,7 @@ struct Cli {
     )]
     timeout: u64,
     /// UCR file to read defaults from.
-    #[arg(long, value_name = "FILE", default_value = notifier::ucr::BASE_CONF)]
+    #[arg(long, value_name = "FILE", default_value = daemon::ucr::BASE_CONF)]
     ucr_file: PathBuf,
 }
 

@@ -8,16 +8,15 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use base64::Engine as _;
-use cache::{Cache, CacheEntry, dn_key};
+use cache::{Cache, CacheEntry};
 use clap::{ArgAction, Parser};
-use ldap3::Scope;
-use ldap3::adapters::{Adapter, EntriesOnly, PagedResults};
-use listener::config::{Auth, DEFAULT_CACHE_DIR, Password, StartTls, read_password_file};
-use listener::ldap::{ALL_ATTRS, Endpoint, Lookup, connect, read_entry, search_failure};
+use daemon::ucr::Ucr;
+use ldap::dn::dn_key;
+use ldap::search::read_entry;
+use ldap::{ALL_ATTRS, Auth, Endpoint, Lookup, PagedSearch, Password, Scope, StartTls, connect};
+use listener::config::DEFAULT_CACHE_DIR;
 use listener::tools;
 use modules::filter::CacheFilter;
-use notifier::ucr::Ucr;
-use proto::ldap::parse_entry;
 
 const AFTER_HELP: &str = "\
 Output, one line per finding (UCS format):
@@ -78,7 +77,7 @@ struct Cli {
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     timeout: u64,
     /// UCR file to read defaults from.
-    #[arg(long, value_name = "FILE", default_value = notifier::ucr::BASE_CONF)]
+    #[arg(long, value_name = "FILE", default_value = daemon::ucr::BASE_CONF)]
     ucr_file: PathBuf,
 }
 
@@ -127,31 +126,18 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         memberuid_skip: ucr.is_true("listener/memberuid/skip"),
         uniquemember_skip: ucr.is_true("listener/uniquemember/skip"),
     };
-    let auth = match &cli.bind_dn {
-        Some(dn) => {
-            let password = match (&cli.password_file, &cli.password) {
-                (Some(path), _) => read_password_file(path)
-                    .with_context(|| format!("reading {}", path.display()))?,
-                (None, Some(pw)) => pw.clone(),
-                (None, None) => String::new(),
-            };
-            Auth::Simple {
-                dn: dn.clone(),
-                password: Password::Literal(password),
-            }
+    let password = match (&cli.password_file, &cli.password) {
+        (Some(path), _) => {
+            Some(Password::from_file(path).with_context(|| format!("reading {}", path.display()))?)
         }
-        None if cli.uri.starts_with("ldapi:") => Auth::SaslExternal,
-        None => Auth::Anonymous,
+        (None, Some(pw)) => Some(Password::Literal(pw.clone())),
+        (None, None) => None,
     };
     let timeout = Duration::from_secs(cli.timeout.max(1));
     let endpoint = Endpoint {
         uri: cli.uri.clone(),
-        auth,
-        starttls: match cli.starttls {
-            0 => StartTls::Off,
-            1 => StartTls::Try,
-            _ => StartTls::Require,
-        },
+        auth: Auth::for_tool(&cli.uri, cli.bind_dn.clone(), password),
+        starttls: StartTls::from_z_count(cli.starttls),
         timeout,
     };
     let mut ldap = connect(&endpoint).await?;
@@ -162,33 +148,18 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let mut clean = true;
     let mut seen: HashSet<String> = HashSet::new();
 
-    let what = format!("search below {base}");
-    let adapters: Vec<Box<dyn Adapter<'_, &str, Vec<&str>>>> = vec![
-        Box::new(EntriesOnly::new()),
-        Box::new(PagedResults::new(1000)),
-    ];
-    let mut stream = ldap
-        .streaming_search_with(
-            adapters,
-            &base,
-            Scope::Subtree,
-            "(objectClass=*)",
-            ALL_ATTRS.to_vec(),
-        )
-        .await
-        .map_err(|e| search_failure(&what, e))
-        .context("E: ldapsearch failed")?;
-    loop {
-        let next = tokio::time::timeout(timeout, stream.next())
-            .await
-            .context("E: ldapsearch failed: timed out")?;
-        let Some(raw) = next
-            .map_err(|e| search_failure(&what, e))
-            .context("E: ldapsearch failed")?
-        else {
-            break;
-        };
-        let ldap_entry = parse_entry(&raw).context("E: undecodable LDAP entry")?;
+    let mut search = PagedSearch::start(
+        &mut ldap,
+        &base,
+        Scope::Subtree,
+        "(objectClass=*)",
+        &ALL_ATTRS,
+        1000,
+        timeout,
+    )
+    .await
+    .context("E: ldapsearch failed")?;
+    while let Some(ldap_entry) = search.next().await.context("E: ldapsearch failed")? {
         let key = dn_key(&ldap_entry.dn);
         match cache.get(&ldap_entry.dn).context("reading the cache")? {
             Some(cached) => {
@@ -207,14 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             }
         }
     }
-    let status = stream.finish().await;
-    if status.rc != 0 {
-        bail!(
-            "E: ldapsearch failed: {} (result code {})",
-            status.text,
-            status.rc
-        );
-    }
+    search.finish().await.context("E: ldapsearch failed")?;
 
     for item in cache.iter() {
         let cached = match item {

@@ -3,23 +3,22 @@
 //! move (`r` stashed, completed by its `a`), delayed modify and schema update, call the
 //! modules, and stage the cache writes that the main loop commits together with the id.
 
-mod dn;
 mod parents;
 mod staged;
 
 use std::path::PathBuf;
 
 use cache::{Cache, CacheEntry, CacheError, MasterRecord};
+use ldap::RawEntry;
+use ldap::dn::{self, same_dn};
 use modules::Command;
 use modules::filter::CacheFilter;
 use proto::Transaction;
-use proto::ldap::RawEntry;
 
-pub use dn::{parent, same_dn};
 pub use staged::Staged;
 
 use crate::dispatch::{Handlers, Selection};
-use crate::ldap::{Connection, LdapFailure, Lookup};
+use ldap::{Connection, LdapFailure, Lookup};
 
 /// DN under which the subschema is read and handed to modules (spec §3.7).
 pub const SUBSCHEMA_DN: &str = "cn=Subschema";
@@ -499,7 +498,7 @@ impl Engine {
             Err(e) => tracing::error!("cannot read {SUBSCHEMA_DN}: {e}"),
         }
         self.master.schema_id = new_id;
-        if let Err(e) = cache::write_decimal(&self.settings.schema_id_file, new_id) {
+        if let Err(e) = daemon::fs::write_decimal(&self.settings.schema_id_file, new_id) {
             tracing::warn!(
                 "cannot write {}: {e}",
                 self.settings.schema_id_file.display()

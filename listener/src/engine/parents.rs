@@ -9,7 +9,7 @@ use modules::Command;
 use super::dn::{first_rdn_avas, parent, same_dn};
 use super::{Engine, EngineError};
 use crate::dispatch::Selection;
-use crate::ldap::Lookup;
+use ldap::Lookup;
 
 const FAKE_DESCRIPTION: &str = "Univention Directory Listener intermediate fake object";
 const FAKE_UUID: &str = "00000000-0000-0000-0000-000000000000";

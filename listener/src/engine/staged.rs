@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cache::{Batch, Cache, CacheEntry, CacheError, MasterRecord, dn_key};
+use cache::{Batch, Cache, CacheEntry, CacheError, MasterRecord};
+use ldap::dn::dn_key;
 
 pub struct Staged {
     cache: Arc<Cache>,

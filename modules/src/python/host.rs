@@ -478,12 +478,7 @@ fn declarations(
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let name = text("name")?.unwrap_or(stem);
-    if name.is_empty() || name.contains('/') || name.starts_with('.') || name.contains('\0') {
-        return Err(import_error(
-            path,
-            format!("module name {name:?} cannot be used as a state file name"),
-        ));
-    }
+    crate::module::check_module_name(&name).map_err(|reason| import_error(path, reason))?;
     let description =
         text("description")?.ok_or_else(|| import_error(path, "module has no `description`"))?;
     let filter = text("filter")?;

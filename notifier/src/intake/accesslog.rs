@@ -10,23 +10,23 @@
 //! same ids.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ldap::decode::{BerError, RawEntry, SyncEntryState, parse_entry, parse_sync_info, sync_state};
 use ldap3::controls::{RefreshMode, SyncRequest};
 use ldap3::{Ldap, LdapError, Scope};
-use proto::ldap::{BerError, RawEntry, SyncEntryState, parse_entry, parse_sync_info, sync_state};
 use proto::{Command, Transaction, TransactionId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{FileError, file_err};
-use crate::backoff::Backoff;
 use crate::committer::{CommitError, Committer};
-use crate::ldap::{Bind, connect};
 use crate::metrics::Metrics;
+use daemon::backoff::Backoff;
+use daemon::fs::{FileError, file_err};
+use ldap::{Endpoint, connect};
 
 /// File name of the stored position inside the notify directory.
 pub const POSITION_FILE: &str = "accesslog.position";
@@ -44,7 +44,6 @@ const ATTRS: [&str; 6] = [
 const QUEUE_DEPTH: usize = 8192;
 /// Transactions committed together.
 const BATCH_SIZE: usize = 1024;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccesslogError {
@@ -58,8 +57,7 @@ pub enum AccesslogError {
 
 #[derive(Debug, Clone)]
 pub struct AccesslogConfig {
-    pub uri: String,
-    pub bind: Bind,
+    pub endpoint: Endpoint,
     pub base: String,
     /// Without a stored position: replay the retained log instead of starting at its end.
     pub replay: bool,
@@ -79,7 +77,7 @@ impl Position {
         let text = match fs::read_to_string(path) {
             Ok(text) => text,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(file_err("reading", path)(err).into()),
+            Err(err) => return Err(file_err("read", path)(err).into()),
         };
         Position::parse(&text)
             .map(Some)
@@ -108,13 +106,10 @@ impl Position {
         }
     }
 
-    /// Writes atomically (temp file, fsync, rename) so a crash leaves the old or the new.
+    /// Writes atomically ([`daemon::fs::write_atomic`]) so a crash leaves the old or the new.
     pub fn store(&self, path: &Path) -> Result<(), AccesslogError> {
-        let tmp = path.with_extension("position.tmp");
-        let mut file = fs::File::create(&tmp).map_err(file_err("creating", &tmp))?;
-        write!(file, "csn={}\nid={}\n", self.csn, self.id).map_err(file_err("writing", &tmp))?;
-        file.sync_data().map_err(file_err("syncing", &tmp))?;
-        fs::rename(&tmp, path).map_err(file_err("renaming over", path))?;
+        let text = format!("csn={}\nid={}\n", self.csn, self.id);
+        daemon::fs::write_atomic(path, text.as_bytes(), 0o600)?;
         Ok(())
     }
 }
@@ -145,7 +140,7 @@ pub fn changes_of(entry: &RawEntry) -> Result<LoggedWrite, String> {
                     let superior = entry
                         .first_str("reqNewSuperior")
                         .map(str::to_owned)
-                        .or_else(|| parent_dn(&dn).map(str::to_owned));
+                        .or_else(|| ldap::dn::parent(&dn).map(str::to_owned));
                     match superior {
                         Some(superior) if !superior.is_empty() => format!("{rdn},{superior}"),
                         _ => rdn.to_owned(),
@@ -157,19 +152,6 @@ pub fn changes_of(entry: &RawEntry) -> Result<LoggedWrite, String> {
         other => return Err(format!("unknown reqType {other:?}")),
     };
     Ok(LoggedWrite { csn, changes })
-}
-
-/// The DN without its first RDN, honouring `\,` escapes; `None` for a single RDN.
-pub fn parent_dn(dn: &str) -> Option<&str> {
-    let mut escaped = false;
-    for (i, c) in dn.char_indices() {
-        match c {
-            '\\' if !escaped => escaped = true,
-            ',' if !escaped => return dn.get(i + 1..),
-            _ => escaped = false,
-        }
-    }
-    None
 }
 
 enum Event {
@@ -200,11 +182,14 @@ impl AccesslogIntake {
             return Ok(());
         };
         loop {
-            let ldap = match connect(&self.config.uri, &self.config.bind, CONNECT_TIMEOUT).await {
+            let ldap = match connect(&self.config.endpoint).await {
                 Ok(ldap) => ldap,
                 Err(err) => {
-                    tracing::error!(uri = %self.config.uri, "cannot connect to the accesslog: {err}; retrying");
-                    if !self.pause(&mut backoff, &shutdown).await {
+                    tracing::error!(
+                        "cannot connect to the accesslog at {}: {err}; retrying",
+                        self.config.endpoint.uri
+                    );
+                    if !self.pause(committer, &mut backoff, &shutdown).await {
                         return Ok(());
                     }
                     continue;
@@ -229,7 +214,7 @@ impl AccesslogIntake {
             follower.abort();
             match outcome {
                 Ok(true) => {
-                    if !self.pause(&mut backoff, &shutdown).await {
+                    if !self.pause(committer, &mut backoff, &shutdown).await {
                         return Ok(());
                     }
                 }
@@ -241,9 +226,14 @@ impl AccesslogIntake {
     }
 
     /// Sleeps before a reconnect; false when shutting down instead.
-    async fn pause(&self, backoff: &mut Backoff, shutdown: &CancellationToken) -> bool {
+    async fn pause(
+        &self,
+        committer: &Committer,
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> bool {
         tokio::select! {
-            _ = backoff.wait() => true,
+            _ = committer.heartbeat().waiting(backoff.wait()) => true,
             _ = shutdown.cancelled() => false,
         }
     }
@@ -276,7 +266,7 @@ impl AccesslogIntake {
                     Ok(csn) => break csn,
                     Err(err) => {
                         tracing::error!("cannot read the accesslog's contextCSN: {err}; retrying");
-                        if !self.pause(backoff, shutdown).await {
+                        if !self.pause(committer, backoff, shutdown).await {
                             return Ok(None);
                         }
                     }
@@ -290,7 +280,7 @@ impl AccesslogIntake {
     }
 
     async fn newest_csn(&self) -> Result<String, String> {
-        let mut ldap = connect(&self.config.uri, &self.config.bind, CONNECT_TIMEOUT)
+        let mut ldap = connect(&self.config.endpoint)
             .await
             .map_err(|e| e.to_string())?;
         let mut stream = ldap
@@ -328,9 +318,10 @@ impl AccesslogIntake {
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
     ) -> Result<bool, AccesslogError> {
+        let heartbeat = committer.heartbeat().clone();
         loop {
             let first = tokio::select! {
-                event = rx.recv() => event,
+                event = heartbeat.waiting(rx.recv()) => event,
                 _ = shutdown.cancelled() => return Ok(false),
             };
             let mut writes = Vec::new();
@@ -554,14 +545,6 @@ mod tests {
             ]))
             .is_err()
         );
-    }
-
-    #[test]
-    fn parent_dn_honours_escapes() {
-        assert_eq!(parent_dn("cn=a,dc=x"), Some("dc=x"));
-        assert_eq!(parent_dn(r"cn=a\,b,dc=x"), Some("dc=x"));
-        assert_eq!(parent_dn(r"cn=a\\,dc=x"), Some("dc=x"));
-        assert_eq!(parent_dn("dc=x"), None);
     }
 
     #[test]

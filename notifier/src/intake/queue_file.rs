@@ -20,10 +20,10 @@ use inotify::{Inotify, WatchMask};
 use proto::{LineError, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use super::{FileError, file_err};
 use crate::committer::{CommitError, Committer, Replaced};
-use crate::lock::{LockError, lock_path, try_lock_file};
 use crate::metrics::Metrics;
+use daemon::fs::{FileError, file_err};
+use daemon::lock::{LockError, lock_path, try_lock_file};
 
 /// Transactions committed together: one translog pipeline round and one fdatasync.
 const BATCH_SIZE: usize = 1024;
@@ -91,9 +91,9 @@ impl QueueFileIntake {
         committer: &mut Committer,
         shutdown: CancellationToken,
     ) -> Result<(), QueueError> {
-        fs::create_dir_all(&self.config.dir).map_err(file_err("creating", &self.config.dir))?;
+        fs::create_dir_all(&self.config.dir).map_err(file_err("create", &self.config.dir))?;
         let inotify =
-            Inotify::init().map_err(file_err("initialising inotify for", &self.config.dir))?;
+            Inotify::init().map_err(file_err("initialise inotify for", &self.config.dir))?;
         inotify
             .watches()
             .add(
@@ -103,11 +103,12 @@ impl QueueFileIntake {
                     | WatchMask::MOVED_TO
                     | WatchMask::CREATE,
             )
-            .map_err(file_err("watching", &self.config.dir))?;
+            .map_err(file_err("watch", &self.config.dir))?;
         let mut events = inotify
             .into_event_stream([0u8; 4096])
-            .map_err(file_err("reading inotify events for", &self.config.dir))?;
+            .map_err(file_err("read inotify events for", &self.config.dir))?;
         loop {
+            committer.heartbeat().beat();
             let wait = match self.drain(committer, &shutdown).await {
                 Ok(Drain::Empty) => self.config.poll_interval,
                 Ok(Drain::Busy) => BUSY_RETRY,
@@ -121,7 +122,7 @@ impl QueueFileIntake {
                         tracing::warn!("inotify on {}: {err}", self.config.dir.display());
                     }
                 }
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(wait.min(committer.heartbeat().idle_interval())) => {}
             }
         }
     }
@@ -165,11 +166,11 @@ impl QueueFileIntake {
             Err(err) => return Err(err.into()),
         };
         let queue = self.queue_path();
-        let meta = fs::metadata(&queue).map_err(file_err("reading metadata of", &queue))?;
+        let meta = fs::metadata(&queue).map_err(file_err("read the metadata of", &queue))?;
         if meta.len() == 0 {
             return Ok(true);
         }
-        fs::rename(&queue, self.private_path()).map_err(file_err("renaming", &queue))?;
+        fs::rename(&queue, self.private_path()).map_err(file_err("rename", &queue))?;
         let mode = meta.mode() & 0o7777;
         let file = OpenOptions::new()
             .write(true)
@@ -177,12 +178,12 @@ impl QueueFileIntake {
             .truncate(false)
             .mode(mode)
             .open(&queue)
-            .map_err(file_err("recreating", &queue))?;
+            .map_err(file_err("recreate", &queue))?;
         // The umask may have narrowed the mode; the owner matters for slapd's overlay.
         file.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(file_err("setting the mode of", &queue))?;
+            .map_err(file_err("set the mode of", &queue))?;
         std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))
-            .map_err(file_err("setting the owner of", &queue))?;
+            .map_err(file_err("set the owner of", &queue))?;
         Ok(true)
     }
 
@@ -196,8 +197,8 @@ impl QueueFileIntake {
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(file_err("opening", &path))?;
-        if !try_lock_file(&file).map_err(file_err("locking", &path))? {
+            .map_err(file_err("open", &path))?;
+        if !try_lock_file(&file).map_err(file_err("lock", &path))? {
             tracing::warn!("{} is locked by another process; waiting", path.display());
             return Ok(Drain::Busy);
         }
@@ -210,7 +211,7 @@ impl QueueFileIntake {
             raw.clear();
             let n = reader
                 .read_until(b'\n', &mut raw)
-                .map_err(file_err("reading", &path))?;
+                .map_err(file_err("read", &path))?;
             if n == 0 {
                 break;
             }
@@ -229,7 +230,7 @@ impl QueueFileIntake {
         }
         self.commit(committer, batch, shutdown).await?;
         // Everything in the file is durable in the log now: acknowledge by removing it.
-        fs::remove_file(&path).map_err(file_err("removing", &path))?;
+        fs::remove_file(&path).map_err(file_err("remove", &path))?;
         drop(file);
         Ok(Drain::Empty)
     }
@@ -301,13 +302,13 @@ impl QueueFileIntake {
             .append(true)
             .mode(0o600)
             .open(&path)
-            .map_err(file_err("opening", &path))?;
+            .map_err(file_err("open", &path))?;
         let mut line = raw.to_vec();
         if line.last() != Some(&b'\n') {
             line.push(b'\n');
         }
-        file.write_all(&line).map_err(file_err("writing", &path))?;
-        file.sync_data().map_err(file_err("syncing", &path))?;
+        file.write_all(&line).map_err(file_err("write", &path))?;
+        file.sync_data().map_err(file_err("sync", &path))?;
         self.metrics.quarantined();
         tracing::error!(
             "invalid transaction line {line_no} ({reason}): {:?}; moved to {}",
@@ -322,6 +323,6 @@ fn non_empty(path: &Path) -> Result<bool, QueueError> {
     match fs::metadata(path) {
         Ok(meta) => Ok(meta.len() > 0),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(err) => Err(file_err("reading metadata of", path)(err).into()),
+        Err(err) => Err(file_err("read the metadata of", path)(err).into()),
     }
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use proto::line::{LineError, MAX_LINE_LEN, Transaction};
 use thiserror::Error;
 
-use crate::lock::{FileLock, LockError, lock_path};
+use daemon::lock::{FileLock, LockError, lock_path};
 use index::{Index, IndexEntry, IndexError, read_full_at};
 use scan::{LineChecker, LineScanner, parse_line};
 

@@ -85,7 +85,7 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let config = Arc::new(config);
     let mut accept_backoff =
-        crate::backoff::Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+        daemon::backoff::Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

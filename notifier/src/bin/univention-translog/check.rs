@@ -15,14 +15,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use daemon::lock::{LockError, lock_path};
 use notifier::journal::scan::{LineScanner, is_blank, line_id, trim_line};
-use notifier::lock::{LockError, lock_path};
 use proto::line::MAX_LINE_LEN;
 
 use crate::Exit;
-use crate::dn::is_dn;
 use crate::files::{LockOutcome, lock_translog, parent_dir, remove_index, replace_file};
 use crate::log::{debug, error, info, warning};
+use ldap::dn::is_dn;
 
 pub const PRIMARY: &str = "domaincontroller_master";
 pub const BACKUP: &str = "domaincontroller_backup";

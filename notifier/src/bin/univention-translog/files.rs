@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use notifier::atomic::TempFile;
+use daemon::fs::TempFile;
+use daemon::lock::{FileLock, LockError, lock_path};
 use notifier::journal::LOCK_FILE;
 use notifier::journal::index::{Index, index_path_for};
 use notifier::journal::scan::{LineScanner, PosReader, is_blank, line_id, parse_line, trim_line};
-use notifier::lock::{FileLock, LockError, lock_path};
 use proto::line::{MAX_LINE_LEN, Transaction};
 
 use crate::log::{debug, info, warning};

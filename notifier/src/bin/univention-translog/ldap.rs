@@ -2,17 +2,18 @@
 //! cn=translog. Requests are pipelined over one connection (ldap3 multiplexes a cloned
 //! handle), so bulk imports and deletes do not pay a round trip each.
 
-use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use ldap3::adapters::{Adapter, EntriesOnly, PagedResults};
-use ldap3::{Ldap, LdapError, LdapResult, Scope, SearchEntry};
+use daemon::time::generalized_time;
+use ldap::dn::first_rdn_avas;
+use ldap::search::search_one;
+use ldap::translog::{base_attrs, entry_attrs, session_dn};
+use ldap::{Auth, Endpoint, Ldap, Lookup, PagedSearch, Password, Scope, StartTls, rc};
+use ldap3::{LdapError, LdapResult};
 use notifier::journal::scan::{is_blank, parse_line};
-use notifier::ldap::{Bind, connect as ldap_connect, rc};
-use notifier::translog::generalized_time;
 use proto::line::Transaction;
 use tokio::task::JoinSet;
 
@@ -46,32 +47,17 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 async fn connect(opts: &ConnOptions) -> Result<Ldap> {
-    let bind = match &opts.bind_dn {
-        Some(dn) => Bind::Simple {
-            dn: dn.clone(),
-            password: opts.bind_pw.clone().unwrap_or_default(),
-        },
-        None if opts.url.starts_with("ldapi:") => Bind::SaslExternal,
-        None => Bind::Anonymous,
+    let password = opts.bind_pw.clone().map(Password::Literal);
+    let endpoint = Endpoint {
+        uri: opts.url.clone(),
+        auth: Auth::for_tool(&opts.url, opts.bind_dn.clone(), password),
+        starttls: StartTls::Off,
+        timeout: TIMEOUT,
     };
-    debug!("ldap_initialize({}) with {bind:?}", opts.url);
-    ldap_connect(&opts.url, &bind, TIMEOUT)
+    debug!("ldap_initialize({}) with {:?}", opts.url, endpoint.auth);
+    ldap::connect(&endpoint)
         .await
         .with_context(|| format!("cannot connect to {}", opts.url))
-}
-
-fn session_dn(id: u64, base: &str) -> String {
-    format!("reqSession={id},{base}")
-}
-
-fn first_value(entry: &SearchEntry, attr: &str) -> String {
-    entry
-        .attrs
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(attr))
-        .and_then(|(_, v)| v.first())
-        .cloned()
-        .unwrap_or_default()
 }
 
 /// `ldap TID…`
@@ -81,16 +67,17 @@ pub fn lookup(opts: &ConnOptions, ids: &[u64]) -> Result<Exit> {
         let mut exit = Exit::Ok;
         for &id in ids {
             let dn = session_dn(id, &opts.base);
-            let res = ldap
-                .search(
-                    &dn,
-                    Scope::Base,
-                    "(objectClass=*)",
-                    vec!["reqSession", "reqDN", "reqType"],
-                )
-                .await
-                .with_context(|| format!("ldap_search({dn})"))?;
-            if res.1.rc == rc::NO_SUCH_OBJECT {
+            let found = search_one(
+                &mut ldap,
+                &dn,
+                Scope::Base,
+                "(objectClass=*)",
+                &["reqSession", "reqDN", "reqType"],
+                TIMEOUT,
+            )
+            .await
+            .with_context(|| format!("ldap_search({dn})"))?;
+            let Lookup::Found(entry) = found else {
                 if opts.lenient {
                     warning!("ldap_search({dn}): No such object");
                 } else {
@@ -98,19 +85,14 @@ pub fn lookup(opts: &ConnOptions, ids: &[u64]) -> Result<Exit> {
                     exit = Exit::Problem;
                 }
                 continue;
-            }
-            let (entries, _) = res
-                .success()
-                .with_context(|| format!("ldap_search({dn})"))?;
-            for entry in entries {
-                let entry = SearchEntry::construct(entry);
-                println!(
-                    "tid={} dn={} command={}",
-                    first_value(&entry, "reqSession"),
-                    first_value(&entry, "reqDN"),
-                    first_value(&entry, "reqType")
-                );
-            }
+            };
+            let value = |attr| entry.first_str(attr).unwrap_or_default();
+            println!(
+                "tid={} dn={} command={}",
+                value("reqSession"),
+                value("reqDN"),
+                value("reqType")
+            );
         }
         let _ = ldap.unbind().await;
         Ok(exit)
@@ -118,60 +100,45 @@ pub fn lookup(opts: &ConnOptions, ids: &[u64]) -> Result<Exit> {
 }
 
 async fn exists(ldap: &mut Ldap, dn: &str) -> Result<bool> {
-    let res = ldap
-        .search(dn, Scope::Base, "(objectClass=*)", vec!["1.1"])
+    let found = search_one(ldap, dn, Scope::Base, "(objectClass=*)", &["1.1"], TIMEOUT)
         .await
         .with_context(|| format!("ldap_search({dn})"))?;
-    if res.1.rc == rc::NO_SUCH_OBJECT {
-        return Ok(false);
-    }
-    res.success()
-        .with_context(|| format!("ldap_search({dn})"))?;
-    Ok(true)
+    Ok(matches!(found, Lookup::Found(_)))
 }
 
 /// Every `reqSession` under the base (one-level, paged); empty if the base is missing.
 async fn session_ids(ldap: &mut Ldap, base: &str) -> Result<Vec<u64>> {
-    let adapters: Vec<Box<dyn Adapter<_, _>>> = vec![
-        Box::new(EntriesOnly::new()),
-        Box::new(PagedResults::new(PAGE_SIZE)),
-    ];
-    let mut stream = ldap
-        .streaming_search_with(
-            adapters,
-            base,
-            Scope::OneLevel,
-            "(reqSession=*)",
-            vec!["reqSession"],
-        )
-        .await
-        .with_context(|| format!("ldap_search({base})"))?;
+    let context = || format!("ldap_search({base})");
+    let mut search = PagedSearch::start(
+        ldap,
+        base,
+        Scope::OneLevel,
+        "(reqSession=*)",
+        &["reqSession"],
+        PAGE_SIZE,
+        TIMEOUT,
+    )
+    .await
+    .with_context(context)?;
     let mut ids = Vec::new();
-    while let Some(entry) = stream
-        .next()
-        .await
-        .with_context(|| format!("ldap_search({base})"))?
-    {
-        let entry = SearchEntry::construct(entry);
-        let value = first_value(&entry, "reqSession");
-        let id = value.trim().parse::<u64>().ok().or_else(|| {
-            // Fall back to the RDN value if the attribute is not readable.
-            let rdn = entry.dn.split(',').next()?;
-            let (attr, value) = rdn.split_once('=')?;
-            attr.trim()
-                .eq_ignore_ascii_case("reqSession")
-                .then(|| value.trim().parse().ok())?
-        });
+    while let Some(entry) = search.next().await.with_context(context)? {
+        let id = entry
+            .first_str("reqSession")
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .or_else(|| {
+                // Fall back to the RDN value if the attribute is not readable.
+                let rdn = first_rdn_avas(&entry.dn)?;
+                let ava = rdn.first()?;
+                ava.attr
+                    .eq_ignore_ascii_case("reqSession")
+                    .then(|| std::str::from_utf8(&ava.value).ok()?.trim().parse().ok())?
+            });
         match id {
             Some(id) => ids.push(id),
             None => debug!("ignoring {}", entry.dn),
         }
     }
-    let res = stream.finish().await;
-    if res.rc != rc::NO_SUCH_OBJECT {
-        res.success()
-            .with_context(|| format!("ldap_search({base})"))?;
-    }
+    search.finish().await.with_context(context)?;
     Ok(ids)
 }
 
@@ -260,40 +227,18 @@ async fn ensure_base(ldap: &mut Ldap, opts: &ConnOptions) -> Result<()> {
     if exists(ldap, &opts.base).await? {
         return Ok(());
     }
-    let rdn = opts.base.split(',').next().unwrap_or_default();
-    let Some((attr, value)) = rdn.split_once('=') else {
+    let Some(attrs) = base_attrs(&opts.base) else {
         bail!("cannot create {}: not a DN", opts.base);
     };
     info!("Creating {}", opts.base);
     if opts.dry_run {
         return Ok(());
     }
-    let attrs = vec![
-        (
-            "objectClass".to_owned(),
-            HashSet::from(["auditContainer".to_owned()]),
-        ),
-        (
-            attr.trim().to_owned(),
-            HashSet::from([value.trim().to_owned()]),
-        ),
-    ];
     ldap.add(&opts.base, attrs)
         .await
         .and_then(LdapResult::success)
         .with_context(|| format!("ldap_add({})", opts.base))?;
     Ok(())
-}
-
-fn entry_attrs(tx: &Transaction, req_start: &str) -> Vec<(String, HashSet<String>)> {
-    let one = |v: String| HashSet::from([v]);
-    vec![
-        ("objectClass".to_owned(), one("auditObject".to_owned())),
-        ("reqStart".to_owned(), one(req_start.to_owned())),
-        ("reqSession".to_owned(), one(tx.id.to_string())),
-        ("reqDN".to_owned(), one(tx.dn.clone())),
-        ("reqType".to_owned(), one(tx.command.to_string())),
-    ]
 }
 
 struct Progress {

@@ -3,7 +3,6 @@
 
 mod backup;
 mod check;
-mod dn;
 mod files;
 mod ldap;
 mod log;
@@ -15,7 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{ArgAction, Args, Parser, Subcommand};
-use notifier::ucr::Ucr;
+use daemon::ucr::Ucr;
 
 use crate::files::{Translog, ldap_dir, open_index};
 use crate::log::error;

@@ -5,7 +5,7 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use notifier::atomic::TempFile;
+use daemon::fs::TempFile;
 use notifier::journal::scan::{LineScanner, is_blank, parse_line, trim_line};
 
 use crate::Exit;

@@ -79,6 +79,31 @@ fn set_lock(file: &File, kind: libc::c_int) -> io::Result<bool> {
     }
 }
 
+/// The pid of a process holding a lock on `path` that conflicts with an exclusive lock,
+/// `None` if there is none or the file does not exist. Asks with `F_GETLK`, which neither
+/// creates the file nor takes the lock, so a daemon starting at this moment is not turned
+/// away by a tool that only looks.
+pub fn holder(path: &Path) -> io::Result<Option<u32>> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: a zeroed `flock` is a valid value of this plain C struct.
+    let mut query: libc::flock = unsafe { std::mem::zeroed() };
+    query.l_type = libc::F_WRLCK as libc::c_short;
+    query.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: the descriptor is valid while `file` lives; `query` is a valid flock.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut query) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if query.l_type == libc::F_UNLCK as libc::c_short {
+        return Ok(None);
+    }
+    Ok(Some(u32::try_from(query.l_pid).unwrap_or(0)))
+}
+
 /// Opens (creating with mode 0600 if needed) `path` and locks it, retrying `attempts` times
 /// `delay` apart like UCS's `-L`/`-T` options.
 pub fn lock_path(path: &Path, attempts: u32, delay: Duration) -> Result<FileLock, LockError> {
@@ -120,6 +145,20 @@ pub fn lock_path(path: &Path, attempts: u32, delay: Duration) -> Result<FileLock
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holder_names_the_other_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.lock");
+        assert_eq!(holder(&path).unwrap(), None);
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(holder(&path).unwrap(), None);
+        let mut child = integration_tests::lockf::hold_lockf(&path).unwrap();
+        assert_eq!(holder(&path).unwrap(), Some(child.id()));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(holder(&path).unwrap(), None);
+    }
 
     #[test]
     fn conflicts_with_lockf_of_another_process() {
