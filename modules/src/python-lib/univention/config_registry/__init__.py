@@ -1,9 +1,11 @@
 """``univention.config_registry`` for listener modules on hosts without UCS.
 
 Reads the UCR layers from ``/etc/univention`` like UCS (forced > schedule > ldap > normal
-> default); with ``UNIVENTION_BASECONF`` set, or the listener started with another ``--ucr-file``,
-only that file is used, as the normal layer. Writes (``handler_set``/``handler_unset``,
-``save``) go to the normal layer, atomically.
+> default). A listener started with another ``--ucr-file`` reads that file as the normal layer
+and the other layers from its directory, exactly as the daemon itself does (both parsers are
+tested against one fixture). With ``UNIVENTION_BASECONF`` set, or a ``filename`` given, only
+that file is used, as in UCS. Writes (``handler_set``/``handler_unset``, ``save``) go to the
+normal layer, atomically.
 """
 
 import os
@@ -51,13 +53,16 @@ class ConfigRegistry(MutableMapping):
     def __init__(self, filename=None, write_registry=NORMAL):
         self._layers = {}
         self._write_registry = write_registry
-        custom = filename or os.environ.get("UNIVENTION_BASECONF") or (_udl_host and _udl_host.ucr_file())
+        custom = filename or os.environ.get("UNIVENTION_BASECONF")
         if custom:
             self._paths = {self.NORMAL: custom}
             self._order = (self.NORMAL,)
-        else:
-            self._paths = {layer: os.path.join(PREFIX, name) for layer, name in self._FILES.items()}
-            self._order = self.LAYER_PRIORITIES
+            return
+        base_conf = (_udl_host and _udl_host.ucr_file()) or os.path.join(PREFIX, self._FILES[self.NORMAL])
+        directory = os.path.dirname(base_conf)
+        self._paths = {layer: os.path.join(directory, name) for layer, name in self._FILES.items()}
+        self._paths[self.NORMAL] = base_conf
+        self._order = self.LAYER_PRIORITIES
 
     # loading and saving
 
@@ -155,6 +160,7 @@ class ConfigRegistry(MutableMapping):
 def _read(path):
     values = {}
     try:
+        # Universal newlines: "\r\n" and a lone "\r" end lines, as in UCS.
         with open(path, encoding="utf-8", errors="replace") as stream:
             for line in stream:
                 if line.lstrip().startswith("#"):
