@@ -219,7 +219,10 @@ fn a_wrong_password_is_reported_and_retried_not_fatal() {
     )
     .unwrap();
     wait_until("the bind failure in the log", T, || {
-        Ok(notifier.log().contains("invalidCredentials").then_some(()))
+        Ok(notifier
+            .log()
+            .contains("invalid credentials (result code 49)")
+            .then_some(()))
     })
     .unwrap();
     assert!(

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// Debian's slapd socket, which `ldapi:///` means (as in libldap).
-pub const DEFAULT_LDAPI_SOCKET: &str = "/var/run/slapd/ldapi";
+const DEFAULT_LDAPI_SOCKET: &str = "/var/run/slapd/ldapi";
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -109,7 +109,7 @@ impl Password {
 }
 
 /// The first line of `path` without its line end, as `ldapsearch -y` and UCS read it.
-pub fn read_password_file(path: &Path) -> std::io::Result<String> {
+pub(crate) fn read_password_file(path: &Path) -> std::io::Result<String> {
     let text = std::fs::read_to_string(path)?;
     Ok(text.lines().next().unwrap_or_default().to_owned())
 }
@@ -136,7 +136,7 @@ impl StartTls {
 
 /// Turns `ldapi:///` (no socket path, as UCS writes it) into ldap3's form with the
 /// percent-encoded default socket path; other URLs pass through.
-pub fn normalize_url(url: &str) -> String {
+pub(crate) fn normalize_url(url: &str) -> String {
     match url.strip_prefix("ldapi://") {
         Some(rest) if rest.is_empty() || rest == "/" => {
             format!("ldapi://{}/", DEFAULT_LDAPI_SOCKET.replace('/', "%2F"))

@@ -265,11 +265,13 @@ impl Config {
     }
 
     pub fn notify_dir(&self) -> PathBuf {
-        self.ldap_dir.join("notify")
+        self.ldap_dir.join(daemon::paths::NOTIFY_DIR)
     }
 
     pub fn listener_dir(&self) -> PathBuf {
-        self.ldap_dir.join("listener")
+        daemon::paths::QueueFiles::in_ldap_dir(&self.ldap_dir)
+            .dir()
+            .to_owned()
     }
 }
 

@@ -24,6 +24,7 @@ use crate::committer::{CommitError, Committer, Replaced};
 use crate::metrics::Metrics;
 use daemon::fs::{FileError, file_err};
 use daemon::lock::{LockError, lock_path, try_lock_file};
+use daemon::paths::QueueFiles;
 
 /// Transactions committed together: one translog pipeline round and one fdatasync.
 const BATCH_SIZE: usize = 1024;
@@ -69,16 +70,20 @@ impl QueueFileIntake {
         QueueFileIntake { config, metrics }
     }
 
+    fn files(&self) -> QueueFiles {
+        QueueFiles::in_dir(&self.config.dir)
+    }
+
     fn queue_path(&self) -> PathBuf {
-        self.config.dir.join("listener")
+        self.files().queue()
     }
 
     fn private_path(&self) -> PathBuf {
-        self.config.dir.join("listener.priv")
+        self.files().private()
     }
 
     fn lock_path(&self) -> PathBuf {
-        self.config.dir.join("listener.lock")
+        self.files().lock()
     }
 
     pub fn quarantine_path(&self) -> PathBuf {

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use daemon::lock::{LockError, lock_path};
+use daemon::paths::QueueFiles;
 use notifier::journal::scan::{LineScanner, is_blank, line_id, trim_line};
 use proto::line::MAX_LINE_LEN;
 
@@ -530,7 +531,7 @@ fn fix_pending(
     let _listener_lock = if opts.dry_run {
         None
     } else {
-        let lock = parent_dir(path).join("listener.lock");
+        let lock = QueueFiles::in_dir(&parent_dir(path)).lock();
         match lock_path(&lock, LISTENER_LOCK_ATTEMPTS, LISTENER_LOCK_DELAY) {
             Ok(l) => Some(l),
             Err(LockError::Busy { .. }) => {

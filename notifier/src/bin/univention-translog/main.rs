@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{ArgAction, Args, Parser, Subcommand};
+use daemon::paths::QueueFiles;
 use daemon::ucr::Ucr;
 
 use crate::files::{Translog, ldap_dir, open_index};
@@ -236,10 +237,10 @@ fn run(cli: Cli) -> Result<Exit> {
                 role: args.role.or_else(role_default),
                 listener: args
                     .listener_file
-                    .unwrap_or_else(|| ldap_dir.join("listener").join("listener")),
+                    .unwrap_or_else(|| QueueFiles::in_ldap_dir(&ldap_dir).queue()),
                 listener_priv: args
                     .listener_private_file
-                    .unwrap_or_else(|| ldap_dir.join("listener").join("listener.priv")),
+                    .unwrap_or_else(|| QueueFiles::in_ldap_dir(&ldap_dir).private()),
                 last_file: args.last_file.unwrap_or_else(|| ldap_dir.join("last_id")),
                 skip_services: args.skip_services,
             };
