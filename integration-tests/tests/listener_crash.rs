@@ -63,7 +63,10 @@ fn a_crash_during_initialisation_initialises_again() {
     .unwrap();
     listener.kill().unwrap();
     let seen_before = calls().len() - 1;
-    assert!(seen_before < OBJECTS, "the first pass finished before the kill");
+    assert!(
+        seen_before < OBJECTS,
+        "the first pass finished before the kill"
+    );
     let state = listener.handler_state("slow").unwrap_or(0);
     assert_eq!(
         state & READY,

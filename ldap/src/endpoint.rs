@@ -167,19 +167,19 @@ mod tests {
     fn debug_never_shows_the_password() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("secret");
-        std::fs::write(&file, "filepw\nsecond line\n").unwrap();
+        std::fs::write(&file, "s3cret-in-file\nsecond line\n").unwrap();
         let from_file = Password::from_file(&file).unwrap();
-        assert_eq!(from_file.current(), "filepw");
+        assert_eq!(from_file.current(), "s3cret-in-file");
         for auth in [
             Auth::for_tool(
                 "ldap://h",
                 Some("cn=a".into()),
-                Some(Password::Literal("pw".into())),
+                Some(Password::Literal("s3cret-literal".into())),
             ),
             Auth::for_tool("ldap://h", Some("cn=a".into()), Some(from_file)),
         ] {
             let shown = format!("{auth:?}");
-            assert!(!shown.contains("pw"), "{shown}");
+            assert!(!shown.contains("s3cret"), "{shown}");
         }
         assert!(matches!(
             Auth::for_tool("ldapi:///", None, None),
