@@ -95,3 +95,85 @@ fn a_crash_during_initialisation_initialises_again() {
     assert_eq!(second, expected);
     listener.stop().unwrap();
 }
+
+/// Killed with SIGKILL again and again while it works off a backlog, the listener re-runs
+/// at most the one transaction that was in flight per crash: every commit survives a
+/// process crash. The cascade file (`-o`) records every transaction the listener completes
+/// in order, written right before its commit, so a re-run shows as an id written again.
+#[test]
+fn repeated_sigkills_rerun_at_most_the_transaction_in_flight() {
+    const WRITES: usize = 600;
+    const KILLS: usize = 20;
+    let slapd = integration_tests::Slapd::start(
+        integration_tests::SlapdConfig::provider().dbnosync(true),
+    )
+    .unwrap();
+    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
+    let mut listener = Listener::start(
+        &slapd,
+        &notifier,
+        ListenerOptions::new().arg("-o").postrun_delay(Duration::from_secs(60)),
+    )
+    .unwrap();
+    listener.wait_initialized(T).unwrap();
+    let dn = format!("cn=backlog,{BASE}");
+    let mut admin = slapd.admin().unwrap();
+    admin.add_role(&dn, "backlog").unwrap();
+    let first = notifier.wait_transaction(&dn, 'a', T).unwrap();
+    listener.wait_for_id(first, T).unwrap();
+    listener.stop().unwrap();
+    for i in 0..WRITES {
+        admin
+            .replace(&dn, "description", &[&format!("v{i}")])
+            .unwrap();
+    }
+    let last = first + WRITES as u64;
+    integration_tests::wait_until("the backlog at the notifier", T, || {
+        Ok((notifier.last_id().unwrap() >= last).then_some(()))
+    })
+    .unwrap();
+
+    let cascade = listener.ldap_dir().join("listener/listener");
+    let ids = || -> Vec<u64> {
+        fs::read_to_string(&cascade)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.split_once(' ').unwrap().0.parse().unwrap())
+            .collect()
+    };
+    let mut kill_points = Vec::new();
+    for kill in 0..KILLS {
+        listener.restart().unwrap();
+        let before = ids().len();
+        let progressed = listener
+            .wait_until("progress through the backlog", T, |_| {
+                let now = ids();
+                Ok((now.len() >= before + 10 || now.last() == Some(&last)).then_some(now.len()))
+            })
+            .unwrap();
+        if ids().last() == Some(&last) {
+            eprintln!("backlog done after {kill} kills");
+            break;
+        }
+        listener.kill().unwrap();
+        kill_points.push(ids().len());
+        assert!(progressed > before);
+    }
+    listener.restart().unwrap();
+    listener.wait_for_id(last, T).unwrap();
+    let ids = ids();
+    assert!(kill_points.len() >= 10, "only {} kills landed", kill_points.len());
+    for (k, &at) in kill_points.iter().enumerate() {
+        let seen_max = ids[..at].iter().copied().max().unwrap_or(0);
+        let next = kill_points.get(k + 1).copied().unwrap_or(ids.len());
+        let reruns = ids[at..next].iter().filter(|&&id| id <= seen_max).count();
+        assert!(
+            reruns <= 1,
+            "crash {k} re-ran {reruns} transactions (ids {:?})",
+            &ids[at..(at + 5).min(next)]
+        );
+    }
+    let done: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+    assert!((first + 1..=last).all(|id| done.contains(&id)), "a transaction never completed");
+    listener.stop().unwrap();
+}

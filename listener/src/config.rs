@@ -123,6 +123,10 @@ pub struct Cli {
     /// Seconds to wait for a notifier reply (other than a pending WAIT_ID).
     #[arg(long, value_name = "SECS", default_value_t = 120.0)]
     pub notifier_timeout: f64,
+    /// Seconds at most between two syncs of the cache: every commit survives a crash of
+    /// the process at once, a power loss can take the commits of this last interval.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    pub sync_interval: f64,
     /// Seconds allowed per LDAP operation.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     pub ldap_timeout: f64,
@@ -191,6 +195,7 @@ pub struct Config {
     pub alive_interval: Duration,
     pub notifier_timeout: Duration,
     pub ldap_timeout: Duration,
+    pub sync_interval: Duration,
     pub stop_timeout: Duration,
     pub scan_timeout: Duration,
     pub ldap_retries: u32,
@@ -343,6 +348,7 @@ impl Config {
             alive_interval: seconds("--alive-interval", cli.alive_interval)?,
             notifier_timeout: seconds("--notifier-timeout", cli.notifier_timeout)?,
             ldap_timeout: seconds("--ldap-timeout", cli.ldap_timeout)?,
+            sync_interval: seconds("--sync-interval", cli.sync_interval)?,
             stop_timeout: seconds("--stop-timeout", cli.stop_timeout)?,
             scan_timeout: Duration::from_secs(
                 ucr.get_parsed("listener/timeout/scans").unwrap_or(7200),

@@ -29,9 +29,10 @@ use ldap::TranslogEntry;
 
 /// Transactions read ahead (protocol 3).
 const PREFETCH_WINDOW: usize = 64;
-/// Group commit: make the cache durable at least this often while busy.
+/// Group commit: every commit survives a process crash at once (the cache's commit log);
+/// a sync makes it survive a power loss too, at least every `--sync-interval`, every this
+/// many transactions (bounding the commit log), and whenever the listener catches up.
 const FLUSH_EVERY: u64 = 1000;
-const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the notifier's schema id is checked while working through a backlog.
 const SCHEMA_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a paused listener looks whether the reason went away.
@@ -523,7 +524,9 @@ impl Daemon {
             self.metrics.add_transactions(1);
             self.metrics.set_processed(id);
             self.backoff.reset();
-            if self.unflushed >= FLUSH_EVERY || self.last_flush.elapsed() >= FLUSH_INTERVAL {
+            if self.unflushed >= FLUSH_EVERY
+                || self.last_flush.elapsed() >= self.config.sync_interval
+            {
                 self.flush(false);
             }
             return Ok(());
