@@ -134,6 +134,14 @@ pub struct Cli {
     /// listener exits without finishing that transaction (it is redone at the next start).
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     pub stop_timeout: f64,
+    /// Seconds before a module whose initialisation failed is tried again; the wait
+    /// doubles per failure up to an hour.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub init_retry: f64,
+    /// Seconds a module call may run before the status reports it as blocked (and
+    /// unhealthy).
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub blocked_after: f64,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9670).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
@@ -197,6 +205,8 @@ pub struct Config {
     pub ldap_timeout: Duration,
     pub sync_interval: Duration,
     pub stop_timeout: Duration,
+    pub init_retry: Duration,
+    pub blocked_after: Duration,
     pub scan_timeout: Duration,
     pub ldap_retries: u32,
     pub metrics: Option<SocketAddr>,
@@ -350,6 +360,8 @@ impl Config {
             ldap_timeout: seconds("--ldap-timeout", cli.ldap_timeout)?,
             sync_interval: seconds("--sync-interval", cli.sync_interval)?,
             stop_timeout: seconds("--stop-timeout", cli.stop_timeout)?,
+            init_retry: seconds("--init-retry", cli.init_retry)?,
+            blocked_after: seconds("--blocked-after", cli.blocked_after)?,
             scan_timeout: Duration::from_secs(
                 ucr.get_parsed("listener/timeout/scans").unwrap_or(7200),
             ),

@@ -34,7 +34,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::dispatch::{READY, STATE_DIR, read_states, write_state};
+use crate::dispatch::{LastError, ModuleStat, READY, STATE_DIR, read_states, write_state};
 use crate::metrics::Metrics;
 
 /// Name of the socket inside the cache directory.
@@ -69,7 +69,29 @@ pub struct Status {
     pub last_progress: Option<u64>,
     pub cache_entries: usize,
     pub failed_ldif: FailedLdif,
+    /// Every module found: loaded ones in call order, then those that failed to load.
     pub modules: Vec<ModuleStatus>,
+    /// The module call running now, if any.
+    #[serde(default)]
+    pub current_call: Option<CurrentCall>,
+    /// Seconds after which a call that has not returned counts as blocked (the daemon's
+    /// `--blocked-after`).
+    #[serde(default)]
+    pub blocked_after: f64,
+}
+
+/// A module call in progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurrentCall {
+    pub module: String,
+    /// "handler", "initialize", "prerun", ….
+    pub function: String,
+    /// The object of a handler call.
+    pub dn: Option<String>,
+    /// How long it has been running.
+    pub seconds: f64,
+    /// Running for `blocked_after` or longer: the listener is stuck in this module.
+    pub blocked: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +109,60 @@ pub struct ModuleStatus {
     pub calls: u64,
     pub failures: u64,
     pub seconds: f64,
+    /// "ready", "failing", "not ready", "initialising", "initialisation failed" or
+    /// "failed to load" ([`crate::dispatch::Condition`]); only "ready" is healthy.
+    #[serde(default)]
+    pub condition: String,
+    /// Handler calls that failed since the last successful one.
+    #[serde(default)]
+    pub consecutive_failures: u64,
+    #[serde(default)]
+    pub last_error: Option<ModuleError>,
+    /// Failed initialisations since the last successful one.
+    #[serde(default)]
+    pub init_failures: u32,
+    /// Unix time of the next initialisation attempt, after a failed one.
+    #[serde(default)]
+    pub next_init: Option<u64>,
+}
+
+/// A module's most recent failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleError {
+    /// What failed: "handler <dn>", "initialisation", "load", "postrun", ….
+    pub call: String,
+    pub message: String,
+    /// Unix time.
+    pub at: u64,
+}
+
+impl ModuleError {
+    fn from_last(error: &LastError) -> ModuleError {
+        ModuleError {
+            call: error.call.clone(),
+            message: error.message.clone(),
+            at: daemon::time::unix_seconds(error.at),
+        }
+    }
+}
+
+impl ModuleStatus {
+    fn from_stat(m: ModuleStat) -> ModuleStatus {
+        ModuleStatus {
+            ready: m.state & READY != 0,
+            calls: m.stats.calls,
+            failures: m.stats.failures,
+            seconds: m.stats.busy.as_secs_f64(),
+            condition: m.condition.as_str().to_owned(),
+            consecutive_failures: m.stats.consecutive_failures,
+            last_error: m.stats.last_error.as_ref().map(ModuleError::from_last),
+            init_failures: m.init_failures,
+            next_init: m.next_init.map(daemon::time::unix_seconds),
+            name: m.name,
+            source: m.source,
+            state: m.state,
+        }
+    }
 }
 
 /// The answer to `SNAPSHOT`.
@@ -107,6 +183,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub cache_dir: PathBuf,
     pub failed_ldif: PathBuf,
+    /// A module call running this long is reported as blocked.
+    pub blocked_after: Duration,
 }
 
 /// The bound socket; the file is removed when this is dropped (at exit).
@@ -244,16 +322,19 @@ fn status(context: &Context) -> Status {
         modules: metrics
             .modules()
             .into_iter()
-            .map(|m| ModuleStatus {
-                ready: m.state & READY != 0,
-                calls: m.stats.calls,
-                failures: m.stats.failures,
-                seconds: m.stats.busy.as_secs_f64(),
-                name: m.name,
-                source: m.source,
-                state: m.state,
-            })
+            .map(ModuleStatus::from_stat)
             .collect(),
+        current_call: metrics.call_tracker().current().map(|call| {
+            let running = call.started.elapsed();
+            CurrentCall {
+                module: call.module,
+                function: call.function.to_owned(),
+                dn: call.dn,
+                seconds: running.as_secs_f64(),
+                blocked: running >= context.blocked_after,
+            }
+        }),
+        blocked_after: context.blocked_after.as_secs_f64(),
     }
 }
 
@@ -407,6 +488,7 @@ mod tests {
             metrics,
             cache_dir,
             failed_ldif: dir.join("failed.ldif"),
+            blocked_after: Duration::from_secs(60),
         }
     }
 
@@ -515,6 +597,38 @@ mod tests {
         .unwrap();
         shutdown.cancel();
         server.await.unwrap();
+    }
+
+    #[test]
+    fn a_call_running_past_the_threshold_is_blocked() {
+        use crate::dispatch::ActiveCall;
+        use std::time::Instant;
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut ctx = context(dir.path());
+        assert_eq!(status(&ctx).current_call, None);
+        let tracker = ctx.metrics.call_tracker();
+        tracker.set(Some(ActiveCall {
+            module: "slow".into(),
+            function: "handler",
+            dn: Some("cn=x,dc=y".into()),
+            started: Instant::now(),
+        }));
+        let call = status(&ctx).current_call.unwrap();
+        assert_eq!(
+            (
+                call.module.as_str(),
+                call.function.as_str(),
+                call.dn.as_deref()
+            ),
+            ("slow", "handler", Some("cn=x,dc=y"))
+        );
+        assert!(!call.blocked, "{call:?}");
+        ctx.blocked_after = Duration::ZERO;
+        let status = status(&ctx);
+        assert!(status.current_call.unwrap().blocked);
+        assert_eq!(status.blocked_after, 0.0);
+        tracker.set(None);
     }
 
     #[test]

@@ -85,6 +85,7 @@ enum WaitEvent {
     Postrun,
     Alive,
     Signal,
+    InitRetry,
 }
 
 pub struct Daemon {
@@ -173,6 +174,14 @@ impl Daemon {
             }
             if let Some(reason) = self.stop_reason() {
                 self.pause(&reason).await;
+                continue;
+            }
+            if self.init_retry_due() {
+                if let Err(e) = self.retry_initialisation().await
+                    && let EngineError::Cache(e) = e
+                {
+                    break self.cache_failure(e);
+                }
                 continue;
             }
             let next = self.position + 1;
@@ -399,6 +408,9 @@ impl Daemon {
         let heartbeat = self.engine.handlers().heartbeat().clone();
         loop {
             let idle = self.idle;
+            // A module whose initialisation failed is retried while the listener waits
+            // too: an idle listener would otherwise never get to it.
+            let retry_at = self.engine.handlers().next_init_due();
             let Some(client) = self.notifier.as_mut() else {
                 return Err(ClientError::Closed {
                     peer: self.server.notifier_host.clone(),
@@ -408,6 +420,8 @@ impl Daemon {
                 reply = heartbeat.waiting(client.reply(msgid)) => WaitEvent::Reply(reply),
                 _ = sleep_until(postrun_at), if !idle => WaitEvent::Postrun,
                 _ = sleep_until(alive_at) => WaitEvent::Alive,
+                _ = sleep_until(retry_at.map_or(alive_at, tokio::time::Instant::from_std)),
+                    if retry_at.is_some() => WaitEvent::InitRetry,
                 _ = self.signals.woken() => WaitEvent::Signal,
             };
             match event {
@@ -419,6 +433,12 @@ impl Daemon {
                 WaitEvent::Alive => {
                     alive_at = tokio::time::Instant::now() + self.config.alive_interval;
                     client.alive(self.config.notifier_timeout).await?;
+                }
+                WaitEvent::InitRetry => {
+                    // The wait stays outstanding, as during a reload.
+                    if let Err(e) = self.retry_initialisation().await {
+                        tracing::error!("module initialization: {e}");
+                    }
                 }
                 WaitEvent::Signal => {
                     if self.signals.stop_requested() {
@@ -568,13 +588,15 @@ impl Daemon {
             tracing::error!("cache flush failed: {e}");
             return;
         }
+        // The module counters first: whoever sees the new id in the file then also sees
+        // what the modules made of its transactions.
+        self.publish_modules();
         let id = self.engine.master().notifier_id;
         if let Err(e) = cache::write_legacy_notifier_id(&self.config.cache_dir, id) {
             tracing::error!("cannot write the notifier_id file: {e}");
         }
         self.unflushed = 0;
         self.last_flush = Instant::now();
-        self.publish_modules();
         self.publish_status("running");
     }
 
@@ -605,15 +627,18 @@ impl Daemon {
     async fn reload_modules(&mut self) -> Result<(), EngineError> {
         self.flush(false);
         self.engine.handlers_mut().postrun();
-        let modules = loader::load_modules(&self.config, &self.privileges);
+        let loaded = loader::load_modules(&self.config, &self.privileges);
         // The new modules read their state files before the old ones write theirs, so a
         // state file removed for a resync leads to a re-initialisation.
         let mut handlers = Handlers::new(
-            modules,
+            loaded.modules,
             &self.config.cache_dir,
             self.privileges,
             self.engine.handlers().heartbeat().clone(),
         );
+        handlers.add_load_failures(loaded.failures);
+        handlers.set_init_retry(self.config.init_retry);
+        handlers.track_calls(self.metrics.call_tracker());
         let data = setdata_values(&self.config, &self.server);
         handlers.setdata(&data);
         self.engine.replace_handlers(handlers).write_states();
@@ -625,12 +650,40 @@ impl Daemon {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        // Published before the initialisation, which may take long: the status shows the
+        // new module list (and what failed to load) at once.
+        self.publish_modules();
         let signals = Arc::clone(&self.signals);
         let result = self
             .engine
             .initialize_pending(self.config.scan_timeout, &signals)
             .await;
         self.publish_modules();
+        result
+    }
+
+    /// Whether a module whose initialisation failed is due to be tried again.
+    fn init_retry_due(&self) -> bool {
+        self.engine
+            .handlers()
+            .next_init_due()
+            .is_some_and(|due| due <= Instant::now())
+    }
+
+    /// Initialises the modules whose retry is due; each that fails again waits longer.
+    async fn retry_initialisation(&mut self) -> Result<(), EngineError> {
+        self.flush(false);
+        self.publish_status("initialising modules");
+        let signals = Arc::clone(&self.signals);
+        let result = self
+            .engine
+            .initialize_due(Instant::now(), self.config.scan_timeout, &signals)
+            .await;
+        // The pass may have prepared modules (prerun): postrun and closing the
+        // connections follow after the idle delay as after any work.
+        self.idle = false;
+        self.publish_modules();
+        self.publish_status("running");
         result
     }
 

@@ -4,12 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use daemon::fs::FileError;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use cache::CacheEntry;
+use daemon::backoff::Backoff;
 use daemon::privileges::Privileges;
 use daemon::systemd::Heartbeat;
 use daemon::tasks::run_blocking;
@@ -24,7 +26,12 @@ pub const READY: u32 = 2;
 /// Subdirectory of the cache directory holding the state files.
 pub const STATE_DIR: &str = "handlers";
 
-/// One loaded module as the metrics and the control socket show it.
+/// First wait before a failed module initialisation is tried again (`--init-retry`).
+pub const DEFAULT_INIT_RETRY: Duration = Duration::from_secs(30);
+/// The wait between initialisation attempts doubles up to this.
+pub const MAX_INIT_RETRY: Duration = Duration::from_secs(3600);
+
+/// One module (loaded or not) as the metrics and the control socket show it.
 #[derive(Debug, Clone)]
 pub struct ModuleStat {
     pub name: String,
@@ -33,6 +40,42 @@ pub struct ModuleStat {
     /// The state-file bits (3 = ready).
     pub state: u32,
     pub stats: CallStats,
+    pub condition: Condition,
+    /// Failed initialisations since the last successful one.
+    pub init_failures: u32,
+    /// After a failed initialisation: when the next attempt is due.
+    pub next_init: Option<SystemTime>,
+}
+
+/// How a module is doing, as `ctrl status` reports it; only [`Condition::Ready`] is
+/// healthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// Ready, and no handler call failed since the last one that succeeded.
+    Ready,
+    /// Ready, but every handler call since the last success (at least one) failed.
+    Failing,
+    /// Not initialised, no attempt failed yet.
+    NotReady,
+    /// Its initialisation is running.
+    Initialising,
+    /// Its last initialisation failed; it is retried with backoff.
+    InitFailed,
+    /// The module could not be loaded; it runs nowhere until it is fixed and reloaded.
+    FailedToLoad,
+}
+
+impl Condition {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Condition::Ready => "ready",
+            Condition::Failing => "failing",
+            Condition::NotReady => "not ready",
+            Condition::Initialising => "initialising",
+            Condition::InitFailed => "initialisation failed",
+            Condition::FailedToLoad => "failed to load",
+        }
+    }
 }
 
 /// Counters per module, for metrics and the status line.
@@ -41,6 +84,61 @@ pub struct CallStats {
     pub calls: u64,
     pub failures: u64,
     pub busy: Duration,
+    /// Handler calls that failed since the last one that succeeded.
+    pub consecutive_failures: u64,
+    /// The most recent failure of any call into the module (or of loading it).
+    pub last_error: Option<LastError>,
+}
+
+/// A module failure as the status shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastError {
+    /// What failed: "handler m cn=x,dc=y", "initialize", "load", ….
+    pub call: String,
+    pub message: String,
+    pub at: SystemTime,
+}
+
+/// A module file or native module spec that could not be loaded: listed by the status
+/// (and unhealthy) instead of only logged, until a reload loads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadFailure {
+    /// The module's name as far as it is known (its `name = ` line, else the file name).
+    pub name: String,
+    pub source: String,
+    pub error: String,
+    pub at: SystemTime,
+}
+
+/// The module call in progress, shared with the control socket: a call that does not
+/// return shows up as blocked (module, function, DN, since when) instead of as an idle
+/// listener. One lock per call is nothing next to the call itself.
+#[derive(Debug, Clone, Default)]
+pub struct CallTracker(Arc<Mutex<Option<ActiveCall>>>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveCall {
+    pub module: String,
+    /// "handler", "initialize", "prerun", ….
+    pub function: &'static str,
+    /// The object of a handler call.
+    pub dn: Option<String>,
+    pub started: Instant,
+}
+
+impl CallTracker {
+    pub fn current(&self) -> Option<ActiveCall> {
+        self.slot().clone()
+    }
+
+    pub(crate) fn set(&self, call: Option<ActiveCall>) {
+        *self.slot() = call;
+    }
+
+    /// The value is replaced whole, so a panicking writer cannot leave it inconsistent.
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<ActiveCall>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 struct Slot {
@@ -53,6 +151,11 @@ struct Slot {
     /// `prerun` ran (or the module needs none) and `postrun` has not yet.
     prepared: bool,
     stats: CallStats,
+    /// Failed initialisations since the last successful one; with the backoff between
+    /// attempts and the time the next one is due.
+    init_failures: u32,
+    init_backoff: Option<Backoff>,
+    next_init: Option<Instant>,
 }
 
 impl Slot {
@@ -83,6 +186,11 @@ pub struct Handlers {
     heartbeat: Heartbeat,
     /// During `-i`/`-P` a module that is not ready is still called (spec §4.5).
     init_only: bool,
+    /// Modules that could not be loaded (or whose name was taken).
+    load_failures: Vec<LoadFailure>,
+    /// First wait before a failed initialisation is retried.
+    init_retry: Duration,
+    calls: CallTracker,
 }
 
 /// The attribute names whose value lists differ between `new` and `old` (names compared
@@ -129,6 +237,7 @@ impl Handlers {
         });
         let state_dir = cache_dir.join(STATE_DIR);
         let mut slots: Vec<Slot> = Vec::with_capacity(modules.len());
+        let mut load_failures = Vec::new();
         for module in modules {
             let info = module.info();
             if slots.iter().any(|s| s.name() == info.name) {
@@ -137,6 +246,12 @@ impl Handlers {
                     info.name,
                     info.source
                 );
+                load_failures.push(LoadFailure {
+                    name: info.name.clone(),
+                    source: info.source.to_string(),
+                    error: "skipped: another module has that name".into(),
+                    at: SystemTime::now(),
+                });
                 continue;
             }
             let filter = info.filter.as_deref().map(Filter::new);
@@ -151,6 +266,9 @@ impl Handlers {
                 initialising: false,
                 prepared: false,
                 stats: CallStats::default(),
+                init_failures: 0,
+                init_backoff: None,
+                next_init: None,
             });
         }
         Handlers {
@@ -159,7 +277,26 @@ impl Handlers {
             privileges,
             heartbeat,
             init_only: false,
+            load_failures,
+            init_retry: DEFAULT_INIT_RETRY,
+            calls: CallTracker::default(),
         }
+    }
+
+    /// Records modules the loader could not load, for the status.
+    pub fn add_load_failures(&mut self, failures: impl IntoIterator<Item = LoadFailure>) {
+        self.load_failures.extend(failures);
+    }
+
+    /// The first wait before a failed initialisation is retried (then doubling up to
+    /// [`MAX_INIT_RETRY`]).
+    pub fn set_init_retry(&mut self, first: Duration) {
+        self.init_retry = first;
+    }
+
+    /// Publishes every module call to `tracker` (the control socket reads it).
+    pub fn track_calls(&mut self, tracker: CallTracker) {
+        self.calls = tracker;
     }
 
     pub fn heartbeat(&self) -> &Heartbeat {
@@ -193,17 +330,53 @@ impl Handlers {
         self.slots.iter().map(|s| (s.name(), &s.stats, s.state))
     }
 
-    /// Every module with its source, state and counters, for metrics and `ctrl status`.
+    /// Every module with its source, state, counters and condition, then the modules that
+    /// failed to load, for metrics and `ctrl status`.
     pub fn module_stats(&self) -> Vec<ModuleStat> {
-        self.slots
-            .iter()
-            .map(|s| ModuleStat {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let loaded = self.slots.iter().map(|s| {
+            let condition = if s.initialising {
+                Condition::Initialising
+            } else if !s.is_ready() && s.init_failures > 0 {
+                Condition::InitFailed
+            } else if !s.is_ready() {
+                Condition::NotReady
+            } else if s.stats.consecutive_failures > 0 {
+                Condition::Failing
+            } else {
+                Condition::Ready
+            };
+            ModuleStat {
                 name: s.name().to_owned(),
                 source: s.module.info().source.to_string(),
                 state: s.state,
                 stats: s.stats.clone(),
-            })
-            .collect()
+                condition,
+                init_failures: s.init_failures,
+                next_init: s
+                    .next_init
+                    .filter(|_| !s.is_ready())
+                    .map(|due| wall + due.saturating_duration_since(now)),
+            }
+        });
+        let failed = self.load_failures.iter().map(|f| ModuleStat {
+            name: f.name.clone(),
+            source: f.source.clone(),
+            state: read_state(&self.state_dir, &f.name),
+            stats: CallStats {
+                last_error: Some(LastError {
+                    call: "load".into(),
+                    message: f.error.clone(),
+                    at: f.at,
+                }),
+                ..CallStats::default()
+            },
+            condition: Condition::FailedToLoad,
+            init_failures: 0,
+            next_init: None,
+        });
+        loaded.chain(failed).collect()
     }
 
     /// Indices of modules without the READY bit, in call order.
@@ -211,6 +384,53 @@ impl Handlers {
         (0..self.slots.len())
             .filter(|&i| !self.slots[i].is_ready())
             .collect()
+    }
+
+    /// Modules without the READY bit whose initialisation may run at `now`: never tried,
+    /// or their retry is due.
+    pub fn due_for_init(&self, now: Instant) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(|&i| {
+                let slot = &self.slots[i];
+                !slot.is_ready() && slot.next_init.is_none_or(|due| due <= now)
+            })
+            .collect()
+    }
+
+    /// The earliest time a module that is not ready is to be initialised again.
+    pub fn next_init_due(&self) -> Option<Instant> {
+        self.slots
+            .iter()
+            .filter(|s| !s.is_ready())
+            .filter_map(|s| s.next_init)
+            .min()
+    }
+
+    /// How many initialisations of the module failed in a row so far.
+    pub fn init_failures(&self, index: usize) -> u32 {
+        self.slots.get(index).map_or(0, |s| s.init_failures)
+    }
+
+    /// Records a failed initialisation: the module stays not ready and is tried again
+    /// after the returned wait (doubling per failure, with jitter so that many listeners
+    /// do not retry in step).
+    pub fn init_failed(&mut self, index: usize, error: &str) -> Duration {
+        let first = self.init_retry;
+        let Some(slot) = self.slots.get_mut(index) else {
+            return first;
+        };
+        slot.init_failures = slot.init_failures.saturating_add(1);
+        let delay = slot
+            .init_backoff
+            .get_or_insert_with(|| Backoff::new(first, MAX_INIT_RETRY.max(first)))
+            .next_delay();
+        slot.next_init = Some(Instant::now() + delay);
+        slot.stats.last_error = Some(LastError {
+            call: "initialisation".into(),
+            message: error.to_owned(),
+            at: SystemTime::now(),
+        });
+        delay
     }
 
     /// Marks a module as being initialised (in memory only): its calls go through although
@@ -228,6 +448,11 @@ impl Handlers {
         };
         slot.state = state;
         slot.initialising = false;
+        if state & READY != 0 {
+            slot.init_failures = 0;
+            slot.init_backoff = None;
+            slot.next_init = None;
+        }
         write_state(&self.state_dir, slot.name(), state)
     }
 
@@ -245,7 +470,7 @@ impl Handlers {
         for index in 0..self.slots.len() {
             for (key, value) in data {
                 if let Some(value) = value {
-                    let result = self.call(index, |m| m.setdata(key, value));
+                    let result = self.call(index, "setdata", None, |m| m.setdata(key, value));
                     if let Err(e) = result {
                         tracing::error!("{}: setdata({key}) failed: {e}", self.name(index));
                     }
@@ -254,15 +479,14 @@ impl Handlers {
         }
     }
 
-    /// `clean()` then `initialize()` of one module (failures are logged and ignored, spec
-    /// §3.8).
-    pub fn clean_and_initialize(&mut self, index: usize) {
-        if let Err(e) = self.call(index, |m| m.clean()) {
+    /// `clean()` then `initialize()` of one module. A failed `clean` is logged and
+    /// ignored (spec §3.8); a failed `initialize` is returned: the module did not set
+    /// itself up, so its initialisation failed (UCS leaves such a module not ready).
+    pub fn clean_and_initialize(&mut self, index: usize) -> Result<(), ModuleError> {
+        if let Err(e) = self.call(index, "clean", None, |m| m.clean()) {
             tracing::error!("{}: clean failed: {e}", self.name(index));
         }
-        if let Err(e) = self.call(index, |m| m.initialize()) {
-            tracing::error!("{}: initialize failed: {e}", self.name(index));
-        }
+        self.call(index, "initialize", None, |m| m.initialize())
     }
 
     /// `H_update` (spec §3.4): runs the selected modules for an object whose new state is
@@ -352,7 +576,7 @@ impl Handlers {
             if !self.slots[index].prepared {
                 continue;
             }
-            match self.call(index, |m| m.postrun()) {
+            match self.call(index, "postrun", None, |m| m.postrun()) {
                 Ok(()) => self.slots[index].prepared = false,
                 Err(e) => tracing::error!("{}: postrun failed: {e}", self.name(index)),
             }
@@ -375,24 +599,26 @@ impl Handlers {
             return false;
         }
         if !slot.prepared {
-            match self.call(index, |m| m.prerun()) {
+            match self.call(index, "prerun", None, |m| m.prerun()) {
                 Ok(()) => self.slots[index].prepared = true,
                 // The handler still runs; prerun is retried before the next call.
                 Err(e) => tracing::error!("{}: prerun failed: {e}", self.name(index)),
             }
         }
         let started = Instant::now();
-        let result = self.call(index, |m| m.handler(call));
+        let result = self.call(index, "handler", Some(call.dn), |m| m.handler(call));
         let slot = &mut self.slots[index];
         slot.stats.calls += 1;
         slot.stats.busy += started.elapsed();
         match result {
             Ok(()) => {
+                slot.stats.consecutive_failures = 0;
                 tracing::debug!("{}: {} {}", slot.name(), call.command, call.dn);
                 true
             }
             Err(e) => {
                 slot.stats.failures += 1;
+                slot.stats.consecutive_failures += 1;
                 tracing::error!(
                     "{}: handler for {} {} (failed): {e}",
                     slot.name(),
@@ -406,16 +632,36 @@ impl Handlers {
 
     /// Calls into a module (blocking work: [`run_blocking`]), then restores the daemon's
     /// effective uid/gid: modules may switch to root (`listener.setuid(0)`) and forget to
-    /// switch back (spec §4.3).
+    /// switch back (spec §4.3). The call is published to the [`CallTracker`] while it
+    /// runs, and a failure becomes the module's last error.
     fn call(
         &mut self,
         index: usize,
+        function: &'static str,
+        dn: Option<&str>,
         f: impl FnOnce(&mut dyn Module) -> Result<(), ModuleError>,
     ) -> Result<(), ModuleError> {
         let Some(slot) = self.slots.get_mut(index) else {
             return Ok(());
         };
+        self.calls.set(Some(ActiveCall {
+            module: slot.module.info().name.clone(),
+            function,
+            dn: dn.map(str::to_owned),
+            started: Instant::now(),
+        }));
         let result = run_blocking(|| f(slot.module.as_mut()));
+        self.calls.set(None);
+        if let Err(e) = &result {
+            slot.stats.last_error = Some(LastError {
+                call: match dn {
+                    Some(dn) => format!("{function} {dn}"),
+                    None => function.to_owned(),
+                },
+                message: e.to_string(),
+                at: SystemTime::now(),
+            });
+        }
         self.privileges.restore();
         self.heartbeat.beat();
         result
@@ -473,6 +719,9 @@ mod tests {
         log: Log,
         fail_handler: bool,
         fail_prerun: bool,
+        fail_initialize: bool,
+        /// Logs what the tracker says while the handler runs.
+        tracker: Option<CallTracker>,
     }
 
     impl Module for Recorder {
@@ -488,6 +737,12 @@ mod tests {
                 call.new.len(),
                 call.old.len()
             ));
+            if let Some(call) = self.tracker.as_ref().and_then(CallTracker::current) {
+                self.log.lock().unwrap().push(format!(
+                    "current {} {} {:?}",
+                    call.module, call.function, call.dn
+                ));
+            }
             if self.fail_handler {
                 Err(ModuleError::new("boom"))
             } else {
@@ -512,6 +767,13 @@ mod tests {
                 .push(format!("{} postrun", self.info.name));
             Ok(())
         }
+        fn initialize(&mut self) -> Result<(), ModuleError> {
+            if self.fail_initialize {
+                Err(ModuleError::new("cannot set up"))
+            } else {
+                Ok(())
+            }
+        }
         fn setdata(&mut self, key: &str, value: &str) -> Result<(), ModuleError> {
             self.log
                 .lock()
@@ -535,6 +797,8 @@ mod tests {
             log: Arc::clone(log),
             fail_handler: false,
             fail_prerun: false,
+            fail_initialize: false,
+            tracker: None,
         }
     }
 
@@ -774,6 +1038,108 @@ mod tests {
             Selection::Only(0),
         );
         assert_eq!(new.modules, ["m"]);
+    }
+
+    fn conditions(h: &Handlers) -> Vec<(String, Condition)> {
+        h.module_stats()
+            .into_iter()
+            .map(|m| (m.name, m.condition))
+            .collect()
+    }
+
+    #[test]
+    fn failing_calls_load_failures_and_the_current_call_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let tracker = CallTracker::default();
+        let mut bad = recorder("bad", Some("(cn=*)"), &log);
+        bad.fail_handler = true;
+        let mut good = recorder("good", Some("(cn=*)"), &log);
+        good.tracker = Some(tracker.clone());
+        let h = &mut handlers(dir.path(), vec![bad, good, recorder("bad", None, &log)]);
+        h.track_calls(tracker.clone());
+        h.add_load_failures([LoadFailure {
+            name: "broken".into(),
+            source: "/m/broken.py".into(),
+            error: "SyntaxError: invalid syntax".into(),
+            at: SystemTime::now(),
+        }]);
+        let mut new = entry("cn=a", &[("cn", &["a"])], &[]);
+        let old = CacheEntry::default();
+        h.update(1, "cn=a", &mut new, &old, Command::Add, Selection::All);
+        assert!(
+            take(&log).contains(&r#"current good handler Some("cn=a")"#.to_owned()),
+            "the call is published while it runs"
+        );
+        assert_eq!(tracker.current(), None, "and withdrawn when it returns");
+        assert_eq!(
+            conditions(h),
+            [
+                ("bad".to_owned(), Condition::Failing),
+                ("good".to_owned(), Condition::Ready),
+                // The second "bad" could not be loaded: its name was taken.
+                ("bad".to_owned(), Condition::FailedToLoad),
+                ("broken".to_owned(), Condition::FailedToLoad),
+            ]
+        );
+        let stats = h.module_stats();
+        assert_eq!(stats[0].stats.consecutive_failures, 1);
+        let error = stats[0].stats.last_error.as_ref().unwrap();
+        assert_eq!(
+            (error.call.as_str(), error.message.as_str()),
+            ("handler cn=a", "boom")
+        );
+        assert_eq!(stats[3].source, "/m/broken.py");
+        assert_eq!(
+            stats[3].stats.last_error.as_ref().unwrap().message,
+            "SyntaxError: invalid syntax"
+        );
+        h.update(2, "cn=a", &mut new, &old, Command::Add, Selection::All);
+        assert_eq!(h.module_stats()[0].stats.consecutive_failures, 2);
+    }
+
+    #[test]
+    fn a_failed_initialisation_is_retried_with_growing_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let mut module = recorder("m", Some("(cn=*)"), &log);
+        module.fail_initialize = true;
+        let h = &mut handlers(dir.path(), vec![module]);
+        h.set_state(0, INITIALIZED).unwrap();
+        assert_eq!(conditions(h)[0].1, Condition::NotReady);
+        assert_eq!(
+            h.due_for_init(Instant::now()),
+            [0],
+            "never tried: due at once"
+        );
+        h.begin_initialising(0);
+        assert_eq!(conditions(h)[0].1, Condition::Initialising);
+        let error = h.clean_and_initialize(0).unwrap_err();
+        assert_eq!(error.to_string(), "cannot set up");
+        h.set_state(0, INITIALIZED).unwrap();
+        h.set_init_retry(Duration::from_secs(10));
+        let first = h.init_failed(0, "initialize() failed: cannot set up");
+        // Equal jitter: between half and all of the step.
+        assert!(first >= Duration::from_secs(5) && first <= Duration::from_secs(10));
+        assert!(h.due_for_init(Instant::now()).is_empty());
+        let due = h.next_init_due().unwrap();
+        assert_eq!(h.due_for_init(due), [0]);
+        let stat = &h.module_stats()[0];
+        assert_eq!(stat.condition, Condition::InitFailed);
+        assert_eq!(stat.init_failures, 1);
+        assert!(stat.next_init.is_some());
+        assert_eq!(
+            stat.stats.last_error.as_ref().unwrap().call,
+            "initialisation"
+        );
+        let second = h.init_failed(0, "again");
+        assert!(second >= Duration::from_secs(10) && second <= Duration::from_secs(20));
+        assert_eq!(h.init_failures(0), 2);
+        // Success clears the retry state.
+        h.set_state(0, INITIALIZED | READY).unwrap();
+        assert_eq!(h.next_init_due(), None);
+        assert_eq!(h.init_failures(0), 0);
+        assert_eq!(conditions(h)[0].1, Condition::Ready);
     }
 
     #[test]

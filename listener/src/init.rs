@@ -108,19 +108,53 @@ impl Progress {
 }
 
 impl Engine {
-    /// Initialises every module that is not READY, in call order. A module whose
-    /// initialisation fails stays not ready (and is retried at the next start); transient
-    /// LDAP failures are returned so the caller can retry later.
-    /// A stop request (`signals`) interrupts the initialisation; the module stays not ready.
+    /// Initialises every module that is not READY, in call order; see
+    /// [`Engine::initialize_modules`].
     pub async fn initialize_pending(
         &mut self,
         scan_timeout: Duration,
         signals: &Signals,
     ) -> Result<(), EngineError> {
-        for index in self.handlers.not_ready() {
-            self.initialize_module(index, scan_timeout, signals).await?;
+        let pending = self.handlers.not_ready();
+        self.initialize_modules(pending, scan_timeout, signals)
+            .await
+    }
+
+    /// Initialises the modules that are not READY and whose retry is due at `now`.
+    pub async fn initialize_due(
+        &mut self,
+        now: Instant,
+        scan_timeout: Duration,
+        signals: &Signals,
+    ) -> Result<(), EngineError> {
+        let due = self.handlers.due_for_init(now);
+        self.initialize_modules(due, scan_timeout, signals).await
+    }
+
+    /// Initialises the modules `indices`. A module whose initialisation fails stays not
+    /// ready and is retried later with backoff ([`Handlers::init_failed`]); the others are
+    /// still initialised, and the first such failure is returned at the end. A cache
+    /// failure or a stop request (`signals`) ends the pass at once; the module being
+    /// initialised stays not ready.
+    ///
+    /// [`Handlers::init_failed`]: crate::dispatch::Handlers::init_failed
+    async fn initialize_modules(
+        &mut self,
+        indices: Vec<usize>,
+        scan_timeout: Duration,
+        signals: &Signals,
+    ) -> Result<(), EngineError> {
+        let mut first_failure = None;
+        for index in indices {
+            match self.initialize_module(index, scan_timeout, signals).await {
+                Ok(()) => {}
+                Err(e @ (EngineError::Cache(_) | EngineError::Interrupted)) => return Err(e),
+                Err(e) => {
+                    first_failure.get_or_insert(e);
+                }
+            }
         }
-        Ok(())
+        first_failure.map_or(Ok(()), Err)
     }
 
     async fn initialize_module(
@@ -131,7 +165,12 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let name = self.handlers.name(index).to_owned();
         let state = self.handlers.state(index);
-        tracing::info!("initializing module {name}");
+        let attempt = self.handlers.init_failures(index) + 1;
+        if attempt > 1 {
+            tracing::info!("initializing module {name} (attempt {attempt})");
+        } else {
+            tracing::info!("initializing module {name}");
+        }
         // READY is persisted only after the whole pass: a crash (or the stop guard's
         // exit) in the middle must not leave a module marked ready that saw part of the
         // directory.
@@ -141,9 +180,18 @@ impl Engine {
             .await;
         match &result {
             Ok(()) => self.set_state(index, INITIALIZED | READY),
-            Err(e) => {
-                tracing::error!("initialization of module {name} failed: {e}");
+            Err(EngineError::Interrupted) => {
+                tracing::warn!("initialization of module {name} interrupted");
                 self.set_state(index, state & !READY);
+            }
+            Err(e) => {
+                self.set_state(index, state & !READY);
+                let retry = self.handlers.init_failed(index, &e.to_string());
+                tracing::error!(
+                    "initialization of module {name} failed (attempt {attempt}): {e}; the \
+                     module is not ready, next attempt in {:.0?}",
+                    retry
+                );
             }
         }
         result
@@ -166,7 +214,9 @@ impl Engine {
         signals: &Signals,
     ) -> Result<(), EngineError> {
         self.commit_staged(false)?;
-        self.handlers.clean_and_initialize(index);
+        self.handlers
+            .clean_and_initialize(index)
+            .map_err(EngineError::ModuleInit)?;
         let cache = self.cache();
         let removed = run_blocking(|| cache.remove_module_everywhere(name))?;
         tracing::debug!("module {name} removed from {removed} cache entries");

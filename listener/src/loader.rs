@@ -2,13 +2,22 @@
 //! `--native-module`, and the module files of every `-m` path (spec listener.md §4.1).
 
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use daemon::ucr::BASE_CONF;
 use modules::Module;
 use modules::python::{HostOptions, PythonHost, PythonModule};
 
 use crate::config::Config;
+use crate::dispatch::LoadFailure;
 use daemon::privileges::Privileges;
+
+/// What [`load_modules`] found: the modules that loaded and those that did not.
+#[derive(Default)]
+pub struct Loaded {
+    pub modules: Vec<Box<dyn Module>>,
+    pub failures: Vec<LoadFailure>,
+}
 
 /// Module files of one `-m` path: the file itself, or the `*.py` files of a directory with
 /// `replication.py` first and the others by name (UCS used readdir order; sorted is stable).
@@ -25,12 +34,12 @@ pub fn module_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Loads every configured module. A module that fails to load is reported with its source
-/// and skipped; the others run (spec §4.1). Module files are imported with the daemon's
-/// effective identity, which is taken back after each import (a module may switch at
-/// import time).
-pub fn load_modules(config: &Config, privileges: &Privileges) -> Vec<Box<dyn Module>> {
-    let mut loaded: Vec<Box<dyn Module>> = Vec::new();
+/// Loads every configured module. A module that fails to load is reported with its source,
+/// skipped and returned among the failures (the status lists it); the others run (spec
+/// §4.1). Module files are imported with the daemon's effective identity, which is taken
+/// back after each import (a module may switch at import time).
+pub fn load_modules(config: &Config, privileges: &Privileges) -> Loaded {
+    let mut loaded = Loaded::default();
     for spec in &config.native_modules {
         match modules::native::load(spec) {
             Ok(module) => {
@@ -39,16 +48,33 @@ pub fn load_modules(config: &Config, privileges: &Privileges) -> Vec<Box<dyn Mod
                     module.info().name,
                     module.info().source
                 );
-                loaded.push(module);
+                loaded.modules.push(module);
             }
-            Err(e) => tracing::error!("{e}; module skipped"),
+            Err(e) => {
+                tracing::error!("{e}; module skipped");
+                let kind = spec.split_once('=').map_or(spec.as_str(), |(kind, _)| kind);
+                loaded.failures.push(LoadFailure {
+                    name: kind.to_owned(),
+                    source: format!("native:{kind}"),
+                    error: e.to_string(),
+                    at: SystemTime::now(),
+                });
+            }
         }
     }
     let mut files = Vec::new();
     for path in &config.module_paths {
         match module_files(path) {
             Ok(found) => files.extend(found),
-            Err(e) => tracing::error!("cannot read module directory {}: {e}", path.display()),
+            Err(e) => {
+                tracing::error!("cannot read module directory {}: {e}", path.display());
+                loaded.failures.push(LoadFailure {
+                    name: path.display().to_string(),
+                    source: path.display().to_string(),
+                    error: format!("cannot read the module directory: {e}"),
+                    at: SystemTime::now(),
+                });
+            }
         }
     }
     if files.is_empty() {
@@ -58,6 +84,9 @@ pub fn load_modules(config: &Config, privileges: &Privileges) -> Vec<Box<dyn Mod
         Ok(host) => host,
         Err(e) => {
             tracing::error!("{e}; {} Python module(s) skipped", files.len());
+            for file in &files {
+                loaded.failures.push(failure(file, &e.to_string()));
+            }
             return loaded;
         }
     };
@@ -67,12 +96,26 @@ pub fn load_modules(config: &Config, privileges: &Privileges) -> Vec<Box<dyn Mod
         match result {
             Ok(module) => {
                 tracing::info!("loaded module {} ({})", module.info().name, file.display());
-                loaded.push(Box::new(module));
+                loaded.modules.push(Box::new(module));
             }
-            Err(e) => tracing::error!("{e}\nmodule skipped"),
+            Err(e) => {
+                tracing::error!("{e}\nmodule skipped");
+                loaded.failures.push(failure(&file, &e.to_string()));
+            }
         }
     }
     loaded
+}
+
+/// A module file that did not load, named as the tools name it without importing: its
+/// top-level `name = '…'` line, else the file name without `.py`.
+fn failure(file: &Path, error: &str) -> LoadFailure {
+    LoadFailure {
+        name: crate::tools::module_name_of_file(file),
+        source: file.display().to_string(),
+        error: error.to_owned(),
+        at: SystemTime::now(),
+    }
 }
 
 fn host_options(config: &Config) -> HostOptions {

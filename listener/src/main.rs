@@ -137,6 +137,7 @@ async fn run_locked(
         metrics: Arc::clone(&metrics),
         cache_dir: cache_dir.to_owned(),
         failed_ldif: config.failed_ldif.clone(),
+        blocked_after: config.blocked_after,
     };
     match listener::control::ControlServer::bind(control) {
         Ok(server) => tasks.spawn("control socket", server.serve(tasks.token())),
@@ -144,8 +145,11 @@ async fn run_locked(
             "cannot serve the control socket (the tools will not reach this listener): {e}"
         ),
     }
-    let modules = loader::load_modules(&config, &privileges);
-    let mut handlers = Handlers::new(modules, cache_dir, privileges, heartbeat.clone());
+    let loaded = loader::load_modules(&config, &privileges);
+    let mut handlers = Handlers::new(loaded.modules, cache_dir, privileges, heartbeat.clone());
+    handlers.add_load_failures(loaded.failures);
+    handlers.set_init_retry(config.init_retry);
+    handlers.track_calls(metrics.call_tracker());
     handlers.set_init_only(config.mode == RunMode::InitOnly);
     handlers.setdata(&setdata_values(&config, &server));
 
@@ -234,7 +238,10 @@ async fn run_locked(
         };
     }
     if let Err(e) = init {
-        tracing::error!("module initialization failed: {e}; those modules stay not ready");
+        tracing::error!(
+            "module initialization failed: {e}; those modules stay not ready and are tried \
+             again with backoff"
+        );
     }
 
     // Stamps progress only if initialising the modules moved the id.

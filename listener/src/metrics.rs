@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use daemon::metrics::{Exposition, Kind};
 use daemon::time::unix_seconds;
 
-use crate::dispatch::{ModuleStat, READY};
+use crate::dispatch::{CallTracker, Condition, ModuleStat, READY};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -16,6 +16,8 @@ pub struct Metrics {
     notifier_id: AtomicU64,
     transactions: AtomicU64,
     modules: Mutex<Vec<ModuleStat>>,
+    /// The module call in progress, written by the main loop's handlers around every call.
+    calls: CallTracker,
     /// What the daemon does, as in its systemd STATUS ("waiting", "paused: …").
     state: Mutex<String>,
     /// Unix seconds when `processed_id` last changed, 0 for not since start: the "seconds
@@ -55,6 +57,11 @@ impl Metrics {
         lock(&self.state).clone()
     }
 
+    /// The tracker the handlers publish their calls to (shared, not copied).
+    pub fn call_tracker(&self) -> CallTracker {
+        self.calls.clone()
+    }
+
     pub fn modules(&self) -> Vec<ModuleStat> {
         lock(&self.modules).clone()
     }
@@ -83,11 +90,15 @@ impl Metrics {
         *lock(&self.modules) = modules;
     }
 
-    /// "modules ok/failed": ready modules / modules that are not ready.
+    /// "modules ok/failed": healthy modules / modules that are not (not ready, failing,
+    /// failed to initialise or to load).
     pub fn module_counts(&self) -> (usize, usize) {
         let modules = lock(&self.modules);
-        let ready = modules.iter().filter(|m| m.state & READY != 0).count();
-        (ready, modules.len() - ready)
+        let healthy = modules
+            .iter()
+            .filter(|m| m.condition == Condition::Ready)
+            .count();
+        (healthy, modules.len() - healthy)
     }
 
     pub fn render(&self) -> String {
@@ -117,7 +128,7 @@ impl Metrics {
             self.transactions.load(Ordering::Relaxed),
         );
         let modules = lock(&self.modules);
-        let families: [(&str, Kind, &str, ModuleValue); 4] = [
+        let families: [(&str, Kind, &str, ModuleValue); 6] = [
             (
                 "udl_module_calls_total",
                 Kind::Counter,
@@ -141,6 +152,19 @@ impl Metrics {
                 Kind::Gauge,
                 "1 if the module is initialised and ready.",
                 |m| u8::from(m.state & READY != 0).to_string(),
+            ),
+            (
+                "udl_module_healthy",
+                Kind::Gauge,
+                "1 if the module is ready and its last handler call did not fail; 0 if it \
+                 is failing, not ready, failed to initialise or failed to load.",
+                |m| u8::from(m.condition == Condition::Ready).to_string(),
+            ),
+            (
+                "udl_module_consecutive_failures",
+                Kind::Gauge,
+                "Handler calls that failed since the module's last successful one.",
+                |m| m.stats.consecutive_failures.to_string(),
             ),
         ];
         for (name, kind, help, value) in families {
@@ -193,8 +217,12 @@ mod tests {
                 calls: 5,
                 failures: 1,
                 busy: Duration::from_millis(1500),
+                ..CallStats::default()
             },
             state: 3,
+            condition: Condition::Ready,
+            init_failures: 0,
+            next_init: None,
         }]);
         let text = m.render();
         assert!(text.contains("udl_lag 2\n"), "{text}");
@@ -203,6 +231,8 @@ mod tests {
         assert!(text.contains("udl_module_failures_total{module=\"jsonl\"} 1\n"));
         assert!(text.contains("udl_module_seconds_total{module=\"jsonl\"} 1.500000\n"));
         assert!(text.contains("udl_module_ready{module=\"jsonl\"} 1\n"));
+        assert!(text.contains("udl_module_healthy{module=\"jsonl\"} 1\n"));
+        assert!(text.contains("udl_module_consecutive_failures{module=\"jsonl\"} 0\n"));
         assert_eq!(m.module_counts(), (1, 0));
     }
 

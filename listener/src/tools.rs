@@ -181,17 +181,57 @@ pub struct ModuleEntry {
     /// Calls and failed calls since the daemon started; only a running listener knows them.
     pub calls: Option<u64>,
     pub failures: Option<u64>,
+    /// "ready", "failing", "not ready", "initialising", "initialisation failed", "failed
+    /// to load" (from a running listener); without one "ready" or "not ready" from the
+    /// state file.
+    pub condition: String,
+    /// Whether this module lets the status be healthy: only a ready module that is not
+    /// failing does.
+    pub healthy: bool,
+    /// Handler calls that failed since the last successful one (running listener only).
+    pub consecutive_failures: Option<u64>,
+    pub last_error: Option<control::ModuleError>,
+    /// Unix time of the next initialisation attempt, after a failed one.
+    pub next_init: Option<u64>,
 }
 
 impl ModuleEntry {
     fn new(name: String, file: String, state: Option<u32>) -> ModuleEntry {
+        let ready = state.is_some_and(|s| s & READY != 0);
         ModuleEntry {
-            ready: state.is_some_and(|s| s & READY != 0),
+            ready,
             name,
             file,
             state,
             calls: None,
             failures: None,
+            condition: if ready { "ready" } else { "not ready" }.to_owned(),
+            healthy: ready,
+            consecutive_failures: None,
+            last_error: None,
+            next_init: None,
+        }
+    }
+
+    fn live(m: &ModuleStatus) -> ModuleEntry {
+        let base = ModuleEntry::new(m.name.clone(), m.source.clone(), Some(m.state));
+        // A daemon that does not report conditions yet: its ready bit is all there is.
+        let condition = if m.condition.is_empty() {
+            base.condition.clone()
+        } else {
+            m.condition.clone()
+        };
+        // A module that did not load was never called: no counters rather than zeros.
+        let loaded = condition != "failed to load";
+        ModuleEntry {
+            calls: Some(m.calls).filter(|_| loaded),
+            failures: Some(m.failures).filter(|_| loaded),
+            healthy: condition == "ready",
+            condition,
+            consecutive_failures: Some(m.consecutive_failures),
+            last_error: m.last_error.clone(),
+            next_init: m.next_init,
+            ..base
         }
     }
 }
@@ -206,14 +246,7 @@ pub fn list_modules(
     let Some(live) = live else {
         return scan_modules(dirs, states);
     };
-    let mut modules = live
-        .iter()
-        .map(|m| ModuleEntry {
-            calls: Some(m.calls),
-            failures: Some(m.failures),
-            ..ModuleEntry::new(m.name.clone(), m.source.clone(), Some(m.state))
-        })
-        .collect();
+    let mut modules = live.iter().map(ModuleEntry::live).collect();
     add_state_only(&mut modules, states);
     modules
 }
@@ -231,17 +264,23 @@ pub fn scan_modules(dirs: &[PathBuf], states: &BTreeMap<String, u32>) -> Vec<Mod
             .into_iter()
             .filter(|file| file.is_file());
         for file in files {
-            let name = std::fs::read_to_string(&file)
-                .ok()
-                .and_then(|text| module_name(&text))
-                .or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()))
-                .unwrap_or_default();
+            let name = module_name_of_file(&file);
             let state = states.get(&name).copied();
             modules.push(ModuleEntry::new(name, file.display().to_string(), state));
         }
     }
     add_state_only(&mut modules, states);
     modules
+}
+
+/// The name of the module in `file` without importing it: its top-level `name = '…'`
+/// line, else the file name without `.py` (as UCS 5).
+pub fn module_name_of_file(file: &Path) -> String {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|text| module_name(&text))
+        .or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_default()
 }
 
 /// Appends the modules that only have a state file.
@@ -286,12 +325,21 @@ mod tests {
             calls: 5,
             failures: 1,
             seconds: 0.5,
+            condition: "failing".into(),
+            consecutive_failures: 1,
+            last_error: Some(control::ModuleError {
+                call: "handler cn=x".into(),
+                message: "boom".into(),
+                at: 7,
+            }),
+            init_failures: 0,
+            next_init: None,
         }];
         let states = BTreeMap::from([("a".to_owned(), 3), ("b".to_owned(), 1)]);
         let modules = list_modules(Some(&live), &[], &states);
         assert_eq!(
             serde_json::to_string(&modules).unwrap(),
-            r#"[{"name":"a","file":"native:jsonl","state":3,"ready":true,"calls":5,"failures":1},{"name":"b","file":"-","state":1,"ready":false,"calls":null,"failures":null}]"#
+            r#"[{"name":"a","file":"native:jsonl","state":3,"ready":true,"calls":5,"failures":1,"condition":"failing","healthy":false,"consecutive_failures":1,"last_error":{"call":"handler cn=x","message":"boom","at":7},"next_init":null},{"name":"b","file":"-","state":1,"ready":false,"calls":null,"failures":null,"condition":"not ready","healthy":false,"consecutive_failures":null,"last_error":null,"next_init":null}]"#
         );
     }
 

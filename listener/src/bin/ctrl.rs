@@ -22,16 +22,20 @@ use serde::Serialize;
 const AFTER_HELP: &str = "\
 Output formats:
   status    blocks \"Listener status:\", \"Current Notifier ID on <host>:\", \"Last Notifier
-            ID processed by local Listener:\", \"Lag:\", \"failed.ldif:\", then the modules;
-            each value indented by one space. --json: one JSON object (see README).
+            ID processed by local Listener:\", \"Lag:\", \"failed.ldif:\", then \"Modules:\" with
+            \"<state>\\t<name>\\t<file>\\t<condition>[: calls, failures, last error]\" per
+            module; each value indented by one space. A module call running longer than the
+            listener's --blocked-after adds \" blocked: module M in F for DN since N s\" under
+            the listener's state. --json: one JSON object (see README).
   modules   \"Modules:\", then \"<state>\\t<name>\\t<file>\" per module (state 3 = ready,
             - = no state file; file - = known only by its state file)
   notifier-id   the id alone
 Colours only on a terminal (and not with NO_COLOR).
 
 Exit status: 0 success (status: healthy); 1 failure (status: not running, paused,
-failed.ldif present, a module not ready, or the notifier unreachable; backup verify:
-damaged; restore/resync refused); 2 usage error or unknown module.";
+failed.ldif present, a module not ready, failing, failed to initialise or to load, a module
+call blocked, or the notifier unreachable; backup verify: damaged; restore/resync refused);
+2 usage error or unknown module.";
 
 /// Controls the Univention Directory Listener.
 #[derive(Debug, Parser)]
@@ -246,6 +250,10 @@ struct StatusReport {
     seconds_since_progress: Option<u64>,
     failed_ldif: control::FailedLdif,
     modules: Vec<ModuleEntry>,
+    /// The module call running now (running listener only).
+    current_call: Option<control::CurrentCall>,
+    /// The listener's `--blocked-after`, seconds.
+    blocked_after: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -297,12 +305,15 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
         path: cli.failed_ldif.clone(),
     };
     let paused = live.as_ref().is_some_and(|s| s.state.starts_with("paused"));
+    let current_call = live.as_ref().and_then(|s| s.current_call.clone());
+    let blocked = current_call.as_ref().is_some_and(|c| c.blocked);
     let healthy = running
         && live_error.is_none()
         && !paused
+        && !blocked
         && !failed_ldif.present
         && notifier_id.is_some()
-        && modules.iter().all(|m| m.ready);
+        && modules.iter().all(|m| m.healthy);
     let report = StatusReport {
         healthy,
         listener: ListenerReport {
@@ -323,6 +334,8 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
             .map(|t| daemon::time::unix_seconds(now).saturating_sub(t)),
         failed_ldif,
         modules,
+        current_call,
+        blocked_after: live.as_ref().map(|s| s.blocked_after),
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -346,6 +359,21 @@ fn print_status(r: &StatusReport, colour: bool) {
     };
     let good = r.listener.running && !listener.contains("paused");
     println!(" {}", paint(&listener, good, colour));
+    if let Some(call) = r.current_call.as_ref().filter(|c| c.blocked) {
+        let target = call
+            .dn
+            .as_ref()
+            .map(|dn| format!(" for {dn}"))
+            .unwrap_or_default();
+        let line = format!(
+            "blocked: module {} in {}{target} since {:.0} s (limit {:.0} s)",
+            call.module,
+            call.function,
+            call.seconds,
+            r.blocked_after.unwrap_or_default()
+        );
+        println!(" {}", paint(&line, false, colour));
+    }
     println!("Current Notifier ID on \"{}\":", r.notifier.host);
     match (&r.notifier.id, &r.notifier.error) {
         (Some(id), _) => println!(" {id}"),
@@ -389,7 +417,61 @@ fn print_status(r: &StatusReport, colour: bool) {
         format!("absent ({})", r.failed_ldif.path.display())
     };
     println!(" {}", paint(&failed, !r.failed_ldif.present, colour));
-    print_modules(&r.modules, colour);
+    print_module_health(&r.modules, colour);
+}
+
+/// Longest last error shown in the text output; `--json` has all of it.
+const ERROR_SHOWN: usize = 160;
+
+/// The modules as `modules` lists them plus a fourth column: condition, counters and the
+/// last error.
+fn print_module_health(modules: &[ModuleEntry], colour: bool) {
+    let now = daemon::time::unix_seconds(SystemTime::now());
+    println!("Modules:");
+    for m in modules {
+        let state = m.state.map_or_else(|| "-".to_owned(), |s| s.to_string());
+        let mut health = m.condition.clone();
+        if let (Some(calls), Some(failures)) = (m.calls, m.failures) {
+            health.push_str(&format!(", {calls} calls, {failures} failures"));
+        }
+        if let Some(run) = m.consecutive_failures.filter(|n| *n > 0) {
+            health.push_str(&format!(" ({run} in a row)"));
+        }
+        if let Some(at) = m.next_init {
+            health.push_str(&format!(", next attempt in {} s", at.saturating_sub(now)));
+        }
+        if let Some(error) = &m.last_error {
+            health.push_str(&format!(
+                ", last error {} s ago in {}: {}",
+                now.saturating_sub(error.at),
+                error.call,
+                shorten(&error.message)
+            ));
+        }
+        let line = format!("{state}\t{}\t{}\t{health}", m.name, m.file);
+        if m.healthy || !colour {
+            println!("{line}");
+        } else {
+            println!("{}", paint(&line, false, true));
+        }
+    }
+}
+
+/// The line of an error message that says what went wrong (a traceback's last one), cut
+/// to [`ERROR_SHOWN`] characters.
+fn shorten(message: &str) -> String {
+    let line = message
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or_default();
+    if line.chars().count() > ERROR_SHOWN {
+        let cut: String = line.chars().take(ERROR_SHOWN).collect();
+        format!("{cut}…")
+    } else {
+        line.to_owned()
+    }
 }
 
 fn systemctl(args: &[&str]) -> Option<bool> {

@@ -31,6 +31,10 @@ pub enum EngineError {
     Cache(#[from] CacheError),
     #[error("interrupted by a stop request")]
     Interrupted,
+    /// The module's own `initialize()` failed (raised, or returned something other than
+    /// `None`).
+    #[error("initialize() failed: {0}")]
+    ModuleInit(#[source] modules::ModuleError),
 }
 
 impl EngineError {
