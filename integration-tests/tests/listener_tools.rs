@@ -366,7 +366,18 @@ fn ctrl_status_modules_notifier_id_and_resync() {
         "Current Notifier ID on \"127.0.0.1\":\n {id}\n\
          Last Notifier ID processed by local Listener:\n {id}\nLag:\n 0 transactions, "
     )));
-    assert!(text.stdout.ends_with("Modules:\n3\tjsonl\tnative:jsonl\n"));
+    // Status adds the condition and the counters to what `modules` lists.
+    assert!(
+        text.stdout
+            .contains("Modules:\n3\tjsonl\tnative:jsonl\tready, "),
+        "{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout.ends_with(" calls, 0 failures\n"),
+        "{}",
+        text.stdout
+    );
     assert!(!text.stdout.contains('\x1b'), "colours without a terminal");
 
     let modules = ctrl(&listener, &notifier, &["modules"]);
@@ -438,7 +449,7 @@ fn ctrl_status_modules_notifier_id_and_resync() {
         "Last Notifier ID processed by local Listener:\n {id}\n"
     )));
     assert!(
-        stopped.stdout.ends_with("Modules:\n3\tjsonl\t-\n"),
+        stopped.stdout.ends_with("Modules:\n3\tjsonl\t-\tready\n"),
         "{}",
         stopped.stdout
     );
@@ -541,4 +552,314 @@ fn wipe(dir: &Path) {
             fs::remove_file(&path).unwrap();
         }
     }
+}
+
+// ---- honest health: `ctrl status` and failing, uninitialised, unloadable, blocked modules
+
+/// A directory of Python module files the listener (another effective uid) may read and
+/// write its records into.
+fn module_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    dir
+}
+
+fn health_listener(slapd: &Slapd, notifier: &Notifier, modules: &Path, args: &[&str]) -> Listener {
+    let options = ListenerOptions::new()
+        .module_dir(modules)
+        .args(args.iter().copied());
+    let mut listener = Listener::start(slapd, notifier, options).unwrap();
+    listener.wait_initialized(T).unwrap();
+    listener
+}
+
+/// `ctrl status --json`: exit code and report.
+fn status_json(listener: &Listener, notifier: &Notifier) -> (i32, serde_json::Value) {
+    let run = ctrl(listener, notifier, &["status", "--json"]);
+    let json = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {run:?}"));
+    (run.code, json)
+}
+
+/// The module `name` of a status report (null when not listed).
+fn module_of(json: &serde_json::Value, name: &str) -> serde_json::Value {
+    json["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until `check` accepts the status report; returns exit code and report.
+fn wait_status(
+    listener: &mut Listener,
+    notifier: &Notifier,
+    what: &str,
+    check: impl Fn(i32, &serde_json::Value) -> bool,
+) -> (i32, serde_json::Value) {
+    listener
+        .wait_until(what, T, |l| {
+            let (code, json) = status_json(l, notifier);
+            Ok(check(code, &json).then_some((code, json)))
+        })
+        .unwrap()
+}
+
+const FAILER: &str = r#"
+name = 'failer'
+description = 'fails for objects whose cn starts with healthbad'
+filter = '(cn=health*)'
+
+def handler(dn, new, old):
+    if new and new.get('cn', [b''])[0].startswith(b'healthbad'):
+        raise ValueError('cannot handle ' + dn)
+"#;
+
+#[test]
+fn ctrl_status_is_unhealthy_while_a_module_fails_its_calls() {
+    let (slapd, notifier) = stack();
+    let modules = module_dir();
+    let file = modules.path().join("failer.py");
+    fs::write(&file, FAILER).unwrap();
+    let mut listener = health_listener(&slapd, &notifier, modules.path(), &[]);
+    let bad = format!("cn=healthbad,{BASE}");
+    slapd.admin().unwrap().add_role(&bad, "healthbad").unwrap();
+    catch_up(&mut listener, &notifier, &bad, 'a');
+
+    let (code, json) = wait_status(&mut listener, &notifier, "failer failing", |_, j| {
+        module_of(j, "failer")["condition"] == "failing"
+    });
+    assert_eq!((code, &json["healthy"]), (1, &false.into()), "{json:#}");
+    let failer = module_of(&json, "failer");
+    assert_eq!(failer["ready"], true, "ready, but failing: {failer:#}");
+    assert_eq!(
+        (&failer["calls"], &failer["failures"]),
+        (&1.into(), &1.into())
+    );
+    assert_eq!(failer["consecutive_failures"], 1);
+    assert_eq!(failer["last_error"]["call"], format!("handler {bad}"));
+    let message = failer["last_error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("ValueError: cannot handle {bad}")),
+        "{message}"
+    );
+    let text = ctrl(&listener, &notifier, &["status"]);
+    assert_eq!(text.code, 1);
+    let line = format!(
+        "3\tfailer\t{}\tfailing, 1 calls, 1 failures (1 in a row), last error ",
+        file.display()
+    );
+    assert!(text.stdout.contains(&line), "{}", text.stdout);
+    assert!(
+        text.stdout.contains(&format!(
+            "in handler {bad}: ValueError: cannot handle {bad}\n"
+        )),
+        "the traceback shortened to its last line:\n{}",
+        text.stdout
+    );
+
+    // A call that succeeds ends the run of failures: healthy again, the error still shown.
+    let good = format!("cn=healthgood,{BASE}");
+    slapd
+        .admin()
+        .unwrap()
+        .add_role(&good, "healthgood")
+        .unwrap();
+    catch_up(&mut listener, &notifier, &good, 'a');
+    let (code, json) = wait_status(&mut listener, &notifier, "failer ready", |_, j| {
+        module_of(j, "failer")["condition"] == "ready"
+    });
+    assert_eq!((code, &json["healthy"]), (0, &true.into()), "{json:#}");
+    let failer = module_of(&json, "failer");
+    assert_eq!(
+        (&failer["calls"], &failer["failures"]),
+        (&2.into(), &1.into())
+    );
+    assert_eq!(failer["consecutive_failures"], 0);
+    let text = ctrl(&listener, &notifier, &["status"]);
+    assert!(
+        text.stdout.contains("\tfailer\t")
+            && text
+                .stdout
+                .contains("ready, 2 calls, 1 failures, last error "),
+        "{}",
+        text.stdout
+    );
+}
+
+const INIT_FAILS: &str = r#"
+import os
+name = 'initfail'
+description = 'initialize() raises while initfail.broken exists'
+filter = '(cn=healthinit)'
+_DIR = os.path.dirname(__file__)
+
+def handler(dn, new, old):
+    pass
+
+def initialize():
+    with open(os.path.join(_DIR, 'initfail.attempts'), 'a') as out:
+        out.write('attempt\n')
+    if os.path.exists(os.path.join(_DIR, 'initfail.broken')):
+        raise RuntimeError('backend unavailable')
+"#;
+
+#[test]
+fn a_module_whose_initialize_raises_is_not_ready_and_retried() {
+    let (slapd, notifier) = stack();
+    let modules = module_dir();
+    fs::write(modules.path().join("initfail.py"), INIT_FAILS).unwrap();
+    let broken = modules.path().join("initfail.broken");
+    fs::write(&broken, "").unwrap();
+    let attempts_file = modules.path().join("initfail.attempts");
+    let attempts = || {
+        fs::read_to_string(&attempts_file)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    // A one-second first retry, so that the test sees the second attempt soon.
+    let mut listener = health_listener(&slapd, &notifier, modules.path(), &["--init-retry", "1"]);
+    listener
+        .wait_until("a second initialisation attempt", T, |_| {
+            Ok((attempts() >= 2).then_some(()))
+        })
+        .unwrap();
+    assert_ne!(listener.handler_state("initfail"), Some(3));
+    let (code, json) = status_json(&listener, &notifier);
+    assert_eq!((code, &json["healthy"]), (1, &false.into()), "{json:#}");
+    let module = module_of(&json, "initfail");
+    assert_eq!(module["ready"], false, "{module:#}");
+    assert_eq!(module["condition"], "initialisation failed");
+    assert!(module["next_init"].is_u64(), "{module:#}");
+    assert_eq!(module["last_error"]["call"], "initialisation");
+    let message = module["last_error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("RuntimeError: backend unavailable"),
+        "{message}"
+    );
+    let text = ctrl(&listener, &notifier, &["status"]);
+    assert_eq!(text.code, 1);
+    assert!(
+        text.stdout.contains("\tinitfail\t") && text.stdout.contains("\tinitialisation failed, "),
+        "{}",
+        text.stdout
+    );
+    assert!(
+        listener
+            .log()
+            .contains("initializing module initfail (attempt 2)")
+    );
+
+    // Once initialize() succeeds the module is ready, and the status healthy.
+    fs::remove_file(&broken).unwrap();
+    let (code, json) = wait_status(&mut listener, &notifier, "initfail ready", |code, j| {
+        code == 0 && module_of(j, "initfail")["condition"] == "ready"
+    });
+    assert_eq!(json["healthy"], true);
+    assert_eq!(code, 0);
+    assert_eq!(listener.handler_state("initfail"), Some(3));
+}
+
+#[test]
+fn a_module_that_does_not_load_is_listed_and_unhealthy_until_reloaded_fixed() {
+    let (slapd, notifier) = stack();
+    let modules = module_dir();
+    let file = modules.path().join("broken.py");
+    fs::write(
+        &file,
+        "name = 'broken'\ndescription = 'a syntax error'\ndef handler(dn, new, old:\n",
+    )
+    .unwrap();
+    let mut listener = health_listener(&slapd, &notifier, modules.path(), &[]);
+    let (code, json) = wait_status(&mut listener, &notifier, "broken listed", |_, j| {
+        !module_of(j, "broken").is_null()
+    });
+    assert_eq!((code, &json["healthy"]), (1, &false.into()), "{json:#}");
+    let module = module_of(&json, "broken");
+    assert_eq!(module["condition"], "failed to load", "{module:#}");
+    assert_eq!(module["file"], file.display().to_string());
+    assert_eq!(module["ready"], false);
+    assert_eq!(module["last_error"]["call"], "load");
+    let message = module["last_error"]["message"].as_str().unwrap();
+    assert!(message.contains("SyntaxError"), "{message}");
+    let text = ctrl(&listener, &notifier, &["status"]);
+    assert_eq!(text.code, 1);
+    // State 0: the module never got a state file.
+    let line = format!("0\tbroken\t{}\tfailed to load, last error ", file.display());
+    assert!(text.stdout.contains(&line), "{}", text.stdout);
+    assert!(text.stdout.contains("SyntaxError"), "{}", text.stdout);
+
+    // Fixed and reloaded (SIGHUP): loaded, initialised, healthy.
+    fs::write(
+        &file,
+        "name = 'broken'\ndescription = 'fixed'\nfilter = '(cn=healthfixed)'\n\
+         def handler(dn, new, old):\n    pass\n",
+    )
+    .unwrap();
+    listener.signal(libc::SIGHUP).unwrap();
+    let (_, json) = wait_status(&mut listener, &notifier, "broken loaded", |code, j| {
+        code == 0 && module_of(j, "broken")["condition"] == "ready"
+    });
+    assert_eq!(json["healthy"], true, "{json:#}");
+    assert_eq!(
+        module_of(&json, "broken")["file"],
+        file.display().to_string()
+    );
+}
+
+const SLOW: &str = r#"
+import os, time
+name = 'slow'
+description = 'does not return for cn=healthslow until the test releases it'
+filter = '(cn=healthslow)'
+_RELEASE = os.path.join(os.path.dirname(__file__), 'release')
+
+def handler(dn, new, old):
+    deadline = time.monotonic() + 120
+    while not os.path.exists(_RELEASE) and time.monotonic() < deadline:
+        time.sleep(0.05)
+"#;
+
+#[test]
+fn a_handler_that_does_not_return_shows_as_blocked() {
+    let (slapd, notifier) = stack();
+    let modules = module_dir();
+    fs::write(modules.path().join("slow.py"), SLOW).unwrap();
+    let mut listener =
+        health_listener(&slapd, &notifier, modules.path(), &["--blocked-after", "1"]);
+    let dn = format!("cn=healthslow,{BASE}");
+    slapd.admin().unwrap().add_role(&dn, "healthslow").unwrap();
+    let id = notifier.wait_transaction(&dn, 'a', T).unwrap();
+
+    let (code, json) = wait_status(&mut listener, &notifier, "a blocked call", |_, j| {
+        j["current_call"]["blocked"] == true
+    });
+    assert_eq!((code, &json["healthy"]), (1, &false.into()), "{json:#}");
+    let call = &json["current_call"];
+    assert_eq!(call["module"], "slow");
+    assert_eq!(call["function"], "handler");
+    assert_eq!(call["dn"], dn.as_str());
+    assert!(call["seconds"].as_f64().unwrap() >= 1.0, "{call:#}");
+    assert_eq!(json["blocked_after"], 1.0);
+    let text = ctrl(&listener, &notifier, &["status"]);
+    assert_eq!(text.code, 1);
+    let line = format!(" blocked: module slow in handler for {dn} since ");
+    assert!(text.stdout.contains(&line), "{}", text.stdout);
+    assert!(text.stdout.contains(" s (limit 1 s)\n"), "{}", text.stdout);
+
+    // Released, the call returns: no longer blocked, healthy again.
+    fs::write(modules.path().join("release"), "").unwrap();
+    listener.wait_for_id(id, T).unwrap();
+    let (code, json) = wait_status(&mut listener, &notifier, "healthy again", |code, _| {
+        code == 0
+    });
+    assert_eq!(json["healthy"], true);
+    assert_eq!(code, 0);
+    assert!(
+        !json["current_call"]["blocked"].as_bool().unwrap_or(false),
+        "{json:#}"
+    );
+    let text = ctrl(&listener, &notifier, &["status"]);
+    assert!(!text.stdout.contains("blocked:"), "{}", text.stdout);
 }
