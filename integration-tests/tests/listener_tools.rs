@@ -836,6 +836,10 @@ fn a_handler_that_does_not_return_shows_as_blocked() {
         j["current_call"]["blocked"] == true
     });
     assert_eq!((code, &json["healthy"]), (1, &false.into()), "{json:#}");
+    assert_eq!(
+        json["listener"]["state"], "running",
+        "not waiting: {json:#}"
+    );
     let call = &json["current_call"];
     assert_eq!(call["module"], "slow");
     assert_eq!(call["function"], "handler");

@@ -34,7 +34,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::dispatch::{LastError, ModuleStat, READY, STATE_DIR, read_states, write_state};
+use modules::python::PythonHost;
+
+use crate::dispatch::{
+    ActiveCall, LastError, ModuleStat, READY, STATE_DIR, read_states, write_state,
+};
 use crate::metrics::Metrics;
 
 /// Name of the socket inside the cache directory.
@@ -324,7 +328,7 @@ fn status(context: &Context) -> Status {
             .into_iter()
             .map(ModuleStatus::from_stat)
             .collect(),
-        current_call: metrics.call_tracker().current().map(|call| {
+        current_call: current_call(metrics).map(|call| {
             let running = call.started.elapsed();
             CurrentCall {
                 module: call.module,
@@ -336,6 +340,22 @@ fn status(context: &Context) -> Status {
         }),
         blocked_after: context.blocked_after.as_secs_f64(),
     }
+}
+
+/// The module call in progress: one through the handlers, else the import of a module
+/// file (loading happens outside the handlers, at start and on SIGHUP, and a module can
+/// hang there just as well).
+fn current_call(metrics: &Metrics) -> Option<ActiveCall> {
+    metrics.call_tracker().current().or_else(|| {
+        PythonHost::current_call()
+            .filter(|call| call.function == "import")
+            .map(|call| ActiveCall {
+                module: call.module.to_string(),
+                function: call.function,
+                dn: None,
+                started: call.started,
+            })
+    })
 }
 
 fn snapshot(context: &Context, dir: &Path) -> Result<SnapshotInfo, String> {
@@ -601,7 +621,6 @@ mod tests {
 
     #[test]
     fn a_call_running_past_the_threshold_is_blocked() {
-        use crate::dispatch::ActiveCall;
         use std::time::Instant;
 
         let dir = tempfile::tempdir().unwrap();

@@ -313,6 +313,8 @@ impl Daemon {
             let Some(body) = self.wait_reply(msgid).await? else {
                 return Ok(None);
             };
+            // Work arrived: the status must not say "waiting" while a module handles it.
+            self.publish_status("running");
             let last = proto::client::parse_id_reply(&Request::WaitId(TransactionId(next)), &body)?;
             if last < next {
                 return Err(ClientError::BadReply {
@@ -372,7 +374,8 @@ impl Daemon {
 
     async fn next_from_get_dn(&mut self, next: u64) -> Result<Option<Received>, ClientError> {
         let request = Request::GetDn(TransactionId(next));
-        if self.last_known < next {
+        let waiting = self.last_known < next;
+        if waiting {
             self.flush(false);
             self.publish_status("waiting");
         }
@@ -380,6 +383,10 @@ impl Daemon {
         let Some(body) = self.wait_reply(msgid).await? else {
             return Ok(None);
         };
+        if waiting {
+            // Work arrived: the status must not say "waiting" while a module handles it.
+            self.publish_status("running");
+        }
         let tx = parse_get_dn_reply(&request, &body)?;
         if tx.id.get() != next {
             return Err(ClientError::BadReply {
