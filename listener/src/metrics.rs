@@ -167,9 +167,16 @@ impl Metrics {
                 |m| m.stats.consecutive_failures.to_string(),
             ),
         ];
+        // One series per name: a module that did not load because its name was taken
+        // must not repeat the loaded one's labels (loaded modules come first).
+        let mut seen = std::collections::HashSet::new();
+        let series: Vec<&ModuleStat> = modules
+            .iter()
+            .filter(|m| seen.insert(m.name.as_str()))
+            .collect();
         for (name, kind, help, value) in families {
             e.family(name, kind, help);
-            for module in modules.iter() {
+            for module in &series {
                 e.sample(name, &[("module", &module.name)], value(module));
             }
         }
@@ -234,6 +241,36 @@ mod tests {
         assert!(text.contains("udl_module_healthy{module=\"jsonl\"} 1\n"));
         assert!(text.contains("udl_module_consecutive_failures{module=\"jsonl\"} 0\n"));
         assert_eq!(m.module_counts(), (1, 0));
+    }
+
+    #[test]
+    fn a_module_that_did_not_load_is_unhealthy_and_never_repeats_a_series() {
+        let m = Metrics::default();
+        let stat = |name: &str, condition| ModuleStat {
+            name: name.into(),
+            source: "native:jsonl".into(),
+            stats: CallStats::default(),
+            state: 0,
+            condition,
+            init_failures: 0,
+            next_init: None,
+        };
+        m.set_modules(vec![
+            stat("a", Condition::Failing),
+            stat("b", Condition::FailedToLoad),
+            // Its name was taken by "a".
+            stat("a", Condition::FailedToLoad),
+        ]);
+        let text = m.render();
+        assert_eq!(
+            text.matches("udl_module_healthy{module=\"a\"} 0\n").count(),
+            1
+        );
+        assert!(
+            text.contains("udl_module_healthy{module=\"b\"} 0\n"),
+            "{text}"
+        );
+        assert_eq!(m.module_counts(), (0, 3));
     }
 
     #[test]
