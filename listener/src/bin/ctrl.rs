@@ -22,11 +22,12 @@ use serde::Serialize;
 const AFTER_HELP: &str = "\
 Output formats:
   status    blocks \"Listener status:\", \"Current Notifier ID on <host>:\", \"Last Notifier
-            ID processed by local Listener:\", \"Lag:\", \"failed.ldif:\", then \"Modules:\" with
-            \"<state>\\t<name>\\t<file>\\t<condition>[: calls, failures, last error]\" per
-            module; each value indented by one space. A module call running longer than the
-            listener's --blocked-after adds \" blocked: module M in F for DN since N s\" under
-            the listener's state. --json: one JSON object (see README).
+            ID processed by local Listener:\", \"Lag:\", \"failed.ldif:\", then \"Modules:\"
+            with \"<state>\\t<name>\\t<file>\\t<condition>[, N calls, N failures][, last
+            error N s ago in <call>: <its last line>]\" per module; each value indented by
+            one space. A module call running longer than the listener's --blocked-after
+            adds \" blocked: module M in F for DN since N s\" under the listener's state.
+            --json: one JSON object (see README).
   modules   \"Modules:\", then \"<state>\\t<name>\\t<file>\" per module (state 3 = ready,
             - = no state file; file - = known only by its state file)
   notifier-id   the id alone
@@ -674,4 +675,21 @@ fn chown_tree(path: &Path, like: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_is_shortened_to_its_last_line() {
+        let traceback = "Traceback (most recent call last):\n  File \"m.py\", line 3\n\
+                         ValueError: boom\n\n";
+        assert_eq!(shorten(traceback), "ValueError: boom");
+        assert_eq!(shorten(""), "");
+        let long = "x".repeat(ERROR_SHOWN + 5);
+        let short = shorten(&long);
+        assert_eq!(short.chars().count(), ERROR_SHOWN + 1);
+        assert!(short.ends_with('…'));
+    }
 }
