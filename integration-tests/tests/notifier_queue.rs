@@ -207,3 +207,64 @@ fn translog_outage_delays_announcement_and_loses_nothing() {
     );
     assert!(notifier.log().contains("retrying"));
 }
+
+/// Without `--ldap-base` the notifier takes the base from the server's naming contexts: a
+/// transaction whose translog entry slapd rejects (here an invalid reqDN) is replaced by a
+/// no-op on the base, which slapd accepts, and announced with its entry. Before, the no-op
+/// reused the rejected DN and was announced without an entry.
+#[test]
+fn a_rejected_translog_entry_becomes_a_no_op_on_the_servers_base() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start_without_base(&slapd, Intake::QueueFile, &[]).unwrap();
+    notifier.queue("1 not-a-dn m\n").unwrap();
+    wait_for_id(&notifier, 1);
+    assert_eq!(notifier.transactions(), format!("1 {BASE} m\n"));
+    let entry = slapd
+        .host()
+        .unwrap()
+        .get(&format!("reqSession=1,{TRANSLOG_BASE}"))
+        .unwrap();
+    assert!(entry.is_some(), "id 1 announced without its translog entry");
+    assert!(
+        notifier.log().contains("names no-op transactions"),
+        "{}",
+        notifier.log()
+    );
+}
+
+/// While slapd rejects even the no-op's translog entry, nothing is announced (a protocol-3
+/// listener would wait for the missing entry for ever); the notifier says why in its log
+/// and metrics, and the queued line is kept.
+#[test]
+fn nothing_is_announced_while_even_the_no_op_is_rejected() {
+    let slapd = Slapd::provider().unwrap();
+    let metrics = integration_tests::net::free_port().unwrap();
+    let addr = format!("127.0.0.1:{metrics}");
+    let notifier = Notifier::start(
+        &slapd,
+        Intake::QueueFile,
+        &["--ldap-base", "garbage", "--metrics", &addr],
+    )
+    .unwrap();
+    notifier.queue("1 not-a-dn m\n").unwrap();
+    wait_until("the stall in the log", T, || {
+        Ok(notifier
+            .log()
+            .contains("nothing is announced: slapd rejects the translog entry")
+            .then_some(()))
+    })
+    .unwrap();
+    let scrape = || {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut text).unwrap();
+        text
+    };
+    let text = scrape();
+    assert!(text.contains("\nudn_translog_stalled 1\n"), "{text}");
+    assert_eq!(get_id(&notifier), 0, "an id was announced without its entry");
+    assert!(notifier.transactions().is_empty());
+    let private = notifier.ldap_dir().join("listener/listener.priv");
+    assert_eq!(std::fs::read_to_string(private).unwrap(), "1 not-a-dn m\n");
+}
