@@ -394,12 +394,11 @@ impl Cache {
     fn write(&self, wal: &mut Wal, mut writes: Writes) -> Result<(), CacheError> {
         let seq = wal.seq() + 1;
         writes.insert(SEQ_KEY.to_vec(), Some(encode_seq(seq)));
-        wal.append(seq, &writes)
-            .map_err(|source| CacheError::Io {
-                op: "append to",
-                path: wal.path().to_owned(),
-                source,
-            })?;
+        wal.append(seq, &writes).map_err(|source| CacheError::Io {
+            op: "append to",
+            path: wal.path().to_owned(),
+            source,
+        })?;
         self.db.apply_batch(to_batch(writes)).map_err(store_error)
     }
 

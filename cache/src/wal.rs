@@ -204,7 +204,10 @@ mod tests {
         wal.append(2, &second).unwrap();
         assert_eq!(wal.seq(), 2);
         let mut reopened = Wal::open(dir.path()).unwrap();
-        assert_eq!(reopened.records().unwrap(), [(1, first.clone()), (2, second)]);
+        assert_eq!(
+            reopened.records().unwrap(),
+            [(1, first.clone()), (2, second)]
+        );
 
         // A torn last record (power loss in the middle of a write) ends the log there.
         let len = std::fs::metadata(wal.path()).unwrap().len();

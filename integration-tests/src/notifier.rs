@@ -178,9 +178,11 @@ impl Notifier {
         }
     }
 
-    /// SIGTERM and wait for a clean exit.
+    /// SIGTERM and wait for a clean exit; a notifier that already exited is only reaped.
     pub fn stop(&mut self) -> Result<()> {
-        if let Some(mut process) = self.process.take() {
+        if let Some(mut process) = self.process.take()
+            && process.try_status().is_none()
+        {
             process.terminate(Duration::from_secs(10))?;
         }
         Ok(())

@@ -263,8 +263,47 @@ fn nothing_is_announced_while_even_the_no_op_is_rejected() {
     };
     let text = scrape();
     assert!(text.contains("\nudn_translog_stalled 1\n"), "{text}");
-    assert_eq!(get_id(&notifier), 0, "an id was announced without its entry");
+    assert_eq!(
+        get_id(&notifier),
+        0,
+        "an id was announced without its entry"
+    );
     assert!(notifier.transactions().is_empty());
     let private = notifier.ldap_dir().join("listener/listener.priv");
     assert_eq!(std::fs::read_to_string(private).unwrap(), "1 not-a-dn m\n");
+}
+
+/// A failed fsync of the transaction log is not retried into an announcement (after a
+/// write-back error Linux may report a later fsync as successful although the data is
+/// gone): the notifier exits without announcing, and its next start decides from what is
+/// on disk. The failure is injected with a failpoint (debug builds).
+#[test]
+fn a_failed_log_sync_stops_the_notifier_without_announcing() {
+    let slapd = Slapd::provider().unwrap();
+    // SAFETY: nextest runs every test in a process of its own; no other thread reads the
+    // environment while it changes.
+    unsafe { std::env::set_var(daemon::failpoint::ENV, "journal-sync=2") };
+    let mut notifier = Notifier::start(&slapd, Intake::QueueFile, &[]).unwrap();
+    unsafe { std::env::remove_var(daemon::failpoint::ENV) };
+    notifier.queue(&format!("1 cn=a,{BASE} a\n")).unwrap();
+    wait_for_id(&notifier, 1);
+    let mut waiter = notifier.client().unwrap();
+    waiter.handshake(3).unwrap();
+    waiter.send("MSGID: 1\nWAIT_ID 2\n\n").unwrap();
+    notifier.queue(&format!("2 cn=b,{BASE} a\n")).unwrap();
+    let status = wait_until("the notifier to exit", T, || {
+        Ok(notifier.process().unwrap().try_status())
+    })
+    .unwrap();
+    assert!(!status.success(), "{status}");
+    assert!(
+        waiter.is_closed(T).unwrap(),
+        "id 2 was announced although its sync failed"
+    );
+    let log = notifier.log();
+    assert!(log.contains("cannot sync the transaction log"), "{log}");
+
+    // The next start (no failpoint) finds line 2 on disk and announces it.
+    notifier.restart().unwrap();
+    wait_for_id(&notifier, 2);
 }

@@ -112,6 +112,8 @@ pub struct Daemon {
     last_schema_check: Option<Instant>,
     /// `postrun` ran and connections closed since the last transaction.
     idle: bool,
+    /// A failure that ends the daemon at the next safe point (a failed cache flush).
+    fatal: Option<Exit>,
     backoff: Backoff,
 }
 
@@ -153,6 +155,7 @@ impl Daemon {
             last_flush: Instant::now(),
             last_schema_check: None,
             idle: false,
+            fatal: None,
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             config,
         }
@@ -162,6 +165,9 @@ impl Daemon {
         self.publish_status("running");
         let exit = loop {
             self.engine.handlers().heartbeat().beat();
+            if let Some(fatal) = self.fatal.take() {
+                break fatal;
+            }
             if self.signals.stop_requested() {
                 break Exit::Stopped;
             }
@@ -243,7 +249,8 @@ impl Daemon {
                 _ = heartbeat.waiting(tokio::time::sleep(PAUSE_POLL)) => {}
                 _ = self.signals.woken() => {}
             }
-            if self.signals.stop_requested() || self.stop_reason().is_none() {
+            if self.signals.stop_requested() || self.fatal.is_some() || self.stop_reason().is_none()
+            {
                 break;
             }
         }
@@ -295,6 +302,9 @@ impl Daemon {
     async fn next_from_translog(&mut self, next: u64) -> Result<Option<Received>, ClientError> {
         if self.last_known < next {
             self.flush(false);
+            if self.fatal.is_some() {
+                return Ok(None);
+            }
             self.publish_status("waiting");
             let msgid = self
                 .connected()
@@ -365,6 +375,9 @@ impl Daemon {
         let request = Request::GetDn(TransactionId(next));
         if self.last_known < next {
             self.flush(false);
+            if self.fatal.is_some() {
+                return Ok(None);
+            }
             self.publish_status("waiting");
         }
         let msgid = self.connected().await?.send(request.clone()).await?;
@@ -564,8 +577,17 @@ impl Daemon {
             return;
         }
         let cache = self.engine.cache();
-        if let Err(e) = run_blocking(|| cache.flush()) {
-            tracing::error!("cache flush failed: {e}");
+        let flushed = daemon::failpoint::check("cache-flush")
+            .map_err(|e| cache::CacheError::Store(e.to_string()))
+            .and_then(|()| run_blocking(|| cache.flush()));
+        if let Err(e) = flushed {
+            // Like an fsync error: retrying may "succeed" with the data gone. Stop; the
+            // next start recovers from what is on disk (commit log and sled).
+            tracing::error!(
+                "cache flush failed: {e}; stopping (uncommitted work is redone at the next start)"
+            );
+            self.fatal
+                .get_or_insert(Exit::CacheUnwritable(e.to_string()));
             return;
         }
         let id = self.engine.master().notifier_id;

@@ -21,6 +21,15 @@ use daemon::systemd::Heartbeat;
 pub enum CommitError {
     #[error("transaction log: {0}")]
     Journal(#[from] JournalError),
+    /// After a failed fsync the kernel may report a later one as successful although the
+    /// data is gone: the ids would be announced and, after a crash, reused for other
+    /// writes. Nothing is announced; the daemon exits and its start-up scan of the log
+    /// decides what stays.
+    #[error(
+        "cannot sync the transaction log ({0}); exiting without announcing: the start-up \
+         scan of the log decides what stays"
+    )]
+    SyncFailed(JournalError),
     #[error("the transaction log lock is poisoned by an earlier panic")]
     Poisoned,
     #[error("background task failed: {0}")]
@@ -123,6 +132,7 @@ impl Committer {
         let last = loop {
             match self.append_and_sync(Arc::clone(&txs)).await {
                 Ok(last) => break last,
+                Err(err @ CommitError::SyncFailed(_)) => return Err(err),
                 Err(err) => {
                     tracing::error!("cannot commit {} transactions: {err}; retrying", txs.len());
                     tokio::select! {
@@ -146,7 +156,9 @@ impl Committer {
         }
         match writer.data_base().await {
             Ok(Some(base)) => {
-                tracing::info!("LDAP base {base} (the server's naming context) names no-op transactions");
+                tracing::info!(
+                    "LDAP base {base} (the server's naming context) names no-op transactions"
+                );
                 self.filler_dn = Some(base);
             }
             Ok(None) => tracing::warn!(
@@ -223,7 +235,7 @@ impl Committer {
             }
             // Sync under the read lock so clients can still look up older transactions.
             let journal = journal.read().map_err(|_| CommitError::Poisoned)?;
-            journal.sync()?;
+            journal.sync().map_err(CommitError::SyncFailed)?;
             Ok(journal.last_id())
         })
         .await?

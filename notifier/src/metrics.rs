@@ -97,7 +97,8 @@ impl Metrics {
 
     /// Nothing can be announced while even a no-op's translog entry is refused.
     pub fn set_translog_stalled(&self, stalled: bool) {
-        self.translog_stalled.store(u64::from(stalled), Ordering::Relaxed);
+        self.translog_stalled
+            .store(u64::from(stalled), Ordering::Relaxed);
     }
 
     pub fn filled(&self, n: u64) {
