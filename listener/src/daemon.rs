@@ -35,6 +35,8 @@ const PREFETCH_WINDOW: usize = 64;
 const FLUSH_EVERY: u64 = 1000;
 /// How often the notifier's schema id is checked while working through a backlog.
 const SCHEMA_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait between attempts to reach the notifier again.
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How often a paused listener looks whether the reason went away.
 const PAUSE_POLL: Duration = Duration::from_secs(2);
 
@@ -114,6 +116,9 @@ pub struct Daemon {
     idle: bool,
     /// A failure that ends the daemon at the next safe point (a failed cache flush).
     fatal: Option<Exit>,
+    /// Between attempts to reach the notifier: short, so the listener is back within
+    /// seconds of a partition healing, whatever its length.
+    reconnect: Backoff,
     backoff: Backoff,
 }
 
@@ -157,6 +162,7 @@ impl Daemon {
             idle: false,
             fatal: None,
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            reconnect: Backoff::new(Duration::from_millis(250), RECONNECT_MAX),
             config,
         }
     }
@@ -191,7 +197,8 @@ impl Daemon {
                         tracing::error!("notifier: {e}");
                         self.notifier = None;
                         self.prefetcher.clear();
-                        self.wait_backoff().await;
+                        let delay = self.reconnect.next_delay();
+                        self.wait_signal_or(delay).await;
                         continue;
                     }
                 },
@@ -262,6 +269,11 @@ impl Daemon {
 
     async fn wait_backoff(&mut self) {
         let delay = self.backoff.next_delay();
+        self.wait_signal_or(delay).await;
+    }
+
+    /// Sleeps for `delay` unless a signal needs attention first.
+    async fn wait_signal_or(&self, delay: Duration) {
         let heartbeat = self.engine.handlers().heartbeat();
         tokio::select! {
             _ = heartbeat.waiting(tokio::time::sleep(delay)) => {}
@@ -276,11 +288,12 @@ impl Daemon {
                 &self.server.notifier_host,
                 self.server.notifier_port,
                 self.config.protocol,
-                self.config.notifier_timeout,
+                self.config.alive_timeout,
             )
             .await?;
             tracing::info!("connected to the notifier at {}", client.peer());
             self.notifier = Some(client);
+            self.reconnect.reset();
         }
         match self.notifier.as_mut() {
             Some(client) => Ok(client),
@@ -431,7 +444,15 @@ impl Daemon {
                 WaitEvent::Postrun => self.go_idle().await,
                 WaitEvent::Alive => {
                     alive_at = tokio::time::Instant::now() + self.config.alive_interval;
-                    client.alive(self.config.notifier_timeout).await?;
+                    let limit = self.config.alive_timeout;
+                    if let Err(e) = client.alive(limit).await {
+                        tracing::error!(
+                            "the notifier connection to {} is dead (no answer to ALIVE \
+                             within {limit:?}: {e}); reconnecting",
+                            client.peer()
+                        );
+                        return Err(e);
+                    }
                 }
                 WaitEvent::Signal => {
                     if self.signals.stop_requested() {
