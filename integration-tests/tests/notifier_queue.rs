@@ -231,3 +231,25 @@ fn translog_outage_delays_announcement_and_loses_nothing() {
     );
     assert!(notifier.log().contains("retrying"));
 }
+
+/// The file intake says which file it waits on: at start, and again when nothing arrived
+/// for `--idle-report` seconds.
+#[test]
+fn a_quiet_file_intake_names_its_queue_file() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start(&slapd, Intake::QueueFile, &["--idle-report", "1"]).unwrap();
+    let queue = notifier.queue_file().display().to_string();
+    wait_until("the start message", T, || {
+        Ok(notifier
+            .log()
+            .contains(&format!("waiting for transactions in {queue}"))
+            .then_some(()))
+    })
+    .unwrap();
+    let quiet = format!("no new transaction in {queue} for ");
+    wait_until("the idle report", T, || {
+        Ok(notifier.log().contains(&quiet).then_some(()))
+    })
+    .unwrap();
+    assert!(notifier.log().contains("(last id 0)"), "{}", notifier.log());
+}

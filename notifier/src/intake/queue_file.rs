@@ -13,7 +13,7 @@ use std::io::{self, BufRead, BufReader, Read as _, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use inotify::{Inotify, WatchMask};
@@ -51,6 +51,9 @@ pub struct QueueFileConfig {
     pub poll_interval: Duration,
     /// A larger jump in ids is quarantined instead of filled: it is garbage, not a gap.
     pub max_gap: u64,
+    /// After this long without a transaction, say (again) which file is waited on; zero:
+    /// never.
+    pub idle_report: Duration,
 }
 
 pub struct QueueFileIntake {
@@ -112,6 +115,13 @@ impl QueueFileIntake {
         let mut events = inotify
             .into_event_stream([0u8; 4096])
             .map_err(file_err("read inotify events for", &self.config.dir))?;
+        // Without this nothing in the log tells an operator what the notifier waits for.
+        tracing::info!(
+            "waiting for transactions in {} (appended by slapd's translog overlay or a \
+             cascading listener)",
+            self.queue_path().display()
+        );
+        let mut idle = IdleReport::new(self.config.idle_report, committer.last_id());
         loop {
             committer.heartbeat().beat();
             let wait = match self.drain(committer, &shutdown).await {
@@ -120,6 +130,15 @@ impl QueueFileIntake {
                 Err(QueueError::Commit(CommitError::Shutdown)) => return Ok(()),
                 Err(err) => return Err(err),
             };
+            if let Some(quiet) = idle.due(committer.last_id(), Instant::now()) {
+                tracing::info!(
+                    "no new transaction in {} for {} s (last id {}); slapd's translog \
+                     overlay appends there",
+                    self.queue_path().display(),
+                    quiet.as_secs(),
+                    committer.last_id()
+                );
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 event = events.next() => {
@@ -381,6 +400,45 @@ impl QueueFileIntake {
     }
 }
 
+/// When to say that nothing arrives: after `every` without a new last id, then again
+/// every `every` while it stays so.
+struct IdleReport {
+    every: Duration,
+    last_id: u64,
+    since: Instant,
+    reported: Option<Instant>,
+}
+
+impl IdleReport {
+    fn new(every: Duration, last_id: u64) -> IdleReport {
+        IdleReport {
+            every,
+            last_id,
+            since: Instant::now(),
+            reported: None,
+        }
+    }
+
+    /// How long it has been quiet, when a report is due now.
+    fn due(&mut self, last_id: u64, now: Instant) -> Option<Duration> {
+        if last_id != self.last_id {
+            self.last_id = last_id;
+            self.since = now;
+            self.reported = None;
+            return None;
+        }
+        if self.every.is_zero() {
+            return None;
+        }
+        let from = self.reported.unwrap_or(self.since);
+        if now.saturating_duration_since(from) < self.every {
+            return None;
+        }
+        self.reported = Some(now);
+        Some(now.saturating_duration_since(self.since))
+    }
+}
+
 /// What [`read_bounded_line`] found.
 #[derive(Debug, PartialEq, Eq)]
 enum Read {
@@ -432,6 +490,24 @@ mod tests {
             Read::TooLong
         );
         assert_eq!(raw.len(), MAX_LINE_LEN);
+    }
+
+    #[test]
+    fn idle_reports_after_each_quiet_interval_and_reset_on_progress() {
+        let every = Duration::from_secs(10);
+        let mut idle = IdleReport::new(every, 5);
+        let t0 = idle.since;
+        let at = |s| t0 + Duration::from_secs(s);
+        assert_eq!(idle.due(5, at(9)), None);
+        assert_eq!(idle.due(5, at(10)), Some(Duration::from_secs(10)));
+        assert_eq!(idle.due(5, at(15)), None);
+        assert_eq!(idle.due(5, at(21)), Some(Duration::from_secs(21)));
+        // A transaction arrived: quiet again from then on.
+        assert_eq!(idle.due(6, at(22)), None);
+        assert_eq!(idle.due(6, at(31)), None);
+        assert_eq!(idle.due(6, at(32)), Some(Duration::from_secs(10)));
+        let mut never = IdleReport::new(Duration::ZERO, 1);
+        assert_eq!(never.due(1, at(1000)), None);
     }
 
     #[test]
