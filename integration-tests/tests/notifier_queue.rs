@@ -9,6 +9,8 @@ use integration_tests::slapd::{BASE, TRANSLOG_BASE};
 use integration_tests::{Intake, Notifier, Slapd, wait_until};
 
 const T: Duration = Duration::from_secs(20);
+/// `proto::MAX_LINE_LEN`: the longest queue line the notifier accepts, newline included.
+const MAX_LINE_LEN: usize = 8192;
 
 fn get_id(notifier: &Notifier) -> u64 {
     let mut client = notifier.client().unwrap();
@@ -185,6 +187,28 @@ fn malformed_lines_are_quarantined_and_gaps_filled() {
     assert_eq!(filler.first("reqDN"), Some(BASE));
 }
 
+/// A line longer than the protocol's limit goes to the quarantine file whole (the intake
+/// reads it through a bounded buffer), and the lines after it are committed.
+#[test]
+fn an_over_long_line_is_quarantined_whole() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start(&slapd, Intake::QueueFile, &[]).unwrap();
+    let long = format!("2 cn={},{BASE} m\n", "x".repeat(4 * MAX_LINE_LEN));
+    notifier
+        .queue(&format!("1 cn=a,{BASE} a\n{long}2 cn=b,{BASE} a\n"))
+        .unwrap();
+    wait_for_id(&notifier, 2);
+    assert_eq!(
+        notifier.transactions(),
+        format!("1 cn=a,{BASE} a\n2 cn=b,{BASE} a\n")
+    );
+    let quarantine =
+        std::fs::read_to_string(notifier.ldap_dir().join("listener/listener.quarantine")).unwrap();
+    assert_eq!(quarantine, long);
+    let log = notifier.log();
+    assert!(log.contains("transaction line too long"), "{log}");
+}
+
 #[test]
 fn translog_outage_delays_announcement_and_loses_nothing() {
     let mut slapd = Slapd::provider().unwrap();
@@ -306,4 +330,26 @@ fn a_failed_log_sync_stops_the_notifier_without_announcing() {
     // The next start (no failpoint) finds line 2 on disk and announces it.
     notifier.restart().unwrap();
     wait_for_id(&notifier, 2);
+}
+
+/// The file intake says which file it waits on: at start, and again when nothing arrived
+/// for `--idle-report` seconds.
+#[test]
+fn a_quiet_file_intake_names_its_queue_file() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start(&slapd, Intake::QueueFile, &["--idle-report", "1"]).unwrap();
+    let queue = notifier.queue_file().display().to_string();
+    wait_until("the start message", T, || {
+        Ok(notifier
+            .log()
+            .contains(&format!("waiting for transactions in {queue}"))
+            .then_some(()))
+    })
+    .unwrap();
+    let quiet = format!("no new transaction in {queue} for ");
+    wait_until("the idle report", T, || {
+        Ok(notifier.log().contains(&quiet).then_some(()))
+    })
+    .unwrap();
+    assert!(notifier.log().contains("(last id 0)"), "{}", notifier.log());
 }

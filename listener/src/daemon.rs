@@ -16,7 +16,7 @@ use proto::client::{ClientError, NotifierClient, parse_get_dn_reply};
 use proto::{Request, Transaction, TransactionId};
 use tokio::time::sleep_until;
 
-use crate::cascade::{Cascade, Line};
+use crate::cascade::{Cascade, CascadeError, Line};
 use crate::config::{Config, Server};
 use crate::dispatch::Handlers;
 use crate::engine::{Engine, EngineError, Prefetched, Processed};
@@ -491,6 +491,12 @@ impl Daemon {
     /// backoff), writes the cascade lines and commits.
     async fn handle(&mut self, received: Received) -> Result<(), Exit> {
         let id = received.line.id;
+        if self.cascade.is_some()
+            && let Err(e) = received.line.encode()
+        {
+            self.refuse_cascade(&e).await;
+            return Ok(());
+        }
         let mut prefetched = self.pending_prefetch.take().unwrap_or_default();
         loop {
             let checkpoint = self.engine.checkpoint();
@@ -565,6 +571,26 @@ impl Daemon {
             }
             return Ok(());
         }
+    }
+
+    /// A transaction whose cascade line the local notifier would read back differently (a
+    /// newline in the DN would forge a line). Checked before any module sees it. Skipping it
+    /// is no option: the downstream notifier would fill the missing id with an invented
+    /// no-op and its listeners would never see the real change. So the transaction is
+    /// neither processed nor acknowledged, the status says why (as `paused`, which the
+    /// tools report as unhealthy), and it is fetched again after a backoff: correcting the
+    /// upstream translog entry, or running without `-o`, lets replication continue.
+    async fn refuse_cascade(&mut self, e: &CascadeError) {
+        tracing::error!(
+            "cascade output refused: {e}; the transaction is not processed and not \
+             acknowledged, replication on this host stops here until the notifier's \
+             translog entry is corrected (or the listener runs without -o); retrying"
+        );
+        self.publish_status(&format!("paused: cascade output refused: {e}"));
+        // The retry must read the entry again, not a copy read ahead before the repair.
+        self.pending_prefetch = None;
+        self.prefetcher.clear();
+        self.wait_backoff().await;
     }
 
     fn cache_failure(&mut self, e: CacheError) -> Exit {
