@@ -743,10 +743,15 @@ fn create_private_dir(dir: &Path) -> Result<(), CacheError> {
 /// report maps to [`CacheError::Corrupt`] so the caller marks the cache bad.
 fn store_error(error: sled::Error) -> CacheError {
     match error {
-        sled::Error::Corruption { .. } => CacheError::Corrupt {
+        // sled's own text for these prints a backtrace with Debug formatting.
+        sled::Error::Corruption { at, .. } => CacheError::Corrupt {
             key: DB_DIR.to_owned(),
-            reason: error.to_string(),
+            reason: match at {
+                Some(at) => format!("corrupted data at {at}"),
+                None => "corrupted data".to_owned(),
+            },
         },
+        sled::Error::Io(e) => CacheError::Store(e.to_string()),
         other => CacheError::Store(other.to_string()),
     }
 }

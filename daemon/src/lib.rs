@@ -12,6 +12,7 @@
 //! - [`time`]: RFC 3339 and LDAP generalized time without a calendar library;
 //! - [`host`]: the host name as backups and tools report it;
 //! - [`privileges`]: the UCS effective-uid model (real uid 0, effective `listener`);
+//! - [`report`]: the error chain rule (each cause's text once);
 //! - [`metrics`]: Prometheus text exposition and its HTTP endpoint;
 //! - [`systemd`]: `sd_notify` states and a watchdog fed by a progress heartbeat;
 //! - [`tasks`]: a named task set whose shutdown awaits every task in order, and the
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod paths;
 pub mod pidfile;
 pub mod privileges;
+pub mod report;
 pub mod systemd;
 pub mod tasks;
 pub mod time;

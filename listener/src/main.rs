@@ -62,7 +62,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config, logging)) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", daemon::report::chain(&*e));
             ExitCode::from(1)
         }
     }
@@ -300,7 +300,7 @@ async fn connect(
             Err(e) if config.mode == RunMode::InitOnly => return Err(e),
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::error!("{e:#}; retrying in {delay:?}");
+                tracing::error!("{}; retrying in {delay:?}", daemon::report::chain(&*e));
                 delay
             }
         };

@@ -76,8 +76,9 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config, logging)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
-            systemd::status(&format!("failed: {err:#}"));
+            let err = daemon::report::chain(&*err);
+            tracing::error!("{err}");
+            systemd::status(&format!("failed: {err}"));
             ExitCode::from(1)
         }
     }

@@ -121,7 +121,10 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("univention-directory-listener-ctrl: {e:#}");
+            eprintln!(
+                "univention-directory-listener-ctrl: {}",
+                daemon::report::chain(&*e)
+            );
             ExitCode::from(1)
         }
     }
@@ -273,7 +276,7 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
     let now = SystemTime::now();
     let (live, live_error) = match live {
         Ok(live) => (live, None),
-        Err(e) => (None, Some(format!("{e:#}"))),
+        Err(e) => (None, Some(daemon::report::chain(&*e))),
     };
     let processed_id = match &live {
         Some(s) => Some(s.processed_id),
@@ -561,7 +564,7 @@ fn backup_restore(cli: &Cli, file: &Path) -> anyhow::Result<ExitCode> {
     let header = backup::restore(open_backup(file)?, &cli.cache_dir)
         .with_context(|| format!("{} cannot be restored", file.display()))?;
     if let Err(e) = chown_like_parent(&cli.cache_dir) {
-        eprintln!("warning: {e:#}");
+        eprintln!("warning: {}", daemon::report::chain(&*e));
     }
     drop(lock);
     println!(

@@ -56,7 +56,10 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("univention-directory-listener-dump: {e:#}");
+            eprintln!(
+                "univention-directory-listener-dump: {}",
+                daemon::report::chain(&*e)
+            );
             ExitCode::from(2)
         }
     }

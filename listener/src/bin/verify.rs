@@ -97,7 +97,10 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("univention-directory-listener-verify: {e:#}");
+            eprintln!(
+                "univention-directory-listener-verify: {}",
+                daemon::report::chain(&*e)
+            );
             ExitCode::from(2)
         }
     }

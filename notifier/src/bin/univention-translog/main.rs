@@ -209,7 +209,7 @@ fn main() -> ExitCode {
         Ok(Exit::Running) => ExitCode::from(3),
         Ok(Exit::Format) => ExitCode::from(4),
         Err(e) => {
-            error!("{e:#}");
+            error!("{}", daemon::report::chain(&*e));
             ExitCode::from(2)
         }
     }
@@ -297,7 +297,10 @@ fn stat(path: &std::path::Path, conn: &ldap::ConnOptions) -> Result<Exit> {
             println!("Ldap.last: {last}");
             println!("Ldap.okay: {}", yes_no(last == translog.last));
         }
-        Err(e) => crate::log::warning!("LDAP not reachable, skipping Ldap.*: {e:#}"),
+        Err(e) => crate::log::warning!(
+            "LDAP not reachable, skipping Ldap.*: {}",
+            daemon::report::chain(&*e)
+        ),
     }
     Ok(Exit::Ok)
 }
