@@ -26,28 +26,23 @@ fn a_crash_during_initialisation_initialises_again() {
         admin.add_role(dn, &format!("init{i}")).unwrap();
     }
     let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
-    let modules = tempfile::tempdir().unwrap();
-    fs::set_permissions(modules.path(), fs::Permissions::from_mode(0o777)).unwrap();
-    let record = modules.path().join("slow.calls");
-    fs::write(
-        modules.path().join("slow.py"),
-        format!(
-            "import time\n\
-             name = 'slow'\n\
-             description = 'records its initialisation slowly'\n\
-             filter = '(&(objectClass=organizationalRole)(cn=init*))'\n\
-             def _record(line):\n\
-             \x20   with open({record:?}, 'a') as f:\n\
-             \x20       f.write(line + '\\n')\n\
-             def initialize():\n\
-             \x20   _record('initialize')\n\
-             def handler(dn, new, old):\n\
-             \x20   time.sleep(0.05)\n\
-             \x20   _record(dn)\n",
-            record = record.to_str().unwrap()
-        ),
+    let modules = integration_tests::listener::module_dir(
+        "slow.py",
+        "import os, time\n\
+         name = 'slow'\n\
+         description = 'records its initialisation slowly'\n\
+         filter = '(&(objectClass=organizationalRole)(cn=init*))'\n\
+         def _record(line):\n\
+         \x20   with open(os.path.join(os.path.dirname(__file__), 'slow.calls'), 'a') as f:\n\
+         \x20       f.write(line + '\\n')\n\
+         def initialize():\n\
+         \x20   _record('initialize')\n\
+         def handler(dn, new, old):\n\
+         \x20   time.sleep(0.05)\n\
+         \x20   _record(dn)\n",
     )
     .unwrap();
+    let record = modules.path().join("slow.calls");
     let options = ListenerOptions::new().module_dir(modules.path());
     let mut listener = Listener::start(&slapd, &notifier, options).unwrap();
     let calls = || {
