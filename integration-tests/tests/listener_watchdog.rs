@@ -151,7 +151,10 @@ fn fed_through_a_long_initialisation_and_not_when_wedged() {
             .map(|_| ()))
     })
     .unwrap();
-    assert!(listener.is_running(), "the wedged listener exited by itself");
+    assert!(
+        listener.is_running(),
+        "the wedged listener exited by itself"
+    );
     let log = listener.log();
     assert!(
         log.contains("has made no progress") && log.contains("no longer feeding the watchdog"),

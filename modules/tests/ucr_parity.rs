@@ -2,6 +2,8 @@
 //! (`daemon::ucr`) read the same fixture of every UCR layer and must give the same value for
 //! every key, so a module never sees another value than the daemon hosting it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,7 +32,10 @@ fn python_values(prefix: &Path, keys: &[&String]) -> BTreeMap<String, Option<Str
         .arg("-c")
         .arg(script)
         .arg(serde_json::to_string(keys).unwrap())
-        .env("PYTHONPATH", Path::new(env!("CARGO_MANIFEST_DIR")).join("src/python-lib"))
+        .env(
+            "PYTHONPATH",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("src/python-lib"),
+        )
         .env_remove("UNIVENTION_BASECONF")
         .output()
         .unwrap();
