@@ -13,6 +13,7 @@
 //! - [`privileges`]: the UCS effective-uid model (real uid 0, effective `listener`);
 //! - [`metrics`]: Prometheus text exposition and its HTTP endpoint;
 //! - [`systemd`]: `sd_notify` states and a watchdog fed by a progress heartbeat;
+//! - [`man`]: each binary's man page, rendered from its clap definition;
 //! - [`tasks`]: a named task set whose shutdown awaits every task in order, and the
 //!   blocking rule (see [`tasks::run_blocking`]).
 
@@ -21,6 +22,7 @@ pub mod fs;
 pub mod host;
 pub mod lock;
 pub mod logging;
+pub mod man;
 pub mod metrics;
 pub mod paths;
 pub mod pidfile;
