@@ -118,6 +118,17 @@ install -d "$root/DEBIAN" "$root/usr/sbin" "$root/lib/systemd/system" "$root/etc
 for name in "${bins[@]}"; do
   install -m 0755 "$release/$name" "$root/usr/sbin/$name"
 done
+# Man pages: each binary renders its own from its clap definition (daemon::man), with its
+# section in the .TH line (8 for the daemons, 1 for the tools).
+for name in "${bins[@]}"; do
+  page=$("$release/$name" --print-man-page) || die "$name --print-man-page failed"
+  section=$(sed -n 's/^\.TH [^ ]* \([0-9]\).*/\1/p' <<<"$page" | head -n 1)
+  [[ -n $section ]] || die "the man page of $name has no .TH line with a section"
+  install -d "$root/usr/share/man/man$section"
+  # -n: no name or time stamp in the gzip header, so the package is reproducible.
+  gzip -9n <<<"$page" >"$root/usr/share/man/man$section/$name.$section.gz"
+  chmod 0644 "$root/usr/share/man/man$section/$name.$section.gz"
+done
 install -m 0644 systemd/*.service "$root/lib/systemd/system/"
 install -m 0644 systemd/default/univention-directory-notifier \
   systemd/default/univention-directory-listener "$root/etc/default/"
