@@ -119,7 +119,10 @@ for name in "${bins[@]}"; do
   install -m 0755 "$release/$name" "$root/usr/sbin/$name"
 done
 # Man pages: each binary renders its own from its clap definition (daemon::man), with its
-# section in the .TH line (8 for the daemons, 1 for the tools).
+# section in the .TH line (8 for the daemons, 1 for the tools), dated like the last commit
+# so that a rebuild of the same tree gives the same pages.
+SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
+export SOURCE_DATE_EPOCH
 for name in "${bins[@]}"; do
   page=$("$release/$name" --print-man-page) || die "$name --print-man-page failed"
   section=$(sed -n 's/^\.TH [^ ]* \([0-9]\).*/\1/p' <<<"$page" | head -n 1)

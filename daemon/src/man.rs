@@ -10,6 +10,7 @@
 use std::ffi::OsString;
 use std::io::Write as _;
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
 
 /// The argument that makes a binary print its man page (roff) on stdout and exit.
 pub const PRINT_MAN_PAGE: &str = "--print-man-page";
@@ -21,11 +22,32 @@ pub const SECTION_TOOL: &str = "1";
 /// Renders the man page of `command` (as built by `clap::CommandFactory::command`).
 pub fn render(command: clap::Command, section: &str) -> std::io::Result<Vec<u8>> {
     let mut page = Vec::new();
+    // The package, not the (long) binary name: the footer also holds date and page name.
+    let source = format!(
+        "univention-directory-rs {}",
+        command.get_version().unwrap_or_default()
+    );
     clap_mangen::Man::new(command)
         .section(section)
-        .manual("Univention Directory Notifier and Listener")
+        .source(source.trim_end())
+        // Without a date the .TH fields shift and man shows the source as the date.
+        .date(page_date(
+            std::env::var("SOURCE_DATE_EPOCH").ok().as_deref(),
+        ))
+        // Short: man centres it between two copies of the (long) page name.
+        .manual("UCS replication")
         .render(&mut page)?;
     Ok(page)
+}
+
+/// `YYYY-MM-DD` of `SOURCE_DATE_EPOCH` (the reproducible-builds convention, which
+/// `scripts/package.sh` sets to the last commit), else of today.
+fn page_date(source_date_epoch: Option<&str>) -> String {
+    let time = source_date_epoch
+        .and_then(|epoch| epoch.trim().parse::<u64>().ok())
+        .map(|seconds| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
+        .unwrap_or_else(SystemTime::now);
+    crate::time::rfc3339(time).chars().take(10).collect()
 }
 
 /// Whether the process arguments ask for the man page: exactly `--print-man-page`.
@@ -71,6 +93,13 @@ mod tests {
         assert!(!requested(args(&["bin"])));
         assert!(!requested(args(&["bin", "--print-man-page", "-F"])));
         assert!(!requested(args(&["bin", "-F", "--print-man-page"])));
+    }
+
+    #[test]
+    fn date_comes_from_source_date_epoch() {
+        assert_eq!(page_date(Some("1733443200")), "2024-12-06");
+        assert_eq!(page_date(Some("garbage")).len(), "YYYY-MM-DD".len());
+        assert_eq!(page_date(None).len(), "YYYY-MM-DD".len());
     }
 
     #[test]
