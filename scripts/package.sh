@@ -146,6 +146,10 @@ if [[ -d modules/src/python-lib ]]; then
   find "$root/usr/lib/univention-directory-listener/python-lib" -type f -exec chmod 0644 {} +
 fi
 install -m 0644 README.md "$root/usr/share/doc/$PACKAGE/README.md"
+# The OpenLDAP kit, so an operator who installed only the package can configure slapd.
+install -d "$root/usr/share/$PACKAGE/openldap"
+install -m 0755 kit/openldap/apply.sh "$root/usr/share/$PACKAGE/openldap/apply.sh"
+install -m 0644 kit/openldap/slapd.conf.example "$root/usr/share/$PACKAGE/openldap/slapd.conf.example"
 cat >"$root/usr/share/doc/$PACKAGE/copyright" <<'EOF'
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: univention-directory-rs
@@ -185,7 +189,7 @@ Architecture: $arch
 Maintainer: univention-directory-rs developers <noreply@example.invalid>
 Installed-Size: $installed_size
 Depends: $depends
-Recommends: python3-ldap, slapd
+Recommends: python3-ldap, slapd, ldap-utils
 Conflicts: univention-directory-notifier, univention-directory-listener
 Replaces: univention-directory-notifier, univention-directory-listener
 Provides: univention-directory-notifier, univention-directory-listener
