@@ -71,6 +71,10 @@ check_binaries() {
     count=$((count + 1))
   done
   echo "--help works for $count binaries: ${bins[*]##*/}"
+  "/usr/share/$PACKAGE/openldap/apply.sh" --help >/dev/null || {
+    echo "ci-package: the installed OpenLDAP kit's apply.sh --help failed" >&2
+    return 1
+  }
 }
 
 check_man_pages() {
