@@ -77,7 +77,12 @@ fn kit_configures_debian_slapd_for_notifier_and_listener() {
     let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
     let mut listener = Listener::start(&slapd, &notifier, ListenerOptions::new()).unwrap();
     // The first load of the jsonl module: every object the host account can see.
-    let initial = listener.wait_for_changes(1, T).unwrap();
+    listener.wait_initialized(T).unwrap();
+    let initial = listener.changes().unwrap();
+    assert!(
+        initial.iter().any(|c| c.dn == HOST_DN && c.command == 'n'),
+        "{initial:#?}"
+    );
     let mut admin = slapd.admin().unwrap();
     let secret = format!("cn=secret,{RESTRICTED_DN}");
     admin.add_role(&secret, "secret").unwrap();
