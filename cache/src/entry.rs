@@ -1,11 +1,11 @@
 //! What the cache stores about one LDAP object, and the master record.
 
-/// Attributes in server order, values as exact bytes (binary-safe).
+/// Attributes in server order, values as exact bytes, as LDAP sent them.
 ///
 /// Handler modules see these bytes unchanged, and the change engine compares value lists
 /// positionally (spec listener.md §3.4), so neither attribute nor value order may change
 /// between a store and a load.
-pub type Attributes = Vec<(String, Vec<Vec<u8>>)>;
+pub use ldap::decode::Attributes;
 
 /// One cached LDAP object: its attributes at the last processed transaction plus the modules
 /// that handled it or are up to date for it.
@@ -22,10 +22,7 @@ impl CacheEntry {
     /// The values of `attr`, its name compared ASCII-case-insensitively (LDAP attribute
     /// descriptions are case-insensitive and ASCII by definition).
     pub fn values(&self, attr: &str) -> Option<&[Vec<u8>]> {
-        self.attributes
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(attr))
-            .map(|(_, values)| values.as_slice())
+        ldap::decode::values_of(&self.attributes, attr)
     }
 
     /// The first `entryUUID` value, if present and UTF-8 (it is always ASCII in practice).

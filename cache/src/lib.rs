@@ -18,6 +18,7 @@ mod files;
 pub mod ldif;
 mod record;
 mod store;
+mod wal;
 
 use std::io;
 use std::path::PathBuf;

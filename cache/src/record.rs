@@ -4,7 +4,8 @@
 //! - `e:` + [`crate::dn_key`] → entry record,
 //! - `u:` + ASCII-lower-cased entryUUID → index record (the entry's dn_key),
 //! - `m` → master record,
-//! - `n` → number of entries (derived data, kept so that opening needs no scan).
+//! - `n` → number of entries (derived data, kept so that opening needs no scan),
+//! - `s` → sequence number of the last commit (see [`crate::wal`]).
 //!
 //! Every value is one format version byte ([`FORMAT_VERSION`]) followed by the bincode 2
 //! encoding (serde API, `config::standard()`: varint lengths and integers) of a private
@@ -29,6 +30,7 @@ pub(crate) const ENTRY_PREFIX: &[u8] = b"e:";
 pub(crate) const UUID_PREFIX: &[u8] = b"u:";
 pub(crate) const MASTER_KEY: &[u8] = b"m";
 pub(crate) const COUNT_KEY: &[u8] = b"n";
+pub(crate) const SEQ_KEY: &[u8] = b"s";
 
 pub(crate) fn entry_key(dn_key: &str) -> Vec<u8> {
     prefixed(ENTRY_PREFIX, dn_key)
@@ -191,6 +193,35 @@ pub(crate) fn decode_master(value: &[u8]) -> Result<MasterRecord, CacheError> {
 #[derive(DeriveSerialize, Deserialize)]
 struct CountRecordV1 {
     entries: u64,
+}
+
+/// The commit sequence number: the version byte, then 8 bytes little-endian.
+pub(crate) fn encode_seq(seq: u64) -> Vec<u8> {
+    let mut value = vec![FORMAT_VERSION];
+    value.extend_from_slice(&seq.to_le_bytes());
+    value
+}
+
+pub(crate) fn decode_seq(value: &[u8]) -> Result<u64, CacheError> {
+    match value.split_first() {
+        Some((&FORMAT_VERSION, bytes)) => {
+            bytes
+                .try_into()
+                .map(u64::from_le_bytes)
+                .map_err(|_| CacheError::Corrupt {
+                    key: key_text(SEQ_KEY),
+                    reason: format!("{} bytes instead of 8", bytes.len()),
+                })
+        }
+        Some((&version, _)) => Err(CacheError::UnsupportedVersion {
+            key: key_text(SEQ_KEY),
+            version,
+        }),
+        None => Err(CacheError::Corrupt {
+            key: key_text(SEQ_KEY),
+            reason: "empty".into(),
+        }),
+    }
 }
 
 pub(crate) fn encode_count(entries: u64) -> Result<Vec<u8>, String> {

@@ -3,6 +3,8 @@
 //! Everything lives in sled's default tree under the key prefixes of [`crate::record`], so
 //! one `sled::Batch` covers entries, the entryUUID index, the entry count and the master
 //! record: a crash leaves either all of a commit or none of it (DESIGN.md decision 4).
+//! Every commit is first appended to the commit log ([`crate::wal`]), so a process crash
+//! loses no commit that returned, without an fsync per commit.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -15,10 +17,11 @@ use crate::CacheError;
 use crate::entry::{CacheEntry, MasterRecord};
 use crate::files::{bad_cache_path, bad_cache_reason, is_marked_bad};
 use crate::record::{
-    COUNT_KEY, ENTRY_PREFIX, MASTER_KEY, decode_count, decode_entry, decode_entry_uuid,
-    decode_index, decode_master, encode_count, encode_entry, encode_index, encode_master,
-    entry_key, key_text, uuid_key,
+    COUNT_KEY, ENTRY_PREFIX, MASTER_KEY, SEQ_KEY, decode_count, decode_entry, decode_entry_uuid,
+    decode_index, decode_master, decode_seq, encode_count, encode_entry, encode_index,
+    encode_master, encode_seq, entry_key, key_text, uuid_key,
 };
+use crate::wal::{Wal, Writes};
 use ldap::dn::dn_key;
 
 /// Name of the sled database directory inside the cache directory.
@@ -85,12 +88,14 @@ impl Drop for OpenGuard {
 pub struct Cache {
     db: sled::Db,
     path: PathBuf,
-    /// Held while a commit computes and applies its changes.
-    writer: Mutex<()>,
+    /// The commit log; held while a commit computes, logs and applies its changes.
+    writer: Mutex<Wal>,
     /// Number of entries (`e:` keys), also stored under `n` by every commit that changes it:
     /// sled only counts by scanning, and a scan makes sled 0.34 keep every page it read in
     /// memory, whatever its cache capacity.
     entries: AtomicUsize,
+    /// Commits replayed from the commit log at open (lost by sled in a crash).
+    recovered: usize,
     // Dropped after `db`.
     _guard: OpenGuard,
 }
@@ -121,14 +126,26 @@ impl Cache {
         create_private_dir(&path)?;
         let guard = OpenGuard::claim(&path)?;
         let db = open_db(&path)?;
+        let mut wal = Wal::open(&path).map_err(|source| CacheError::Io {
+            op: "open",
+            path: path.join(crate::wal::WAL_FILE),
+            source,
+        })?;
+        let recovered = recover(&db, &mut wal)?;
         let entries = stored_count(&db)?;
         Ok(Cache {
             db,
             path,
-            writer: Mutex::new(()),
+            writer: Mutex::new(wal),
             entries: AtomicUsize::new(entries),
+            recovered,
             _guard: guard,
         })
+    }
+
+    /// Commits a crash had left only in the commit log, replayed when the cache was opened.
+    pub fn recovered(&self) -> usize {
+        self.recovered
     }
 
     /// The entry cached for `dn` (compared by [`dn_key`]).
@@ -174,14 +191,15 @@ impl Cache {
     }
 
     /// Applies `batch` atomically: its entries, their index updates and the master record
-    /// become visible together and survive a crash together. With `durable`, also flushes
-    /// (fsync) before returning; otherwise the commit is durable after the next [`flush`]
+    /// become visible together and survive a crash together. Once it returns, the commit
+    /// survives a crash of the process (it is in the commit log); with `durable` it is also
+    /// flushed (fsync) and survives a power loss, otherwise that takes the next [`flush`]
     /// (or sled's background flush), which allows group commit.
     ///
     /// [`flush`]: Cache::flush
     pub fn commit(&self, batch: Batch, durable: bool) -> Result<(), CacheError> {
-        let writer = self.lock_writer();
-        self.apply(&writer, batch)?;
+        let mut writer = self.lock_writer();
+        self.apply(&mut writer, batch)?;
         drop(writer);
         if durable {
             self.flush()?;
@@ -189,10 +207,17 @@ impl Cache {
         Ok(())
     }
 
-    /// Makes every commit so far durable.
+    /// Makes every commit so far durable and empties the commit log.
     pub fn flush(&self) -> Result<(), CacheError> {
+        // Under the writer lock: a commit logged after sled's flush began must stay in the
+        // log until the next flush.
+        let mut wal = self.lock_writer();
         self.db.flush().map_err(store_error)?;
-        Ok(())
+        wal.truncate().map_err(|source| CacheError::Io {
+            op: "truncate",
+            path: wal.path().to_owned(),
+            source,
+        })
     }
 
     /// All entries in key ([`dn_key`]) order. An undecodable record yields an error item and
@@ -218,7 +243,7 @@ impl Cache {
     /// Returns how many entries were changed or deleted. Commits in chunks and flushes at the
     /// end; repeating it after a crash finishes the job.
     pub fn remove_module_everywhere(&self, module: &str) -> Result<usize, CacheError> {
-        let writer = self.lock_writer();
+        let mut writer = self.lock_writer();
         let mut changed = 0;
         let mut batch = Batch::default();
         for item in self.db.scan_prefix(ENTRY_PREFIX) {
@@ -236,10 +261,10 @@ impl Cache {
             }
             changed += 1;
             if batch.len() >= REMOVE_MODULE_CHUNK {
-                self.apply(&writer, std::mem::take(&mut batch))?;
+                self.apply(&mut writer, std::mem::take(&mut batch))?;
             }
         }
-        self.apply(&writer, batch)?;
+        self.apply(&mut writer, batch)?;
         drop(writer);
         self.flush()?;
         Ok(changed)
@@ -248,13 +273,16 @@ impl Cache {
     /// Deletes all entries, the index and the master record in one atomic batch, then
     /// flushes: the cache is as fresh, so a crash cannot leave an id without its entries.
     pub fn clear(&self) -> Result<(), CacheError> {
-        let writer = self.lock_writer();
-        let mut batch = sled::Batch::default();
+        let mut writer = self.lock_writer();
+        let mut writes = Writes::new();
         for key in self.db.iter().keys() {
-            batch.remove(key.map_err(store_error)?);
+            writes.insert(key.map_err(store_error)?.to_vec(), None);
         }
-        batch.insert(COUNT_KEY, encode_count(0).map_err(CacheError::Store)?);
-        self.db.apply_batch(batch).map_err(store_error)?;
+        writes.insert(
+            COUNT_KEY.to_vec(),
+            Some(encode_count(0).map_err(CacheError::Store)?),
+        );
+        self.write(&mut writer, writes)?;
         self.entries.store(0, Ordering::Relaxed);
         drop(writer);
         self.flush()
@@ -264,10 +292,13 @@ impl Cache {
     /// be missing or empty (`<dir>/cache.sled`, mode 0700), and flushes it; returns what it
     /// holds.
     ///
-    /// Commits wait while the copy runs, so it holds the state after some commit and never
-    /// part of one, and the master record in it matches its entries. This is how tools and
-    /// backups read the cache while the listener runs: sled's file lock keeps a second
-    /// process from opening the original.
+    /// It holds the state after some commit and never part of one, and the master record in
+    /// it matches its entries; commits go on meanwhile. The records are copied without the
+    /// writer lock while every commit made meanwhile is also recorded; at the end, briefly
+    /// under the lock, those commits are applied to the copy in order, which sets every key
+    /// they touched to its value after the last of them (the keys they did not touch never
+    /// changed during the copy). This is how tools and backups read the cache while the
+    /// listener runs: sled's file lock keeps a second process from opening the original.
     pub fn export_to(&self, dir: &Path) -> Result<Exported, CacheError> {
         // Checked and opened before taking the writer lock, so commits wait for the copy only.
         match std::fs::read_dir(dir) {
@@ -289,7 +320,25 @@ impl Cache {
             }
         }
         let copy = Cache::open(dir)?;
-        let writer = self.lock_writer();
+        self.lock_writer().start_recording();
+        let copied = self.copy_records(&copy);
+        let mut writer = self.lock_writer();
+        let meanwhile = writer.stop_recording();
+        copied?;
+        for writes in meanwhile {
+            copy.db.apply_batch(to_batch(writes)).map_err(store_error)?;
+        }
+        let exported = Exported {
+            entries: self.len(),
+            master: self.master()?,
+        };
+        drop(writer);
+        copy.flush()?;
+        Ok(exported)
+    }
+
+    /// Copies every record into `copy`, in chunks, without the writer lock.
+    fn copy_records(&self, copy: &Cache) -> Result<(), CacheError> {
         let mut batch = sled::Batch::default();
         let mut pending = 0;
         for item in self.db.iter() {
@@ -303,14 +352,7 @@ impl Cache {
                 pending = 0;
             }
         }
-        copy.db.apply_batch(batch).map_err(store_error)?;
-        let exported = Exported {
-            entries: self.len(),
-            master: self.master()?,
-        };
-        drop(writer);
-        copy.flush()?;
-        Ok(exported)
+        copy.db.apply_batch(batch).map_err(store_error)
     }
 
     /// Bytes used by the database files.
@@ -318,7 +360,7 @@ impl Cache {
         self.db.size_on_disk().map_err(store_error)
     }
 
-    fn lock_writer(&self) -> MutexGuard<'_, ()> {
+    fn lock_writer(&self) -> MutexGuard<'_, Wal> {
         // The guarded state is sled's, which a panicking writer cannot leave half-applied.
         self.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -334,7 +376,7 @@ impl Cache {
     /// Computes the writes of `batch` against the current records and applies them as one
     /// sled batch. The caller holds the writer lock, so the records read here are the ones
     /// being replaced.
-    fn apply(&self, _writer: &MutexGuard<'_, ()>, batch: Batch) -> Result<(), CacheError> {
+    fn apply(&self, wal: &mut Wal, batch: Batch) -> Result<(), CacheError> {
         if let Some(reason) = batch.error {
             return Err(CacheError::Store(reason));
         }
@@ -355,11 +397,24 @@ impl Cache {
         if delta != 0 {
             // In the same batch, so the stored count is exact after a crash too.
             let value = encode_count(entries as u64).map_err(CacheError::Store)?;
-            writes.insert(COUNT_KEY, value);
+            writes.insert(COUNT_KEY.to_vec(), Some(value));
         }
-        self.db.apply_batch(writes).map_err(store_error)?;
+        self.write(wal, writes)?;
         self.entries.store(entries, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Logs `writes` as the next commit, then applies them with its sequence number.
+    fn write(&self, wal: &mut Wal, mut writes: Writes) -> Result<(), CacheError> {
+        let seq = wal.seq() + 1;
+        writes.insert(SEQ_KEY.to_vec(), Some(encode_seq(seq)));
+        wal.record(&writes);
+        wal.append(seq, &writes).map_err(|source| CacheError::Io {
+            op: "append to",
+            path: wal.path().to_owned(),
+            source,
+        })?;
+        self.db.apply_batch(to_batch(writes)).map_err(store_error)
     }
 
     /// Writes raw bytes under a raw key, to plant corrupt records in tests.
@@ -523,15 +578,8 @@ impl<'a> Plan<'a> {
         Ok(())
     }
 
-    fn finish(self) -> (sled::Batch, isize) {
-        let mut batch = sled::Batch::default();
-        for (key, value) in self.writes {
-            match value {
-                Some(value) => batch.insert(key, value),
-                None => batch.remove(key),
-            }
-        }
-        (batch, self.delta)
+    fn finish(self) -> (Writes, isize) {
+        (self.writes, self.delta)
     }
 
     fn entry(&mut self, key: &str) -> Result<Slot, CacheError> {
@@ -591,6 +639,50 @@ impl<'a> Plan<'a> {
         self.index.insert(uuid.to_owned(), IndexState::Absent);
         Ok(())
     }
+}
+
+/// The sled batch of `writes`.
+fn to_batch(writes: Writes) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (key, value) in writes {
+        match value {
+            Some(value) => batch.insert(key, value),
+            None => batch.remove(key),
+        }
+    }
+    batch
+}
+
+/// Replays the commits sled lost in a crash (sequence numbers above its own, without a
+/// gap), makes them durable and empties the log; returns how many there were.
+fn recover(db: &sled::Db, wal: &mut Wal) -> Result<usize, CacheError> {
+    let mut seq = match db.get(SEQ_KEY).map_err(store_error)? {
+        Some(value) => decode_seq(&value)?,
+        None => 0,
+    };
+    let io = |op, wal: &Wal| {
+        let path = wal.path().to_owned();
+        move |source| CacheError::Io { op, path, source }
+    };
+    let records = wal.records().map_err(io("read", wal))?;
+    let mut replayed = 0;
+    for (record_seq, writes) in records {
+        if record_seq <= seq {
+            continue;
+        }
+        if record_seq != seq + 1 {
+            break;
+        }
+        db.apply_batch(to_batch(writes)).map_err(store_error)?;
+        seq = record_seq;
+        replayed += 1;
+    }
+    if replayed > 0 {
+        db.flush().map_err(store_error)?;
+    }
+    wal.truncate().map_err(io("truncate", wal))?;
+    wal.set_seq(seq);
+    Ok(replayed)
 }
 
 /// The stored entry count; recounted (a full scan) when the record is missing or unreadable,
@@ -841,6 +933,58 @@ mod tests {
             cache.export_to(&target),
             Err(CacheError::Store(_))
         ));
+    }
+
+    /// A snapshot of a large cache does not stop commits: they go on while the records are
+    /// copied, and the copy still ends up exactly at the state after the last of them.
+    #[test]
+    fn commits_go_on_during_an_export_and_the_copy_includes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = std::sync::Arc::new(Cache::open(&dir.path().join("a")).unwrap());
+        for chunk in 0..100 {
+            let mut b = cache.batch();
+            for i in 0..1000 {
+                let n = chunk * 1000 + i;
+                b.put(&entry(&format!("cn={n}"), &format!("u{n}")));
+            }
+            cache.commit(b, false).unwrap();
+        }
+        let target = dir.path().join("b");
+        let exporter = {
+            let cache = std::sync::Arc::clone(&cache);
+            let target = target.clone();
+            std::thread::spawn(move || {
+                let exported = cache.export_to(&target).unwrap();
+                (exported, std::time::Instant::now())
+            })
+        };
+        while !cache.lock_writer().is_recording() {
+            std::thread::yield_now();
+        }
+        for n in 0..20u64 {
+            let mut b = cache.batch();
+            b.put(&entry(&format!("cn=during{n}"), &format!("d{n}")));
+            b.delete("cn=7");
+            b.set_master(MasterRecord {
+                notifier_id: 100 + n,
+                schema_id: 1,
+            });
+            cache.commit(b, false).unwrap();
+        }
+        let committed = std::time::Instant::now();
+        let (exported, finished) = exporter.join().unwrap();
+        assert!(
+            committed < finished,
+            "the commits waited for the export to finish"
+        );
+        assert_eq!(exported.master.unwrap().notifier_id, 119);
+        assert_eq!(exported.entries, 100_000 - 1 + 20);
+        let copy = Cache::open(&target).unwrap();
+        assert_eq!(copy.master().unwrap().unwrap().notifier_id, 119);
+        assert_eq!(copy.get("cn=during19").unwrap().unwrap().dn, "cn=during19");
+        assert_eq!(copy.get("cn=7").unwrap(), None);
+        assert_eq!(copy.get_by_uuid("d3").unwrap().unwrap().dn, "cn=during3");
+        assert_eq!(copy.len(), 100_000 - 1 + 20);
     }
 
     #[test]

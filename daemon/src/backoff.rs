@@ -19,7 +19,7 @@ impl Backoff {
     }
 
     /// A backoff whose jitter sequence is fixed by `seed`.
-    pub fn with_seed(initial: Duration, max: Duration, seed: u64) -> Backoff {
+    fn with_seed(initial: Duration, max: Duration, seed: u64) -> Backoff {
         Backoff {
             initial,
             max,

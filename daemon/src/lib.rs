@@ -3,6 +3,7 @@
 //! - [`ucr`]: Univention Config Registry, every layer in UCS's order;
 //! - [`logging`]: journald / log file / stderr, UCS debug levels, reopen on SIGHUP;
 //! - [`lock`]: POSIX record locks compatible with UCS's `lockf()`, and the holder probe;
+//! - [`failpoint`]: injected faults for tests (debug builds);
 //! - [`fs`]: atomic file replacement (temp file, fsync, rename, fsync directory) and the
 //!   small decimal files UCS keeps (`notifier_id`, module states, schema id);
 //! - [`pidfile`]: a PID file that refuses a live owner and is only removed by its owner;
@@ -18,6 +19,7 @@
 //!   blocking rule (see [`tasks::run_blocking`]).
 
 pub mod backoff;
+pub mod failpoint;
 pub mod fs;
 pub mod host;
 pub mod lock;

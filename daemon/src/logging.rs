@@ -16,7 +16,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Registry, reload};
 
 /// UCS levels 0 ERROR, 1 WARN, 2 PROCESS, 3 INFO, 4 ALL.
-pub fn level_filter(level: u8) -> LevelFilter {
+fn level_filter(level: u8) -> LevelFilter {
     match level {
         0 => LevelFilter::ERROR,
         1 => LevelFilter::WARN,

@@ -75,7 +75,7 @@ impl Heartbeat {
     }
 
     /// Time since the last beat.
-    pub fn age(&self) -> Duration {
+    pub(crate) fn age(&self) -> Duration {
         let now = self.inner.origin.elapsed();
         now.saturating_sub(Duration::from_millis(
             self.inner.last.load(Ordering::Relaxed),

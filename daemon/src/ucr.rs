@@ -115,7 +115,7 @@ impl Ucr {
 }
 
 /// The file of `layer` next to the normal layer `base_conf`.
-pub fn layer_path(base_conf: &Path, layer: Layer) -> PathBuf {
+fn layer_path(base_conf: &Path, layer: Layer) -> PathBuf {
     if layer == Layer::Normal {
         return base_conf.to_owned();
     }

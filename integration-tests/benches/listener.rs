@@ -75,11 +75,81 @@ fn main() {
         "listener benchmark (release build, {} cores, listener -d {debug})",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    commit_cost(env_usize("BENCH_COMMITS", 20_000));
     backlog(backlog_changes, searches, rounds, &debug);
     initialization_and_rss(init_entries, rss_entries, rss_changes, &debug);
     println!(
         "done in {:.0} s",
         STARTED.get_or_init(Instant::now).elapsed().as_secs_f64()
+    );
+}
+
+/// (0) What a commit costs now that every commit survives a process crash: the cache
+/// commit of one user entry (entry, index, master record, commit-log record), next to the
+/// bare `write(2)` of a record that size and the `fdatasync` per commit it avoids.
+fn commit_cost(commits: usize) {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let cache = cache::Cache::open(&dir.path().join("cache")).unwrap();
+    let entry = |i: usize| cache::CacheEntry {
+        dn: format!("uid=bench{i},cn=users,dc=example,dc=com"),
+        attributes: person(&format!("bench{i}"), i)
+            .into_iter()
+            .map(|(a, v)| (a.to_owned(), vec![v.into_bytes()]))
+            .chain([(
+                "entryUUID".to_owned(),
+                vec![format!("00000000-0000-0000-0000-{i:012}").into_bytes()],
+            )])
+            .collect(),
+        modules: vec!["jsonl".into()],
+    };
+    let started = Instant::now();
+    for i in 0..commits {
+        let mut batch = cache.batch();
+        batch.put(&entry(i % 1000));
+        batch.set_master(cache::MasterRecord {
+            notifier_id: i as u64,
+            schema_id: 0,
+        });
+        cache.commit(batch, false).unwrap();
+        if i % 1000 == 999 {
+            cache.flush().unwrap();
+        }
+    }
+    let commit = started.elapsed().as_secs_f64() / commits as f64;
+
+    let record = vec![b'x'; 700];
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.path().join("write-only"))
+        .unwrap();
+    let started = Instant::now();
+    for _ in 0..commits {
+        file.write_all(&record).unwrap();
+    }
+    let write = started.elapsed().as_secs_f64() / commits as f64;
+    let syncs = 200;
+    let started = Instant::now();
+    for _ in 0..syncs {
+        file.write_all(&record).unwrap();
+        file.sync_data().unwrap();
+    }
+    let fsync = started.elapsed().as_secs_f64() / syncs as f64;
+    println!("(0) commit cost, {commits} commits of one user entry");
+    println!(
+        "    cache commit with commit log   {:8.1} µs per commit (flush every 1000)",
+        commit * 1e6
+    );
+    println!(
+        "    bare write(2) of a record      {:8.1} µs   ({:.0}% of a commit)",
+        write * 1e6,
+        100.0 * write / commit
+    );
+    println!(
+        "    write + fdatasync per commit   {:8.1} µs   ({:.1}x a commit; avoided)",
+        fsync * 1e6,
+        fsync / commit
     );
 }
 

@@ -58,6 +58,8 @@ pub struct SlapdConfig {
     /// StartTLS with a throwaway CA and a server certificate for `127.0.0.1` and
     /// `localhost`, generated with `openssl` into `<dir>/tls/` ([`Slapd::ca_cert_path`]).
     pub tls: bool,
+    /// Listen on every address, not only 127.0.0.1 (for clients in a network namespace).
+    pub listen_all: bool,
 }
 
 impl SlapdConfig {
@@ -70,6 +72,7 @@ impl SlapdConfig {
             dbnosync: false,
             log_operations: true,
             tls: false,
+            listen_all: false,
         }
     }
 
@@ -82,7 +85,13 @@ impl SlapdConfig {
             dbnosync: false,
             log_operations: true,
             tls: false,
+            listen_all: false,
         }
+    }
+
+    pub fn listen_all(mut self, on: bool) -> SlapdConfig {
+        self.listen_all = on;
+        self
     }
 
     pub fn dbnosync(mut self, on: bool) -> SlapdConfig {
@@ -383,7 +392,12 @@ impl Slapd {
         let log_err = log
             .try_clone()
             .map_err(io_context("duplicating slapd.log"))?;
-        let urls = format!("ldap://127.0.0.1:{port}/ {}", self.ldapi_url());
+        let host = if self.config.listen_all {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
+        let urls = format!("ldap://{host}:{port}/ {}", self.ldapi_url());
         // `-d` keeps slapd in the foreground as our child; level 0 logs nothing.
         let debug = if self.config.log_operations {
             "stats"

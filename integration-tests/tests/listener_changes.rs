@@ -1248,3 +1248,48 @@ fn protocol_2_and_3_see_the_same_calls() {
         v3.listener.log()
     );
 }
+
+/// An object renamed and deleted before the listener reads the rename's `a`: modules know
+/// it under its old DN, so that is the DN whose removal they get. The queue-file intake
+/// lets the test hand the notifier the `r` and the `a` apart, with the delete in between.
+#[test]
+fn a_move_whose_add_finds_nothing_removes_the_dn_modules_know() {
+    use integration_tests::Intake;
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start(&slapd, Intake::QueueFile, &[]).unwrap();
+    let mut admin = slapd.admin().unwrap();
+    let mut listener =
+        Listener::start(&slapd, &notifier, ListenerOptions::new().bind_admin()).unwrap();
+    listener.wait_initialized(WAIT).unwrap();
+    let old_dn = format!("cn=e16,{BASE}");
+    let new_dn = format!("cn=e43,{BASE}");
+
+    admin.add_role(&old_dn, "e16").unwrap();
+    notifier.queue(&format!("1 {old_dn} a\n")).unwrap();
+    listener.wait_for_id(1, WAIT).unwrap();
+
+    admin.modrdn(&old_dn, "cn=e43", true, None).unwrap();
+    notifier.queue(&format!("2 {old_dn} r\n")).unwrap();
+    listener
+        .wait_until("the r to be stashed", WAIT, |l| {
+            Ok(l.log()
+                .contains(&format!("transaction 2 (r {old_dn}) stashed"))
+                .then_some(()))
+        })
+        .unwrap();
+    admin.delete(&new_dn).unwrap();
+    notifier.queue(&format!("3 {new_dn} a\n")).unwrap();
+    listener.wait_for_id(3, WAIT).unwrap();
+
+    let calls: Vec<(char, String)> = listener
+        .changes()
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.command != 'n')
+        .map(|c| (c.command, c.dn))
+        .collect();
+    assert_eq!(calls, [('a', old_dn.clone()), ('d', old_dn.clone())]);
+    let removal = listener.changes().unwrap().pop().unwrap();
+    assert_eq!(removal.old.get("cn"), Some(&vec![b"e16".to_vec()]));
+    listener.stop().unwrap();
+}

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use integration_tests::listener::{HANDLER_READY, JSONL_MODULE};
 use integration_tests::process::binary;
 use integration_tests::slapd::{BASE, HOST_DN, RESTRICTED_DN};
-use integration_tests::{Listener, ListenerOptions, Notifier, Slapd};
+use integration_tests::{Listener, ListenerOptions, Notifier, Slapd, wait_until};
 
 const T: Duration = Duration::from_secs(60);
 const DUMP: &str = "univention-directory-listener-dump";
@@ -456,6 +456,71 @@ fn ctrl_status_modules_notifier_id_and_resync() {
         tool(CTRL, &["resync", "--help"])
             .stdout
             .contains("--no-restart")
+    );
+}
+
+/// `status` with a `--failed-ldif` other than the running listener's: the listener's own
+/// file (from its STATUS) is reported, so "paused" and "failed.ldif" agree; only a stopped
+/// listener is described with the option.
+#[test]
+fn ctrl_status_reports_the_running_listeners_failed_ldif() {
+    let (slapd, notifier) = stack();
+    let mut listener = start_listener(&slapd, &notifier);
+    let own = listener.failed_ldif_path();
+    let elsewhere = listener.dir().join("elsewhere.ldif");
+    let mut args = ctrl_args(&listener, &notifier);
+    let value = args.iter().position(|a| a == "--failed-ldif").unwrap() + 1;
+    args[value] = elsewhere.display().to_string();
+    let status = |json: bool| {
+        let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+        all.push("status");
+        if json {
+            all.push("--json");
+        }
+        tool(CTRL, &all)
+    };
+
+    fs::write(&own, "dn: x\n").unwrap();
+    // The next transaction makes the listener pause on its failed.ldif.
+    slapd
+        .admin()
+        .unwrap()
+        .add_role(&format!("cn=paused,{BASE}"), "paused")
+        .unwrap();
+    wait_until("the listener to pause", T, || {
+        let run = status(true);
+        let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        Ok(json["listener"]["state"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("paused"))
+            .then_some(()))
+    })
+    .unwrap();
+    let text = status(false);
+    assert_eq!(text.code, 1, "{text:?}");
+    assert!(text.stdout.contains("paused: "), "{}", text.stdout);
+    assert!(
+        text.stdout.contains(&format!(
+            "failed.ldif:\n present: {} (replication stopped)\n",
+            own.display()
+        )),
+        "{}",
+        text.stdout
+    );
+    assert!(!text.stdout.contains("absent"), "{}", text.stdout);
+    let json: serde_json::Value = serde_json::from_str(&status(true).stdout).unwrap();
+    assert_eq!(json["failed_ldif"]["path"], own.display().to_string());
+    assert_eq!(json["failed_ldif"]["present"], true);
+
+    listener.stop().unwrap();
+    let stopped = status(false);
+    assert!(
+        stopped.stdout.contains(&format!(
+            "failed.ldif:\n absent ({})\n",
+            elsewhere.display()
+        )),
+        "{}",
+        stopped.stdout
     );
 }
 

@@ -21,20 +21,29 @@ fn err(what: &str) -> BerError {
     BerError(what.to_owned())
 }
 
+/// Attributes in server order, values as exact bytes (binary-safe).
+pub type Attributes = Vec<(String, Vec<Vec<u8>>)>;
+
+/// The values of `name` in `attrs`; attribute descriptions compare ASCII-case-insensitively,
+/// as in LDAP.
+pub fn values_of<'a>(attrs: &'a [(String, Vec<Vec<u8>>)], name: &str) -> Option<&'a [Vec<u8>]> {
+    attrs
+        .iter()
+        .find(|(attr, _)| attr.eq_ignore_ascii_case(name))
+        .map(|(_, values)| values.as_slice())
+}
+
 /// An entry with its attributes in server order and values as exact bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RawEntry {
     pub dn: String,
-    pub attrs: Vec<(String, Vec<Vec<u8>>)>,
+    pub attrs: Attributes,
 }
 
 impl RawEntry {
-    /// Values of `name` (attribute names compare case-insensitively, as in LDAP).
+    /// Values of `name` ([`values_of`]).
     pub fn values(&self, name: &str) -> Option<&[Vec<u8>]> {
-        self.attrs
-            .iter()
-            .find(|(attr, _)| attr.eq_ignore_ascii_case(name))
-            .map(|(_, values)| values.as_slice())
+        values_of(&self.attrs, name)
     }
 
     /// The first value of `name` as text.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// Debian's slapd socket, which `ldapi:///` means (as in libldap).
-pub const DEFAULT_LDAPI_SOCKET: &str = "/var/run/slapd/ldapi";
+const DEFAULT_LDAPI_SOCKET: &str = "/var/run/slapd/ldapi";
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -109,7 +109,7 @@ impl Password {
 }
 
 /// The first line of `path` without its line end, as `ldapsearch -y` and UCS read it.
-pub fn read_password_file(path: &Path) -> std::io::Result<String> {
+pub(crate) fn read_password_file(path: &Path) -> std::io::Result<String> {
     let text = std::fs::read_to_string(path)?;
     Ok(text.lines().next().unwrap_or_default().to_owned())
 }
@@ -136,7 +136,7 @@ impl StartTls {
 
 /// Turns `ldapi:///` (no socket path, as UCS writes it) into ldap3's form with the
 /// percent-encoded default socket path; other URLs pass through.
-pub fn normalize_url(url: &str) -> String {
+pub(crate) fn normalize_url(url: &str) -> String {
     match url.strip_prefix("ldapi://") {
         Some(rest) if rest.is_empty() || rest == "/" => {
             format!("ldapi://{}/", DEFAULT_LDAPI_SOCKET.replace('/', "%2F"))
@@ -167,19 +167,19 @@ mod tests {
     fn debug_never_shows_the_password() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("secret");
-        std::fs::write(&file, "filepw\nsecond line\n").unwrap();
+        std::fs::write(&file, "s3cret-in-file\nsecond line\n").unwrap();
         let from_file = Password::from_file(&file).unwrap();
-        assert_eq!(from_file.current(), "filepw");
+        assert_eq!(from_file.current(), "s3cret-in-file");
         for auth in [
             Auth::for_tool(
                 "ldap://h",
                 Some("cn=a".into()),
-                Some(Password::Literal("pw".into())),
+                Some(Password::Literal("s3cret-literal".into())),
             ),
             Auth::for_tool("ldap://h", Some("cn=a".into()), Some(from_file)),
         ] {
             let shown = format!("{auth:?}");
-            assert!(!shown.contains("pw"), "{shown}");
+            assert!(!shown.contains("s3cret"), "{shown}");
         }
         assert!(matches!(
             Auth::for_tool("ldapi:///", None, None),

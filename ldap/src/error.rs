@@ -84,7 +84,7 @@ pub fn failure(what: &str, err: LdapError) -> LdapFailure {
 }
 
 /// A short name for result codes whose server text is often empty.
-pub fn rc_name(rc: u32) -> &'static str {
+pub(crate) fn rc_name(rc: u32) -> &'static str {
     match rc {
         rc::NO_SUCH_OBJECT => "no such object",
         rc::INVALID_CREDENTIALS => "invalid credentials",

@@ -116,12 +116,21 @@ pub struct Cli {
     /// Idle seconds before postrun runs and LDAP connections close.
     #[arg(long, value_name = "SECS", default_value_t = 15.0)]
     pub postrun_delay: f64,
-    /// Idle seconds between ALIVE checks of the notifier connection.
-    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    /// Seconds between ALIVE probes of the notifier connection while waiting for the next
+    /// transaction (UCS: 300); a probe unanswered for --alive-timeout marks the connection
+    /// dead, and it is replaced.
+    #[arg(long, value_name = "SECS", default_value_t = 3.0)]
     pub alive_interval: f64,
+    /// Seconds an ALIVE probe, a connect or a handshake with the notifier may take.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    pub alive_timeout: f64,
     /// Seconds to wait for a notifier reply (other than a pending WAIT_ID).
     #[arg(long, value_name = "SECS", default_value_t = 120.0)]
     pub notifier_timeout: f64,
+    /// Seconds at most between two syncs of the cache: every commit survives a crash of
+    /// the process at once, a power loss can take the commits of this last interval.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    pub sync_interval: f64,
     /// Seconds allowed per LDAP operation.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     pub ldap_timeout: f64,
@@ -188,8 +197,10 @@ pub struct Config {
     pub cascade: bool,
     pub postrun_delay: Duration,
     pub alive_interval: Duration,
+    pub alive_timeout: Duration,
     pub notifier_timeout: Duration,
     pub ldap_timeout: Duration,
+    pub sync_interval: Duration,
     pub stop_timeout: Duration,
     pub scan_timeout: Duration,
     pub ldap_retries: u32,
@@ -340,8 +351,10 @@ impl Config {
             cascade: cli.cascade,
             postrun_delay: seconds("--postrun-delay", cli.postrun_delay)?,
             alive_interval: seconds("--alive-interval", cli.alive_interval)?,
+            alive_timeout: seconds("--alive-timeout", cli.alive_timeout)?,
             notifier_timeout: seconds("--notifier-timeout", cli.notifier_timeout)?,
             ldap_timeout: seconds("--ldap-timeout", cli.ldap_timeout)?,
+            sync_interval: seconds("--sync-interval", cli.sync_interval)?,
             stop_timeout: seconds("--stop-timeout", cli.stop_timeout)?,
             scan_timeout: Duration::from_secs(
                 ucr.get_parsed("listener/timeout/scans").unwrap_or(7200),
@@ -572,7 +585,8 @@ mod tests {
         assert_eq!(c.mode, RunMode::InitOnly);
         assert!(!c.purge);
         assert_eq!(c.postrun_delay, Duration::from_secs(15));
-        assert_eq!(c.alive_interval, Duration::from_secs(300));
+        assert_eq!(c.alive_interval, Duration::from_secs(3));
+        assert_eq!(c.alive_timeout, Duration::from_secs(5));
         assert_eq!(c.protocol, 3);
         assert!(matches!(c.auth, Auth::Anonymous));
         assert!(resolve(&["-h", "m", "-x"], "").is_err());

@@ -47,6 +47,9 @@ struct Slot {
     module: Box<dyn Module>,
     filter: Option<Filter>,
     state: u32,
+    /// Being initialised: called although not READY. Only in memory, so a crash during
+    /// the pass leaves the module not ready and it is initialised again at the next start.
+    initialising: bool,
     /// `prerun` ran (or the module needs none) and `postrun` has not yet.
     prepared: bool,
     stats: CallStats,
@@ -145,6 +148,7 @@ impl Handlers {
                 module,
                 filter,
                 state,
+                initialising: false,
                 prepared: false,
                 stats: CallStats::default(),
             });
@@ -209,12 +213,21 @@ impl Handlers {
             .collect()
     }
 
-    /// Sets a module's state and writes its state file.
+    /// Marks a module as being initialised (in memory only): its calls go through although
+    /// it is not READY, until [`Handlers::set_state`] records the outcome.
+    pub fn begin_initialising(&mut self, index: usize) {
+        if let Some(slot) = self.slots.get_mut(index) {
+            slot.initialising = true;
+        }
+    }
+
+    /// Sets a module's state and writes its state file; ends an initialisation.
     pub fn set_state(&mut self, index: usize, state: u32) -> Result<(), FileError> {
         let Some(slot) = self.slots.get_mut(index) else {
             return Ok(());
         };
         slot.state = state;
+        slot.initialising = false;
         write_state(&self.state_dir, slot.name(), state)
     }
 
@@ -351,7 +364,7 @@ impl Handlers {
         let Some(slot) = self.slots.get(index) else {
             return false;
         };
-        if !slot.is_ready() && !self.init_only {
+        if !slot.is_ready() && !slot.initialising && !self.init_only {
             tracing::warn!(
                 "{}: not ready, {} {} skipped (failed)",
                 slot.name(),

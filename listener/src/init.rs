@@ -132,7 +132,10 @@ impl Engine {
         let name = self.handlers.name(index).to_owned();
         let state = self.handlers.state(index);
         tracing::info!("initializing module {name}");
-        self.set_state(index, state | READY);
+        // READY is persisted only after the whole pass: a crash (or the stop guard's
+        // exit) in the middle must not leave a module marked ready that saw part of the
+        // directory.
+        self.handlers.begin_initialising(index);
         let result = self
             .run_initialization(index, &name, scan_timeout, signals)
             .await;

@@ -72,6 +72,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> {
+    // Before anything else: a configuration error, not something to retry or run without.
+    loader::check_module_paths(&config.module_paths)?;
     let cache_dir = config.cache_dir.clone();
     if cache::is_marked_bad(&cache_dir) {
         tracing::error!(

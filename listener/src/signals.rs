@@ -25,7 +25,7 @@ impl Signals {
         self.stop.load(Ordering::SeqCst)
     }
 
-    pub fn request_stop(&self) {
+    pub(crate) fn request_stop(&self) {
         if !self.stop.swap(true, Ordering::SeqCst) {
             spawn_stop_guard(self.stop_timeout);
         }
@@ -34,7 +34,7 @@ impl Signals {
     }
 
     /// True once per SIGHUP.
-    pub fn take_reload(&self) -> bool {
+    pub(crate) fn take_reload(&self) -> bool {
         self.reload.swap(false, Ordering::SeqCst)
     }
 

@@ -188,6 +188,7 @@ async fn run(config: Config, logging: Arc<Logging>) -> Result<()> {
                     lock_delay: config.lock_delay,
                     poll_interval: config.poll_interval,
                     max_gap: config.max_gap,
+                    idle_report: config.idle_report,
                 },
                 Arc::clone(&metrics),
             );

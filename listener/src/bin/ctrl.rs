@@ -51,7 +51,8 @@ struct Cli {
     /// repeatable.
     #[arg(short = 'm', long = "modules-dir", value_name = "PATH", global = true)]
     module_dirs: Vec<PathBuf>,
-    /// The replication stop file.
+    /// The replication stop file, for `status` while the listener is stopped (a running
+    /// listener reports its own).
     #[arg(long, value_name = "FILE", default_value = DEFAULT_FAILED_LDIF, global = true)]
     failed_ldif: PathBuf,
     /// Notifier host (default: UCR notifier/server, else ldap/master).
@@ -302,9 +303,14 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
     };
     let states = states(cli)?;
     let modules = module_listing(cli, live.as_ref(), &states);
-    let failed_ldif = control::FailedLdif {
-        present: cli.failed_ldif.exists(),
-        path: cli.failed_ldif.clone(),
+    // A running listener says which file pauses it (its own --failed-ldif); this tool's
+    // option only stands in for a stopped listener, or the two would contradict each other.
+    let failed_ldif = match &live {
+        Some(s) => s.failed_ldif.clone(),
+        None => control::FailedLdif {
+            present: cli.failed_ldif.exists(),
+            path: cli.failed_ldif.clone(),
+        },
     };
     let paused = live.as_ref().is_some_and(|s| s.state.starts_with("paused"));
     let healthy = running

@@ -272,7 +272,21 @@ impl Engine {
         }
         let stashed = match lookup {
             Lookup::Missing => {
-                self.delete(&cur)?;
+                match prev.as_ref().filter(|p| is_move && p.cache.is_some()) {
+                    // The object left the `r`'s DN and was gone before its `a` could be
+                    // read: the modules know it under the `r`'s DN, so that is the DN whose
+                    // removal they get (not the `a`'s, which they never heard of).
+                    Some(moved) => {
+                        let gone = Op {
+                            dn: moved.dn.clone(),
+                            command: Command::Delete,
+                            ..cur.clone()
+                        };
+                        self.delete(&gone)?;
+                        self.staged.delete(&cur.dn);
+                    }
+                    None => self.delete(&cur)?,
+                }
                 None
             }
             Lookup::Found(entry) => self.update_cache(cur, entry, is_move, prev).await?,
@@ -359,7 +373,14 @@ impl Engine {
                 }
                 self.delete(&cur)?;
             }
-            Command::ModRdn => return Ok(Some(cur)),
+            Command::ModRdn => {
+                tracing::debug!(
+                    "transaction {} (r {}) stashed until its add",
+                    cur.id,
+                    cur.dn
+                );
+                return Ok(Some(cur));
+            }
             Command::Init => {
                 tracing::warn!(
                     "unknown command {} for {} (id {})",

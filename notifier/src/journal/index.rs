@@ -240,7 +240,8 @@ impl Index {
 
     /// Writes a fresh index for the consecutive IDs starting at `first_id` to `<path>.tmp`
     /// and renames it over `path`, so a reader never sees a half-written index. Entries below
-    /// `first_id` (and entry 0) stay holes.
+    /// `first_id` (and entry 0) stay holes. Not `daemon::fs::TempFile`: the index keeps the
+    /// handle open, and it is derived data (rebuilt from the log), so it needs no fsync.
     pub fn rebuild(path: &Path, first_id: u64, offsets: &[u64]) -> Result<Index, IndexError> {
         let mut tmp_name = path.as_os_str().to_owned();
         tmp_name.push(".tmp");

@@ -14,9 +14,12 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
+use daemon::paths::QueueFiles;
 use daemon::ucr::Ucr;
+use notifier::config::IntakeKind;
+use notifier::intake::accesslog::POSITION_FILE;
 
-use crate::files::{Translog, ldap_dir, open_index};
+use crate::files::{Translog, ldap_dir, open_index, parent_dir};
 use crate::log::error;
 
 /// The notifier's directory, as its `--ldap-dir`; the log is `notify/transaction` in it.
@@ -34,7 +37,8 @@ Output formats:
 Modifying sub-commands (check --fix, prune) refuse to run while the notifier holds
 transaction.lock. Services are never stopped or started by this tool.
 
-Exit status: 0 success, 1 problems found or operation refused, 2 usage or I/O error
+Exit status: 0 success, 1 problems found or operation refused (check: also when nothing
+applies to this host), 2 usage or I/O error
 (backup: see `univention-translog backup --help`).";
 
 #[derive(Parser, Debug)]
@@ -180,6 +184,11 @@ struct CheckArgs {
     /// Do not warn that services must be stopped (they are never stopped by this tool)
     #[arg(short = 'S', long)]
     skip_services: bool,
+    /// The notifier's intake [accesslog if <notify dir>/accesslog.position exists, else
+    /// file]: accesslog checks the log and that position instead of the queue files and
+    /// last_id, and needs no server role
+    #[arg(long, value_enum, value_name = "INTAKE")]
+    intake: Option<IntakeKind>,
 }
 
 fn parse_datetime(s: &str) -> Result<String, String> {
@@ -249,6 +258,12 @@ fn run(cli: Cli) -> Result<Exit> {
         Cmd::Index { min, max } => dump_index(&translog_file, min, max),
         Cmd::Check(args) => {
             let ldap_dir = ldap_dir(&translog_file);
+            let position_file = parent_dir(&translog_file).join(POSITION_FILE);
+            let intake = args.intake.unwrap_or(if position_file.exists() {
+                IntakeKind::Accesslog
+            } else {
+                IntakeKind::File
+            });
             let opts = check::CheckOptions {
                 translog: translog_file.clone(),
                 fix: args.fix,
@@ -260,12 +275,14 @@ fn run(cli: Cli) -> Result<Exit> {
                 role: args.role.or_else(role_default),
                 listener: args
                     .listener_file
-                    .unwrap_or_else(|| ldap_dir.join("listener").join("listener")),
+                    .unwrap_or_else(|| QueueFiles::in_ldap_dir(&ldap_dir).queue()),
                 listener_priv: args
                     .listener_private_file
-                    .unwrap_or_else(|| ldap_dir.join("listener").join("listener.priv")),
+                    .unwrap_or_else(|| QueueFiles::in_ldap_dir(&ldap_dir).private()),
                 last_file: args.last_file.unwrap_or_else(|| ldap_dir.join("last_id")),
                 skip_services: args.skip_services,
+                intake,
+                position_file,
             };
             check::run(&opts)
         }
