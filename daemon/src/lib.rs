@@ -15,6 +15,7 @@
 //! - [`report`]: the error chain rule (each cause's text once);
 //! - [`metrics`]: Prometheus text exposition and its HTTP endpoint;
 //! - [`systemd`]: `sd_notify` states and a watchdog fed by a progress heartbeat;
+//! - [`man`]: each binary's man page, rendered from its clap definition;
 //! - [`tasks`]: a named task set whose shutdown awaits every task in order, and the
 //!   blocking rule (see [`tasks::run_blocking`]).
 
@@ -24,6 +25,7 @@ pub mod fs;
 pub mod host;
 pub mod lock;
 pub mod logging;
+pub mod man;
 pub mod metrics;
 pub mod paths;
 pub mod pidfile;

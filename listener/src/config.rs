@@ -26,7 +26,6 @@ pub const DEFAULT_NOTIFIER_PORT: u16 = 6669;
 #[command(
     name = "univention-directory-listener",
     version,
-    disable_version_flag = true,
     // -h is the LDAP host, as in UCS; help stays available as --help.
     disable_help_flag = true,
     // Like getopt, a repeated option takes the last value.
@@ -86,7 +85,7 @@ pub struct Cli {
     #[arg(short = 'B')]
     pub backup_only: bool,
     /// Cache directory.
-    #[arg(short = 'c', value_name = "DIR", default_value = DEFAULT_CACHE_DIR)]
+    #[arg(short = 'c', value_name = "DIR", env = "UDL_CACHE_DIR", default_value = DEFAULT_CACHE_DIR)]
     pub cache_dir: PathBuf,
     /// LDAP state directory: schema/id/id, cascade file listener/listener.
     #[arg(short = 'l', value_name = "DIR", default_value = DEFAULT_LDAP_DIR)]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use cache::{Cache, CacheError, MasterRecord};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use daemon::backoff::Backoff;
 use daemon::logging::Logging;
 use daemon::paths::{QueueFiles, SCHEMA_ID_FILE};
@@ -35,6 +35,9 @@ const EXIT_BAD_CACHE: u8 = 3;
 const TASK_GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
+    if let Some(code) = daemon::man::print_if_requested(Cli::command, daemon::man::SECTION_DAEMON) {
+        return code;
+    }
     let config = match Config::from_cli(Cli::parse()) {
         Ok(config) => config,
         Err(e) => {

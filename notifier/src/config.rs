@@ -31,7 +31,6 @@ pub enum IntakeKind {
 #[command(
     name = "univention-directory-notifier",
     version,
-    disable_version_flag = true,
     // Like getopt, a repeated option takes the last value.
     args_override_self = true
 )]
@@ -74,7 +73,12 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<std::net::IpAddr>,
     /// Directory holding listener/, notify/ and schema/id/.
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/univention-ldap")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "UDN_LDAP_DIR",
+        default_value = "/var/lib/univention-ldap"
+    )]
     pub ldap_dir: PathBuf,
     /// Where transactions come from.
     #[arg(long, value_enum, default_value_t = IntakeKind::File)]

@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use daemon::logging::Logging;
 use daemon::pidfile::PidFile;
 use daemon::systemd::{self, Heartbeat};
@@ -32,6 +32,9 @@ const TASK_GRACE: Duration = Duration::from_secs(10);
 const LDAP_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
+    if let Some(code) = daemon::man::print_if_requested(Cli::command, daemon::man::SECTION_DAEMON) {
+        return code;
+    }
     let cli = Cli::parse();
     let ucr = Ucr::load(&cli.ucr_file);
     let config = match Config::resolve(cli, &ucr) {

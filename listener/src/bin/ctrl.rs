@@ -10,7 +10,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use daemon::ucr::Ucr;
 use listener::backup;
 use listener::config::{DEFAULT_CACHE_DIR, DEFAULT_FAILED_LDIF};
@@ -38,7 +38,14 @@ damaged; restore/resync refused); 2 usage error or unknown module.";
 #[command(name = "univention-directory-listener-ctrl", version, after_help = AFTER_HELP)]
 struct Cli {
     /// Cache directory.
-    #[arg(short = 'c', long, value_name = "DIR", default_value = DEFAULT_CACHE_DIR, global = true)]
+    #[arg(
+        short = 'c',
+        long,
+        value_name = "DIR",
+        env = "UDL_CACHE_DIR",
+        default_value = DEFAULT_CACHE_DIR,
+        global = true
+    )]
     cache_dir: PathBuf,
     /// Module directory or file, for `modules` and `resync` while the listener is stopped;
     /// repeatable.
@@ -117,6 +124,9 @@ const NOTIFIER_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_WAIT: Duration = Duration::from_secs(300);
 
 fn main() -> ExitCode {
+    if let Some(code) = daemon::man::print_if_requested(Cli::command, daemon::man::SECTION_TOOL) {
+        return code;
+    }
     let cli = Cli::parse();
     match run(&cli) {
         Ok(code) => code,

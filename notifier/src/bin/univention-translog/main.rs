@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{ArgAction, Args, Parser, Subcommand};
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 use daemon::paths::QueueFiles;
 use daemon::ucr::Ucr;
 use notifier::config::IntakeKind;
@@ -22,7 +22,8 @@ use notifier::intake::accesslog::POSITION_FILE;
 use crate::files::{Translog, ldap_dir, open_index, parent_dir};
 use crate::log::error;
 
-const DEFAULT_TRANSLOG: &str = "/var/lib/univention-ldap/notify/transaction";
+/// The notifier's directory, as its `--ldap-dir`; the log is `notify/transaction` in it.
+const DEFAULT_LDAP_DIR: &str = "/var/lib/univention-ldap";
 
 const AFTER_HELP: &str = "\
 Output formats:
@@ -48,15 +49,31 @@ applies to this host), 2 usage or I/O error
     after_help = AFTER_HELP
 )]
 struct Cli {
-    /// Transaction file
-    #[arg(short = 'T', long, value_name = "FILENAME", default_value = DEFAULT_TRANSLOG, global = true)]
-    translog_file: PathBuf,
+    /// Transaction file [default: <LDAP_DIR>/notify/transaction]
+    #[arg(
+        short = 'T',
+        long,
+        value_name = "FILENAME",
+        env = "UDN_TRANSLOG_FILE",
+        global = true
+    )]
+    translog_file: Option<PathBuf>,
+    /// The notifier's directory (its --ldap-dir), where the transaction file is found
+    #[arg(
+        long,
+        value_name = "LDAP_DIR",
+        env = "UDN_LDAP_DIR",
+        default_value = DEFAULT_LDAP_DIR,
+        global = true
+    )]
+    ldap_dir: PathBuf,
     /// LDAP URL of the cn=translog database; ldapi:/// means /var/run/slapd/ldapi
     #[arg(
         short = 'H',
         long,
         value_name = "URL",
         default_value = "ldapi:///",
+        env = "UDN_TRANSLOG_URI",
         global = true
     )]
     translog_ldap: String,
@@ -198,6 +215,9 @@ pub enum Exit {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = daemon::man::print_if_requested(Cli::command, daemon::man::SECTION_TOOL) {
+        return code;
+    }
     let cli = Cli::parse();
     log::init(cli.verbose);
     let result = run(cli);
@@ -216,6 +236,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<Exit> {
+    let translog_file = cli
+        .translog_file
+        .clone()
+        .unwrap_or_else(|| cli.ldap_dir.join("notify").join("transaction"));
     let ucr = Ucr::load_default();
     let role_default = || ucr.get("server/role").map(str::to_owned);
     let conn = ldap::ConnOptions {
@@ -228,20 +252,20 @@ fn run(cli: Cli) -> Result<Exit> {
         datetime: cli.datetime.clone(),
     };
     match cli.command {
-        Cmd::Stat => stat(&cli.translog_file, &conn),
-        Cmd::Lookup { ids } => lookup(&cli.translog_file, &ids),
+        Cmd::Stat => stat(&translog_file, &conn),
+        Cmd::Lookup { ids } => lookup(&translog_file, &ids),
         Cmd::Ldap { ids } => ldap::lookup(&conn, &ids),
-        Cmd::Index { min, max } => dump_index(&cli.translog_file, min, max),
+        Cmd::Index { min, max } => dump_index(&translog_file, min, max),
         Cmd::Check(args) => {
-            let ldap_dir = ldap_dir(&cli.translog_file);
-            let position_file = parent_dir(&cli.translog_file).join(POSITION_FILE);
+            let ldap_dir = ldap_dir(&translog_file);
+            let position_file = parent_dir(&translog_file).join(POSITION_FILE);
             let intake = args.intake.unwrap_or(if position_file.exists() {
                 IntakeKind::Accesslog
             } else {
                 IntakeKind::File
             });
             let opts = check::CheckOptions {
-                translog: cli.translog_file.clone(),
+                translog: translog_file.clone(),
                 fix: args.fix,
                 dry_run: cli.dry_run,
                 base: args
@@ -264,10 +288,10 @@ fn run(cli: Cli) -> Result<Exit> {
         }
         Cmd::Prune { id, role } => {
             let role = role.or_else(role_default);
-            prune::run(&cli.translog_file, id, role.as_deref(), &conn)
+            prune::run(&translog_file, id, role.as_deref(), &conn)
         }
-        Cmd::Import { count, min, max } => ldap::import(&cli.translog_file, &conn, count, min, max),
-        Cmd::Backup(cmd) => backup::run(cmd, &cli.translog_file, cli.dry_run),
+        Cmd::Import { count, min, max } => ldap::import(&translog_file, &conn, count, min, max),
+        Cmd::Backup(cmd) => backup::run(cmd, &translog_file, cli.dry_run),
     }
 }
 
