@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # CI after the test suite (as root, on a throwaway machine): builds the release package,
-# installs it, runs --help of every installed binary, verifies the installed units, runs the
-# installed notifier and listener end to end against a private slapd (and the installed
-# tools against them), then reinstalls and purges it to exercise the maintainer scripts.
+# installs it, runs --help and --version of every installed binary, checks their man pages
+# (installed, found by man, rendered by man -l without warnings), verifies the installed
+# units, runs the installed notifier and listener end to end against a private slapd (and
+# the installed tools against them), then reinstalls and purges it to exercise the
+# maintainer scripts.
 # Prints how long each step took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +71,50 @@ check_binaries() {
     count=$((count + 1))
   done
   echo "--help works for $count binaries: ${bins[*]##*/}"
+  "/usr/share/$PACKAGE/openldap/apply.sh" --help >/dev/null || {
+    echo "ci-package: the installed OpenLDAP kit's apply.sh --help failed" >&2
+    return 1
+  }
+}
+
+check_man_pages() {
+  # Every binary has a page, installed by the package, that man finds and renders cleanly.
+  local bins count=0 page err
+  command -v man >/dev/null || {
+    echo "ci-package: man is missing (scripts/setup.sh installs man-db)" >&2
+    return 1
+  }
+  mapfile -t bins < <(dpkg -L "$PACKAGE" | grep '^/usr/sbin/')
+  for bin in "${bins[@]}"; do
+    name=${bin##*/}
+    page=$(dpkg -L "$PACKAGE" | grep -E "^/usr/share/man/man[18]/$name\.[18]\.gz$") || {
+      echo "ci-package: no man page for $name in the package" >&2
+      return 1
+    }
+    [[ -f $page ]] || {
+      echo "ci-package: $page is listed but not installed (a dpkg path-exclude for /usr/share/man?)" >&2
+      return 1
+    }
+    [[ $(man -w "$name") == "$page" ]] || {
+      echo "ci-package: man -w $name does not find $page" >&2
+      return 1
+    }
+    err=$(MANWIDTH=80 man -l "$page" 2>&1 >/dev/null)
+    [[ -z $err ]] || {
+      echo "ci-package: man -l $page: $err" >&2
+      return 1
+    }
+    MANWIDTH=80 man -l "$page" 2>/dev/null | grep -q "$name" || {
+      echo "ci-package: man -l $page does not name $name" >&2
+      return 1
+    }
+    "$bin" --version >/dev/null || {
+      echo "ci-package: $bin --version failed" >&2
+      return 1
+    }
+    count=$((count + 1))
+  done
+  echo "man pages and --version work for $count binaries"
 }
 
 check_postinst() {
@@ -97,6 +143,7 @@ total=$SECONDS
 timed "build the release package" build_package
 timed "install $deb" install_package
 timed "--help of the installed binaries" check_binaries
+timed "man pages and --version of the installed binaries" check_man_pages
 timed "postinst: user, directories, conffiles" check_postinst
 timed "systemd-analyze verify of the installed units" scripts/verify-units.sh --installed
 timed "installed notifier + listener + tools against a private slapd" run_installed

@@ -118,6 +118,20 @@ install -d "$root/DEBIAN" "$root/usr/sbin" "$root/lib/systemd/system" "$root/etc
 for name in "${bins[@]}"; do
   install -m 0755 "$release/$name" "$root/usr/sbin/$name"
 done
+# Man pages: each binary renders its own from its clap definition (daemon::man), with its
+# section in the .TH line (8 for the daemons, 1 for the tools), dated like the last commit
+# so that a rebuild of the same tree gives the same pages.
+SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
+export SOURCE_DATE_EPOCH
+for name in "${bins[@]}"; do
+  page=$("$release/$name" --print-man-page) || die "$name --print-man-page failed"
+  section=$(sed -n 's/^\.TH [^ ]* \([0-9]\).*/\1/p' <<<"$page" | head -n 1)
+  [[ -n $section ]] || die "the man page of $name has no .TH line with a section"
+  install -d "$root/usr/share/man/man$section"
+  # -n: no name or time stamp in the gzip header, so the package is reproducible.
+  gzip -9n <<<"$page" >"$root/usr/share/man/man$section/$name.$section.gz"
+  chmod 0644 "$root/usr/share/man/man$section/$name.$section.gz"
+done
 install -m 0644 systemd/*.service "$root/lib/systemd/system/"
 install -m 0644 systemd/default/univention-directory-notifier \
   systemd/default/univention-directory-listener "$root/etc/default/"
@@ -132,6 +146,10 @@ if [[ -d modules/src/python-lib ]]; then
   find "$root/usr/lib/univention-directory-listener/python-lib" -type f -exec chmod 0644 {} +
 fi
 install -m 0644 README.md "$root/usr/share/doc/$PACKAGE/README.md"
+# The OpenLDAP kit, so an operator who installed only the package can configure slapd.
+install -d "$root/usr/share/$PACKAGE/openldap"
+install -m 0755 kit/openldap/apply.sh "$root/usr/share/$PACKAGE/openldap/apply.sh"
+install -m 0644 kit/openldap/slapd.conf.example "$root/usr/share/$PACKAGE/openldap/slapd.conf.example"
 cat >"$root/usr/share/doc/$PACKAGE/copyright" <<'EOF'
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: univention-directory-rs
@@ -171,7 +189,7 @@ Architecture: $arch
 Maintainer: univention-directory-rs developers <noreply@example.invalid>
 Installed-Size: $installed_size
 Depends: $depends
-Recommends: python3-ldap, slapd
+Recommends: python3-ldap, slapd, ldap-utils
 Conflicts: univention-directory-notifier, univention-directory-listener
 Replaces: univention-directory-notifier, univention-directory-listener
 Provides: univention-directory-notifier, univention-directory-listener

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Installs what building and testing needs on Debian 12 (run as root). Idempotent: apt is
-# only touched when a package is missing, or always with --update.
+# Installs what building and testing needs on Debian 12 (run as root): only the packages
+# that are missing, and no upgrade of anything already installed. With everything present
+# it does not run apt at all, so running it again changes nothing.
 set -euo pipefail
 
+# The README's package list (section "Two commands") is this list; a test keeps them equal.
 packages=(
   slapd ldap-utils          # the real LDAP server every end-to-end test starts privately
   python3-ldap              # `import ldap` inside Python listener modules (Debian's python3.11)
@@ -11,6 +13,7 @@ packages=(
   libssl-dev pkg-config     # ldap3's TLS (StartTLS to LDAP)
   build-essential ca-certificates
   systemd                   # systemd-analyze verify of the units (scripts/verify-units.sh)
+  man-db                    # man -l renders the man pages (scripts/ci-package.sh)
 )
 
 missing=()
@@ -18,14 +21,19 @@ for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 
-if [[ ${1:-} == --update || ${#missing[@]} -gt 0 ]]; then
+if [[ ${#missing[@]} -gt 0 ]]; then
   if [[ $(id -u) -ne 0 ]]; then
     echo "setup: missing packages (${missing[*]}); run as root or install them first" >&2
     exit 1
   fi
-  apt-get update
-  # Debian's slapd postinst would start a system instance; our tests never use it.
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}"
+  echo "setup: installing ${missing[*]}"
+  apt-get update -q
+  # Only the missing ones, and --no-upgrade: an installed package (systemd, libc…) is never
+  # upgraded as a side effect. Debian's slapd postinst starts a system instance; our tests
+  # never use it.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-upgrade "${missing[@]}"
+else
+  echo "setup: all ${#packages[@]} packages present"
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -204,13 +204,15 @@ pub(crate) fn encode_seq(seq: u64) -> Vec<u8> {
 
 pub(crate) fn decode_seq(value: &[u8]) -> Result<u64, CacheError> {
     match value.split_first() {
-        Some((&FORMAT_VERSION, bytes)) => bytes
-            .try_into()
-            .map(u64::from_le_bytes)
-            .map_err(|_| CacheError::Corrupt {
-                key: key_text(SEQ_KEY),
-                reason: format!("{} bytes instead of 8", bytes.len()),
-            }),
+        Some((&FORMAT_VERSION, bytes)) => {
+            bytes
+                .try_into()
+                .map(u64::from_le_bytes)
+                .map_err(|_| CacheError::Corrupt {
+                    key: key_text(SEQ_KEY),
+                    reason: format!("{} bytes instead of 8", bytes.len()),
+                })
+        }
         Some((&version, _)) => Err(CacheError::UnsupportedVersion {
             key: key_text(SEQ_KEY),
             version,

@@ -292,10 +292,13 @@ impl Cache {
     /// be missing or empty (`<dir>/cache.sled`, mode 0700), and flushes it; returns what it
     /// holds.
     ///
-    /// Commits wait while the copy runs, so it holds the state after some commit and never
-    /// part of one, and the master record in it matches its entries. This is how tools and
-    /// backups read the cache while the listener runs: sled's file lock keeps a second
-    /// process from opening the original.
+    /// It holds the state after some commit and never part of one, and the master record in
+    /// it matches its entries; commits go on meanwhile. The records are copied without the
+    /// writer lock while every commit made meanwhile is also recorded; at the end, briefly
+    /// under the lock, those commits are applied to the copy in order, which sets every key
+    /// they touched to its value after the last of them (the keys they did not touch never
+    /// changed during the copy). This is how tools and backups read the cache while the
+    /// listener runs: sled's file lock keeps a second process from opening the original.
     pub fn export_to(&self, dir: &Path) -> Result<Exported, CacheError> {
         // Checked and opened before taking the writer lock, so commits wait for the copy only.
         match std::fs::read_dir(dir) {
@@ -317,7 +320,25 @@ impl Cache {
             }
         }
         let copy = Cache::open(dir)?;
-        let writer = self.lock_writer();
+        self.lock_writer().start_recording();
+        let copied = self.copy_records(&copy);
+        let mut writer = self.lock_writer();
+        let meanwhile = writer.stop_recording();
+        copied?;
+        for writes in meanwhile {
+            copy.db.apply_batch(to_batch(writes)).map_err(store_error)?;
+        }
+        let exported = Exported {
+            entries: self.len(),
+            master: self.master()?,
+        };
+        drop(writer);
+        copy.flush()?;
+        Ok(exported)
+    }
+
+    /// Copies every record into `copy`, in chunks, without the writer lock.
+    fn copy_records(&self, copy: &Cache) -> Result<(), CacheError> {
         let mut batch = sled::Batch::default();
         let mut pending = 0;
         for item in self.db.iter() {
@@ -331,14 +352,7 @@ impl Cache {
                 pending = 0;
             }
         }
-        copy.db.apply_batch(batch).map_err(store_error)?;
-        let exported = Exported {
-            entries: self.len(),
-            master: self.master()?,
-        };
-        drop(writer);
-        copy.flush()?;
-        Ok(exported)
+        copy.db.apply_batch(batch).map_err(store_error)
     }
 
     /// Bytes used by the database files.
@@ -394,12 +408,12 @@ impl Cache {
     fn write(&self, wal: &mut Wal, mut writes: Writes) -> Result<(), CacheError> {
         let seq = wal.seq() + 1;
         writes.insert(SEQ_KEY.to_vec(), Some(encode_seq(seq)));
-        wal.append(seq, &writes)
-            .map_err(|source| CacheError::Io {
-                op: "append to",
-                path: wal.path().to_owned(),
-                source,
-            })?;
+        wal.record(&writes);
+        wal.append(seq, &writes).map_err(|source| CacheError::Io {
+            op: "append to",
+            path: wal.path().to_owned(),
+            source,
+        })?;
         self.db.apply_batch(to_batch(writes)).map_err(store_error)
     }
 
@@ -729,10 +743,15 @@ fn create_private_dir(dir: &Path) -> Result<(), CacheError> {
 /// report maps to [`CacheError::Corrupt`] so the caller marks the cache bad.
 fn store_error(error: sled::Error) -> CacheError {
     match error {
-        sled::Error::Corruption { .. } => CacheError::Corrupt {
+        // sled's own text for these prints a backtrace with Debug formatting.
+        sled::Error::Corruption { at, .. } => CacheError::Corrupt {
             key: DB_DIR.to_owned(),
-            reason: error.to_string(),
+            reason: match at {
+                Some(at) => format!("corrupted data at {at}"),
+                None => "corrupted data".to_owned(),
+            },
         },
+        sled::Error::Io(e) => CacheError::Store(e.to_string()),
         other => CacheError::Store(other.to_string()),
     }
 }
@@ -919,6 +938,58 @@ mod tests {
             cache.export_to(&target),
             Err(CacheError::Store(_))
         ));
+    }
+
+    /// A snapshot of a large cache does not stop commits: they go on while the records are
+    /// copied, and the copy still ends up exactly at the state after the last of them.
+    #[test]
+    fn commits_go_on_during_an_export_and_the_copy_includes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = std::sync::Arc::new(Cache::open(&dir.path().join("a")).unwrap());
+        for chunk in 0..100 {
+            let mut b = cache.batch();
+            for i in 0..1000 {
+                let n = chunk * 1000 + i;
+                b.put(&entry(&format!("cn={n}"), &format!("u{n}")));
+            }
+            cache.commit(b, false).unwrap();
+        }
+        let target = dir.path().join("b");
+        let exporter = {
+            let cache = std::sync::Arc::clone(&cache);
+            let target = target.clone();
+            std::thread::spawn(move || {
+                let exported = cache.export_to(&target).unwrap();
+                (exported, std::time::Instant::now())
+            })
+        };
+        while !cache.lock_writer().is_recording() {
+            std::thread::yield_now();
+        }
+        for n in 0..20u64 {
+            let mut b = cache.batch();
+            b.put(&entry(&format!("cn=during{n}"), &format!("d{n}")));
+            b.delete("cn=7");
+            b.set_master(MasterRecord {
+                notifier_id: 100 + n,
+                schema_id: 1,
+            });
+            cache.commit(b, false).unwrap();
+        }
+        let committed = std::time::Instant::now();
+        let (exported, finished) = exporter.join().unwrap();
+        assert!(
+            committed < finished,
+            "the commits waited for the export to finish"
+        );
+        assert_eq!(exported.master.unwrap().notifier_id, 119);
+        assert_eq!(exported.entries, 100_000 - 1 + 20);
+        let copy = Cache::open(&target).unwrap();
+        assert_eq!(copy.master().unwrap().unwrap().notifier_id, 119);
+        assert_eq!(copy.get("cn=during19").unwrap().unwrap().dn, "cn=during19");
+        assert_eq!(copy.get("cn=7").unwrap(), None);
+        assert_eq!(copy.get_by_uuid("d3").unwrap().unwrap().dn, "cn=during3");
+        assert_eq!(copy.len(), 100_000 - 1 + 20);
     }
 
     #[test]

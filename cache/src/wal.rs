@@ -37,6 +37,8 @@ pub(crate) struct Wal {
     seq: u64,
     /// Bytes appended since the last truncation.
     len: u64,
+    /// While an export copies the database: every commit's writes, in order.
+    recording: Option<Vec<Writes>>,
 }
 
 impl Wal {
@@ -55,6 +57,7 @@ impl Wal {
             path,
             seq: 0,
             len,
+            recording: None,
         })
     }
 
@@ -91,6 +94,27 @@ impl Wal {
         self.len += record.len() as u64;
         self.seq = seq;
         Ok(())
+    }
+
+    /// From now on, keeps a copy of every commit's writes (see `Cache::export_to`).
+    pub(crate) fn start_recording(&mut self) {
+        self.recording = Some(Vec::new());
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_recording(&self) -> bool {
+        self.recording.is_some()
+    }
+
+    pub(crate) fn record(&mut self, writes: &Writes) {
+        if let Some(recorded) = &mut self.recording {
+            recorded.push(writes.clone());
+        }
+    }
+
+    /// The commits recorded since [`Wal::start_recording`]; recording ends.
+    pub(crate) fn stop_recording(&mut self) -> Vec<Writes> {
+        self.recording.take().unwrap_or_default()
     }
 
     /// Empties the log once everything in it is durable in sled.
@@ -204,7 +228,10 @@ mod tests {
         wal.append(2, &second).unwrap();
         assert_eq!(wal.seq(), 2);
         let mut reopened = Wal::open(dir.path()).unwrap();
-        assert_eq!(reopened.records().unwrap(), [(1, first.clone()), (2, second)]);
+        assert_eq!(
+            reopened.records().unwrap(),
+            [(1, first.clone()), (2, second)]
+        );
 
         // A torn last record (power loss in the middle of a write) ends the log there.
         let len = std::fs::metadata(wal.path()).unwrap().len();

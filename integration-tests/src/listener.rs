@@ -48,6 +48,17 @@ pub enum BindAs {
     Admin,
 }
 
+/// A directory for `-m` holding the Python module `file` with `source`; readable by a
+/// listener that runs with another effective uid.
+pub fn module_dir(file: &str, source: &str) -> Result<TempDir> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().map_err(io_context("creating a module directory"))?;
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777))
+        .map_err(io_context("opening the module directory to the listener"))?;
+    fs::write(dir.path().join(file), source).map_err(io_context("writing a module"))?;
+    Ok(dir)
+}
+
 /// How a listener is started; every setter consumes and returns the options.
 #[derive(Debug, Clone)]
 pub struct ListenerOptions {

@@ -61,6 +61,21 @@ impl Notifier {
         extra: &[&str],
         prepare: impl FnOnce(&Path) -> std::io::Result<()>,
     ) -> Result<Notifier> {
+        Notifier::start_full(slapd, intake, Some(crate::slapd::BASE), extra, prepare)
+    }
+
+    /// Like [`Notifier::start`] without `--ldap-base`: the notifier finds the base itself.
+    pub fn start_without_base(slapd: &Slapd, intake: Intake, extra: &[&str]) -> Result<Notifier> {
+        Notifier::start_full(slapd, intake, None, extra, |_| Ok(()))
+    }
+
+    fn start_full(
+        slapd: &Slapd,
+        intake: Intake,
+        ldap_base: Option<&str>,
+        extra: &[&str],
+        prepare: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<Notifier> {
         let dir = tempfile::Builder::new()
             .prefix("notifier-")
             .tempdir_in("/tmp")
@@ -84,13 +99,14 @@ impl Notifier {
             path.join("base.conf").display().to_string(),
             "--translog-uri".into(),
             slapd.ldapi_url(),
-            "--ldap-base".into(),
-            crate::slapd::BASE.into(),
             "--poll-interval".into(),
             "0.5".into(),
             "--listen".into(),
             "127.0.0.1".into(),
         ];
+        if let Some(base) = ldap_base {
+            args.extend(["--ldap-base".into(), base.into()]);
+        }
         if intake == Intake::Accesslog {
             args.extend([
                 "--intake".into(),
@@ -162,9 +178,11 @@ impl Notifier {
         }
     }
 
-    /// SIGTERM and wait for a clean exit.
+    /// SIGTERM and wait for a clean exit; a notifier that already exited is only reaped.
     pub fn stop(&mut self) -> Result<()> {
-        if let Some(mut process) = self.process.take() {
+        if let Some(mut process) = self.process.take()
+            && process.try_status().is_none()
+        {
             process.terminate(Duration::from_secs(10))?;
         }
         Ok(())

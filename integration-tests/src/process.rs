@@ -54,6 +54,9 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     })
 }
 
+/// The pseudo environment variable naming a network namespace to start a binary in.
+pub const NETNS_ENV: &str = "UDR_TEST_NETNS";
+
 /// Whether children started from now on get a process group of their own.
 static OWN_PROCESS_GROUPS: AtomicBool = AtomicBool::new(false);
 
@@ -88,6 +91,8 @@ impl Process {
 
     /// Like [`Process::spawn`], with environment changes on top of the inherited
     /// environment: `(key, Some(value))` sets a variable, `(key, None)` removes it.
+    /// [`NETNS_ENV`] among them runs the binary inside that network namespace instead (`ip
+    /// netns exec` replaces itself with the binary, so the pid is the daemon's).
     pub fn spawn_with_env(
         name: &str,
         args: &[String],
@@ -102,13 +107,24 @@ impl Process {
         let log_err = log
             .try_clone()
             .map_err(io_context("duplicating the log file"))?;
-        let mut command = Command::new(binary(name)?);
+        let netns = env
+            .iter()
+            .find(|(key, _)| key == NETNS_ENV)
+            .and_then(|(_, value)| value.clone());
+        let mut command = match netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", &ns]).arg(binary(name)?);
+                command
+            }
+            None => Command::new(binary(name)?),
+        };
         apply_process_group(&mut command)
             .args(args)
             .env("RUST_BACKTRACE", "1")
             .env_remove("JOURNAL_STREAM")
             .env_remove("NOTIFY_SOCKET");
-        for (key, value) in env {
+        for (key, value) in env.iter().filter(|(key, _)| key != NETNS_ENV) {
             match value {
                 Some(value) => command.env(key, value),
                 None => command.env_remove(key),

@@ -36,6 +36,9 @@ pub const TRANSLOG_BASE: &str = "cn=translog";
 pub const ACCESSLOG_BASE: &str = "cn=accesslog";
 
 const SLAPD: &str = "/usr/sbin/slapd";
+/// The cn=config template Debian's slapd package loads into a fresh `slapd.d` on
+/// installation (its postinst fills in the suffix and the admin password).
+pub const DEBIAN_INIT_LDIF: &str = "/usr/share/slapd/slapd.init.ldif";
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 const START_ATTEMPTS: usize = 5;
 
@@ -55,6 +58,8 @@ pub struct SlapdConfig {
     /// StartTLS with a throwaway CA and a server certificate for `127.0.0.1` and
     /// `localhost`, generated with `openssl` into `<dir>/tls/` ([`Slapd::ca_cert_path`]).
     pub tls: bool,
+    /// Listen on every address, not only 127.0.0.1 (for clients in a network namespace).
+    pub listen_all: bool,
 }
 
 impl SlapdConfig {
@@ -67,6 +72,7 @@ impl SlapdConfig {
             dbnosync: false,
             log_operations: true,
             tls: false,
+            listen_all: false,
         }
     }
 
@@ -79,7 +85,13 @@ impl SlapdConfig {
             dbnosync: false,
             log_operations: true,
             tls: false,
+            listen_all: false,
         }
+    }
+
+    pub fn listen_all(mut self, on: bool) -> SlapdConfig {
+        self.listen_all = on;
+        self
     }
 
     pub fn dbnosync(mut self, on: bool) -> SlapdConfig {
@@ -93,12 +105,22 @@ impl SlapdConfig {
     }
 }
 
+/// Where slapd reads its configuration from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConfigSource {
+    /// `slapd.conf`, rendered from [`SlapdConfig`] (`-f`).
+    File,
+    /// A `slapd.d` cn=config directory (`-F`), changed over LDAP at run time.
+    Directory,
+}
+
 /// A running slapd. Killed on drop; its directory is removed unless the test panicked.
 pub struct Slapd {
     dir: Option<TempDir>,
     path: PathBuf,
     port: u16,
     config: SlapdConfig,
+    source: ConfigSource,
     child: Option<Child>,
 }
 
@@ -121,10 +143,74 @@ impl Slapd {
             path,
             port: 0,
             config,
+            source: ConfigSource::File,
             child: None,
         };
         fs::write(slapd.conf_path(), slapd.render_config())
             .map_err(io_context("writing slapd.conf"))?;
+        slapd.spawn_on_free_port()?;
+        slapd.load_fixture()?;
+        Ok(slapd)
+    }
+
+    /// Starts an instance set up the way Debian's slapd package sets up a new server: its
+    /// [`DEBIAN_INIT_LDIF`] with [`BASE`] and [`ADMIN_PW`] filled in, loaded into a fresh
+    /// `slapd.d` with `slapadd -n0` (cn=config managed by root over ldapi, one mdb database
+    /// with Debian's ACLs), then the base entry, the host account and the restricted
+    /// subtree. No accesslog, no translog, no host-account ACLs: configuring those is the
+    /// job of `kit/openldap/apply.sh`.
+    pub fn debian_package() -> Result<Slapd> {
+        let dir = tempfile::Builder::new()
+            .prefix("slapd-debian-")
+            .tempdir_in("/tmp")
+            .map_err(io_context("creating the slapd directory"))?;
+        let path = dir.path().to_path_buf();
+        for sub in ["data", "slapd.d"] {
+            fs::create_dir(path.join(sub)).map_err(io_context(format!("creating {sub}")))?;
+        }
+        let template = fs::read_to_string(DEBIAN_INIT_LDIF).map_err(io_context(format!(
+            "reading {DEBIAN_INIT_LDIF} (is slapd installed?)"
+        )))?;
+        let d = path.display();
+        let init = template
+            .replace("@SUFFIX@", BASE)
+            .replace("@PASSWORD@", ADMIN_PW)
+            .replace(
+                "olcDbDirectory: /var/lib/ldap",
+                &format!("olcDbDirectory: {d}/data"),
+            )
+            .replace("/var/run/slapd/", &format!("{d}/"));
+        // A template that changed shape must fail here, not write into the system's paths.
+        if init.contains('@') || init.contains("/var/") {
+            return Err(HarnessError::SlapdStart(format!(
+                "{DEBIAN_INIT_LDIF} has placeholders or paths this harness does not replace"
+            )));
+        }
+        let init_path = path.join("slapd.init.ldif");
+        fs::write(&init_path, init).map_err(io_context("writing slapd.init.ldif"))?;
+        let output = Command::new("/usr/sbin/slapadd")
+            .args(["-n0", "-F"])
+            .arg(path.join("slapd.d"))
+            .arg("-l")
+            .arg(&init_path)
+            .output()
+            .map_err(io_context("running slapadd -n0"))?;
+        if !output.status.success() {
+            return Err(HarnessError::SlapdStart(format!(
+                "slapadd -n0 exited with {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        let mut slapd = Slapd {
+            dir: Some(dir),
+            path,
+            port: 0,
+            config: SlapdConfig::replica(),
+            source: ConfigSource::Directory,
+            child: None,
+        };
+        slapd.config.fixture = true;
         slapd.spawn_on_free_port()?;
         slapd.load_fixture()?;
         Ok(slapd)
@@ -153,6 +239,19 @@ impl Slapd {
 
     pub fn conf_path(&self) -> PathBuf {
         self.path.join("slapd.conf")
+    }
+
+    /// The `slapd.d` directory of a [`Slapd::debian_package`] instance.
+    pub fn conf_dir_path(&self) -> PathBuf {
+        self.path.join("slapd.d")
+    }
+
+    /// slapd's and the slap tools' option for this instance's configuration.
+    fn config_args(&self) -> [std::ffi::OsString; 2] {
+        match self.source {
+            ConfigSource::File => ["-f".into(), self.conf_path().into()],
+            ConfigSource::Directory => ["-F".into(), self.conf_dir_path().into()],
+        }
     }
 
     pub fn ldapi_socket(&self) -> PathBuf {
@@ -293,7 +392,12 @@ impl Slapd {
         let log_err = log
             .try_clone()
             .map_err(io_context("duplicating slapd.log"))?;
-        let urls = format!("ldap://127.0.0.1:{port}/ {}", self.ldapi_url());
+        let host = if self.config.listen_all {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
+        let urls = format!("ldap://{host}:{port}/ {}", self.ldapi_url());
         // `-d` keeps slapd in the foreground as our child; level 0 logs nothing.
         let debug = if self.config.log_operations {
             "stats"
@@ -302,8 +406,7 @@ impl Slapd {
         };
         let mut command = Command::new(SLAPD);
         let mut child = crate::process::apply_process_group(&mut command)
-            .arg("-f")
-            .arg(self.conf_path())
+            .args(self.config_args())
             .arg("-h")
             .arg(&urls)
             .arg("-d")
@@ -507,8 +610,7 @@ impl Slapd {
         fs::write(&file, ldif).map_err(io_context("writing the bulk LDIF"))?;
         self.stop(Duration::from_secs(30))?;
         let output = Command::new("/usr/sbin/slapadd")
-            .arg("-f")
-            .arg(self.conf_path())
+            .args(self.config_args())
             .args(["-b", BASE, "-q", "-l"])
             .arg(&file)
             .output()

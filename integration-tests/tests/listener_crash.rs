@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
 use integration_tests::slapd::BASE;
@@ -26,28 +25,23 @@ fn a_crash_during_initialisation_initialises_again() {
         admin.add_role(dn, &format!("init{i}")).unwrap();
     }
     let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
-    let modules = tempfile::tempdir().unwrap();
-    fs::set_permissions(modules.path(), fs::Permissions::from_mode(0o777)).unwrap();
-    let record = modules.path().join("slow.calls");
-    fs::write(
-        modules.path().join("slow.py"),
-        format!(
-            "import time\n\
-             name = 'slow'\n\
-             description = 'records its initialisation slowly'\n\
-             filter = '(&(objectClass=organizationalRole)(cn=init*))'\n\
-             def _record(line):\n\
-             \x20   with open({record:?}, 'a') as f:\n\
-             \x20       f.write(line + '\\n')\n\
-             def initialize():\n\
-             \x20   _record('initialize')\n\
-             def handler(dn, new, old):\n\
-             \x20   time.sleep(0.05)\n\
-             \x20   _record(dn)\n",
-            record = record.to_str().unwrap()
-        ),
+    let modules = integration_tests::listener::module_dir(
+        "slow.py",
+        "import os, time\n\
+         name = 'slow'\n\
+         description = 'records its initialisation slowly'\n\
+         filter = '(&(objectClass=organizationalRole)(cn=init*))'\n\
+         def _record(line):\n\
+         \x20   with open(os.path.join(os.path.dirname(__file__), 'slow.calls'), 'a') as f:\n\
+         \x20       f.write(line + '\\n')\n\
+         def initialize():\n\
+         \x20   _record('initialize')\n\
+         def handler(dn, new, old):\n\
+         \x20   time.sleep(0.05)\n\
+         \x20   _record(dn)\n",
     )
     .unwrap();
+    let record = modules.path().join("slow.calls");
     let options = ListenerOptions::new().module_dir(modules.path());
     let mut listener = Listener::start(&slapd, &notifier, options).unwrap();
     let calls = || {
@@ -104,15 +98,16 @@ fn a_crash_during_initialisation_initialises_again() {
 fn repeated_sigkills_rerun_at_most_the_transaction_in_flight() {
     const WRITES: usize = 600;
     const KILLS: usize = 20;
-    let slapd = integration_tests::Slapd::start(
-        integration_tests::SlapdConfig::provider().dbnosync(true),
-    )
-    .unwrap();
+    let slapd =
+        integration_tests::Slapd::start(integration_tests::SlapdConfig::provider().dbnosync(true))
+            .unwrap();
     let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
     let mut listener = Listener::start(
         &slapd,
         &notifier,
-        ListenerOptions::new().arg("-o").postrun_delay(Duration::from_secs(60)),
+        ListenerOptions::new()
+            .arg("-o")
+            .postrun_delay(Duration::from_secs(60)),
     )
     .unwrap();
     listener.wait_initialized(T).unwrap();
@@ -162,7 +157,11 @@ fn repeated_sigkills_rerun_at_most_the_transaction_in_flight() {
     listener.restart().unwrap();
     listener.wait_for_id(last, T).unwrap();
     let ids = ids();
-    assert!(kill_points.len() >= 10, "only {} kills landed", kill_points.len());
+    assert!(
+        kill_points.len() >= 10,
+        "only {} kills landed",
+        kill_points.len()
+    );
     for (k, &at) in kill_points.iter().enumerate() {
         let seen_max = ids[..at].iter().copied().max().unwrap_or(0);
         let next = kill_points.get(k + 1).copied().unwrap_or(ids.len());
@@ -174,6 +173,36 @@ fn repeated_sigkills_rerun_at_most_the_transaction_in_flight() {
         );
     }
     let done: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
-    assert!((first + 1..=last).all(|id| done.contains(&id)), "a transaction never completed");
+    assert!(
+        (first + 1..=last).all(|id| done.contains(&id)),
+        "a transaction never completed"
+    );
     listener.stop().unwrap();
+}
+
+/// A cache flush that fails (as an fsync with a write-back error does) ends the listener
+/// with status 1 instead of running on while nothing becomes durable. The failure is
+/// injected with a failpoint (debug builds).
+#[test]
+fn a_failed_cache_flush_stops_the_listener() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
+    let options = ListenerOptions::new().env(daemon::failpoint::ENV, "cache-flush=1");
+    let mut listener = Listener::start(&slapd, &notifier, options).unwrap();
+    listener.wait_initialized(T).unwrap();
+    slapd
+        .admin()
+        .unwrap()
+        .add_role(&format!("cn=flushfail,{BASE}"), "flushfail")
+        .unwrap();
+    let status = integration_tests::wait_until("the listener to stop", T, || {
+        Ok(listener.process().and_then(|p| p.try_status()))
+    })
+    .unwrap();
+    assert_eq!(status.code(), Some(1), "{}", listener.log_tail(20));
+    assert!(
+        listener.log().contains("cache flush failed"),
+        "{}",
+        listener.log_tail(20)
+    );
 }

@@ -410,3 +410,27 @@ fn sasl_external_over_ldapi_binds_as_root_and_sees_everything() {
         &format!("cn=hidden,{RESTRICTED_DN}"),
     );
 }
+
+/// The error chain rule: a refused notifier connection is logged with its cause once, not
+/// once per layer that wrapped it.
+#[test]
+fn a_refused_notifier_is_logged_with_its_cause_once() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
+    let closed = integration_tests::net::free_port().unwrap();
+    let options = ListenerOptions::new().args(["--notifier-port", &closed.to_string()]);
+    let listener = Listener::start(&slapd, &notifier, options).unwrap();
+    wait_until("a refused connection in the log", T, || {
+        Ok(listener.log().contains("retrying in").then_some(()))
+    })
+    .unwrap();
+    let log = listener.log();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Connection refused"))
+        .collect();
+    assert!(!refused.is_empty(), "{log}");
+    for line in refused {
+        assert_eq!(line.matches("Connection refused").count(), 1, "{line}");
+    }
+}

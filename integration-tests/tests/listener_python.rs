@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use integration_tests::slapd::{BASE, RESTRICTED_DN};
 use integration_tests::users::{TempUser, is_root};
-use integration_tests::{Directory, Listener, ListenerOptions, Notifier, Slapd, wait_until};
+use integration_tests::{
+    Directory, Intake, Listener, ListenerOptions, Notifier, Slapd, wait_until,
+};
 use serde::Deserialize;
 
 const T: Duration = Duration::from_secs(60);
@@ -904,4 +906,30 @@ def handler(dn, new, old):
         "processed again after the restart: {seen}"
     );
     listener.stop().unwrap();
+}
+
+/// A mistyped `-m` path stops the listener at start with a message that names it, instead
+/// of a Python import traceback and a listener running without the module.
+#[test]
+fn a_missing_module_directory_stops_the_start() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start(&slapd, Intake::QueueFile, &[]).unwrap();
+    let modules = tempfile::tempdir().unwrap();
+    let missing = modules.path().join("no-such-dir");
+    let mut listener = Listener::prepare(
+        &slapd,
+        &notifier,
+        ListenerOptions::new().module_dir(&missing),
+    )
+    .unwrap();
+    let (status, log) = listener.run_once(&[], T).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!(
+            "module directory {} does not exist",
+            missing.display()
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("Traceback"), "{log}");
 }

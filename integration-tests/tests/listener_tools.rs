@@ -12,10 +12,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::listener::{HANDLER_READY, JSONL_MODULE};
+use integration_tests::listener::{HANDLER_READY, JSONL_MODULE, module_dir};
 use integration_tests::process::binary;
 use integration_tests::slapd::{BASE, HOST_DN, RESTRICTED_DN};
-use integration_tests::{Listener, ListenerOptions, Notifier, Slapd};
+use integration_tests::{Listener, ListenerOptions, Notifier, Slapd, wait_until};
 
 const T: Duration = Duration::from_secs(60);
 const DUMP: &str = "univention-directory-listener-dump";
@@ -470,6 +470,71 @@ fn ctrl_status_modules_notifier_id_and_resync() {
     );
 }
 
+/// `status` with a `--failed-ldif` other than the running listener's: the listener's own
+/// file (from its STATUS) is reported, so "paused" and "failed.ldif" agree; only a stopped
+/// listener is described with the option.
+#[test]
+fn ctrl_status_reports_the_running_listeners_failed_ldif() {
+    let (slapd, notifier) = stack();
+    let mut listener = start_listener(&slapd, &notifier);
+    let own = listener.failed_ldif_path();
+    let elsewhere = listener.dir().join("elsewhere.ldif");
+    let mut args = ctrl_args(&listener, &notifier);
+    let value = args.iter().position(|a| a == "--failed-ldif").unwrap() + 1;
+    args[value] = elsewhere.display().to_string();
+    let status = |json: bool| {
+        let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+        all.push("status");
+        if json {
+            all.push("--json");
+        }
+        tool(CTRL, &all)
+    };
+
+    fs::write(&own, "dn: x\n").unwrap();
+    // The next transaction makes the listener pause on its failed.ldif.
+    slapd
+        .admin()
+        .unwrap()
+        .add_role(&format!("cn=paused,{BASE}"), "paused")
+        .unwrap();
+    wait_until("the listener to pause", T, || {
+        let run = status(true);
+        let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        Ok(json["listener"]["state"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("paused"))
+            .then_some(()))
+    })
+    .unwrap();
+    let text = status(false);
+    assert_eq!(text.code, 1, "{text:?}");
+    assert!(text.stdout.contains("paused: "), "{}", text.stdout);
+    assert!(
+        text.stdout.contains(&format!(
+            "failed.ldif:\n present: {} (replication stopped)\n",
+            own.display()
+        )),
+        "{}",
+        text.stdout
+    );
+    assert!(!text.stdout.contains("absent"), "{}", text.stdout);
+    let json: serde_json::Value = serde_json::from_str(&status(true).stdout).unwrap();
+    assert_eq!(json["failed_ldif"]["path"], own.display().to_string());
+    assert_eq!(json["failed_ldif"]["present"], true);
+
+    listener.stop().unwrap();
+    let stopped = status(false);
+    assert!(
+        stopped.stdout.contains(&format!(
+            "failed.ldif:\n absent ({})\n",
+            elsewhere.display()
+        )),
+        "{}",
+        stopped.stdout
+    );
+}
+
 /// Backup while running, wipe, restore: the listener resumes at the same id with the same
 /// cache and without re-initialising its modules.
 #[test]
@@ -556,14 +621,6 @@ fn wipe(dir: &Path) {
 
 // ---- honest health: `ctrl status` and failing, uninitialised, unloadable, blocked modules
 
-/// A directory of Python module files the listener (another effective uid) may read and
-/// write its records into.
-fn module_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
-    dir
-}
-
 fn health_listener(slapd: &Slapd, notifier: &Notifier, modules: &Path, args: &[&str]) -> Listener {
     let options = ListenerOptions::new()
         .module_dir(modules)
@@ -619,9 +676,8 @@ def handler(dn, new, old):
 #[test]
 fn ctrl_status_is_unhealthy_while_a_module_fails_its_calls() {
     let (slapd, notifier) = stack();
-    let modules = module_dir();
+    let modules = module_dir("failer.py", FAILER).unwrap();
     let file = modules.path().join("failer.py");
-    fs::write(&file, FAILER).unwrap();
     let mut listener = health_listener(&slapd, &notifier, modules.path(), &[]);
     let bad = format!("cn=healthbad,{BASE}");
     slapd.admin().unwrap().add_role(&bad, "healthbad").unwrap();
@@ -708,8 +764,7 @@ def initialize():
 #[test]
 fn a_module_whose_initialize_raises_is_not_ready_and_retried() {
     let (slapd, notifier) = stack();
-    let modules = module_dir();
-    fs::write(modules.path().join("initfail.py"), INIT_FAILS).unwrap();
+    let modules = module_dir("initfail.py", INIT_FAILS).unwrap();
     let broken = modules.path().join("initfail.broken");
     fs::write(&broken, "").unwrap();
     let attempts_file = modules.path().join("initfail.attempts");
@@ -764,13 +819,12 @@ fn a_module_whose_initialize_raises_is_not_ready_and_retried() {
 #[test]
 fn a_module_that_does_not_load_is_listed_and_unhealthy_until_reloaded_fixed() {
     let (slapd, notifier) = stack();
-    let modules = module_dir();
-    let file = modules.path().join("broken.py");
-    fs::write(
-        &file,
+    let modules = module_dir(
+        "broken.py",
         "name = 'broken'\ndescription = 'a syntax error'\ndef handler(dn, new, old:\n",
     )
     .unwrap();
+    let file = modules.path().join("broken.py");
     let mut listener = health_listener(&slapd, &notifier, modules.path(), &[]);
     let (code, json) = wait_status(&mut listener, &notifier, "broken listed", |_, j| {
         !module_of(j, "broken").is_null()
@@ -824,8 +878,7 @@ def handler(dn, new, old):
 #[test]
 fn a_handler_that_does_not_return_shows_as_blocked() {
     let (slapd, notifier) = stack();
-    let modules = module_dir();
-    fs::write(modules.path().join("slow.py"), SLOW).unwrap();
+    let modules = module_dir("slow.py", SLOW).unwrap();
     let mut listener =
         health_listener(&slapd, &notifier, modules.path(), &["--blocked-after", "1"]);
     let dn = format!("cn=healthslow,{BASE}");

@@ -93,11 +93,9 @@ fn fed_through_a_long_initialisation_and_not_when_wedged() {
     }
     let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
     let systemd = FakeSystemd::start();
-    let modules = tempfile::tempdir().unwrap();
-    fs::set_permissions(modules.path(), fs::Permissions::from_mode(0o777)).unwrap();
-    fs::write(
-        modules.path().join("slow.py"),
-        format!(
+    let modules = integration_tests::listener::module_dir(
+        "slow.py",
+        &format!(
             "import time\n\
              name = 'slow'\n\
              description = 'slow to initialise, wedges on cn=wedge'\n\

@@ -230,3 +230,35 @@ fn a_wrong_password_is_reported_and_retried_not_fatal() {
         "no crash on bad credentials"
     );
 }
+
+/// The intake's connection errors name the server they tried, also where the LDAP error
+/// itself does not (a refused bind says only "bind as <dn> failed").
+#[test]
+fn accesslog_errors_name_the_uri() {
+    let slapd = Slapd::provider().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("wrong.secret");
+    std::fs::write(&password, "wrong\n").unwrap();
+    let uri = slapd.ldap_url();
+    let password_arg = password.display().to_string();
+    let notifier = Notifier::start(
+        &slapd,
+        Intake::Accesslog,
+        &[
+            "--accesslog-uri",
+            &uri,
+            "--accesslog-bind-dn",
+            integration_tests::slapd::ADMIN_DN,
+            "--accesslog-password-file",
+            &password_arg,
+        ],
+    )
+    .unwrap();
+    let wanted = format!("cannot read the accesslog's contextCSN from {uri}: ");
+    wait_until("the refused bind in the log", T, || {
+        Ok(notifier.log().contains(&wanted).then_some(()))
+    })
+    .unwrap();
+    let log = notifier.log();
+    assert!(log.contains("bind as"), "{log}");
+}

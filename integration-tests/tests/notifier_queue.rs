@@ -9,6 +9,8 @@ use integration_tests::slapd::{BASE, TRANSLOG_BASE};
 use integration_tests::{Intake, Notifier, Slapd, wait_until};
 
 const T: Duration = Duration::from_secs(20);
+/// `proto::MAX_LINE_LEN`: the longest queue line the notifier accepts, newline included.
+const MAX_LINE_LEN: usize = 8192;
 
 fn get_id(notifier: &Notifier) -> u64 {
     let mut client = notifier.client().unwrap();
@@ -185,6 +187,28 @@ fn malformed_lines_are_quarantined_and_gaps_filled() {
     assert_eq!(filler.first("reqDN"), Some(BASE));
 }
 
+/// A line longer than the protocol's limit goes to the quarantine file whole (the intake
+/// reads it through a bounded buffer), and the lines after it are committed.
+#[test]
+fn an_over_long_line_is_quarantined_whole() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start(&slapd, Intake::QueueFile, &[]).unwrap();
+    let long = format!("2 cn={},{BASE} m\n", "x".repeat(4 * MAX_LINE_LEN));
+    notifier
+        .queue(&format!("1 cn=a,{BASE} a\n{long}2 cn=b,{BASE} a\n"))
+        .unwrap();
+    wait_for_id(&notifier, 2);
+    assert_eq!(
+        notifier.transactions(),
+        format!("1 cn=a,{BASE} a\n2 cn=b,{BASE} a\n")
+    );
+    let quarantine =
+        std::fs::read_to_string(notifier.ldap_dir().join("listener/listener.quarantine")).unwrap();
+    assert_eq!(quarantine, long);
+    let log = notifier.log();
+    assert!(log.contains("transaction line too long"), "{log}");
+}
+
 #[test]
 fn translog_outage_delays_announcement_and_loses_nothing() {
     let mut slapd = Slapd::provider().unwrap();
@@ -206,4 +230,126 @@ fn translog_outage_delays_announcement_and_loses_nothing() {
             .is_some()
     );
     assert!(notifier.log().contains("retrying"));
+}
+
+/// Without `--ldap-base` the notifier takes the base from the server's naming contexts: a
+/// transaction whose translog entry slapd rejects (here an invalid reqDN) is replaced by a
+/// no-op on the base, which slapd accepts, and announced with its entry. Before, the no-op
+/// reused the rejected DN and was announced without an entry.
+#[test]
+fn a_rejected_translog_entry_becomes_a_no_op_on_the_servers_base() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start_without_base(&slapd, Intake::QueueFile, &[]).unwrap();
+    notifier.queue("1 not-a-dn m\n").unwrap();
+    wait_for_id(&notifier, 1);
+    assert_eq!(notifier.transactions(), format!("1 {BASE} m\n"));
+    let entry = slapd
+        .host()
+        .unwrap()
+        .get(&format!("reqSession=1,{TRANSLOG_BASE}"))
+        .unwrap();
+    assert!(entry.is_some(), "id 1 announced without its translog entry");
+    assert!(
+        notifier.log().contains("names no-op transactions"),
+        "{}",
+        notifier.log()
+    );
+}
+
+/// While slapd rejects even the no-op's translog entry, nothing is announced (a protocol-3
+/// listener would wait for the missing entry for ever); the notifier says why in its log
+/// and metrics, and the queued line is kept.
+#[test]
+fn nothing_is_announced_while_even_the_no_op_is_rejected() {
+    let slapd = Slapd::provider().unwrap();
+    let metrics = integration_tests::net::free_port().unwrap();
+    let addr = format!("127.0.0.1:{metrics}");
+    let notifier = Notifier::start(
+        &slapd,
+        Intake::QueueFile,
+        &["--ldap-base", "garbage", "--metrics", &addr],
+    )
+    .unwrap();
+    notifier.queue("1 not-a-dn m\n").unwrap();
+    wait_until("the stall in the log", T, || {
+        Ok(notifier
+            .log()
+            .contains("nothing is announced: slapd rejects the translog entry")
+            .then_some(()))
+    })
+    .unwrap();
+    let scrape = || {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut text).unwrap();
+        text
+    };
+    let text = scrape();
+    assert!(text.contains("\nudn_translog_stalled 1\n"), "{text}");
+    assert_eq!(
+        get_id(&notifier),
+        0,
+        "an id was announced without its entry"
+    );
+    assert!(notifier.transactions().is_empty());
+    let private = notifier.ldap_dir().join("listener/listener.priv");
+    assert_eq!(std::fs::read_to_string(private).unwrap(), "1 not-a-dn m\n");
+}
+
+/// A failed fsync of the transaction log is not retried into an announcement (after a
+/// write-back error Linux may report a later fsync as successful although the data is
+/// gone): the notifier exits without announcing, and its next start decides from what is
+/// on disk. The failure is injected with a failpoint (debug builds).
+#[test]
+fn a_failed_log_sync_stops_the_notifier_without_announcing() {
+    let slapd = Slapd::provider().unwrap();
+    // SAFETY: nextest runs every test in a process of its own; no other thread reads the
+    // environment while it changes.
+    unsafe { std::env::set_var(daemon::failpoint::ENV, "journal-sync=2") };
+    let mut notifier = Notifier::start(&slapd, Intake::QueueFile, &[]).unwrap();
+    unsafe { std::env::remove_var(daemon::failpoint::ENV) };
+    notifier.queue(&format!("1 cn=a,{BASE} a\n")).unwrap();
+    wait_for_id(&notifier, 1);
+    let mut waiter = notifier.client().unwrap();
+    waiter.handshake(3).unwrap();
+    waiter.send("MSGID: 1\nWAIT_ID 2\n\n").unwrap();
+    notifier.queue(&format!("2 cn=b,{BASE} a\n")).unwrap();
+    let status = wait_until("the notifier to exit", T, || {
+        Ok(notifier.process().unwrap().try_status())
+    })
+    .unwrap();
+    assert!(!status.success(), "{status}");
+    assert!(
+        waiter.is_closed(T).unwrap(),
+        "id 2 was announced although its sync failed"
+    );
+    let log = notifier.log();
+    assert!(log.contains("cannot sync the transaction log"), "{log}");
+
+    // The next start (no failpoint) finds line 2 on disk and announces it.
+    notifier.restart().unwrap();
+    wait_for_id(&notifier, 2);
+}
+
+/// The file intake says which file it waits on: at start, and again when nothing arrived
+/// for `--idle-report` seconds.
+#[test]
+fn a_quiet_file_intake_names_its_queue_file() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start(&slapd, Intake::QueueFile, &["--idle-report", "1"]).unwrap();
+    let queue = notifier.queue_file().display().to_string();
+    wait_until("the start message", T, || {
+        Ok(notifier
+            .log()
+            .contains(&format!("waiting for transactions in {queue}"))
+            .then_some(()))
+    })
+    .unwrap();
+    let quiet = format!("no new transaction in {queue} for ");
+    wait_until("the idle report", T, || {
+        Ok(notifier.log().contains(&quiet).then_some(()))
+    })
+    .unwrap();
+    assert!(notifier.log().contains("(last id 0)"), "{}", notifier.log());
 }

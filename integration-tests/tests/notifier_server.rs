@@ -292,3 +292,35 @@ fn wait_for_text(path: &std::path::Path, text: &str) {
     })
     .unwrap();
 }
+
+/// A second notifier started by mistake with the running one's `--pid-file` refuses to
+/// start, says why, and leaves the first one's PID file in place when it exits.
+#[test]
+fn a_second_notifier_keeps_its_hands_off_the_first_ones_pid_file() {
+    let slapd = Slapd::provider().unwrap();
+    let mut first = started(&slapd, &[]);
+    let pid_file = first.dir().join("notifier.pid");
+    let pid = first.process().unwrap().pid().unwrap();
+    let own_pid = || std::fs::read_to_string(&pid_file).unwrap_or_default();
+    assert_eq!(own_pid().trim(), pid.to_string());
+
+    // Its own --ldap-dir and port: only the PID file is shared.
+    let pid_arg = pid_file.display().to_string();
+    let err = match Notifier::start(&slapd, Intake::QueueFile, &["--pid-file", &pid_arg]) {
+        Ok(_) => panic!("a second notifier started with the same PID file"),
+        Err(err) => err.to_string(),
+    };
+    assert!(
+        err.contains(&format!("{pid_arg} names the running process {pid}")),
+        "{err}"
+    );
+    // The second process has exited (start reports its exit status and log).
+    assert!(err.contains("notifier exited with"), "{err}");
+    assert_eq!(own_pid().trim(), pid.to_string());
+    assert!(first.process().unwrap().is_running());
+    assert_eq!(first.last_id().unwrap(), 0);
+
+    // The first still removes its own file when it stops.
+    first.stop().unwrap();
+    assert!(!pid_file.exists());
+}

@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -94,23 +93,18 @@ fn the_forced_layer_wins_for_every_reader() {
     // Readers 2 and 4, the listener and its Python module. With base.conf's
     // listener/freespace the listener would pause ("file system full") and never call the
     // module.
-    let modules = tempfile::tempdir().unwrap();
-    fs::set_permissions(modules.path(), fs::Permissions::from_mode(0o777)).unwrap();
-    let out = modules.path().join("ucr.out");
-    fs::write(
-        modules.path().join("ucr.py"),
-        format!(
-            "import listener\n\
-             name = 'ucr'\n\
-             description = 'reads a layered UCR key'\n\
-             filter = '(objectClass=organizationalRole)'\n\
-             def handler(dn, new, old):\n\
-             \x20   with open({out:?}, 'w') as f:\n\
-             \x20       f.write(listener.configRegistry['ucr/test/four-readers'])\n",
-            out = out.to_str().unwrap()
-        ),
+    let modules = integration_tests::listener::module_dir(
+        "ucr.py",
+        "import listener, os\n\
+         name = 'ucr'\n\
+         description = 'reads a layered UCR key'\n\
+         filter = '(objectClass=organizationalRole)'\n\
+         def handler(dn, new, old):\n\
+         \x20   with open(os.path.join(os.path.dirname(__file__), 'ucr.out'), 'w') as f:\n\
+         \x20       f.write(listener.configRegistry['ucr/test/four-readers'])\n",
     )
     .unwrap();
+    let out = modules.path().join("ucr.out");
     let options = ListenerOptions::new()
         .module_dir(modules.path())
         .ucr(normal_layer());

@@ -76,6 +76,14 @@ pub fn failure(what: &str, err: LdapError) -> LdapFailure {
                 reason: err.to_string(),
             }
         }
+        // The connection task ended (slapd closed an idle connection, or it went away):
+        // ldap3 says "op send error: channel closed", which tells an operator nothing.
+        LdapError::OpSend { .. } | LdapError::ResultRecv { .. } | LdapError::IdScrubSend { .. } => {
+            LdapFailure::Down {
+                what: what.to_owned(),
+                reason: "the connection was closed".to_owned(),
+            }
+        }
         other => LdapFailure::Down {
             what: what.to_owned(),
             reason: other.to_string(),
@@ -112,6 +120,22 @@ pub async fn timed<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_closed_connection_says_so() {
+        let (sender, receiver) = tokio::sync::oneshot::channel::<()>();
+        drop(sender);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let source = runtime.block_on(receiver).unwrap_err();
+        let failure = failure("search cn=x", LdapError::ResultRecv { source });
+        assert!(failure.is_transient());
+        assert_eq!(
+            failure.to_string(),
+            "LDAP search cn=x failed, server unreachable: the connection was closed"
+        );
+    }
 
     #[test]
     fn only_connection_problems_are_transient() {

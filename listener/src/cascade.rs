@@ -3,6 +3,11 @@
 //! of this host (a DC Backup), under the fcntl lock on `listener.lock` that the notifier's
 //! queue-file intake also takes. Lines are written before the id is persisted, so a crash
 //! can only repeat lines, which the downstream notifier skips by id.
+//!
+//! Every line is checked with the protocol's own parser before anything is written
+//! ([`Line::encode`]): a DN or command from the upstream translog entry that would read back
+//! differently (an embedded newline would forge a second line) is refused, and nothing of
+//! the batch is written.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -12,6 +17,7 @@ use std::time::Duration;
 
 use daemon::lock::{LockError, lock_path};
 use daemon::paths::QueueFiles;
+use proto::{LineError, Transaction};
 
 /// UCS retries the lock every millisecond, 100 times.
 const LOCK_ATTEMPTS: u32 = 100;
@@ -26,8 +32,28 @@ pub struct Line {
 }
 
 impl Line {
-    fn write(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(format!("{} {} {}\n", self.id, self.dn, self.command).as_bytes());
+    /// The line as the downstream notifier's queue intake will read it, or why it cannot be
+    /// written. The check is the intake's own parser
+    /// ([`Transaction::parse_queue_line`]) plus a comparison with what was meant: the parser
+    /// splits at the first and last space and strips one `\r`, so a command with a space or
+    /// a trailing `\r` would be read back as a different DN or command without any error.
+    pub fn encode(&self) -> Result<Vec<u8>, CascadeError> {
+        let invalid = |source| CascadeError::InvalidLine {
+            id: self.id,
+            dn: self.dn.clone(),
+            source,
+        };
+        let bytes = format!("{} {} {}\n", self.id, self.dn, self.command).into_bytes();
+        let parsed = Transaction::parse_queue_line(&bytes).map_err(invalid)?;
+        let same = parsed.id.get() == self.id
+            && parsed.dn == self.dn
+            && parsed.command.as_char().to_string() == self.command;
+        if !same {
+            // The id is plain digits and the DN starts after the first space, so only the
+            // command can have shifted the split.
+            return Err(invalid(LineError::BadCommand(self.command.clone())));
+        }
+        Ok(bytes)
     }
 }
 
@@ -35,6 +61,15 @@ impl Line {
 pub enum CascadeError {
     #[error(transparent)]
     Lock(#[from] LockError),
+    /// The upstream transaction cannot be written as a line the downstream notifier reads
+    /// back unchanged; retrying does not help until the upstream translog entry is fixed.
+    #[error("transaction {id} (DN {dn:?}) cannot be written as a queue line: {source}")]
+    InvalidLine {
+        id: u64,
+        dn: String,
+        #[source]
+        source: LineError,
+    },
     #[error("cannot append to {path}: {source}")]
     Write {
         path: PathBuf,
@@ -64,14 +99,14 @@ impl Cascade {
     }
 
     /// Appends `lines` in one write under the lock, durably (the id persisted after this
-    /// must never be ahead of the file).
+    /// must never be ahead of the file). If any line is invalid nothing is written.
     pub fn append(&self, lines: &[Line]) -> Result<(), CascadeError> {
         if lines.is_empty() {
             return Ok(());
         }
         let mut buf = Vec::new();
         for line in lines {
-            line.write(&mut buf);
+            buf.extend_from_slice(&line.encode()?);
         }
         let _lock = lock_path(&self.lock, LOCK_ATTEMPTS, LOCK_DELAY)?;
         let write_err = |source| CascadeError::Write {
@@ -114,5 +149,78 @@ mod tests {
             "7 cn=Old,dc=X r\n8 cn=New,dc=X a\n9 cn=J\\2C Ü,dc=X m\n"
         );
         assert!(dir.path().join("listener/listener.lock").exists());
+    }
+
+    fn line(id: u64, dn: &str, command: &str) -> Line {
+        Line {
+            id,
+            dn: dn.into(),
+            command: command.into(),
+        }
+    }
+
+    #[test]
+    fn lines_that_would_not_read_back_unchanged_are_refused() {
+        let refused = [
+            // A newline in the DN would forge transaction 9 downstream.
+            (
+                line(7, "cn=x\n9 cn=admin,dc=X", "m"),
+                LineError::EmbeddedNewline,
+            ),
+            (line(7, "cn=x\0", "m"), LineError::NulByte),
+            (line(0, "cn=x", "m"), LineError::ZeroId),
+            (line(7, "", "m"), LineError::EmptyDn),
+            (line(7, "cn=x", "x"), LineError::BadCommand("x".into())),
+            (line(7, "cn=x", ""), LineError::BadCommand(String::new())),
+            // `n` never enters a notifier's queue.
+            (line(7, "cn=x", "n"), LineError::BadCommand("n".into())),
+            // Would be read back as DN "cn=x a" with command "m", or with the `\r` lost.
+            (line(7, "cn=x", "a m"), LineError::BadCommand("a m".into())),
+            (line(7, "cn=x", "a\r"), LineError::BadCommand("a\r".into())),
+            (line(7, "cn=x", "a\n"), LineError::EmbeddedNewline),
+        ];
+        for (line, want) in refused {
+            match line.encode() {
+                Err(CascadeError::InvalidLine { id, source, .. }) => {
+                    assert_eq!((id, source), (line.id, want), "{line:?}");
+                }
+                other => panic!("{line:?} gave {other:?}"),
+            }
+        }
+        let long = "c".repeat(proto::MAX_LINE_LEN);
+        assert!(matches!(
+            line(7, &long, "m").encode(),
+            Err(CascadeError::InvalidLine {
+                source: LineError::TooLong { .. },
+                ..
+            })
+        ));
+        // Spaces, `\r` and non-ASCII inside a DN read back unchanged.
+        assert_eq!(
+            line(3, " cn=J Ü\r,dc=X ", "r").encode().unwrap(),
+            b"3  cn=J \xc3\x9c\r,dc=X  r\n".to_vec()
+        );
+    }
+
+    #[test]
+    fn an_invalid_line_writes_nothing_of_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("listener")).unwrap();
+        let cascade = Cascade::new(dir.path());
+        cascade.append(&[line(6, "cn=ok,dc=X", "m")]).unwrap();
+        let err = cascade
+            .append(&[
+                line(7, "cn=Old,dc=X", "r"),
+                line(8, "cn=New\n9 cn=forged,dc=X", "a"),
+            ])
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("transaction 8") && err.to_string().contains("newline"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(cascade.path()).unwrap(),
+            "6 cn=ok,dc=X m\n"
+        );
     }
 }

@@ -26,7 +26,6 @@ pub const DEFAULT_NOTIFIER_PORT: u16 = 6669;
 #[command(
     name = "univention-directory-listener",
     version,
-    disable_version_flag = true,
     // -h is the LDAP host, as in UCS; help stays available as --help.
     disable_help_flag = true,
     // Like getopt, a repeated option takes the last value.
@@ -86,7 +85,7 @@ pub struct Cli {
     #[arg(short = 'B')]
     pub backup_only: bool,
     /// Cache directory.
-    #[arg(short = 'c', value_name = "DIR", default_value = DEFAULT_CACHE_DIR)]
+    #[arg(short = 'c', value_name = "DIR", env = "UDL_CACHE_DIR", default_value = DEFAULT_CACHE_DIR)]
     pub cache_dir: PathBuf,
     /// LDAP state directory: schema/id/id, cascade file listener/listener.
     #[arg(short = 'l', value_name = "DIR", default_value = DEFAULT_LDAP_DIR)]
@@ -117,9 +116,14 @@ pub struct Cli {
     /// Idle seconds before postrun runs and LDAP connections close.
     #[arg(long, value_name = "SECS", default_value_t = 15.0)]
     pub postrun_delay: f64,
-    /// Idle seconds between ALIVE checks of the notifier connection.
-    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    /// Seconds between ALIVE probes of the notifier connection while waiting for the next
+    /// transaction (UCS: 300); a probe unanswered for --alive-timeout marks the connection
+    /// dead, and it is replaced.
+    #[arg(long, value_name = "SECS", default_value_t = 3.0)]
     pub alive_interval: f64,
+    /// Seconds an ALIVE probe, a connect or a handshake with the notifier may take.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    pub alive_timeout: f64,
     /// Seconds to wait for a notifier reply (other than a pending WAIT_ID).
     #[arg(long, value_name = "SECS", default_value_t = 120.0)]
     pub notifier_timeout: f64,
@@ -201,6 +205,7 @@ pub struct Config {
     pub cascade: bool,
     pub postrun_delay: Duration,
     pub alive_interval: Duration,
+    pub alive_timeout: Duration,
     pub notifier_timeout: Duration,
     pub ldap_timeout: Duration,
     pub sync_interval: Duration,
@@ -356,6 +361,7 @@ impl Config {
             cascade: cli.cascade,
             postrun_delay: seconds("--postrun-delay", cli.postrun_delay)?,
             alive_interval: seconds("--alive-interval", cli.alive_interval)?,
+            alive_timeout: seconds("--alive-timeout", cli.alive_timeout)?,
             notifier_timeout: seconds("--notifier-timeout", cli.notifier_timeout)?,
             ldap_timeout: seconds("--ldap-timeout", cli.ldap_timeout)?,
             sync_interval: seconds("--sync-interval", cli.sync_interval)?,
@@ -591,7 +597,8 @@ mod tests {
         assert_eq!(c.mode, RunMode::InitOnly);
         assert!(!c.purge);
         assert_eq!(c.postrun_delay, Duration::from_secs(15));
-        assert_eq!(c.alive_interval, Duration::from_secs(300));
+        assert_eq!(c.alive_interval, Duration::from_secs(3));
+        assert_eq!(c.alive_timeout, Duration::from_secs(5));
         assert_eq!(c.protocol, 3);
         assert!(matches!(c.auth, Auth::Anonymous));
         assert!(resolve(&["-h", "m", "-x"], "").is_err());

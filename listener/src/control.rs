@@ -13,12 +13,12 @@
 //! ```
 //!
 //! `SNAPSHOT` writes a consistent copy of the listener state into the existing, empty,
-//! absolute directory `<dir>`: `cache.sled/` ([`cache::Cache::export_to`], taken between two
-//! commits), `handlers/<name>` (the module state files) and `notifier_id` (the id of the
-//! copied master record). Afterwards `<dir>` is a cache directory the tools open like the
-//! real one. The copy runs on this server's task, not the main loop: the cache serialises
-//! it with the commits, so it also works during a module initialisation that keeps the
-//! main loop busy for hours.
+//! absolute directory `<dir>`: `cache.sled/` ([`cache::Cache::export_to`]: the state after
+//! one commit, while commits go on), `handlers/<name>` (the module state files) and
+//! `notifier_id` (the id of the copied master record). Afterwards `<dir>` is a cache
+//! directory the tools open like the real one. The copy runs on a blocking thread of this
+//! server, not the main loop, so it also works during a module initialisation that keeps
+//! the main loop busy for hours, and replication does not wait for it.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead as _, BufReader, Write as _};

@@ -16,7 +16,7 @@ use proto::client::{ClientError, NotifierClient, parse_get_dn_reply};
 use proto::{Request, Transaction, TransactionId};
 use tokio::time::sleep_until;
 
-use crate::cascade::{Cascade, Line};
+use crate::cascade::{Cascade, CascadeError, Line};
 use crate::config::{Config, Server};
 use crate::dispatch::Handlers;
 use crate::engine::{Engine, EngineError, Prefetched, Processed};
@@ -35,6 +35,8 @@ const PREFETCH_WINDOW: usize = 64;
 const FLUSH_EVERY: u64 = 1000;
 /// How often the notifier's schema id is checked while working through a backlog.
 const SCHEMA_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait between attempts to reach the notifier again.
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How often a paused listener looks whether the reason went away.
 const PAUSE_POLL: Duration = Duration::from_secs(2);
 
@@ -113,6 +115,11 @@ pub struct Daemon {
     last_schema_check: Option<Instant>,
     /// `postrun` ran and connections closed since the last transaction.
     idle: bool,
+    /// A failure that ends the daemon at the next safe point (a failed cache flush).
+    fatal: Option<Exit>,
+    /// Between attempts to reach the notifier: short, so the listener is back within
+    /// seconds of a partition healing, whatever its length.
+    reconnect: Backoff,
     backoff: Backoff,
 }
 
@@ -154,7 +161,9 @@ impl Daemon {
             last_flush: Instant::now(),
             last_schema_check: None,
             idle: false,
+            fatal: None,
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            reconnect: Backoff::new(Duration::from_millis(250), RECONNECT_MAX),
             config,
         }
     }
@@ -163,6 +172,9 @@ impl Daemon {
         self.publish_status("running");
         let exit = loop {
             self.engine.handlers().heartbeat().beat();
+            if let Some(fatal) = self.fatal.take() {
+                break fatal;
+            }
             if self.signals.stop_requested() {
                 break Exit::Stopped;
             }
@@ -194,7 +206,8 @@ impl Daemon {
                         tracing::error!("notifier: {e}");
                         self.notifier = None;
                         self.prefetcher.clear();
-                        self.wait_backoff().await;
+                        let delay = self.reconnect.next_delay();
+                        self.wait_signal_or(delay).await;
                         continue;
                     }
                 },
@@ -252,7 +265,8 @@ impl Daemon {
                 _ = heartbeat.waiting(tokio::time::sleep(PAUSE_POLL)) => {}
                 _ = self.signals.woken() => {}
             }
-            if self.signals.stop_requested() || self.stop_reason().is_none() {
+            if self.signals.stop_requested() || self.fatal.is_some() || self.stop_reason().is_none()
+            {
                 break;
             }
         }
@@ -264,6 +278,11 @@ impl Daemon {
 
     async fn wait_backoff(&mut self) {
         let delay = self.backoff.next_delay();
+        self.wait_signal_or(delay).await;
+    }
+
+    /// Sleeps for `delay` unless a signal needs attention first.
+    async fn wait_signal_or(&self, delay: Duration) {
         let heartbeat = self.engine.handlers().heartbeat();
         tokio::select! {
             _ = heartbeat.waiting(tokio::time::sleep(delay)) => {}
@@ -278,11 +297,12 @@ impl Daemon {
                 &self.server.notifier_host,
                 self.server.notifier_port,
                 self.config.protocol,
-                self.config.notifier_timeout,
+                self.config.alive_timeout,
             )
             .await?;
             tracing::info!("connected to the notifier at {}", client.peer());
             self.notifier = Some(client);
+            self.reconnect.reset();
         }
         match self.notifier.as_mut() {
             Some(client) => Ok(client),
@@ -304,6 +324,9 @@ impl Daemon {
     async fn next_from_translog(&mut self, next: u64) -> Result<Option<Received>, ClientError> {
         if self.last_known < next {
             self.flush(false);
+            if self.fatal.is_some() {
+                return Ok(None);
+            }
             self.publish_status("waiting");
             let msgid = self
                 .connected()
@@ -377,6 +400,9 @@ impl Daemon {
         let waiting = self.last_known < next;
         if waiting {
             self.flush(false);
+            if self.fatal.is_some() {
+                return Ok(None);
+            }
             self.publish_status("waiting");
         }
         let msgid = self.connected().await?.send(request.clone()).await?;
@@ -439,7 +465,15 @@ impl Daemon {
                 WaitEvent::Postrun => self.go_idle().await,
                 WaitEvent::Alive => {
                     alive_at = tokio::time::Instant::now() + self.config.alive_interval;
-                    client.alive(self.config.notifier_timeout).await?;
+                    let limit = self.config.alive_timeout;
+                    if let Err(e) = client.alive(limit).await {
+                        tracing::error!(
+                            "the notifier connection to {} is dead (no answer to ALIVE \
+                             within {limit:?}: {e}); reconnecting",
+                            client.peer()
+                        );
+                        return Err(e);
+                    }
                 }
                 WaitEvent::InitRetry => {
                     // The wait stays outstanding, as during a reload.
@@ -484,6 +518,12 @@ impl Daemon {
     /// backoff), writes the cascade lines and commits.
     async fn handle(&mut self, received: Received) -> Result<(), Exit> {
         let id = received.line.id;
+        if self.cascade.is_some()
+            && let Err(e) = received.line.encode()
+        {
+            self.refuse_cascade(&e).await;
+            return Ok(());
+        }
         let mut prefetched = self.pending_prefetch.take().unwrap_or_default();
         loop {
             let checkpoint = self.engine.checkpoint();
@@ -560,6 +600,26 @@ impl Daemon {
         }
     }
 
+    /// A transaction whose cascade line the local notifier would read back differently (a
+    /// newline in the DN would forge a line). Checked before any module sees it. Skipping it
+    /// is no option: the downstream notifier would fill the missing id with an invented
+    /// no-op and its listeners would never see the real change. So the transaction is
+    /// neither processed nor acknowledged, the status says why (as `paused`, which the
+    /// tools report as unhealthy), and it is fetched again after a backoff: correcting the
+    /// upstream translog entry, or running without `-o`, lets replication continue.
+    async fn refuse_cascade(&mut self, e: &CascadeError) {
+        tracing::error!(
+            "cascade output refused: {e}; the transaction is not processed and not \
+             acknowledged, replication on this host stops here until the notifier's \
+             translog entry is corrected (or the listener runs without -o); retrying"
+        );
+        self.publish_status(&format!("paused: cascade output refused: {e}"));
+        // The retry must read the entry again, not a copy read ahead before the repair.
+        self.pending_prefetch = None;
+        self.prefetcher.clear();
+        self.wait_backoff().await;
+    }
+
     fn cache_failure(&mut self, e: CacheError) -> Exit {
         let reason = e.to_string();
         if matches!(
@@ -591,8 +651,17 @@ impl Daemon {
             return;
         }
         let cache = self.engine.cache();
-        if let Err(e) = run_blocking(|| cache.flush()) {
-            tracing::error!("cache flush failed: {e}");
+        let flushed = daemon::failpoint::check("cache-flush")
+            .map_err(|e| cache::CacheError::Store(e.to_string()))
+            .and_then(|()| run_blocking(|| cache.flush()));
+        if let Err(e) = flushed {
+            // Like an fsync error: retrying may "succeed" with the data gone. Stop; the
+            // next start recovers from what is on disk (commit log and sled).
+            tracing::error!(
+                "cache flush failed: {e}; stopping (uncommitted work is redone at the next start)"
+            );
+            self.fatal
+                .get_or_insert(Exit::CacheUnwritable(e.to_string()));
             return;
         }
         // The module counters first: whoever sees the new id in the file then also sees

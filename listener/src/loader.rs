@@ -19,9 +19,48 @@ pub struct Loaded {
     pub failures: Vec<LoadFailure>,
 }
 
+/// A `-m` path that cannot be used at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ModulePathError {
+    #[error("module directory {} does not exist (-m)", .0.display())]
+    Missing(PathBuf),
+    #[error("cannot check the module directory {} (-m): {source}", .path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Checks at start that every `-m` path exists: a mistyped path would otherwise reach the
+/// Python importer as a module file and end in a traceback, while the listener ran on
+/// without the modules the operator asked for.
+pub fn check_module_paths(paths: &[PathBuf]) -> Result<(), ModulePathError> {
+    for path in paths {
+        match path.try_exists() {
+            Ok(true) => {}
+            Ok(false) => return Err(ModulePathError::Missing(path.clone())),
+            Err(source) => {
+                return Err(ModulePathError::Unreadable {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Module files of one `-m` path: the file itself, or the `*.py` files of a directory with
 /// `replication.py` first and the others by name (UCS used readdir order; sorted is stable).
+/// A path that vanished since the start (a reload) is an error, not a module file.
 pub fn module_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !path.try_exists()? {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "does not exist",
+        ));
+    }
     if !path.is_dir() {
         return Ok(vec![path.to_owned()]);
     }
@@ -146,5 +185,19 @@ mod tests {
         assert_eq!(names, ["replication.py", "aa.py", "zz.py"]);
         let single = dir.path().join("zz.py");
         assert_eq!(module_files(&single).unwrap(), [single]);
+        let missing = dir.path().join("nosuch");
+        assert!(module_files(&missing).is_err());
+    }
+
+    #[test]
+    fn a_missing_module_path_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nosuch");
+        let err = check_module_paths(&[dir.path().to_owned(), missing.clone()]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("module directory {} does not exist (-m)", missing.display())
+        );
+        check_module_paths(&[dir.path().to_owned()]).unwrap();
     }
 }

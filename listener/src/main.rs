@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use cache::{Cache, CacheError, MasterRecord};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use daemon::backoff::Backoff;
 use daemon::logging::Logging;
 use daemon::paths::{QueueFiles, SCHEMA_ID_FILE};
@@ -35,6 +35,9 @@ const EXIT_BAD_CACHE: u8 = 3;
 const TASK_GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
+    if let Some(code) = daemon::man::print_if_requested(Cli::command, daemon::man::SECTION_DAEMON) {
+        return code;
+    }
     let config = match Config::from_cli(Cli::parse()) {
         Ok(config) => config,
         Err(e) => {
@@ -62,13 +65,15 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config, logging)) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", daemon::report::chain(&*e));
             ExitCode::from(1)
         }
     }
 }
 
 async fn run(config: Config, logging: Arc<Logging>) -> anyhow::Result<ExitCode> {
+    // Before anything else: a configuration error, not something to retry or run without.
+    loader::check_module_paths(&config.module_paths)?;
     let cache_dir = config.cache_dir.clone();
     if cache::is_marked_bad(&cache_dir) {
         tracing::error!(
@@ -305,7 +310,7 @@ async fn connect(
             Err(e) if config.mode == RunMode::InitOnly => return Err(e),
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::error!("{e:#}; retrying in {delay:?}");
+                tracing::error!("{}; retrying in {delay:?}", daemon::report::chain(&*e));
                 delay
             }
         };

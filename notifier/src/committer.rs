@@ -21,6 +21,15 @@ use daemon::systemd::Heartbeat;
 pub enum CommitError {
     #[error("transaction log: {0}")]
     Journal(#[from] JournalError),
+    /// After a failed fsync the kernel may report a later one as successful although the
+    /// data is gone: the ids would be announced and, after a crash, reused for other
+    /// writes. Nothing is announced; the daemon exits and its start-up scan of the log
+    /// decides what stays.
+    #[error(
+        "cannot sync the transaction log ({0}); exiting without announcing: the start-up \
+         scan of the log decides what stays"
+    )]
+    SyncFailed(JournalError),
     #[error("the transaction log lock is poisoned by an earlier panic")]
     Poisoned,
     #[error("background task failed: {0}")]
@@ -105,7 +114,10 @@ impl Committer {
                 // Retrying an unreachable or refusing slapd is a legitimate wait.
                 let heartbeat = self.heartbeat.clone();
                 let result = tokio::select! {
-                    replaced = heartbeat.waiting(self.write_translog(&mut writer, &mut txs)) => Ok(replaced),
+                    replaced = heartbeat.waiting(async {
+                        self.find_filler_dn(&mut writer).await;
+                        self.write_translog(&mut writer, &mut txs).await
+                    }) => Ok(replaced),
                     _ = shutdown.cancelled() => Err(CommitError::Shutdown),
                 };
                 self.translog = Some(writer);
@@ -120,6 +132,7 @@ impl Committer {
         let last = loop {
             match self.append_and_sync(Arc::clone(&txs)).await {
                 Ok(last) => break last,
+                Err(err @ CommitError::SyncFailed(_)) => return Err(err),
                 Err(err) => {
                     tracing::error!("cannot commit {} transactions: {err}; retrying", txs.len());
                     tokio::select! {
@@ -135,6 +148,30 @@ impl Committer {
         Ok(replaced)
     }
 
+    /// Without `--ldap-base` (or UCR `ldap/base`) the no-op transactions are named after
+    /// the server's data base; asked until found.
+    async fn find_filler_dn(&mut self, writer: &mut TranslogWriter) {
+        if self.filler_dn.is_some() {
+            return;
+        }
+        match writer.data_base().await {
+            Ok(Some(base)) => {
+                tracing::info!(
+                    "LDAP base {base} (the server's naming context) names no-op transactions"
+                );
+                self.filler_dn = Some(base);
+            }
+            Ok(None) => tracing::warn!(
+                "cannot tell the LDAP base from the server's naming contexts; give --ldap-base"
+            ),
+            Err(e) => tracing::debug!("naming contexts: {e}"),
+        }
+    }
+
+    /// Writes the translog entries; a transaction slapd rejects is replaced by a no-op,
+    /// and while even the no-op is rejected nothing is committed: an id is never announced
+    /// without its entry (protocol-3 listeners would wait for it for ever). Returns only
+    /// when every entry exists (the caller gives up on shutdown).
     async fn write_translog(
         &self,
         writer: &mut TranslogWriter,
@@ -142,30 +179,46 @@ impl Committer {
     ) -> Vec<Replaced> {
         let mut replaced = Vec::new();
         let mut rejections = writer.write(txs).await;
-        // A replacement is the base DN or a DN slapd just accepted, so one more round is
-        // enough; the bound only guards against a misconfigured filler DN.
-        for _ in 0..3 {
-            if rejections.is_empty() {
-                break;
-            }
-            let mut fillers = Vec::new();
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        while !rejections.is_empty() {
+            let mut retry = Vec::new();
+            let mut stalled = Vec::new();
             for rejection in rejections {
-                if let Some(tx) = txs.iter_mut().find(|tx| tx.id.get() == rejection.id) {
-                    let filler = self.filler(rejection.id, &tx.dn);
+                let Some(tx) = txs.iter_mut().find(|tx| tx.id.get() == rejection.id) else {
+                    continue;
+                };
+                let filler = self.filler(rejection.id, &tx.dn);
+                self.metrics.translog_rejected();
+                if *tx == filler {
+                    stalled.push(format!("{tx} ({})", rejection.reason));
+                } else {
                     tracing::error!(
                         "slapd rejected the translog entry for transaction {tx}: {}; \
                          committing it as the no-op {filler} instead",
                         rejection.reason
                     );
                     replaced.push(Replaced {
-                        original: std::mem::replace(tx, filler.clone()),
+                        original: std::mem::replace(tx, filler),
                         reason: rejection.reason,
                     });
-                    fillers.push(filler);
                 }
+                retry.push(tx.clone());
             }
-            rejections = writer.write(&fillers).await;
+            if !stalled.is_empty() {
+                let why = format!(
+                    "nothing is announced: slapd rejects the translog entry of the no-op \
+                     {}; fix the LDAP base (--ldap-base, UCR ldap/base) or slapd's \
+                     cn=translog database",
+                    stalled.join(", ")
+                );
+                tracing::error!("{why}");
+                self.metrics.set_translog_stalled(true);
+                daemon::systemd::status(&format!("stalled: {why}"));
+                backoff.wait().await;
+            }
+            rejections = writer.write(&retry).await;
         }
+        self.metrics.set_translog_stalled(false);
         replaced
     }
 
@@ -182,7 +235,7 @@ impl Committer {
             }
             // Sync under the read lock so clients can still look up older transactions.
             let journal = journal.read().map_err(|_| CommitError::Poisoned)?;
-            journal.sync()?;
+            journal.sync().map_err(CommitError::SyncFailed)?;
             Ok(journal.last_id())
         })
         .await?

@@ -31,7 +31,6 @@ pub enum IntakeKind {
 #[command(
     name = "univention-directory-notifier",
     version,
-    disable_version_flag = true,
     // Like getopt, a repeated option takes the last value.
     args_override_self = true
 )]
@@ -74,7 +73,12 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<std::net::IpAddr>,
     /// Directory holding listener/, notify/ and schema/id/.
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/univention-ldap")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "UDN_LDAP_DIR",
+        default_value = "/var/lib/univention-ldap"
+    )]
     pub ldap_dir: PathBuf,
     /// Where transactions come from.
     #[arg(long, value_enum, default_value_t = IntakeKind::File)]
@@ -128,6 +132,10 @@ pub struct Cli {
     /// Largest id jump in the queue file filled with no-ops; larger jumps are quarantined.
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub max_gap: u64,
+    /// File intake: say at level 2 which queue file is waited on after this many seconds
+    /// without a transaction, and again every as many seconds; 0: never.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600.0)]
+    pub idle_report: f64,
     /// UCR file to read defaults from.
     #[arg(long, value_name = "FILE", default_value = daemon::ucr::BASE_CONF)]
     pub ucr_file: PathBuf,
@@ -158,6 +166,8 @@ pub struct Config {
     pub max_connections: usize,
     pub client_write_timeout: Duration,
     pub poll_interval: Duration,
+    /// Zero: no idle reports.
+    pub idle_report: Duration,
     pub max_gap: u64,
     /// Deprecated options given, to warn about once logging is up.
     pub ignored_options: Vec<&'static str>,
@@ -259,6 +269,7 @@ impl Config {
             max_connections: cli.max_connections.max(1),
             client_write_timeout: seconds("--client-write-timeout", cli.client_write_timeout)?,
             poll_interval: seconds("--poll-interval", cli.poll_interval)?,
+            idle_report: seconds("--idle-report", cli.idle_report)?,
             max_gap: cli.max_gap,
             ignored_options,
         })

@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use daemon::logging::Logging;
 use daemon::pidfile::PidFile;
 use daemon::systemd::{self, Heartbeat};
@@ -32,6 +32,9 @@ const TASK_GRACE: Duration = Duration::from_secs(10);
 const LDAP_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
+    if let Some(code) = daemon::man::print_if_requested(Cli::command, daemon::man::SECTION_DAEMON) {
+        return code;
+    }
     let cli = Cli::parse();
     let ucr = Ucr::load(&cli.ucr_file);
     let config = match Config::resolve(cli, &ucr) {
@@ -76,8 +79,9 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config, logging)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
-            systemd::status(&format!("failed: {err:#}"));
+            let err = daemon::report::chain(&*err);
+            tracing::error!("{err}");
+            systemd::status(&format!("failed: {err}"));
             ExitCode::from(1)
         }
     }
@@ -185,6 +189,7 @@ async fn run(config: Config, logging: Arc<Logging>) -> Result<()> {
                     lock_delay: config.lock_delay,
                     poll_interval: config.poll_interval,
                     max_gap: config.max_gap,
+                    idle_report: config.idle_report,
                 },
                 Arc::clone(&metrics),
             );

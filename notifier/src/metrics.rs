@@ -27,6 +27,8 @@ pub struct Metrics {
     intake_lag: AtomicU64,
     quarantined: AtomicU64,
     filled: AtomicU64,
+    translog_rejected: AtomicU64,
+    translog_stalled: AtomicU64,
 }
 
 impl Metrics {
@@ -86,6 +88,17 @@ impl Metrics {
 
     pub fn quarantined(&self) {
         self.quarantined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// slapd refused a translog entry.
+    pub fn translog_rejected(&self) {
+        self.translog_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Nothing can be announced while even a no-op's translog entry is refused.
+    pub fn set_translog_stalled(&self, stalled: bool) {
+        self.translog_stalled
+            .store(u64::from(stalled), Ordering::Relaxed);
     }
 
     pub fn filled(&self, n: u64) {
@@ -159,6 +172,18 @@ impl Metrics {
             Kind::Counter,
             "No-op transactions written to fill gaps or replace rejected ones.",
             get(&self.filled),
+        )
+        .single(
+            "udn_translog_rejected_total",
+            Kind::Counter,
+            "Translog entries slapd refused (each replaced by a no-op, or retried).",
+            get(&self.translog_rejected),
+        )
+        .single(
+            "udn_translog_stalled",
+            Kind::Gauge,
+            "1 while nothing is announced because slapd refuses even a no-op's translog entry.",
+            get(&self.translog_stalled),
         )
         .single(
             "udn_last_commit_timestamp_seconds",

@@ -10,6 +10,7 @@ use proto::Transaction;
 
 use daemon::backoff::Backoff;
 use daemon::time::generalized_time;
+use ldap::dn::dn_key;
 use ldap::translog::{base_attrs, entry_attrs, session_dn};
 use ldap::{Endpoint, LdapFailure, connect, rc};
 
@@ -111,6 +112,41 @@ impl TranslogWriter {
             }
         }
         rejections
+    }
+
+    /// The data's base DN as the server names it: its one naming context that is not the
+    /// translog, the access log, the configuration or the monitor; `None` when there is no
+    /// single such context (then it must be configured).
+    pub async fn data_base(&mut self) -> Result<Option<String>, LdapFailure> {
+        let mut ldap = self.connection().await?;
+        let Lookup::Found(root) = search_one(
+            &mut ldap,
+            "",
+            Scope::Base,
+            "(objectClass=*)",
+            &["namingContexts"],
+            self.endpoint.timeout,
+        )
+        .await?
+        else {
+            return Ok(None);
+        };
+        let own = dn_key(&self.base);
+        let candidates: Vec<String> = root
+            .values("namingContexts")
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| std::str::from_utf8(v).ok())
+            .filter(|dn| {
+                let key = dn_key(dn);
+                key != own && !["cn=accesslog", "cn=config", "cn=monitor"].contains(&key.as_str())
+            })
+            .map(str::to_owned)
+            .collect();
+        Ok(match candidates.as_slice() {
+            [base] => Some(base.clone()),
+            _ => None,
+        })
     }
 
     async fn connection(&mut self) -> Result<Ldap, LdapFailure> {

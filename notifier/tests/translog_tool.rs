@@ -367,14 +367,91 @@ fn check_roles() {
     assert!(text(&out.stdout).contains("must be re-joined"));
     assert!(!c.exists("transaction.bak"));
 
+    // Nothing applies: that is not success.
     let out = run(&c.check_args(true, "memberserver"));
-    assert_exit(&out, 0);
+    assert_exit(&out, 1);
     assert!(text(&out.stdout).contains("only for UCS Primary and Backup Nodes"));
+    assert!(text(&out.stdout).contains("nothing was checked"));
 
     // A consistent Backup does not check last_id (it belongs to the Primary's overlay).
     let c = Case::new(&[("transaction", T1A)]);
     assert_exit(&run(&c.check_args(true, "domaincontroller_backup")), 0);
     assert!(!c.exists("last"));
+}
+
+/// A notifier following cn=accesslog (stock OpenLDAP: no role, no queue files, no
+/// `last_id`) is recognised by its stored position; the log and the position are checked.
+#[test]
+fn check_follows_the_accesslog_intake() {
+    let log = b"1 dc=example,dc=com a\n2 cn=x,dc=example,dc=com m\n";
+    let position = |id: u64| format!("csn=20261206110000.000000Z#000000#000#000000\nid={id}\n");
+
+    // No role, consistent: checked and fine, and no word about a missing last_id.
+    let c = Case::new(&[
+        ("transaction", log),
+        ("accesslog.position", position(2).as_bytes()),
+    ]);
+    let out = run(&c.check_args(false, ""));
+    assert_exit(&out, 0);
+    assert!(
+        !text(&out.stderr).contains("last id"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stderr).contains("Reading"), "the log was read");
+    // Neither with the Primary role.
+    let out = run(&c.check_args(false, "domaincontroller_master"));
+    assert_exit(&out, 0);
+    assert!(
+        !text(&out.stderr).contains("last id"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!c.exists("last"));
+
+    // A position behind the log is a crash between commit and store: fine.
+    let c = Case::new(&[
+        ("transaction", log),
+        ("accesslog.position", position(1).as_bytes()),
+    ]);
+    assert_exit(&run(&c.check_args(false, "")), 0);
+
+    // Ahead of the log: committed transactions were lost.
+    let c = Case::new(&[
+        ("transaction", log),
+        ("accesslog.position", position(5).as_bytes()),
+    ]);
+    let out = run(&c.check_args(false, ""));
+    assert_exit(&out, 1);
+    assert!(
+        text(&out.stderr).contains("is ahead of the log, which ends at 2"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The log is still checked, and a hole is repaired here: this notifier owns its log.
+    let c = Case::new(&[
+        (
+            "transaction",
+            b"1 dc=example,dc=com a\n3 dc=example,dc=com m\n",
+        ),
+        ("accesslog.position", position(3).as_bytes()),
+    ]);
+    assert_exit(&run(&c.check_args(false, "")), 1);
+    assert_exit(&run(&c.check_args(true, "")), 0);
+    assert_eq!(
+        c.read("transaction"),
+        b"1 dc=example,dc=com a\n2 dc=example,dc=com m\n3 dc=example,dc=com m\n"
+    );
+
+    // Before the first start there is no position yet: --intake says which intake it is.
+    let c = Case::new(&[("transaction", log)]);
+    assert_exit(&run(&c.check_args(false, "")), 1);
+    let mut args = c.check_args(false, "");
+    args.extend(["--intake".into(), "accesslog".into()]);
+    let out = run(&args);
+    assert_exit(&out, 0);
+    assert!(text(&out.stderr).contains("accesslog.position does not exist"));
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use daemon::ucr::Ucr;
 use listener::backup;
 use listener::config::{DEFAULT_CACHE_DIR, DEFAULT_FAILED_LDIF};
@@ -43,13 +43,21 @@ call blocked, or the notifier unreachable; backup verify: damaged; restore/resyn
 #[command(name = "univention-directory-listener-ctrl", version, after_help = AFTER_HELP)]
 struct Cli {
     /// Cache directory.
-    #[arg(short = 'c', long, value_name = "DIR", default_value = DEFAULT_CACHE_DIR, global = true)]
+    #[arg(
+        short = 'c',
+        long,
+        value_name = "DIR",
+        env = "UDL_CACHE_DIR",
+        default_value = DEFAULT_CACHE_DIR,
+        global = true
+    )]
     cache_dir: PathBuf,
     /// Module directory or file, for `modules` and `resync` while the listener is stopped;
     /// repeatable.
     #[arg(short = 'm', long = "modules-dir", value_name = "PATH", global = true)]
     module_dirs: Vec<PathBuf>,
-    /// The replication stop file.
+    /// The replication stop file, for `status` while the listener is stopped (a running
+    /// listener reports its own).
     #[arg(long, value_name = "FILE", default_value = DEFAULT_FAILED_LDIF, global = true)]
     failed_ldif: PathBuf,
     /// Notifier host (default: UCR notifier/server, else ldap/master).
@@ -121,11 +129,17 @@ const NOTIFIER_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_WAIT: Duration = Duration::from_secs(300);
 
 fn main() -> ExitCode {
+    if let Some(code) = daemon::man::print_if_requested(Cli::command, daemon::man::SECTION_TOOL) {
+        return code;
+    }
     let cli = Cli::parse();
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("univention-directory-listener-ctrl: {e:#}");
+            eprintln!(
+                "univention-directory-listener-ctrl: {}",
+                daemon::report::chain(&*e)
+            );
             ExitCode::from(1)
         }
     }
@@ -281,7 +295,7 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
     let now = SystemTime::now();
     let (live, live_error) = match live {
         Ok(live) => (live, None),
-        Err(e) => (None, Some(format!("{e:#}"))),
+        Err(e) => (None, Some(daemon::report::chain(&*e))),
     };
     let processed_id = match &live {
         Some(s) => Some(s.processed_id),
@@ -301,9 +315,14 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
     };
     let states = states(cli)?;
     let modules = module_listing(cli, live.as_ref(), &states);
-    let failed_ldif = control::FailedLdif {
-        present: cli.failed_ldif.exists(),
-        path: cli.failed_ldif.clone(),
+    // A running listener says which file pauses it (its own --failed-ldif); this tool's
+    // option only stands in for a stopped listener, or the two would contradict each other.
+    let failed_ldif = match &live {
+        Some(s) => s.failed_ldif.clone(),
+        None => control::FailedLdif {
+            present: cli.failed_ldif.exists(),
+            path: cli.failed_ldif.clone(),
+        },
     };
     let paused = live.as_ref().is_some_and(|s| s.state.starts_with("paused"));
     let current_call = live.as_ref().and_then(|s| s.current_call.clone());
@@ -638,7 +657,7 @@ fn backup_restore(cli: &Cli, file: &Path) -> anyhow::Result<ExitCode> {
     let header = backup::restore(open_backup(file)?, &cli.cache_dir)
         .with_context(|| format!("{} cannot be restored", file.display()))?;
     if let Err(e) = chown_like_parent(&cli.cache_dir) {
-        eprintln!("warning: {e:#}");
+        eprintln!("warning: {}", daemon::report::chain(&*e));
     }
     drop(lock);
     println!(

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use cache::{Cache, CacheError};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use listener::config::DEFAULT_CACHE_DIR;
 use listener::tools;
 
@@ -38,7 +38,7 @@ struct Cli {
     #[arg(short = 'd', value_name = "LEVEL")]
     debug: Option<u8>,
     /// Cache directory.
-    #[arg(short = 'c', value_name = "DIR", default_value = DEFAULT_CACHE_DIR)]
+    #[arg(short = 'c', value_name = "DIR", env = "UDL_CACHE_DIR", default_value = DEFAULT_CACHE_DIR)]
     cache_dir: PathBuf,
     /// Write to FILE (created with mode 0600) instead of standard output; - is stdout.
     #[arg(short = 'O', value_name = "FILE", default_value = "-")]
@@ -52,11 +52,17 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = daemon::man::print_if_requested(Cli::command, daemon::man::SECTION_TOOL) {
+        return code;
+    }
     let cli = Cli::parse();
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("univention-directory-listener-dump: {e:#}");
+            eprintln!(
+                "univention-directory-listener-dump: {}",
+                daemon::report::chain(&*e)
+            );
             ExitCode::from(2)
         }
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use daemon::ucr::Ucr;
 
 /// Prints the Univention Directory Notifier's last transaction id (or, with -s, its
@@ -39,6 +39,9 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = daemon::man::print_if_requested(Cli::command, daemon::man::SECTION_TOOL) {
+        return code;
+    }
     let cli = Cli::parse();
     let ucr = Ucr::load(&cli.ucr_file);
     let host = cli

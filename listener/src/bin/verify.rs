@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use base64::Engine as _;
 use cache::{Cache, CacheEntry};
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, CommandFactory, Parser};
 use daemon::ucr::Ucr;
 use ldap::dn::dn_key;
 use ldap::search::read_entry;
@@ -53,7 +53,7 @@ struct Cli {
     #[arg(short = 'd', value_name = "LEVEL")]
     debug: Option<u8>,
     /// Cache directory.
-    #[arg(short = 'c', value_name = "DIR", default_value = DEFAULT_CACHE_DIR)]
+    #[arg(short = 'c', value_name = "DIR", env = "UDL_CACHE_DIR", default_value = DEFAULT_CACHE_DIR)]
     cache_dir: PathBuf,
     /// LDAP base (default: UCR ldap/base).
     #[arg(short = 'b', value_name = "BASE")]
@@ -68,7 +68,12 @@ struct Cli {
     #[arg(short = 'y', value_name = "FILE")]
     password_file: Option<PathBuf>,
     /// LDAP URI.
-    #[arg(short = 'H', value_name = "URI", default_value = "ldapi:///")]
+    #[arg(
+        short = 'H',
+        value_name = "URI",
+        env = "UDL_LDAP_URI",
+        default_value = "ldapi:///"
+    )]
     uri: String,
     /// StartTLS; twice (-ZZ) to require it.
     #[arg(short = 'Z', action = ArgAction::Count)]
@@ -82,6 +87,9 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = daemon::man::print_if_requested(Cli::command, daemon::man::SECTION_TOOL) {
+        return code;
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -97,7 +105,10 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("univention-directory-listener-verify: {e:#}");
+            eprintln!(
+                "univention-directory-listener-verify: {}",
+                daemon::report::chain(&*e)
+            );
             ExitCode::from(2)
         }
     }

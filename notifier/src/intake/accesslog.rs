@@ -265,7 +265,11 @@ impl AccesslogIntake {
                 match self.newest_csn().await {
                     Ok(csn) => break csn,
                     Err(err) => {
-                        tracing::error!("cannot read the accesslog's contextCSN: {err}; retrying");
+                        // Named here: a failed bind's error does not say which server.
+                        tracing::error!(
+                            "cannot read the accesslog's contextCSN from {}: {err}; retrying",
+                            self.config.endpoint.uri
+                        );
                         if !self.pause(committer, backoff, shutdown).await {
                             return Ok(None);
                         }

@@ -351,8 +351,8 @@ impl Journal {
 
     /// `fdatasync` of the transaction file, so that announced IDs survive a crash.
     pub fn sync(&self) -> Result<(), JournalError> {
-        self.file
-            .sync_data()
+        daemon::failpoint::check("journal-sync")
+            .and_then(|()| self.file.sync_data())
             .map_err(|source| io_err("sync", &self.path, source))
     }
 

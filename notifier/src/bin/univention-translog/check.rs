@@ -1,6 +1,11 @@
 //! `check [--fix]`: consistency of the committed log, the notifier's queue files and
 //! `last_id` (spec/notifier.md §7.2).
 //!
+//! What is checked follows the notifier's intake. The UCS queue-file intake (Primary and
+//! Backup): the log, the queue files and, on a Primary, the overlay's `last_id`. The
+//! accesslog intake (stock OpenLDAP, no UCS role): the log and the stored accesslog
+//! position; it has no queue files and no `last_id`, so reporting those would be noise.
+//!
 //! The three transaction files form one chain: `transaction` (committed), then
 //! `listener.priv` (the notifier's left-over work queue) if present, then `listener` (pending
 //! lines from slapd). Problems are classified by the fix that removes them: *sort* and *fill*
@@ -24,6 +29,8 @@ use crate::Exit;
 use crate::files::{LockOutcome, lock_translog, parent_dir, remove_index, replace_file};
 use crate::log::{debug, error, info, warning};
 use ldap::dn::is_dn;
+use notifier::config::IntakeKind;
+use notifier::intake::accesslog::Position;
 
 pub const PRIMARY: &str = "domaincontroller_master";
 pub const BACKUP: &str = "domaincontroller_backup";
@@ -50,6 +57,19 @@ pub struct CheckOptions {
     pub listener_priv: PathBuf,
     pub last_file: PathBuf,
     pub skip_services: bool,
+    /// The notifier's intake: given, or detected by its stored accesslog position.
+    pub intake: IntakeKind,
+    /// `<notify dir>/accesslog.position`.
+    pub position_file: PathBuf,
+}
+
+impl CheckOptions {
+    /// Whether this host's notifier owns its log: a Primary, or any notifier following its
+    /// own server's accesslog (there is no role on stock OpenLDAP). Only then may the log
+    /// be repaired here; elsewhere it is a copy and the host must be re-joined.
+    fn owns_the_log(&self) -> bool {
+        self.intake == IntakeKind::Accesslog || self.role.as_deref() == Some(PRIMARY)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -552,7 +572,7 @@ fn fix_pending(
 fn needs_fixing_header(opts: &CheckOptions, path: &Path) -> Option<Exit> {
     println!();
     println!("{} needs fixing:", path.display());
-    if opts.role.as_deref() != Some(PRIMARY) {
+    if !opts.owns_the_log() {
         println!("This UCS system must be re-joined!");
         println!();
         println!("{HELP_FIX}");
@@ -601,10 +621,58 @@ fn check_last(opts: &CheckOptions, last_tid: u64) -> Result<Exit> {
     Ok(Exit::Ok)
 }
 
+/// Compares the stored accesslog position with the log's last id. The position is stored
+/// after each commit, so a crash in between leaves it behind (the notifier skips the
+/// replayed ids); ahead of the log it means committed transactions were lost.
+fn check_position(opts: &CheckOptions, last_tid: u64) -> Result<Exit> {
+    let path = &opts.position_file;
+    let position = match Position::load(path) {
+        Ok(Some(position)) => position,
+        Ok(None) => {
+            warning!(
+                "{} does not exist: the notifier has not started on this log yet",
+                path.display()
+            );
+            return Ok(Exit::Ok);
+        }
+        Err(e) => {
+            error!("{e}");
+            return Ok(Exit::Problem);
+        }
+    };
+    if position.id > last_tid {
+        error!(
+            "{}: position at id {} (CSN {:?}) is ahead of the log, which ends at {last_tid}: \
+             committed transactions are missing from {}",
+            path.display(),
+            position.id,
+            position.csn,
+            opts.translog.display()
+        );
+        println!();
+        println!("{} needs manual fixing!", opts.translog.display());
+        println!("{HELP_RESET}");
+        return Ok(Exit::Problem);
+    }
+    info!(
+        "{}: position at id {} (CSN {:?}), the log ends at {last_tid}",
+        path.display(),
+        position.id,
+        position.csn
+    );
+    Ok(Exit::Ok)
+}
+
 pub fn run(opts: &CheckOptions) -> Result<Exit> {
-    if !matches!(opts.role.as_deref(), Some(PRIMARY | BACKUP)) {
-        println!("This command is only for UCS Primary and Backup Nodes.");
-        return Ok(Exit::Ok);
+    let accesslog = opts.intake == IntakeKind::Accesslog;
+    if !accesslog && !matches!(opts.role.as_deref(), Some(PRIMARY | BACKUP)) {
+        // Exit non-zero: a monitor calling this must not read "nothing checked" as "fine".
+        println!(
+            "This command is only for UCS Primary and Backup Nodes, or a notifier following \
+             cn=accesslog (found by {}, or --intake accesslog); nothing was checked.",
+            opts.position_file.display()
+        );
+        return Ok(Exit::Problem);
     }
     if opts.fix && !opts.skip_services {
         warning!(
@@ -642,6 +710,18 @@ pub fn run(opts: &CheckOptions) -> Result<Exit> {
             Ok(r) => r,
             Err(exit) => return Ok(exit),
         };
+    }
+
+    if accesslog {
+        for path in [&opts.listener_priv, &opts.listener] {
+            if fs::metadata(path).is_ok_and(|m| m.len() > 0) {
+                warning!(
+                    "{} has content, but the accesslog intake never reads it",
+                    path.display()
+                );
+            }
+        }
+        return check_position(opts, report.last_tid);
     }
 
     let (mut prev_tid, mut prev_line) = (report.last_tid, report.last_line);

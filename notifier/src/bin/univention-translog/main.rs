@@ -13,14 +13,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{ArgAction, Args, Parser, Subcommand};
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 use daemon::paths::QueueFiles;
 use daemon::ucr::Ucr;
+use notifier::config::IntakeKind;
+use notifier::intake::accesslog::POSITION_FILE;
 
-use crate::files::{Translog, ldap_dir, open_index};
+use crate::files::{Translog, ldap_dir, open_index, parent_dir};
 use crate::log::error;
 
-const DEFAULT_TRANSLOG: &str = "/var/lib/univention-ldap/notify/transaction";
+/// The notifier's directory, as its `--ldap-dir`; the log is `notify/transaction` in it.
+const DEFAULT_LDAP_DIR: &str = "/var/lib/univention-ldap";
 
 const AFTER_HELP: &str = "\
 Output formats:
@@ -34,7 +37,8 @@ Output formats:
 Modifying sub-commands (check --fix, prune) refuse to run while the notifier holds
 transaction.lock. Services are never stopped or started by this tool.
 
-Exit status: 0 success, 1 problems found or operation refused, 2 usage or I/O error
+Exit status: 0 success, 1 problems found or operation refused (check: also when nothing
+applies to this host), 2 usage or I/O error
 (backup: see `univention-translog backup --help`).";
 
 #[derive(Parser, Debug)]
@@ -45,15 +49,31 @@ Exit status: 0 success, 1 problems found or operation refused, 2 usage or I/O er
     after_help = AFTER_HELP
 )]
 struct Cli {
-    /// Transaction file
-    #[arg(short = 'T', long, value_name = "FILENAME", default_value = DEFAULT_TRANSLOG, global = true)]
-    translog_file: PathBuf,
+    /// Transaction file [default: <LDAP_DIR>/notify/transaction]
+    #[arg(
+        short = 'T',
+        long,
+        value_name = "FILENAME",
+        env = "UDN_TRANSLOG_FILE",
+        global = true
+    )]
+    translog_file: Option<PathBuf>,
+    /// The notifier's directory (its --ldap-dir), where the transaction file is found
+    #[arg(
+        long,
+        value_name = "LDAP_DIR",
+        env = "UDN_LDAP_DIR",
+        default_value = DEFAULT_LDAP_DIR,
+        global = true
+    )]
+    ldap_dir: PathBuf,
     /// LDAP URL of the cn=translog database; ldapi:/// means /var/run/slapd/ldapi
     #[arg(
         short = 'H',
         long,
         value_name = "URL",
         default_value = "ldapi:///",
+        env = "UDN_TRANSLOG_URI",
         global = true
     )]
     translog_ldap: String,
@@ -164,6 +184,11 @@ struct CheckArgs {
     /// Do not warn that services must be stopped (they are never stopped by this tool)
     #[arg(short = 'S', long)]
     skip_services: bool,
+    /// The notifier's intake [accesslog if <notify dir>/accesslog.position exists, else
+    /// file]: accesslog checks the log and that position instead of the queue files and
+    /// last_id, and needs no server role
+    #[arg(long, value_enum, value_name = "INTAKE")]
+    intake: Option<IntakeKind>,
 }
 
 fn parse_datetime(s: &str) -> Result<String, String> {
@@ -190,6 +215,9 @@ pub enum Exit {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = daemon::man::print_if_requested(Cli::command, daemon::man::SECTION_TOOL) {
+        return code;
+    }
     let cli = Cli::parse();
     log::init(cli.verbose);
     let result = run(cli);
@@ -201,13 +229,17 @@ fn main() -> ExitCode {
         Ok(Exit::Running) => ExitCode::from(3),
         Ok(Exit::Format) => ExitCode::from(4),
         Err(e) => {
-            error!("{e:#}");
+            error!("{}", daemon::report::chain(&*e));
             ExitCode::from(2)
         }
     }
 }
 
 fn run(cli: Cli) -> Result<Exit> {
+    let translog_file = cli
+        .translog_file
+        .clone()
+        .unwrap_or_else(|| cli.ldap_dir.join("notify").join("transaction"));
     let ucr = Ucr::load_default();
     let role_default = || ucr.get("server/role").map(str::to_owned);
     let conn = ldap::ConnOptions {
@@ -220,14 +252,20 @@ fn run(cli: Cli) -> Result<Exit> {
         datetime: cli.datetime.clone(),
     };
     match cli.command {
-        Cmd::Stat => stat(&cli.translog_file, &conn),
-        Cmd::Lookup { ids } => lookup(&cli.translog_file, &ids),
+        Cmd::Stat => stat(&translog_file, &conn),
+        Cmd::Lookup { ids } => lookup(&translog_file, &ids),
         Cmd::Ldap { ids } => ldap::lookup(&conn, &ids),
-        Cmd::Index { min, max } => dump_index(&cli.translog_file, min, max),
+        Cmd::Index { min, max } => dump_index(&translog_file, min, max),
         Cmd::Check(args) => {
-            let ldap_dir = ldap_dir(&cli.translog_file);
+            let ldap_dir = ldap_dir(&translog_file);
+            let position_file = parent_dir(&translog_file).join(POSITION_FILE);
+            let intake = args.intake.unwrap_or(if position_file.exists() {
+                IntakeKind::Accesslog
+            } else {
+                IntakeKind::File
+            });
             let opts = check::CheckOptions {
-                translog: cli.translog_file.clone(),
+                translog: translog_file.clone(),
                 fix: args.fix,
                 dry_run: cli.dry_run,
                 base: args
@@ -243,15 +281,17 @@ fn run(cli: Cli) -> Result<Exit> {
                     .unwrap_or_else(|| QueueFiles::in_ldap_dir(&ldap_dir).private()),
                 last_file: args.last_file.unwrap_or_else(|| ldap_dir.join("last_id")),
                 skip_services: args.skip_services,
+                intake,
+                position_file,
             };
             check::run(&opts)
         }
         Cmd::Prune { id, role } => {
             let role = role.or_else(role_default);
-            prune::run(&cli.translog_file, id, role.as_deref(), &conn)
+            prune::run(&translog_file, id, role.as_deref(), &conn)
         }
-        Cmd::Import { count, min, max } => ldap::import(&cli.translog_file, &conn, count, min, max),
-        Cmd::Backup(cmd) => backup::run(cmd, &cli.translog_file, cli.dry_run),
+        Cmd::Import { count, min, max } => ldap::import(&translog_file, &conn, count, min, max),
+        Cmd::Backup(cmd) => backup::run(cmd, &translog_file, cli.dry_run),
     }
 }
 
@@ -281,7 +321,10 @@ fn stat(path: &std::path::Path, conn: &ldap::ConnOptions) -> Result<Exit> {
             println!("Ldap.last: {last}");
             println!("Ldap.okay: {}", yes_no(last == translog.last));
         }
-        Err(e) => crate::log::warning!("LDAP not reachable, skipping Ldap.*: {e:#}"),
+        Err(e) => crate::log::warning!(
+            "LDAP not reachable, skipping Ldap.*: {}",
+            daemon::report::chain(&*e)
+        ),
     }
     Ok(Exit::Ok)
 }

@@ -118,7 +118,11 @@ pub fn run(path: &Path, id: i64, role: Option<&str>, conn: &ConnOptions) -> Resu
             Ok(Exit::Problem)
         }
         Err(e) => {
-            warning!("skipping the cleanup of {}: {e:#}", conn.base);
+            warning!(
+                "skipping the cleanup of {}: {}",
+                conn.base,
+                daemon::report::chain(&*e)
+            );
             Ok(Exit::Ok)
         }
     }
