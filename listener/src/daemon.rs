@@ -715,6 +715,8 @@ impl Daemon {
         handlers.add_load_failures(loaded.failures);
         handlers.set_init_retry(self.config.init_retry);
         handlers.track_calls(self.metrics.call_tracker());
+        let sink = Arc::clone(&self.metrics);
+        handlers.publish_to(Arc::new(move |stats| sink.set_modules(stats)));
         let data = setdata_values(&self.config, &self.server);
         handlers.setdata(&data);
         self.engine.replace_handlers(handlers).write_states();

@@ -110,6 +110,11 @@ pub struct LoadFailure {
     pub at: SystemTime,
 }
 
+/// Where the handlers publish their module list when a module's condition changes during
+/// an initialisation pass (which may keep the main loop busy for hours), so the status
+/// shows "initialising" and each outcome at once.
+pub type StatsSink = Arc<dyn Fn(Vec<ModuleStat>) + Send + Sync>;
+
 /// The module call in progress, shared with the control socket: a call that does not
 /// return shows up as blocked (module, function, DN, since when) instead of as an idle
 /// listener. One lock per call is nothing next to the call itself.
@@ -191,6 +196,7 @@ pub struct Handlers {
     /// First wait before a failed initialisation is retried.
     init_retry: Duration,
     calls: CallTracker,
+    sink: Option<StatsSink>,
 }
 
 /// The attribute names whose value lists differ between `new` and `old` (names compared
@@ -280,6 +286,18 @@ impl Handlers {
             load_failures,
             init_retry: DEFAULT_INIT_RETRY,
             calls: CallTracker::default(),
+            sink: None,
+        }
+    }
+
+    /// Publishes the module list to `sink` whenever an initialisation starts or ends.
+    pub fn publish_to(&mut self, sink: StatsSink) {
+        self.sink = Some(sink);
+    }
+
+    fn publish(&self) {
+        if let Some(sink) = &self.sink {
+            sink(self.module_stats());
         }
     }
 
@@ -430,6 +448,7 @@ impl Handlers {
             message: error.to_owned(),
             at: SystemTime::now(),
         });
+        self.publish();
         delay
     }
 
@@ -439,6 +458,7 @@ impl Handlers {
         if let Some(slot) = self.slots.get_mut(index) {
             slot.initialising = true;
         }
+        self.publish();
     }
 
     /// Sets a module's state and writes its state file; ends an initialisation.
@@ -453,7 +473,9 @@ impl Handlers {
             slot.init_backoff = None;
             slot.next_init = None;
         }
-        write_state(&self.state_dir, slot.name(), state)
+        let written = write_state(&self.state_dir, slot.name(), state);
+        self.publish();
+        written
     }
 
     /// Writes every module's state file (at exit and before a reload, like UCS).
@@ -1105,6 +1127,11 @@ mod tests {
         let mut module = recorder("m", Some("(cn=*)"), &log);
         module.fail_initialize = true;
         let h = &mut handlers(dir.path(), vec![module]);
+        let published: Arc<Mutex<Vec<Condition>>> = Arc::default();
+        let sink = Arc::clone(&published);
+        h.publish_to(Arc::new(move |stats: Vec<ModuleStat>| {
+            sink.lock().unwrap().push(stats[0].condition);
+        }));
         h.set_state(0, INITIALIZED).unwrap();
         assert_eq!(conditions(h)[0].1, Condition::NotReady);
         assert_eq!(
@@ -1140,6 +1167,18 @@ mod tests {
         assert_eq!(h.next_init_due(), None);
         assert_eq!(h.init_failures(0), 0);
         assert_eq!(conditions(h)[0].1, Condition::Ready);
+        // Every step reached the status as it happened.
+        assert_eq!(
+            *published.lock().unwrap(),
+            [
+                Condition::NotReady,
+                Condition::Initialising,
+                Condition::NotReady,
+                Condition::InitFailed,
+                Condition::InitFailed,
+                Condition::Ready
+            ]
+        );
     }
 
     #[test]

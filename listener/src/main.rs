@@ -155,6 +155,8 @@ async fn run_locked(
     handlers.add_load_failures(loaded.failures);
     handlers.set_init_retry(config.init_retry);
     handlers.track_calls(metrics.call_tracker());
+    let sink = Arc::clone(&metrics);
+    handlers.publish_to(Arc::new(move |stats| sink.set_modules(stats)));
     handlers.set_init_only(config.mode == RunMode::InitOnly);
     handlers.setdata(&setdata_values(&config, &server));
 
