@@ -30,10 +30,10 @@ use base64::engine::general_purpose::STANDARD;
 use crate::entry::CacheEntry;
 
 /// The attribute name under which [`write_entry`] lists the modules of an entry.
-pub const MODULE_ATTRIBUTE: &str = "listenerModule";
+pub(crate) const MODULE_ATTRIBUTE: &str = "listenerModule";
 
 /// Maximum length of a physical line in bytes, without the newline.
-pub const LINE_WIDTH: usize = 76;
+pub(crate) const LINE_WIDTH: usize = 76;
 
 /// Longest physical line [`Reader`] accepts, line end excluded: far above any real value,
 /// low enough that a file without line ends (junk, a wrong file) cannot exhaust memory.
@@ -54,7 +54,7 @@ pub fn write_entry(out: &mut String, entry: &CacheEntry) {
 }
 
 /// Whether RFC 2849 lets `value` stand as a SAFE-STRING after `attr: `.
-pub fn is_safe_string(value: &[u8]) -> bool {
+pub(crate) fn is_safe_string(value: &[u8]) -> bool {
     match (value.first(), value.last()) {
         (None, _) => true,
         (Some(b' ' | b':' | b'<'), _) | (_, Some(b' ')) => false,

@@ -53,11 +53,6 @@ pub fn try_lock_file(file: &File) -> io::Result<bool> {
     set_lock(file, libc::F_WRLCK)
 }
 
-/// Releases a lock taken with [`try_lock_file`] without closing the file.
-pub fn unlock_file(file: &File) -> io::Result<()> {
-    set_lock(file, libc::F_UNLCK).map(|_| ())
-}
-
 fn set_lock(file: &File, kind: libc::c_int) -> io::Result<bool> {
     // SAFETY: a zeroed `flock` is a valid value of this plain C struct.
     let mut request: libc::flock = unsafe { std::mem::zeroed() };
@@ -172,18 +167,5 @@ mod tests {
         child.wait().unwrap();
         let lock = lock_path(&path, 1, Duration::ZERO).unwrap();
         assert_eq!(lock.path(), path);
-    }
-
-    #[test]
-    fn unlock_lets_another_process_in() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("listener.lock");
-        let file = File::create(&path).unwrap();
-        assert!(try_lock_file(&file).unwrap());
-        unlock_file(&file).unwrap();
-        let mut child = integration_tests::lockf::hold_lockf(&path).unwrap();
-        assert!(!try_lock_file(&file).unwrap());
-        child.kill().unwrap();
-        child.wait().unwrap();
     }
 }

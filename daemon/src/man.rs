@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 /// The argument that makes a binary print its man page (roff) on stdout and exit.
-pub const PRINT_MAN_PAGE: &str = "--print-man-page";
+pub(crate) const PRINT_MAN_PAGE: &str = "--print-man-page";
 /// Section of the daemons' pages.
 pub const SECTION_DAEMON: &str = "8";
 /// Section of the tools' pages.

@@ -148,7 +148,7 @@ pub async fn serve(
 }
 
 /// The accept loop of [`serve`]: returns after `shutdown` once every connection is done.
-pub async fn serve_on<A: Acceptor>(
+pub(crate) async fn serve_on<A: Acceptor>(
     mut acceptor: A,
     render: impl Fn() -> String + Send + Sync + 'static,
     limits: Limits,

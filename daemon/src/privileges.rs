@@ -23,7 +23,7 @@ pub struct Privileges {
 }
 
 /// uid and gid of `name` from the passwd database.
-pub fn lookup_user(name: &str) -> io::Result<Option<Identity>> {
+pub(crate) fn lookup_user(name: &str) -> io::Result<Option<Identity>> {
     let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     // SAFETY: zeroed passwd is a valid value of this plain C struct.

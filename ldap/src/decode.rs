@@ -9,9 +9,9 @@ use ldap3::asn1::{PL, StructureTag, TagClass, parse_tag};
 use ldap3::{ResultEntry, controls::RawControl};
 
 /// OID of the Sync State response control (RFC 4533).
-pub const SYNC_STATE_OID: &str = "1.3.6.1.4.1.4203.1.9.1.2";
+pub(crate) const SYNC_STATE_OID: &str = "1.3.6.1.4.1.4203.1.9.1.2";
 /// OID of the Sync Info intermediate message (RFC 4533).
-pub const SYNC_INFO_OID: &str = "1.3.6.1.4.1.4203.1.9.1.4";
+pub(crate) const SYNC_INFO_OID: &str = "1.3.6.1.4.1.4203.1.9.1.4";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed LDAP data from the server: {0}")]

@@ -98,7 +98,7 @@ impl Password {
 
     /// Reads the file again (as root if the process runs with real uid 0: the file is
     /// usually readable by root only); `false` for a literal password.
-    pub fn reread(&self) -> std::io::Result<bool> {
+    pub(crate) fn reread(&self) -> std::io::Result<bool> {
         let Password::File { path, current } = self else {
             return Ok(false);
         };

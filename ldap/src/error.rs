@@ -11,14 +11,14 @@ pub mod rc {
     pub const INVALID_ATTRIBUTE_SYNTAX: u32 = 21;
     pub const NO_SUCH_OBJECT: u32 = 32;
     pub const INVALID_DN_SYNTAX: u32 = 34;
-    pub const INVALID_CREDENTIALS: u32 = 49;
-    pub const INSUFFICIENT_ACCESS: u32 = 50;
-    pub const BUSY: u32 = 51;
-    pub const UNAVAILABLE: u32 = 52;
+    pub(crate) const INVALID_CREDENTIALS: u32 = 49;
+    pub(crate) const INSUFFICIENT_ACCESS: u32 = 50;
+    pub(crate) const BUSY: u32 = 51;
+    pub(crate) const UNAVAILABLE: u32 = 52;
     pub const NAMING_VIOLATION: u32 = 64;
     pub const OBJECT_CLASS_VIOLATION: u32 = 65;
     pub const ALREADY_EXISTS: u32 = 68;
-    pub const SERVER_DOWN: u32 = 81;
+    pub(crate) const SERVER_DOWN: u32 = 81;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -30,7 +30,7 @@ use crate::dispatch::{STATE_DIR, read_states, write_state};
 /// First line of every backup.
 pub const MAGIC: &str = "univention-directory-listener backup";
 /// The format this build writes and the newest it reads.
-pub const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 1;
 /// Entries per cache commit while restoring.
 const RESTORE_CHUNK: usize = 1000;
 

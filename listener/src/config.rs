@@ -14,7 +14,7 @@ use ldap::{Auth, Password, StartTls};
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/univention-directory-listener";
 pub const DEFAULT_LDAP_DIR: &str = "/var/lib/univention-ldap";
 pub const DEFAULT_FAILED_LDIF: &str = "/var/lib/univention-directory-replication/failed.ldif";
-pub const DEFAULT_NOTIFIER_PORT: u16 = 6669;
+pub(crate) const DEFAULT_NOTIFIER_PORT: u16 = 6669;
 
 /// Univention Directory Listener: follows the notifier's transactions in order, fetches each
 /// changed object from LDAP, compares it with the local cache and calls the handler modules
@@ -182,9 +182,9 @@ pub enum RunMode {
 
 /// Server roles, as UCR `server/role` names them.
 pub mod role {
-    pub const MASTER: &str = "domaincontroller_master";
+    pub(crate) const MASTER: &str = "domaincontroller_master";
     pub const BACKUP: &str = "domaincontroller_backup";
-    pub const SLAVE: &str = "domaincontroller_slave";
+    pub(crate) const SLAVE: &str = "domaincontroller_slave";
 }
 
 /// Everything the daemon needs, resolved from the command line and UCR.
@@ -305,7 +305,7 @@ fn seconds(option: &'static str, value: f64) -> Result<Duration, ConfigError> {
 }
 
 /// The host part of an `ldap://` / `ldaps://` URI.
-pub fn uri_host(uri: &str) -> Option<String> {
+pub(crate) fn uri_host(uri: &str) -> Option<String> {
     let rest = uri
         .strip_prefix("ldap://")
         .or_else(|| uri.strip_prefix("ldaps://"))?;

@@ -42,17 +42,17 @@ use crate::dispatch::{
 use crate::metrics::Metrics;
 
 /// Name of the socket inside the cache directory.
-pub const SOCKET_FILE: &str = "control.sock";
+pub(crate) const SOCKET_FILE: &str = "control.sock";
 /// Longest request line accepted, newline included.
 const MAX_REQUEST: u64 = 4096;
 /// How long a client may take to send its request (short in tests, which wait it out).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 10 });
 /// How long a tool waits for a `STATUS` reply.
-pub const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a tool waits for a `SNAPSHOT`: copying a large cache takes a while.
-pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1800);
+pub(crate) const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1800);
 
-pub fn socket_path(cache_dir: &Path) -> PathBuf {
+pub(crate) fn socket_path(cache_dir: &Path) -> PathBuf {
     cache_dir.join(SOCKET_FILE)
 }
 
@@ -471,7 +471,7 @@ pub fn status_of(cache_dir: &Path) -> Result<Status, ControlError> {
 }
 
 /// `SNAPSHOT <dir>` of the listener serving `cache_dir`.
-pub fn snapshot_of(cache_dir: &Path, dir: &Path) -> Result<SnapshotInfo, ControlError> {
+pub(crate) fn snapshot_of(cache_dir: &Path, dir: &Path) -> Result<SnapshotInfo, ControlError> {
     let request_line = format!("SNAPSHOT {}", dir.display());
     let json = request(cache_dir, &request_line, SNAPSHOT_TIMEOUT)?;
     parse(&request_line, &json)

@@ -19,7 +19,7 @@ use modules::filter::Filter;
 use modules::{Call, Command, Module, ModuleError, REPLICATION};
 
 /// State file bit: the module was initialised once.
-pub const INITIALIZED: u32 = 1;
+pub(crate) const INITIALIZED: u32 = 1;
 /// State file bit: the module is ready (initialised and not being re-initialised).
 pub const READY: u32 = 2;
 
@@ -27,9 +27,9 @@ pub const READY: u32 = 2;
 pub const STATE_DIR: &str = "handlers";
 
 /// First wait before a failed module initialisation is tried again (`--init-retry`).
-pub const DEFAULT_INIT_RETRY: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_INIT_RETRY: Duration = Duration::from_secs(30);
 /// The wait between initialisation attempts doubles up to this.
-pub const MAX_INIT_RETRY: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_INIT_RETRY: Duration = Duration::from_secs(3600);
 
 /// One module (loaded or not) as the metrics and the control socket show it.
 #[derive(Debug, Clone)]
@@ -333,7 +333,7 @@ impl Handlers {
         self.slots.iter().map(Slot::name)
     }
 
-    pub fn filter_text(&self, index: usize) -> Option<&str> {
+    pub(crate) fn filter_text(&self, index: usize) -> Option<&str> {
         self.slots
             .get(index)
             .and_then(|s| s.filter.as_ref())
@@ -398,7 +398,7 @@ impl Handlers {
     }
 
     /// Indices of modules without the READY bit, in call order.
-    pub fn not_ready(&self) -> Vec<usize> {
+    pub(crate) fn not_ready(&self) -> Vec<usize> {
         (0..self.slots.len())
             .filter(|&i| !self.slots[i].is_ready())
             .collect()
@@ -406,7 +406,7 @@ impl Handlers {
 
     /// Modules without the READY bit whose initialisation may run at `now`: never tried,
     /// or their retry is due.
-    pub fn due_for_init(&self, now: Instant) -> Vec<usize> {
+    pub(crate) fn due_for_init(&self, now: Instant) -> Vec<usize> {
         (0..self.slots.len())
             .filter(|&i| {
                 let slot = &self.slots[i];
@@ -416,7 +416,7 @@ impl Handlers {
     }
 
     /// The earliest time a module that is not ready is to be initialised again.
-    pub fn next_init_due(&self) -> Option<Instant> {
+    pub(crate) fn next_init_due(&self) -> Option<Instant> {
         self.slots
             .iter()
             .filter(|s| !s.is_ready())
@@ -425,14 +425,14 @@ impl Handlers {
     }
 
     /// How many initialisations of the module failed in a row so far.
-    pub fn init_failures(&self, index: usize) -> u32 {
+    pub(crate) fn init_failures(&self, index: usize) -> u32 {
         self.slots.get(index).map_or(0, |s| s.init_failures)
     }
 
     /// Records a failed initialisation: the module stays not ready and is tried again
     /// after the returned wait (doubling per failure, with jitter so that many listeners
     /// do not retry in step).
-    pub fn init_failed(&mut self, index: usize, error: &str) -> Duration {
+    pub(crate) fn init_failed(&mut self, index: usize, error: &str) -> Duration {
         let first = self.init_retry;
         let Some(slot) = self.slots.get_mut(index) else {
             return first;
@@ -454,7 +454,7 @@ impl Handlers {
 
     /// Marks a module as being initialised (in memory only): its calls go through although
     /// it is not READY, until [`Handlers::set_state`] records the outcome.
-    pub fn begin_initialising(&mut self, index: usize) {
+    pub(crate) fn begin_initialising(&mut self, index: usize) {
         if let Some(slot) = self.slots.get_mut(index) {
             slot.initialising = true;
         }
@@ -504,7 +504,7 @@ impl Handlers {
     /// `clean()` then `initialize()` of one module. A failed `clean` is logged and
     /// ignored (spec §3.8); a failed `initialize` is returned: the module did not set
     /// itself up, so its initialisation failed (UCS leaves such a module not ready).
-    pub fn clean_and_initialize(&mut self, index: usize) -> Result<(), ModuleError> {
+    pub(crate) fn clean_and_initialize(&mut self, index: usize) -> Result<(), ModuleError> {
         if let Err(e) = self.call(index, "clean", None, |m| m.clean()) {
             tracing::error!("{}: clean failed: {e}", self.name(index));
         }
@@ -691,7 +691,7 @@ impl Handlers {
 }
 
 /// The decimal state in `<dir>/<name>`; a missing or unreadable file is state 0.
-pub fn read_state(dir: &Path, name: &str) -> u32 {
+pub(crate) fn read_state(dir: &Path, name: &str) -> u32 {
     parse_state(&dir.join(name)).unwrap_or(0)
 }
 
@@ -722,7 +722,7 @@ pub fn read_states(dir: &Path) -> io::Result<BTreeMap<String, u32>> {
 }
 
 /// Writes `<dir>/<name>` atomically and durably, decimal without newline.
-pub fn write_state(dir: &Path, name: &str, state: u32) -> Result<(), FileError> {
+pub(crate) fn write_state(dir: &Path, name: &str, state: u32) -> Result<(), FileError> {
     daemon::fs::write_decimal(&dir.join(name), state.into())
 }
 

@@ -121,7 +121,7 @@ impl Engine {
     }
 
     /// Initialises the modules that are not READY and whose retry is due at `now`.
-    pub async fn initialize_due(
+    pub(crate) async fn initialize_due(
         &mut self,
         now: Instant,
         scan_timeout: Duration,

@@ -66,11 +66,11 @@ impl Metrics {
         lock(&self.modules).clone()
     }
 
-    pub fn set_notifier_id(&self, id: u64) {
+    pub(crate) fn set_notifier_id(&self, id: u64) {
         self.notifier_id.fetch_max(id, Ordering::Relaxed);
     }
 
-    pub fn add_transactions(&self, n: u64) {
+    pub(crate) fn add_transactions(&self, n: u64) {
         self.transactions.fetch_add(n, Ordering::Relaxed);
     }
 
@@ -92,7 +92,7 @@ impl Metrics {
 
     /// "modules ok/failed": healthy modules / modules that are not (not ready, failing,
     /// failed to initialise or to load).
-    pub fn module_counts(&self) -> (usize, usize) {
+    pub(crate) fn module_counts(&self) -> (usize, usize) {
         let modules = lock(&self.modules);
         let healthy = modules
             .iter()

@@ -255,7 +255,7 @@ pub fn list_modules(
 /// ([`crate::loader::module_files`]; the name from a top-level `name = '…'` line, else the
 /// file name without `.py`, as UCS 5) with their states, then state files no file accounts
 /// for (native modules, removed files).
-pub fn scan_modules(dirs: &[PathBuf], states: &BTreeMap<String, u32>) -> Vec<ModuleEntry> {
+pub(crate) fn scan_modules(dirs: &[PathBuf], states: &BTreeMap<String, u32>) -> Vec<ModuleEntry> {
     let mut modules: Vec<ModuleEntry> = Vec::new();
     for dir in dirs {
         // The daemon's own file list and order; an unreadable or missing path lists none.
@@ -275,7 +275,7 @@ pub fn scan_modules(dirs: &[PathBuf], states: &BTreeMap<String, u32>) -> Vec<Mod
 
 /// The name of the module in `file` without importing it: its top-level `name = '…'`
 /// line, else the file name without `.py` (as UCS 5).
-pub fn module_name_of_file(file: &Path) -> String {
+pub(crate) fn module_name_of_file(file: &Path) -> String {
     std::fs::read_to_string(file)
         .ok()
         .and_then(|text| module_name(&text))

@@ -47,7 +47,7 @@ use std::hash::BuildHasher;
 /// Deepest nesting level that is evaluated; the whole filter is level 1, each `&`, `|`, `!`
 /// adds one. A sub-filter below level `MAX_DEPTH` evaluates to −1 without being parsed, so
 /// no input can exhaust the stack. Real module filters nest a handful of levels.
-pub const MAX_DEPTH: usize = 256;
+pub(crate) const MAX_DEPTH: usize = 256;
 
 /// What a filter is evaluated against: attribute name → values (exact bytes), as the cache or
 /// LDAP gave them.
@@ -104,7 +104,7 @@ pub enum Tri {
 
 impl Tri {
     /// The C return value: 0, 1 or −1.
-    pub fn as_c(self) -> i32 {
+    pub(crate) fn as_c(self) -> i32 {
         match self {
             Tri::False => 0,
             Tri::True => 1,
@@ -113,7 +113,7 @@ impl Tri {
     }
 
     /// The top-level decision: anything but 0 is a match (−1 included).
-    pub fn is_match(self) -> bool {
+    pub(crate) fn is_match(self) -> bool {
         self != Tri::False
     }
 
@@ -177,7 +177,7 @@ impl Filter {
     }
 
     /// The C matcher's result: 0, 1 or −1.
-    pub fn evaluate(&self, entry: &(impl AttributeSource + ?Sized)) -> Tri {
+    pub(crate) fn evaluate(&self, entry: &(impl AttributeSource + ?Sized)) -> Tri {
         self.root.evaluate(entry)
     }
 
@@ -227,7 +227,7 @@ impl CacheFilter {
     }
 
     /// The base/subtree part alone: `dn` (as a C string) ends with the base.
-    pub fn in_scope(&self, dn: &str) -> bool {
+    pub(crate) fn in_scope(&self, dn: &str) -> bool {
         c_str(dn).ends_with(self.base.as_str())
     }
 

@@ -15,6 +15,5 @@ pub mod native;
 pub mod python;
 
 pub use module::{
-    Attributes, Call, Command, DEFAULT_PRIORITY, Module, ModuleError, ModuleInfo, ModuleSource,
-    REPLICATION,
+    Attributes, Call, Command, Module, ModuleError, ModuleInfo, ModuleSource, REPLICATION,
 };

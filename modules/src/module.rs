@@ -16,7 +16,7 @@ pub use proto::Command;
 pub type Attributes = [(String, Vec<Vec<u8>>)];
 
 /// Priority of modules that set none (UCS 5: every module but `replication`).
-pub const DEFAULT_PRIORITY: f64 = 50.0;
+pub(crate) const DEFAULT_PRIORITY: f64 = 50.0;
 
 /// The name UCS treats specially: always first, never "up to date", always called on
 /// deletes (spec listener.md §3.4, §3.5).
@@ -45,7 +45,7 @@ pub struct ModuleInfo {
 /// Checks a module name: it names the state file `<cache>/handlers/<name>` and is written
 /// into cached module lists and `listenerModule:` lines of dumps, so it must be a plain file
 /// name (not empty, no `/`, not hidden) without control characters.
-pub fn check_module_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_module_name(name: &str) -> Result<(), String> {
     if name.is_empty()
         || name.starts_with('.')
         || name.contains('/')

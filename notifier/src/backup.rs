@@ -37,7 +37,7 @@ use daemon::lock::{FileLock, LockError, lock_path};
 /// Name of the manifest entry, always the first in the archive.
 pub const MANIFEST: &str = "MANIFEST";
 /// The `Format:` value that marks an archive as ours.
-pub const FORMAT_NAME: &str = "univention-translog-backup";
+pub(crate) const FORMAT_NAME: &str = "univention-translog-backup";
 /// The newest archive format this code reads and the one it writes.
 pub const FORMAT_VERSION: u32 = 1;
 /// Suffix of the files a restore replaces, kept next to them.
@@ -136,7 +136,7 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    pub fn to_text(&self) -> String {
+    pub(crate) fn to_text(&self) -> String {
         let yes_no = if self.notifier_running { "yes" } else { "no" };
         let mut out = String::new();
         // Writing to a String cannot fail.

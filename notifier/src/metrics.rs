@@ -36,7 +36,7 @@ impl Metrics {
         Arc::new(Metrics::default())
     }
 
-    pub fn record_commit(&self, last_id: u64, count: usize, took: Duration) {
+    pub(crate) fn record_commit(&self, last_id: u64, count: usize, took: Duration) {
         self.last_id.store(last_id, Ordering::Relaxed);
         self.transactions.fetch_add(count as u64, Ordering::Relaxed);
         self.commits.fetch_add(1, Ordering::Relaxed);
@@ -56,47 +56,47 @@ impl Metrics {
         self.last_id.store(id, Ordering::Relaxed);
     }
 
-    pub fn set_schema_id(&self, id: u64) {
+    pub(crate) fn set_schema_id(&self, id: u64) {
         self.schema_id.store(id, Ordering::Relaxed);
     }
 
-    pub fn client_connected(&self) {
+    pub(crate) fn client_connected(&self) {
         self.clients.fetch_add(1, Ordering::Relaxed);
         self.clients_total.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn client_disconnected(&self) {
+    pub(crate) fn client_disconnected(&self) {
         self.clients.fetch_sub(1, Ordering::Relaxed);
     }
 
-    pub fn client_dropped_slow(&self) {
+    pub(crate) fn client_dropped_slow(&self) {
         self.clients_dropped_slow.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn waits_added(&self, n: u64) {
+    pub(crate) fn waits_added(&self, n: u64) {
         self.waits.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub fn waits_removed(&self, n: u64) {
+    pub(crate) fn waits_removed(&self, n: u64) {
         self.waits.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Changes seen by the intake but not yet committed.
-    pub fn set_intake_lag(&self, lag: u64) {
+    pub(crate) fn set_intake_lag(&self, lag: u64) {
         self.intake_lag.store(lag, Ordering::Relaxed);
     }
 
-    pub fn quarantined(&self) {
+    pub(crate) fn quarantined(&self) {
         self.quarantined.fetch_add(1, Ordering::Relaxed);
     }
 
     /// slapd refused a translog entry.
-    pub fn translog_rejected(&self) {
+    pub(crate) fn translog_rejected(&self) {
         self.translog_rejected.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Nothing can be announced while even a no-op's translog entry is refused.
-    pub fn set_translog_stalled(&self, stalled: bool) {
+    pub(crate) fn set_translog_stalled(&self, stalled: bool) {
         self.translog_stalled
             .store(u64::from(stalled), Ordering::Relaxed);
     }

@@ -117,7 +117,7 @@ impl TranslogWriter {
     /// The data's base DN as the server names it: its one naming context that is not the
     /// translog, the access log, the configuration or the monitor; `None` when there is no
     /// single such context (then it must be configured).
-    pub async fn data_base(&mut self) -> Result<Option<String>, LdapFailure> {
+    pub(crate) async fn data_base(&mut self) -> Result<Option<String>, LdapFailure> {
         let mut ldap = self.connection().await?;
         let Lookup::Found(root) = search_one(
             &mut ldap,

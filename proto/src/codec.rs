@@ -85,16 +85,6 @@ impl ServerCodec {
         }
     }
 
-    /// The line limit in bytes.
-    pub fn max_frame_len(&self) -> usize {
-        self.max_frame_len
-    }
-
-    /// The MSGID that the next command line will carry, if any.
-    pub fn pending_msgid(&self) -> Option<u32> {
-        self.pending_msgid
-    }
-
     fn too_large(&mut self, src: &mut BytesMut) -> ProtocolError {
         // Drop what cannot be used so a caller that ignores the error cannot spin on it.
         src.clear();
@@ -221,11 +211,6 @@ impl ClientCodec {
             max_block_len: max_block_len.max(1),
             scanned: 0,
         }
-    }
-
-    /// The block limit in bytes.
-    pub fn max_block_len(&self) -> usize {
-        self.max_block_len
     }
 
     fn too_large(&mut self, src: &mut BytesMut) -> ProtocolError {
@@ -465,12 +450,12 @@ mod tests {
     fn server_msgid_survives_reads() {
         let mut c = ServerCodec::new();
         assert!(server_decode(&mut c, b"MSGID: 9\n").is_empty());
-        assert_eq!(c.pending_msgid(), Some(9));
+        assert_eq!(c.pending_msgid, Some(9));
         assert_eq!(
             server_decode(&mut c, b"WAIT_ID 7\n"),
             [req(Some(9), Request::WaitId(TransactionId(7)))]
         );
-        assert_eq!(c.pending_msgid(), None);
+        assert_eq!(c.pending_msgid, None);
     }
 
     #[test]
@@ -521,7 +506,7 @@ mod tests {
     #[test]
     fn server_zero_limit_is_one() {
         let mut c = ServerCodec::with_max_frame_len(0);
-        assert_eq!(c.max_frame_len(), 1);
+        assert_eq!(c.max_frame_len, 1);
         let mut buf = BytesMut::from(&b"\n\n"[..]);
         assert_eq!(c.decode(&mut buf).unwrap(), None);
     }

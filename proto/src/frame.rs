@@ -19,7 +19,7 @@ pub const MAX_FRAME_LEN: usize = 8192;
 pub const MAX_VERSION: u32 = 3;
 
 /// The MSGID value UCS uses as "unset"; a request carrying it is treated as having none.
-pub const MSGID_UNSET: u32 = u32::MAX;
+pub(crate) const MSGID_UNSET: u32 = u32::MAX;
 
 /// The version the server answers for a client that asked for `v`: `min(v, MAX_VERSION)`.
 pub const fn clamp_version(v: u32) -> u32 {

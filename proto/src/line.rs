@@ -20,9 +20,6 @@ pub const MAX_LINE_LEN: usize = 8192;
 pub struct TransactionId(pub u64);
 
 impl TransactionId {
-    /// The "no transaction yet" value reported as last ID by an empty notifier.
-    pub const NONE: TransactionId = TransactionId(0);
-
     /// The numeric value.
     pub const fn get(self) -> u64 {
         self.0
@@ -622,7 +619,7 @@ mod tests {
         assert_eq!(TransactionId(u64::MAX).checked_next(), None);
         assert_eq!(TransactionId(1).checked_next(), Some(TransactionId(2)));
         assert!(TransactionId(1) < TransactionId(2));
-        assert_eq!(TransactionId::NONE, TransactionId::default());
+        assert_eq!(TransactionId(0), TransactionId::default());
         assert_eq!("0".parse::<TransactionId>(), Ok(TransactionId(0)));
         assert_eq!(
             "-1".parse::<TransactionId>(),

@@ -21,7 +21,7 @@ use crate::dispatch::{Handlers, Selection};
 use ldap::{Connection, LdapFailure, Lookup};
 
 /// DN under which the subschema is read and handed to modules (spec §3.7).
-pub const SUBSCHEMA_DN: &str = "cn=Subschema";
+pub(crate) const SUBSCHEMA_DN: &str = "cn=Subschema";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -153,7 +153,7 @@ impl Engine {
         &mut self.handlers
     }
 
-    pub fn replace_handlers(&mut self, handlers: Handlers) -> Handlers {
+    pub(crate) fn replace_handlers(&mut self, handlers: Handlers) -> Handlers {
         std::mem::replace(&mut self.handlers, handlers)
     }
 
@@ -175,7 +175,7 @@ impl Engine {
 
     /// Forgets everything staged since `checkpoint` (its handlers have run; they run again
     /// when the transaction is retried, like UCS after a restart).
-    pub fn rollback(&mut self, checkpoint: Checkpoint) {
+    pub(crate) fn rollback(&mut self, checkpoint: Checkpoint) {
         self.staged.discard();
         self.prev = checkpoint.prev;
     }
@@ -186,7 +186,7 @@ impl Engine {
     }
 
     /// Closes the LDAP connections (idle time, like UCS); they reopen on demand.
-    pub async fn close_connections(&mut self) {
+    pub(crate) async fn close_connections(&mut self) {
         self.ldap.close().await;
         if let Some(local) = &mut self.local {
             local.close().await;
@@ -195,13 +195,13 @@ impl Engine {
 
     /// Stages the master record for `id` and hands out everything staged since the last
     /// commit, as one batch.
-    pub fn take_batch(&mut self, id: u64) -> cache::Batch {
+    pub(crate) fn take_batch(&mut self, id: u64) -> cache::Batch {
         self.master.notifier_id = id;
         self.staged.take_batch(self.master)
     }
 
     /// Stages the current master record alone (startup, schema updates during init).
-    pub fn take_master_batch(&mut self) -> cache::Batch {
+    pub(crate) fn take_master_batch(&mut self) -> cache::Batch {
         self.staged.take_batch(self.master)
     }
 

@@ -47,13 +47,13 @@ impl Staged {
     }
 
     /// Drops everything staged (a transaction that failed half way).
-    pub fn discard(&mut self) {
+    pub(crate) fn discard(&mut self) {
         self.batch = self.cache.batch();
         self.overlay.clear();
     }
 
     /// Everything staged plus `master`, as one batch for [`Cache::commit`].
-    pub fn take_batch(&mut self, master: MasterRecord) -> Batch {
+    pub(crate) fn take_batch(&mut self, master: MasterRecord) -> Batch {
         let mut batch = std::mem::replace(&mut self.batch, self.cache.batch());
         batch.set_master(master);
         self.overlay.clear();

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use crate::module::{DEFAULT_PRIORITY, Module, ModuleInfo, ModuleSource};
 
 /// The kinds [`load`] knows, for `--help`.
-pub const KINDS: &[&str] = &["jsonl", "exec"];
+pub(crate) const KINDS: &[&str] = &["jsonl", "exec"];
 
 /// Why a native module could not be loaded.
 #[derive(Debug, thiserror::Error)]

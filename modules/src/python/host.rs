@@ -14,8 +14,9 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyModule, PyString};
 
 use super::builtins::{self, CurrentCall, SHARED, Shared};
 use super::{HostOptions, PythonError};
+use crate::Command;
+use crate::module::DEFAULT_PRIORITY;
 use crate::module::{Call, ModuleError, ModuleInfo, ModuleSource, REPLICATION};
-use crate::{Command, DEFAULT_PRIORITY};
 
 /// Requests waiting for the interpreter; the caller blocks on each answer anyway, so a
 /// short queue is enough.

@@ -123,7 +123,7 @@ pub struct LoggedWrite {
 
 /// Maps an accesslog entry to its changes. Unusable entries yield no changes (and a
 /// warning): the mapping must be deterministic, because replays rely on it.
-pub fn changes_of(entry: &RawEntry) -> Result<LoggedWrite, String> {
+pub(crate) fn changes_of(entry: &RawEntry) -> Result<LoggedWrite, String> {
     let csn = entry.first_str("entryCSN").ok_or("no entryCSN")?.to_owned();
     let dn = entry.first_str("reqDN").ok_or("no reqDN")?.to_owned();
     let changes = match entry.first_str("reqType").ok_or("no reqType")? {

@@ -89,7 +89,7 @@ impl QueueFileIntake {
         self.files().lock()
     }
 
-    pub fn quarantine_path(&self) -> PathBuf {
+    pub(crate) fn quarantine_path(&self) -> PathBuf {
         self.config.dir.join("listener.quarantine")
     }
 

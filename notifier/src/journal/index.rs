@@ -18,7 +18,7 @@ pub const MAGIC: u64 = 0x3395_e0d4;
 /// Header length on amd64.
 pub const HEADER_LEN: u64 = 8;
 /// Entry length on amd64.
-pub const ENTRY_LEN: u64 = 9;
+pub(crate) const ENTRY_LEN: u64 = 9;
 
 /// Entries read or written per I/O call when handling ranges.
 const ENTRIES_PER_CHUNK: usize = 16 * 1024;
@@ -71,7 +71,7 @@ pub enum IndexError {
 }
 
 /// Byte position of the entry for `id`.
-pub fn entry_position(id: u64) -> Option<u64> {
+pub(crate) fn entry_position(id: u64) -> Option<u64> {
     id.checked_mul(ENTRY_LEN)?.checked_add(HEADER_LEN)
 }
 
@@ -97,7 +97,7 @@ impl Index {
     }
 
     /// Opens an existing index for reading and writing and checks its header.
-    pub fn open_rw(path: &Path) -> Result<Index, IndexError> {
+    pub(crate) fn open_rw(path: &Path) -> Result<Index, IndexError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -210,7 +210,7 @@ impl Index {
 
     /// Writes valid entries for the consecutive IDs `first_id, first_id + 1, …` pointing at
     /// `offsets`, with one positioned write per chunk (one for any realistic batch).
-    pub fn write_entries(&self, first_id: u64, offsets: &[u64]) -> Result<(), IndexError> {
+    pub(crate) fn write_entries(&self, first_id: u64, offsets: &[u64]) -> Result<(), IndexError> {
         let mut id = first_id;
         let mut buf = Vec::new();
         for chunk in offsets.chunks(ENTRIES_PER_CHUNK) {
@@ -227,22 +227,15 @@ impl Index {
         Ok(())
     }
 
-    /// Cuts the index after the entry for `last_id`, dropping stale entries beyond it.
-    pub fn truncate_after(&self, last_id: u64) -> Result<(), IndexError> {
-        let end = last_id
-            .checked_add(1)
-            .and_then(entry_position)
-            .ok_or(IndexError::IdTooLarge { id: last_id })?;
-        self.file
-            .set_len(end)
-            .map_err(|e| io_err("truncate", &self.path, e))
-    }
-
     /// Writes a fresh index for the consecutive IDs starting at `first_id` to `<path>.tmp`
     /// and renames it over `path`, so a reader never sees a half-written index. Entries below
     /// `first_id` (and entry 0) stay holes. Not `daemon::fs::TempFile`: the index keeps the
     /// handle open, and it is derived data (rebuilt from the log), so it needs no fsync.
-    pub fn rebuild(path: &Path, first_id: u64, offsets: &[u64]) -> Result<Index, IndexError> {
+    pub(crate) fn rebuild(
+        path: &Path,
+        first_id: u64,
+        offsets: &[u64],
+    ) -> Result<Index, IndexError> {
         let mut tmp_name = path.as_os_str().to_owned();
         tmp_name.push(".tmp");
         let tmp = PathBuf::from(tmp_name);
@@ -376,8 +369,6 @@ mod tests {
                 (9, None),
             ]
         );
-        index.truncate_after(6).unwrap();
-        assert_eq!(index.count().unwrap(), 6);
     }
 
     #[test]

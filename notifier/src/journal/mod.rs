@@ -28,15 +28,15 @@ use index::{Index, IndexEntry, IndexError, read_full_at};
 use scan::{LineChecker, LineScanner, parse_line};
 
 /// File name of the committed log inside the notify directory.
-pub const TRANSACTION_FILE: &str = "transaction";
+pub(crate) const TRANSACTION_FILE: &str = "transaction";
 /// File name of the binary index.
-pub const INDEX_FILE: &str = "transaction.index";
+pub(crate) const INDEX_FILE: &str = "transaction.index";
 /// File name of the lock file.
 pub const LOCK_FILE: &str = "transaction.lock";
 
 /// Hint appended to every corruption error: repairing the committed log is an operator
 /// decision, as in UCS.
-pub const CHECK_HINT: &str =
+pub(crate) const CHECK_HINT: &str =
     "stop the notifier and run `univention-translog check --fix` to repair it";
 
 /// Tuning of [`Journal::open`], mirroring the notifier's `-C`, `-L` and `-T` options.
@@ -428,17 +428,6 @@ impl Journal {
     /// What [`Journal::open`] repaired or tolerated.
     pub fn repairs(&self) -> &[Repair] {
         &self.repairs
-    }
-
-    /// Rough heap size of the offset table and the ring buffer.
-    pub fn memory_bytes(&self) -> usize {
-        let offsets = self.offsets.capacity().saturating_mul(size_of::<u64>());
-        let ring_slots = self
-            .ring
-            .capacity()
-            .saturating_mul(size_of::<Transaction>());
-        let dns: usize = self.ring.iter().map(|tx| tx.dn.capacity()).sum();
-        offsets.saturating_add(ring_slots).saturating_add(dns)
     }
 }
 
@@ -1049,7 +1038,6 @@ mod tests {
         assert_eq!(j.get(0).unwrap(), None);
         assert_eq!(j.get(11).unwrap(), None);
         assert_eq!(j.get(u64::MAX).unwrap(), None);
-        assert!(j.memory_bytes() >= 10 * 8);
 
         // Reads that miss the ring really go to the file: a line overwritten behind the
         // journal's back no longer carries its ID and is reported as unreadable.

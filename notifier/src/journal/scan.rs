@@ -13,11 +13,11 @@ use proto::line::{LineError, MAX_LINE_LEN, Transaction};
 use thiserror::Error;
 
 /// Size of one read from the file.
-pub const BLOCK_SIZE: usize = 256 * 1024;
+pub(crate) const BLOCK_SIZE: usize = 256 * 1024;
 
 /// How many bytes of a line a scanner keeps by default: one more than the longest valid line,
 /// so an over-long line is still recognisable as such.
-pub const DEFAULT_MAX_KEEP: usize = MAX_LINE_LEN + 1;
+pub(crate) const DEFAULT_MAX_KEEP: usize = MAX_LINE_LEN + 1;
 
 /// One line as found in the file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -234,7 +234,7 @@ pub fn trim_line(raw: &[u8]) -> &[u8] {
 /// Number of padding bytes (NUL, whitespace) before the line's content. An index entry points
 /// past them, so that the C notifier and the Python tool, which do not skip NULs, can read
 /// the line.
-pub fn content_start(raw: &[u8]) -> usize {
+pub(crate) fn content_start(raw: &[u8]) -> usize {
     raw.iter()
         .position(|&b| !is_padding(b))
         .unwrap_or(raw.len())
