@@ -434,3 +434,35 @@ fn a_refused_notifier_is_logged_with_its_cause_once() {
         assert_eq!(line.matches("Connection refused").count(), 1, "{line}");
     }
 }
+
+/// The bind password from `-y` reaches no log line, at the highest debug level (the
+/// harness runs the listener with `-d 4`), through start, a transaction, a module reload
+/// (which hands the modules `bindpw` again) and the stop.
+#[test]
+fn the_bind_password_never_reaches_the_log() {
+    use integration_tests::slapd::HOST_PW;
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
+    let mut listener = Listener::start(&slapd, &notifier, ListenerOptions::new()).unwrap();
+    listener.wait_initialized(T).unwrap();
+    let dn = format!("cn=secret-check,{BASE}");
+    slapd
+        .admin()
+        .unwrap()
+        .add_role(&dn, "secret-check")
+        .unwrap();
+    let id = notifier.wait_transaction(&dn, 'a', T).unwrap();
+    listener.wait_for_id(id, T).unwrap();
+    listener.signal(libc::SIGHUP).unwrap();
+    wait_until("the reload", T, || {
+        Ok(listener.log().contains("modules reloaded").then_some(()))
+    })
+    .unwrap();
+    listener.stop().unwrap();
+    let log = listener.log();
+    assert!(log.contains("DEBUG"), "not the highest level:\n{log}");
+    assert!(
+        !log.contains(HOST_PW),
+        "the bind password is in the log:\n{log}"
+    );
+}
