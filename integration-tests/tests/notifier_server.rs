@@ -324,3 +324,116 @@ fn a_second_notifier_keeps_its_hands_off_the_first_ones_pid_file() {
     first.stop().unwrap();
     assert!(!pid_file.exists());
 }
+
+/// A connection to the notifier from another loopback source address (127.0.0.2), as a
+/// second host would make it.
+fn connect_from_second_host(port: u16) -> std::net::TcpStream {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = runtime
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind("127.0.0.2:0".parse().unwrap())?;
+            socket
+                .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                .await
+        })
+        .unwrap()
+        .into_std()
+        .unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
+}
+
+/// Reads until a blank line ends an answer block.
+fn read_block(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read as _;
+    let mut block = Vec::new();
+    let mut byte = [0u8; 1];
+    while !block.ends_with(b"\n\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed mid-block");
+        block.push(byte[0]);
+    }
+    String::from_utf8(block).unwrap()
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// One host holding 5,000 idle connections (no handshake sent) locks nobody out: it gets
+/// at most `--max-connections-per-address`, its connections are closed when the handshake
+/// deadline passes, and meanwhile a client from another address gets `GET_ID` answered
+/// promptly; the notifier's memory stays bounded.
+#[test]
+fn idle_connections_from_one_host_lock_nobody_out() {
+    use std::time::Instant;
+    let slapd = Slapd::provider().unwrap();
+    let mut notifier = Notifier::start(
+        &slapd,
+        Intake::QueueFile,
+        &[
+            "--max-connections-per-address",
+            "100",
+            "--handshake-timeout",
+            "8",
+        ],
+    )
+    .unwrap();
+    let port = notifier.port();
+    let idle: Vec<std::net::TcpStream> = (0..5000)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    let opened = idle.len();
+    assert!(opened > 1000, "only {opened} connections opened");
+
+    let mut latencies = Vec::new();
+    for msgid in 1..=100u32 {
+        let started = Instant::now();
+        let mut client = connect_from_second_host(port);
+        client.write_all(b"Version: 3\nCapabilities: \n\n").unwrap();
+        read_block(&mut client);
+        client
+            .write_all(format!("MSGID: {msgid}\nGET_ID\n\n").as_bytes())
+            .unwrap();
+        assert_eq!(read_block(&mut client), format!("MSGID: {msgid}\n0\n\n"));
+        latencies.push(started.elapsed());
+    }
+    latencies.sort_unstable();
+    let p99 = latencies[98];
+    assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
+    let pid = notifier.process().unwrap().pid().unwrap();
+    let rss = vm_rss_kib(pid);
+    assert!(rss < 64 * 1024, "notifier VmRSS {rss} KiB");
+
+    // The idle connections the notifier admitted are closed at the handshake deadline.
+    let mut closed = 0;
+    for mut stream in idle {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        if matches!(stream.read(&mut buf), Ok(0) | Err(_)) {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed, opened,
+        "connections still open after the handshake deadline"
+    );
+    // Logged once per episode at the limit, not once per refused attempt.
+    let log = notifier.log();
+    let refusals = log.matches("refusing connections from 127.0.0.1").count();
+    assert!(
+        (1..10).contains(&refusals),
+        "{refusals} refusal lines:\n{log}"
+    );
+    assert!(log.contains("no handshake within"), "{log}");
+}

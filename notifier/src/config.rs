@@ -126,6 +126,16 @@ pub struct Cli {
     /// Drop a client that has not read its answers for this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
     pub client_write_timeout: f64,
+    /// Close a connection that has not completed its handshake within this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub handshake_timeout: f64,
+    /// Close a connection that waits for nothing and sends nothing for this many seconds;
+    /// one with a pending WAIT_ID or GET_DN stays however long it waits.
+    #[arg(long, value_name = "SECONDS", default_value_t = 900.0)]
+    pub idle_timeout: f64,
+    /// Connections one client address may hold at once, so one host cannot lock others out.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_connections_per_address: usize,
     /// Seconds between safety polls of the queue and schema files (inotify does the rest).
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
     pub poll_interval: f64,
@@ -165,6 +175,9 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
     pub max_connections: usize,
     pub client_write_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections_per_address: usize,
     pub poll_interval: Duration,
     /// Zero: no idle reports.
     pub idle_report: Duration,
@@ -268,6 +281,9 @@ impl Config {
             log_file: cli.log_file,
             max_connections: cli.max_connections.max(1),
             client_write_timeout: seconds("--client-write-timeout", cli.client_write_timeout)?,
+            handshake_timeout: seconds("--handshake-timeout", cli.handshake_timeout)?,
+            idle_timeout: seconds("--idle-timeout", cli.idle_timeout)?,
+            max_connections_per_address: cli.max_connections_per_address.max(1),
             poll_interval: seconds("--poll-interval", cli.poll_interval)?,
             idle_report: seconds("--idle-report", cli.idle_report)?,
             max_gap: cli.max_gap,

@@ -128,7 +128,10 @@ async fn run(config: Config, logging: Arc<Logging>) -> Result<()> {
     let server_config = ServerConfig {
         min_version: config.min_version,
         max_connections: config.max_connections,
+        max_per_address: config.max_connections_per_address,
         write_timeout: config.client_write_timeout,
+        handshake_timeout: config.handshake_timeout,
+        idle_timeout: config.idle_timeout,
         ..ServerConfig::default()
     };
     let mut tasks = TaskSet::new(shutdown.clone());

@@ -23,6 +23,8 @@ pub struct Metrics {
     clients: AtomicU64,
     clients_total: AtomicU64,
     clients_dropped_slow: AtomicU64,
+    clients_refused: AtomicU64,
+    clients_timed_out: AtomicU64,
     waits: AtomicU64,
     intake_lag: AtomicU64,
     quarantined: AtomicU64,
@@ -67,6 +69,14 @@ impl Metrics {
 
     pub(crate) fn client_disconnected(&self) {
         self.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn client_refused(&self) {
+        self.clients_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn client_timed_out(&self) {
+        self.clients_timed_out.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn client_dropped_slow(&self) {
@@ -148,6 +158,18 @@ impl Metrics {
             Kind::Counter,
             "Connections dropped because the client stopped reading.",
             get(&self.clients_dropped_slow),
+        )
+        .single(
+            "udn_clients_refused_total",
+            Kind::Counter,
+            "Connections refused at the global or the per-address limit.",
+            get(&self.clients_refused),
+        )
+        .single(
+            "udn_clients_timed_out_total",
+            Kind::Counter,
+            "Connections closed for an unfinished handshake or idleness.",
+            get(&self.clients_timed_out),
         )
         .single(
             "udn_waits",

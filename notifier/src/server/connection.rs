@@ -8,6 +8,7 @@ use futures::{SinkExt, StreamExt};
 use proto::frame::clamp_version;
 use proto::{Capabilities, ClientMessage, Request, ServerCodec, ServerMessage, TransactionId};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep_until};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +49,8 @@ pub(super) struct Connection<'a> {
     config: &'a ServerConfig,
     peer: SocketAddr,
     version: Option<u32>,
+    /// The handshake was answered.
+    greeted: bool,
     waits: BTreeMap<u32, Wait>,
 }
 
@@ -58,6 +61,7 @@ impl<'a> Connection<'a> {
             config,
             peer,
             version: None,
+            greeted: false,
             waits: BTreeMap::new(),
         }
     }
@@ -73,9 +77,23 @@ impl<'a> Connection<'a> {
         let mut writer = FramedWrite::new(write_half, ServerCodec::new());
         let mut last_id = self.state.last_id.clone();
         last_id.mark_unchanged();
+        // Until the handshake is answered the deadline is fixed (a client trickling bytes
+        // does not extend it); afterwards every request and every answered wait restarts
+        // the idle limit. A connection with a pending wait has no deadline at all.
+        let mut deadline = Instant::now() + self.config.handshake_timeout;
         loop {
             let replies = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = sleep_until(deadline), if self.waits.is_empty() => {
+                    let why = if self.greeted {
+                        format!("idle for {:?}", self.config.idle_timeout)
+                    } else {
+                        format!("no handshake within {:?}", self.config.handshake_timeout)
+                    };
+                    tracing::info!(%peer, "closing connection: {why}");
+                    self.state.metrics.client_timed_out();
+                    break;
+                }
                 frame = reader.next() => match frame {
                     None => break,
                     Some(Err(err)) => {
@@ -84,7 +102,11 @@ impl<'a> Connection<'a> {
                     }
                     Some(Ok(message)) => {
                         let last = *last_id.borrow_and_update();
-                        self.handle(message, last)
+                        let replies = self.handle(message, last);
+                        if self.greeted {
+                            deadline = Instant::now() + self.config.idle_timeout;
+                        }
+                        replies
                     }
                 },
                 changed = last_id.changed(), if !self.waits.is_empty() => {
@@ -92,6 +114,7 @@ impl<'a> Connection<'a> {
                         break;
                     }
                     let last = *last_id.borrow_and_update();
+                    deadline = Instant::now() + self.config.idle_timeout;
                     self.wake(last)
                 }
             };
@@ -154,10 +177,13 @@ impl<'a> Connection<'a> {
             }
             ClientMessage::Capabilities(offered) => match self.version {
                 // Nothing is offered yet, so the negotiated list is always empty.
-                Some(version) => Ok(vec![ServerMessage::Handshake {
-                    version,
-                    capabilities: offered.negotiate(&Capabilities::new()),
-                }]),
+                Some(version) => {
+                    self.greeted = true;
+                    Ok(vec![ServerMessage::Handshake {
+                        version,
+                        capabilities: offered.negotiate(&Capabilities::new()),
+                    }])
+                }
                 None => {
                     tracing::debug!(peer = %self.peer, "Capabilities before Version: ignored");
                     Ok(Vec::new())

@@ -8,9 +8,10 @@
 
 mod connection;
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
@@ -31,6 +32,12 @@ pub struct ServerConfig {
     pub max_waits: usize,
     /// A client whose answers cannot be written for this long is dropped.
     pub write_timeout: Duration,
+    /// Connections one client address may hold at once.
+    pub max_per_address: usize,
+    /// A connection without a completed handshake after this long is closed.
+    pub handshake_timeout: Duration,
+    /// A connection that waits for nothing and sends nothing for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -41,6 +48,9 @@ impl Default for ServerConfig {
             max_request_len: proto::frame::MAX_FRAME_LEN,
             max_waits: 1024,
             write_timeout: Duration::from_secs(60),
+            max_per_address: 256,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(900),
         }
     }
 }
@@ -75,6 +85,65 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
+/// Open connections per client address, for the per-address limit.
+#[derive(Debug, Default, Clone)]
+struct Addresses(Arc<Mutex<HashMap<IpAddr, PerAddress>>>);
+
+#[derive(Debug, Default)]
+struct PerAddress {
+    open: usize,
+    /// A refusal was logged since the address was last below its limit: one log line per
+    /// episode, not one per attempt.
+    refusal_logged: bool,
+}
+
+/// One admitted connection of an address; gives its place back when dropped.
+struct AddressSlot {
+    addresses: Addresses,
+    ip: IpAddr,
+}
+
+impl Addresses {
+    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, PerAddress>> {
+        // Plain counters: a panicking holder cannot leave them inconsistent.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A place for one more connection from `ip`; `None` (logged once) at the limit.
+    fn admit(&self, ip: IpAddr, limit: usize) -> Option<AddressSlot> {
+        let mut all = self.lock();
+        let entry = all.entry(ip).or_default();
+        if entry.open >= limit {
+            if !entry.refusal_logged {
+                tracing::warn!(
+                    "refusing connections from {ip}: it holds {limit} already \
+                     (--max-connections-per-address)"
+                );
+                entry.refusal_logged = true;
+            }
+            return None;
+        }
+        entry.open += 1;
+        Some(AddressSlot {
+            addresses: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut all = self.addresses.lock();
+        if let Some(entry) = all.get_mut(&self.ip) {
+            entry.open = entry.open.saturating_sub(1);
+            entry.refusal_logged = false;
+            if entry.open == 0 {
+                all.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Accepts connections until `shutdown`, each served by its own task.
 pub async fn serve(
     listener: TcpListener,
@@ -83,6 +152,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(config.max_connections));
+    let addresses = Addresses::default();
     let config = Arc::new(config);
     let mut accept_backoff =
         daemon::backoff::Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
@@ -105,6 +175,11 @@ pub async fn serve(
         };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             tracing::warn!(%peer, "refusing connection: {} connections already open", config.max_connections);
+            state.metrics.client_refused();
+            continue;
+        };
+        let Some(per_address) = addresses.admit(peer.ip(), config.max_per_address) else {
+            state.metrics.client_refused();
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -117,6 +192,7 @@ pub async fn serve(
                 .run(stream, shutdown)
                 .await;
             state.metrics.client_disconnected();
+            drop(per_address);
             drop(permit);
         });
     }
