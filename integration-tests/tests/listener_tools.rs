@@ -926,3 +926,64 @@ fn a_handler_that_does_not_return_shows_as_blocked() {
     let text = ctrl(&listener, &notifier, &["status"]);
     assert!(!text.stdout.contains("blocked:"), "{}", text.stdout);
 }
+
+/// Sends one request to the control socket as `user` (a child process with that uid) and
+/// returns what it got: the reply line, or the connect error.
+fn control_request_as(user: &str, socket: &std::path::Path, request: &str) -> String {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_UNIX)\n\
+         try:\n\
+         \x20   s.connect({socket:?})\n\
+         except OSError as e:\n\
+         \x20   print('connect:', e.strerror); raise SystemExit\n\
+         s.sendall({request:?}.encode() + b'\\n')\n\
+         print(s.makefile().readline().strip())\n",
+        socket = socket.to_str().unwrap()
+    );
+    let output = std::process::Command::new("runuser")
+        .args(["-u", user, "--", "python3", "-c", &script])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// The control socket hands a cache snapshot (password hashes included) to root and the
+/// listener's user only: another user cannot even connect (mode 0600 in a 0700
+/// directory), and where an administrator loosened both modes, the peer's credentials
+/// (SO_PEERCRED) still refuse the snapshot.
+#[test]
+fn the_control_socket_refuses_another_user() {
+    if !integration_tests::users::is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let user = integration_tests::users::TempUser::create("ctl");
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
+    let mut listener = Listener::start(&slapd, &notifier, ListenerOptions::new()).unwrap();
+    listener.wait_initialized(T).unwrap();
+    let socket = listener.cache_dir().join("control.sock");
+    let mode = fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let denied = control_request_as(&user.name, &socket, "STATUS");
+    assert_eq!(denied, "connect: Permission denied");
+
+    for dir in [listener.dir().to_path_buf(), listener.cache_dir()] {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o666)).unwrap();
+    let target = tempfile::tempdir().unwrap();
+    fs::set_permissions(target.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let reply = control_request_as(
+        &user.name,
+        &socket,
+        &format!("SNAPSHOT {}", target.path().display()),
+    );
+    assert!(reply.starts_with("ERROR SNAPSHOT refused: uid"), "{reply}");
+    assert!(
+        fs::read_dir(target.path()).unwrap().next().is_none(),
+        "something was copied"
+    );
+    listener.stop().unwrap();
+}

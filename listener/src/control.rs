@@ -253,9 +253,13 @@ impl ControlServer {
 }
 
 async fn serve(stream: UnixStream, context: &Arc<Context>) -> io::Result<()> {
+    // The socket's mode already keeps others out; the peer's uid guards the snapshot (a
+    // copy of every cached object, password hashes included) even where the mode of the
+    // socket or its directory was loosened.
+    let peer_uid = stream.peer_cred()?.uid();
     let (read, mut write) = stream.into_split();
     let reply = match read_request(read).await? {
-        Ok(request) => answer(request.trim_end_matches(['\n', '\r']), context).await,
+        Ok(request) => answer(request.trim_end_matches(['\n', '\r']), peer_uid, context).await,
         Err(reason) => Err(reason),
     };
     let reply = match reply {
@@ -286,10 +290,16 @@ async fn read_request(read: OwnedReadHalf) -> io::Result<Result<String, String>>
     Ok(String::from_utf8(line).map_err(|_| "request is not UTF-8".to_owned()))
 }
 
-async fn answer(request: &str, context: &Arc<Context>) -> Result<String, String> {
+async fn answer(request: &str, peer_uid: u32, context: &Arc<Context>) -> Result<String, String> {
     let (command, argument) = request.split_once(' ').unwrap_or((request, ""));
     match command {
         "STATUS" => to_json(&status(context)),
+        "SNAPSHOT" if !may_snapshot(peer_uid) => {
+            tracing::warn!("control socket: SNAPSHOT refused to uid {peer_uid}");
+            Err(format!(
+                "SNAPSHOT refused: uid {peer_uid} is neither root nor the listener's user"
+            ))
+        }
         "SNAPSHOT" => {
             let dir = PathBuf::from(argument);
             let context = Arc::clone(context);
@@ -302,6 +312,12 @@ async fn answer(request: &str, context: &Arc<Context>) -> Result<String, String>
             "unknown request {command:?}; known: STATUS, SNAPSHOT <dir>"
         )),
     }
+}
+
+/// Root, or the user the daemon runs as.
+fn may_snapshot(uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    uid == 0 || uid == unsafe { libc::geteuid() }
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<String, String> {
