@@ -102,6 +102,16 @@ fn escape_label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The endpoint's address as given on the command line: `ADDR:PORT`, or a bare port on
+/// the loopback address (metrics stay on the host unless an address says otherwise).
+pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse()
+        .map_err(|_| format!("{text:?} is neither PORT nor ADDR:PORT"))
+}
+
 /// Limits of the endpoint.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -236,6 +246,20 @@ mod tests {
     use tokio::net::TcpStream;
 
     use super::*;
+
+    #[test]
+    fn a_bare_port_means_loopback() {
+        assert_eq!(
+            parse_address("9670").unwrap(),
+            SocketAddr::from(([127, 0, 0, 1], 9670))
+        );
+        assert_eq!(
+            parse_address("0.0.0.0:9670").unwrap(),
+            SocketAddr::from(([0, 0, 0, 0], 9670))
+        );
+        assert_eq!(parse_address("[::1]:1").unwrap().port(), 1);
+        assert!(parse_address("host:x").is_err());
+    }
 
     #[test]
     fn exposition_format() {

@@ -146,8 +146,8 @@ pub struct Cli {
     /// unhealthy).
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     pub blocked_after: f64,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9670).
-    #[arg(long, value_name = "ADDR")]
+    /// Serve Prometheus metrics on this address; a bare port (9670) means 127.0.0.1:9670.
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = daemon::metrics::parse_address)]
     pub metrics: Option<SocketAddr>,
     /// Built-in module: jsonl=FILE, exec=COMMAND, or KIND=@CONFIG-FILE; repeatable.
     #[arg(long = "native-module", value_name = "NAME[=ARG]", action = ArgAction::Append)]

@@ -111,8 +111,8 @@ pub struct Cli {
     /// LDAP base; DN of the no-op transactions that fill gaps (default: UCR ldap/base).
     #[arg(long, value_name = "DN")]
     pub ldap_base: Option<String>,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9669).
-    #[arg(long, value_name = "ADDR")]
+    /// Serve Prometheus metrics on this address; a bare port (9669) means 127.0.0.1:9669.
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = daemon::metrics::parse_address)]
     pub metrics: Option<SocketAddr>,
     /// PID file.
     #[arg(long, value_name = "FILE", default_value = "/var/run/udsnotifier.pid")]
