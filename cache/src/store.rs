@@ -229,6 +229,23 @@ impl Cache {
         })
     }
 
+    /// The cache keys ([`dn_key`]) of every entry below `dn`, parents before their
+    /// children. Keys sort by the whole DN, so a subtree is no key range: this streams over
+    /// the entry keys and decodes none of the records; only the matching keys are kept.
+    /// Callers run it only for entries that can have children.
+    pub fn descendant_keys(&self, dn: &str) -> Result<Vec<String>, CacheError> {
+        let mut keys = Vec::new();
+        for raw_key in self.db.scan_prefix(ENTRY_PREFIX).keys() {
+            let raw_key = raw_key.map_err(store_error)?;
+            let key = stored_dn_key(&raw_key)?;
+            if ldap::dn::is_below(&key, dn) {
+                keys.push(key);
+            }
+        }
+        keys.sort_by_cached_key(|key| ldap::dn::depth(key));
+        Ok(keys)
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.load(Ordering::Relaxed)
@@ -484,6 +501,23 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+
+    /// The entry this batch leaves under `dn`: `Some(None)` if it deletes it, `None` if the
+    /// batch does not touch it. Searches backwards through the operations: meant for the
+    /// rare read of an entry staged without a decoded copy, not for every read.
+    pub fn staged(&self, dn: &str) -> Result<Option<Option<CacheEntry>>, CacheError> {
+        let wanted = dn_key(dn);
+        for op in self.ops.iter().rev() {
+            match op {
+                Op::Put { key, value, .. } if *key == wanted => {
+                    return decode_entry(&entry_key(key), value).map(|e| Some(Some(e)));
+                }
+                Op::Delete { key } if *key == wanted => return Ok(Some(None)),
+                _ => {}
+            }
+        }
+        Ok(None)
     }
 
     fn push_put(&mut self, key: String, entry: &CacheEntry) {
@@ -1019,5 +1053,41 @@ mod tests {
             .map(|k| key_text(&k.unwrap()))
             .collect();
         assert_eq!(keys, ["u:u2"]);
+    }
+
+    #[test]
+    fn descendants_are_found_parents_first_and_batches_can_be_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let mut b = cache.batch();
+        for dn in [
+            "uid=z,ou=b,ou=c,dc=x",
+            "ou=b,ou=c,dc=x",
+            "uid=a,ou=c,dc=x",
+            "ou=c,dc=x",
+            "ou=cc,dc=x",
+            "uid=q,ou=cc,dc=x",
+        ] {
+            b.put(&entry(dn, dn));
+        }
+        assert_eq!(
+            b.staged("OU=C,dc=x").unwrap().unwrap().unwrap().dn,
+            "ou=c,dc=x"
+        );
+        b.delete("ou=c,dc=x");
+        assert_eq!(b.staged("ou=c,dc=x").unwrap(), Some(None));
+        assert_eq!(b.staged("ou=none").unwrap(), None);
+        b.put(&entry("ou=c,dc=x", "c"));
+        cache.commit(b, false).unwrap();
+        let keys = cache.descendant_keys("OU=C,dc=x").unwrap();
+        assert_eq!(keys.len(), 3);
+        assert_eq!(keys[2], "uid=z,ou=b,ou=c,dc=x");
+        assert!(keys[..2].contains(&"ou=b,ou=c,dc=x".to_owned()));
+        assert!(
+            cache
+                .descendant_keys("uid=q,ou=cc,dc=x")
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -256,6 +256,11 @@ impl Engine {
                     p.dn,
                     p.id
                 );
+                // Rare, so its subtree is always looked for: the cached
+                // `hasSubordinates` may predate the children.
+                if let Some((cached_dn, _)) = &p.cache {
+                    self.delete_descendants(p.id, cached_dn)?;
+                }
                 self.delete(p)?;
                 prev = None;
             }
@@ -281,6 +286,12 @@ impl Engine {
                     // read: the modules know it under the `r`'s DN, so that is the DN whose
                     // removal they get (not the `a`'s, which they never heard of).
                     Some(moved) => {
+                        // Moved where we cannot read it (an ACL-hidden subtree): its
+                        // cached subtree went with it. Rare, so the subtree is always
+                        // looked for: the cached `hasSubordinates` may predate children.
+                        if let Some((cached_dn, _)) = &moved.cache {
+                            self.delete_descendants(cur.id, cached_dn)?;
+                        }
                         let gone = Op {
                             dn: moved.dn.clone(),
                             command: Command::Delete,
@@ -289,7 +300,18 @@ impl Engine {
                         self.delete(&gone)?;
                         self.staged.delete(&cur.dn);
                     }
-                    None => self.delete(&cur)?,
+                    None => {
+                        // An `r` whose object is gone from view already moved where we
+                        // cannot read it: rare, so its subtree is always looked for (the
+                        // cached `hasSubordinates` may predate children); for other
+                        // commands only when the cached state says it had children.
+                        if let Some((cached_dn, cached)) = &cur.cache
+                            && (cur.command == Command::ModRdn || has_children(&cached.attributes))
+                        {
+                            self.delete_descendants(cur.id, cached_dn)?;
+                        }
+                        self.delete(&cur)?;
+                    }
                 }
                 None
             }
@@ -496,8 +518,72 @@ impl Engine {
             Selection::All,
         );
         self.store(moved);
+        // Only the container's own `r`/`a` are numbered: its cached subtree moves with it.
+        // LDAP's fresh `hasSubordinates` says whether there can be any (the cached one
+        // predates children added later).
+        if has_children(&entry.attrs) {
+            self.move_descendants(&prev_cached_dn, &current_dn)?;
+        }
         if is_final {
             self.update_entry(cur.id, entry, Command::Modify)?;
+        }
+        Ok(())
+    }
+
+    /// Re-keys the cached entries below `old_dn` to the same place below `new_dn` (DN and
+    /// `entryDN` rewritten, entryUUID index following), staged in the container's batch so
+    /// the subtree moves atomically with it. Modules are not called.
+    fn move_descendants(&mut self, old_dn: &str, new_dn: &str) -> Result<(), EngineError> {
+        let cache = std::sync::Arc::clone(self.staged.cache());
+        let keys = daemon::tasks::run_blocking(|| cache.descendant_keys(old_dn))?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            "moving {} cached descendants of {old_dn} to {new_dn}",
+            keys.len()
+        );
+        let mut moved = 0usize;
+        for key in &keys {
+            let Some(mut entry) = self.staged.get(key)? else {
+                continue;
+            };
+            let Some(new) = dn::rebase(&entry.dn, old_dn, new_dn) else {
+                continue;
+            };
+            self.staged.delete(&entry.dn);
+            entry.dn = new;
+            let entry_dn = entry.dn.clone();
+            set_single(&mut entry, "entryDN", entry_dn.as_bytes());
+            self.staged.put_encoded(&entry);
+            moved += 1;
+            if moved.is_multiple_of(PROGRESS_EVERY) {
+                tracing::info!("moved {moved} of {} descendants of {old_dn}", keys.len());
+            }
+        }
+        tracing::info!("moved {moved} cached descendants of {old_dn} to {new_dn}");
+        Ok(())
+    }
+
+    /// Removes the cached entries below `dn`, deepest first, each announced as a delete to
+    /// every module that has it (they were told it exists), with its cached state as `old`.
+    fn delete_descendants(&mut self, id: u64, dn: &str) -> Result<(), EngineError> {
+        let cache = std::sync::Arc::clone(self.staged.cache());
+        let keys = daemon::tasks::run_blocking(|| cache.descendant_keys(dn))?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        tracing::info!("{dn} left view: removing {} cached descendants", keys.len());
+        for (done, key) in keys.iter().rev().enumerate() {
+            let Some(mut old) = self.staged.get(key)? else {
+                continue;
+            };
+            let old_dn = old.dn.clone();
+            self.handlers.delete(id, &old_dn, &mut old, Command::Delete);
+            self.staged.delete(&old_dn);
+            if (done + 1).is_multiple_of(PROGRESS_EVERY) {
+                tracing::info!("removed {} of {} descendants of {dn}", done + 1, keys.len());
+            }
         }
         Ok(())
     }
@@ -531,6 +617,19 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Descendants per progress line while a subtree is moved or removed.
+const PROGRESS_EVERY: usize = 10_000;
+
+/// Whether LDAP's operational attributes say the entry has children.
+fn has_children(attrs: &[(String, Vec<Vec<u8>>)]) -> bool {
+    attrs.iter().any(|(name, values)| {
+        let first = values.first().map(|v| v.as_slice());
+        (name.eq_ignore_ascii_case("hasSubordinates")
+            && first.is_some_and(|v| v.eq_ignore_ascii_case(b"TRUE")))
+            || (name.eq_ignore_ascii_case("numSubordinates") && first.is_some_and(|v| v != b"0"))
+    })
 }
 
 /// Replaces the values of the RDN attributes when the first RDN changed: a copy of the old
