@@ -832,6 +832,33 @@ fn subtree_moves_take_the_cached_descendants_along() {
         "d: the cached state of the descendant"
     );
     assert_verify_clean(&env, &feed);
+
+    // Out of the hidden subtree into view: the container's add is followed by an add
+    // for each descendant (read from LDAP), parents first, in the same transaction.
+    let c3 = dn("ou=c3");
+    let seen = one_by_one(
+        &mut env,
+        &mut [&mut feed],
+        vec![write(2, |d| {
+            d.modrdn(&hidden, "ou=c3", true, Some(BASE)).unwrap()
+        })],
+    )
+    .remove(0);
+    let got = calls(&seen);
+    let adds: Vec<&Call> = got.iter().filter(|c| c.1 == 'a').collect();
+    assert_eq!(adds.len(), 5, "{got:#?}");
+    assert_eq!(*adds[0], call(base + 15, 'a', &c3));
+    let position = |dn: &str| adds.iter().position(|c| c.2 == dn).unwrap();
+    let n1 = under("ou=n1", &c3);
+    let n2 = under("ou=n2", &n1);
+    let deep = under("cn=deep", &n2);
+    assert!(position(&under("cn=k1", &c3)) > 0);
+    assert!(position(&n1) < position(&n2) && position(&n2) < position(&deep));
+    assert!(adds.iter().all(|c| c.0 == base + 15));
+    let added = seen.iter().find(|c| c.dn == deep).unwrap();
+    assert!(added.old.is_empty());
+    assert_eq!(added.new, env.ldap_attrs(&deep));
+    assert_verify_clean(&env, &feed);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 mod parents;
 mod staged;
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use cache::{Cache, CacheEntry, CacheError, MasterRecord};
@@ -18,7 +19,7 @@ use proto::Transaction;
 pub use staged::Staged;
 
 use crate::dispatch::{Handlers, Selection};
-use ldap::{Connection, LdapFailure, Lookup};
+use ldap::{ALL_ATTRS, Connection, LdapFailure, Lookup, PagedSearch, Scope};
 
 /// DN under which the subschema is read and handed to modules (spec §3.7).
 pub const SUBSCHEMA_DN: &str = "cn=Subschema";
@@ -76,6 +77,7 @@ impl Op {
 #[derive(Debug)]
 pub struct Checkpoint {
     prev: Option<Op>,
+    vanished_r: Option<u64>,
 }
 
 /// What became of a transaction.
@@ -110,6 +112,9 @@ pub struct Engine {
     pub(crate) ldap: Connection,
     local: Option<Connection>,
     prev: Option<Op>,
+    /// Id of the last transaction if it was an `r` whose object was already out of view:
+    /// the `a` right after it ends a move from where the listener cannot read.
+    vanished_r: Option<u64>,
     master: MasterRecord,
     /// Latest schema id the notifier reported.
     notifier_schema_id: u64,
@@ -136,6 +141,7 @@ impl Engine {
             ldap,
             local,
             prev: None,
+            vanished_r: None,
             master,
             notifier_schema_id: master.schema_id,
         }
@@ -170,6 +176,7 @@ impl Engine {
     pub fn checkpoint(&self) -> Checkpoint {
         Checkpoint {
             prev: self.prev.clone(),
+            vanished_r: self.vanished_r,
         }
     }
 
@@ -178,6 +185,7 @@ impl Engine {
     pub fn rollback(&mut self, checkpoint: Checkpoint) {
         self.staged.discard();
         self.prev = checkpoint.prev;
+        self.vanished_r = checkpoint.vanished_r;
     }
 
     /// Records the notifier's schema id; the next object found in LDAP triggers the update.
@@ -279,6 +287,8 @@ impl Engine {
         if lookup == Lookup::Missing && cur.uuid.is_some() {
             lookup = self.fetch_by_dn(&cur.dn, &mut prefetched).await?;
         }
+        let vanished =
+            (cur.command == Command::ModRdn && lookup == Lookup::Missing).then_some(cur.id);
         let stashed = match lookup {
             Lookup::Missing => {
                 match prev.as_ref().filter(|p| is_move && p.cache.is_some()) {
@@ -323,6 +333,7 @@ impl Engine {
             Processed::Done
         };
         self.prev = stashed;
+        self.vanished_r = vanished;
         Ok(processed)
     }
 
@@ -389,8 +400,19 @@ impl Engine {
                     if !same_dn(&cur.dn, &ldap_dn) {
                         tracing::warn!("schizophrenia: {} is now at {ldap_dn}", cur.dn);
                     }
+                    // A container moved in from where we could not read it: its subtree
+                    // comes into view without transactions of its own. (An add read late
+                    // may show children too, but they have their own transactions.)
+                    let moved_in = is_move
+                        || self
+                            .vanished_r
+                            .is_some_and(|r| r.checked_add(1) == Some(cur.id));
+                    let subtree = moved_in && has_children(&entry.attrs);
                     self.check_parents(&ldap_dn, false).await?;
                     self.update_entry(cur.id, entry, Command::Add)?;
+                    if subtree {
+                        self.add_descendants(cur.id, &ldap_dn).await?;
+                    }
                 }
             },
             Command::Delete => {
@@ -466,6 +488,20 @@ impl Engine {
             self.staged.delete(&entry.dn);
         } else {
             self.staged.put(entry);
+        }
+    }
+
+    /// Like [`Engine::store`], keeping only the encoded copy: for the many entries of a
+    /// subtree, which are not read again in their transaction.
+    fn store_encoded(&mut self, entry: &CacheEntry) {
+        let excluded = self
+            .cache_filter
+            .as_ref()
+            .is_some_and(|f| f.excludes(&entry.dn, entry.attributes.as_slice()));
+        if excluded {
+            self.staged.delete(&entry.dn);
+        } else {
+            self.staged.put_encoded(entry);
         }
     }
 
@@ -565,6 +601,80 @@ impl Engine {
         Ok(())
     }
 
+    /// Reads the subtree below `dn` (one paged search) and hands each entry to the modules
+    /// as an add, parents first, caching it: a container moved into view brings them.
+    async fn add_descendants(&mut self, id: u64, dn: &str) -> Result<(), EngineError> {
+        let timeout = self.ldap.endpoint().timeout;
+        let mut handle = self.ldap.handle().await?;
+        let mut search = PagedSearch::start(
+            &mut handle,
+            dn,
+            Scope::Subtree,
+            "(objectClass=*)",
+            &ALL_ATTRS,
+            SUBTREE_PAGE_SIZE,
+            timeout,
+        )
+        .await?;
+        let base_key = dn::dn_key(dn);
+        // Keys delivered so far, and entries whose parent is still to come (the server's
+        // order has parents first except after moves inside the subtree).
+        let mut seen: HashSet<String> = HashSet::from([base_key.clone()]);
+        let mut waiting: HashMap<String, Vec<RawEntry>> = HashMap::new();
+        let mut added = 0usize;
+        while let Some(raw) = search.next().await? {
+            let key = dn::dn_key(&raw.dn);
+            if key == base_key {
+                continue;
+            }
+            let parent_key = dn::parent(&key).unwrap_or_default().to_owned();
+            if !seen.contains(&parent_key) {
+                waiting.entry(parent_key).or_default().push(raw);
+                continue;
+            }
+            let mut ready = vec![raw];
+            while let Some(raw) = ready.pop() {
+                let key = dn::dn_key(&raw.dn);
+                self.add_one(id, raw);
+                added += 1;
+                if added.is_multiple_of(PROGRESS_EVERY) {
+                    tracing::info!("{dn} came into view: added {added} descendants so far");
+                }
+                if let Some(children) = waiting.remove(&key) {
+                    ready.extend(children);
+                }
+                seen.insert(key);
+            }
+        }
+        search.finish().await?;
+        // Entries whose parent never showed (changed meanwhile): shallowest first.
+        let mut orphans: Vec<RawEntry> = waiting.into_values().flatten().collect();
+        orphans.sort_by_cached_key(|e| dn::depth(&e.dn));
+        for raw in orphans {
+            self.add_one(id, raw);
+            added += 1;
+        }
+        if added > 0 {
+            tracing::info!("{dn} came into view with {added} descendants");
+        }
+        Ok(())
+    }
+
+    /// One entry of a subtree that came into view: modules see an add, the cache stores it.
+    fn add_one(&mut self, id: u64, raw: RawEntry) {
+        let mut new = self.to_cache_entry(raw);
+        let dn = new.dn.clone();
+        self.handlers.update(
+            id,
+            &dn,
+            &mut new,
+            &CacheEntry::default(),
+            Command::Add,
+            Selection::All,
+        );
+        self.store_encoded(&new);
+    }
+
     /// Removes the cached entries below `dn`, deepest first, each announced as a delete to
     /// every module that has it (they were told it exists), with its cached state as `old`.
     fn delete_descendants(&mut self, id: u64, dn: &str) -> Result<(), EngineError> {
@@ -618,6 +728,9 @@ impl Engine {
         Ok(())
     }
 }
+
+/// Entries per page of the search for a subtree that came into view.
+const SUBTREE_PAGE_SIZE: i32 = 1000;
 
 /// Descendants per progress line while a subtree is moved or removed.
 const PROGRESS_EVERY: usize = 10_000;
