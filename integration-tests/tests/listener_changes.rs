@@ -715,14 +715,29 @@ fn assert_verify_clean(env: &Env, feed: &Feed) {
 }
 
 /// Renaming a container and moving it to another one moves its cached subtree with it
-/// (three levels deep), atomically and without module calls: `verify` is clean after each
-/// step, and a later change of a descendant carries its cached state as `old`. Moving the
+/// (three levels deep), atomically: `verify` is clean after each step, and a later change
+/// of a descendant carries its cached state as `old`. The default `jsonl` module
+/// (`handle_subtree_moves` on) gets an `r` + `a` per descendant, parents first, with the
+/// container's ids; a module with it off gets no call for them. Moving the
 /// container into the ACL-hidden subtree then deletes every cached descendant, deepest
 /// first, with its cached state, before the container itself.
 #[test]
 fn subtree_moves_take_the_cached_descendants_along() {
     let mut env = Env::start();
-    let mut feed = env.follow(ListenerOptions::new());
+    let modules = tempfile::tempdir().unwrap();
+    let (quiet_spec, quiet_file) =
+        jsonl_module(modules.path(), "quiet", "handle_subtree_moves = no\n");
+    let mut feed = env.follow(ListenerOptions::new().native_module(quiet_spec));
+    let listener = &feed.listener;
+    wait_until("every module's initialisation", WAIT, || {
+        let states = listener.handler_states();
+        let ready = ["quiet", JSONL_MODULE]
+            .iter()
+            .all(|name| states.get(*name) == Some(&HANDLER_READY));
+        Ok(ready.then_some(()))
+    })
+    .unwrap();
+    let mut quiet = JsonlTail::new(&quiet_file);
     let c1 = dn("ou=c1");
     let n1 = format!("ou=n1,{c1}");
     let n2 = format!("ou=n2,{n1}");
@@ -745,14 +760,47 @@ fn subtree_moves_take_the_cached_descendants_along() {
         ],
     )
     .remove(0);
+    let renamed = [
+        call(base + 6, 'r', &c1),
+        call(base + 7, 'a', &c2),
+        call(base + 7, 'm', &c2),
+    ];
+    assert_eq!(calls(&seen[5..8]), renamed);
+    let pairs = calls(&seen[8..]);
+    assert_eq!(pairs.len(), 8, "{pairs:#?}");
+    for pair in pairs.chunks(2) {
+        let (r, a) = (&pair[0], &pair[1]);
+        assert_eq!(
+            (r.0, r.1, a.0, a.1),
+            (base + 6, 'r', base + 7, 'a'),
+            "{pairs:#?}"
+        );
+        assert_eq!(a.2, dn_rebased(&r.2, &c1, &c2));
+    }
+    let order = |dn: &str| pairs.iter().position(|c| c.2 == dn).unwrap();
+    assert!(
+        order(&n1) < order(&n2) && order(&n2) < order(&deep),
+        "parents first"
+    );
+    let deep_a = seen[8..]
+        .iter()
+        .find(|c| c.command == 'a' && c.dn.starts_with("cn=deep"));
     assert_eq!(
-        calls(&seen[5..]),
-        [
-            call(base + 6, 'r', &c1),
-            call(base + 7, 'a', &c2),
-            call(base + 7, 'm', &c2),
-        ],
-        "descendants move silently"
+        deep_a.unwrap().new,
+        with(
+            &seen[4].new,
+            &[("entryDN", &[dn_rebased(&deep, &c1, &c2).as_bytes()])]
+        ),
+        "a: the cached state, re-keyed"
+    );
+    let quiet_seen = quiet.poll().unwrap();
+    let quiet_calls: Vec<Call> = calls(&quiet_seen)
+        .into_iter()
+        .filter(|c| c.0 > base + 5)
+        .collect();
+    assert_eq!(
+        quiet_calls, renamed,
+        "descendants move silently without the flag"
     );
     assert_verify_clean(&env, &feed);
 
@@ -787,7 +835,7 @@ fn subtree_moves_take_the_cached_descendants_along() {
     )
     .remove(0);
     assert_eq!(
-        calls(&seen),
+        calls(&seen[..4]),
         [
             call(base + 9, 'a', &dest),
             call(base + 10, 'r', &c2),
@@ -795,6 +843,7 @@ fn subtree_moves_take_the_cached_descendants_along() {
             call(base + 11, 'm', &moved),
         ]
     );
+    assert_eq!(seen.len(), 4 + 8, "{:#?}", calls(&seen));
     assert_verify_clean(&env, &feed);
 
     // Into the hidden subtree: every descendant is deleted, deepest first, then the
@@ -859,6 +908,37 @@ fn subtree_moves_take_the_cached_descendants_along() {
     assert!(added.old.is_empty());
     assert_eq!(added.new, env.ldap_attrs(&deep));
     assert_verify_clean(&env, &feed);
+
+    // The module's view, built from all its calls keyed by DN, equals LDAP.
+    let mut view: BTreeMap<String, Attrs> = BTreeMap::new();
+    for change in feed.listener.changes().unwrap() {
+        let key = change.dn.to_ascii_lowercase();
+        match change.command {
+            'a' | 'm' | 'n' => {
+                view.insert(key, change.new);
+            }
+            _ => {
+                view.remove(&key);
+            }
+        }
+    }
+    for dn in [&c3, &n1, &n2, &deep, &under("cn=k1", &c3)] {
+        assert_eq!(
+            view.get(&dn.to_ascii_lowercase()),
+            Some(&env.ldap_attrs(dn)),
+            "{dn}"
+        );
+    }
+    let stale: Vec<&String> = view
+        .keys()
+        .filter(|k| k.contains("ou=c1,") || k.contains("ou=c2,"))
+        .collect();
+    assert!(stale.is_empty(), "{stale:#?}");
+}
+
+/// `dn` below `old` moved to the same place below `new` (the test's DNs are lower case).
+fn dn_rebased(dn: &str, old: &str, new: &str) -> String {
+    format!("{}{new}", dn.strip_suffix(old).unwrap())
 }
 
 // ---------------------------------------------------------------------------------------

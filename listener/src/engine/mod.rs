@@ -557,19 +557,27 @@ impl Engine {
         // Only the container's own `r`/`a` are numbered: its cached subtree moves with it.
         // LDAP's fresh `hasSubordinates` says whether there can be any (the cached one
         // predates children added later).
-        if has_children(&entry.attrs) {
-            self.move_descendants(&prev_cached_dn, &current_dn)?;
-        }
+        let subtree = has_children(&entry.attrs);
         if is_final {
             self.update_entry(cur.id, entry, Command::Modify)?;
+        }
+        if subtree {
+            self.move_descendants((prev.id, cur.id), &prev_cached_dn, &current_dn)?;
         }
         Ok(())
     }
 
     /// Re-keys the cached entries below `old_dn` to the same place below `new_dn` (DN and
     /// `entryDN` rewritten, entryUUID index following), staged in the container's batch so
-    /// the subtree moves atomically with it. Modules are not called.
-    fn move_descendants(&mut self, old_dn: &str, new_dn: &str) -> Result<(), EngineError> {
+    /// the subtree moves atomically with it. Modules with `handle_subtree_moves` get an `r`
+    /// (the container's `r` id) and an `a` (its `a` id) for each, parents first; the
+    /// others are not called and keep the entry under its new DN.
+    fn move_descendants(
+        &mut self,
+        (r_id, a_id): (u64, u64),
+        old_dn: &str,
+        new_dn: &str,
+    ) -> Result<(), EngineError> {
         let cache = std::sync::Arc::clone(self.staged.cache());
         let keys = daemon::tasks::run_blocking(|| cache.descendant_keys(old_dn))?;
         if keys.is_empty() {
@@ -579,6 +587,7 @@ impl Engine {
             "moving {} cached descendants of {old_dn} to {new_dn}",
             keys.len()
         );
+        let movers = self.handlers.subtree_movers();
         let mut moved = 0usize;
         for key in &keys {
             let Some(mut entry) = self.staged.get(key)? else {
@@ -588,9 +597,13 @@ impl Engine {
                 continue;
             };
             self.staged.delete(&entry.dn);
+            let mut old = (!movers.is_empty()).then(|| entry.clone());
             entry.dn = new;
             let entry_dn = entry.dn.clone();
             set_single(&mut entry, "entryDN", entry_dn.as_bytes());
+            if let Some(old) = &mut old {
+                self.announce_move(&movers, (r_id, a_id), old, &mut entry);
+            }
             self.staged.put_encoded(&entry);
             moved += 1;
             if moved.is_multiple_of(PROGRESS_EVERY) {
@@ -599,6 +612,42 @@ impl Engine {
         }
         tracing::info!("moved {moved} cached descendants of {old_dn} to {new_dn}");
         Ok(())
+    }
+
+    /// The `r` + `a` of one moved descendant, for the modules in `movers` only: like the
+    /// container's own move, the `r` carries the cached state, the `a` the re-keyed one.
+    fn announce_move(
+        &mut self,
+        movers: &[usize],
+        (r_id, a_id): (u64, u64),
+        old: &mut CacheEntry,
+        moved: &mut CacheEntry,
+    ) {
+        let old_dn = old.dn.clone();
+        let new_dn = moved.dn.clone();
+        let empty = CacheEntry::default();
+        for &index in movers {
+            let name = self.handlers.name(index).to_owned();
+            let had = old.has_module(&name);
+            self.handlers.delete_selected(
+                r_id,
+                &old_dn,
+                old,
+                Command::ModRdn,
+                Selection::Only(index),
+            );
+            if had && !old.has_module(&name) {
+                moved.remove_module(&name);
+            }
+            self.handlers.update(
+                a_id,
+                &new_dn,
+                moved,
+                &empty,
+                Command::Add,
+                Selection::Only(index),
+            );
+        }
     }
 
     /// Reads the subtree below `dn` (one paged search) and hands each entry to the modules
