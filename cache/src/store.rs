@@ -40,6 +40,12 @@ const PAGE_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 /// one sled batch on large caches.
 const REMOVE_MODULE_CHUNK: usize = 1000;
 
+/// Writes per sled batch when a commit is applied. sled 0.34 holds about 5 KB per
+/// operation of a batch until the batch is applied: measured, re-keying 20,000 entries of
+/// ~1 KB (40,000 writes) grew the RSS by 196 MB in one sled batch and by 7 MB in batches
+/// of 1,000. See [`Cache::write`] for why the commit stays atomic.
+const APPLY_CHUNK: usize = 1000;
+
 /// Records per sled batch while [`Cache::export_to`] copies, bounding its memory.
 const EXPORT_CHUNK: usize = 1000;
 
@@ -422,6 +428,12 @@ impl Cache {
     }
 
     /// Logs `writes` as the next commit, then applies them with its sequence number.
+    ///
+    /// A commit of more than [`APPLY_CHUNK`] writes (a subtree move) is applied to sled in
+    /// chunks, the sequence number with the last one: its atomicity then comes from the
+    /// commit log, which holds the whole commit before anything is applied, so a crash
+    /// between chunks leaves sled's sequence number below the commit's and the open
+    /// replays all of it ([`recover`]).
     fn write(&self, wal: &mut Wal, mut writes: Writes) -> Result<(), CacheError> {
         let seq = wal.seq() + 1;
         writes.insert(SEQ_KEY.to_vec(), Some(encode_seq(seq)));
@@ -431,7 +443,21 @@ impl Cache {
             path: wal.path().to_owned(),
             source,
         })?;
-        self.db.apply_batch(to_batch(writes)).map_err(store_error)
+        if writes.len() <= APPLY_CHUNK {
+            return self.db.apply_batch(to_batch(writes)).map_err(store_error);
+        }
+        let seq_write = writes.remove(SEQ_KEY);
+        let mut chunk = Writes::new();
+        for (key, value) in writes {
+            chunk.insert(key, value);
+            if chunk.len() >= APPLY_CHUNK {
+                self.db
+                    .apply_batch(to_batch(std::mem::take(&mut chunk)))
+                    .map_err(store_error)?;
+            }
+        }
+        chunk.insert(SEQ_KEY.to_vec(), seq_write.flatten());
+        self.db.apply_batch(to_batch(chunk)).map_err(store_error)
     }
 
     /// Writes raw bytes under a raw key, to plant corrupt records in tests.
@@ -1089,5 +1115,44 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// A commit applied in several sled batches is still all-or-nothing after a crash: with
+    /// only its first chunk applied (the sequence number comes with the last), the open
+    /// replays the whole commit from the log.
+    #[test]
+    fn a_commit_applied_in_chunks_is_replayed_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries: Vec<CacheEntry> = (0..APPLY_CHUNK * 2)
+            .map(|i| entry(&format!("cn={i},ou=b"), &format!("u{i}")))
+            .collect();
+        {
+            let cache = Cache::open(dir.path()).unwrap();
+            let mut b = cache.batch();
+            for e in &entries {
+                b.put(e);
+            }
+            cache.commit(b, false).unwrap();
+            assert_eq!(cache.len(), APPLY_CHUNK * 2);
+            assert_eq!(cache.get_by_uuid("u7").unwrap().unwrap().dn, "cn=7,ou=b");
+            // Undo all but the first chunk's writes in sled, as a crash between chunks
+            // would leave them; the commit log still holds the commit.
+            let mut batch = sled::Batch::default();
+            batch.insert(SEQ_KEY, encode_seq(0));
+            for key in cache
+                .db
+                .scan_prefix(ENTRY_PREFIX)
+                .keys()
+                .skip(APPLY_CHUNK / 2)
+            {
+                batch.remove(key.unwrap());
+            }
+            cache.db.apply_batch(batch).unwrap();
+            cache.db.flush().unwrap();
+        }
+        let cache = Cache::open(dir.path()).unwrap();
+        assert_eq!(cache.recovered(), 1);
+        assert_eq!(cache.iter().count(), APPLY_CHUNK * 2);
+        assert_eq!(cache.get("cn=1999,ou=b").unwrap().unwrap(), entries[1999]);
     }
 }
