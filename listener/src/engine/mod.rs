@@ -604,7 +604,8 @@ impl Engine {
             if let Some(old) = &mut old {
                 self.announce_move(&movers, (r_id, a_id), old, &mut entry);
             }
-            self.staged.put_encoded(&entry);
+            // Through the cache filter, like the container's moved state.
+            self.store_encoded(&entry);
             moved += 1;
             if moved.is_multiple_of(PROGRESS_EVERY) {
                 tracing::info!("moved {moved} of {} descendants of {old_dn}", keys.len());
