@@ -11,13 +11,18 @@
 //! (b) Module initialization (`-i`, jsonl) over M entries bulk-loaded with slapadd, next to
 //!     a paged `ldapsearch` of the same entries: goal ≤ 2× ldapsearch.
 //! (c) The daemon's RSS with R cached entries after ~1,000 further changes: goal < 100 MB.
+//! (d) Subtree move: an OU with D descendants (three levels) renamed; the time from the
+//!     write until the listener processed it (every cached descendant re-keyed in one
+//!     commit, an `r` + `a` per descendant for the jsonl module), per descendant, and the
+//!     daemon's peak RSS: goal < 100 MB.
 //!
 //! Every timed run also prints the CPU seconds the listener and slapd spent in it, to show
 //! where the time goes. Rates are the best of BENCH_ROUNDS rounds (the references too): the
 //! machine may be busy with other work.
 //!
 //! Sizes can be lowered for a quick run: BENCH_BACKLOG=4000 BENCH_INIT=10000 BENCH_RSS=20000
-//! BENCH_RSS_CHANGES=1000 BENCH_SEARCHES=8000 BENCH_ROUNDS=1. Listeners log at level 2 (UCS's
+//! BENCH_RSS_CHANGES=1000 BENCH_SEARCHES=8000 BENCH_ROUNDS=1 BENCH_SUBTREE=2000; BENCH_ONLY=d
+//! runs only (d). Listeners log at level 2 (UCS's
 //! default `listener/debug/level`); BENCH_DEBUG=4 measures them at the harness's test level.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -75,9 +80,13 @@ fn main() {
         "listener benchmark (release build, {} cores, listener -d {debug})",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    commit_cost(env_usize("BENCH_COMMITS", 20_000));
-    backlog(backlog_changes, searches, rounds, &debug);
-    initialization_and_rss(init_entries, rss_entries, rss_changes, &debug);
+    let subtree = env_usize("BENCH_SUBTREE", 20_000);
+    if std::env::var("BENCH_ONLY").as_deref() != Ok("d") {
+        commit_cost(env_usize("BENCH_COMMITS", 20_000));
+        backlog(backlog_changes, searches, rounds, &debug);
+        initialization_and_rss(init_entries, rss_entries, rss_changes, &debug);
+    }
+    subtree_move(subtree, &debug);
     println!(
         "done in {:.0} s",
         STARTED.get_or_init(Instant::now).elapsed().as_secs_f64()
@@ -817,6 +826,72 @@ fn initialization_and_rss(init_entries: usize, rss_entries: usize, changes: usiz
     println!(
         "    cache on disk        {:>10.1} MB",
         cache_kb as f64 / 1024.0
+    );
+    listener.stop().unwrap();
+    notifier.stop().unwrap();
+}
+
+/// (d) An OU with `users` users below ten sub-OUs is renamed while the daemon runs with the
+/// jsonl module (which opts in to subtree moves): time per descendant and peak RSS.
+fn subtree_move(users: usize, debug: &str) {
+    const SUB_OUS: usize = 10;
+    let descendants = users + SUB_OUS;
+    println!("(d) subtree move: an OU with {descendants} descendants renamed (jsonl opted in)");
+    progress(format!(
+        "starting slapd and bulk-loading {descendants} descendants"
+    ));
+    let mut slapd =
+        Slapd::start(SlapdConfig::provider().dbnosync(true).log_operations(false)).unwrap();
+    let old = format!("ou=big,{BASE}");
+    let mut ldif = format!("dn: {old}\nobjectClass: organizationalUnit\nou: big\n\n");
+    for sub in 0..SUB_OUS {
+        let _ = write!(
+            ldif,
+            "dn: ou=sub{sub},{old}\nobjectClass: organizationalUnit\nou: sub{sub}\n\n"
+        );
+    }
+    for i in 0..users {
+        let uid = format!("big{i}");
+        let _ = writeln!(ldif, "dn: uid={uid},ou=sub{},{old}", i % SUB_OUS);
+        for (name, value) in person(&uid, i) {
+            let _ = writeln!(ldif, "{name}: {value}");
+        }
+        ldif.push('\n');
+    }
+    slapd.slapadd(&ldif).unwrap();
+    let mut notifier = Notifier::start(&slapd, Intake::Accesslog, &["-d", "1"]).unwrap();
+    let mut listener = Listener::prepare(&slapd, &notifier, options(true, debug)).unwrap();
+    progress("listener -i");
+    run_sampled(&listener, &slapd, &["-i"], "init.log");
+    listener.restart().unwrap();
+    let start_id = listener.wait_initialized(LONG).unwrap();
+    let start_id = start_id.max(settled_id(&notifier));
+    listener.wait_for_id(start_id, LONG).unwrap();
+    let pid = listener.process().and_then(|p| p.pid()).unwrap();
+    let idle_rss = status_kb(pid, "VmRSS:");
+    let skip = line_count(&listener.jsonl_path());
+    progress("renaming the OU");
+    let mut admin = slapd.admin().unwrap();
+    let cpu_before = cpu_secs(pid);
+    let written = Instant::now();
+    admin.modrdn(&old, "ou=big2", true, None).unwrap();
+    listener.wait_for_id(start_id + 2, LONG).unwrap();
+    let secs = written.elapsed().as_secs_f64();
+    let cpu = cpu_secs(pid) - cpu_before;
+    let calls = command_counts(&listener.jsonl_path(), skip);
+    println!(
+        "    move processed       {secs:>10.2} s   ({:.1} us per descendant; listener CPU {cpu:.2} s)",
+        secs * 1e6 / descendants as f64
+    );
+    println!("    jsonl handler calls  {calls}");
+    println!(
+        "    daemon VmRSS         {:>10.1} MB   (before the move {:.1} MB)",
+        status_kb(pid, "VmRSS:") as f64 / 1024.0,
+        idle_rss as f64 / 1024.0
+    );
+    println!(
+        "    daemon VmHWM         {:>10.1} MB   (goal < 100 MB)",
+        status_kb(pid, "VmHWM:") as f64 / 1024.0
     );
     listener.stop().unwrap();
     notifier.stop().unwrap();

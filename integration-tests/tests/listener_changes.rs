@@ -690,43 +690,255 @@ fn moves_across_the_visibility_boundary() {
     );
 }
 
-/// Renaming a container re-keys only the container (§10: "subtree renames do not re-key
-/// cached descendants"): the OU gets r/a/m, its children no call; a later write to a child
-/// under the new DN finds no cached state there ⇒ `m` with old = {} (Must-match 5: "`m` may
-/// come with empty `old`").
+/// `univention-directory-listener-verify` against the feed's cache, as the host account:
+/// asserts it finds no difference between cache and LDAP.
+fn assert_verify_clean(env: &Env, feed: &Feed) {
+    let cache = feed.listener.cache_dir().display().to_string();
+    let password = feed.listener.password_file().display().to_string();
+    let url = env.slapd.ldap_url();
+    let out = std::process::Command::new(
+        integration_tests::process::binary("univention-directory-listener-verify").unwrap(),
+    )
+    .args([
+        "-c", &cache, "-H", &url, "-b", BASE, "-D", HOST_DN, "-y", &password,
+    ])
+    .env("NO_COLOR", "1")
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        (out.status.code(), stdout.as_ref()),
+        (Some(0), ""),
+        "verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Renaming a container and moving it to another one moves its cached subtree with it
+/// (three levels deep), atomically: `verify` is clean after each step, and a later change
+/// of a descendant carries its cached state as `old`. The default `jsonl` module
+/// (`handle_subtree_moves` on) gets an `r` + `a` per descendant, parents first, with the
+/// container's ids; a module with it off gets no call for them. Moving the
+/// container into the ACL-hidden subtree then deletes every cached descendant, deepest
+/// first, with its cached state, before the container itself.
 #[test]
-fn subtree_rename_moves_only_the_container() {
+fn subtree_moves_take_the_cached_descendants_along() {
     let mut env = Env::start();
-    let mut feed = env.follow(ListenerOptions::new());
-    let people = dn("ou=people");
-    let staff = dn("ou=staff");
-    let kid = format!("cn=kid,{people}");
-    let moved_kid = format!("cn=kid,{staff}");
+    let modules = tempfile::tempdir().unwrap();
+    let (quiet_spec, quiet_file) =
+        jsonl_module(modules.path(), "quiet", "handle_subtree_moves = no\n");
+    let mut feed = env.follow(ListenerOptions::new().native_module(quiet_spec));
+    let listener = &feed.listener;
+    wait_until("every module's initialisation", WAIT, || {
+        let states = listener.handler_states();
+        let ready = ["quiet", JSONL_MODULE]
+            .iter()
+            .all(|name| states.get(*name) == Some(&HANDLER_READY));
+        Ok(ready.then_some(()))
+    })
+    .unwrap();
+    let mut quiet = JsonlTail::new(&quiet_file);
+    let c1 = dn("ou=c1");
+    let n1 = format!("ou=n1,{c1}");
+    let n2 = format!("ou=n2,{n1}");
+    let deep = format!("cn=deep,{n2}");
+    let kid = format!("cn=k1,{c1}");
+    let c2 = dn("ou=c2");
+    let dest = dn("ou=dest");
+    let under = |rdn: &str, container: &str| format!("{rdn},{container}");
     let base = env.last;
     let seen = one_by_one(
         &mut env,
         &mut [&mut feed],
         vec![
-            write(1, |d| add_ou(d, &people, "people")),
-            write(1, |d| d.add_role(&kid, "kid").unwrap()),
-            write(2, |d| d.modrdn(&people, "ou=staff", true, None).unwrap()),
-            write(1, |d| d.replace(&moved_kid, "description", &["d"]).unwrap()),
+            write(1, |d| add_ou(d, &c1, "c1")),
+            write(1, |d| d.add_role(&kid, "k1").unwrap()),
+            write(1, |d| add_ou(d, &n1, "n1")),
+            write(1, |d| add_ou(d, &n2, "n2")),
+            write(1, |d| d.add_role(&deep, "deep").unwrap()),
+            write(2, |d| d.modrdn(&c1, "ou=c2", true, None).unwrap()),
+        ],
+    )
+    .remove(0);
+    let renamed = [
+        call(base + 6, 'r', &c1),
+        call(base + 7, 'a', &c2),
+        call(base + 7, 'm', &c2),
+    ];
+    assert_eq!(calls(&seen[5..8]), renamed);
+    let pairs = calls(&seen[8..]);
+    assert_eq!(pairs.len(), 8, "{pairs:#?}");
+    for pair in pairs.chunks(2) {
+        let (r, a) = (&pair[0], &pair[1]);
+        assert_eq!(
+            (r.0, r.1, a.0, a.1),
+            (base + 6, 'r', base + 7, 'a'),
+            "{pairs:#?}"
+        );
+        assert_eq!(a.2, dn_rebased(&r.2, &c1, &c2));
+    }
+    let order = |dn: &str| pairs.iter().position(|c| c.2 == dn).unwrap();
+    assert!(
+        order(&n1) < order(&n2) && order(&n2) < order(&deep),
+        "parents first"
+    );
+    let deep_a = seen[8..]
+        .iter()
+        .find(|c| c.command == 'a' && c.dn.starts_with("cn=deep"));
+    assert_eq!(
+        deep_a.unwrap().new,
+        with(
+            &seen[4].new,
+            &[("entryDN", &[dn_rebased(&deep, &c1, &c2).as_bytes()])]
+        ),
+        "a: the cached state, re-keyed"
+    );
+    let quiet_seen = quiet.poll().unwrap();
+    let quiet_calls: Vec<Call> = calls(&quiet_seen)
+        .into_iter()
+        .filter(|c| c.0 > base + 5)
+        .collect();
+    assert_eq!(
+        quiet_calls, renamed,
+        "descendants move silently without the flag"
+    );
+    assert_verify_clean(&env, &feed);
+
+    // A later change of a descendant finds its cached state under the new DN.
+    let deep2 = format!("cn=deep,ou=n2,ou=n1,{c2}");
+    let before = seen[4].new.clone();
+    let changed = one_by_one(
+        &mut env,
+        &mut [&mut feed],
+        vec![write(1, |d| {
+            d.replace(&deep2, "description", &["d"]).unwrap()
+        })],
+    )
+    .remove(0);
+    assert_eq!(calls(&changed), [call(base + 8, 'm', &deep2)]);
+    assert_eq!(
+        changed[0].old,
+        with(&before, &[("entryDN", &[deep2.as_bytes()])]),
+        "old: the cached state, re-keyed"
+    );
+    assert_eq!(changed[0].new, env.ldap_attrs(&deep2));
+
+    // Move across containers.
+    let moved = under("ou=c2", &dest);
+    let seen = one_by_one(
+        &mut env,
+        &mut [&mut feed],
+        vec![
+            write(1, |d| add_ou(d, &dest, "dest")),
+            write(2, |d| d.modrdn(&c2, "ou=c2", true, Some(&dest)).unwrap()),
         ],
     )
     .remove(0);
     assert_eq!(
-        calls(&seen),
+        calls(&seen[..4]),
         [
-            call(base + 1, 'a', &people),
-            call(base + 2, 'a', &kid),
-            call(base + 3, 'r', &people),
-            call(base + 4, 'a', &staff),
-            call(base + 4, 'm', &staff),
-            call(base + 5, 'm', &moved_kid),
+            call(base + 9, 'a', &dest),
+            call(base + 10, 'r', &c2),
+            call(base + 11, 'a', &moved),
+            call(base + 11, 'm', &moved),
         ]
     );
-    assert!(seen[5].old.is_empty(), "{:?}", seen[5]);
-    assert_eq!(seen[5].new, env.ldap_attrs(&moved_kid));
+    assert_eq!(seen.len(), 4 + 8, "{:#?}", calls(&seen));
+    assert_verify_clean(&env, &feed);
+
+    // Into the hidden subtree: every descendant is deleted, deepest first, then the
+    // container; the module's view of the subtree is empty, as LDAP shows it to the host.
+    let m_n1 = under("ou=n1", &moved);
+    let m_n2 = under("ou=n2", &m_n1);
+    let m_deep = under("cn=deep", &m_n2);
+    let m_kid = under("cn=k1", &moved);
+    let hidden = format!("ou=c2,{RESTRICTED_DN}");
+    let cached_deep = with(&changed[0].new, &[("entryDN", &[m_deep.as_bytes()])]);
+    let seen = one_by_one(
+        &mut env,
+        &mut [&mut feed],
+        vec![write(2, |d| {
+            d.modrdn(&moved, "ou=c2", true, Some(RESTRICTED_DN))
+                .unwrap()
+        })],
+    )
+    .remove(0);
+    let got = calls(&seen);
+    assert_eq!(got.len(), 6, "{got:#?}");
+    // The `r` already finds the container out of view: it deletes the subtree, and the
+    // `a` finds nothing cached (like a leaf moved there).
+    assert_eq!(got[0], call(base + 12, 'd', &m_deep));
+    assert_eq!(got[1], call(base + 12, 'd', &m_n2));
+    let mut shallow = vec![got[2].clone(), got[3].clone()];
+    shallow.sort();
+    let mut expected = vec![call(base + 12, 'd', &m_n1), call(base + 12, 'd', &m_kid)];
+    expected.sort();
+    assert_eq!(shallow, expected);
+    assert_eq!(got[4], call(base + 12, 'd', &moved));
+    assert_eq!(got[5], call(base + 13, 'd', &hidden));
+    assert_eq!(
+        seen[0].old, cached_deep,
+        "d: the cached state of the descendant"
+    );
+    assert_verify_clean(&env, &feed);
+
+    // Out of the hidden subtree into view: the container's add is followed by an add
+    // for each descendant (read from LDAP), parents first, in the same transaction.
+    let c3 = dn("ou=c3");
+    let seen = one_by_one(
+        &mut env,
+        &mut [&mut feed],
+        vec![write(2, |d| {
+            d.modrdn(&hidden, "ou=c3", true, Some(BASE)).unwrap()
+        })],
+    )
+    .remove(0);
+    let got = calls(&seen);
+    let adds: Vec<&Call> = got.iter().filter(|c| c.1 == 'a').collect();
+    assert_eq!(adds.len(), 5, "{got:#?}");
+    assert_eq!(*adds[0], call(base + 15, 'a', &c3));
+    let position = |dn: &str| adds.iter().position(|c| c.2 == dn).unwrap();
+    let n1 = under("ou=n1", &c3);
+    let n2 = under("ou=n2", &n1);
+    let deep = under("cn=deep", &n2);
+    assert!(position(&under("cn=k1", &c3)) > 0);
+    assert!(position(&n1) < position(&n2) && position(&n2) < position(&deep));
+    assert!(adds.iter().all(|c| c.0 == base + 15));
+    let added = seen.iter().find(|c| c.dn == deep).unwrap();
+    assert!(added.old.is_empty());
+    assert_eq!(added.new, env.ldap_attrs(&deep));
+    assert_verify_clean(&env, &feed);
+
+    // The module's view, built from all its calls keyed by DN, equals LDAP.
+    let mut view: BTreeMap<String, Attrs> = BTreeMap::new();
+    for change in feed.listener.changes().unwrap() {
+        let key = change.dn.to_ascii_lowercase();
+        match change.command {
+            'a' | 'm' | 'n' => {
+                view.insert(key, change.new);
+            }
+            _ => {
+                view.remove(&key);
+            }
+        }
+    }
+    for dn in [&c3, &n1, &n2, &deep, &under("cn=k1", &c3)] {
+        assert_eq!(
+            view.get(&dn.to_ascii_lowercase()),
+            Some(&env.ldap_attrs(dn)),
+            "{dn}"
+        );
+    }
+    let stale: Vec<&String> = view
+        .keys()
+        .filter(|k| k.contains("ou=c1,") || k.contains("ou=c2,"))
+        .collect();
+    assert!(stale.is_empty(), "{stale:#?}");
+}
+
+/// `dn` below `old` moved to the same place below `new` (the test's DNs are lower case).
+fn dn_rebased(dn: &str, old: &str, new: &str) -> String {
+    format!("{}{new}", dn.strip_suffix(old).unwrap())
 }
 
 // ---------------------------------------------------------------------------------------

@@ -354,6 +354,70 @@ fn python_modules_see_the_same_calls_as_jsonl() {
     listener.stop().unwrap();
 }
 
+/// `handle_subtree_moves = True` makes a Python module hear about the descendants of a
+/// renamed container (`r` + `a` each, like the `jsonl` module); without it, the default,
+/// the module sees only the container's own calls.
+#[test]
+fn python_modules_opt_in_to_subtree_moves() {
+    let mut stack = Stack::start();
+    // `modrdn` so that the recorded calls carry their command.
+    let every = "filter = '(objectClass=*)'\nhandle_every_delete = True\nmodrdn = '1'\n";
+    stack.recorder("movers", &format!("{every}handle_subtree_moves = True\n"));
+    stack.recorder("plain", every);
+    let mut listener = stack.listener(ListenerOptions::new(), &["movers", "plain"]);
+    let skip = jsonl_calls(&listener, 0).len();
+    let (movers_skip, plain_skip) = (
+        stack.handler_calls("movers").len(),
+        stack.handler_calls("plain").len(),
+    );
+    let ou = dn("ou=pyc");
+    let kid = format!("cn=kid,{ou}");
+    let add_ou: Write = {
+        let ou = ou.clone();
+        Box::new(move |d: &mut Directory| {
+            d.add(
+                &ou,
+                &[("objectClass", &["organizationalUnit"]), ("ou", &["pyc"])],
+            )
+            .unwrap()
+        })
+    };
+    each_processed(
+        &mut stack,
+        &mut listener,
+        vec![
+            add_ou,
+            add_role(kid.clone(), "kid"),
+            modrdn(ou.clone(), "ou=pyc2", None),
+        ],
+    );
+    let ou2 = dn("ou=pyc2");
+    let kid2 = format!("cn=kid,{ou2}");
+    let summaries = |name: &str, skip: usize| -> Vec<String> {
+        stack.handler_calls(name)[skip..]
+            .iter()
+            .map(Recorded::summary)
+            .collect()
+    };
+    let container = [
+        format!("a {ou}"),
+        format!("a {kid}"),
+        format!("r {ou}"),
+        format!("a {ou2}"),
+        format!("m {ou2}"),
+    ];
+    let mut with_kid = container.to_vec();
+    with_kid.extend([format!("r {kid}"), format!("a {kid2}")]);
+    assert_eq!(summaries("movers", movers_skip), with_kid);
+    assert_eq!(summaries("plain", plain_skip), container);
+    let jsonl: Vec<String> = jsonl_calls(&listener, skip)
+        .into_iter()
+        .map(|c| format!("{} {}", c.0, c.1))
+        .collect();
+    assert_eq!(jsonl, with_kid);
+    listener.stop().unwrap();
+}
+
 /// `attributes` skips changes of other attributes on objects the module handled;
 /// `handle_every_delete` gets deletes of objects its filter never matched.
 #[test]

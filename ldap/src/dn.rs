@@ -65,6 +65,53 @@ pub(crate) fn first_rdn(dn: &str) -> &str {
     first_rdn_end(dn).map_or(dn, |end| &dn[..end])
 }
 
+/// Number of RDNs of `dn` (0 for the empty DN): sorting by it puts every entry of a
+/// subtree after its parent.
+pub fn depth(dn: &str) -> usize {
+    if dn.is_empty() {
+        return 0;
+    }
+    let mut rest = dn;
+    let mut count = 1;
+    while let Some(end) = first_rdn_end(rest) {
+        rest = &rest[end + 1..];
+        count += 1;
+    }
+    count
+}
+
+/// Whether `dn` lies strictly below `base` (compared like [`same_dn`]).
+pub fn is_below(dn: &str, base: &str) -> bool {
+    let (dn, base) = (dn_key(dn), dn_key(base));
+    if dn.len() <= base.len() + 1 || !dn.ends_with(&base) {
+        return false;
+    }
+    let comma = dn.len() - base.len() - 1;
+    // The comma must separate RDNs: not escaped by an odd run of backslashes.
+    let backslashes = dn.as_bytes()[..comma]
+        .iter()
+        .rev()
+        .take_while(|&&c| c == b'\\')
+        .count();
+    dn.as_bytes()[comma] == b',' && backslashes % 2 == 0
+}
+
+/// `dn` with its ancestor `old_base` replaced by `new_base`: the RDNs below the base keep
+/// their spelling, the base is spelled as `new_base`. `None` if `dn` is not below
+/// `old_base`.
+pub fn rebase(dn: &str, old_base: &str, new_base: &str) -> Option<String> {
+    if !is_below(dn, old_base) {
+        return None;
+    }
+    // Counted in RDNs rather than bytes: lower-casing may change the byte length.
+    let keep = depth(dn) - depth(old_base);
+    let mut end = 0;
+    for _ in 0..keep {
+        end += first_rdn_end(&dn[end..])? + 1;
+    }
+    Some(format!("{}{new_base}", &dn[..end]))
+}
+
 /// One attribute-value assertion of an RDN, the value unescaped to its bytes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ava {
@@ -414,5 +461,23 @@ mod tests {
         ] {
             assert!(!is_dn(dn), "{dn:?}");
         }
+    }
+
+    #[test]
+    fn rebase_replaces_the_ancestor_and_keeps_the_relative_part() {
+        assert_eq!(depth(""), 0);
+        assert_eq!(depth("cn=a\\,b,ou=x,dc=y"), 3);
+        assert!(is_below("uid=k,OU=C1,dc=x", "ou=c1,dc=x"));
+        assert!(!is_below("ou=c1,dc=x", "ou=c1,dc=x"));
+        assert!(!is_below("uid=k,xou=c1,dc=x", "ou=c1,dc=x"));
+        // An escaped comma is no RDN boundary.
+        assert!(!is_below("uid=k\\,ou=c1,dc=x", "ou=c1,dc=x"));
+        assert!(!is_below("a=1,b=2\\,ou=c1,dc=x", "ou=c1,dc=x"));
+        assert!(is_below("a=1,b=2\\\\,ou=c1,dc=x", "ou=c1,dc=x"));
+        assert_eq!(
+            rebase("cn=A\\,b,uid=K,OU=C1,dc=x", "ou=c1,dc=x", "ou=C2,ou=p,dc=x").as_deref(),
+            Some("cn=A\\,b,uid=K,ou=C2,ou=p,dc=x")
+        );
+        assert_eq!(rebase("uid=k,ou=c9,dc=x", "ou=c1,dc=x", "ou=c2,dc=x"), None);
     }
 }

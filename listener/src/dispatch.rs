@@ -569,7 +569,22 @@ impl Handlers {
     /// `handle_every_delete` see the delete (`d`) or first half of a move (`r`); each that
     /// succeeds is removed from `old.modules`.
     pub fn delete(&mut self, id: u64, dn: &str, old: &mut CacheEntry, command: Command) {
+        self.delete_selected(id, dn, old, command, Selection::All);
+    }
+
+    /// [`Handlers::delete`] for the selected modules only.
+    pub fn delete_selected(
+        &mut self,
+        id: u64,
+        dn: &str,
+        old: &mut CacheEntry,
+        command: Command,
+        selection: Selection,
+    ) {
         for index in 0..self.slots.len() {
+            if selection != Selection::All && selection != Selection::Only(index) {
+                continue;
+            }
             let slot = &self.slots[index];
             let name = slot.name();
             let wanted = old.has_module(name)
@@ -589,6 +604,14 @@ impl Handlers {
                 old.remove_module(self.name(index));
             }
         }
+    }
+
+    /// The modules that asked to hear about the descendants of moved containers
+    /// (`handle_subtree_moves`), as indices in call order.
+    pub fn subtree_movers(&self) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(|&index| self.slots[index].module.info().handle_subtree_moves)
+            .collect()
     }
 
     /// `postrun` for every prepared module; a module whose `postrun` fails stays prepared,
@@ -813,6 +836,7 @@ mod tests {
                 filter: filter.map(str::to_owned),
                 attributes: vec![],
                 handle_every_delete: false,
+                handle_subtree_moves: false,
                 priority: if name == REPLICATION { 0.0 } else { 50.0 },
                 source: ModuleSource::Native("test".into()),
             },

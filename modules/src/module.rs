@@ -36,6 +36,11 @@ pub struct ModuleInfo {
     /// any change does (spec §3.4).
     pub attributes: Vec<String>,
     pub handle_every_delete: bool,
+    /// The module hears about the descendants of a moved container (LDAP moves a subtree
+    /// in one operation, the notifier numbers only the container): each as an `r` + `a`
+    /// pair, parents first, in the container's transaction. Without it the cache follows
+    /// silently.
+    pub handle_subtree_moves: bool,
     /// Ordering key (lower first, then by name); `replication` defaults to 0.
     pub priority: f64,
     /// Where the module comes from, for logs and tools: a file path or `native:<kind>`.

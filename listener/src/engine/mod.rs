@@ -6,6 +6,7 @@
 mod parents;
 mod staged;
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use cache::{Cache, CacheEntry, CacheError, MasterRecord};
@@ -18,7 +19,7 @@ use proto::Transaction;
 pub use staged::Staged;
 
 use crate::dispatch::{Handlers, Selection};
-use ldap::{Connection, LdapFailure, Lookup};
+use ldap::{ALL_ATTRS, Connection, LdapFailure, Lookup, PagedSearch, Scope};
 
 /// DN under which the subschema is read and handed to modules (spec §3.7).
 pub(crate) const SUBSCHEMA_DN: &str = "cn=Subschema";
@@ -76,6 +77,7 @@ impl Op {
 #[derive(Debug)]
 pub struct Checkpoint {
     prev: Option<Op>,
+    vanished_r: Option<u64>,
 }
 
 /// What became of a transaction.
@@ -110,6 +112,9 @@ pub struct Engine {
     pub(crate) ldap: Connection,
     local: Option<Connection>,
     prev: Option<Op>,
+    /// Id of the last transaction if it was an `r` whose object was already out of view:
+    /// the `a` right after it ends a move from where the listener cannot read.
+    vanished_r: Option<u64>,
     master: MasterRecord,
     /// Latest schema id the notifier reported.
     notifier_schema_id: u64,
@@ -136,6 +141,7 @@ impl Engine {
             ldap,
             local,
             prev: None,
+            vanished_r: None,
             master,
             notifier_schema_id: master.schema_id,
         }
@@ -170,6 +176,7 @@ impl Engine {
     pub fn checkpoint(&self) -> Checkpoint {
         Checkpoint {
             prev: self.prev.clone(),
+            vanished_r: self.vanished_r,
         }
     }
 
@@ -178,6 +185,7 @@ impl Engine {
     pub(crate) fn rollback(&mut self, checkpoint: Checkpoint) {
         self.staged.discard();
         self.prev = checkpoint.prev;
+        self.vanished_r = checkpoint.vanished_r;
     }
 
     /// Records the notifier's schema id; the next object found in LDAP triggers the update.
@@ -256,6 +264,11 @@ impl Engine {
                     p.dn,
                     p.id
                 );
+                // Rare, so its subtree is always looked for: the cached
+                // `hasSubordinates` may predate the children.
+                if let Some((cached_dn, _)) = &p.cache {
+                    self.delete_descendants(p.id, cached_dn)?;
+                }
                 self.delete(p)?;
                 prev = None;
             }
@@ -274,6 +287,8 @@ impl Engine {
         if lookup == Lookup::Missing && cur.uuid.is_some() {
             lookup = self.fetch_by_dn(&cur.dn, &mut prefetched).await?;
         }
+        let vanished =
+            (cur.command == Command::ModRdn && lookup == Lookup::Missing).then_some(cur.id);
         let stashed = match lookup {
             Lookup::Missing => {
                 match prev.as_ref().filter(|p| is_move && p.cache.is_some()) {
@@ -281,6 +296,12 @@ impl Engine {
                     // read: the modules know it under the `r`'s DN, so that is the DN whose
                     // removal they get (not the `a`'s, which they never heard of).
                     Some(moved) => {
+                        // Moved where we cannot read it (an ACL-hidden subtree): its
+                        // cached subtree went with it. Rare, so the subtree is always
+                        // looked for: the cached `hasSubordinates` may predate children.
+                        if let Some((cached_dn, _)) = &moved.cache {
+                            self.delete_descendants(cur.id, cached_dn)?;
+                        }
                         let gone = Op {
                             dn: moved.dn.clone(),
                             command: Command::Delete,
@@ -289,7 +310,18 @@ impl Engine {
                         self.delete(&gone)?;
                         self.staged.delete(&cur.dn);
                     }
-                    None => self.delete(&cur)?,
+                    None => {
+                        // An `r` whose object is gone from view already moved where we
+                        // cannot read it: rare, so its subtree is always looked for (the
+                        // cached `hasSubordinates` may predate children); for other
+                        // commands only when the cached state says it had children.
+                        if let Some((cached_dn, cached)) = &cur.cache
+                            && (cur.command == Command::ModRdn || has_children(&cached.attributes))
+                        {
+                            self.delete_descendants(cur.id, cached_dn)?;
+                        }
+                        self.delete(&cur)?;
+                    }
                 }
                 None
             }
@@ -301,6 +333,7 @@ impl Engine {
             Processed::Done
         };
         self.prev = stashed;
+        self.vanished_r = vanished;
         Ok(processed)
     }
 
@@ -367,8 +400,19 @@ impl Engine {
                     if !same_dn(&cur.dn, &ldap_dn) {
                         tracing::warn!("schizophrenia: {} is now at {ldap_dn}", cur.dn);
                     }
+                    // A container moved in from where we could not read it: its subtree
+                    // comes into view without transactions of its own. (An add read late
+                    // may show children too, but they have their own transactions.)
+                    let moved_in = is_move
+                        || self
+                            .vanished_r
+                            .is_some_and(|r| r.checked_add(1) == Some(cur.id));
+                    let subtree = moved_in && has_children(&entry.attrs);
                     self.check_parents(&ldap_dn, false).await?;
                     self.update_entry(cur.id, entry, Command::Add)?;
+                    if subtree {
+                        self.add_descendants(cur.id, &ldap_dn).await?;
+                    }
                 }
             },
             Command::Delete => {
@@ -447,6 +491,20 @@ impl Engine {
         }
     }
 
+    /// Like [`Engine::store`], keeping only the encoded copy: for the many entries of a
+    /// subtree, which are not read again in their transaction.
+    fn store_encoded(&mut self, entry: &CacheEntry) {
+        let excluded = self
+            .cache_filter
+            .as_ref()
+            .is_some_and(|f| f.excludes(&entry.dn, entry.attributes.as_slice()));
+        if excluded {
+            self.staged.delete(&entry.dn);
+        } else {
+            self.staged.put_encoded(entry);
+        }
+    }
+
     /// `change_delete`: delete handlers with command `d`, whatever the notifier said, then
     /// the cache entry goes (even if a handler failed).
     fn delete(&mut self, op: &Op) -> Result<(), EngineError> {
@@ -496,8 +554,196 @@ impl Engine {
             Selection::All,
         );
         self.store(moved);
+        // Only the container's own `r`/`a` are numbered: its cached subtree moves with it.
+        // LDAP's fresh `hasSubordinates` says whether there can be any (the cached one
+        // predates children added later).
+        let subtree = has_children(&entry.attrs);
         if is_final {
             self.update_entry(cur.id, entry, Command::Modify)?;
+        }
+        if subtree {
+            self.move_descendants((prev.id, cur.id), &prev_cached_dn, &current_dn)?;
+        }
+        Ok(())
+    }
+
+    /// Re-keys the cached entries below `old_dn` to the same place below `new_dn` (DN and
+    /// `entryDN` rewritten, entryUUID index following), staged in the container's batch so
+    /// the subtree moves atomically with it. Modules with `handle_subtree_moves` get an `r`
+    /// (the container's `r` id) and an `a` (its `a` id) for each, parents first; the
+    /// others are not called and keep the entry under its new DN.
+    fn move_descendants(
+        &mut self,
+        (r_id, a_id): (u64, u64),
+        old_dn: &str,
+        new_dn: &str,
+    ) -> Result<(), EngineError> {
+        let cache = std::sync::Arc::clone(self.staged.cache());
+        let keys = daemon::tasks::run_blocking(|| cache.descendant_keys(old_dn))?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            "moving {} cached descendants of {old_dn} to {new_dn}",
+            keys.len()
+        );
+        let movers = self.handlers.subtree_movers();
+        let mut moved = 0usize;
+        for key in &keys {
+            let Some(mut entry) = self.staged.get(key)? else {
+                continue;
+            };
+            let Some(new) = dn::rebase(&entry.dn, old_dn, new_dn) else {
+                continue;
+            };
+            self.staged.delete(&entry.dn);
+            let mut old = (!movers.is_empty()).then(|| entry.clone());
+            entry.dn = new;
+            let entry_dn = entry.dn.clone();
+            set_single(&mut entry, "entryDN", entry_dn.as_bytes());
+            if let Some(old) = &mut old {
+                self.announce_move(&movers, (r_id, a_id), old, &mut entry);
+            }
+            // Through the cache filter, like the container's moved state.
+            self.store_encoded(&entry);
+            moved += 1;
+            if moved.is_multiple_of(PROGRESS_EVERY) {
+                tracing::info!("moved {moved} of {} descendants of {old_dn}", keys.len());
+            }
+        }
+        tracing::info!("moved {moved} cached descendants of {old_dn} to {new_dn}");
+        Ok(())
+    }
+
+    /// The `r` + `a` of one moved descendant, for the modules in `movers` only: like the
+    /// container's own move, the `r` carries the cached state, the `a` the re-keyed one.
+    fn announce_move(
+        &mut self,
+        movers: &[usize],
+        (r_id, a_id): (u64, u64),
+        old: &mut CacheEntry,
+        moved: &mut CacheEntry,
+    ) {
+        let old_dn = old.dn.clone();
+        let new_dn = moved.dn.clone();
+        let empty = CacheEntry::default();
+        for &index in movers {
+            let name = self.handlers.name(index).to_owned();
+            let had = old.has_module(&name);
+            self.handlers.delete_selected(
+                r_id,
+                &old_dn,
+                old,
+                Command::ModRdn,
+                Selection::Only(index),
+            );
+            if had && !old.has_module(&name) {
+                moved.remove_module(&name);
+            }
+            self.handlers.update(
+                a_id,
+                &new_dn,
+                moved,
+                &empty,
+                Command::Add,
+                Selection::Only(index),
+            );
+        }
+    }
+
+    /// Reads the subtree below `dn` (one paged search) and hands each entry to the modules
+    /// as an add, parents first, caching it: a container moved into view brings them.
+    async fn add_descendants(&mut self, id: u64, dn: &str) -> Result<(), EngineError> {
+        let timeout = self.ldap.endpoint().timeout;
+        let mut handle = self.ldap.handle().await?;
+        let mut search = PagedSearch::start(
+            &mut handle,
+            dn,
+            Scope::Subtree,
+            "(objectClass=*)",
+            &ALL_ATTRS,
+            SUBTREE_PAGE_SIZE,
+            timeout,
+        )
+        .await?;
+        let base_key = dn::dn_key(dn);
+        // Keys delivered so far, and entries whose parent is still to come (the server's
+        // order has parents first except after moves inside the subtree).
+        let mut seen: HashSet<String> = HashSet::from([base_key.clone()]);
+        let mut waiting: HashMap<String, Vec<RawEntry>> = HashMap::new();
+        let mut added = 0usize;
+        while let Some(raw) = search.next().await? {
+            let key = dn::dn_key(&raw.dn);
+            if key == base_key {
+                continue;
+            }
+            let parent_key = dn::parent(&key).unwrap_or_default().to_owned();
+            if !seen.contains(&parent_key) {
+                waiting.entry(parent_key).or_default().push(raw);
+                continue;
+            }
+            let mut ready = vec![raw];
+            while let Some(raw) = ready.pop() {
+                let key = dn::dn_key(&raw.dn);
+                self.add_one(id, raw);
+                added += 1;
+                if added.is_multiple_of(PROGRESS_EVERY) {
+                    tracing::info!("{dn} came into view: added {added} descendants so far");
+                }
+                if let Some(children) = waiting.remove(&key) {
+                    ready.extend(children);
+                }
+                seen.insert(key);
+            }
+        }
+        search.finish().await?;
+        // Entries whose parent never showed (changed meanwhile): shallowest first.
+        let mut orphans: Vec<RawEntry> = waiting.into_values().flatten().collect();
+        orphans.sort_by_cached_key(|e| dn::depth(&e.dn));
+        for raw in orphans {
+            self.add_one(id, raw);
+            added += 1;
+        }
+        if added > 0 {
+            tracing::info!("{dn} came into view with {added} descendants");
+        }
+        Ok(())
+    }
+
+    /// One entry of a subtree that came into view: modules see an add, the cache stores it.
+    fn add_one(&mut self, id: u64, raw: RawEntry) {
+        let mut new = self.to_cache_entry(raw);
+        let dn = new.dn.clone();
+        self.handlers.update(
+            id,
+            &dn,
+            &mut new,
+            &CacheEntry::default(),
+            Command::Add,
+            Selection::All,
+        );
+        self.store_encoded(&new);
+    }
+
+    /// Removes the cached entries below `dn`, deepest first, each announced as a delete to
+    /// every module that has it (they were told it exists), with its cached state as `old`.
+    fn delete_descendants(&mut self, id: u64, dn: &str) -> Result<(), EngineError> {
+        let cache = std::sync::Arc::clone(self.staged.cache());
+        let keys = daemon::tasks::run_blocking(|| cache.descendant_keys(dn))?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        tracing::info!("{dn} left view: removing {} cached descendants", keys.len());
+        for (done, key) in keys.iter().rev().enumerate() {
+            let Some(mut old) = self.staged.get(key)? else {
+                continue;
+            };
+            let old_dn = old.dn.clone();
+            self.handlers.delete(id, &old_dn, &mut old, Command::Delete);
+            self.staged.delete(&old_dn);
+            if (done + 1).is_multiple_of(PROGRESS_EVERY) {
+                tracing::info!("removed {} of {} descendants of {dn}", done + 1, keys.len());
+            }
         }
         Ok(())
     }
@@ -531,6 +777,22 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Entries per page of the search for a subtree that came into view.
+const SUBTREE_PAGE_SIZE: i32 = 1000;
+
+/// Descendants per progress line while a subtree is moved or removed.
+const PROGRESS_EVERY: usize = 10_000;
+
+/// Whether LDAP's operational attributes say the entry has children.
+fn has_children(attrs: &[(String, Vec<Vec<u8>>)]) -> bool {
+    attrs.iter().any(|(name, values)| {
+        let first = values.first().map(|v| v.as_slice());
+        (name.eq_ignore_ascii_case("hasSubordinates")
+            && first.is_some_and(|v| v.eq_ignore_ascii_case(b"TRUE")))
+            || (name.eq_ignore_ascii_case("numSubordinates") && first.is_some_and(|v| v != b"0"))
+    })
 }
 
 /// Replaces the values of the RDN attributes when the first RDN changed: a copy of the old

@@ -9,9 +9,18 @@ use ldap::dn::dn_key;
 
 pub struct Staged {
     cache: Arc<Cache>,
-    /// Latest staged state per cache key (`None` = deleted), for reads.
-    overlay: HashMap<String, Option<CacheEntry>>,
+    /// Latest staged state per cache key, for reads.
+    overlay: HashMap<String, Overlay>,
     batch: Batch,
+}
+
+enum Overlay {
+    /// The entry (`None` = deleted).
+    Entry(Option<CacheEntry>),
+    /// Only in the batch, encoded: the descendants of a moved container, which can be
+    /// 100,000 entries and are not read again in their transaction, so a decoded copy of
+    /// each would only double the memory.
+    InBatch,
 }
 
 impl Staged {
@@ -31,19 +40,30 @@ impl Staged {
     /// The entry for `dn` as it will be after the staged writes.
     pub fn get(&self, dn: &str) -> Result<Option<CacheEntry>, CacheError> {
         match self.overlay.get(&dn_key(dn)) {
-            Some(staged) => Ok(staged.clone()),
+            Some(Overlay::Entry(staged)) => Ok(staged.clone()),
+            Some(Overlay::InBatch) => match self.batch.staged(dn)? {
+                Some(staged) => Ok(staged),
+                None => self.cache.get(dn),
+            },
             None => self.cache.get(dn),
         }
     }
 
     pub fn put(&mut self, entry: CacheEntry) {
         self.batch.put(&entry);
-        self.overlay.insert(dn_key(&entry.dn), Some(entry));
+        self.overlay
+            .insert(dn_key(&entry.dn), Overlay::Entry(Some(entry)));
+    }
+
+    /// Like [`Staged::put`], keeping only the encoded copy (see [`Overlay::InBatch`]).
+    pub fn put_encoded(&mut self, entry: &CacheEntry) {
+        self.batch.put(entry);
+        self.overlay.insert(dn_key(&entry.dn), Overlay::InBatch);
     }
 
     pub fn delete(&mut self, dn: &str) {
         self.batch.delete(dn);
-        self.overlay.insert(dn_key(dn), None);
+        self.overlay.insert(dn_key(dn), Overlay::Entry(None));
     }
 
     /// Drops everything staged (a transaction that failed half way).
@@ -84,6 +104,8 @@ mod tests {
         staged.delete("CN=a,dc=x");
         assert_eq!(staged.get("cn=a,dc=x").unwrap(), None);
         staged.put(entry("cn=b,dc=x"));
+        staged.put_encoded(&entry("cn=C,dc=x"));
+        assert_eq!(staged.get("cn=c,dc=x").unwrap(), Some(entry("cn=C,dc=x")));
         let batch = staged.take_batch(MasterRecord {
             notifier_id: 9,
             schema_id: 1,

@@ -3,7 +3,8 @@
 //! Line based: `key = value` with whitespace around key and value trimmed, blank lines and
 //! lines starting with `#` ignored (there are no trailing comments: `#` may be part of a
 //! command). Common keys are `name`, `description`, `filter` (empty: the module never matches
-//! on updates), `attributes` (space-separated), `priority` and `handle_every_delete`; each
+//! on updates), `attributes` (space-separated), `priority`, `handle_every_delete` and
+//! `handle_subtree_moves`; each
 //! kind adds its own. Unknown and repeated keys are errors, so a typo cannot silently fall
 //! back to a default.
 
@@ -88,6 +89,7 @@ fn common_key(info: &mut ModuleInfo, key: &str, value: &str) -> Result<bool, Str
             }
         }
         "handle_every_delete" => info.handle_every_delete = parse_bool(value)?,
+        "handle_subtree_moves" => info.handle_subtree_moves = parse_bool(value)?,
         _ => return Ok(false),
     }
     Ok(true)
@@ -109,7 +111,7 @@ mod tests {
     use crate::module::{DEFAULT_PRIORITY, ModuleSource};
 
     fn info() -> ModuleInfo {
-        crate::native::default_info("jsonl", "d")
+        crate::native::default_info("jsonl", "d", true)
     }
 
     /// Parses `text` with one kind key `file`.
@@ -138,6 +140,7 @@ filter = (&(objectClass=person)(uid=*))
 attributes = uid  cn\tmail
 priority = 12.5
 handle_every_delete = no
+handle_subtree_moves = no
 file = /var/log/x = y.jsonl
 ";
         let (info, file) = parse_with_file(text).unwrap();
@@ -149,6 +152,7 @@ file = /var/log/x = y.jsonl
                 filter: Some("(&(objectClass=person)(uid=*))".into()),
                 attributes: vec!["uid".into(), "cn".into(), "mail".into()],
                 handle_every_delete: false,
+                handle_subtree_moves: false,
                 priority: 12.5,
                 source: ModuleSource::Native("jsonl".into()),
             }

@@ -48,7 +48,7 @@ impl Settings {
     /// `exec=PROGRAM ARG…`.
     pub(super) fn from_arg(command: &str) -> Settings {
         Settings {
-            info: default_info("exec", DESCRIPTION),
+            info: default_info("exec", DESCRIPTION, false),
             command: split_command(command),
             timeout: DEFAULT_TIMEOUT,
         }
@@ -56,7 +56,7 @@ impl Settings {
 
     /// `exec=@CONFIG`.
     pub(super) fn from_config(path: &Path) -> Result<Settings, NativeError> {
-        let mut info = default_info("exec", DESCRIPTION);
+        let mut info = default_info("exec", DESCRIPTION, false);
         let mut command = None;
         let mut timeout = DEFAULT_TIMEOUT;
         config::read(path, &mut info, |key, value| {

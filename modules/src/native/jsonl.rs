@@ -24,7 +24,7 @@ impl Settings {
     /// `jsonl=FILE`.
     pub(super) fn from_arg(file: &str) -> Settings {
         Settings {
-            info: default_info("jsonl", DESCRIPTION),
+            info: default_info("jsonl", DESCRIPTION, true),
             file: PathBuf::from(file),
             fsync: false,
         }
@@ -32,7 +32,7 @@ impl Settings {
 
     /// `jsonl=@CONFIG`.
     pub(super) fn from_config(path: &Path) -> Result<Settings, NativeError> {
-        let mut info = default_info("jsonl", DESCRIPTION);
+        let mut info = default_info("jsonl", DESCRIPTION, true);
         let mut file = None;
         let mut fsync = false;
         config::read(path, &mut info, |key, value| {

@@ -7,7 +7,9 @@
 //!
 //! A config file has `key = value` lines (`#` starts a comment line). Keys of both kinds:
 //! `name` (ASCII letters, digits and `,.-_`), `description`, `filter`, `attributes`
-//! (space-separated), `priority` and `handle_every_delete` (yes/no, true/false, 1/0);
+//! (space-separated), `priority`, `handle_every_delete` and `handle_subtree_moves` (yes/no,
+//! true/false, 1/0; the latter defaults to yes for `jsonl`, which exports every change, and
+//! to no for `exec`, whose programs may not expect calls without a transaction);
 //! `jsonl` adds `file` (required) and `fsync` (`fdatasync` at postrun, default no), `exec`
 //! adds `command` (required) and `timeout` (seconds, default 30). Unknown keys are errors.
 //!
@@ -82,13 +84,14 @@ pub fn load(spec: &str) -> Result<Box<dyn Module>, NativeError> {
 }
 
 /// The module info of `kind` before any config file: sees every object and every delete.
-fn default_info(kind: &str, description: &str) -> ModuleInfo {
+fn default_info(kind: &str, description: &str, handle_subtree_moves: bool) -> ModuleInfo {
     ModuleInfo {
         name: kind.to_owned(),
         description: description.to_owned(),
         filter: Some("(objectClass=*)".to_owned()),
         attributes: Vec::new(),
         handle_every_delete: true,
+        handle_subtree_moves,
         priority: DEFAULT_PRIORITY,
         source: ModuleSource::Native(kind.to_owned()),
     }
@@ -126,8 +129,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("x.jsonl");
         let jsonl = load(&format!("jsonl={}", file.display())).unwrap();
-        assert_eq!(jsonl.info(), &default_info("jsonl", jsonl::DESCRIPTION));
+        assert_eq!(
+            jsonl.info(),
+            &default_info("jsonl", jsonl::DESCRIPTION, true)
+        );
         let exec = load("exec=true --flag x").unwrap();
-        assert_eq!(exec.info(), &default_info("exec", exec::DESCRIPTION));
+        assert_eq!(exec.info(), &default_info("exec", exec::DESCRIPTION, false));
     }
 }

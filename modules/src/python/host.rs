@@ -501,6 +501,11 @@ fn declarations(
         Some(value) => value.is_truthy().map_err(failed)?,
         None => false,
     };
+    // Off unless asked for: UCS modules do not expect calls without transactions.
+    let handle_subtree_moves = match module.getattr_opt("handle_subtree_moves").map_err(failed)? {
+        Some(value) => value.is_truthy().map_err(failed)?,
+        None => false,
+    };
     let default_priority = if name == REPLICATION {
         0.0
     } else {
@@ -524,6 +529,7 @@ fn declarations(
             filter,
             attributes,
             handle_every_delete,
+            handle_subtree_moves,
             priority,
             source: ModuleSource::File(path.to_owned()),
         },
