@@ -619,16 +619,22 @@ fn line_count(path: &std::path::Path) -> usize {
 
 /// LDIF of `count` users `uid=<prefix><i>` spread over `ou=<prefix>0..`, OUs first.
 fn bulk_ldif(prefix: &str, count: usize) -> String {
+    users_ldif(prefix, prefix, BASE, BULK_OUS.min(count.max(1)), count)
+}
+
+/// LDIF of `ous` OUs `ou=<ou_prefix><n>,<parent>` and `count` users `uid=<uid_prefix><i>`
+/// spread over them, OUs first.
+fn users_ldif(ou_prefix: &str, uid_prefix: &str, parent: &str, ous: usize, count: usize) -> String {
     let mut ldif = String::with_capacity(count * 400);
-    for ou in 0..BULK_OUS.min(count.max(1)) {
+    for ou in 0..ous {
         let _ = write!(
             ldif,
-            "dn: ou={prefix}{ou},{BASE}\nobjectClass: organizationalUnit\nou: {prefix}{ou}\n\n"
+            "dn: ou={ou_prefix}{ou},{parent}\nobjectClass: organizationalUnit\nou: {ou_prefix}{ou}\n\n"
         );
     }
     for i in 0..count {
-        let uid = format!("{prefix}{i}");
-        let _ = writeln!(ldif, "dn: uid={uid},ou={prefix}{},{BASE}", i % BULK_OUS);
+        let uid = format!("{uid_prefix}{i}");
+        let _ = writeln!(ldif, "dn: uid={uid},ou={ou_prefix}{},{parent}", i % ous);
         for (name, value) in person(&uid, i) {
             let _ = writeln!(ldif, "{name}: {value}");
         }
@@ -844,20 +850,7 @@ fn subtree_move(users: usize, debug: &str) {
         Slapd::start(SlapdConfig::provider().dbnosync(true).log_operations(false)).unwrap();
     let old = format!("ou=big,{BASE}");
     let mut ldif = format!("dn: {old}\nobjectClass: organizationalUnit\nou: big\n\n");
-    for sub in 0..SUB_OUS {
-        let _ = write!(
-            ldif,
-            "dn: ou=sub{sub},{old}\nobjectClass: organizationalUnit\nou: sub{sub}\n\n"
-        );
-    }
-    for i in 0..users {
-        let uid = format!("big{i}");
-        let _ = writeln!(ldif, "dn: uid={uid},ou=sub{},{old}", i % SUB_OUS);
-        for (name, value) in person(&uid, i) {
-            let _ = writeln!(ldif, "{name}: {value}");
-        }
-        ldif.push('\n');
-    }
+    ldif.push_str(&users_ldif("sub", "big", &old, SUB_OUS, users));
     slapd.slapadd(&ldif).unwrap();
     let mut notifier = Notifier::start(&slapd, Intake::Accesslog, &["-d", "1"]).unwrap();
     let mut listener = Listener::prepare(&slapd, &notifier, options(true, debug)).unwrap();

@@ -480,11 +480,7 @@ impl Engine {
     /// `store`: cache write, unless `listener/cache/filter` excludes the object — then any
     /// older copy is removed too, so the cache never keeps a stale state (UCS kept it).
     pub(crate) fn store(&mut self, entry: CacheEntry) {
-        let excluded = self
-            .cache_filter
-            .as_ref()
-            .is_some_and(|f| f.excludes(&entry.dn, entry.attributes.as_slice()));
-        if excluded {
+        if self.excluded(&entry) {
             self.staged.delete(&entry.dn);
         } else {
             self.staged.put(entry);
@@ -494,15 +490,18 @@ impl Engine {
     /// Like [`Engine::store`], keeping only the encoded copy: for the many entries of a
     /// subtree, which are not read again in their transaction.
     fn store_encoded(&mut self, entry: &CacheEntry) {
-        let excluded = self
-            .cache_filter
-            .as_ref()
-            .is_some_and(|f| f.excludes(&entry.dn, entry.attributes.as_slice()));
-        if excluded {
+        if self.excluded(entry) {
             self.staged.delete(&entry.dn);
         } else {
             self.staged.put_encoded(entry);
         }
+    }
+
+    /// Whether `listener/cache/filter` keeps `entry` out of the cache.
+    fn excluded(&self, entry: &CacheEntry) -> bool {
+        self.cache_filter
+            .as_ref()
+            .is_some_and(|f| f.excludes(&entry.dn, entry.attributes.as_slice()))
     }
 
     /// `change_delete`: delete handlers with command `d`, whatever the notifier said, then
