@@ -227,6 +227,20 @@ impl Index {
         Ok(())
     }
 
+    /// Cuts the entries after `last_id`'s (entries of transactions the log no longer has).
+    pub(crate) fn truncate_after(&self, last_id: u64) -> Result<(), IndexError> {
+        let end = last_id
+            .checked_add(1)
+            .and_then(entry_position)
+            .ok_or(IndexError::IdTooLarge { id: last_id })?;
+        if self.size()? > end {
+            self.file
+                .set_len(end)
+                .map_err(|e| io_err("truncate", &self.path, e))?;
+        }
+        Ok(())
+    }
+
     /// Writes a fresh index for the consecutive IDs starting at `first_id` to `<path>.tmp`
     /// and renames it over `path`, so a reader never sees a half-written index. Entries below
     /// `first_id` (and entry 0) stay holes. Not `daemon::fs::TempFile`: the index keeps the

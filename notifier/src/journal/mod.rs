@@ -2,9 +2,17 @@
 //! `transaction.index` and the lock `transaction.lock`.
 //!
 //! [`Journal`] is the daemon's view: it holds the fcntl lock for its whole lifetime (so the
-//! C tools and `univention-translog` can tell that a notifier is running), validates the log
-//! once at startup in one sequential pass, and then serves lookups from an in-memory offset
-//! table and a ring buffer of the newest transactions instead of re-reading the file.
+//! C tools and `univention-translog` can tell that a notifier is running) and serves lookups
+//! from a ring buffer of the newest transactions, else through `transaction.index`.
+//!
+//! Start-up does not read the whole log: the index names the offset of a recent transaction
+//! (the anchor), the line there must carry that id, and only the lines from the anchor to
+//! the end are validated, torn tail cut and index entries written as before. Everything
+//! before the anchor was validated when it was appended. Without a usable index (missing,
+//! foreign, no entry that checks out) the log is scanned once from the start and the index
+//! rebuilt. Nothing is kept in memory per transaction: every index entry used is checked
+//! against the id on its line, and a wrong one is found again by bisecting the log (whose
+//! ids ascend) and rewritten.
 //!
 //! [`scan`] and [`index`] are usable without the lock, for the offline tool.
 
@@ -25,7 +33,7 @@ use thiserror::Error;
 
 use daemon::lock::{FileLock, LockError, lock_path};
 use index::{Index, IndexEntry, IndexError, read_full_at};
-use scan::{LineChecker, LineScanner, parse_line};
+use scan::{LineChecker, LineScanner, PosReader, content_start, is_blank, parse_line};
 
 /// File name of the committed log inside the notify directory.
 pub(crate) const TRANSACTION_FILE: &str = "transaction";
@@ -106,6 +114,9 @@ pub enum Repair {
     BlankLines { count: u64, first_line_no: u64 },
     /// `transaction.index` was missing or disagreed with the log and was rewritten.
     IndexRebuilt { reason: String },
+    /// The index entries of the newest transactions disagreed with the log (the index is
+    /// written without fsync) and were rewritten.
+    IndexRepaired { reason: String },
 }
 
 impl fmt::Display for Repair {
@@ -132,6 +143,9 @@ impl fmt::Display for Repair {
             ),
             Repair::IndexRebuilt { reason } => {
                 write!(f, "rebuilt the transaction index: {reason}")
+            }
+            Repair::IndexRepaired { reason } => {
+                write!(f, "repaired the end of the transaction index: {reason}")
             }
         }
     }
@@ -181,9 +195,9 @@ pub struct Journal {
     /// Length of the log; the next line goes here.
     len: u64,
     first_id: Option<u64>,
+    /// Content offset of the `first_id` line: where a bisection starts.
+    first_offset: u64,
     last_id: u64,
-    /// Offset of each transaction's line, indexed by `id - first_id`.
-    offsets: Vec<u64>,
     /// The newest transactions, ending at `last_id`.
     ring: VecDeque<Transaction>,
     ring_size: usize,
@@ -193,10 +207,11 @@ pub struct Journal {
     _guard: OpenGuard,
 }
 
-/// What one pass over the log found.
+/// What one pass over (the end of) the log found.
 struct Scanned {
     first_id: Option<u64>,
     last_id: u64,
+    /// Content offset of each scanned transaction, from `first_id` on.
     offsets: Vec<u64>,
     ring: VecDeque<Transaction>,
     /// End of the last complete line.
@@ -231,7 +246,32 @@ impl Journal {
             .open(&path)
             .map_err(|source| io_err("open", &path, source))?;
 
-        let scanned = scan_log(&file, &path, opts.ring_size)?;
+        let index_repair;
+        let (scanned, first_offset, index) =
+            match open_from_index(&file, &path, &index_path, opts.ring_size)? {
+                Some(fast) => {
+                    index_repair = fast.repair;
+                    (fast.scanned, fast.first_offset, Some(fast.index))
+                }
+                None => {
+                    let scanned = scan_log(&file, &path, 0, opts.ring_size)?.map_err(
+                        |(line_no, reason)| JournalError::Corrupt {
+                            path: path.clone(),
+                            line_no,
+                            reason,
+                        },
+                    )?;
+                    let (index, repair) = open_index(
+                        &index_path,
+                        scanned.first_id,
+                        scanned.last_id,
+                        &scanned.offsets,
+                    );
+                    index_repair = repair;
+                    let first_offset = scanned.offsets.first().copied().unwrap_or(0);
+                    (scanned, first_offset, index)
+                }
+            };
         let mut repairs = Vec::new();
         if let Some((first_line_no, count)) = scanned.blank {
             repairs.push(Repair::BlankLines {
@@ -250,13 +290,6 @@ impl Journal {
                 .map_err(|source| io_err("sync", &path, source))?;
             len = offset;
         }
-
-        let (index, index_repair) = open_index(
-            &index_path,
-            scanned.first_id,
-            scanned.last_id,
-            &scanned.offsets,
-        );
         repairs.extend(index_repair);
 
         Ok(Journal {
@@ -266,8 +299,8 @@ impl Journal {
             index,
             len,
             first_id: scanned.first_id,
+            first_offset,
             last_id: scanned.last_id,
-            offsets: scanned.offsets,
             ring: scanned.ring,
             ring_size: opts.ring_size,
             repairs,
@@ -329,6 +362,9 @@ impl Journal {
         }
 
         let first_id = first.id.get();
+        if self.first_id.is_none() {
+            self.first_offset = new_offsets.first().copied().unwrap_or(self.len);
+        }
         if let Some(index) = &self.index
             && let Err(e) = index.write_entries(first_id, &new_offsets)
         {
@@ -339,7 +375,6 @@ impl Journal {
 
         self.len = self.len.saturating_add(buf.len() as u64);
         self.first_id.get_or_insert(first_id);
-        self.offsets.extend_from_slice(&new_offsets);
         if let Some(last) = txs.last() {
             self.last_id = last.id.get();
         }
@@ -375,50 +410,44 @@ impl Journal {
                 return Ok(Some(tx.clone()));
             }
         }
-        let Some(slot) = usize::try_from(id.saturating_sub(first)).ok() else {
-            return Ok(None);
-        };
-        let Some(&offset) = self.offsets.get(slot) else {
-            return Ok(None);
-        };
-        let end = self
-            .offsets
-            .get(slot.saturating_add(1))
-            .copied()
-            .unwrap_or(self.len);
-        self.read_line_at(offset, end, id)
-    }
-
-    fn read_line_at(
-        &self,
-        offset: u64,
-        end: u64,
-        id: u64,
-    ) -> Result<Option<Transaction>, JournalError> {
-        // A line is at most MAX_LINE_LEN bytes; blank lines skipped at open may follow it.
-        let want = end.saturating_sub(offset).min(MAX_LINE_LEN as u64);
-        let mut buf = vec![0u8; usize::try_from(want).unwrap_or(MAX_LINE_LEN)];
-        let got = read_full_at(&self.file, &mut buf, offset)
-            .map_err(|source| io_err("read", &self.path, source))?;
-        buf.truncate(got);
-        let line = match buf.iter().position(|&b| b == b'\n') {
-            Some(nl) => buf.get(..nl).unwrap_or_default(),
-            None => &buf[..],
-        };
-        match parse_line(line) {
-            Ok(tx) if tx.id.get() == id => Ok(Some(tx)),
-            Ok(tx) => {
-                tracing::warn!(
-                    "{}: line at offset {offset} carries transaction {} instead of {id}",
-                    self.path.display(),
-                    tx.id
-                );
-                Ok(None)
+        if let Some(index) = &self.index {
+            match index.read_entry(id) {
+                Ok(Some(IndexEntry {
+                    valid: true,
+                    offset,
+                })) if offset >= self.first_offset && offset < self.len => {
+                    if let Some(tx) = read_tx_at(&self.file, offset, self.len)
+                        .map_err(|source| io_err("read", &self.path, source))?
+                        && tx.id.get() == id
+                    {
+                        return Ok(Some(tx));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the index entry of {id}"),
             }
-            Err(e) => {
+        }
+        // No index, or its entry is wrong: the ids ascend through the log, so bisect it.
+        let found = bisect(&self.file, id, self.first_offset, self.len)
+            .map_err(|source| io_err("read", &self.path, source))?;
+        match found {
+            Some((offset, tx)) => {
+                if let Some(index) = &self.index {
+                    tracing::warn!(
+                        "{}: the entry of transaction {id} was wrong; rewriting it",
+                        self.index_path.display()
+                    );
+                    if let Err(e) = index.write_entries(id, &[offset]) {
+                        tracing::warn!(error = %e, "cannot update {}", self.index_path.display());
+                    }
+                }
+                Ok(Some(tx))
+            }
+            None => {
                 tracing::warn!(
-                    "{}: unreadable line at offset {offset} for transaction {id}: {e}",
-                    self.path.display()
+                    "{}: transaction {id} is not in the log although it lies between {first} and {}",
+                    self.path.display(),
+                    self.last_id
                 );
                 Ok(None)
             }
@@ -449,23 +478,28 @@ fn io_err(op: &'static str, path: &Path, source: io::Error) -> JournalError {
     }
 }
 
-/// One sequential pass: validates every line and the ID sequence, records offsets and fills
-/// the ring.
-fn scan_log(file: &File, path: &Path, ring_size: usize) -> Result<Scanned, JournalError> {
-    let mut scanner = LineScanner::new(file);
+/// A line that breaks the log's rules: its line number (counted from where the scan began)
+/// and why.
+type Fault = (u64, String);
+
+/// One sequential pass from the line starting at `start` to the end: validates every line
+/// and the ID sequence, records offsets and fills the ring. The outer error is I/O, the inner
+/// one a corrupt line.
+fn scan_log(
+    file: &File,
+    path: &Path,
+    start: u64,
+    ring_size: usize,
+) -> Result<Result<Scanned, Fault>, JournalError> {
+    let mut scanner = LineScanner::starting_at(PosReader::new(file, start), start, 0);
     let mut out = Scanned {
         first_id: None,
         last_id: 0,
         offsets: Vec::new(),
         ring: VecDeque::with_capacity(ring_size.min(1 << 16)),
-        good_len: 0,
+        good_len: start,
         tail: None,
         blank: None,
-    };
-    let corrupt = |line_no: u64, reason: String| JournalError::Corrupt {
-        path: path.to_owned(),
-        line_no,
-        reason,
     };
     let mut checker = LineChecker::default();
     let mut buf = Vec::new();
@@ -483,20 +517,259 @@ fn scan_log(file: &File, path: &Path, ring_size: usize) -> Result<Scanned, Journ
             });
             break;
         }
-        let Some(tx) = checker
-            .check(&info, &buf)
-            .map_err(|e| corrupt(info.line_no, e.to_string()))?
-        else {
-            let (_, count) = out.blank.get_or_insert((info.line_no, 0));
-            *count = count.saturating_add(1);
-            out.good_len = info.offset.saturating_add(info.len);
-            continue;
+        let tx = match checker.check(&info, &buf) {
+            Ok(Some(tx)) => tx,
+            Ok(None) => {
+                let (_, count) = out.blank.get_or_insert((info.line_no, 0));
+                *count = count.saturating_add(1);
+                out.good_len = info.offset.saturating_add(info.len);
+                continue;
+            }
+            Err(e) => return Ok(Err((info.line_no, e.to_string()))),
         };
         push_ring(&mut out.ring, ring_size, tx);
         out.good_len = info.offset.saturating_add(info.len);
     }
     (out.first_id, out.last_id, out.offsets) = checker.into_parts();
-    Ok(out)
+    Ok(Ok(out))
+}
+
+/// What [`open_from_index`] found.
+struct FastOpen {
+    scanned: Scanned,
+    first_offset: u64,
+    index: Index,
+    repair: Option<Repair>,
+}
+
+/// How many transactions before the index's last entry the validated tail starts, at least:
+/// far enough back to lie before the last `fdatasync` of any realistic commit batch, so that
+/// the anchor and everything before it is durable, and only about a megabyte to read.
+const TAIL_SPAN: u64 = 16 * 1024;
+
+/// Opens the log through its index without reading all of it, see the module documentation;
+/// `None` when a full scan is needed: no usable index, no entry that checks out, or a tail
+/// with blank or corrupt lines (the full scan reports those with exact line numbers).
+fn open_from_index(
+    file: &File,
+    path: &Path,
+    index_path: &Path,
+    ring_size: usize,
+) -> Result<Option<FastOpen>, JournalError> {
+    let Ok(index) = Index::open_rw(index_path) else {
+        return Ok(None);
+    };
+    let read_err = |source| io_err("read", path, source);
+    let len = file.metadata().map_err(read_err)?.len();
+
+    // The head: the first line must be a transaction whose index entry points at it.
+    let mut scanner = LineScanner::new(PosReader::new(file, 0));
+    let mut buf = Vec::new();
+    let Some(info) = scanner.read_line(&mut buf).map_err(read_err)? else {
+        return Ok(None);
+    };
+    let whole = (buf.len() as u64).saturating_add(info.nul_prefix) == info.len;
+    if !info.complete || !whole || is_blank(&buf) {
+        return Ok(None);
+    }
+    let Ok(first) = parse_line(&buf) else {
+        return Ok(None);
+    };
+    let first_id = first.id.get();
+    let first_offset = info
+        .offset
+        .saturating_add(info.nul_prefix)
+        .saturating_add(content_start(&buf) as u64);
+    let head_entry = IndexEntry {
+        valid: true,
+        offset: first_offset,
+    };
+    if !matches!(index.read_entry(first_id), Ok(Some(entry)) if entry == head_entry) {
+        return Ok(None);
+    }
+
+    // The anchor: a recent entry whose line carries its id; backing off exponentially over
+    // entries the log no longer has (the index is not synced, the log's tail may be lost).
+    let Ok(index_last) = index.count() else {
+        return Ok(None);
+    };
+    let verified = |id: u64| -> Result<Option<u64>, JournalError> {
+        let Ok(Some(IndexEntry {
+            valid: true,
+            offset,
+        })) = index.read_entry(id)
+        else {
+            return Ok(None);
+        };
+        if offset < first_offset || offset >= len {
+            return Ok(None);
+        }
+        let tx = read_tx_at(file, offset, len).map_err(read_err)?;
+        Ok(tx.filter(|tx| tx.id.get() == id).map(|_| offset))
+    };
+    let back = TAIL_SPAN.max(ring_size as u64);
+    let mut candidate = index_last.saturating_sub(back).max(first_id);
+    let mut step = 1u64;
+    let (anchor_id, anchor_offset) = loop {
+        if candidate <= first_id {
+            break (first_id, first_offset);
+        }
+        if let Some(offset) = verified(candidate)? {
+            break (candidate, offset);
+        }
+        candidate = candidate.saturating_sub(step).max(first_id);
+        step = step.saturating_mul(2);
+    };
+
+    let Ok(mut scanned) = scan_log(file, path, anchor_offset, ring_size)? else {
+        return Ok(None);
+    };
+    if scanned.blank.is_some() || scanned.first_id != Some(anchor_id) {
+        return Ok(None);
+    }
+    let repair = match index_mismatch(&index, Some(anchor_id), scanned.last_id, &scanned.offsets) {
+        Ok(None) => None,
+        Ok(Some(reason)) => {
+            // Entries behind or ahead of the log after a crash: rewrite the validated range and
+            // cut what lies beyond it.
+            let fixed = index
+                .write_entries(anchor_id, &scanned.offsets)
+                .and_then(|()| index.truncate_after(scanned.last_id));
+            if let Err(e) = fixed {
+                tracing::warn!(error = %e, "cannot repair {}", index_path.display());
+            }
+            Some(Repair::IndexRepaired { reason })
+        }
+        Err(_) => return Ok(None),
+    };
+    scanned.first_id = Some(first_id);
+    scanned.offsets = Vec::new();
+    Ok(Some(FastOpen {
+        scanned,
+        first_offset,
+        index,
+        repair,
+    }))
+}
+
+/// The transaction on the complete line at `offset` of the first `len` bytes of `file`;
+/// `None` when there is no such line or it does not parse.
+fn read_tx_at(file: &File, offset: u64, len: u64) -> io::Result<Option<Transaction>> {
+    // Most lines are short: a small read first, the longest line only when needed.
+    const FIRST_READ: usize = 512;
+    let avail = usize::try_from(len.saturating_sub(offset)).unwrap_or(usize::MAX);
+    let mut buf = vec![0u8; avail.min(FIRST_READ)];
+    let mut got = read_full_at(file, &mut buf, offset)?;
+    buf.truncate(got);
+    if !buf.contains(&b'\n') && got < avail.min(MAX_LINE_LEN) {
+        buf.resize(avail.min(MAX_LINE_LEN), 0);
+        let more = buf.get_mut(got..).unwrap_or_default();
+        got = got.saturating_add(read_full_at(file, more, offset.saturating_add(got as u64))?);
+        buf.truncate(got);
+    }
+    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+        return Ok(None);
+    };
+    Ok(buf.get(..nl).and_then(|line| parse_line(line).ok()))
+}
+
+/// Below this span a bisection reads the lines one by one.
+const LINEAR_SPAN: u64 = 16 * 1024;
+
+/// Finds transaction `id` among the lines starting in `[lo, hi)`, where the line at `lo` holds
+/// an id not above `id` and the ids ascend: its content offset and the transaction.
+fn bisect(
+    file: &File,
+    id: u64,
+    mut lo: u64,
+    mut hi: u64,
+) -> io::Result<Option<(u64, Transaction)>> {
+    let mut window = vec![0u8; 2 * MAX_LINE_LEN + 2];
+    while hi.saturating_sub(lo) > LINEAR_SPAN {
+        let mid = lo.saturating_add(hi.saturating_sub(lo) / 2);
+        let Some((start, line)) = line_after(file, &mut window, mid, hi)? else {
+            // No line starts in (mid, hi): the one sought starts at or before mid.
+            hi = mid.saturating_add(1);
+            continue;
+        };
+        let Ok(tx) = parse_line(line) else { break };
+        match tx.id.get().cmp(&id) {
+            std::cmp::Ordering::Equal => return Ok(Some((start, tx))),
+            std::cmp::Ordering::Less => lo = start,
+            std::cmp::Ordering::Greater => hi = start,
+        }
+    }
+    let mut scanner = LineScanner::starting_at(PosReader::new(file, lo), lo, 0);
+    let mut line = Vec::new();
+    while let Some(info) = scanner.read_line(&mut line)? {
+        if info.offset >= hi || !info.complete {
+            break;
+        }
+        if is_blank(&line) {
+            continue;
+        }
+        let Ok(tx) = parse_line(&line) else {
+            continue;
+        };
+        match tx.id.get().cmp(&id) {
+            std::cmp::Ordering::Equal => {
+                let offset = info
+                    .offset
+                    .saturating_add(info.nul_prefix)
+                    .saturating_add(content_start(&line) as u64);
+                return Ok(Some((offset, tx)));
+            }
+            std::cmp::Ordering::Greater => break,
+            std::cmp::Ordering::Less => {}
+        }
+    }
+    Ok(None)
+}
+
+/// The first non-blank line starting in `(from, hi)`: its content offset and its bytes,
+/// read into `window` (at least two of the longest lines long). Lines cannot contain `\n`,
+/// so a line starts behind one; windows overlap by half so that no line is missed between
+/// them, and padding (NUL blocks) is skipped a half window at a time.
+fn line_after<'w>(
+    file: &File,
+    window: &'w mut [u8],
+    from: u64,
+    hi: u64,
+) -> io::Result<Option<(u64, &'w [u8])>> {
+    let half = (window.len() / 2).max(1) as u64;
+    let mut pos = from;
+    while pos < hi {
+        let got = read_full_at(file, window, pos)?;
+        if let Some((rel, len)) = first_line_in(window.get(..got).unwrap_or_default()) {
+            let start = pos.saturating_add(rel as u64);
+            if start >= hi {
+                return Ok(None);
+            }
+            return Ok(window.get(rel..rel.saturating_add(len)).map(|l| (start, l)));
+        }
+        if got < window.len() {
+            return Ok(None);
+        }
+        pos = pos.saturating_add(half);
+    }
+    Ok(None)
+}
+
+/// The first non-blank `\n`-terminated line that starts after the first `\n` of `window`:
+/// the position of its content and its length from there.
+fn first_line_in(window: &[u8]) -> Option<(usize, usize)> {
+    let first_nl = window.iter().position(|&b| b == b'\n')?;
+    let mut start = first_nl.saturating_add(1);
+    loop {
+        let rest = window.get(start..)?;
+        let len = rest.iter().position(|&b| b == b'\n')?;
+        let line = rest.get(..len)?;
+        if !is_blank(line) {
+            let skip = content_start(line);
+            return Some((start.saturating_add(skip), len.saturating_sub(skip)));
+        }
+        start = start.saturating_add(len).saturating_add(1);
+    }
 }
 
 /// Decides how to report a final line without `\n`, refusing to cut more than one torn line
@@ -986,7 +1259,10 @@ mod tests {
             fs::write(dir.path().join(INDEX_FILE), &bad).unwrap();
             let j = open_with(dir.path(), lines(&txs).as_bytes(), 0).unwrap();
             assert!(
-                matches!(j.repairs(), [Repair::IndexRebuilt { .. }]),
+                matches!(
+                    j.repairs(),
+                    [Repair::IndexRebuilt { .. } | Repair::IndexRepaired { .. }]
+                ),
                 "{name}: {:?}",
                 j.repairs()
             );
@@ -1144,6 +1420,215 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         Journal::open(dir.path(), &opts(0)).unwrap();
+    }
+
+    /// A log longer than the validated tail, written by the journal itself.
+    fn big_journal(dir: &Path, count: u64) -> Vec<Transaction> {
+        let txs: Vec<_> = (1..=count).map(user).collect();
+        let mut j = Journal::open(dir, &opts(10)).unwrap();
+        for chunk in txs.chunks(1000) {
+            j.append(chunk).unwrap();
+        }
+        j.sync().unwrap();
+        txs
+    }
+
+    const BIG: u64 = 3 * TAIL_SPAN;
+
+    /// Byte offset of `id`'s line in a log of `user` transactions starting at 1.
+    fn user_offset(id: u64) -> u64 {
+        (1..id).map(|i| user(i).to_line().len() as u64).sum()
+    }
+
+    #[test]
+    fn big_log_opens_from_the_index_without_reading_it_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let txs = big_journal(dir.path(), BIG);
+        // A line far before the tail carries the wrong id: a full scan would refuse the log,
+        // so opening proves that only the tail was read.
+        let path = dir.path().join(TRANSACTION_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        let at = user_offset(100) as usize;
+        assert_eq!(&bytes[at..at + 4], b"100 ");
+        bytes[at..at + 3].copy_from_slice(b"900");
+        fs::write(&path, &bytes).unwrap();
+
+        let j = Journal::open(dir.path(), &opts(10)).unwrap();
+        assert!(j.repairs().is_empty(), "{:?}", j.repairs());
+        assert_eq!((j.first_id(), j.last_id()), (Some(1), BIG));
+        for id in [1, 99, 101, BIG / 2, BIG - TAIL_SPAN, BIG - 5, BIG] {
+            assert_eq!(
+                j.get(id).unwrap().as_ref(),
+                txs.get(id as usize - 1),
+                "{id}"
+            );
+        }
+        assert_eq!(j.get(100).unwrap(), None);
+        drop(j);
+
+        // Without the index there is nothing to trust: the full scan finds the bad line.
+        fs::remove_file(dir.path().join(INDEX_FILE)).unwrap();
+        let err = Journal::open(dir.path(), &opts(10)).unwrap_err();
+        assert!(
+            matches!(err, JournalError::Corrupt { line_no: 100, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn index_behind_or_ahead_of_a_big_log_is_repaired_at_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let txs = big_journal(dir.path(), BIG);
+        let good = index_bytes(dir.path());
+        let index = dir.path().join(INDEX_FILE);
+
+        // Behind: the last entries never reached the disk (the index is not synced).
+        fs::write(&index, &good[..good.len() - 9 * 40 - 3]).unwrap();
+        let j = Journal::open(dir.path(), &opts(10)).unwrap();
+        assert!(
+            matches!(j.repairs(), [Repair::IndexRepaired { reason }] if reason.contains("missing")),
+            "{:?}",
+            j.repairs()
+        );
+        assert_eq!(j.last_id(), BIG);
+        drop(j);
+        assert_eq!(index_bytes(dir.path()), good);
+
+        // Ahead: the log lost its unsynced tail but the index kept entries for it, some
+        // pointing past the end, some into it.
+        let mut ahead = good.clone();
+        for k in 0..50u64 {
+            IndexEntry::encode(k * 1000, &mut ahead);
+        }
+        IndexEntry::encode(user_offset(BIG), &mut ahead);
+        fs::write(&index, &ahead).unwrap();
+        let j = Journal::open(dir.path(), &opts(10)).unwrap();
+        assert!(
+            matches!(j.repairs(), [Repair::IndexRepaired { reason }] if reason.contains("beyond")),
+            "{:?}",
+            j.repairs()
+        );
+        assert_eq!(j.get(BIG).unwrap().as_ref(), txs.last());
+        assert_eq!(j.get(BIG + 1).unwrap(), None);
+        drop(j);
+        assert_eq!(index_bytes(dir.path()), good);
+        let j = Journal::open(dir.path(), &opts(10)).unwrap();
+        assert!(j.repairs().is_empty(), "{:?}", j.repairs());
+    }
+
+    #[test]
+    fn torn_tail_of_a_big_log_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let txs = big_journal(dir.path(), BIG);
+        let good = log_bytes(dir.path());
+        let mut torn = good.clone();
+        torn.extend_from_slice(b"49153 uid=user49153,cn=u");
+        torn.extend_from_slice(&[0; 700]);
+        fs::write(dir.path().join(TRANSACTION_FILE), &torn).unwrap();
+        // The index already has the torn transaction's entry: written before the crash.
+        let index = dir.path().join(INDEX_FILE);
+        let mut ahead = index_bytes(dir.path());
+        IndexEntry::encode(good.len() as u64, &mut ahead);
+        fs::write(&index, &ahead).unwrap();
+
+        let mut j = Journal::open(dir.path(), &opts(10)).unwrap();
+        assert!(
+            matches!(
+                j.repairs(),
+                [
+                    Repair::TornLine { bytes: 724, .. },
+                    Repair::IndexRepaired { .. }
+                ]
+            ),
+            "{:?}",
+            j.repairs()
+        );
+        assert_eq!(log_bytes(dir.path()), good);
+        assert_eq!(j.last_id(), BIG);
+        let next = user(BIG + 1);
+        j.append(std::slice::from_ref(&next)).unwrap();
+        assert_eq!(j.get(BIG + 1).unwrap(), Some(next.clone()));
+        assert_eq!(j.get(BIG).unwrap().as_ref(), txs.last());
+        drop(j);
+        let j = Journal::open(dir.path(), &opts(10)).unwrap();
+        assert!(j.repairs().is_empty(), "{:?}", j.repairs());
+        assert_eq!(j.get(BIG + 1).unwrap(), Some(next));
+    }
+
+    #[test]
+    fn wrong_index_entries_before_the_tail_are_found_and_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let txs = big_journal(dir.path(), BIG);
+        let good = index_bytes(dir.path());
+        let mut bad = good.clone();
+        let entry = |id: u64| (8 + 9 * id) as usize;
+        bad[entry(5)] = 0; // invalid
+        bad[entry(777) + 1] ^= 0x40; // points into another line
+        bad[entry(12_345) + 5] = 0x7f; // points far past the end
+        fs::write(dir.path().join(INDEX_FILE), &bad).unwrap();
+        let j = Journal::open(dir.path(), &opts(0)).unwrap();
+        assert!(j.repairs().is_empty(), "{:?}", j.repairs());
+        for id in [5, 777, 12_345, 1, BIG] {
+            assert_eq!(
+                j.get(id).unwrap().as_ref(),
+                txs.get(id as usize - 1),
+                "{id}"
+            );
+        }
+        drop(j);
+        assert_eq!(index_bytes(dir.path()), good);
+    }
+
+    #[test]
+    fn a_log_whose_head_disagrees_with_the_index_is_scanned() {
+        // A log replaced behind the index's back (e.g. restored without its index).
+        let dir = tempfile::tempdir().unwrap();
+        big_journal(dir.path(), BIG);
+        let other: Vec<_> = (5..=40).map(user).collect();
+        fs::write(dir.path().join(TRANSACTION_FILE), lines(&other)).unwrap();
+        let j = Journal::open(dir.path(), &opts(0)).unwrap();
+        assert!(
+            matches!(j.repairs(), [Repair::IndexRebuilt { .. }]),
+            "{:?}",
+            j.repairs()
+        );
+        assert_eq!((j.first_id(), j.last_id()), (Some(5), 40));
+        drop(j);
+        assert_eq!(index_bytes(dir.path()), reference_index(&other));
+    }
+
+    /// A log with blank lines and NUL blocks between lines, as the C notifier leaves them.
+    fn padded_log(ids: std::ops::RangeInclusive<u64>, pad: &[usize]) -> (Vec<u8>, Vec<u64>) {
+        let mut log = Vec::new();
+        let mut offsets = Vec::new();
+        for (i, id) in ids.enumerate() {
+            match pad.get(i % pad.len().max(1)).copied().unwrap_or(0) {
+                0 => {}
+                1 => log.extend_from_slice(b"\n"),
+                n => log.extend(std::iter::repeat_n(0u8, n)),
+            }
+            offsets.push(log.len() as u64);
+            let dn = format!("cn=o{id},{}", "x".repeat((id % 97) as usize));
+            log.extend_from_slice(tx(id, &dn, Command::Modify).to_line().as_bytes());
+        }
+        (log, offsets)
+    }
+
+    #[test]
+    fn bisection_finds_every_line_around_padding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (log, offsets) = padded_log(7..=3000, &[0, 0, 1, 0, 3 * MAX_LINE_LEN, 0, 5]);
+        fs::write(&path, &log).unwrap();
+        let file = File::open(&path).unwrap();
+        let len = log.len() as u64;
+        for (i, &offset) in offsets.iter().enumerate() {
+            let id = 7 + i as u64;
+            let (found, tx) = bisect(&file, id, offsets[0], len).unwrap().unwrap();
+            assert_eq!((found, tx.id.get()), (offset, id));
+        }
+        assert!(bisect(&file, 6, offsets[0], len).unwrap().is_none());
+        assert!(bisect(&file, 3001, offsets[0], len).unwrap().is_none());
     }
 
     proptest! {
