@@ -80,7 +80,7 @@ pub async fn search_one(
                 });
             }
         }
-        match entries.first() {
+        match entries.into_iter().next() {
             None => Ok(Lookup::Missing),
             Some(entry) => parse_entry(entry)
                 .map(Lookup::Found)
@@ -113,7 +113,7 @@ pub async fn subtree_dns(
             .map_err(|e| failure(&what, e))?;
         let mut dns = Vec::new();
         while let Some(entry) = stream.next().await.map_err(|e| failure(&what, e))? {
-            let entry = parse_entry(&entry).map_err(|e| LdapFailure::Decode {
+            let entry = parse_entry(entry).map_err(|e| LdapFailure::Decode {
                 what: what.clone(),
                 reason: e.to_string(),
             })?;
@@ -178,7 +178,7 @@ impl PagedSearch {
         .await?;
         entry
             .map(|entry| {
-                parse_entry(&entry).map_err(|e| LdapFailure::Decode {
+                parse_entry(entry).map_err(|e| LdapFailure::Decode {
                     what: what.clone(),
                     reason: e.to_string(),
                 })

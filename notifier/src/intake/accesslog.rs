@@ -298,7 +298,7 @@ impl AccesslogIntake {
             .map_err(|e| e.to_string())?;
         let mut newest = String::new();
         while let Some(entry) = stream.next().await.map_err(|e| e.to_string())? {
-            let entry = parse_entry(&entry).map_err(|e| e.to_string())?;
+            let entry = parse_entry(entry).map_err(|e| e.to_string())?;
             for csn in entry.values("contextCSN").unwrap_or_default() {
                 let csn = String::from_utf8_lossy(csn).into_owned();
                 // CSNs start with a generalized time, so they order as strings.
@@ -445,7 +445,7 @@ async fn follow_inner(
         {
             continue;
         }
-        let entry = parse_entry(&message).map_err(|e| e.to_string())?;
+        let entry = parse_entry(message).map_err(|e| e.to_string())?;
         match changes_of(&entry) {
             Ok(write) => {
                 if tx.send(Event::Write(write)).await.is_err() {
