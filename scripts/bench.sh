@@ -8,4 +8,8 @@ export PYO3_PYTHON=/usr/bin/python3.11
 cargo build --release --workspace --bins --locked
 for bench in "${@:-notifier}"; do
   cargo bench --locked -p integration-tests --bench "$bench"
+  # The decode-cost row of the listener's figures: allocations per attribute value.
+  if [[ "$bench" == listener ]]; then
+    cargo bench --locked -p ldap --bench decode
+  fi
 done

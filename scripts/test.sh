@@ -15,4 +15,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
 # systemd-analyze verify of systemd/*.service (ExecStart pointed at target/debug).
 scripts/verify-units.sh
+# CI gives the decoder's mutation test (ldap/tests/fuzz_decode.rs) a minute; 5 s otherwise.
+if [[ "${CI:-}" == "true" ]]; then
+  export UDR_FUZZ_SECONDS="${UDR_FUZZ_SECONDS:-60}"
+fi
 cargo nextest run --workspace --locked --no-fail-fast "$@"
