@@ -653,24 +653,42 @@ fn open_from_index(
 }
 
 /// The transaction on the complete line at `offset` of the first `len` bytes of `file`;
-/// `None` when there is no such line or it does not parse.
+/// `None` when no line's content starts there or it does not parse. The start is checked:
+/// the middle of a line (after a digit, or after a space inside a DN) can parse as well.
 fn read_tx_at(file: &File, offset: u64, len: u64) -> io::Result<Option<Transaction>> {
+    // Bytes before `offset` that decide whether a line's content starts there.
+    const BEFORE: u64 = 64;
     // Most lines are short: a small read first, the longest line only when needed.
     const FIRST_READ: usize = 512;
-    let avail = usize::try_from(len.saturating_sub(offset)).unwrap_or(usize::MAX);
-    let mut buf = vec![0u8; avail.min(FIRST_READ)];
-    let mut got = read_full_at(file, &mut buf, offset)?;
+    let from = offset.saturating_sub(BEFORE);
+    let lead = usize::try_from(offset.saturating_sub(from)).unwrap_or(0);
+    let avail = usize::try_from(len.saturating_sub(from)).unwrap_or(usize::MAX);
+    let mut buf = vec![0u8; avail.min(lead.saturating_add(FIRST_READ))];
+    let mut got = read_full_at(file, &mut buf, from)?;
     buf.truncate(got);
-    if !buf.contains(&b'\n') && got < avail.min(MAX_LINE_LEN) {
-        buf.resize(avail.min(MAX_LINE_LEN), 0);
+    let want = avail.min(lead.saturating_add(MAX_LINE_LEN));
+    if !buf.get(lead..).unwrap_or_default().contains(&b'\n') && got < want {
+        buf.resize(want, 0);
         let more = buf.get_mut(got..).unwrap_or_default();
-        got = got.saturating_add(read_full_at(file, more, offset.saturating_add(got as u64))?);
+        got = got.saturating_add(read_full_at(file, more, from.saturating_add(got as u64))?);
         buf.truncate(got);
     }
-    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+    let (before, rest) = buf.split_at(lead.min(buf.len()));
+    // Only padding may stand between the previous line's `\n` and the content.
+    let at_line_start = match before
+        .iter()
+        .rposition(|&b| b == b'\n' || !scan::is_padding(b))
+    {
+        None => true,
+        Some(i) => before.get(i) == Some(&b'\n'),
+    };
+    if !at_line_start {
+        return Ok(None);
+    }
+    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
         return Ok(None);
     };
-    Ok(buf.get(..nl).and_then(|line| parse_line(line).ok()))
+    Ok(rest.get(..nl).and_then(|line| parse_line(line).ok()))
 }
 
 /// Below this span a bisection reads the lines one by one.
@@ -1563,12 +1581,14 @@ mod tests {
         let mut bad = good.clone();
         let entry = |id: u64| (8 + 9 * id) as usize;
         bad[entry(5)] = 0; // invalid
-        bad[entry(777) + 1] ^= 0x40; // points into another line
+        // Into the middle of line 1777, whose rest reads as a transaction 777.
+        bad[entry(777) + 1..entry(777) + 9].copy_from_slice(&(user_offset(1777) + 1).to_le_bytes());
+        bad[entry(778) + 1] ^= 0x40; // into another line
         bad[entry(12_345) + 5] = 0x7f; // points far past the end
         fs::write(dir.path().join(INDEX_FILE), &bad).unwrap();
         let j = Journal::open(dir.path(), &opts(0)).unwrap();
         assert!(j.repairs().is_empty(), "{:?}", j.repairs());
-        for id in [5, 777, 12_345, 1, BIG] {
+        for id in [5, 777, 778, 12_345, 1, BIG] {
             assert_eq!(
                 j.get(id).unwrap().as_ref(),
                 txs.get(id as usize - 1),

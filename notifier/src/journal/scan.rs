@@ -215,7 +215,7 @@ impl Read for PosReader<'_> {
 
 /// Bytes that surround a line's content without being part of it: whitespace and the NUL
 /// blocks a crash with delayed allocation leaves behind.
-fn is_padding(b: u8) -> bool {
+pub(crate) fn is_padding(b: u8) -> bool {
     b == 0 || b.is_ascii_whitespace()
 }
 
