@@ -192,10 +192,19 @@ fn intake(lines: usize) {
 
 fn fan_out(clients: usize, transactions: usize) {
     let slapd = Slapd::start(SlapdConfig::provider().log_operations(false)).unwrap();
+    // All clients connect from 127.0.0.1: lift the per-address limit (256 by default).
+    let per_address = (clients + 16).to_string();
     let mut notifier = Notifier::start(
         &slapd,
         Intake::QueueFile,
-        &["-d", "1", "--poll-interval", "1"],
+        &[
+            "-d",
+            "1",
+            "--poll-interval",
+            "1",
+            "--max-connections-per-address",
+            &per_address,
+        ],
     )
     .unwrap();
     let port = notifier.port();
