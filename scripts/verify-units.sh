@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 units=(univention-directory-notifier.service univention-directory-listener.service)
 mode=repo
-bin_dir=target/debug
+bin_dir="${CARGO_TARGET_DIR:-target}/debug"
 while [[ $# -gt 0 ]]; do
   case $1 in
     --installed) mode=installed ;;
