@@ -92,6 +92,7 @@ fn a_tls_listener_follows_a_notifier_that_requires_client_certificates() {
     let server = pki.issue(&ca, "notifier", LOCAL).unwrap();
     let client = pki.issue(&ca, "replica", "DNS:replica.example").unwrap();
     let slapd = Slapd::provider().unwrap();
+    let metrics = format!("127.0.0.1:{}", integration_tests::net::free_port().unwrap());
     let notifier = tls_notifier(
         &slapd,
         &server,
@@ -102,6 +103,8 @@ fn a_tls_listener_follows_a_notifier_that_requires_client_certificates() {
             "client-cert",
             "--tls-ca",
             &path(&ca.certificate),
+            "--metrics",
+            &metrics,
         ],
     );
     let mut listener = Listener::start(
@@ -121,6 +124,9 @@ fn a_tls_listener_follows_a_notifier_that_requires_client_certificates() {
         listener.log()
     );
     assert!(listener.log().contains("(TLS)"), "{}", listener.log());
+    let text = scrape(&metrics);
+    assert!(text.contains("udn_clients 1\n"), "{text}");
+    assert!(text.contains("udn_clients_tls 1\n"), "{text}");
 
     for (who, log) in [("notifier", notifier.log()), ("listener", listener.log())] {
         for identity in [&server, &client] {

@@ -622,6 +622,50 @@ mod tests {
     }
 
     #[test]
+    fn notifier_tls_from_flags_and_ucr() {
+        let base = ["-h", "m", "-b", "dc=x", "-x"];
+        let config = resolve(&base, "").unwrap();
+        assert_eq!(config.notifier_tls.mode(), TlsMode::Off);
+        // Off loads nothing, so missing files do not matter.
+        let config = resolve(
+            &[&base[..], &["--notifier-tls-ca", "/nonexistent"]].concat(),
+            "",
+        )
+        .unwrap();
+        assert_eq!(config.notifier_tls.mode(), TlsMode::Off);
+
+        let err = resolve(&base, "listener/notifier/tls: sometimes\n").unwrap_err();
+        assert!(
+            err.to_string().starts_with("listener/notifier/tls: "),
+            "{err}"
+        );
+        let err = resolve(
+            &base,
+            "listener/notifier/tls: try\nlistener/notifier/tls/ca: /nonexistent/ca.pem\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+        let err = resolve(
+            &[
+                &base[..],
+                &[
+                    "--notifier-tls",
+                    "required",
+                    "--notifier-tls-certificate",
+                    "/c.pem",
+                ],
+            ]
+            .concat(),
+            "",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ConfigError::NotifierTls(TlsError::HalfIdentity)),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn ucs_join_command_line_parses() {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("machine.secret");

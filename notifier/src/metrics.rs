@@ -60,6 +60,7 @@ pub struct Metrics {
     clients_dropped_slow: AtomicU64,
     clients_refused: [AtomicU64; Refusal::ALL.len()],
     clients_tls: AtomicU64,
+    clients_tls_total: AtomicU64,
     clients_timed_out: AtomicU64,
     waits: AtomicU64,
     intake_lag: AtomicU64,
@@ -115,6 +116,11 @@ impl Metrics {
 
     pub(crate) fn client_upgraded(&self) {
         self.clients_tls.fetch_add(1, Ordering::Relaxed);
+        self.clients_tls_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn tls_client_disconnected(&self) {
+        self.clients_tls.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub(crate) fn client_timed_out(&self) {
@@ -202,10 +208,16 @@ impl Metrics {
             get(&self.clients_dropped_slow),
         )
         .single(
+            "udn_clients_tls",
+            Kind::Gauge,
+            "Connected clients on TLS.",
+            get(&self.clients_tls),
+        )
+        .single(
             "udn_clients_tls_total",
             Kind::Counter,
             "Connections upgraded with STARTTLS.",
-            get(&self.clients_tls),
+            get(&self.clients_tls_total),
         )
         .single(
             "udn_clients_timed_out_total",

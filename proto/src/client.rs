@@ -713,6 +713,82 @@ mod tests {
         ));
     }
 
+    /// Answers a handshake that asked for `asked` with `answer` as the capability list.
+    async fn serve_capabilities(listener: &TcpListener, asked: &str, answer: &str) -> TcpStream {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        expect(
+            &mut stream,
+            format!("Version: 3\nCapabilities: {asked}\n\n").as_bytes(),
+        )
+        .await;
+        stream
+            .write_all(format!("Version: 3\nCapabilities: {answer}\n\n").as_bytes())
+            .await
+            .unwrap();
+        stream
+    }
+
+    #[tokio::test]
+    async fn tls_modes_against_a_server_without_starttls() {
+        let (listener, port) = listen().await;
+        let tls = ClientTls::without_files(TlsMode::Try);
+        let (client, _server) = tokio::join!(
+            NotifierClient::connect_with("127.0.0.1", port, 3, LIMIT, &tls),
+            serve_capabilities(&listener, "STARTTLS", "")
+        );
+        assert!(!client.unwrap().is_tls(), "try falls back to plain text");
+
+        let tls = ClientTls::without_files(TlsMode::Required);
+        let (client, _server) = tokio::join!(
+            NotifierClient::connect_with("127.0.0.1", port, 3, LIMIT, &tls),
+            serve_capabilities(&listener, "STARTTLS", "")
+        );
+        let err = client.unwrap_err();
+        assert!(matches!(err, ClientError::TlsNotOffered { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!("notifier at 127.0.0.1:{port} does not offer STARTTLS, and TLS is required")
+        );
+    }
+
+    #[tokio::test]
+    async fn starttls_that_was_not_asked_for_is_refused() {
+        let (listener, port) = listen().await;
+        let (client, _server) = tokio::join!(
+            NotifierClient::connect("127.0.0.1", port, 3, LIMIT),
+            serve_capabilities(&listener, "", "STARTTLS")
+        );
+        let err = client.unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Unexpected { what, .. } if what.contains("STARTTLS")),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn clear_text_after_the_starttls_answer_is_refused() {
+        let (listener, port) = listen().await;
+        let tls = ClientTls::without_files(TlsMode::Required);
+        let server = async {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            expect(&mut stream, b"Version: 3\nCapabilities: STARTTLS\n\n").await;
+            stream
+                .write_all(b"Version: 3\nCapabilities: STARTTLS\n\nMSGID: 1\n5\n\n")
+                .await
+                .unwrap();
+            stream
+        };
+        let (client, _server) = tokio::join!(
+            NotifierClient::connect_with("127.0.0.1", port, 3, LIMIT, &tls),
+            server
+        );
+        let err = client.unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Unexpected { what, .. } if what.contains("clear-text")),
+            "{err:?}"
+        );
+    }
+
     #[tokio::test]
     async fn connect_refused() {
         let (listener, port) = listen().await;

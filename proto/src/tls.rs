@@ -250,6 +250,17 @@ impl ClientTls {
         })
     }
 
+    /// Settings that ask for STARTTLS in `mode` without any files, for handshake tests that
+    /// never get as far as TLS.
+    #[cfg(test)]
+    pub(crate) fn without_files(mode: TlsMode) -> ClientTls {
+        ClientTls {
+            mode,
+            connector: None,
+            server_name: None,
+        }
+    }
+
     /// Whether STARTTLS is asked for.
     pub fn mode(&self) -> TlsMode {
         self.mode

@@ -151,6 +151,9 @@ impl<'a> Connection<'a> {
             }
         }
         self.state.metrics.waits_removed(self.waits.len() as u64);
+        if self.tls {
+            self.state.metrics.tls_client_disconnected();
+        }
         tracing::debug!(%peer, "disconnected");
     }
 
