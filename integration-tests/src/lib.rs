@@ -10,6 +10,7 @@ pub mod listener;
 pub mod lockf;
 pub mod net;
 pub mod notifier;
+pub mod pki;
 pub mod process;
 pub mod slapd;
 pub mod users;

@@ -301,6 +301,11 @@ impl Client {
     pub fn connect(port: u16) -> Result<Client> {
         let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
             .map_err(io_context(format!("connecting to port {port}")))?;
+        Client::from_stream(stream)
+    }
+
+    /// A client on a connection the test opened itself (e.g. from another source address).
+    pub fn from_stream(stream: TcpStream) -> Result<Client> {
         Ok(Client {
             stream,
             pending: Vec::new(),

@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Args, Parser};
 use daemon::ucr::Ucr;
 use ldap::{Auth, Password, StartTls};
+use proto::{ClientTls, ClientTlsFiles, TlsError, TlsMode};
 
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/univention-directory-listener";
 pub const DEFAULT_LDAP_DIR: &str = "/var/lib/univention-ldap";
@@ -167,6 +168,8 @@ pub struct Cli {
     /// Log to this file (reopened on SIGHUP) instead of stderr; ignored under journald.
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub notifier_tls: NotifierTlsArgs,
     /// UCR file to read defaults from.
     #[arg(long, value_name = "FILE", default_value = daemon::ucr::BASE_CONF)]
     pub ucr_file: PathBuf,
@@ -196,6 +199,7 @@ pub struct Config {
     pub auth: Auth,
     pub starttls: StartTls,
     pub protocol: u32,
+    pub notifier_tls: ClientTls,
     pub module_paths: Vec<PathBuf>,
     pub native_modules: Vec<String>,
     pub cache_dir: PathBuf,
@@ -295,6 +299,105 @@ pub enum ConfigError {
     NoNotifierHost(String),
     #[error("{option} must be a positive number of seconds, not {value}")]
     Duration { option: &'static str, value: f64 },
+    #[error("{option}: {reason}")]
+    Invalid {
+        option: &'static str,
+        reason: String,
+    },
+    #[error("TLS to the notifier: {0}")]
+    NotifierTls(#[from] TlsError),
+}
+
+/// UCS's machine certificates (`<dir>/<fqdn>/cert.pem`, `private.key`) and the domain CA.
+pub const UCS_SSL_DIR: &str = "/etc/univention/ssl";
+pub const UCS_CA_FILE: &str = "/etc/univention/ssl/ucsCA/CAcert.pem";
+
+/// How the listener and the tools talk TLS to the notifier (STARTTLS on 6669).
+#[derive(Debug, Clone, Default, Args)]
+pub struct NotifierTlsArgs {
+    /// STARTTLS to the notifier: off (UCS), try (plain text only when the notifier does not
+    /// offer STARTTLS, never after a failed TLS handshake) or required. UCR:
+    /// listener/notifier/tls.
+    #[arg(long = "notifier-tls", value_name = "off|try|required", global = true)]
+    pub mode: Option<TlsMode>,
+    /// CA certificates the notifier's certificate must chain to. UCR:
+    /// listener/notifier/tls/ca; default /etc/univention/ssl/ucsCA/CAcert.pem.
+    #[arg(long = "notifier-tls-ca", value_name = "FILE", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate for a notifier that requires one. UCR:
+    /// listener/notifier/tls/certificate; default the machine certificate
+    /// /etc/univention/ssl/<fqdn>/cert.pem when it and its key exist.
+    #[arg(long = "notifier-tls-certificate", value_name = "FILE", global = true)]
+    pub certificate: Option<PathBuf>,
+    /// Private key of the client certificate. UCR: listener/notifier/tls/key; default
+    /// /etc/univention/ssl/<fqdn>/private.key.
+    #[arg(long = "notifier-tls-key", value_name = "FILE", global = true)]
+    pub key: Option<PathBuf>,
+    /// Name the notifier's certificate must carry (default: the notifier host as
+    /// connected to). UCR: listener/notifier/tls/name.
+    #[arg(long = "notifier-tls-name", value_name = "NAME", global = true)]
+    pub server_name: Option<String>,
+}
+
+impl NotifierTlsArgs {
+    /// The settings with UCR defaults, files loaded (so later privilege drops do not matter).
+    pub fn resolve(&self, ucr: &Ucr) -> Result<ClientTls, ConfigError> {
+        let mode = match self.mode {
+            Some(mode) => mode,
+            None => match ucr.get("listener/notifier/tls") {
+                None | Some("") => TlsMode::Off,
+                Some(text) => text.parse().map_err(|reason| ConfigError::Invalid {
+                    option: "listener/notifier/tls",
+                    reason,
+                })?,
+            },
+        };
+        if mode == TlsMode::Off {
+            return Ok(ClientTls::off());
+        }
+        let path = |given: &Option<PathBuf>, key: &str| {
+            given
+                .clone()
+                .or_else(|| ucr.get(key).filter(|v| !v.is_empty()).map(PathBuf::from))
+        };
+        let ca = path(&self.ca, "listener/notifier/tls/ca")
+            .unwrap_or_else(|| PathBuf::from(UCS_CA_FILE));
+        let certificate = path(&self.certificate, "listener/notifier/tls/certificate");
+        let key = path(&self.key, "listener/notifier/tls/key");
+        let identity = match (certificate, key) {
+            (Some(certificate), Some(key)) => Some((certificate, key)),
+            (Some(_), None) | (None, Some(_)) => return Err(TlsError::HalfIdentity.into()),
+            (None, None) => {
+                let dir = PathBuf::from(UCS_SSL_DIR).join(fqdn(ucr));
+                let (certificate, key) = (dir.join("cert.pem"), dir.join("private.key"));
+                (certificate.exists() && key.exists()).then_some((certificate, key))
+            }
+        };
+        let server_name = self.server_name.clone().or_else(|| {
+            ucr.get("listener/notifier/tls/name")
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        });
+        Ok(ClientTls::new(
+            mode,
+            &ClientTlsFiles {
+                ca,
+                identity,
+                server_name,
+            },
+        )?)
+    }
+}
+
+/// The machine's name as UCS spells its certificate directory: UCR hostname.domainname.
+fn fqdn(ucr: &Ucr) -> String {
+    let host = ucr
+        .get("hostname")
+        .map_or_else(daemon::host::hostname, str::to_owned);
+    match ucr.get("domainname") {
+        Some(domain) if !domain.is_empty() && !host.contains('.') => format!("{host}.{domain}"),
+        _ => host,
+    }
 }
 
 fn seconds(option: &'static str, value: f64) -> Result<Duration, ConfigError> {
@@ -339,6 +442,7 @@ impl Config {
         let ldap = ldap_target(&cli, &ucr, notifier_port)?;
         let auth = auth(&cli)?;
         let starttls = StartTls::from_z_count(cli.starttls);
+        let notifier_tls = cli.notifier_tls.resolve(&ucr)?;
         let mode = if cli.init_only || cli.init_keep_cache {
             RunMode::InitOnly
         } else {
@@ -352,6 +456,7 @@ impl Config {
             auth,
             starttls,
             protocol: cli.protocol,
+            notifier_tls,
             module_paths: cli.modules,
             native_modules: cli.native_modules,
             cache_dir: cli.cache_dir,
@@ -514,6 +619,50 @@ mod tests {
 
     fn resolve(args: &[&str], ucr: &str) -> Result<Config, ConfigError> {
         Config::resolve(cli(args), Ucr::parse(ucr))
+    }
+
+    #[test]
+    fn notifier_tls_from_flags_and_ucr() {
+        let base = ["-h", "m", "-b", "dc=x", "-x"];
+        let config = resolve(&base, "").unwrap();
+        assert_eq!(config.notifier_tls.mode(), TlsMode::Off);
+        // Off loads nothing, so missing files do not matter.
+        let config = resolve(
+            &[&base[..], &["--notifier-tls-ca", "/nonexistent"]].concat(),
+            "",
+        )
+        .unwrap();
+        assert_eq!(config.notifier_tls.mode(), TlsMode::Off);
+
+        let err = resolve(&base, "listener/notifier/tls: sometimes\n").unwrap_err();
+        assert!(
+            err.to_string().starts_with("listener/notifier/tls: "),
+            "{err}"
+        );
+        let err = resolve(
+            &base,
+            "listener/notifier/tls: try\nlistener/notifier/tls/ca: /nonexistent/ca.pem\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+        let err = resolve(
+            &[
+                &base[..],
+                &[
+                    "--notifier-tls",
+                    "required",
+                    "--notifier-tls-certificate",
+                    "/c.pem",
+                ],
+            ]
+            .concat(),
+            "",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ConfigError::NotifierTls(TlsError::HalfIdentity)),
+            "{err:?}"
+        );
     }
 
     #[test]

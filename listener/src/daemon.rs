@@ -293,14 +293,15 @@ impl Daemon {
     /// The notifier connection, (re)connecting once if needed.
     async fn connected(&mut self) -> Result<&mut NotifierClient, ClientError> {
         if self.notifier.is_none() {
-            let client = NotifierClient::connect(
+            let client = NotifierClient::connect_with(
                 &self.server.notifier_host,
                 self.server.notifier_port,
                 self.config.protocol,
                 self.config.alive_timeout,
+                &self.config.notifier_tls,
             )
             .await?;
-            tracing::info!("connected to the notifier at {}", client.peer());
+            log_connected(&client, &self.config.notifier_tls);
             self.notifier = Some(client);
             self.reconnect.reset();
         }
@@ -821,4 +822,19 @@ fn free_mib(dir: &Path) -> Option<u64> {
         return None;
     }
     Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64) / (1024 * 1024))
+}
+
+/// Says whether a notifier connection is encrypted; `try` that ended in plain text is a
+/// warning, since the operator asked for TLS.
+pub fn log_connected(client: &NotifierClient, tls: &proto::ClientTls) {
+    if client.is_tls() {
+        tracing::info!("connected to the notifier at {} (TLS)", client.peer());
+    } else if tls.mode() == proto::TlsMode::Try {
+        tracing::warn!(
+            "connected to the notifier at {} in plain text: it does not offer STARTTLS",
+            client.peer()
+        );
+    } else {
+        tracing::info!("connected to the notifier at {}", client.peer());
+    }
 }

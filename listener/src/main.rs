@@ -346,13 +346,15 @@ async fn try_connect(
     }
     let mut ldap = Connection::new(ldap.endpoint().clone(), config.ldap_retries);
     ldap.handle().await?;
-    let mut notifier = NotifierClient::connect(
+    let mut notifier = NotifierClient::connect_with(
         &server.notifier_host,
         server.notifier_port,
         config.protocol,
         config.notifier_timeout,
+        &config.notifier_tls,
     )
     .await?;
+    listener::daemon::log_connected(&notifier, &config.notifier_tls);
     notifier
         .get_id(config.notifier_timeout)
         .await

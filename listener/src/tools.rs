@@ -158,8 +158,9 @@ pub async fn query_notifier(
     port: u16,
     schema: bool,
     timeout: Duration,
+    tls: &proto::ClientTls,
 ) -> Result<u64, ClientError> {
-    let mut client = NotifierClient::connect(host, port, 3, timeout).await?;
+    let mut client = NotifierClient::connect_with(host, port, 3, timeout, tls).await?;
     if schema {
         client.get_schema_id(timeout).await
     } else {

@@ -12,6 +12,13 @@ use clap::{Parser, ValueEnum};
 use daemon::ucr::Ucr;
 use ldap::{Auth, Password};
 
+use crate::server::access::{self, Cidr};
+use crate::server::tls::{TlsFiles, TlsPolicy};
+
+/// UCS's machine certificates: `<dir>/<fqdn>/cert.pem` and `private.key`, and the domain CA.
+pub const UCS_SSL_DIR: &str = "/etc/univention/ssl";
+pub const UCS_CA_FILE: &str = "/etc/univention/ssl/ucsCA/CAcert.pem";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum IntakeKind {
     /// The UCS translog overlay's queue file `<ldap-dir>/listener/listener`.
@@ -26,7 +33,8 @@ pub enum IntakeKind {
 ///
 /// Defaults come from UCR (`/etc/univention/base.conf`) when it exists: notifier/debug/level,
 /// notifier/cache/size, notifier/lock/count, notifier/lock/time, notifier/protocol/version,
-/// ldap/base.
+/// ldap/base, notifier/tls/policy, notifier/tls/certificate, notifier/tls/key,
+/// notifier/tls/ca, notifier/allow, hostname, domainname.
 #[derive(Debug, Parser)]
 #[command(
     name = "univention-directory-notifier",
@@ -146,6 +154,28 @@ pub struct Cli {
     /// without a transaction, and again every as many seconds; 0: never.
     #[arg(long, value_name = "SECONDS", default_value_t = 3600.0)]
     pub idle_report: f64,
+    /// TLS policy on the client port: optional (STARTTLS offered when a certificate is
+    /// available, plain clients served too), required (every client upgrades before any
+    /// request), client-cert (and presents a certificate issued by --tls-ca). UCR:
+    /// notifier/tls/policy.
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub tls_policy: Option<TlsPolicy>,
+    /// Certificate (PEM chain) offered with STARTTLS. UCR: notifier/tls/certificate;
+    /// default /etc/univention/ssl/<fqdn>/cert.pem, used when it exists.
+    #[arg(long, value_name = "FILE")]
+    pub tls_certificate: Option<PathBuf>,
+    /// Private key of the certificate. UCR: notifier/tls/key; default
+    /// /etc/univention/ssl/<fqdn>/private.key.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates client certificates must chain to (policy client-cert). UCR:
+    /// notifier/tls/ca; default /etc/univention/ssl/ucsCA/CAcert.pem.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Admit clients only from these address blocks (ADDR/PREFIX, comma-separated,
+    /// repeatable), in plain text and TLS alike; default: all. UCR: notifier/allow.
+    #[arg(long, value_name = "CIDR[,CIDR...]")]
+    pub allow: Vec<String>,
     /// UCR file to read defaults from.
     #[arg(long, value_name = "FILE", default_value = daemon::ucr::BASE_CONF)]
     pub ucr_file: PathBuf,
@@ -182,6 +212,10 @@ pub struct Config {
     /// Zero: no idle reports.
     pub idle_report: Duration,
     pub max_gap: u64,
+    pub tls_policy: TlsPolicy,
+    /// `None`: STARTTLS is not offered.
+    pub tls: Option<TlsFiles>,
+    pub allow: Vec<Cidr>,
     /// Deprecated options given, to warn about once logging is up.
     pub ignored_options: Vec<&'static str>,
 }
@@ -199,6 +233,79 @@ pub enum ConfigError {
         option: &'static str,
         reason: String,
     },
+}
+
+/// The machine's name as UCS spells its certificate directory: UCR hostname.domainname.
+fn fqdn(ucr: &Ucr) -> String {
+    let host = ucr
+        .get("hostname")
+        .map_or_else(daemon::host::hostname, str::to_owned);
+    match ucr.get("domainname") {
+        Some(domain) if !domain.is_empty() && !host.contains('.') => format!("{host}.{domain}"),
+        _ => host,
+    }
+}
+
+/// The TLS policy and files. A certificate named on the command line or in UCR must load; the
+/// UCS default is used only when it exists, so a host without one keeps serving plain text.
+fn tls(cli: &Cli, ucr: &Ucr) -> Result<(TlsPolicy, Option<TlsFiles>), ConfigError> {
+    let policy = match cli.tls_policy {
+        Some(policy) => policy,
+        None => match ucr.get("notifier/tls/policy") {
+            None | Some("") => TlsPolicy::default(),
+            Some(text) => <TlsPolicy as clap::ValueEnum>::from_str(text, true).map_err(|_| {
+                ConfigError::Invalid {
+                    option: "notifier/tls/policy",
+                    reason: format!("{text:?}: expected optional, required or client-cert"),
+                }
+            })?,
+        },
+    };
+    let path = |given: &Option<PathBuf>, key: &str| {
+        given
+            .clone()
+            .or_else(|| ucr.get(key).filter(|v| !v.is_empty()).map(PathBuf::from))
+    };
+    let explicit = path(&cli.tls_certificate, "notifier/tls/certificate");
+    let machine_dir = PathBuf::from(UCS_SSL_DIR).join(fqdn(ucr));
+    let certificate = match explicit {
+        Some(file) => file,
+        None => {
+            let default = machine_dir.join("cert.pem");
+            if !default.exists() && !policy.requires_tls() {
+                return Ok((policy, None));
+            }
+            default
+        }
+    };
+    let key =
+        path(&cli.tls_key, "notifier/tls/key").unwrap_or_else(|| machine_dir.join("private.key"));
+    let ca = path(&cli.tls_ca, "notifier/tls/ca");
+    let ca = match (ca, policy) {
+        (Some(ca), _) => Some(ca),
+        (None, TlsPolicy::ClientCert) => Some(PathBuf::from(UCS_CA_FILE)),
+        (None, _) => None,
+    };
+    Ok((
+        policy,
+        Some(TlsFiles {
+            certificate,
+            key,
+            ca,
+        }),
+    ))
+}
+
+fn allow_list(cli: &Cli, ucr: &Ucr) -> Result<Vec<Cidr>, ConfigError> {
+    let (option, text) = if cli.allow.is_empty() {
+        (
+            "notifier/allow",
+            ucr.get("notifier/allow").unwrap_or_default().to_owned(),
+        )
+    } else {
+        ("--allow", cli.allow.join(","))
+    };
+    access::parse_list(&text).map_err(|reason| ConfigError::Invalid { option, reason })
 }
 
 fn seconds(option: &'static str, value: f64) -> Result<Duration, ConfigError> {
@@ -232,6 +339,8 @@ impl Config {
             Some(dn) => Auth::for_tool(&cli.accesslog_uri, Some(dn), password),
             None => Auth::SaslExternal,
         };
+        let (tls_policy, tls) = tls(&cli, ucr)?;
+        let allow = allow_list(&cli, ucr)?;
         let mut ignored_options = Vec::new();
         for (given, name) in [
             (cli.deprecated_o, "-o"),
@@ -287,6 +396,9 @@ impl Config {
             poll_interval: seconds("--poll-interval", cli.poll_interval)?,
             idle_report: seconds("--idle-report", cli.idle_report)?,
             max_gap: cli.max_gap,
+            tls_policy,
+            tls,
+            allow,
             ignored_options,
         })
     }
@@ -351,6 +463,53 @@ mod tests {
     }
 
     #[test]
+    fn tls_files_and_policy_from_flags_and_ucr() {
+        let ucr = Ucr::parse(
+            "hostname: primary\ndomainname: example.test\nnotifier/tls/policy: required\n\
+             notifier/allow: 10.0.0.0/8 192.0.2.1\n",
+        );
+        let config = Config::resolve(parse(&[]), &ucr).unwrap();
+        assert_eq!(config.tls_policy, TlsPolicy::Required);
+        let files = config.tls.unwrap();
+        assert_eq!(
+            files.certificate,
+            PathBuf::from("/etc/univention/ssl/primary.example.test/cert.pem")
+        );
+        assert_eq!(
+            files.key,
+            PathBuf::from("/etc/univention/ssl/primary.example.test/private.key")
+        );
+        assert_eq!(files.ca, None);
+        assert_eq!(config.allow.len(), 2);
+
+        let config = Config::resolve(
+            parse(&[
+                "--tls-policy",
+                "client-cert",
+                "--tls-certificate",
+                "/c.pem",
+                "--tls-key",
+                "/k.pem",
+                "--allow",
+                "::1",
+            ]),
+            &ucr,
+        )
+        .unwrap();
+        assert_eq!(config.tls_policy, TlsPolicy::ClientCert);
+        let files = config.tls.unwrap();
+        assert_eq!(files.certificate, PathBuf::from("/c.pem"));
+        assert_eq!(files.ca, Some(PathBuf::from(UCS_CA_FILE)));
+        assert_eq!(config.allow.len(), 1);
+
+        let bad = Ucr::parse("notifier/tls/policy: maybe\n");
+        let err = Config::resolve(parse(&[]), &bad).unwrap_err();
+        assert!(err.to_string().contains("notifier/tls/policy"), "{err}");
+        let err = Config::resolve(parse(&["--allow", "10.0.0.0/99"]), &Ucr::default()).unwrap_err();
+        assert!(err.to_string().contains("--allow"), "{err}");
+    }
+
+    #[test]
     fn defaults_match_ucs() {
         let config = Config::resolve(parse(&[]), &Ucr::default()).unwrap();
         assert_eq!(config.min_version, 2);
@@ -359,5 +518,7 @@ mod tests {
         assert_eq!(config.lock_delay, Duration::from_micros(100));
         assert_eq!(config.pid_file, PathBuf::from("/var/run/udsnotifier.pid"));
         assert!(config.translog.is_some());
+        assert_eq!(config.tls_policy, TlsPolicy::Optional);
+        assert!(config.allow.is_empty());
     }
 }

@@ -20,6 +20,7 @@ use notifier::intake::queue_file::{QueueFileConfig, QueueFileIntake};
 use notifier::journal::{Journal, JournalOptions};
 use notifier::metrics::Metrics;
 use notifier::schema::SchemaWatcher;
+use notifier::server::tls::ServerTls;
 use notifier::server::{self, ServerConfig, ServerState};
 use notifier::translog::TranslogWriter;
 use tokio::signal::unix::{SignalKind, signal};
@@ -91,7 +92,23 @@ async fn run(config: Config, logging: Arc<Logging>) -> Result<()> {
     let pid_file = PidFile::create(&config.pid_file)?;
     let shutdown = CancellationToken::new();
     let heartbeat = Heartbeat::new();
-    spawn_signal_handler(shutdown.clone(), Arc::clone(&logging))?;
+    let tls = match &config.tls {
+        Some(files) => {
+            let loaded = ServerTls::load(files.clone(), config.tls_policy)
+                .context("cannot set up STARTTLS")?;
+            tracing::info!(
+                "offering STARTTLS with {} (policy {:?})",
+                files.certificate.display(),
+                config.tls_policy
+            );
+            Some(Arc::new(loaded))
+        }
+        None => {
+            tracing::info!("no TLS certificate configured: STARTTLS is not offered");
+            None
+        }
+    };
+    spawn_signal_handler(shutdown.clone(), Arc::clone(&logging), tls.clone())?;
 
     let notify_dir = config.notify_dir();
     std::fs::create_dir_all(&notify_dir)
@@ -124,6 +141,8 @@ async fn run(config: Config, logging: Arc<Logging>) -> Result<()> {
         schema_id: schema.shared(),
         journal: Arc::clone(&journal),
         metrics: Arc::clone(&metrics),
+        tls,
+        refusals: Default::default(),
     });
     let server_config = ServerConfig {
         min_version: config.min_version,
@@ -132,6 +151,8 @@ async fn run(config: Config, logging: Arc<Logging>) -> Result<()> {
         write_timeout: config.client_write_timeout,
         handshake_timeout: config.handshake_timeout,
         idle_timeout: config.idle_timeout,
+        tls_policy: config.tls_policy,
+        allow: config.allow.clone(),
         ..ServerConfig::default()
     };
     let mut tasks = TaskSet::new(shutdown.clone());
@@ -231,9 +252,14 @@ async fn run(config: Config, logging: Arc<Logging>) -> Result<()> {
     result.context("intake failed")
 }
 
-/// SIGTERM/SIGINT: finish the current commit and stop; SIGHUP: reopen the log file;
+/// SIGTERM/SIGINT: finish the current commit and stop; SIGHUP: reopen the log file and
+/// reload the TLS certificate, key and CA (connections keep the ones they started with);
 /// SIGUSR1/SIGUSR2: debug level up/down.
-fn spawn_signal_handler(shutdown: CancellationToken, logging: Arc<Logging>) -> Result<()> {
+fn spawn_signal_handler(
+    shutdown: CancellationToken,
+    logging: Arc<Logging>,
+    tls: Option<Arc<ServerTls>>,
+) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -247,6 +273,17 @@ fn spawn_signal_handler(shutdown: CancellationToken, logging: Arc<Logging>) -> R
                 _ = hup.recv() => {
                     if let Err(err) = logging.reopen() {
                         tracing::error!("SIGHUP: cannot reopen the log file: {err}");
+                    }
+                    if let Some(tls) = &tls {
+                        match tls.reload() {
+                            Ok(()) => tracing::info!(
+                                "SIGHUP: reloaded the TLS certificate {}",
+                                tls.files().certificate.display()
+                            ),
+                            Err(err) => tracing::error!(
+                                "SIGHUP: keeping the previous TLS certificate: {err}"
+                            ),
+                        }
                     }
                 }
                 _ = usr1.recv() => logging.raise(),

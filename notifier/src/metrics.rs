@@ -11,6 +11,41 @@ const LATENCY_BUCKETS: [f64; 10] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
 ];
 
+/// Why a client was refused, the `reason` label of `udn_clients_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// The global or the per-address connection limit.
+    Limit,
+    /// The address is not in the allow-list.
+    NotAllowed,
+    /// TLS is required and the client did not ask for STARTTLS.
+    PlainText,
+    /// The TLS handshake failed (also: no or an unaccepted client certificate).
+    TlsHandshake,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 4] = [
+        Refusal::Limit,
+        Refusal::NotAllowed,
+        Refusal::PlainText,
+        Refusal::TlsHandshake,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::Limit => "limit",
+            Refusal::NotAllowed => "not_allowed",
+            Refusal::PlainText => "plain_text",
+            Refusal::TlsHandshake => "tls_handshake",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     last_id: AtomicU64,
@@ -23,7 +58,9 @@ pub struct Metrics {
     clients: AtomicU64,
     clients_total: AtomicU64,
     clients_dropped_slow: AtomicU64,
-    clients_refused: AtomicU64,
+    clients_refused: [AtomicU64; Refusal::ALL.len()],
+    clients_tls: AtomicU64,
+    clients_tls_total: AtomicU64,
     clients_timed_out: AtomicU64,
     waits: AtomicU64,
     intake_lag: AtomicU64,
@@ -71,8 +108,19 @@ impl Metrics {
         self.clients.fetch_sub(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn client_refused(&self) {
-        self.clients_refused.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn client_refused(&self, why: Refusal) {
+        if let Some(counter) = self.clients_refused.get(why.index()) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn client_upgraded(&self) {
+        self.clients_tls.fetch_add(1, Ordering::Relaxed);
+        self.clients_tls_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn tls_client_disconnected(&self) {
+        self.clients_tls.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub(crate) fn client_timed_out(&self) {
@@ -160,10 +208,16 @@ impl Metrics {
             get(&self.clients_dropped_slow),
         )
         .single(
-            "udn_clients_refused_total",
+            "udn_clients_tls",
+            Kind::Gauge,
+            "Connected clients on TLS.",
+            get(&self.clients_tls),
+        )
+        .single(
+            "udn_clients_tls_total",
             Kind::Counter,
-            "Connections refused at the global or the per-address limit.",
-            get(&self.clients_refused),
+            "Connections upgraded with STARTTLS.",
+            get(&self.clients_tls_total),
         )
         .single(
             "udn_clients_timed_out_total",
@@ -213,6 +267,16 @@ impl Metrics {
             "Unix time of the last commit.",
             get(&self.last_commit_unix),
         );
+        let refused = "udn_clients_refused_total";
+        e.family(
+            refused,
+            Kind::Counter,
+            "Clients refused: at a connection limit, outside the allow-list, in plain text \
+             where TLS is required, or in a failed TLS handshake.",
+        );
+        for (why, count) in Refusal::ALL.iter().zip(&self.clients_refused) {
+            e.sample(refused, &[("reason", why.label())], get(count));
+        }
         let name = "udn_commit_duration_seconds";
         e.family(
             name,

@@ -1,8 +1,9 @@
 //! Capabilities exchanged in the handshake (`Capabilities: <list>`).
 //!
-//! UCS documents `STARTTLS` only as an example and never implements or advertises anything, so
-//! in practice the server's list is always empty. Negotiation is an intersection, which keeps
-//! it that way: nothing is sent unless the peer asked for it.
+//! UCS documents `STARTTLS` only as an example and never implements or advertises anything.
+//! This notifier offers `STARTTLS` when it has a certificate ([`crate::tls`]). Negotiation is
+//! an intersection: nothing is sent unless the peer asked for it, so a UCS client, which asks
+//! for nothing, still gets the empty list.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -64,7 +65,7 @@ fn is_separator(c: char) -> bool {
 pub struct Capabilities(BTreeSet<Capability>);
 
 impl Capabilities {
-    /// The empty set, which is all the server ever offers today.
+    /// The empty set, which is what a UCS server offers.
     pub fn new() -> Capabilities {
         Capabilities(BTreeSet::new())
     }

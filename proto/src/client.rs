@@ -21,10 +21,12 @@ use tokio::net::{TcpSocket, TcpStream, lookup_host};
 use tokio::time::timeout;
 use tokio_util::codec::Framed;
 
+use crate::capability::{Capabilities, Capability};
 use crate::codec::ClientCodec;
 use crate::error::ProtocolError;
 use crate::frame::{ClientFrame, MSGID_UNSET, Request, ServerMessage};
 use crate::line::{Transaction, TransactionId, parse_get_dn_body, parse_u64};
+use crate::tls::{ClientTls, TlsMode, Transport};
 
 /// Longest prefix of a reply body quoted in [`ClientError::BadReply`], so errors stay
 /// log-friendly.
@@ -118,6 +120,21 @@ pub enum ClientError {
         /// Description of the message.
         what: String,
     },
+    /// TLS is required and the notifier does not offer STARTTLS.
+    #[error("notifier at {peer} does not offer STARTTLS, and TLS is required")]
+    TlsNotOffered {
+        /// `host:port` of the notifier.
+        peer: String,
+    },
+    /// The TLS handshake after STARTTLS failed (a certificate that is not accepted, or a
+    /// notifier that refuses this client's certificate).
+    #[error("TLS with notifier at {peer} failed: {reason}")]
+    Tls {
+        /// `host:port` of the notifier.
+        peer: String,
+        /// OpenSSL's reason, or the verification result.
+        reason: String,
+    },
     /// [`NotifierClient::reply`] was asked for a MSGID that was never sent on this
     /// connection, has already been delivered, or was abandoned after a timeout.
     #[error("no request with MSGID {msgid} is awaiting a reply")]
@@ -130,7 +147,7 @@ pub enum ClientError {
 /// A connection to a notifier after a successful handshake.
 #[derive(Debug)]
 pub struct NotifierClient {
-    framed: Framed<TcpStream, ClientCodec>,
+    framed: Framed<Transport, ClientCodec>,
     /// MSGID for the next request.
     next_msgid: u32,
     /// Requests sent and not yet delivered to a caller, with their reply once it has arrived.
@@ -142,26 +159,49 @@ pub struct NotifierClient {
 }
 
 impl NotifierClient {
-    /// Connects to `host:port` and negotiates protocol `version`.
-    ///
-    /// `host` may be a name or an IP address; every address it resolves to is tried in turn.
-    /// Name resolution, each connection attempt and the handshake are each limited to
-    /// `limit`. Sockets get `TCP_NODELAY` and TCP keepalive.
-    ///
-    /// Fails with [`ClientError::VersionMismatch`] if the server answers with another version
-    /// (it clamps versions above 3 to 3), and with [`ClientError::HandshakeClosed`] if it
-    /// hangs up instead of answering.
+    /// Connects to `host:port` and negotiates protocol `version` in plain text, like every
+    /// UCS client; see [`NotifierClient::connect_with`].
     pub async fn connect(
         host: &str,
         port: u16,
         version: u32,
         limit: Duration,
     ) -> Result<NotifierClient, ClientError> {
+        NotifierClient::connect_with(host, port, version, limit, &ClientTls::off()).await
+    }
+
+    /// Connects to `host:port`, negotiates protocol `version` and, as `tls` says, STARTTLS.
+    ///
+    /// `host` may be a name or an IP address; every address it resolves to is tried in turn.
+    /// Name resolution, each connection attempt, the handshake and the TLS handshake are
+    /// each limited to `limit`. Sockets get `TCP_NODELAY` and TCP keepalive.
+    ///
+    /// Fails with [`ClientError::VersionMismatch`] if the server answers with another version
+    /// (it clamps versions above 3 to 3), with [`ClientError::HandshakeClosed`] if it hangs
+    /// up instead of answering, with [`ClientError::TlsNotOffered`] if TLS is required and
+    /// not offered, and with [`ClientError::Tls`] if the TLS handshake fails (never falling
+    /// back to plain text after that).
+    pub async fn connect_with(
+        host: &str,
+        port: u16,
+        version: u32,
+        limit: Duration,
+        tls: &ClientTls,
+    ) -> Result<NotifierClient, ClientError> {
         let peer = host_port(host, port);
         let stream = open(host, port, &peer, limit).await?;
-        let mut framed = Framed::new(stream, ClientCodec::new());
+        let mut framed = Framed::new(Transport::Plain(stream), ClientCodec::new());
+        let mut asked = Capabilities::new();
+        if tls.mode() != TlsMode::Off {
+            asked.insert(Capability::StartTls);
+        }
         let handshake = async {
-            framed.send(ClientFrame::handshake(version)).await?;
+            framed
+                .send(ClientFrame::Handshake {
+                    version,
+                    capabilities: asked.clone(),
+                })
+                .await?;
             framed.next().await.transpose()
         };
         let answer = match timeout(limit, handshake).await {
@@ -173,29 +213,53 @@ impl NotifierClient {
                 });
             }
         };
-        match answer {
+        let capabilities = match answer {
+            Some(ServerMessage::Handshake {
+                version: offered,
+                capabilities,
+            }) if offered == version => capabilities,
             Some(ServerMessage::Handshake {
                 version: offered, ..
-            }) if offered == version => Ok(NotifierClient {
-                framed,
-                next_msgid: 1,
-                pending: HashMap::new(),
+            }) => {
+                return Err(ClientError::VersionMismatch {
+                    peer,
+                    requested: version,
+                    offered,
+                });
+            }
+            Some(ServerMessage::Response { msgid, .. }) => {
+                return Err(ClientError::Unexpected {
+                    peer,
+                    what: format!("a reply to MSGID {msgid} instead of the handshake answer"),
+                });
+            }
+            None => return Err(ClientError::HandshakeClosed { peer, version }),
+        };
+        if let Some(unasked) = capabilities.iter().find(|c| !asked.contains(c)) {
+            return Err(ClientError::Unexpected {
                 peer,
-                version,
-            }),
-            Some(ServerMessage::Handshake {
-                version: offered, ..
-            }) => Err(ClientError::VersionMismatch {
-                peer,
-                requested: version,
-                offered,
-            }),
-            Some(ServerMessage::Response { msgid, .. }) => Err(ClientError::Unexpected {
-                peer,
-                what: format!("a reply to MSGID {msgid} instead of the handshake answer"),
-            }),
-            None => Err(ClientError::HandshakeClosed { peer, version }),
+                what: format!(
+                    "capability {unasked} in the handshake answer, which was not asked for"
+                ),
+            });
         }
+        if capabilities.contains(&Capability::StartTls) {
+            framed = start_tls(framed, host, &peer, limit, tls).await?;
+        } else if tls.mode() == TlsMode::Required {
+            return Err(ClientError::TlsNotOffered { peer });
+        }
+        Ok(NotifierClient {
+            framed,
+            next_msgid: 1,
+            pending: HashMap::new(),
+            peer,
+            version,
+        })
+    }
+
+    /// Whether the connection is encrypted (STARTTLS was negotiated).
+    pub fn is_tls(&self) -> bool {
+        self.framed.get_ref().is_tls()
     }
 
     /// The negotiated protocol version (always the one asked for).
@@ -379,6 +443,50 @@ fn host_port(host: &str, port: u16) -> String {
     } else {
         format!("{host}:{port}")
     }
+}
+
+/// The TLS handshake after the server offered STARTTLS in its handshake answer.
+async fn start_tls(
+    framed: Framed<Transport, ClientCodec>,
+    host: &str,
+    peer: &str,
+    limit: Duration,
+    tls: &ClientTls,
+) -> Result<Framed<Transport, ClientCodec>, ClientError> {
+    let parts = framed.into_parts();
+    // The server sends nothing between its answer and the TLS handshake; bytes there were
+    // put in by someone else and must not be read as if they came through TLS.
+    if !parts.read_buf.is_empty() {
+        return Err(ClientError::Unexpected {
+            peer: peer.to_owned(),
+            what: "clear-text data after the STARTTLS answer".to_owned(),
+        });
+    }
+    let Transport::Plain(tcp) = parts.io else {
+        return Err(ClientError::Unexpected {
+            peer: peer.to_owned(),
+            what: "a second STARTTLS".to_owned(),
+        });
+    };
+    let stream = match timeout(limit, tls.connect(host, tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(failure)) => {
+            return Err(ClientError::Tls {
+                peer: peer.to_owned(),
+                reason: failure.to_string(),
+            });
+        }
+        Err(_) => {
+            return Err(ClientError::Timeout {
+                what: format!("the TLS handshake with notifier at {peer}"),
+                after: limit,
+            });
+        }
+    };
+    Ok(Framed::new(
+        Transport::Tls(Box::new(stream)),
+        ClientCodec::new(),
+    ))
 }
 
 /// Resolves `host` and connects to the first address that accepts.
@@ -603,6 +711,82 @@ mod tests {
             client.unwrap_err(),
             ClientError::Unexpected { .. }
         ));
+    }
+
+    /// Answers a handshake that asked for `asked` with `answer` as the capability list.
+    async fn serve_capabilities(listener: &TcpListener, asked: &str, answer: &str) -> TcpStream {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        expect(
+            &mut stream,
+            format!("Version: 3\nCapabilities: {asked}\n\n").as_bytes(),
+        )
+        .await;
+        stream
+            .write_all(format!("Version: 3\nCapabilities: {answer}\n\n").as_bytes())
+            .await
+            .unwrap();
+        stream
+    }
+
+    #[tokio::test]
+    async fn tls_modes_against_a_server_without_starttls() {
+        let (listener, port) = listen().await;
+        let tls = ClientTls::without_files(TlsMode::Try);
+        let (client, _server) = tokio::join!(
+            NotifierClient::connect_with("127.0.0.1", port, 3, LIMIT, &tls),
+            serve_capabilities(&listener, "STARTTLS", "")
+        );
+        assert!(!client.unwrap().is_tls(), "try falls back to plain text");
+
+        let tls = ClientTls::without_files(TlsMode::Required);
+        let (client, _server) = tokio::join!(
+            NotifierClient::connect_with("127.0.0.1", port, 3, LIMIT, &tls),
+            serve_capabilities(&listener, "STARTTLS", "")
+        );
+        let err = client.unwrap_err();
+        assert!(matches!(err, ClientError::TlsNotOffered { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!("notifier at 127.0.0.1:{port} does not offer STARTTLS, and TLS is required")
+        );
+    }
+
+    #[tokio::test]
+    async fn starttls_that_was_not_asked_for_is_refused() {
+        let (listener, port) = listen().await;
+        let (client, _server) = tokio::join!(
+            NotifierClient::connect("127.0.0.1", port, 3, LIMIT),
+            serve_capabilities(&listener, "", "STARTTLS")
+        );
+        let err = client.unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Unexpected { what, .. } if what.contains("STARTTLS")),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn clear_text_after_the_starttls_answer_is_refused() {
+        let (listener, port) = listen().await;
+        let tls = ClientTls::without_files(TlsMode::Required);
+        let server = async {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            expect(&mut stream, b"Version: 3\nCapabilities: STARTTLS\n\n").await;
+            stream
+                .write_all(b"Version: 3\nCapabilities: STARTTLS\n\nMSGID: 1\n5\n\n")
+                .await
+                .unwrap();
+            stream
+        };
+        let (client, _server) = tokio::join!(
+            NotifierClient::connect_with("127.0.0.1", port, 3, LIMIT, &tls),
+            server
+        );
+        let err = client.unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Unexpected { what, .. } if what.contains("clear-text")),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]

@@ -142,7 +142,7 @@ pub enum ServerMessage {
     Handshake {
         /// Negotiated (clamped) version.
         version: u32,
-        /// Negotiated capabilities; always empty today.
+        /// Negotiated capabilities: empty, or `STARTTLS` when both sides want TLS.
         capabilities: Capabilities,
     },
     /// `MSGID: <k>\n<body>\n\n`.

@@ -3,7 +3,8 @@
 //!
 //! The protocol is ASCII text in `\n`-terminated lines. A client opens with
 //! `Version: <v>\nCapabilities: <list>\n\n`; the server answers
-//! `Version: <min(v,3)>\nCapabilities: \n\n` once the Capabilities line arrives. Each request
+//! `Version: <min(v,3)>\nCapabilities: \n\n` once the Capabilities line arrives (with
+//! `STARTTLS` in the list when both sides asked for it: then TLS starts on the socket). Each request
 //! is `MSGID: <k>\n<COMMAND>[ <arg>]\n`, optionally followed by a blank line; commands are
 //! `GET_DN <id>` (protocol 1/2), `WAIT_ID <id>` (protocol 3), `GET_ID`, `GET_SCHEMA_ID` and
 //! `ALIVE`. Every answer is `MSGID: <k>\n<body>\n\n`. There are no error replies: the server
@@ -15,6 +16,7 @@
 //! * [`frame`]: typed messages for each direction;
 //! * [`codec`]: `tokio-util` codecs for the server ([`ServerCodec`]) and client
 //!   ([`ClientCodec`]) ends;
+//! * [`tls`]: STARTTLS (the stream before and after the upgrade, the client's settings);
 //! * [`client`]: an async client ([`NotifierClient`]) doing the handshake, MSGID bookkeeping
 //!   and time limits for the listener and one-shot tools.
 //!
@@ -37,6 +39,7 @@ pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod line;
+pub mod tls;
 
 pub use capability::{Capabilities, Capability};
 pub use client::{ClientError, NotifierClient, parse_get_dn_reply, parse_id_reply};
@@ -46,3 +49,4 @@ pub use frame::{
     ClientFrame, ClientMessage, MAX_FRAME_LEN, MAX_VERSION, Request, ServerMessage, clamp_version,
 };
 pub use line::{Command, LineError, MAX_LINE_LEN, Transaction, TransactionId, parse_get_dn_body};
+pub use tls::{ClientTls, ClientTlsFiles, TlsError, TlsMode, Transport};

@@ -74,6 +74,8 @@ struct Cli {
         global = true
     )]
     unit: String,
+    #[command(flatten)]
+    tls: listener::config::NotifierTlsArgs,
     /// UCR file to read defaults from.
     #[arg(long, value_name = "FILE", default_value = daemon::ucr::BASE_CONF, global = true)]
     ucr_file: PathBuf,
@@ -158,11 +160,13 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Cmd::NotifierId { host, schema } => {
             let host = host.clone().or_else(|| cli.notifier_host.clone());
             let (host, port) = notifier_target(cli, &ucr, host);
+            let tls = cli.tls.resolve(&ucr)?;
             let id = runtime()?.block_on(tools::query_notifier(
                 &host,
                 port,
                 *schema,
                 NOTIFIER_TIMEOUT,
+                &tls,
             ))?;
             println!("{id}");
             Ok(ExitCode::SUCCESS)
@@ -289,7 +293,19 @@ struct NotifierReport {
 
 fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
     let (host, port) = notifier_target(cli, ucr, cli.notifier_host.clone());
-    let notifier = runtime()?.block_on(tools::query_notifier(&host, port, false, NOTIFIER_TIMEOUT));
+    // A TLS setting that cannot be loaded is reported like an unreachable notifier.
+    let notifier = match cli.tls.resolve(ucr) {
+        Ok(tls) => runtime()?
+            .block_on(tools::query_notifier(
+                &host,
+                port,
+                false,
+                NOTIFIER_TIMEOUT,
+                &tls,
+            ))
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
     let running = tools::listener_running(&cli.cache_dir);
     let live = live_status(cli, running);
     let now = SystemTime::now();
@@ -346,7 +362,7 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
             host: host.clone(),
             port,
             id: notifier_id,
-            error: notifier.as_ref().err().map(ToString::to_string),
+            error: notifier.as_ref().err().cloned(),
         },
         processed_id,
         lag,

@@ -33,6 +33,8 @@ struct Cli {
         default_value_t = 10
     )]
     timeout: u64,
+    #[command(flatten)]
+    tls: listener::config::NotifierTlsArgs,
     /// UCR file to read defaults from.
     #[arg(long, value_name = "FILE", default_value = daemon::ucr::BASE_CONF)]
     ucr_file: PathBuf,
@@ -50,14 +52,18 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| listener::config::default_notifier_host(&ucr));
     let port = listener::config::notifier_port(cli.port, &ucr);
     let timeout = Duration::from_secs(cli.timeout.max(1));
-    let result = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    let result = cli
+        .tls
+        .resolve(&ucr)
         .map_err(|e| e.to_string())
-        .and_then(|runtime| {
+        .and_then(|tls| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
             runtime
                 .block_on(listener::tools::query_notifier(
-                    &host, port, cli.schema, timeout,
+                    &host, port, cli.schema, timeout, &tls,
                 ))
                 .map_err(|e| e.to_string())
         });

@@ -2,17 +2,27 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 
+use bytes::{Buf, BytesMut};
 use futures::{SinkExt, StreamExt};
+use openssl::ssl::Ssl;
 use proto::frame::clamp_version;
-use proto::{Capabilities, ClientMessage, Request, ServerCodec, ServerMessage, TransactionId};
+use proto::{
+    Capabilities, Capability, ClientMessage, Request, ServerCodec, ServerMessage, TransactionId,
+    Transport,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep_until};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_openssl::SslStream;
+use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 use super::{ServerConfig, ServerState};
+use crate::metrics::Refusal;
 
 /// A blocking request waiting for its id to be committed.
 #[derive(Debug, Clone, Copy)]
@@ -42,7 +52,19 @@ enum Close {
     TooManyWaits,
     #[error("transaction log: {0}")]
     Storage(String),
+    /// Refused by the TLS policy; logged through `Refusals`, not as a plain close.
+    #[error("{1}")]
+    Refused(Refusal, String),
 }
+
+/// How serving a stream ended.
+enum Step {
+    Closed,
+    /// STARTTLS was negotiated: answer the handshake with this, then upgrade.
+    StartTls(ServerMessage),
+}
+
+type Frames = Framed<Transport, ServerCodec>;
 
 pub(super) struct Connection<'a> {
     state: &'a ServerState,
@@ -51,6 +73,8 @@ pub(super) struct Connection<'a> {
     version: Option<u32>,
     /// The handshake was answered.
     greeted: bool,
+    /// The connection runs over TLS.
+    tls: bool,
     waits: BTreeMap<u32, Wait>,
 }
 
@@ -62,19 +86,19 @@ impl<'a> Connection<'a> {
             peer,
             version: None,
             greeted: false,
+            tls: false,
             waits: BTreeMap::new(),
         }
+    }
+
+    fn codec(&self) -> ServerCodec {
+        ServerCodec::with_max_frame_len(self.config.max_request_len)
     }
 
     pub(super) async fn run(mut self, stream: TcpStream, shutdown: CancellationToken) {
         let peer = self.peer;
         tracing::debug!(%peer, "connected");
-        let (read_half, write_half) = stream.into_split();
-        let mut reader = FramedRead::new(
-            read_half,
-            ServerCodec::with_max_frame_len(self.config.max_request_len),
-        );
-        let mut writer = FramedWrite::new(write_half, ServerCodec::new());
+        let mut framed = Framed::new(Transport::Plain(stream), self.codec());
         let mut last_id = self.state.last_id.clone();
         last_id.mark_unchanged();
         // Until the handshake is answered the deadline is fixed (a client trickling bytes
@@ -82,9 +106,70 @@ impl<'a> Connection<'a> {
         // the idle limit. A connection with a pending wait has no deadline at all.
         let mut deadline = Instant::now() + self.config.handshake_timeout;
         loop {
+            match self
+                .serve(&mut framed, &mut last_id, &mut deadline, &shutdown)
+                .await
+            {
+                Step::Closed => break,
+                Step::StartTls(answer) => {
+                    let upgrade = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        upgraded = timeout(
+                            self.config.handshake_timeout,
+                            self.start_tls(framed, answer),
+                        ) => upgraded,
+                    };
+                    framed = match upgrade {
+                        Ok(Ok(framed)) => framed,
+                        Ok(Err(reason)) => {
+                            self.state.refusals.refuse(
+                                &self.state.metrics,
+                                peer.ip(),
+                                Refusal::TlsHandshake,
+                                &reason,
+                            );
+                            break;
+                        }
+                        Err(_) => {
+                            self.state.refusals.refuse(
+                                &self.state.metrics,
+                                peer.ip(),
+                                Refusal::TlsHandshake,
+                                &format!(
+                                    "no TLS handshake within {:?}",
+                                    self.config.handshake_timeout
+                                ),
+                            );
+                            break;
+                        }
+                    };
+                    self.tls = true;
+                    self.state.metrics.client_upgraded();
+                    tracing::debug!(%peer, "TLS established");
+                    deadline = Instant::now() + self.config.idle_timeout;
+                }
+            }
+        }
+        self.state.metrics.waits_removed(self.waits.len() as u64);
+        if self.tls {
+            self.state.metrics.tls_client_disconnected();
+        }
+        tracing::debug!(%peer, "disconnected");
+    }
+
+    /// Serves requests on `framed` until the connection ends or asks for STARTTLS.
+    async fn serve(
+        &mut self,
+        framed: &mut Frames,
+        last_id: &mut watch::Receiver<u64>,
+        deadline: &mut Instant,
+        shutdown: &CancellationToken,
+    ) -> Step {
+        let peer = self.peer;
+        loop {
             let replies = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = sleep_until(deadline), if self.waits.is_empty() => {
+                _ = shutdown.cancelled() => return Step::Closed,
+                _ = sleep_until(*deadline), if self.waits.is_empty() => {
                     let why = if self.greeted {
                         format!("idle for {:?}", self.config.idle_timeout)
                     } else {
@@ -92,56 +177,121 @@ impl<'a> Connection<'a> {
                     };
                     tracing::info!(%peer, "closing connection: {why}");
                     self.state.metrics.client_timed_out();
-                    break;
+                    return Step::Closed;
                 }
-                frame = reader.next() => match frame {
-                    None => break,
+                frame = framed.next() => match frame {
+                    None => return Step::Closed,
                     Some(Err(err)) => {
                         tracing::info!(%peer, "closing connection: {err}");
-                        break;
+                        return Step::Closed;
                     }
                     Some(Ok(message)) => {
                         let last = *last_id.borrow_and_update();
                         let replies = self.handle(message, last);
                         if self.greeted {
-                            deadline = Instant::now() + self.config.idle_timeout;
+                            *deadline = Instant::now() + self.config.idle_timeout;
                         }
                         replies
                     }
                 },
                 changed = last_id.changed(), if !self.waits.is_empty() => {
                     if changed.is_err() {
-                        break;
+                        return Step::Closed;
                     }
                     let last = *last_id.borrow_and_update();
-                    deadline = Instant::now() + self.config.idle_timeout;
+                    *deadline = Instant::now() + self.config.idle_timeout;
                     self.wake(last)
                 }
             };
             let replies = match replies {
                 Ok(replies) => replies,
+                Err(Close::Refused(kind, reason)) => {
+                    self.state
+                        .refusals
+                        .refuse(&self.state.metrics, peer.ip(), kind, &reason);
+                    return Step::Closed;
+                }
                 Err(reason) => {
                     tracing::info!(%peer, "closing connection: {reason}");
-                    break;
+                    return Step::Closed;
                 }
             };
+            let mut replies = replies;
+            let upgrade = matches!(
+                replies.as_slice(),
+                [ServerMessage::Handshake { capabilities, .. }]
+                    if capabilities.contains(&Capability::StartTls)
+            );
+            if upgrade && let Some(answer) = replies.pop() {
+                return Step::StartTls(answer);
+            }
             if replies.is_empty() {
                 continue;
             }
-            if !self.send(&mut writer, replies).await {
-                break;
+            if !self.send(framed, replies).await {
+                return Step::Closed;
             }
         }
-        self.state.metrics.waits_removed(self.waits.len() as u64);
-        tracing::debug!(%peer, "disconnected");
+    }
+
+    /// Answers a STARTTLS handshake in clear text and runs the TLS handshake as the server.
+    /// Errors are the reason to log for the refused client.
+    async fn start_tls(&self, framed: Frames, answer: ServerMessage) -> Result<Frames, String> {
+        let Some(tls) = &self.state.tls else {
+            return Err("STARTTLS without a certificate".to_owned());
+        };
+        let parts = framed.into_parts();
+        let Transport::Plain(mut tcp) = parts.io else {
+            return Err("a second STARTTLS".to_owned());
+        };
+        let mut buffered = parts.read_buf;
+        // The handshake block ends with a blank line, which may still be in flight; after
+        // it the client sends nothing until it has our answer. Anything else is refused:
+        // clear-text bytes must never be taken as if they had come through TLS.
+        loop {
+            if buffered.starts_with(b"\n") {
+                buffered.advance(1);
+                break;
+            }
+            if buffered.starts_with(b"\r\n") {
+                buffered.advance(2);
+                break;
+            }
+            if !buffered.is_empty() && buffered.as_ref() != b"\r" {
+                return Err("clear-text data after STARTTLS".to_owned());
+            }
+            match tcp.read_buf(&mut buffered).await {
+                Ok(0) => return Err("closed before the TLS handshake".to_owned()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read failed before the TLS handshake: {e}")),
+            }
+        }
+        if !buffered.is_empty() {
+            return Err("clear-text data after STARTTLS".to_owned());
+        }
+        let mut out = BytesMut::new();
+        answer
+            .encode_into(&mut out)
+            .map_err(|e| format!("cannot answer the handshake: {e}"))?;
+        tcp.write_all(&out)
+            .await
+            .map_err(|e| format!("cannot answer the handshake: {e}"))?;
+        let acceptor = tls.acceptor();
+        let ssl = Ssl::new(acceptor.context()).map_err(|e| format!("cannot set up TLS: {e}"))?;
+        let mut stream = SslStream::new(ssl, tcp).map_err(|e| format!("cannot set up TLS: {e}"))?;
+        if let Err(e) = Pin::new(&mut stream).accept().await {
+            let verify = stream.ssl().verify_result();
+            return Err(if verify == openssl::x509::X509VerifyResult::OK {
+                format!("TLS handshake failed: {e}")
+            } else {
+                format!("its certificate is not accepted: {verify}")
+            });
+        }
+        Ok(Framed::new(Transport::Tls(Box::new(stream)), self.codec()))
     }
 
     /// Writes replies, dropping the client if it does not take them within the timeout.
-    async fn send(
-        &self,
-        writer: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf, ServerCodec>,
-        replies: Vec<ServerMessage>,
-    ) -> bool {
+    async fn send(&self, writer: &mut Frames, replies: Vec<ServerMessage>) -> bool {
         let write = async {
             for reply in replies {
                 writer.feed(reply).await?;
@@ -166,6 +316,25 @@ impl<'a> Connection<'a> {
         }
     }
 
+    /// What this connection may still negotiate: STARTTLS once, when a certificate is set.
+    fn offered(&self) -> Capabilities {
+        let mut offered = Capabilities::new();
+        if !self.tls && self.state.tls.is_some() {
+            offered.insert(Capability::StartTls);
+        }
+        offered
+    }
+
+    fn refuse_plain(&self) -> Result<(), Close> {
+        if self.config.tls_policy.requires_tls() && !self.tls {
+            return Err(Close::Refused(
+                Refusal::PlainText,
+                "TLS is required (--tls-policy) and the client did not ask for STARTTLS".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
     fn handle(&mut self, message: ClientMessage, last: u64) -> Result<Vec<ServerMessage>, Close> {
         match message {
             ClientMessage::Version(requested) => {
@@ -175,13 +344,16 @@ impl<'a> Connection<'a> {
                 self.version = Some(clamp_version(requested));
                 Ok(Vec::new())
             }
-            ClientMessage::Capabilities(offered) => match self.version {
-                // Nothing is offered yet, so the negotiated list is always empty.
+            ClientMessage::Capabilities(asked) => match self.version {
                 Some(version) => {
+                    let capabilities = asked.negotiate(&self.offered());
+                    if !capabilities.contains(&Capability::StartTls) {
+                        self.refuse_plain()?;
+                    }
                     self.greeted = true;
                     Ok(vec![ServerMessage::Handshake {
                         version,
-                        capabilities: offered.negotiate(&Capabilities::new()),
+                        capabilities,
                     }])
                 }
                 None => {
@@ -194,6 +366,7 @@ impl<'a> Connection<'a> {
                     tracing::debug!(peer = %self.peer, "dropping request without MSGID or version: {request}");
                     return Ok(Vec::new());
                 };
+                self.refuse_plain()?;
                 self.request(msgid, version, request, last)
             }
         }

@@ -4,9 +4,12 @@
 //! Unlike UCS: every connection has a receive buffer (requests may span segments), any
 //! number of outstanding waits keyed by MSGID, every waiter at or below the last id is
 //! answered (no hang after a skipped id), a client that stops reading is dropped after a
-//! write timeout instead of stalling anyone, and connections are capped.
+//! write timeout instead of stalling anyone, and connections are capped. Beyond UCS: an
+//! address allow-list and STARTTLS with three policies (`tls`, `access`).
 
+pub mod access;
 mod connection;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -19,7 +22,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::journal::Journal;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Refusal};
+use access::{Cidr, Refusals};
+use tls::{ServerTls, TlsPolicy};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -38,6 +43,10 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// A connection that waits for nothing and sends nothing for this long is closed.
     pub idle_timeout: Duration,
+    /// Whether clients must use TLS (and present a certificate).
+    pub tls_policy: TlsPolicy,
+    /// Client addresses admitted; empty: all.
+    pub allow: Vec<Cidr>,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +60,8 @@ impl Default for ServerConfig {
             max_per_address: 256,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(900),
+            tls_policy: TlsPolicy::Optional,
+            allow: Vec::new(),
         }
     }
 }
@@ -61,6 +72,9 @@ pub struct ServerState {
     pub schema_id: Arc<AtomicU64>,
     pub journal: Arc<RwLock<Journal>>,
     pub metrics: Arc<Metrics>,
+    /// The certificate offered with STARTTLS; `None`: STARTTLS is not offered.
+    pub tls: Option<Arc<ServerTls>>,
+    pub refusals: Refusals,
 }
 
 /// Binds the listening socket: dual-stack `[::]` when `addr` is unspecified IPv6 and IPv6
@@ -173,13 +187,22 @@ pub async fn serve(
                 continue;
             }
         };
+        if !config.allow.is_empty() && !config.allow.iter().any(|net| net.contains(peer.ip())) {
+            state.refusals.refuse(
+                &state.metrics,
+                peer.ip(),
+                Refusal::NotAllowed,
+                "its address is not in the allow-list (--allow)",
+            );
+            continue;
+        }
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             tracing::warn!(%peer, "refusing connection: {} connections already open", config.max_connections);
-            state.metrics.client_refused();
+            state.metrics.client_refused(Refusal::Limit);
             continue;
         };
         let Some(per_address) = addresses.admit(peer.ip(), config.max_per_address) else {
-            state.metrics.client_refused();
+            state.metrics.client_refused(Refusal::Limit);
             continue;
         };
         let _ = stream.set_nodelay(true);
