@@ -16,7 +16,7 @@ use std::time::Duration;
 use integration_tests::slapd::{BASE, RESTRICTED_DN};
 use integration_tests::users::{TempUser, is_root};
 use integration_tests::{
-    Directory, Intake, Listener, ListenerOptions, Notifier, Slapd, wait_until,
+    Change, Directory, Intake, Listener, ListenerOptions, Notifier, Slapd, wait_until,
 };
 use serde::Deserialize;
 
@@ -996,4 +996,114 @@ fn a_missing_module_directory_stops_the_start() {
         "{log}"
     );
     assert!(!log.contains("Traceback"), "{log}");
+}
+
+/// What the cache holds, as `univention-directory-listener-dump` prints it (listener
+/// stopped).
+fn dump_cache(listener: &Listener) -> String {
+    let output = std::process::Command::new(
+        integration_tests::process::binary("univention-directory-listener-dump").unwrap(),
+    )
+    .arg("-c")
+    .arg(listener.cache_dir())
+    .output()
+    .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// `sys.exit(1)` in a handler (UCS's `replication` module does it with
+/// `ldap/replication/fallback=restart`) stops the listener with status 1 and without
+/// committing the transaction: neither the cache, nor the id, nor a later module has it,
+/// and the log calls it a requested exit, not a failure. After the restart the transaction
+/// is delivered. `sys.exit` in `initialize` stops the start the same way, and the module is
+/// initialised at the next start.
+#[test]
+fn system_exit_stops_without_committing_and_the_restart_redoes_it() {
+    let mut stack = Stack::start();
+    // Priority 10: called before the jsonl module (50), which must not see the change.
+    stack.module(
+        "leaver.py",
+        r#"
+import os, sys
+name = "leaver"
+description = "asks for a restart once per marker"
+filter = "(objectClass=organizationalRole)"
+priority = 10.0
+_DIR = os.path.dirname(__file__)
+
+def _once(what):
+    marker = os.path.join(_DIR, what + ".done")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        sys.exit(1)
+
+def initialize():
+    _once("initialize")
+
+def handler(dn, new, old):
+    if dn.startswith("cn=leave"):
+        _once("handler")
+    with open(os.path.join(_DIR, "leaver.calls"), "a") as out:
+        out.write(dn + "\n")
+"#,
+    );
+    let options = ListenerOptions::new().module_dir(stack.modules.path());
+    let mut listener = Listener::start(&stack.slapd, &stack.notifier, options).unwrap();
+    let status = listener.wait_exit(T).unwrap();
+    assert_eq!(status.code(), Some(1), "{}", listener.log());
+    let log = listener.log();
+    assert!(
+        log.contains("leaver: initialize requested the listener to exit with status 1"),
+        "{log}"
+    );
+    assert!(!log.contains("initialization of module leaver failed"), "{log}");
+    assert_ne!(listener.handler_state("leaver"), Some(3));
+
+    listener.restart().unwrap();
+    listener.wait_initialized(T).unwrap();
+    wait_ready(&mut listener, &["leaver"]);
+    let before = dn("cn=before");
+    each_processed(
+        &mut stack,
+        &mut listener,
+        vec![add_role(before.clone(), "before")],
+    );
+    let committed = listener.notifier_id().unwrap();
+    let jsonl_before = listener.changes().unwrap().len();
+
+    let target = dn("cn=leave");
+    stack.admin.add_role(&target, "leave").unwrap();
+    let status = listener.wait_exit(T).unwrap();
+    assert_eq!(status.code(), Some(1), "{}", listener.log());
+    let log = listener.log();
+    let request = format!("leaver: handler {target} requested the listener to exit with status 1");
+    assert!(log.contains(&request), "{log}");
+    assert!(log.contains("SystemExit(1) at "), "{log}");
+    assert!(!log.contains("(failed)"), "{log}");
+    assert_eq!(listener.notifier_id(), Some(committed), "id not committed");
+    assert_eq!(
+        listener.changes().unwrap().len(),
+        jsonl_before,
+        "no later module saw the transaction"
+    );
+    let cached = dump_cache(&listener);
+    assert!(cached.contains(&format!("dn: {before}\n")), "{cached}");
+    assert!(!cached.contains(&format!("dn: {target}\n")), "{cached}");
+
+    listener.restart().unwrap();
+    let last = stack.settle(&mut listener);
+    assert!(last > committed);
+    let delivered: Vec<String> = listener
+        .changes()
+        .unwrap()
+        .iter()
+        .skip(jsonl_before)
+        .map(Change::summary)
+        .collect();
+    assert_eq!(delivered, [format!("a {target}")]);
+    let calls = fs::read_to_string(stack.modules.path().join("leaver.calls")).unwrap();
+    assert_eq!(calls, format!("{before}\n{target}\n"));
+    listener.stop().unwrap();
+    assert!(dump_cache(&listener).contains(&format!("dn: {target}\n")));
 }

@@ -22,7 +22,7 @@ use daemon::tasks::TaskSet;
 use ldap::{Connection, Endpoint, Lookup, StartTls};
 use listener::config::{Cli, Config, LdapTarget, RunMode, Server};
 use listener::daemon::{Daemon, Exit, setdata_values};
-use listener::dispatch::{Handlers, STATE_DIR};
+use listener::dispatch::{ExitRequest, Handlers, STATE_DIR};
 use listener::engine::{Engine, EngineSettings};
 use listener::metrics::Metrics;
 use listener::signals::Signals;
@@ -159,6 +159,9 @@ async fn run_locked(
     handlers.publish_to(Arc::new(move |stats| sink.set_modules(stats)));
     handlers.set_init_only(config.mode == RunMode::InitOnly);
     handlers.setdata(&setdata_values(&config, &server));
+    if let Some(request) = handlers.exit_requested() {
+        return Ok(module_exit(request));
+    }
 
     let timeout = config.notifier_timeout;
     let master = match cache.master() {
@@ -220,6 +223,9 @@ async fn run_locked(
         if let Err(e) = engine.update_schema().await {
             tracing::error!("schema update failed: {e}");
         }
+        if let Some(request) = engine.handlers().exit_requested() {
+            return Ok(module_exit(request));
+        }
     }
 
     metrics.start_at(engine.master().notifier_id);
@@ -228,6 +234,10 @@ async fn run_locked(
     let init = engine
         .initialize_pending(config.scan_timeout, signals)
         .await;
+    if let Some(request) = engine.handlers().exit_requested() {
+        engine.handlers().write_states();
+        return Ok(module_exit(request));
+    }
     if config.mode == RunMode::InitOnly {
         engine.handlers_mut().postrun();
         engine.handlers().write_states();
@@ -285,6 +295,7 @@ async fn run_locked(
         Exit::Stopped => ExitCode::SUCCESS,
         Exit::BadCache(_) => ExitCode::from(EXIT_BAD_CACHE),
         Exit::CacheUnwritable(_) => ExitCode::from(1),
+        Exit::ModuleRequested(request) => module_exit(&request),
     })
 }
 
@@ -401,6 +412,19 @@ fn cache_failure(cache_dir: &Path, e: CacheError) -> ExitCode {
         cache_dir.display()
     );
     ExitCode::from(EXIT_BAD_CACHE)
+}
+
+/// The exit status for a module's `sys.exit(n)`: `n` when it is a failure status, else 1
+/// (the transaction in progress was not committed, so this is never a clean stop).
+fn module_exit(request: &ExitRequest) -> ExitCode {
+    tracing::error!(
+        "exiting as module {} requested in {} ({}); uncommitted work is redone at the next \
+         start",
+        request.module,
+        request.call,
+        request.message
+    );
+    ExitCode::from(u8::try_from(request.status).ok().filter(|&s| s != 0).unwrap_or(1))
 }
 
 fn engine_failure(cache_dir: &Path, e: listener::engine::EngineError) -> ExitCode {
