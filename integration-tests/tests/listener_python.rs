@@ -1107,3 +1107,112 @@ def handler(dn, new, old):
     listener.stop().unwrap();
     assert!(dump_cache(&listener).contains(&format!("dn: {target}\n")));
 }
+
+/// The `failed.ldif` replay-and-move sequence with a module that, like UCS's
+/// `replication`, switches to writing changes into `failed.ldif` when its target fails and
+/// keeps that writer open: the listener pauses, the operator replays the file and moves it
+/// away, and on resume every module is loaded afresh (import, `setdata`, `prerun`), so the
+/// redone transaction and every later one reach the target again, and nothing more is
+/// appended to the moved-away file.
+#[test]
+fn resuming_after_failed_ldif_starts_modules_afresh() {
+    let mut stack = Stack::start();
+    let options = ListenerOptions::new().module_dir(stack.modules.path());
+    let mut listener = Listener::prepare(&stack.slapd, &stack.notifier, options).unwrap();
+    let failed = listener.failed_ldif_path();
+    stack.module(
+        "ldifwriter.py",
+        &r#"
+import os
+name = "ldifwriter"
+description = "writes to its target, or to failed.ldif once the target is down"
+filter = "(objectClass=organizationalRole)"
+_DIR = os.path.dirname(__file__)
+_FAILED = FAILED_LDIF_PATH
+_ldif = None
+
+def _log(line):
+    with open(os.path.join(_DIR, "ldifwriter.calls"), "a") as out:
+        out.write(line + "\n")
+
+def setdata(key, value):
+    if key == "basedn":
+        _log("setdata")
+
+def prerun():
+    _log("prerun")
+
+def handler(dn, new, old):
+    global _ldif
+    if _ldif is None and os.path.exists(os.path.join(_DIR, "target-down")):
+        _ldif = open(_FAILED, "a")
+    if _ldif is not None:
+        _ldif.write("dn: %s\nchangetype: add\n\n" % dn)
+        _ldif.flush()
+        return
+    with open(os.path.join(_DIR, "target"), "a") as out:
+        out.write(dn + "\n")
+"#
+        .replace(
+            "FAILED_LDIF_PATH",
+            &format!("{:?}", failed.display().to_string()),
+        ),
+    );
+    listener.restart().unwrap();
+    listener.wait_initialized(T).unwrap();
+    wait_ready(&mut listener, &["ldifwriter"]);
+    let modules = stack.modules.path().to_owned();
+    let read = |file: &str| fs::read_to_string(modules.join(file)).unwrap_or_default();
+
+    let one = dn("cn=one");
+    each_processed(
+        &mut stack,
+        &mut listener,
+        vec![add_role(one.clone(), "one")],
+    );
+    let committed = listener.notifier_id().unwrap();
+
+    fs::write(stack.modules.path().join("target-down"), "").unwrap();
+    let two = dn("cn=two");
+    stack.admin.add_role(&two, "two").unwrap();
+    listener
+        .wait_until("the listener to pause on failed.ldif", T, |l| {
+            Ok(l.log().contains("replication stopped").then_some(()))
+        })
+        .unwrap();
+    assert_eq!(listener.notifier_id(), Some(committed));
+    assert_eq!(
+        fs::read_to_string(&failed).unwrap(),
+        format!("dn: {two}\nchangetype: add\n\n")
+    );
+
+    // The operator repairs the target, replays the file and moves it away.
+    fs::remove_file(stack.modules.path().join("target-down")).unwrap();
+    let replayed = failed.with_extension("ldif.replayed");
+    fs::rename(&failed, &replayed).unwrap();
+    let three = dn("cn=three");
+    each_processed(
+        &mut stack,
+        &mut listener,
+        vec![add_role(three.clone(), "three")],
+    );
+
+    assert_eq!(read("target"), format!("{one}\n{two}\n{three}\n"));
+    assert_eq!(
+        fs::read_to_string(&replayed).unwrap(),
+        format!("dn: {two}\nchangetype: add\n\n"),
+        "nothing more goes to the moved-away file"
+    );
+    assert!(!failed.exists());
+    let calls = read("ldifwriter.calls");
+    let lines: Vec<&str> = calls.lines().collect();
+    // Started, then loaded afresh on resume: setdata, and prerun before the next handler.
+    assert_eq!(
+        lines.iter().filter(|l| **l == "setdata").count(),
+        2,
+        "{calls}"
+    );
+    assert_eq!(lines.last(), Some(&"prerun"), "{calls}");
+    assert!(listener.log().contains("reloading every module"));
+    listener.stop().unwrap();
+}
