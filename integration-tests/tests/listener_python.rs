@@ -1216,3 +1216,61 @@ def handler(dn, new, old):
     assert!(listener.log().contains("reloading every module"));
     listener.stop().unwrap();
 }
+
+/// `univention.debug` levels per category as in UCS's listener: LISTENER and LDAP follow
+/// `-d` and SIGUSR1/SIGUSR2, the other categories start at WARN, `set_level` overrides a
+/// category; messages above their category's level are dropped.
+#[test]
+fn debug_levels_follow_the_daemon() {
+    let mut stack = Stack::start();
+    stack.module(
+        "levels.py",
+        r#"
+import os
+import univention.debug as ud
+name = "levels"
+description = "reports debug levels"
+filter = "(objectClass=organizationalRole)"
+def handler(dn, new, old):
+    if not new:
+        return
+    if dn.startswith("cn=set"):
+        ud.set_level(ud.ADMIN, ud.ALL)
+    levels = (ud.get_level(ud.LISTENER), ud.get_level(ud.LDAP), ud.get_level(ud.ADMIN))
+    with open(os.path.join(os.path.dirname(__file__), "levels.out"), "a") as out:
+        out.write("%s %r\n" % (dn.split(",")[0], levels))
+    ud.debug(ud.LISTENER, ud.INFO, "listener info for " + dn)
+    ud.debug(ud.ADMIN, ud.PROCESS, "admin process for " + dn)
+"#,
+    );
+    let mut listener = stack.listener(ListenerOptions::new().args(["-d", "2"]), &["levels"]);
+    each_processed(
+        &mut stack,
+        &mut listener,
+        vec![add_role(dn("cn=two"), "two")],
+    );
+    listener.signal(libc::SIGUSR1).unwrap();
+    listener
+        .wait_until("the level change", T, |l| {
+            Ok(l.log().contains("debug level is now 3").then_some(()))
+        })
+        .unwrap();
+    each_processed(
+        &mut stack,
+        &mut listener,
+        vec![
+            add_role(dn("cn=three"), "three"),
+            add_role(dn("cn=set"), "set"),
+        ],
+    );
+    assert_eq!(
+        fs::read_to_string(stack.modules.path().join("levels.out")).unwrap(),
+        "cn=two (2, 2, 1)\ncn=three (3, 3, 1)\ncn=set (3, 3, 4)\n"
+    );
+    let log = listener.log();
+    assert!(!log.contains(&format!("listener info for {}", dn("cn=two"))), "{log}");
+    assert!(log.contains(&format!("listener info for {}", dn("cn=three"))), "{log}");
+    assert!(!log.contains(&format!("admin process for {}", dn("cn=three"))), "{log}");
+    assert!(log.contains(&format!("admin process for {}", dn("cn=set"))), "{log}");
+    listener.stop().unwrap();
+}
