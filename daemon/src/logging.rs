@@ -82,10 +82,7 @@ impl Logging {
             .try_init()
             .map_err(io::Error::other)?;
         CURRENT.store(level.min(4), Ordering::Relaxed);
-        Ok(Logging {
-            handle,
-            file,
-        })
+        Ok(Logging { handle, file })
     }
 
     /// SIGUSR1: one level more verbose.

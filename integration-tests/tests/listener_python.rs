@@ -1057,7 +1057,10 @@ def handler(dn, new, old):
         log.contains("leaver: initialize requested the listener to exit with status 1"),
         "{log}"
     );
-    assert!(!log.contains("initialization of module leaver failed"), "{log}");
+    assert!(
+        !log.contains("initialization of module leaver failed"),
+        "{log}"
+    );
     assert_ne!(listener.handler_state("leaver"), Some(3));
 
     listener.restart().unwrap();
@@ -1268,9 +1271,21 @@ def handler(dn, new, old):
         "cn=two (2, 2, 1)\ncn=three (3, 3, 1)\ncn=set (3, 3, 4)\n"
     );
     let log = listener.log();
-    assert!(!log.contains(&format!("listener info for {}", dn("cn=two"))), "{log}");
-    assert!(log.contains(&format!("listener info for {}", dn("cn=three"))), "{log}");
-    assert!(!log.contains(&format!("admin process for {}", dn("cn=three"))), "{log}");
-    assert!(log.contains(&format!("admin process for {}", dn("cn=set"))), "{log}");
+    assert!(
+        !log.contains(&format!("listener info for {}", dn("cn=two"))),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("listener info for {}", dn("cn=three"))),
+        "{log}"
+    );
+    assert!(
+        !log.contains(&format!("admin process for {}", dn("cn=three"))),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("admin process for {}", dn("cn=set"))),
+        "{log}"
+    );
     listener.stop().unwrap();
 }

@@ -721,7 +721,10 @@ impl Handlers {
         if let Some(request) = &self.exit_request {
             return Err(ModuleError::exit_requested(
                 request.status,
-                format!("not called: module {} asked the listener to exit", request.module),
+                format!(
+                    "not called: module {} asked the listener to exit",
+                    request.module
+                ),
             ));
         }
         let Some(slot) = self.slots.get_mut(index) else {
@@ -1148,7 +1151,11 @@ mod tests {
         assert_eq!(new.modules, [REPLICATION]);
         let request = h.exit_requested().unwrap();
         assert_eq!(
-            (request.module.as_str(), request.call.as_str(), request.status),
+            (
+                request.module.as_str(),
+                request.call.as_str(),
+                request.status
+            ),
             ("leaver", "handler cn=a", 1)
         );
         // Not counted as a failure, and nothing is called any more.

@@ -424,7 +424,12 @@ fn module_exit(request: &ExitRequest) -> ExitCode {
         request.call,
         request.message
     );
-    ExitCode::from(u8::try_from(request.status).ok().filter(|&s| s != 0).unwrap_or(1))
+    ExitCode::from(
+        u8::try_from(request.status)
+            .ok()
+            .filter(|&s| s != 0)
+            .unwrap_or(1),
+    )
 }
 
 fn engine_failure(cache_dir: &Path, e: listener::engine::EngineError) -> ExitCode {

@@ -647,15 +647,18 @@ def setdata(key, value):
     let one = exit(&mut module, "one");
     assert_eq!(one.requested_exit(), Some(1));
     assert!(
-        one.to_string()
-            .starts_with(&format!("SystemExit(1) at {}:", dir.path().join("leaver.py").display())),
+        one.to_string().starts_with(&format!(
+            "SystemExit(1) at {}:",
+            dir.path().join("leaver.py").display()
+        )),
         "{one}"
     );
     assert_eq!(exit(&mut module, "none").requested_exit(), Some(0));
     let text = exit(&mut module, "text");
     assert_eq!(text.requested_exit(), Some(1));
     assert!(
-        text.to_string().starts_with("SystemExit('replication failed')"),
+        text.to_string()
+            .starts_with("SystemExit('replication failed')"),
         "{text}"
     );
     assert_eq!(exit(&mut module, "other").requested_exit(), None);

@@ -647,7 +647,10 @@ fn system_exit(py: Python<'_>, error: &PyErr) -> ModuleError {
         Some(code) if code.is_none() => (0, "None".to_owned()),
         Some(code) => match code.extract::<i64>() {
             Ok(n) => (i32::try_from(n).unwrap_or(1), n.to_string()),
-            Err(_) => (1, code.repr().map_or_else(|_| "?".into(), |r| r.to_string())),
+            Err(_) => (
+                1,
+                code.repr().map_or_else(|_| "?".into(), |r| r.to_string()),
+            ),
         },
     };
     // Where it was raised: the innermost frame of the traceback.
