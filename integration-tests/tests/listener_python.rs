@@ -1093,6 +1093,15 @@ def handler(dn, new, old):
     let cached = dump_cache(&listener);
     assert!(cached.contains(&format!("dn: {before}\n")), "{cached}");
     assert!(!cached.contains(&format!("dn: {target}\n")), "{cached}");
+    let (code, status) = ctrl_status(&stack, &listener);
+    assert_eq!(code, Some(1), "{status}");
+    assert!(
+        status.contains(&format!(
+            "not running, stopped: module leaver asked the listener to exit in handler \
+             {target} with status 1 (SystemExit(1) at "
+        )),
+        "{status}"
+    );
 
     listener.restart().unwrap();
     let last = stack.settle(&mut listener);
@@ -1107,8 +1116,33 @@ def handler(dn, new, old):
     assert_eq!(delivered, [format!("a {target}")]);
     let calls = fs::read_to_string(stack.modules.path().join("leaver.calls")).unwrap();
     assert_eq!(calls, format!("{before}\n{target}\n"));
+    let (_, status) = ctrl_status(&stack, &listener);
+    assert!(!status.contains("stopped: module"), "{status}");
     listener.stop().unwrap();
     assert!(dump_cache(&listener).contains(&format!("dn: {target}\n")));
+}
+
+/// `univention-directory-listener-ctrl status` for this listener: exit code and output.
+fn ctrl_status(stack: &Stack, listener: &Listener) -> (Option<i32>, String) {
+    let output = std::process::Command::new(
+        integration_tests::process::binary("univention-directory-listener-ctrl").unwrap(),
+    )
+    .arg("-c")
+    .arg(listener.cache_dir())
+    .arg("--failed-ldif")
+    .arg(listener.failed_ldif_path())
+    .args(["--notifier-host", "127.0.0.1", "--notifier-port"])
+    .arg(stack.notifier.port().to_string())
+    .arg("--ucr-file")
+    .arg(listener.ucr_file())
+    .arg("status")
+    .env("NO_COLOR", "1")
+    .output()
+    .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
 }
 
 /// The `failed.ldif` replay-and-move sequence with a module that, like UCS's

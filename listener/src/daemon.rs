@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use cache::CacheError;
 use daemon::backoff::Backoff;
+use daemon::fs::FileError;
 use daemon::tasks::run_blocking;
 use proto::client::{ClientError, NotifierClient, parse_get_dn_reply};
 use proto::{Request, Transaction, TransactionId};
@@ -863,6 +864,29 @@ impl Daemon {
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
     }
+}
+
+/// `<cache>/exit_request`: why the listener last exited at a module's request, for
+/// `ctrl status` while it is down; removed at the next start.
+pub const EXIT_REQUEST_FILE: &str = "exit_request";
+
+/// Records a module's exit request in `<cache>/exit_request` (one line, with the time).
+pub fn record_exit_request(cache_dir: &Path, request: &ExitRequest) -> Result<(), FileError> {
+    let line = format!(
+        "module {} asked the listener to exit in {} with status {} ({}) at {}\n",
+        request.module,
+        request.call,
+        request.status,
+        request.message,
+        daemon::time::rfc3339(std::time::SystemTime::now())
+    );
+    daemon::fs::write_atomic(&cache_dir.join(EXIT_REQUEST_FILE), line.as_bytes(), 0o644)
+}
+
+/// The recorded exit request, if the listener's last exit was one.
+pub fn read_exit_request(cache_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(cache_dir.join(EXIT_REQUEST_FILE)).ok()?;
+    Some(text.trim_end().to_owned()).filter(|t| !t.is_empty())
 }
 
 /// The `setdata` values in UCS order: basedn, binddn, bindpw, ldapserver.

@@ -21,7 +21,9 @@ use daemon::systemd::{self, Heartbeat};
 use daemon::tasks::TaskSet;
 use ldap::{Connection, Endpoint, Lookup, StartTls};
 use listener::config::{Cli, Config, LdapTarget, RunMode, Server};
-use listener::daemon::{Daemon, Exit, setdata_values};
+use listener::daemon::{
+    Daemon, EXIT_REQUEST_FILE, Exit, read_exit_request, record_exit_request, setdata_values,
+};
 use listener::dispatch::{ExitRequest, Handlers, STATE_DIR};
 use listener::engine::{Engine, EngineSettings};
 use listener::metrics::Metrics;
@@ -125,6 +127,10 @@ async fn run_locked(
         purge(cache_dir)?;
     }
     create_private_dir(&cache_dir.join(STATE_DIR))?;
+    if let Some(previous) = read_exit_request(cache_dir) {
+        tracing::info!("the last run ended because {previous}");
+        let _ = std::fs::remove_file(cache_dir.join(EXIT_REQUEST_FILE));
+    }
 
     let Some((server, ldap, mut notifier)) = connect(&config, signals, heartbeat).await? else {
         return Ok(ExitCode::SUCCESS);
@@ -160,7 +166,7 @@ async fn run_locked(
     handlers.set_init_only(config.mode == RunMode::InitOnly);
     handlers.setdata(&setdata_values(&config, &server));
     if let Some(request) = handlers.exit_requested() {
-        return Ok(module_exit(request));
+        return Ok(module_exit(cache_dir, request));
     }
 
     let timeout = config.notifier_timeout;
@@ -224,7 +230,7 @@ async fn run_locked(
             tracing::error!("schema update failed: {e}");
         }
         if let Some(request) = engine.handlers().exit_requested() {
-            return Ok(module_exit(request));
+            return Ok(module_exit(cache_dir, request));
         }
     }
 
@@ -236,7 +242,7 @@ async fn run_locked(
         .await;
     if let Some(request) = engine.handlers().exit_requested() {
         engine.handlers().write_states();
-        return Ok(module_exit(request));
+        return Ok(module_exit(cache_dir, request));
     }
     if config.mode == RunMode::InitOnly {
         engine.handlers_mut().postrun();
@@ -295,7 +301,7 @@ async fn run_locked(
         Exit::Stopped => ExitCode::SUCCESS,
         Exit::BadCache(_) => ExitCode::from(EXIT_BAD_CACHE),
         Exit::CacheUnwritable(_) => ExitCode::from(1),
-        Exit::ModuleRequested(request) => module_exit(&request),
+        Exit::ModuleRequested(request) => module_exit(cache_dir, &request),
     })
 }
 
@@ -416,7 +422,10 @@ fn cache_failure(cache_dir: &Path, e: CacheError) -> ExitCode {
 
 /// The exit status for a module's `sys.exit(n)`: `n` when it is a failure status, else 1
 /// (the transaction in progress was not committed, so this is never a clean stop).
-fn module_exit(request: &ExitRequest) -> ExitCode {
+fn module_exit(cache_dir: &Path, request: &ExitRequest) -> ExitCode {
+    if let Err(e) = record_exit_request(cache_dir, request) {
+        tracing::error!("cannot record the exit request for ctrl status: {e}");
+    }
     tracing::error!(
         "exiting as module {} requested in {} ({}); uncommitted work is redone at the next \
          start",
