@@ -3,7 +3,7 @@
 //!
 //! Exit status: 0 after a signal (everything committed) or a finished `-i`/`-P`; 1 on a
 //! configuration error, a second listener on the same cache, or a failed `-i`/`-P`; 3 when
-//! the cache is marked bad (as UCS).
+//! the cache is marked bad (as UCS); a module's `sys.exit(n)` exits with `n` (1 for 0).
 
 use std::path::Path;
 use std::process::ExitCode;
