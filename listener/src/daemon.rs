@@ -593,6 +593,11 @@ impl Daemon {
                         Ok(processed) => processed,
                         Err(EngineError::Cache(e)) => return Err(self.cache_failure(e)),
                         Err(e) => {
+                            // A module asked to exit before the failure: no retry.
+                            if let Some(exit) = Exit::module_requested(self.engine.handlers()) {
+                                self.engine.rollback(checkpoint);
+                                return Err(exit);
+                            }
                             tracing::error!(
                                 "transaction {id} ({}): {e}; retrying",
                                 received.line.dn
@@ -768,6 +773,10 @@ impl Daemon {
     async fn reload_modules(&mut self) -> Result<(), EngineError> {
         self.flush(false);
         self.engine.handlers_mut().postrun();
+        // The old modules' request must not get lost with them.
+        if self.engine.handlers().exit_requested().is_some() {
+            return Err(EngineError::ExitRequested);
+        }
         let loaded = loader::load_modules(&self.config, &self.privileges);
         // The new modules read their state files before the old ones write theirs, so a
         // state file removed for a resync leads to a re-initialisation.
