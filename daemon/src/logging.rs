@@ -26,8 +26,19 @@ fn level_filter(level: u8) -> LevelFilter {
     }
 }
 
+/// The level in force, process-wide: `univention.debug.get_level()` in Python modules
+/// reads it (one logging setup per process, like the global subscriber).
+static CURRENT: AtomicU8 = AtomicU8::new(DEFAULT_LEVEL);
+
+/// The level before [`Logging::init`] ran: UCS's default for every debug category (WARN).
+pub const DEFAULT_LEVEL: u8 = 1;
+
+/// The UCS debug level (0 ERROR … 4 ALL) in force now: `-d` moved by SIGUSR1/SIGUSR2.
+pub fn current_level() -> u8 {
+    CURRENT.load(Ordering::Relaxed)
+}
+
 pub struct Logging {
-    level: AtomicU8,
     handle: reload::Handle<LevelFilter, Registry>,
     file: Option<Arc<ReopenableFile>>,
 }
@@ -70,25 +81,22 @@ impl Logging {
             .with(fmt_layer)
             .try_init()
             .map_err(io::Error::other)?;
-        Ok(Logging {
-            level: AtomicU8::new(level.min(4)),
-            handle,
-            file,
-        })
+        CURRENT.store(level.min(4), Ordering::Relaxed);
+        Ok(Logging { handle, file })
     }
 
     /// SIGUSR1: one level more verbose.
     pub fn raise(&self) {
-        self.set(self.level.load(Ordering::Relaxed).saturating_add(1).min(4));
+        self.set(current_level().saturating_add(1).min(4));
     }
 
     /// SIGUSR2: one level less verbose.
     pub fn lower(&self) {
-        self.set(self.level.load(Ordering::Relaxed).saturating_sub(1));
+        self.set(current_level().saturating_sub(1));
     }
 
     fn set(&self, level: u8) {
-        self.level.store(level, Ordering::Relaxed);
+        CURRENT.store(level, Ordering::Relaxed);
         if let Err(err) = self.handle.modify(|filter| *filter = level_filter(level)) {
             tracing::warn!("cannot change the log level: {err}");
         } else {

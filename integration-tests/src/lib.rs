@@ -5,6 +5,7 @@
 //! A test that panics keeps its slapd directory (config, databases and `slapd.log`) and
 //! prints where it is, so a failure can be diagnosed after the fact.
 
+pub mod compare;
 pub mod directory;
 pub mod listener;
 pub mod lockf;
@@ -43,6 +44,9 @@ pub enum HarnessError {
     /// The listener exited, or its files (jsonl output, cache) are not what they must be.
     #[error("listener: {0}")]
     Listener(String),
+    /// Two directories differ ([`compare::Comparison`]); the report lists how.
+    #[error("directories differ: {0}")]
+    Mismatch(String),
     #[error("timed out after {seconds:.1}s waiting for {what}")]
     Timeout { what: String, seconds: f64 },
 }

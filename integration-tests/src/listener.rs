@@ -358,6 +358,27 @@ impl Listener {
         self.process.as_mut().is_some_and(Process::is_running)
     }
 
+    /// Waits for the daemon to exit by itself (e.g. because a module asked it to) and
+    /// returns its status; [`Listener::restart`] starts it again.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let process = self.process.as_mut().ok_or_else(|| {
+            HarnessError::Listener("wait_exit: the listener is not running".into())
+        })?;
+        match process.wait_exit(timeout)? {
+            Some(status) => {
+                self.process = None;
+                Ok(status)
+            }
+            None => Err(HarnessError::Timeout {
+                what: format!(
+                    "the listener to exit by itself; log ends:\n{}",
+                    self.log_tail(LOG_TAIL_LINES)
+                ),
+                seconds: timeout.as_secs_f64(),
+            }),
+        }
+    }
+
     /// Sends `signal` (e.g. `libc::SIGHUP`) to the daemon.
     pub fn signal(&self, signal: i32) -> Result<()> {
         self.process

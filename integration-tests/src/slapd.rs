@@ -5,7 +5,9 @@
 //! followed via syncrepl) and a `cn=translog` database written over ldapi by root with
 //! SASL EXTERNAL and readable by any bound user (spec/notifier.md §1.6). A host account can
 //! read everything except `cn=restricted,…` (selective replication). A *replica* is a plain
-//! mdb database for a listener's replication target.
+//! mdb database for a listener's replication target; [`Slapd::start_replica_of`] starts one
+//! configured like a UCS Replica Directory Node (see there), and
+//! [`crate::compare`] compares two directories entry by entry.
 
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
@@ -33,6 +35,17 @@ pub const RESTRICTED_DN: &str = "cn=restricted,dc=example,dc=com";
 /// The identity of root connecting over ldapi with SASL EXTERNAL.
 pub const ROOT_PEERCRED: &str = "gidNumber=0+uidNumber=0,cn=peercred,cn=external,cn=auth";
 pub const TRANSLOG_BASE: &str = "cn=translog";
+/// The identity UCS's replication writes a Replica with: its slapd's `rootdn` and
+/// `updatedn` (password in [`Slapd::rootpw_conf_path`]).
+pub const UPDATE_DN: &str = "cn=update,dc=example,dc=com";
+pub const UPDATE_PW: &str = "updatesecret";
+/// The schema files every instance loads (a replica loads its primary's list).
+pub const SCHEMA_FILES: &[&str] = &[
+    "/etc/ldap/schema/core.schema",
+    "/etc/ldap/schema/cosine.schema",
+    "/etc/ldap/schema/nis.schema",
+    "/etc/ldap/schema/inetorgperson.schema",
+];
 pub const ACCESSLOG_BASE: &str = "cn=accesslog";
 
 const SLAPD: &str = "/usr/sbin/slapd";
@@ -60,6 +73,16 @@ pub struct SlapdConfig {
     pub tls: bool,
     /// Listen on every address, not only 127.0.0.1 (for clients in a network namespace).
     pub listen_all: bool,
+    /// Schema files to include, in order ([`SCHEMA_FILES`] by default).
+    pub schema: Vec<PathBuf>,
+    /// Configure the main database as a UCS Replica of the primary at this URL: rootdn and
+    /// updatedn [`UPDATE_DN`], `updateref` to the primary, empty at start (not even the
+    /// base entry: replication creates every entry, with the primary's entryUUID).
+    pub replica_of: Option<String>,
+}
+
+fn default_schema() -> Vec<PathBuf> {
+    SCHEMA_FILES.iter().map(PathBuf::from).collect()
 }
 
 impl SlapdConfig {
@@ -73,6 +96,8 @@ impl SlapdConfig {
             log_operations: true,
             tls: false,
             listen_all: false,
+            schema: default_schema(),
+            replica_of: None,
         }
     }
 
@@ -86,6 +111,19 @@ impl SlapdConfig {
             log_operations: true,
             tls: false,
             listen_all: false,
+            schema: default_schema(),
+            replica_of: None,
+        }
+    }
+
+    /// A UCS-like Replica of `primary` (see [`Slapd::start_replica_of`]): its schema,
+    /// `updateref` to its URL, no accesslog or translog.
+    pub fn replica_of(primary: &Slapd) -> SlapdConfig {
+        SlapdConfig {
+            fixture: false,
+            schema: primary.config.schema.clone(),
+            replica_of: Some(primary.ldap_url()),
+            ..SlapdConfig::replica()
         }
     }
 
@@ -148,9 +186,53 @@ impl Slapd {
         };
         fs::write(slapd.conf_path(), slapd.render_config())
             .map_err(io_context("writing slapd.conf"))?;
-        slapd.spawn_on_free_port()?;
-        slapd.load_fixture()?;
+        if slapd.config.replica_of.is_some() {
+            // As UCS's /etc/ldap/rootpw.conf, read by the replication module.
+            let rootpw = format!("rootpw \"{UPDATE_PW}\"\n");
+            fs::write(slapd.rootpw_conf_path(), rootpw)
+                .map_err(io_context("writing rootpw.conf"))?;
+            slapd.spawn_on_free_port()?;
+        } else {
+            slapd.spawn_on_free_port()?;
+            slapd.load_fixture()?;
+        }
         Ok(slapd)
+    }
+
+    /// Starts a replica of `primary` configured like a UCS Replica Directory Node: the
+    /// primary's schema files, the main database [`BASE`] with `rootdn` and `updatedn`
+    /// [`UPDATE_DN`] (password [`UPDATE_PW`], also in [`Slapd::rootpw_conf_path`] like
+    /// UCS's `/etc/ldap/rootpw.conf`), `updateref` to the primary (any other identity that
+    /// writes gets a referral), root over ldapi may manage everything, the same ACLs as the
+    /// primary (the host account cannot see [`RESTRICTED_DN`]). The database starts empty:
+    /// replication (or [`Slapd::slapadd`] of [`Slapd::slapcat`]) creates every entry,
+    /// including the base, with the primary's entryUUID and timestamps, which only the
+    /// update DN may write. [`Slapd::admin`] binds as the update DN; compare with
+    /// [`crate::compare::Comparison`].
+    pub fn start_replica_of(primary: &Slapd) -> Result<Slapd> {
+        Slapd::start(SlapdConfig::replica_of(primary))
+    }
+
+    /// `rootpw.conf` of a replica: `rootpw "<password>"`, as UCS's `/etc/ldap/rootpw.conf`.
+    pub fn rootpw_conf_path(&self) -> PathBuf {
+        self.path.join("rootpw.conf")
+    }
+
+    /// The `rootdn` of the main database: [`ADMIN_DN`], or [`UPDATE_DN`] on a replica.
+    pub fn rootdn(&self) -> &'static str {
+        if self.config.replica_of.is_some() {
+            UPDATE_DN
+        } else {
+            ADMIN_DN
+        }
+    }
+
+    fn rootpw(&self) -> &'static str {
+        if self.config.replica_of.is_some() {
+            UPDATE_PW
+        } else {
+            ADMIN_PW
+        }
     }
 
     /// Starts an instance set up the way Debian's slapd package sets up a new server: its
@@ -274,9 +356,9 @@ impl Slapd {
         matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
     }
 
-    /// Bound as the rootdn of the main database.
+    /// Bound as the rootdn of the main database ([`Slapd::rootdn`]).
     pub fn admin(&self) -> Result<Directory> {
-        self.simple_bind(ADMIN_DN, ADMIN_PW)
+        self.simple_bind(self.rootdn(), self.rootpw())
     }
 
     /// Bound as the host (machine) account.
@@ -494,12 +576,15 @@ TLSCertificateKeyFile {d}/tls/server.key
         } else {
             String::new()
         };
-        let mut conf = format!(
-            "include /etc/ldap/schema/core.schema
-include /etc/ldap/schema/cosine.schema
-include /etc/ldap/schema/nis.schema
-include /etc/ldap/schema/inetorgperson.schema
-pidfile {d}/slapd.pid
+        let mut conf: String = self
+            .config
+            .schema
+            .iter()
+            .map(|file| format!("include {}\n", file.display()))
+            .collect();
+        let _ = write!(
+            conf,
+            "pidfile {d}/slapd.pid
 argsfile {d}/slapd.args
 modulepath /usr/lib/ldap
 moduleload back_mdb
@@ -549,13 +634,14 @@ syncprov-reloadhint TRUE
 "
             );
         }
+        let (rootdn, rootpw) = (self.rootdn(), self.rootpw());
         let _ = write!(
             conf,
             "
 database mdb
 suffix \"{BASE}\"
-rootdn \"{ADMIN_DN}\"
-rootpw {ADMIN_PW}
+rootdn \"{rootdn}\"
+rootpw {rootpw}
 directory {d}/data
 maxsize 4294967296
 {nosync}index objectClass eq
@@ -566,6 +652,11 @@ access to attrs=userPassword by dn.exact=\"{ROOT_PEERCRED}\" manage by self writ
 access to * by dn.exact=\"{ROOT_PEERCRED}\" manage by users read by * none
 "
         );
+        if let Some(primary) = &self.config.replica_of {
+            // `updatedn` makes the database a shadow (the update DN may write entryUUID,
+            // entryCSN, timestamps); `updateref` must follow it.
+            let _ = write!(conf, "updatedn \"{UPDATE_DN}\"\nupdateref \"{primary}\"\n");
+        }
         if self.config.accesslog {
             let _ = write!(
                 conf,
@@ -602,6 +693,26 @@ impl Drop for Slapd {
 /// LDAP adds, and writes no accesslog entries, so the notifier sees no transactions for the
 /// loaded entries (as after a UCS Primary's initial `slapadd`).
 impl Slapd {
+    /// The main database as LDIF (`slapcat -b BASE`, every user and operational attribute),
+    /// read while slapd runs (mdb readers do not block it). With [`Slapd::slapadd`] on a
+    /// [`Slapd::start_replica_of`] instance this makes an exact copy.
+    pub fn slapcat(&self) -> Result<String> {
+        let output = Command::new("/usr/sbin/slapcat")
+            .args(self.config_args())
+            .args(["-b", BASE])
+            .output()
+            .map_err(io_context("running slapcat"))?;
+        if !output.status.success() {
+            return Err(HarnessError::SlapdStart(format!(
+                "slapcat exited with {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        String::from_utf8(output.stdout)
+            .map_err(|e| HarnessError::SlapdStart(format!("slapcat output is not UTF-8: {e}")))
+    }
+
     /// Stops slapd, adds `ldif` (entries in LDIF, parents before children) to the main
     /// database with `slapadd -q` and starts slapd again on the same port. slapadd fills
     /// in `entryUUID`, `entryCSN` and the timestamps.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use integration_tests::slapd::{BASE, RESTRICTED_DN};
 use integration_tests::users::{TempUser, is_root};
 use integration_tests::{
-    Directory, Intake, Listener, ListenerOptions, Notifier, Slapd, wait_until,
+    Change, Directory, Intake, Listener, ListenerOptions, Notifier, Slapd, wait_until,
 };
 use serde::Deserialize;
 
@@ -996,4 +996,330 @@ fn a_missing_module_directory_stops_the_start() {
         "{log}"
     );
     assert!(!log.contains("Traceback"), "{log}");
+}
+
+/// What the cache holds, as `univention-directory-listener-dump` prints it (listener
+/// stopped).
+fn dump_cache(listener: &Listener) -> String {
+    let output = std::process::Command::new(
+        integration_tests::process::binary("univention-directory-listener-dump").unwrap(),
+    )
+    .arg("-c")
+    .arg(listener.cache_dir())
+    .output()
+    .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// `sys.exit(1)` in a handler (UCS's `replication` module does it with
+/// `ldap/replication/fallback=restart`) stops the listener with status 1 and without
+/// committing the transaction: neither the cache, nor the id, nor a later module has it,
+/// and the log calls it a requested exit, not a failure. After the restart the transaction
+/// is delivered. `sys.exit` in `initialize` stops the start the same way, and the module is
+/// initialised at the next start.
+#[test]
+fn system_exit_stops_without_committing_and_the_restart_redoes_it() {
+    let mut stack = Stack::start();
+    // Priority 10: called before the jsonl module (50), which must not see the change.
+    stack.module(
+        "leaver.py",
+        r#"
+import os, sys
+name = "leaver"
+description = "asks for a restart once per marker"
+filter = "(objectClass=organizationalRole)"
+priority = 10.0
+_DIR = os.path.dirname(__file__)
+
+def _once(what):
+    marker = os.path.join(_DIR, what + ".done")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        sys.exit(1)
+
+def initialize():
+    _once("initialize")
+
+def handler(dn, new, old):
+    if dn.startswith("cn=leave"):
+        _once("handler")
+    with open(os.path.join(_DIR, "leaver.calls"), "a") as out:
+        out.write(dn + "\n")
+"#,
+    );
+    let options = ListenerOptions::new().module_dir(stack.modules.path());
+    let mut listener = Listener::start(&stack.slapd, &stack.notifier, options).unwrap();
+    let status = listener.wait_exit(T).unwrap();
+    assert_eq!(status.code(), Some(1), "{}", listener.log());
+    let log = listener.log();
+    assert!(
+        log.contains("leaver: initialize requested the listener to exit with status 1"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("initialization of module leaver failed"),
+        "{log}"
+    );
+    assert_ne!(listener.handler_state("leaver"), Some(3));
+
+    listener.restart().unwrap();
+    listener.wait_initialized(T).unwrap();
+    wait_ready(&mut listener, &["leaver"]);
+    let before = dn("cn=before");
+    each_processed(
+        &mut stack,
+        &mut listener,
+        vec![add_role(before.clone(), "before")],
+    );
+    let committed = listener.notifier_id().unwrap();
+    let jsonl_before = listener.changes().unwrap().len();
+
+    let target = dn("cn=leave");
+    stack.admin.add_role(&target, "leave").unwrap();
+    let status = listener.wait_exit(T).unwrap();
+    assert_eq!(status.code(), Some(1), "{}", listener.log());
+    let log = listener.log();
+    let request = format!("leaver: handler {target} requested the listener to exit with status 1");
+    assert!(log.contains(&request), "{log}");
+    assert!(log.contains("SystemExit(1) at "), "{log}");
+    assert!(!log.contains("(failed)"), "{log}");
+    assert_eq!(listener.notifier_id(), Some(committed), "id not committed");
+    assert_eq!(
+        listener.changes().unwrap().len(),
+        jsonl_before,
+        "no later module saw the transaction"
+    );
+    let cached = dump_cache(&listener);
+    assert!(cached.contains(&format!("dn: {before}\n")), "{cached}");
+    assert!(!cached.contains(&format!("dn: {target}\n")), "{cached}");
+    let (code, status) = ctrl_status(&stack, &listener);
+    assert_eq!(code, Some(1), "{status}");
+    assert!(
+        status.contains(&format!(
+            "not running, stopped: module leaver asked the listener to exit in handler \
+             {target} with status 1 (SystemExit(1) at "
+        )),
+        "{status}"
+    );
+
+    listener.restart().unwrap();
+    let last = stack.settle(&mut listener);
+    assert!(last > committed);
+    let delivered: Vec<String> = listener
+        .changes()
+        .unwrap()
+        .iter()
+        .skip(jsonl_before)
+        .map(Change::summary)
+        .collect();
+    assert_eq!(delivered, [format!("a {target}")]);
+    let calls = fs::read_to_string(stack.modules.path().join("leaver.calls")).unwrap();
+    assert_eq!(calls, format!("{before}\n{target}\n"));
+    let (_, status) = ctrl_status(&stack, &listener);
+    assert!(!status.contains("stopped: module"), "{status}");
+    listener.stop().unwrap();
+    assert!(dump_cache(&listener).contains(&format!("dn: {target}\n")));
+}
+
+/// `univention-directory-listener-ctrl status` for this listener: exit code and output.
+fn ctrl_status(stack: &Stack, listener: &Listener) -> (Option<i32>, String) {
+    let output = std::process::Command::new(
+        integration_tests::process::binary("univention-directory-listener-ctrl").unwrap(),
+    )
+    .arg("-c")
+    .arg(listener.cache_dir())
+    .arg("--failed-ldif")
+    .arg(listener.failed_ldif_path())
+    .args(["--notifier-host", "127.0.0.1", "--notifier-port"])
+    .arg(stack.notifier.port().to_string())
+    .arg("--ucr-file")
+    .arg(listener.ucr_file())
+    .arg("status")
+    .env("NO_COLOR", "1")
+    .output()
+    .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+/// The `failed.ldif` replay-and-move sequence with a module that, like UCS's
+/// `replication`, switches to writing changes into `failed.ldif` when its target fails and
+/// keeps that writer open: the listener pauses, the operator replays the file and moves it
+/// away, and on resume every module is loaded afresh (import, `setdata`, `prerun`), so the
+/// redone transaction and every later one reach the target again, and nothing more is
+/// appended to the moved-away file.
+#[test]
+fn resuming_after_failed_ldif_starts_modules_afresh() {
+    let mut stack = Stack::start();
+    let options = ListenerOptions::new().module_dir(stack.modules.path());
+    let mut listener = Listener::prepare(&stack.slapd, &stack.notifier, options).unwrap();
+    let failed = listener.failed_ldif_path();
+    stack.module(
+        "ldifwriter.py",
+        &r#"
+import os
+name = "ldifwriter"
+description = "writes to its target, or to failed.ldif once the target is down"
+filter = "(objectClass=organizationalRole)"
+_DIR = os.path.dirname(__file__)
+_FAILED = FAILED_LDIF_PATH
+_ldif = None
+
+def _log(line):
+    with open(os.path.join(_DIR, "ldifwriter.calls"), "a") as out:
+        out.write(line + "\n")
+
+def setdata(key, value):
+    if key == "basedn":
+        _log("setdata")
+
+def prerun():
+    _log("prerun")
+
+def handler(dn, new, old):
+    global _ldif
+    if _ldif is None and os.path.exists(os.path.join(_DIR, "target-down")):
+        _ldif = open(_FAILED, "a")
+    if _ldif is not None:
+        _ldif.write("dn: %s\nchangetype: add\n\n" % dn)
+        _ldif.flush()
+        return
+    with open(os.path.join(_DIR, "target"), "a") as out:
+        out.write(dn + "\n")
+"#
+        .replace(
+            "FAILED_LDIF_PATH",
+            &format!("{:?}", failed.display().to_string()),
+        ),
+    );
+    listener.restart().unwrap();
+    listener.wait_initialized(T).unwrap();
+    wait_ready(&mut listener, &["ldifwriter"]);
+    let modules = stack.modules.path().to_owned();
+    let read = |file: &str| fs::read_to_string(modules.join(file)).unwrap_or_default();
+
+    let one = dn("cn=one");
+    each_processed(
+        &mut stack,
+        &mut listener,
+        vec![add_role(one.clone(), "one")],
+    );
+    let committed = listener.notifier_id().unwrap();
+
+    fs::write(stack.modules.path().join("target-down"), "").unwrap();
+    let two = dn("cn=two");
+    stack.admin.add_role(&two, "two").unwrap();
+    listener
+        .wait_until("the listener to pause on failed.ldif", T, |l| {
+            Ok(l.log().contains("replication stopped").then_some(()))
+        })
+        .unwrap();
+    assert_eq!(listener.notifier_id(), Some(committed));
+    assert_eq!(
+        fs::read_to_string(&failed).unwrap(),
+        format!("dn: {two}\nchangetype: add\n\n")
+    );
+
+    // The operator repairs the target, replays the file and moves it away.
+    fs::remove_file(stack.modules.path().join("target-down")).unwrap();
+    let replayed = failed.with_extension("ldif.replayed");
+    fs::rename(&failed, &replayed).unwrap();
+    let three = dn("cn=three");
+    each_processed(
+        &mut stack,
+        &mut listener,
+        vec![add_role(three.clone(), "three")],
+    );
+
+    assert_eq!(read("target"), format!("{one}\n{two}\n{three}\n"));
+    assert_eq!(
+        fs::read_to_string(&replayed).unwrap(),
+        format!("dn: {two}\nchangetype: add\n\n"),
+        "nothing more goes to the moved-away file"
+    );
+    assert!(!failed.exists());
+    let calls = read("ldifwriter.calls");
+    let lines: Vec<&str> = calls.lines().collect();
+    // Started, then loaded afresh on resume: setdata, and prerun before the next handler.
+    assert_eq!(
+        lines.iter().filter(|l| **l == "setdata").count(),
+        2,
+        "{calls}"
+    );
+    assert_eq!(lines.last(), Some(&"prerun"), "{calls}");
+    assert!(listener.log().contains("reloading every module"));
+    listener.stop().unwrap();
+}
+
+/// `univention.debug` levels per category as in UCS's listener: LISTENER and LDAP follow
+/// `-d` and SIGUSR1/SIGUSR2, the other categories start at WARN, `set_level` overrides a
+/// category; messages above their category's level are dropped.
+#[test]
+fn debug_levels_follow_the_daemon() {
+    let mut stack = Stack::start();
+    stack.module(
+        "levels.py",
+        r#"
+import os
+import univention.debug as ud
+name = "levels"
+description = "reports debug levels"
+filter = "(objectClass=organizationalRole)"
+def handler(dn, new, old):
+    if not new:
+        return
+    if dn.startswith("cn=set"):
+        ud.set_level(ud.ADMIN, ud.ALL)
+    levels = (ud.get_level(ud.LISTENER), ud.get_level(ud.LDAP), ud.get_level(ud.ADMIN))
+    with open(os.path.join(os.path.dirname(__file__), "levels.out"), "a") as out:
+        out.write("%s %r\n" % (dn.split(",")[0], levels))
+    ud.debug(ud.LISTENER, ud.INFO, "listener info for " + dn)
+    ud.debug(ud.ADMIN, ud.PROCESS, "admin process for " + dn)
+"#,
+    );
+    let mut listener = stack.listener(ListenerOptions::new().args(["-d", "2"]), &["levels"]);
+    each_processed(
+        &mut stack,
+        &mut listener,
+        vec![add_role(dn("cn=two"), "two")],
+    );
+    listener.signal(libc::SIGUSR1).unwrap();
+    listener
+        .wait_until("the level change", T, |l| {
+            Ok(l.log().contains("debug level is now 3").then_some(()))
+        })
+        .unwrap();
+    each_processed(
+        &mut stack,
+        &mut listener,
+        vec![
+            add_role(dn("cn=three"), "three"),
+            add_role(dn("cn=set"), "set"),
+        ],
+    );
+    assert_eq!(
+        fs::read_to_string(stack.modules.path().join("levels.out")).unwrap(),
+        "cn=two (2, 2, 1)\ncn=three (3, 3, 1)\ncn=set (3, 3, 4)\n"
+    );
+    let log = listener.log();
+    assert!(
+        !log.contains(&format!("listener info for {}", dn("cn=two"))),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("listener info for {}", dn("cn=three"))),
+        "{log}"
+    );
+    assert!(
+        !log.contains(&format!("admin process for {}", dn("cn=three"))),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("admin process for {}", dn("cn=set"))),
+        "{log}"
+    );
+    listener.stop().unwrap();
 }

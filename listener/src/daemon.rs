@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use cache::CacheError;
 use daemon::backoff::Backoff;
+use daemon::fs::FileError;
 use daemon::tasks::run_blocking;
 use proto::client::{ClientError, NotifierClient, parse_get_dn_reply};
 use proto::{Request, Transaction, TransactionId};
@@ -18,7 +19,7 @@ use tokio::time::sleep_until;
 
 use crate::cascade::{Cascade, CascadeError, Line};
 use crate::config::{Config, Server};
-use crate::dispatch::Handlers;
+use crate::dispatch::{ExitRequest, Handlers};
 use crate::engine::{Engine, EngineError, Prefetched, Processed};
 use crate::loader;
 use crate::metrics::Metrics;
@@ -49,6 +50,19 @@ pub enum Exit {
     BadCache(String),
     /// The cache cannot be written (e.g. disk full); nothing was lost, exit status 1.
     CacheUnwritable(String),
+    /// A module asked to exit (`sys.exit(n)`); the transaction in progress was not
+    /// committed. Exit status `n`, or 1 if that is not a failure status (the listener did
+    /// not finish its work, so a supervisor must restart it).
+    ModuleRequested(ExitRequest),
+}
+
+impl Exit {
+    /// A module's exit request, if one was made.
+    fn module_requested(handlers: &Handlers) -> Option<Exit> {
+        handlers
+            .exit_requested()
+            .map(|request| Exit::ModuleRequested(request.clone()))
+    }
 }
 
 /// A transaction as the upstream notifier described it (kept verbatim for the cascade).
@@ -175,6 +189,9 @@ impl Daemon {
             if let Some(fatal) = self.fatal.take() {
                 break fatal;
             }
+            if let Some(exit) = Exit::module_requested(self.engine.handlers()) {
+                break exit;
+            }
             if self.signals.stop_requested() {
                 break Exit::Stopped;
             }
@@ -224,7 +241,7 @@ impl Daemon {
                 break exit;
             }
         };
-        self.shutdown().await;
+        self.shutdown(&exit).await;
         exit
     }
 
@@ -255,7 +272,16 @@ impl Daemon {
 
     /// Stops processing cleanly until `reason` is gone or a signal arrives: everything is
     /// committed and postrun runs, but the process stays up (no restart loop).
+    ///
+    /// Resuming after `failed.ldif` reloads every module first. The file means a module
+    /// (UCS's `replication`) gave up on its target and wrote changes into that file; the
+    /// operator replays it and moves it away. The module still holds the state it had
+    /// then (the open LDIF writer), and would append every later change to the moved-away
+    /// file and report success. UCS's listener exits at this point, so modules start
+    /// fresh; a reload gives them the same fresh start (new import, `setdata`, `prerun`
+    /// before the next handler) while the process, its status and its connections stay.
     async fn pause(&mut self, reason: &str) {
+        let after_failed_ldif = self.config.failed_ldif.exists();
         tracing::error!("{reason}");
         self.publish_status(&format!("paused: {reason}"));
         self.go_idle().await;
@@ -265,15 +291,40 @@ impl Daemon {
                 _ = heartbeat.waiting(tokio::time::sleep(PAUSE_POLL)) => {}
                 _ = self.signals.woken() => {}
             }
-            if self.signals.stop_requested() || self.fatal.is_some() || self.stop_reason().is_none()
+            if self.signals.stop_requested()
+                || self.fatal.is_some()
+                || self.engine.handlers().exit_requested().is_some()
+                || self.stop_reason().is_none()
             {
                 break;
             }
         }
-        if !self.signals.stop_requested() {
-            tracing::info!("resuming replication");
-            self.publish_status("running");
+        if self.signals.stop_requested()
+            || self.fatal.is_some()
+            || self.engine.handlers().exit_requested().is_some()
+        {
+            return;
         }
+        if after_failed_ldif {
+            tracing::info!(
+                "{} was removed: reloading every module, so none keeps state from before \
+                 replication stopped",
+                self.config.failed_ldif.display()
+            );
+            self.publish_status("reloading modules");
+            if let Err(e) = self.reload_modules().await {
+                tracing::error!("reload: {e}");
+                if let EngineError::Cache(e) = e {
+                    let exit = self.cache_failure(e);
+                    self.fatal.get_or_insert(exit);
+                    return;
+                }
+            }
+            // The reload ran postrun of the old modules; the new ones are prepared lazily.
+            self.idle = false;
+        }
+        tracing::info!("resuming replication");
+        self.publish_status("running");
     }
 
     async fn wait_backoff(&mut self) {
@@ -441,6 +492,11 @@ impl Daemon {
         let mut alive_at = tokio::time::Instant::now() + self.config.alive_interval;
         let heartbeat = self.engine.handlers().heartbeat().clone();
         loop {
+            // A module asked to exit (in postrun, a retried initialisation, a reload): the
+            // main loop stops.
+            if self.engine.handlers().exit_requested().is_some() {
+                return Ok(None);
+            }
             let idle = self.idle;
             // A module whose initialisation failed is retried while the listener waits
             // too: an idle listener would otherwise never get to it.
@@ -538,6 +594,11 @@ impl Daemon {
                         Ok(processed) => processed,
                         Err(EngineError::Cache(e)) => return Err(self.cache_failure(e)),
                         Err(e) => {
+                            // A module asked to exit before the failure: no retry.
+                            if let Some(exit) = Exit::module_requested(self.engine.handlers()) {
+                                self.engine.rollback(checkpoint);
+                                return Err(exit);
+                            }
                             tracing::error!(
                                 "transaction {id} ({}): {e}; retrying",
                                 received.line.dn
@@ -560,6 +621,15 @@ impl Daemon {
                     Processed::Done
                 }
             };
+            if let Some(exit) = Exit::module_requested(self.engine.handlers()) {
+                // Not committed: processed again after the restart (a stashed `r` too).
+                self.engine.rollback(checkpoint);
+                tracing::error!(
+                    "transaction {id} ({}) not committed: a module asked the listener to exit",
+                    received.line.dn
+                );
+                return Err(exit);
+            }
             if self.config.failed_ldif.exists() {
                 // The change that made replication fail is not persisted: it is processed
                 // again once the administrator removed the file (spec §2.2 step 7).
@@ -704,6 +774,10 @@ impl Daemon {
     async fn reload_modules(&mut self) -> Result<(), EngineError> {
         self.flush(false);
         self.engine.handlers_mut().postrun();
+        // The old modules' request must not get lost with them.
+        if self.engine.handlers().exit_requested().is_some() {
+            return Err(EngineError::ExitRequested);
+        }
         let loaded = loader::load_modules(&self.config, &self.privileges);
         // The new modules read their state files before the old ones write theirs, so a
         // state file removed for a resync leads to a re-initialisation.
@@ -766,8 +840,14 @@ impl Daemon {
         result
     }
 
-    async fn shutdown(&mut self) {
-        self.publish_status("stopping");
+    async fn shutdown(&mut self, exit: &Exit) {
+        match exit {
+            Exit::ModuleRequested(request) => self.publish_status(&format!(
+                "stopping: module {} asked the listener to exit in {} with status {}",
+                request.module, request.call, request.status
+            )),
+            _ => self.publish_status("stopping"),
+        }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         self.engine.handlers_mut().postrun();
         self.flush(true);
@@ -794,6 +874,29 @@ impl Daemon {
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
     }
+}
+
+/// `<cache>/exit_request`: why the listener last exited at a module's request, for
+/// `ctrl status` while it is down; removed at the next start.
+pub const EXIT_REQUEST_FILE: &str = "exit_request";
+
+/// Records a module's exit request in `<cache>/exit_request` (one line, with the time).
+pub fn record_exit_request(cache_dir: &Path, request: &ExitRequest) -> Result<(), FileError> {
+    let line = format!(
+        "module {} asked the listener to exit in {} with status {} ({}) at {}\n",
+        request.module,
+        request.call,
+        request.status,
+        request.message,
+        daemon::time::rfc3339(std::time::SystemTime::now())
+    );
+    daemon::fs::write_atomic(&cache_dir.join(EXIT_REQUEST_FILE), line.as_bytes(), 0o644)
+}
+
+/// The recorded exit request, if the listener's last exit was one.
+pub fn read_exit_request(cache_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(cache_dir.join(EXIT_REQUEST_FILE)).ok()?;
+    Some(text.trim_end().to_owned()).filter(|t| !t.is_empty())
 }
 
 /// The `setdata` values in UCS order: basedn, binddn, bindpw, ldapserver.

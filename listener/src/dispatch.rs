@@ -110,6 +110,20 @@ pub struct LoadFailure {
     pub at: SystemTime,
 }
 
+/// A module asked the listener to exit (Python `SystemExit`, e.g. UCS's `replication` with
+/// `ldap/replication/fallback=restart`): the listener stops without committing the
+/// transaction in progress, so it is processed again after the restart, as in UCS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitRequest {
+    pub module: String,
+    /// The call that asked: "handler cn=x,dc=y", "initialize", "postrun", ….
+    pub call: String,
+    /// The status the module asked for (`sys.exit(n)`).
+    pub status: i32,
+    /// What it raised and where.
+    pub message: String,
+}
+
 /// Where the handlers publish their module list when a module's condition changes during
 /// an initialisation pass (which may keep the main loop busy for hours), so the status
 /// shows "initialising" and each outcome at once.
@@ -197,6 +211,9 @@ pub struct Handlers {
     init_retry: Duration,
     calls: CallTracker,
     sink: Option<StatsSink>,
+    /// Set by the first module that asked the listener to exit; from then on no module is
+    /// called any more.
+    exit_request: Option<ExitRequest>,
 }
 
 /// The attribute names whose value lists differ between `new` and `old` (names compared
@@ -287,6 +304,7 @@ impl Handlers {
             init_retry: DEFAULT_INIT_RETRY,
             calls: CallTracker::default(),
             sink: None,
+            exit_request: None,
         }
     }
 
@@ -315,6 +333,11 @@ impl Handlers {
     /// Publishes every module call to `tracker` (the control socket reads it).
     pub fn track_calls(&mut self, tracker: CallTracker) {
         self.calls = tracker;
+    }
+
+    /// The module that asked the listener to exit, if one did.
+    pub fn exit_requested(&self) -> Option<&ExitRequest> {
+        self.exit_request.as_ref()
     }
 
     pub fn heartbeat(&self) -> &Heartbeat {
@@ -493,7 +516,9 @@ impl Handlers {
             for (key, value) in data {
                 if let Some(value) = value {
                     let result = self.call(index, "setdata", None, |m| m.setdata(key, value));
-                    if let Err(e) = result {
+                    if let Err(e) = result
+                        && e.requested_exit().is_none()
+                    {
                         tracing::error!("{}: setdata({key}) failed: {e}", self.name(index));
                     }
                 }
@@ -505,8 +530,10 @@ impl Handlers {
     /// ignored (spec §3.8); a failed `initialize` is returned: the module did not set
     /// itself up, so its initialisation failed (UCS leaves such a module not ready).
     pub(crate) fn clean_and_initialize(&mut self, index: usize) -> Result<(), ModuleError> {
-        if let Err(e) = self.call(index, "clean", None, |m| m.clean()) {
-            tracing::error!("{}: clean failed: {e}", self.name(index));
+        match self.call(index, "clean", None, |m| m.clean()) {
+            Ok(()) => {}
+            Err(e) if e.requested_exit().is_some() => return Err(e),
+            Err(e) => tracing::error!("{}: clean failed: {e}", self.name(index)),
         }
         self.call(index, "initialize", None, |m| m.initialize())
     }
@@ -623,6 +650,7 @@ impl Handlers {
             }
             match self.call(index, "postrun", None, |m| m.postrun()) {
                 Ok(()) => self.slots[index].prepared = false,
+                Err(e) if e.requested_exit().is_some() => return,
                 Err(e) => tracing::error!("{}: postrun failed: {e}", self.name(index)),
             }
         }
@@ -646,6 +674,7 @@ impl Handlers {
         if !slot.prepared {
             match self.call(index, "prerun", None, |m| m.prerun()) {
                 Ok(()) => self.slots[index].prepared = true,
+                Err(e) if e.requested_exit().is_some() => return false,
                 // The handler still runs; prerun is retried before the next call.
                 Err(e) => tracing::error!("{}: prerun failed: {e}", self.name(index)),
             }
@@ -656,6 +685,8 @@ impl Handlers {
         slot.stats.calls += 1;
         slot.stats.busy += started.elapsed();
         match result {
+            // Neither a success nor a failure: the transaction is not committed.
+            Err(e) if e.requested_exit().is_some() => false,
             Ok(()) => {
                 slot.stats.consecutive_failures = 0;
                 tracing::debug!("{}: {} {}", slot.name(), call.command, call.dn);
@@ -678,7 +709,8 @@ impl Handlers {
     /// Calls into a module (blocking work: [`run_blocking`]), then restores the daemon's
     /// effective uid/gid: modules may switch to root (`listener.setuid(0)`) and forget to
     /// switch back (spec §4.3). The call is published to the [`CallTracker`] while it
-    /// runs, and a failure becomes the module's last error.
+    /// runs, and a failure becomes the module's last error. Once a module asked the
+    /// listener to exit, no module is called any more (UCS's listener ended right there).
     fn call(
         &mut self,
         index: usize,
@@ -686,6 +718,15 @@ impl Handlers {
         dn: Option<&str>,
         f: impl FnOnce(&mut dyn Module) -> Result<(), ModuleError>,
     ) -> Result<(), ModuleError> {
+        if let Some(request) = &self.exit_request {
+            return Err(ModuleError::exit_requested(
+                request.status,
+                format!(
+                    "not called: module {} asked the listener to exit",
+                    request.module
+                ),
+            ));
+        }
         let Some(slot) = self.slots.get_mut(index) else {
             return Ok(());
         };
@@ -698,14 +739,33 @@ impl Handlers {
         let result = run_blocking(|| f(slot.module.as_mut()));
         self.calls.set(None);
         if let Err(e) = &result {
-            slot.stats.last_error = Some(LastError {
-                call: match dn {
-                    Some(dn) => format!("{function} {dn}"),
-                    None => function.to_owned(),
-                },
-                message: e.to_string(),
-                at: SystemTime::now(),
-            });
+            let call = match dn {
+                Some(dn) => format!("{function} {dn}"),
+                None => function.to_owned(),
+            };
+            match e.requested_exit() {
+                Some(status) => {
+                    let module = slot.module.info().name.clone();
+                    tracing::error!(
+                        "{module}: {call} requested the listener to exit with status {status} \
+                         ({e}); stopping without committing the transaction in progress, it is \
+                         processed again after the restart"
+                    );
+                    self.exit_request = Some(ExitRequest {
+                        module,
+                        call,
+                        status,
+                        message: e.to_string(),
+                    });
+                }
+                None => {
+                    slot.stats.last_error = Some(LastError {
+                        call,
+                        message: e.to_string(),
+                        at: SystemTime::now(),
+                    });
+                }
+            }
         }
         self.privileges.restore();
         self.heartbeat.beat();
@@ -765,6 +825,8 @@ mod tests {
         fail_handler: bool,
         fail_prerun: bool,
         fail_initialize: bool,
+        /// The handler asks the listener to exit (as Python's `SystemExit`).
+        exit_handler: bool,
         /// Logs what the tracker says while the handler runs.
         tracker: Option<CallTracker>,
     }
@@ -787,6 +849,9 @@ mod tests {
                     "current {} {} {:?}",
                     call.module, call.function, call.dn
                 ));
+            }
+            if self.exit_handler {
+                return Err(ModuleError::exit_requested(1, "SystemExit(1)"));
             }
             if self.fail_handler {
                 Err(ModuleError::new("boom"))
@@ -844,6 +909,7 @@ mod tests {
             fail_handler: false,
             fail_prerun: false,
             fail_initialize: false,
+            exit_handler: false,
             tracker: None,
         }
     }
@@ -1054,6 +1120,52 @@ mod tests {
             ]
         );
         assert!(old.modules.is_empty());
+    }
+
+    #[test]
+    fn an_exit_request_stops_every_later_call_and_is_no_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let mut leaver = recorder("leaver", Some("(cn=*)"), &log);
+        leaver.exit_handler = true;
+        let h = &mut handlers(
+            dir.path(),
+            vec![
+                recorder(REPLICATION, Some("(cn=*)"), &log),
+                leaver,
+                recorder("zlater", Some("(cn=*)"), &log),
+            ],
+        );
+        let mut new = entry("cn=a", &[("cn", &["a"])], &[]);
+        let old = CacheEntry::default();
+        h.update(1, "cn=a", &mut new, &old, Command::Add, Selection::All);
+        assert_eq!(
+            take(&log),
+            [
+                "replication prerun",
+                "replication a cn=a new=1 old=0",
+                "leaver prerun",
+                "leaver a cn=a new=1 old=0",
+            ]
+        );
+        assert_eq!(new.modules, [REPLICATION]);
+        let request = h.exit_requested().unwrap();
+        assert_eq!(
+            (
+                request.module.as_str(),
+                request.call.as_str(),
+                request.status
+            ),
+            ("leaver", "handler cn=a", 1)
+        );
+        // Not counted as a failure, and nothing is called any more.
+        let stats: Vec<_> = h.stats().map(|(n, s, _)| (n, s.failures)).collect();
+        assert_eq!(stats, [(REPLICATION, 0), ("leaver", 0), ("zlater", 0)]);
+        assert!(conditions(h).iter().all(|(_, c)| *c == Condition::Ready));
+        h.postrun();
+        h.setdata(&[("basedn", Some("dc=x".into()))]);
+        h.delete(2, "cn=a", &mut new, Command::Delete);
+        assert!(take(&log).is_empty());
     }
 
     #[test]

@@ -148,7 +148,11 @@ impl Engine {
         for index in indices {
             match self.initialize_module(index, scan_timeout, signals).await {
                 Ok(()) => {}
-                Err(e @ (EngineError::Cache(_) | EngineError::Interrupted)) => return Err(e),
+                Err(
+                    e @ (EngineError::Cache(_)
+                    | EngineError::Interrupted
+                    | EngineError::ExitRequested),
+                ) => return Err(e),
                 Err(e) => {
                     first_failure.get_or_insert(e);
                 }
@@ -184,6 +188,9 @@ impl Engine {
                 tracing::warn!("initialization of module {name} interrupted");
                 self.set_state(index, state & !READY);
             }
+            // Not a failure of this module's initialisation: it runs again after the
+            // restart.
+            Err(EngineError::ExitRequested) => self.set_state(index, state & !READY),
             Err(e) => {
                 self.set_state(index, state & !READY);
                 let retry = self.handlers.init_failed(index, &e.to_string());
@@ -216,7 +223,10 @@ impl Engine {
         self.commit_staged(false)?;
         self.handlers
             .clean_and_initialize(index)
-            .map_err(EngineError::ModuleInit)?;
+            .map_err(|e| match e.requested_exit() {
+                Some(_) => EngineError::ExitRequested,
+                None => EngineError::ModuleInit(e),
+            })?;
         let cache = self.cache();
         let removed = run_blocking(|| cache.remove_module_everywhere(name))?;
         tracing::debug!("module {name} removed from {removed} cache entries");
@@ -233,6 +243,7 @@ impl Engine {
                 Selection::Only(index),
             );
             self.store(schema);
+            self.check_exit_request()?;
         }
 
         let Some(filter) = self.handlers.filter_text(index).map(str::to_owned) else {
@@ -336,6 +347,7 @@ impl Engine {
             Command::Init,
             Selection::Only(pass.index),
         );
+        self.check_exit_request()?;
         self.store(entry);
         pass.done.insert(key);
         progress.step();
@@ -345,6 +357,14 @@ impl Engine {
             pass.since_commit = 0;
         }
         Ok(())
+    }
+
+    /// Ends an initialisation pass as soon as a module asked the listener to exit.
+    fn check_exit_request(&self) -> Result<(), EngineError> {
+        match self.handlers.exit_requested() {
+            Some(_) => Err(EngineError::ExitRequested),
+            None => Ok(()),
+        }
     }
 
     /// Commits what is staged, with the current master record.

@@ -3,7 +3,7 @@
 //!
 //! Exit status: 0 after a signal (everything committed) or a finished `-i`/`-P`; 1 on a
 //! configuration error, a second listener on the same cache, or a failed `-i`/`-P`; 3 when
-//! the cache is marked bad (as UCS).
+//! the cache is marked bad (as UCS); a module's `sys.exit(n)` exits with `n` (1 for 0).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -21,8 +21,10 @@ use daemon::systemd::{self, Heartbeat};
 use daemon::tasks::TaskSet;
 use ldap::{Connection, Endpoint, Lookup, StartTls};
 use listener::config::{Cli, Config, LdapTarget, RunMode, Server};
-use listener::daemon::{Daemon, Exit, setdata_values};
-use listener::dispatch::{Handlers, STATE_DIR};
+use listener::daemon::{
+    Daemon, EXIT_REQUEST_FILE, Exit, read_exit_request, record_exit_request, setdata_values,
+};
+use listener::dispatch::{ExitRequest, Handlers, STATE_DIR};
 use listener::engine::{Engine, EngineSettings};
 use listener::metrics::Metrics;
 use listener::signals::Signals;
@@ -125,6 +127,10 @@ async fn run_locked(
         purge(cache_dir)?;
     }
     create_private_dir(&cache_dir.join(STATE_DIR))?;
+    if let Some(previous) = read_exit_request(cache_dir) {
+        tracing::info!("the last run ended because {previous}");
+        let _ = std::fs::remove_file(cache_dir.join(EXIT_REQUEST_FILE));
+    }
 
     let Some((server, ldap, mut notifier)) = connect(&config, signals, heartbeat).await? else {
         return Ok(ExitCode::SUCCESS);
@@ -159,6 +165,9 @@ async fn run_locked(
     handlers.publish_to(Arc::new(move |stats| sink.set_modules(stats)));
     handlers.set_init_only(config.mode == RunMode::InitOnly);
     handlers.setdata(&setdata_values(&config, &server));
+    if let Some(request) = handlers.exit_requested() {
+        return Ok(module_exit(cache_dir, request));
+    }
 
     let timeout = config.notifier_timeout;
     let master = match cache.master() {
@@ -220,6 +229,9 @@ async fn run_locked(
         if let Err(e) = engine.update_schema().await {
             tracing::error!("schema update failed: {e}");
         }
+        if let Some(request) = engine.handlers().exit_requested() {
+            return Ok(module_exit(cache_dir, request));
+        }
     }
 
     metrics.start_at(engine.master().notifier_id);
@@ -228,6 +240,10 @@ async fn run_locked(
     let init = engine
         .initialize_pending(config.scan_timeout, signals)
         .await;
+    if let Some(request) = engine.handlers().exit_requested() {
+        engine.handlers().write_states();
+        return Ok(module_exit(cache_dir, request));
+    }
     if config.mode == RunMode::InitOnly {
         engine.handlers_mut().postrun();
         engine.handlers().write_states();
@@ -285,6 +301,7 @@ async fn run_locked(
         Exit::Stopped => ExitCode::SUCCESS,
         Exit::BadCache(_) => ExitCode::from(EXIT_BAD_CACHE),
         Exit::CacheUnwritable(_) => ExitCode::from(1),
+        Exit::ModuleRequested(request) => module_exit(cache_dir, &request),
     })
 }
 
@@ -403,6 +420,27 @@ fn cache_failure(cache_dir: &Path, e: CacheError) -> ExitCode {
         cache_dir.display()
     );
     ExitCode::from(EXIT_BAD_CACHE)
+}
+
+/// The exit status for a module's `sys.exit(n)`: `n` when it is a failure status, else 1
+/// (the transaction in progress was not committed, so this is never a clean stop).
+fn module_exit(cache_dir: &Path, request: &ExitRequest) -> ExitCode {
+    if let Err(e) = record_exit_request(cache_dir, request) {
+        tracing::error!("cannot record the exit request for ctrl status: {e}");
+    }
+    tracing::error!(
+        "exiting as module {} requested in {} ({}); uncommitted work is redone at the next \
+         start",
+        request.module,
+        request.call,
+        request.message
+    );
+    ExitCode::from(
+        u8::try_from(request.status)
+            .ok()
+            .filter(|&s| s != 0)
+            .unwrap_or(1),
+    )
 }
 
 fn engine_failure(cache_dir: &Path, e: listener::engine::EngineError) -> ExitCode {

@@ -93,14 +93,41 @@ pub struct Call<'a> {
     pub old: &'a Attributes,
 }
 
-/// Why a module call failed; logged with the module name, never fatal to the listener.
+/// Why a module call did not succeed: a failure (logged with the module name, never fatal
+/// to the listener), or the module asking the listener to exit (Python `SystemExit`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ModuleError(pub String);
+#[error("{message}")]
+pub struct ModuleError {
+    message: String,
+    exit_status: Option<i32>,
+}
 
 impl ModuleError {
+    /// A failed call.
     pub fn new(message: impl Into<String>) -> ModuleError {
-        ModuleError(message.into())
+        ModuleError {
+            message: message.into(),
+            exit_status: None,
+        }
+    }
+
+    /// The module asked the listener to stop with `status` (UCS modules call `sys.exit(1)`
+    /// to ask for a restart): the transaction in progress must not be committed, so it is
+    /// processed again after the restart.
+    pub fn exit_requested(status: i32, message: impl Into<String>) -> ModuleError {
+        ModuleError {
+            message: message.into(),
+            exit_status: Some(status),
+        }
+    }
+
+    /// The status the module asked the listener to exit with, if this is an exit request.
+    pub fn requested_exit(&self) -> Option<i32> {
+        self.exit_status
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
     }
 }
 

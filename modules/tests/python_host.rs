@@ -610,3 +610,77 @@ def handler(dn, new, old):
         "[65534, 0, 0, 0, 65534, 3, 127]"
     );
 }
+
+/// `sys.exit()` in any call is a request to stop the listener, with Python's exit status
+/// rules, and says where it was raised; other exceptions stay failures.
+#[test]
+fn system_exit_is_an_exit_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut module = load(
+        dir.path(),
+        "leaver.py",
+        r#"
+import sys
+description = "d"
+def handler(dn, new, old):
+    if dn == "one":
+        sys.exit(1)
+    if dn == "none":
+        sys.exit()
+    if dn == "text":
+        sys.exit("replication failed")
+    if dn == "other":
+        raise KeyError(dn)
+def prerun():
+    raise SystemExit(3)
+def setdata(key, value):
+    sys.exit(4)
+"#,
+    )
+    .unwrap();
+    let empty: Attrs = Vec::new();
+    let exit = |module: &mut PythonModule, dn: &str| {
+        module
+            .handler(&call(dn, Command::Modify, &empty, &empty))
+            .unwrap_err()
+    };
+    let one = exit(&mut module, "one");
+    assert_eq!(one.requested_exit(), Some(1));
+    assert!(
+        one.to_string().starts_with(&format!(
+            "SystemExit(1) at {}:",
+            dir.path().join("leaver.py").display()
+        )),
+        "{one}"
+    );
+    assert_eq!(exit(&mut module, "none").requested_exit(), Some(0));
+    let text = exit(&mut module, "text");
+    assert_eq!(text.requested_exit(), Some(1));
+    assert!(
+        text.to_string()
+            .starts_with("SystemExit('replication failed')"),
+        "{text}"
+    );
+    assert_eq!(exit(&mut module, "other").requested_exit(), None);
+    assert_eq!(module.prerun().unwrap_err().requested_exit(), Some(3));
+    assert_eq!(
+        module.setdata("basedn", "x").unwrap_err().requested_exit(),
+        Some(4)
+    );
+}
+
+/// A reload imports the file again before the old module is unloaded (SIGHUP, resuming
+/// after `failed.ldif`): unloading the old one leaves the new one registered.
+#[test]
+fn unloading_an_old_import_keeps_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = "import sys\ndescription = 'd'\nVERSION = 'VALUE'\n\
+                  def handler(dn, new, old):\n    \
+                  if sys.modules[__name__].VERSION != 'VALUE': raise RuntimeError('stale')\n";
+    let old = load(dir.path(), "twice.py", &source.replace("VALUE", "1")).unwrap();
+    let mut new = load(dir.path(), "twice.py", &source.replace("VALUE", "2")).unwrap();
+    drop(old);
+    let empty: Attrs = Vec::new();
+    new.handler(&call("x", Command::Add, &empty, &empty))
+        .unwrap();
+}

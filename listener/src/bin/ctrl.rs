@@ -355,7 +355,16 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
         listener: ListenerReport {
             running,
             pid: live.as_ref().map(|s| s.pid),
-            state: live.as_ref().map(|s| s.state.clone()).or(live_error),
+            state: live
+                .as_ref()
+                .map(|s| s.state.clone())
+                .or(live_error)
+                .or_else(|| {
+                    (!running)
+                        .then(|| listener::daemon::read_exit_request(&cli.cache_dir))
+                        .flatten()
+                        .map(|why| format!("stopped: {why}"))
+                }),
             cache_entries: live.as_ref().map(|s| s.cache_entries),
         },
         notifier: NotifierReport {
@@ -391,6 +400,7 @@ fn print_status(r: &StatusReport, colour: bool) {
         (Some(pid), Some(state)) => format!("running (pid {pid}): {state}"),
         (None, Some(problem)) if r.listener.running => format!("running, but {problem}"),
         _ if r.listener.running => "running".to_owned(),
+        (None, Some(stopped)) => format!("not running, {stopped}"),
         _ => "not running".to_owned(),
     };
     let good = r.listener.running && !listener.contains("paused");

@@ -36,6 +36,11 @@ pub enum EngineError {
     /// `None`).
     #[error("initialize() failed: {0}")]
     ModuleInit(#[source] modules::ModuleError),
+    /// A module asked the listener to exit ([`Handlers::exit_requested`]).
+    ///
+    /// [`Handlers::exit_requested`]: crate::dispatch::Handlers::exit_requested
+    #[error("a module asked the listener to exit")]
+    ExitRequested,
 }
 
 impl EngineError {

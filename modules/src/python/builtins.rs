@@ -109,6 +109,13 @@ fn log(level: i64, message: &str) -> PyResult<()> {
     Ok(())
 }
 
+/// The daemon's UCS debug level now (`-d`, moved by SIGUSR1/SIGUSR2): the level of the
+/// LISTENER and LDAP categories in `univention.debug`.
+#[pyfunction]
+fn debug_level() -> u8 {
+    daemon::logging::current_level()
+}
+
 /// The effective uid `listener.unsetuid()` returns to.
 #[pyfunction]
 fn daemon_uid() -> PyResult<u32> {
@@ -158,6 +165,7 @@ pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
     let host = PyModule::new(py, "_udl_host")?;
     host.add_function(wrap_pyfunction!(log, &host)?)?;
     host.add_function(wrap_pyfunction!(daemon_uid, &host)?)?;
+    host.add_function(wrap_pyfunction!(debug_level, &host)?)?;
     host.add_function(wrap_pyfunction!(ucr_file, &host)?)?;
     host.add_function(wrap_pyfunction!(is_module_file, &host)?)?;
     host.add_function(wrap_pyfunction!(compat_sources, &host)?)?;

@@ -9,6 +9,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use pyo3::exceptions::PySystemExit;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyModule, PyString};
 
@@ -310,7 +311,7 @@ fn interpreter_thread(
                 }
                 Request::Unload { slot } => {
                     if let Some(loaded) = slots.get_mut(slot).and_then(Option::take) {
-                        forget(py, &loaded.sys_name);
+                        unload(py, &loaded);
                     }
                 }
             }
@@ -359,6 +360,9 @@ struct Loaded {
     /// `info.name`, shared with the current-call record.
     name: Arc<str>,
     sys_name: String,
+    /// The module object: a reload imports the same file again before the old one is
+    /// unloaded, and unloading the old one must not remove the new one.
+    module: Py<PyModule>,
     handler: Py<PyAny>,
     modrdn: bool,
     prerun: Option<Py<PyAny>>,
@@ -404,6 +408,7 @@ fn load(py: Python<'_>, path: &Path) -> Result<Loaded, PythonError> {
             name: info.name.as_str().into(),
             info,
             sys_name: sys_name.clone(),
+            module: module.clone().unbind(),
             modrdn,
         })
     })();
@@ -537,6 +542,17 @@ fn declarations(
     ))
 }
 
+/// Forgets an unloaded module's name, unless a newer import of its file took it over.
+fn unload(py: Python<'_>, loaded: &Loaded) {
+    let current = py
+        .import("sys")
+        .and_then(|sys| sys.getattr("modules"))
+        .and_then(|modules| modules.get_item(&loaded.sys_name));
+    if current.is_ok_and(|current| current.is(loaded.module.bind(py))) {
+        forget(py, &loaded.sys_name);
+    }
+}
+
 fn forget(py: Python<'_>, sys_name: &str) {
     if let Ok(modules) = py.import("sys").and_then(|sys| sys.getattr("modules")) {
         let _ = modules.del_item(sys_name);
@@ -616,8 +632,42 @@ fn run(
                 "returned {shown} instead of None"
             )))
         }
+        Err(e) if e.is_instance_of::<PySystemExit>(py) => Err(system_exit(py, &e)),
         Err(e) => Err(ModuleError::new(format_exception(py, &e))),
     }
+}
+
+/// `sys.exit()` in a module: a request to stop the listener, not a failed call. The status
+/// follows Python's own rules: `None` is 0, an integer is itself, anything else (a message)
+/// is 1.
+fn system_exit(py: Python<'_>, error: &PyErr) -> ModuleError {
+    let code = error.value(py).getattr("code").ok();
+    let (status, shown) = match &code {
+        None => (1, "?".to_owned()),
+        Some(code) if code.is_none() => (0, "None".to_owned()),
+        Some(code) => match code.extract::<i64>() {
+            Ok(n) => (i32::try_from(n).unwrap_or(1), n.to_string()),
+            Err(_) => (
+                1,
+                code.repr().map_or_else(|_| "?".into(), |r| r.to_string()),
+            ),
+        },
+    };
+    // Where it was raised: the innermost frame of the traceback.
+    let place = error
+        .traceback(py)
+        .and_then(|tb| {
+            let frames = py
+                .import("traceback")
+                .and_then(|m| m.call_method1("extract_tb", (tb,)))
+                .ok()?;
+            let last = frames.get_item(-1).ok()?;
+            let file: String = last.getattr("filename").ok()?.extract().ok()?;
+            let line: u64 = last.getattr("lineno").ok()?.extract().ok()?;
+            Some(format!(" at {file}:{line}"))
+        })
+        .unwrap_or_default();
+    ModuleError::exit_requested(status, format!("SystemExit({shown}){place}"))
 }
 
 /// The full traceback of `error`, as Python prints it.

@@ -1,7 +1,9 @@
 """``univention.debug`` for listener modules, routed into the listener's log.
 
-Messages go to the daemon's ``tracing`` log, tagged with the calling module's name; the
-log level filter of the daemon decides what is shown (``-d``, SIGUSR1/SIGUSR2).
+Messages go to the daemon's ``tracing`` log, tagged with the calling module's name.
+Levels per category as in UCS's listener: LISTENER and LDAP follow the daemon's level
+(``-d``, moved by SIGUSR1/SIGUSR2), every other category starts at WARN; ``set_level``
+overrides a category for every module. A message above its category's level is dropped.
 UCS levels map to log levels: ERROR → error, WARN → warn, PROCESS → info, INFO → debug,
 ALL → trace.
 """
@@ -60,6 +62,9 @@ _CATEGORY_NAMES = {
 
 # Per-category thresholds as set by modules; the daemon's own filter applies on top.
 _levels = {}
+# The categories the listener sets from ``-d``; the others start at UCS's default.
+_DAEMON_CATEGORIES = (LISTENER, LDAP)
+_DEFAULT_LEVEL = WARN
 _function_tracing = False
 
 
@@ -72,7 +77,7 @@ def _log(level, text):
 
 def debug(category, level, message, utf8=True):
     """Logs ``message`` at UCS ``level`` under ``category``."""
-    if level > _levels.get(category, ALL):
+    if level > get_level(category):
         return
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
@@ -104,7 +109,12 @@ def set_level(category, level):
 
 
 def get_level(category):
-    return _levels.get(category, ALL)
+    level = _levels.get(category)
+    if level is not None:
+        return level
+    if category in _DAEMON_CATEGORIES and _udl_host is not None:
+        return _udl_host.debug_level()
+    return _DEFAULT_LEVEL
 
 
 def set_function(activate):
