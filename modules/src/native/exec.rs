@@ -357,13 +357,15 @@ mod tests {
             command: Command::Add,
             new,
             old: &[],
+            transaction: 5,
+            number: 1,
         }
     }
 
     fn handler_error(module: &mut Exec, call: &Call<'_>) -> String {
         match module.handler(call) {
             Ok(()) => panic!("handler succeeded"),
-            Err(ModuleError(message)) => message,
+            Err(ModuleError { message, .. }) => message,
         }
     }
 
