@@ -8,6 +8,7 @@
 pub mod directory;
 pub mod listener;
 pub mod lockf;
+pub mod nats;
 pub mod net;
 pub mod notifier;
 pub mod process;
@@ -16,6 +17,7 @@ pub mod users;
 pub mod wait;
 
 pub use directory::{Directory, Entry};
+pub use nats::{NatsCluster, NatsServer};
 pub use listener::{BindAs, Change, JsonlTail, Listener, ListenerOptions};
 pub use notifier::{Client, Intake, Notifier};
 pub use process::Process;

@@ -396,14 +396,15 @@ impl Handlers {
         let now = Instant::now();
         let wall = SystemTime::now();
         let loaded = self.slots.iter().map(|s| {
-            let condition = if s.initialising {
+            // A module waiting for its service says so, also during its initialisation.
+            let condition = if s.unavailable_since.is_some() {
+                Condition::Unavailable
+            } else if s.initialising {
                 Condition::Initialising
             } else if !s.is_ready() && s.init_failures > 0 {
                 Condition::InitFailed
             } else if !s.is_ready() {
                 Condition::NotReady
-            } else if s.unavailable_since.is_some() {
-                Condition::Unavailable
             } else if s.stats.consecutive_failures > 0 {
                 Condition::Failing
             } else {
