@@ -84,8 +84,13 @@ fn assert_exactly_once(stream: &[StreamMessage], changes: &[Change]) {
             )
         })
         .collect();
-    for pair in positions.windows(2) {
-        assert!(pair[0] < pair[1], "out of transaction order: {pair:?}");
+    for (i, pair) in positions.windows(2).enumerate() {
+        assert!(
+            pair[0] < pair[1],
+            "out of transaction order: {pair:?} ({} then {})",
+            stream[i].message_id,
+            stream[i + 1].message_id
+        );
     }
     for m in stream {
         let command = m.payload["command"].as_str().unwrap();
@@ -243,8 +248,8 @@ impl Lcg {
 }
 
 /// `writes` mixed LDAP writes (adds, modifies, renames with moves between two OUs,
-/// deletes); returns how many were made.
-fn mixed_writes(admin: &mut Directory, prefix: &str, writes: usize) -> usize {
+/// deletes); returns the DN and command of the last transaction.
+fn mixed_writes(admin: &mut Directory, prefix: &str, writes: usize) -> (String, char) {
     for ou in ["ou=n0", "ou=n1"] {
         let dn = format!("{ou},{BASE}");
         admin
@@ -260,6 +265,7 @@ fn mixed_writes(admin: &mut Directory, prefix: &str, writes: usize) -> usize {
     let mut live: Vec<String> = Vec::new();
     let mut made = 2;
     let mut i = 0usize;
+    let mut last = (String::new(), 'a');
     while made < writes {
         i += 1;
         let op = if live.len() < 5 { 0 } else { i % 10 };
@@ -267,11 +273,13 @@ fn mixed_writes(admin: &mut Directory, prefix: &str, writes: usize) -> usize {
             0..=3 => {
                 let dn = format!("cn={prefix}{i},ou=n{},{BASE}", i % 2);
                 admin.add_role(&dn, &format!("{prefix}{i}")).unwrap();
+                last = (dn.clone(), 'a');
                 live.push(dn);
             }
             4..=7 => {
                 let dn = &live[i % live.len()];
                 admin.replace(dn, "description", &[&format!("v{i}")]).unwrap();
+                last = (dn.clone(), 'm');
             }
             8 => {
                 let at = i % live.len();
@@ -282,15 +290,17 @@ fn mixed_writes(admin: &mut Directory, prefix: &str, writes: usize) -> usize {
                     .modrdn(&old, &rdn, true, Some(&format!("ou={target},{BASE}")))
                     .unwrap();
                 live[at] = format!("{rdn},ou={target},{BASE}");
+                last = (live[at].clone(), 'a');
             }
             _ => {
                 let dn = live.swap_remove(i % live.len());
                 admin.delete(&dn).unwrap();
+                last = (dn, 'd');
             }
         }
         made += 1;
     }
-    made
+    last
 }
 
 /// 2,000 mixed changes; the listener is SIGKILLed at 20 random points while it works
@@ -310,8 +320,8 @@ fn sigkills_and_nats_restarts_lose_and_duplicate_nothing() {
     listener.stop().unwrap();
 
     let mut admin = slapd.admin().unwrap();
-    mixed_writes(&mut admin, "k", WRITES);
-    let last = notifier.last_id().unwrap();
+    let (dn, command) = mixed_writes(&mut admin, "k", WRITES);
+    let last = notifier.wait_transaction(&dn, command, T).unwrap();
 
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -319,7 +329,9 @@ fn sigkills_and_nats_restarts_lose_and_duplicate_nothing() {
         .as_nanos() as u64;
     eprintln!("kill points seed {seed}");
     let mut random = Lcg(seed);
-    let per_round = (last / (KILLS as u64 + 2)).max(2);
+    // Small steps: a kill lands some way after the step is reached, and all KILLS must
+    // land before the backlog is done.
+    let per_round = (last / (3 * KILLS as u64)).max(2);
     let mut kills = 0;
     for round in 0..KILLS {
         listener.restart().unwrap();
@@ -328,10 +340,10 @@ fn sigkills_and_nats_restarts_lose_and_duplicate_nothing() {
         listener
             .wait_until("progress through the backlog", T, |l| {
                 let now = l.changes()?.len();
-                Ok((now >= before + step || l.notifier_id() == Some(last)).then_some(()))
+                Ok((now >= before + step || l.notifier_id() >= Some(last)).then_some(()))
             })
             .unwrap();
-        if listener.notifier_id() == Some(last) {
+        if listener.notifier_id() >= Some(last) {
             break;
         }
         if round == KILLS / 3 || round == 2 * KILLS / 3 {
@@ -346,12 +358,14 @@ fn sigkills_and_nats_restarts_lose_and_duplicate_nothing() {
         kills += 1;
     }
     eprintln!("{kills} kills");
-    assert!(kills >= 10, "only {kills} kills landed before the backlog was done");
+    assert_eq!(kills, KILLS, "the backlog was done before every kill landed");
     listener.restart().unwrap();
     listener.wait_for_id(last, T).unwrap();
     let changes = listener.changes().unwrap();
     let expected = jsonl_calls(&changes).len();
-    assert!(expected >= WRITES, "{expected} handler calls");
+    // Fewer calls than writes: a backlog read late collapses (a modify of an object
+    // renamed later waits for the rename, an add of an object deleted later is a delete).
+    assert!(expected >= WRITES / 2, "only {expected} handler calls");
     let stream = wait_stream(&server.url(), expected);
     assert_exactly_once(&stream, &changes);
     listener.stop().unwrap();
@@ -371,17 +385,15 @@ fn a_cluster_node_killed_during_the_run_loses_and_duplicates_nothing() {
     listener.wait_initialized(T).unwrap();
 
     let mut admin = slapd.admin().unwrap();
-    let writer = std::thread::spawn(move || {
-        mixed_writes(&mut admin, "c", WRITES);
-    });
+    let writer = std::thread::spawn(move || mixed_writes(&mut admin, "c", WRITES));
     listener
         .wait_until("the listener to be under way", T, |l| {
             Ok((l.changes()?.len() >= WRITES / 4).then_some(()))
         })
         .unwrap();
     cluster.servers[0].kill().unwrap();
-    writer.join().unwrap();
-    let last = notifier.last_id().unwrap();
+    let (dn, command) = writer.join().unwrap();
+    let last = notifier.wait_transaction(&dn, command, T).unwrap();
     listener.wait_for_id(last, T).unwrap();
     let changes = listener.changes().unwrap();
     let expected = jsonl_calls(&changes).len();
