@@ -17,8 +17,8 @@ pub mod users;
 pub mod wait;
 
 pub use directory::{Directory, Entry};
-pub use nats::{NatsCluster, NatsServer};
 pub use listener::{BindAs, Change, JsonlTail, Listener, ListenerOptions};
+pub use nats::{NatsCluster, NatsServer};
 pub use notifier::{Client, Intake, Notifier};
 pub use process::Process;
 pub use slapd::{Slapd, SlapdConfig};

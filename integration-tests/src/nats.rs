@@ -45,7 +45,8 @@ impl NatsServer {
 
     fn new(name: &str, dir: &Path, cluster: Option<(u16, Vec<u16>)>) -> Result<NatsServer> {
         let store = dir.join(format!("{name}-store"));
-        std::fs::create_dir_all(&store).map_err(io_context(format!("creating {}", store.display())))?;
+        std::fs::create_dir_all(&store)
+            .map_err(io_context(format!("creating {}", store.display())))?;
         Ok(NatsServer {
             name: name.to_owned(),
             port: free_port()?,
@@ -95,18 +96,22 @@ impl NatsServer {
     /// cluster: a meta leader is known).
     pub fn wait_ready(&mut self) -> Result<()> {
         let port = self.monitor_port;
-        wait_until(&format!("nats-server {} to be healthy", self.name), START, || {
-            if let Some(process) = &mut self.process
-                && let Some(status) = process.try_status()
-            {
-                return Err(HarnessError::Listener(format!(
-                    "nats-server {} exited ({status}):\n{}",
-                    self.name,
-                    process.log()
-                )));
-            }
-            Ok(healthz(port).then_some(()))
-        })
+        wait_until(
+            &format!("nats-server {} to be healthy", self.name),
+            START,
+            || {
+                if let Some(process) = &mut self.process
+                    && let Some(status) = process.try_status()
+                {
+                    return Err(HarnessError::Listener(format!(
+                        "nats-server {} exited ({status}):\n{}",
+                        self.name,
+                        process.log()
+                    )));
+                }
+                Ok(healthz(port).then_some(()))
+            },
+        )
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -178,7 +183,11 @@ impl NatsCluster {
         let cluster_ports = [free_port()?, free_port()?, free_port()?];
         let mut servers = Vec::new();
         for (i, port) in cluster_ports.iter().enumerate() {
-            let routes: Vec<u16> = cluster_ports.iter().copied().filter(|p| p != port).collect();
+            let routes: Vec<u16> = cluster_ports
+                .iter()
+                .copied()
+                .filter(|p| p != port)
+                .collect();
             servers.push(NatsServer::new(
                 &format!("n{}", i + 1),
                 dir.path(),

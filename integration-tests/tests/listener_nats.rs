@@ -74,7 +74,11 @@ fn stream_key(m: &StreamMessage) -> Key {
 /// One message per handler call, none missing, none twice, in transaction order.
 fn assert_exactly_once(stream: &[StreamMessage], changes: &[Change]) {
     let ids: HashSet<&str> = stream.iter().map(|m| m.message_id.as_str()).collect();
-    assert_eq!(ids.len(), stream.len(), "a message id is in the stream twice");
+    assert_eq!(
+        ids.len(),
+        stream.len(),
+        "a message id is in the stream twice"
+    );
     let positions: Vec<(u64, u64)> = stream
         .iter()
         .map(|m| {
@@ -102,9 +106,21 @@ fn assert_exactly_once(stream: &[StreamMessage], changes: &[Change]) {
         jsonl_calls(changes).into_iter().partition(|k| k.1 == 'n');
     let (got_init, got): (Vec<Key>, Vec<Key>) =
         stream.iter().map(stream_key).partition(|k| k.1 == 'n');
-    let dns = |keys: &[Key]| keys.iter().map(|k| k.2.to_lowercase()).collect::<HashSet<_>>();
-    assert_eq!(dns(&got_init), dns(&init), "the initialisation passes differ");
-    assert_eq!(got_init.len(), init.len(), "an object was initialised twice");
+    let dns = |keys: &[Key]| {
+        keys.iter()
+            .map(|k| k.2.to_lowercase())
+            .collect::<HashSet<_>>()
+    };
+    assert_eq!(
+        dns(&got_init),
+        dns(&init),
+        "the initialisation passes differ"
+    );
+    assert_eq!(
+        got_init.len(),
+        init.len(),
+        "an object was initialised twice"
+    );
     if got != expected {
         let first = got
             .iter()
@@ -145,7 +161,12 @@ fn ctrl_status(listener: &Listener, notifier: &Notifier) -> (i32, serde_json::Va
         .spawn()
         .unwrap();
     let mut out = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     let status = child.wait().unwrap();
     (
         status.code().unwrap_or(-1),
@@ -200,8 +221,10 @@ fn nats_down_at_start_events_wait_and_arrive_once_it_is_up() {
     let report = wait_until("the retries to go on", T, || {
         let (code, report) = ctrl_status(&listener, &notifier);
         let nats = module(&report, "nats");
-        Ok((nats["condition"] == "unavailable" && nats["retries"].as_u64() >= Some(2))
-            .then_some((code, report)))
+        Ok(
+            (nats["condition"] == "unavailable" && nats["retries"].as_u64() >= Some(2))
+                .then_some((code, report)),
+        )
     })
     .unwrap();
     let (code, report) = report;
@@ -210,7 +233,10 @@ fn nats_down_at_start_events_wait_and_arrive_once_it_is_up() {
     let error = nats["last_error"]["message"].as_str().unwrap();
     assert!(error.contains("cannot connect"), "{error}");
     let processed = report["processed_id"].as_u64().unwrap();
-    assert!(processed < first, "passed transaction {first} without nats ({processed})");
+    assert!(
+        processed < first,
+        "passed transaction {first} without nats ({processed})"
+    );
     assert!(listener.is_running());
 
     server.restart().unwrap();
@@ -278,7 +304,9 @@ fn mixed_writes(admin: &mut Directory, prefix: &str, writes: usize) -> (String, 
             }
             4..=7 => {
                 let dn = &live[i % live.len()];
-                admin.replace(dn, "description", &[&format!("v{i}")]).unwrap();
+                admin
+                    .replace(dn, "description", &[&format!("v{i}")])
+                    .unwrap();
                 last = (dn.clone(), 'm');
             }
             8 => {
@@ -317,6 +345,12 @@ fn sigkills_and_nats_restarts_lose_and_duplicate_nothing() {
     let conf = nats_conf(dir.path(), &server.url(), "");
     let mut listener = start_listener(&slapd, &notifier, &conf);
     listener.wait_initialized(T).unwrap();
+    // Stopped during its initialisation, the module would make a second snapshot.
+    listener
+        .wait_until("the nats module to be ready", T, |l| {
+            Ok((l.handler_state("nats") == Some(3)).then_some(()))
+        })
+        .unwrap();
     listener.stop().unwrap();
 
     let mut admin = slapd.admin().unwrap();
@@ -358,7 +392,10 @@ fn sigkills_and_nats_restarts_lose_and_duplicate_nothing() {
         kills += 1;
     }
     eprintln!("{kills} kills");
-    assert_eq!(kills, KILLS, "the backlog was done before every kill landed");
+    assert_eq!(
+        kills, KILLS,
+        "the backlog was done before every kill landed"
+    );
     listener.restart().unwrap();
     listener.wait_for_id(last, T).unwrap();
     let changes = listener.changes().unwrap();

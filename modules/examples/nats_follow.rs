@@ -16,7 +16,9 @@ use futures::StreamExt as _;
 #[tokio::main]
 async fn main() -> Result<(), async_nats::Error> {
     let mut args = std::env::args().skip(1);
-    let server = args.next().unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
+    let server = args
+        .next()
+        .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
     let stream = args
         .next()
         .unwrap_or_else(|| "univention-directory".to_owned());

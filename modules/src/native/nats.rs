@@ -587,7 +587,6 @@ impl Module for Nats {
             .map_or(0, |d| d.as_nanos());
         Ok(())
     }
-
 }
 
 impl Drop for Nats {
@@ -606,17 +605,18 @@ mod tests {
     fn attrs(items: &[(&str, &[&str])]) -> Vec<(String, Vec<Vec<u8>>)> {
         items
             .iter()
-            .map(|(n, vs)| (n.to_string(), vs.iter().map(|v| v.as_bytes().to_vec()).collect()))
+            .map(|(n, vs)| {
+                (
+                    n.to_string(),
+                    vs.iter().map(|v| v.as_bytes().to_vec()).collect(),
+                )
+            })
             .collect()
     }
 
     #[test]
     fn payload_has_identifiers_and_changed_attributes() {
-        let old = attrs(&[
-            ("entryUUID", &["u-1"]),
-            ("cn", &["a"]),
-            ("mail", &["m"]),
-        ]);
+        let old = attrs(&[("entryUUID", &["u-1"]), ("cn", &["a"]), ("mail", &["m"])]);
         let new = attrs(&[
             ("entryUUID", &["u-1"]),
             ("univentionObjectIdentifier", &["o-1"]),
@@ -661,7 +661,10 @@ mod tests {
         assert!(already_stored("dc=x:7:3", "dc=x:7:2"));
         assert!(!already_stored("dc=x:7:1", "dc=x:7:2"));
         assert!(!already_stored("dc=x:6:9", "dc=x:7:1"));
-        assert!(!already_stored("dc=x:8:1", "dc=x:7:1"), "never across transactions");
+        assert!(
+            !already_stored("dc=x:8:1", "dc=x:7:1"),
+            "never across transactions"
+        );
         assert!(!already_stored("dc=y:7:1", "dc=x:7:1"));
         assert!(!already_stored("dc=x:init-5:7:1", "dc=x:7:1"));
         assert!(!already_stored("junk", "dc=x:7:1"));
@@ -693,7 +696,10 @@ mod tests {
             ("stream = a.b\nservers = nats://x", "may not contain"),
             ("servers = nats://x\nreplicas = 9", "not a replica count"),
             ("servers = nats://x\nretention = forever", "not a retention"),
-            ("servers = nats://x\nuser = u", "missing required key \"password_file\""),
+            (
+                "servers = nats://x\nuser = u",
+                "missing required key \"password_file\"",
+            ),
             ("name = x", "missing required key \"servers\""),
         ];
         for (text, needle) in cases {
