@@ -14,6 +14,7 @@ packages=(
   build-essential ca-certificates
   systemd                   # systemd-analyze verify of the units (scripts/verify-units.sh)
   man-db                    # man -l renders the man pages (scripts/ci-package.sh)
+  nats-server               # the nats module's tests start private JetStream servers
 )
 
 missing=()

@@ -71,8 +71,11 @@ impl Logging {
         // sled logs every page write at debug level through `log`; besides flooding the log
         // at -d 4, such a record emitted while a runtime thread exits reaches the formatter
         // after its thread-local buffer is gone, which aborts the process.
+        // async-nats (the nats module) traces every protocol operation at debug/trace; the
+        // module logs what an operator needs itself.
         let quiet_storage = Targets::new()
             .with_target("sled", LevelFilter::WARN)
+            .with_target("async_nats", LevelFilter::INFO)
             .with_default(LevelFilter::TRACE);
         tracing_subscriber::registry()
             .with(filter)

@@ -3,7 +3,8 @@
 //! (a) Backlog catch-up: N mixed LDAP writes (40 % adds of inetOrgPerson users under a few
 //!     OUs, 40 % modifies, 10 % modrdn renames + moves, 10 % deletes) made while the listener
 //!     is stopped; then the time until it has processed them all, without modules and with
-//!     the jsonl module (two listeners prepared identically; each cache is put back to its
+//!     the jsonl module, with a trivial Python module and with the nats module publishing to
+//!     a private nats-server (listeners prepared identically; each cache is put back to its
 //!     pre-backlog copy between rounds), next to slapd's sequential base-search rate (`*`,
 //!     `+`) on the same entries. A transaction costs the listener at least two such reads
 //!     (its translog entry and the object): goals jsonl ≥ 0.6 × (search rate ÷ 2) and
@@ -496,6 +497,30 @@ fn backlog(total: usize, searches: usize, rounds: usize, debug: &str) {
         })
         .unwrap();
     python.stop().unwrap();
+    // The nats module publishing to a private nats-server (JetStream, file store); every
+    // round publishes to a stream of its own, so no round is helped by de-duplication.
+    let nats_dir = tempfile::tempdir().unwrap();
+    let nats_server = integration_tests::NatsServer::start(nats_dir.path()).unwrap();
+    let nats_conf = nats_dir.path().join("nats.conf");
+    let nats_round = |round: usize| {
+        std::fs::write(
+            &nats_conf,
+            format!(
+                "servers = {}\nstream = bench{round}\nsubject_prefix = bench.r{round}\n",
+                nats_server.url()
+            ),
+        )
+        .unwrap();
+    };
+    nats_round(0);
+    let mut nats = Listener::start(
+        &slapd,
+        &notifier,
+        options(false, debug).native_module(format!("nats=@{}", nats_conf.display())),
+    )
+    .unwrap();
+    nats.wait_initialized(LONG).unwrap();
+    nats.stop().unwrap();
     let start_id = plain.notifier_id().unwrap();
     assert_eq!(jsonl.notifier_id(), Some(start_id), "listeners start apart");
     assert_eq!(
@@ -503,6 +528,7 @@ fn backlog(total: usize, searches: usize, rounds: usize, debug: &str) {
         Some(start_id),
         "listeners start apart"
     );
+    assert_eq!(nats.notifier_id(), Some(start_id), "listeners start apart");
     assert_eq!(settled_id(&notifier), start_id, "the notifier moved on");
     let jsonl_lines_before = line_count(&jsonl.jsonl_path());
 
@@ -545,18 +571,22 @@ fn backlog(total: usize, searches: usize, rounds: usize, debug: &str) {
     let plain_snapshot = plain.dir().join("cache.snapshot");
     let jsonl_snapshot = jsonl.dir().join("cache.snapshot");
     let python_snapshot = python.dir().join("cache.snapshot");
+    let nats_snapshot = nats.dir().join("cache.snapshot");
+    copy_dir(&nats.cache_dir(), &nats_snapshot);
     copy_dir(&plain.cache_dir(), &plain_snapshot);
     copy_dir(&jsonl.cache_dir(), &jsonl_snapshot);
     copy_dir(&python.cache_dir(), &python_snapshot);
     let mut plain_runs = Vec::new();
     let mut jsonl_runs = Vec::new();
     let mut python_runs = Vec::new();
+    let mut nats_runs = Vec::new();
     let mut calls = None;
     for round in 1..=rounds.max(1) {
         if round > 1 {
             restore(&plain, &plain_snapshot);
             restore(&jsonl, &jsonl_snapshot);
             restore(&python, &python_snapshot);
+            restore(&nats, &nats_snapshot);
         }
         progress(format!("catch-up without modules (round {round})"));
         plain_runs.push(catch_up(&mut plain, &slapd, target));
@@ -570,14 +600,19 @@ fn backlog(total: usize, searches: usize, rounds: usize, debug: &str) {
         ));
         python_runs.push(catch_up(&mut python, &slapd, target));
         python.stop().unwrap();
+        progress(format!("catch-up with the nats module (round {round})"));
+        nats_round(round);
+        nats_runs.push(catch_up(&mut nats, &slapd, target));
+        nats.stop().unwrap();
     }
 
     let tx = transactions as f64;
-    let mut rates = [0.0; 3];
+    let mut rates = [0.0; 4];
     for (index, (name, runs)) in [
         ("no modules", &plain_runs),
         ("jsonl module", &jsonl_runs),
         ("Python module", &python_runs),
+        ("nats module", &nats_runs),
     ]
     .into_iter()
     .enumerate()
@@ -620,6 +655,10 @@ fn backlog(total: usize, searches: usize, rounds: usize, debug: &str) {
     println!(
         "    Python / jsonl       {:>10.2}    (goal >= 0.8)",
         rates[2] / jsonl_rate
+    );
+    println!(
+        "    nats / jsonl         {:>10.2}    (goal >= 0.8; one PubAck round trip per call)",
+        rates[3] / jsonl_rate
     );
 }
 

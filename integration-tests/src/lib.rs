@@ -9,6 +9,7 @@ pub mod compare;
 pub mod directory;
 pub mod listener;
 pub mod lockf;
+pub mod nats;
 pub mod net;
 pub mod notifier;
 pub mod pki;
@@ -19,6 +20,7 @@ pub mod wait;
 
 pub use directory::{Directory, Entry};
 pub use listener::{BindAs, Change, JsonlTail, Listener, ListenerOptions};
+pub use nats::{NatsCluster, NatsServer};
 pub use notifier::{Client, Intake, Notifier};
 pub use process::Process;
 pub use slapd::{Slapd, SlapdConfig};

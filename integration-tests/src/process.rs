@@ -111,13 +111,14 @@ impl Process {
             .iter()
             .find(|(key, _)| key == NETNS_ENV)
             .and_then(|(_, value)| value.clone());
+        let program = binary(name)?;
         let mut command = match netns {
             Some(ns) => {
                 let mut command = Command::new("ip");
-                command.args(["netns", "exec", &ns]).arg(binary(name)?);
+                command.args(["netns", "exec", &ns]).arg(program);
                 command
             }
-            None => Command::new(binary(name)?),
+            None => Command::new(program),
         };
         apply_process_group(&mut command)
             .args(args)
@@ -138,6 +139,31 @@ impl Process {
             .map_err(io_context(format!("starting {name}")))?;
         Ok(Process {
             name: name.to_owned(),
+            child: Some(child),
+            log_path: log_path.to_owned(),
+        })
+    }
+
+    /// Starts a program that is not one of the project's binaries (e.g. `nats-server`,
+    /// found in `PATH`), appending its output to `log_path`.
+    pub fn spawn_program(program: &str, args: &[String], log_path: &Path) -> Result<Process> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .map_err(io_context(format!("opening {}", log_path.display())))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_context("duplicating the log file"))?;
+        let child = apply_process_group(&mut Command::new(program))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(io_context(format!("starting {program}")))?;
+        Ok(Process {
+            name: program.to_owned(),
             child: Some(child),
             log_path: log_path.to_owned(),
         })

@@ -113,13 +113,16 @@ pub struct ModuleStatus {
     pub calls: u64,
     pub failures: u64,
     pub seconds: f64,
-    /// "ready", "failing", "not ready", "initialising", "initialisation failed" or
-    /// "failed to load" ([`crate::dispatch::Condition`]); only "ready" is healthy.
+    /// "ready", "failing", "unavailable", "not ready", "initialising",
+    /// "initialisation failed" or "failed to load" ([`crate::dispatch::Condition`]); only "ready" is healthy.
     #[serde(default)]
     pub condition: String,
     /// Handler calls that failed since the last successful one.
     #[serde(default)]
     pub consecutive_failures: u64,
+    /// Handler calls repeated after a transient failure.
+    #[serde(default)]
+    pub retries: u64,
     #[serde(default)]
     pub last_error: Option<ModuleError>,
     /// Failed initialisations since the last successful one.
@@ -159,6 +162,7 @@ impl ModuleStatus {
             seconds: m.stats.busy.as_secs_f64(),
             condition: m.condition.as_str().to_owned(),
             consecutive_failures: m.stats.consecutive_failures,
+            retries: m.stats.retries,
             last_error: m.stats.last_error.as_ref().map(ModuleError::from_last),
             init_failures: m.init_failures,
             next_init: m.next_init.map(daemon::time::unix_seconds),

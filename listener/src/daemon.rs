@@ -593,6 +593,8 @@ impl Daemon {
                     match result {
                         Ok(processed) => processed,
                         Err(EngineError::Cache(e)) => return Err(self.cache_failure(e)),
+                        // Only a stop gives up a module's call.
+                        Err(EngineError::Interrupted) => return Err(Exit::Stopped),
                         Err(e) => {
                             // A module asked to exit before the failure: no retry.
                             if let Some(exit) = Exit::module_requested(self.engine.handlers()) {
@@ -792,6 +794,8 @@ impl Daemon {
         handlers.track_calls(self.metrics.call_tracker());
         let sink = Arc::clone(&self.metrics);
         handlers.publish_to(Arc::new(move |stats| sink.set_modules(stats)));
+        let stop = Arc::clone(&self.signals);
+        handlers.stop_when(Arc::new(move || stop.stop_requested()));
         let data = setdata_values(&self.config, &self.server);
         handlers.setdata(&data);
         self.engine.replace_handlers(handlers).write_states();

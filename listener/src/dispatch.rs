@@ -55,6 +55,10 @@ pub enum Condition {
     Ready,
     /// Ready, but every handler call since the last success (at least one) failed.
     Failing,
+    /// Its last handler call failed transiently (its service is unreachable); the call is
+    /// retried with backoff and the listener does not pass the transaction until it
+    /// succeeds.
+    Unavailable,
     /// Not initialised, no attempt failed yet.
     NotReady,
     /// Its initialisation is running.
@@ -70,6 +74,7 @@ impl Condition {
         match self {
             Condition::Ready => "ready",
             Condition::Failing => "failing",
+            Condition::Unavailable => "unavailable",
             Condition::NotReady => "not ready",
             Condition::Initialising => "initialising",
             Condition::InitFailed => "initialisation failed",
@@ -86,6 +91,8 @@ pub struct CallStats {
     pub busy: Duration,
     /// Handler calls that failed since the last one that succeeded.
     pub consecutive_failures: u64,
+    /// Handler calls repeated after a transient failure.
+    pub retries: u64,
     /// The most recent failure of any call into the module (or of loading it).
     pub last_error: Option<LastError>,
 }
@@ -175,6 +182,10 @@ struct Slot {
     init_failures: u32,
     init_backoff: Option<Backoff>,
     next_init: Option<Instant>,
+    /// Handler calls made for the current transaction ([`Call::number`]).
+    calls_in_transaction: u32,
+    /// Since when its handler call fails transiently and is being retried.
+    unavailable_since: Option<Instant>,
 }
 
 impl Slot {
@@ -214,30 +225,29 @@ pub struct Handlers {
     /// Set by the first module that asked the listener to exit; from then on no module is
     /// called any more.
     exit_request: Option<ExitRequest>,
+    /// The transaction being processed ([`Call::transaction`]).
+    transaction: u64,
+    /// First and longest wait between retries of a transiently failed handler call.
+    retry_backoff: (Duration, Duration),
+    /// Asked between retries: true when the daemon is to stop.
+    stop_requested: Option<StopCheck>,
+    /// A handler call was given up because a stop was requested: the transaction must
+    /// not be committed (a module missed it).
+    interrupted: bool,
 }
 
-/// The attribute names whose value lists differ between `new` and `old` (names compared
-/// exactly, values positionally), plus names only in `old` (spec §3.4 step 1).
-pub fn changed_attributes<'a>(
-    new: &'a [(String, Vec<Vec<u8>>)],
-    old: &'a [(String, Vec<Vec<u8>>)],
-) -> Vec<&'a str> {
-    let mut changes: Vec<&str> = new
-        .iter()
-        .filter(|(name, values)| {
-            old.iter()
-                .find(|(n, _)| n == name)
-                .is_none_or(|(_, v)| v != values)
-        })
-        .map(|(name, _)| name.as_str())
-        .collect();
-    changes.extend(
-        old.iter()
-            .filter(|(name, _)| !new.iter().any(|(n, _)| n == name))
-            .map(|(name, _)| name.as_str()),
-    );
-    changes
-}
+/// See [`Handlers::stop_when`].
+pub type StopCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// First wait before a transiently failed handler call is retried.
+pub(crate) const RETRY_FIRST: Duration = Duration::from_millis(250);
+/// The wait between retries doubles up to this.
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How often a retry wait looks whether a stop was requested.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// Re-exported for the engine and the tests: the "up to date" rule's notion of a change.
+pub use modules::changed_attributes;
 
 fn order_key(module: &dyn Module) -> (f64, String) {
     let info = module.info();
@@ -292,6 +302,8 @@ impl Handlers {
                 init_failures: 0,
                 init_backoff: None,
                 next_init: None,
+                calls_in_transaction: 0,
+                unavailable_since: None,
             });
         }
         Handlers {
@@ -305,7 +317,37 @@ impl Handlers {
             calls: CallTracker::default(),
             sink: None,
             exit_request: None,
+            transaction: 0,
+            retry_backoff: (RETRY_FIRST, RETRY_MAX),
+            stop_requested: None,
+            interrupted: false,
         }
+    }
+
+    /// Makes the retries of transiently failed handler calls give up when `check` says
+    /// the daemon is to stop (the transaction is then not committed).
+    pub fn stop_when(&mut self, check: StopCheck) {
+        self.stop_requested = Some(check);
+    }
+
+    /// The waits between retries of a transiently failed handler call (first, longest).
+    pub fn set_retry_backoff(&mut self, first: Duration, max: Duration) {
+        self.retry_backoff = (first, max.max(first));
+    }
+
+    /// Starts the calls of transaction `id` (every attempt of it): numbering starts again.
+    pub(crate) fn begin_transaction(&mut self, id: u64) {
+        self.transaction = id;
+        self.interrupted = false;
+        for slot in &mut self.slots {
+            slot.calls_in_transaction = 0;
+        }
+    }
+
+    /// Whether a handler call was given up for a stop since the transaction began: its
+    /// staged work must be discarded, not committed.
+    pub(crate) fn interrupted(&self) -> bool {
+        self.interrupted
     }
 
     /// Publishes the module list to `sink` whenever an initialisation starts or ends.
@@ -377,7 +419,10 @@ impl Handlers {
         let now = Instant::now();
         let wall = SystemTime::now();
         let loaded = self.slots.iter().map(|s| {
-            let condition = if s.initialising {
+            // A module waiting for its service says so, also during its initialisation.
+            let condition = if s.unavailable_since.is_some() {
+                Condition::Unavailable
+            } else if s.initialising {
                 Condition::Initialising
             } else if !s.is_ready() && s.init_failures > 0 {
                 Condition::InitFailed
@@ -582,6 +627,8 @@ impl Handlers {
                 command,
                 new: &new.attributes,
                 old: &old.attributes,
+                transaction: self.transaction,
+                number: self.next_number(index),
             };
             if self.handle(index, &call) {
                 recorded.push(index);
@@ -626,6 +673,8 @@ impl Handlers {
                 command,
                 new: &[],
                 old: &old.attributes,
+                transaction: self.transaction,
+                number: self.next_number(index),
             };
             if self.handle(index, &call) {
                 old.remove_module(self.name(index));
@@ -661,6 +710,10 @@ impl Handlers {
         let Some(slot) = self.slots.get(index) else {
             return false;
         };
+        if self.interrupted {
+            // The transaction is given up (stop requested): no module sees more of it.
+            return false;
+        }
         if !slot.is_ready() && !slot.initialising && !self.init_only {
             tracing::warn!(
                 "{}: not ready, {} {} skipped (failed)",
@@ -680,7 +733,10 @@ impl Handlers {
             }
         }
         let started = Instant::now();
-        let result = self.call(index, "handler", Some(call.dn), |m| m.handler(call));
+        let mut result = self.call(index, "handler", Some(call.dn), |m| m.handler(call));
+        if result.as_ref().is_err_and(|e| e.is_transient()) {
+            result = self.retry_transient(index, call, result);
+        }
         let slot = &mut self.slots[index];
         slot.stats.calls += 1;
         slot.stats.busy += started.elapsed();
@@ -703,6 +759,91 @@ impl Handlers {
                 );
                 false
             }
+        }
+    }
+
+    /// The next [`Call::number`] of a module in the current transaction.
+    fn next_number(&mut self, index: usize) -> u32 {
+        let slot = &mut self.slots[index];
+        slot.calls_in_transaction = slot.calls_in_transaction.saturating_add(1);
+        slot.calls_in_transaction
+    }
+
+    /// Repeats a handler call that failed transiently, with backoff, until it succeeds,
+    /// fails for good, or the daemon is to stop (then the transaction is marked
+    /// [interrupted](Handlers::interrupted) and must not be committed). Meanwhile the
+    /// module is [`Condition::Unavailable`] with the reason as its last error, and the
+    /// watchdog is fed: the wait is bounded by the backoff, not stuck.
+    fn retry_transient(
+        &mut self,
+        index: usize,
+        call: &Call<'_>,
+        mut result: Result<(), ModuleError>,
+    ) -> Result<(), ModuleError> {
+        let (first, max) = self.retry_backoff;
+        let mut backoff = Backoff::new(first, max);
+        let mut logged = false;
+        while let Err(error) = &result {
+            if !error.is_transient() {
+                break;
+            }
+            let delay = backoff.next_delay();
+            let slot = &mut self.slots[index];
+            slot.unavailable_since.get_or_insert_with(Instant::now);
+            if !logged {
+                tracing::error!(
+                    "{}: {} {} (id {}) cannot be handled now: {error}; the listener waits \
+                     at this transaction and retries with backoff",
+                    slot.name(),
+                    call.command,
+                    call.dn,
+                    call.id
+                );
+                logged = true;
+            } else {
+                tracing::warn!(
+                    "{}: still unavailable: {error}; next attempt in {delay:.1?}",
+                    slot.name()
+                );
+            }
+            self.publish();
+            if !self.pause(delay) {
+                tracing::warn!(
+                    "{}: stop requested while waiting to retry {} {}; the transaction is \
+                     not committed and is handled again at the next start",
+                    self.name(index),
+                    call.command,
+                    call.dn
+                );
+                self.interrupted = true;
+                break;
+            }
+            self.slots[index].stats.retries += 1;
+            result = self.call(index, "handler", Some(call.dn), |m| m.handler(call));
+        }
+        let slot = &mut self.slots[index];
+        if slot.unavailable_since.take().is_some() && result.is_ok() {
+            tracing::info!("{}: available again, going on", slot.name());
+        }
+        self.publish();
+        result
+    }
+
+    /// Sleeps `delay` (blocking work), beating the watchdog; false as soon as a stop is
+    /// requested.
+    fn pause(&self, delay: Duration) -> bool {
+        let until = Instant::now() + delay;
+        let stop = || self.stop_requested.as_ref().is_some_and(|check| check());
+        loop {
+            if stop() {
+                return false;
+            }
+            self.heartbeat.beat();
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            run_blocking(|| std::thread::sleep(left.min(STOP_POLL)));
         }
     }
 

@@ -231,6 +231,7 @@ impl Engine {
         let removed = run_blocking(|| cache.remove_module_everywhere(name))?;
         tracing::debug!("module {name} removed from {removed} cache entries");
         let id = self.master().notifier_id;
+        self.handlers.begin_transaction(id);
         let empty = CacheEntry::default();
 
         if let Some(mut schema) = self.staged.get(SUBSCHEMA_DN)? {
@@ -348,6 +349,9 @@ impl Engine {
             Selection::Only(pass.index),
         );
         self.check_exit_request()?;
+        if self.handlers.interrupted() {
+            return Err(EngineError::Interrupted);
+        }
         self.store(entry);
         pass.done.insert(key);
         progress.step();

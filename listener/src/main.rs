@@ -163,6 +163,8 @@ async fn run_locked(
     handlers.track_calls(metrics.call_tracker());
     let sink = Arc::clone(&metrics);
     handlers.publish_to(Arc::new(move |stats| sink.set_modules(stats)));
+    let stop = Arc::clone(signals);
+    handlers.stop_when(Arc::new(move || stop.stop_requested()));
     handlers.set_init_only(config.mode == RunMode::InitOnly);
     handlers.setdata(&setdata_values(&config, &server));
     if let Some(request) = handlers.exit_requested() {

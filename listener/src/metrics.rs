@@ -128,7 +128,7 @@ impl Metrics {
             self.transactions.load(Ordering::Relaxed),
         );
         let modules = lock(&self.modules);
-        let families: [(&str, Kind, &str, ModuleValue); 6] = [
+        let families: [(&str, Kind, &str, ModuleValue); 7] = [
             (
                 "udl_module_calls_total",
                 Kind::Counter,
@@ -140,6 +140,13 @@ impl Metrics {
                 Kind::Counter,
                 "Failed handler calls per module.",
                 |m| m.stats.failures.to_string(),
+            ),
+            (
+                "udl_module_retries_total",
+                Kind::Counter,
+                "Handler calls repeated after a transient failure (the module's service was \
+                 unreachable; the listener waited at the transaction).",
+                |m| m.stats.retries.to_string(),
             ),
             (
                 "udl_module_seconds_total",

@@ -191,6 +191,8 @@ pub struct ModuleEntry {
     pub healthy: bool,
     /// Handler calls that failed since the last successful one (running listener only).
     pub consecutive_failures: Option<u64>,
+    /// Handler calls repeated after a transient failure (running listener only).
+    pub retries: Option<u64>,
     pub last_error: Option<control::ModuleError>,
     /// Unix time of the next initialisation attempt, after a failed one.
     pub next_init: Option<u64>,
@@ -209,6 +211,7 @@ impl ModuleEntry {
             condition: if ready { "ready" } else { "not ready" }.to_owned(),
             healthy: ready,
             consecutive_failures: None,
+            retries: None,
             last_error: None,
             next_init: None,
         }
@@ -230,6 +233,7 @@ impl ModuleEntry {
             healthy: condition == "ready",
             condition,
             consecutive_failures: Some(m.consecutive_failures),
+            retries: Some(m.retries),
             last_error: m.last_error.clone(),
             next_init: m.next_init,
             ..base
@@ -328,6 +332,7 @@ mod tests {
             seconds: 0.5,
             condition: "failing".into(),
             consecutive_failures: 1,
+            retries: 2,
             last_error: Some(control::ModuleError {
                 call: "handler cn=x".into(),
                 message: "boom".into(),
@@ -340,7 +345,7 @@ mod tests {
         let modules = list_modules(Some(&live), &[], &states);
         assert_eq!(
             serde_json::to_string(&modules).unwrap(),
-            r#"[{"name":"a","file":"native:jsonl","state":3,"ready":true,"calls":5,"failures":1,"condition":"failing","healthy":false,"consecutive_failures":1,"last_error":{"call":"handler cn=x","message":"boom","at":7},"next_init":null},{"name":"b","file":"-","state":1,"ready":false,"calls":null,"failures":null,"condition":"not ready","healthy":false,"consecutive_failures":null,"last_error":null,"next_init":null}]"#
+            r#"[{"name":"a","file":"native:jsonl","state":3,"ready":true,"calls":5,"failures":1,"condition":"failing","healthy":false,"consecutive_failures":1,"retries":2,"last_error":{"call":"handler cn=x","message":"boom","at":7},"next_init":null},{"name":"b","file":"-","state":1,"ready":false,"calls":null,"failures":null,"condition":"not ready","healthy":false,"consecutive_failures":null,"retries":null,"last_error":null,"next_init":null}]"#
         );
     }
 

@@ -119,6 +119,8 @@ fn main() {
                     command,
                     new,
                     old,
+                    transaction: 1,
+                    number: 1,
                 };
                 module.handler(&call).unwrap();
             }

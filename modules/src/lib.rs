@@ -16,4 +16,5 @@ pub mod python;
 
 pub use module::{
     Attributes, Call, Command, Module, ModuleError, ModuleInfo, ModuleSource, REPLICATION,
+    changed_attributes,
 };

@@ -91,6 +91,13 @@ pub struct Call<'a> {
     pub command: Command,
     pub new: &'a Attributes,
     pub old: &'a Attributes,
+    /// The transaction being processed when the call is made: `id` itself, except for the
+    /// `r` of a move, which is handed over while its `a` is processed.
+    pub transaction: u64,
+    /// This module's calls for `transaction` so far, this one included (1 for the first).
+    /// The same on every attempt of the transaction, so a module can name its output
+    /// deterministically (the `nats` module's message ids).
+    pub number: u32,
 }
 
 /// Why a module call did not succeed: a failure (logged with the module name, never fatal
@@ -99,15 +106,28 @@ pub struct Call<'a> {
 #[error("{message}")]
 pub struct ModuleError {
     message: String,
-    exit_status: Option<i32>,
+    kind: ErrorKind,
+}
+
+/// What the listener does after a [`ModuleError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorKind {
+    /// The module is not recorded on the object and the listener goes on.
+    Failed,
+    /// The module cannot work right now (its service is unreachable) and the same call may
+    /// succeed later: the listener retries the handler call with backoff instead of going
+    /// on without the module, and does not pass the transaction until it succeeds.
+    Transient,
+    /// The module asked the listener to stop with this status.
+    Exit(i32),
 }
 
 impl ModuleError {
-    /// A failed call.
+    /// A failed call: the module is not recorded on the object and the listener goes on.
     pub fn new(message: impl Into<String>) -> ModuleError {
         ModuleError {
             message: message.into(),
-            exit_status: None,
+            kind: ErrorKind::Failed,
         }
     }
 
@@ -117,18 +137,55 @@ impl ModuleError {
     pub fn exit_requested(status: i32, message: impl Into<String>) -> ModuleError {
         ModuleError {
             message: message.into(),
-            exit_status: Some(status),
+            kind: ErrorKind::Exit(status),
         }
     }
 
     /// The status the module asked the listener to exit with, if this is an exit request.
     pub fn requested_exit(&self) -> Option<i32> {
-        self.exit_status
+        match self.kind {
+            ErrorKind::Exit(status) => Some(status),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying the same call may succeed ([`ModuleError::transient`]).
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
     }
 
     pub fn message(&self) -> &str {
         &self.message
     }
+
+    /// A failure that retrying may fix (see [`ModuleError::transient`]); only meaningful
+    /// for `handler`.
+    pub fn transient(message: impl Into<String>) -> ModuleError {
+        ModuleError {
+            message: message.into(),
+            kind: ErrorKind::Transient,
+        }
+    }
+}
+
+/// The attribute names whose value lists differ between `new` and `old` (names compared
+/// exactly, values positionally), plus names only in `old` (spec listener.md §3.4 step 1).
+pub fn changed_attributes<'a>(new: &'a Attributes, old: &'a Attributes) -> Vec<&'a str> {
+    let mut changes: Vec<&str> = new
+        .iter()
+        .filter(|(name, values)| {
+            old.iter()
+                .find(|(n, _)| n == name)
+                .is_none_or(|(_, v)| v != values)
+        })
+        .map(|(name, _)| name.as_str())
+        .collect();
+    changes.extend(
+        old.iter()
+            .filter(|(name, _)| !new.iter().any(|(n, _)| n == name))
+            .map(|(name, _)| name.as_str()),
+    );
+    changes
 }
 
 /// A handler module. Calls come from one thread at a time, in the UCS lifecycle order:
@@ -137,7 +194,9 @@ impl ModuleError {
 pub trait Module: Send {
     fn info(&self) -> &ModuleInfo;
 
-    /// Handles one change. `Err` means failure: the module is not recorded on the object.
+    /// Handles one change. `Err` means failure: the module is not recorded on the object;
+    /// a [transient](ModuleError::transient) `Err` makes the listener call again, with the
+    /// same `Call`, after a backoff.
     fn handler(&mut self, call: &Call<'_>) -> Result<(), ModuleError>;
 
     /// Called before the first handler call of a batch. A module without work here is

@@ -63,6 +63,8 @@ fn call<'a>(dn: &'a str, command: Command, new: &'a Attrs, old: &'a Attrs) -> Ca
         command,
         new,
         old,
+        transaction: 1,
+        number: 1,
     }
 }
 

@@ -225,7 +225,13 @@ impl Engine {
         tx: &Transaction,
         prefetched: Prefetched,
     ) -> Result<Processed, EngineError> {
-        let result = self.process_inner(tx, prefetched).await;
+        self.handlers.begin_transaction(tx.id.get());
+        let mut result = self.process_inner(tx, prefetched).await;
+        if result.is_ok() && self.handlers.interrupted() {
+            // A module's call was given up for a stop: committing would pass a change
+            // the module never handled.
+            result = Err(EngineError::Interrupted);
+        }
         if result.is_err() {
             self.staged.discard();
         }

@@ -357,6 +357,8 @@ mod tests {
             command: Command::Add,
             new,
             old: &[],
+            transaction: 5,
+            number: 1,
         }
     }
 

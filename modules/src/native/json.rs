@@ -47,7 +47,7 @@ struct Change<'a> {
     new: AttributeMap<'a>,
 }
 
-struct AttributeMap<'a>(&'a Attributes);
+pub(crate) struct AttributeMap<'a>(pub(crate) &'a Attributes);
 
 impl Serialize for AttributeMap<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -129,6 +129,8 @@ mod tests {
             command: Command::Add,
             new: &new,
             old: &[],
+            transaction: 42,
+            number: 1,
         };
         assert_eq!(
             json(&call),
@@ -150,6 +152,8 @@ mod tests {
             command: Command::Delete,
             new: &[],
             old: &old,
+            transaction: u64::MAX,
+            number: 1,
         };
         assert_eq!(
             json(&call),

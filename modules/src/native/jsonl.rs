@@ -123,6 +123,8 @@ mod tests {
             command: Command::Modify,
             new,
             old: &[],
+            transaction: id,
+            number: 1,
         }
     }
 

@@ -3,7 +3,10 @@
 //! - `jsonl=/path/file.jsonl`: appends every change as one JSON line to the file;
 //! - `exec=/path/program arg…`: runs the program for every change with the change as JSON
 //!   on its standard input (split on whitespace, no shell);
-//! - `jsonl=@/path/x.conf`, `exec=@/path/y.conf`: the same, set up by a config file.
+//! - `nats=nats://host:4222[,…]`: publishes every change to NATS JetStream, exactly once
+//!   (see `nats.rs` for its config keys and the README for the message format);
+//! - `jsonl=@/path/x.conf`, `exec=@/path/y.conf`, `nats=@/path/z.conf`: the same, set up by
+//!   a config file.
 //!
 //! A config file has `key = value` lines (`#` starts a comment line). Keys of both kinds:
 //! `name` (ASCII letters, digits and `,.-_`), `description`, `filter`, `attributes`
@@ -23,6 +26,7 @@ mod config;
 mod exec;
 mod json;
 mod jsonl;
+mod nats;
 
 use std::io;
 use std::path::PathBuf;
@@ -30,7 +34,7 @@ use std::path::PathBuf;
 use crate::module::{DEFAULT_PRIORITY, Module, ModuleInfo, ModuleSource};
 
 /// The kinds [`load`] knows, for `--help`.
-pub(crate) const KINDS: &[&str] = &["jsonl", "exec"];
+pub(crate) const KINDS: &[&str] = &["jsonl", "exec", "nats"];
 
 /// Why a native module could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +57,10 @@ pub enum NativeError {
     Open { path: PathBuf, source: io::Error },
     #[error("native module exec: program {program:?} {problem}")]
     Program { program: String, problem: String },
+    #[error("native module {kind}: {message}")]
+    Argument { kind: &'static str, message: String },
+    #[error("native module nats: cannot start its runtime: {source}")]
+    Runtime { source: io::Error },
 }
 
 /// Loads the native module described by `spec`, the argument of `--native-module`.
@@ -74,6 +82,10 @@ pub fn load(spec: &str) -> Result<Box<dyn Module>, NativeError> {
     Ok(match (kind, config) {
         ("jsonl", None) => Box::new(jsonl::Jsonl::open(jsonl::Settings::from_arg(arg))?),
         ("jsonl", Some(path)) => Box::new(jsonl::Jsonl::open(jsonl::Settings::from_config(
+            path.as_ref(),
+        )?)?),
+        ("nats", None) => Box::new(nats::Nats::new(nats::Settings::from_arg(arg)?)?),
+        ("nats", Some(path)) => Box::new(nats::Nats::new(nats::Settings::from_config(
             path.as_ref(),
         )?)?),
         (_, None) => Box::new(exec::Exec::new(exec::Settings::from_arg(arg))?),
@@ -112,7 +124,7 @@ mod tests {
     fn bad_specs() {
         assert_eq!(
             load_error("csv=/tmp/x"),
-            "native module \"csv=/tmp/x\": unknown kind \"csv\" (known: jsonl, exec)"
+            "native module \"csv=/tmp/x\": unknown kind \"csv\" (known: jsonl, exec, nats)"
         );
         assert_eq!(
             load_error("jsonl"),
