@@ -194,7 +194,6 @@ fn fan_out_plain_and_tls(clients: usize, transactions: usize) {
     );
 }
 
-
 /// What one fan-out run measured.
 struct FanOut {
     answers: usize,
