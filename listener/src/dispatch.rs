@@ -45,6 +45,8 @@ pub struct ModuleStat {
     pub init_failures: u32,
     /// After a failed initialisation: when the next attempt is due.
     pub next_init: Option<SystemTime>,
+    /// Changes the module holds in its quarantine (refused by its target).
+    pub quarantined: usize,
 }
 
 /// How a module is doing, as `ctrl status` reports it; only [`Condition::Ready`] is
@@ -55,6 +57,8 @@ pub enum Condition {
     Ready,
     /// Ready, but every handler call since the last success (at least one) failed.
     Failing,
+    /// Ready, but it holds changes its target refused in a quarantine.
+    Quarantined,
     /// Not initialised, no attempt failed yet.
     NotReady,
     /// Its initialisation is running.
@@ -70,6 +74,7 @@ impl Condition {
         match self {
             Condition::Ready => "ready",
             Condition::Failing => "failing",
+            Condition::Quarantined => "quarantined changes",
             Condition::NotReady => "not ready",
             Condition::Initialising => "initialising",
             Condition::InitFailed => "initialisation failed",
@@ -362,6 +367,8 @@ impl Handlers {
                 Condition::NotReady
             } else if s.stats.consecutive_failures > 0 {
                 Condition::Failing
+            } else if s.module.quarantined() > 0 {
+                Condition::Quarantined
             } else {
                 Condition::Ready
             };
@@ -372,6 +379,7 @@ impl Handlers {
                 stats: s.stats.clone(),
                 condition,
                 init_failures: s.init_failures,
+                quarantined: s.module.quarantined(),
                 next_init: s
                     .next_init
                     .filter(|_| !s.is_ready())
@@ -393,6 +401,7 @@ impl Handlers {
             condition: Condition::FailedToLoad,
             init_failures: 0,
             next_init: None,
+            quarantined: 0,
         });
         loaded.chain(failed).collect()
     }
@@ -513,7 +522,8 @@ impl Handlers {
 
     /// `H_update` (spec §3.4): runs the selected modules for an object whose new state is
     /// `new` and cached state `old`; every module that ran successfully or is up to date is
-    /// added to `new.modules`.
+    /// added to `new.modules`. A module's transient failure ends the calls: the whole
+    /// transaction is to be retried ([`ModuleError::Transient`]).
     pub fn update(
         &mut self,
         id: u64,
@@ -522,7 +532,7 @@ impl Handlers {
         old: &CacheEntry,
         command: Command,
         selection: Selection,
-    ) {
+    ) -> Result<(), TransientFailure> {
         // Modules to record, added after the calls: the calls borrow `new`'s attributes.
         let mut recorded: Vec<usize> = Vec::new();
         let changes = changed_attributes(&new.attributes, &old.attributes);
@@ -556,20 +566,27 @@ impl Handlers {
                 new: &new.attributes,
                 old: &old.attributes,
             };
-            if self.handle(index, &call) {
+            if self.handle(index, &call)? {
                 recorded.push(index);
             }
         }
         for index in recorded {
             new.add_module(self.name(index));
         }
+        Ok(())
     }
 
     /// `H_delete` (spec §3.5): modules recorded on `old`, `replication`, and modules with
     /// `handle_every_delete` see the delete (`d`) or first half of a move (`r`); each that
     /// succeeds is removed from `old.modules`.
-    pub fn delete(&mut self, id: u64, dn: &str, old: &mut CacheEntry, command: Command) {
-        self.delete_selected(id, dn, old, command, Selection::All);
+    pub fn delete(
+        &mut self,
+        id: u64,
+        dn: &str,
+        old: &mut CacheEntry,
+        command: Command,
+    ) -> Result<(), TransientFailure> {
+        self.delete_selected(id, dn, old, command, Selection::All)
     }
 
     /// [`Handlers::delete`] for the selected modules only.
@@ -580,7 +597,7 @@ impl Handlers {
         old: &mut CacheEntry,
         command: Command,
         selection: Selection,
-    ) {
+    ) -> Result<(), TransientFailure> {
         for index in 0..self.slots.len() {
             if selection != Selection::All && selection != Selection::Only(index) {
                 continue;
@@ -600,9 +617,29 @@ impl Handlers {
                 new: &[],
                 old: &old.attributes,
             };
-            if self.handle(index, &call) {
+            if self.handle(index, &call)? {
                 old.remove_module(self.name(index));
             }
+        }
+        Ok(())
+    }
+
+    /// Runs an operator command of the module `name` (the control socket's `MODULE`).
+    pub fn control(&mut self, name: &str, command: &[String]) -> Result<String, String> {
+        let Some(index) = self.slots.iter().position(|s| s.name() == name) else {
+            return Err(format!("no module {name:?} is loaded"));
+        };
+        let words: Vec<&str> = command.iter().map(String::as_str).collect();
+        let mut answer = None;
+        let result = self.call(index, "control", None, |m| {
+            answer = Some(m.control(&words)?);
+            Ok(())
+        });
+        self.publish();
+        match (result, answer) {
+            (Ok(()), Some(answer)) => Ok(answer),
+            (Err(e), _) => Err(e.to_string()),
+            (Ok(()), None) => Err("no answer".into()),
         }
     }
 
@@ -628,10 +665,11 @@ impl Handlers {
         }
     }
 
-    /// Runs one handler call with the lazy `prerun`; true on success.
-    fn handle(&mut self, index: usize, call: &Call<'_>) -> bool {
+    /// Runs one handler call with the lazy `prerun`; true on success, an error when the
+    /// module asks for the transaction to be retried.
+    fn handle(&mut self, index: usize, call: &Call<'_>) -> Result<bool, TransientFailure> {
         let Some(slot) = self.slots.get(index) else {
-            return false;
+            return Ok(false);
         };
         if !slot.is_ready() && !slot.initialising && !self.init_only {
             tracing::warn!(
@@ -641,7 +679,7 @@ impl Handlers {
                 call.dn
             );
             self.slots[index].stats.failures += 1;
-            return false;
+            return Ok(false);
         }
         if !slot.prepared {
             match self.call(index, "prerun", None, |m| m.prerun()) {
@@ -659,8 +697,12 @@ impl Handlers {
             Ok(()) => {
                 slot.stats.consecutive_failures = 0;
                 tracing::debug!("{}: {} {}", slot.name(), call.command, call.dn);
-                true
+                Ok(true)
             }
+            Err(ModuleError::Transient(message)) => Err(TransientFailure {
+                module: slot.name().to_owned(),
+                message,
+            }),
             Err(e) => {
                 slot.stats.failures += 1;
                 slot.stats.consecutive_failures += 1;
@@ -670,7 +712,7 @@ impl Handlers {
                     call.command,
                     call.dn
                 );
-                false
+                Ok(false)
             }
         }
     }
@@ -711,6 +753,15 @@ impl Handlers {
         self.heartbeat.beat();
         result
     }
+}
+
+/// A module could not handle a change now and asked for the transaction to be retried
+/// later ([`ModuleError::Transient`]); the calls of the transaction stop there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("module {module}: {message}")]
+pub struct TransientFailure {
+    pub module: String,
+    pub message: String,
 }
 
 /// The decimal state in `<dir>/<name>`; a missing or unreadable file is state 0.
@@ -957,20 +1008,23 @@ mod tests {
             ],
             &[],
         );
-        h.update(7, "cn=a", &mut new, &old, Command::Modify, Selection::All);
+        h.update(7, "cn=a", &mut new, &old, Command::Modify, Selection::All)
+            .unwrap();
         assert_eq!(take(&log), ["all prerun", "all m cn=a new=3 old=3"]);
         assert_eq!(new.modules, ["all", "watcher"]);
         // No change at all: nobody is called, recorded modules stay.
         let mut same = old.clone();
         same.modules.clear();
-        h.update(8, "cn=a", &mut same, &old, Command::Modify, Selection::All);
+        h.update(8, "cn=a", &mut same, &old, Command::Modify, Selection::All)
+            .unwrap();
         assert!(take(&log).is_empty());
         assert_eq!(same.modules, ["all", "groups", "watcher"]);
         // A module not recorded on the object ignores `attributes`.
         let fresh = entry("cn=a", &[], &[]);
         let mut new = old.clone();
         new.modules.clear();
-        h.update(9, "cn=a", &mut new, &fresh, Command::Add, Selection::All);
+        h.update(9, "cn=a", &mut new, &fresh, Command::Add, Selection::All)
+            .unwrap();
         assert_eq!(
             take(&log),
             [
@@ -998,7 +1052,8 @@ mod tests {
             &CacheEntry::default(),
             Command::Add,
             Selection::All,
-        );
+        )
+        .unwrap();
         assert_eq!(new.modules, ["noprep"]);
         assert_eq!(
             take(&log),
@@ -1040,7 +1095,7 @@ mod tests {
             ],
         );
         let mut old = entry("cn=a", &[("cn", &["a"])], &["recorded"]);
-        h.delete(4, "CN=A", &mut old, Command::Delete);
+        h.delete(4, "CN=A", &mut old, Command::Delete).unwrap();
         let calls: Vec<_> = take(&log)
             .into_iter()
             .filter(|l| !l.ends_with("prerun"))
@@ -1071,7 +1126,8 @@ mod tests {
             &CacheEntry::default(),
             Command::Add,
             Selection::All,
-        );
+        )
+        .unwrap();
         assert!(new.modules.is_empty());
         assert!(take(&log).is_empty());
         h.set_init_only(true);
@@ -1082,7 +1138,8 @@ mod tests {
             &CacheEntry::default(),
             Command::Init,
             Selection::Only(0),
-        );
+        )
+        .unwrap();
         assert_eq!(new.modules, ["m"]);
     }
 
@@ -1112,7 +1169,8 @@ mod tests {
         }]);
         let mut new = entry("cn=a", &[("cn", &["a"])], &[]);
         let old = CacheEntry::default();
-        h.update(1, "cn=a", &mut new, &old, Command::Add, Selection::All);
+        h.update(1, "cn=a", &mut new, &old, Command::Add, Selection::All)
+            .unwrap();
         assert!(
             take(&log).contains(&r#"current good handler Some("cn=a")"#.to_owned()),
             "the call is published while it runs"
@@ -1140,7 +1198,8 @@ mod tests {
             stats[3].stats.last_error.as_ref().unwrap().message,
             "SyntaxError: invalid syntax"
         );
-        h.update(2, "cn=a", &mut new, &old, Command::Add, Selection::All);
+        h.update(2, "cn=a", &mut new, &old, Command::Add, Selection::All)
+            .unwrap();
         assert_eq!(h.module_stats()[0].stats.consecutive_failures, 2);
     }
 

@@ -231,7 +231,7 @@ impl Engine {
                 &empty,
                 Command::Init,
                 Selection::Only(index),
-            );
+            )?;
             self.store(schema);
         }
 
@@ -335,7 +335,7 @@ impl Engine {
             &CacheEntry::default(),
             Command::Init,
             Selection::Only(pass.index),
-        );
+        )?;
         self.store(entry);
         pass.done.insert(key);
         progress.step();

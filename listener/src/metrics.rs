@@ -128,7 +128,7 @@ impl Metrics {
             self.transactions.load(Ordering::Relaxed),
         );
         let modules = lock(&self.modules);
-        let families: [(&str, Kind, &str, ModuleValue); 6] = [
+        let families: [(&str, Kind, &str, ModuleValue); 7] = [
             (
                 "udl_module_calls_total",
                 Kind::Counter,
@@ -165,6 +165,12 @@ impl Metrics {
                 Kind::Gauge,
                 "Handler calls that failed since the module's last successful one.",
                 |m| m.stats.consecutive_failures.to_string(),
+            ),
+            (
+                "udl_module_quarantined",
+                Kind::Gauge,
+                "Changes the module holds in its quarantine because its target refused them.",
+                |m| m.quarantined.to_string(),
             ),
         ];
         // One series per name: a module that did not load because its name was taken
@@ -230,6 +236,7 @@ mod tests {
             condition: Condition::Ready,
             init_failures: 0,
             next_init: None,
+            quarantined: 0,
         }]);
         let text = m.render();
         assert!(text.contains("udl_lag 2\n"), "{text}");
@@ -254,6 +261,7 @@ mod tests {
             condition,
             init_failures: 0,
             next_init: None,
+            quarantined: 0,
         };
         m.set_modules(vec![
             stat("a", Condition::Failing),

@@ -95,12 +95,37 @@ pub struct Call<'a> {
 
 /// Why a module call failed; logged with the module name, never fatal to the listener.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ModuleError(pub String);
+pub enum ModuleError {
+    /// The call failed for good: the module is not recorded on the object (UCS's rule for
+    /// a handler that raised).
+    #[error("{0}")]
+    Failed(String),
+    /// The call could not be done now (its server is down, busy or unreachable) and may
+    /// succeed later: the listener rolls the whole transaction back and retries it with
+    /// backoff, without advancing its id. Only a handler call may return it; elsewhere it
+    /// counts as a failure.
+    #[error("{0}")]
+    Transient(String),
+}
 
 impl ModuleError {
     pub fn new(message: impl Into<String>) -> ModuleError {
-        ModuleError(message.into())
+        ModuleError::Failed(message.into())
+    }
+
+    /// "Retry this transaction later" (see [`ModuleError::Transient`]).
+    pub fn transient(message: impl Into<String>) -> ModuleError {
+        ModuleError::Transient(message.into())
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ModuleError::Transient(_))
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            ModuleError::Failed(message) | ModuleError::Transient(message) => message,
+        }
     }
 }
 
@@ -137,5 +162,21 @@ pub trait Module: Send {
     /// Connection data: keys `basedn`, `binddn`, `bindpw`, `ldapserver`, in that order.
     fn setdata(&mut self, _key: &str, _value: &str) -> Result<(), ModuleError> {
         Ok(())
+    }
+
+    /// Changes the module holds back because their target refused them (a quarantine):
+    /// while there are any the module is unhealthy, whatever its calls return.
+    fn quarantined(&self) -> usize {
+        0
+    }
+
+    /// An operator command (`univention-directory-listener-ctrl module NAME COMMAND…`),
+    /// run by the main loop between transactions; the reply is shown to the operator.
+    fn control(&mut self, command: &[&str]) -> Result<String, ModuleError> {
+        Err(ModuleError::new(format!(
+            "module {} has no operator commands (got {:?})",
+            self.info().name,
+            command.join(" ")
+        )))
     }
 }

@@ -18,7 +18,7 @@ use proto::Transaction;
 
 pub use staged::Staged;
 
-use crate::dispatch::{Handlers, Selection};
+use crate::dispatch::{Handlers, Selection, TransientFailure};
 use ldap::{ALL_ATTRS, Connection, LdapFailure, Lookup, PagedSearch, Scope};
 
 /// DN under which the subschema is read and handed to modules (spec §3.7).
@@ -36,12 +36,19 @@ pub enum EngineError {
     /// `None`).
     #[error("initialize() failed: {0}")]
     ModuleInit(#[source] modules::ModuleError),
+    /// A module could not handle the change now; the transaction is retried.
+    #[error("{0}; the transaction is retried")]
+    ModuleTransient(#[from] TransientFailure),
 }
 
 impl EngineError {
     /// Retrying later may succeed (LDAP down or busy).
     pub fn is_transient(&self) -> bool {
-        matches!(self, EngineError::Ldap(e) if e.is_transient())
+        match self {
+            EngineError::Ldap(e) => e.is_transient(),
+            EngineError::ModuleTransient(_) => true,
+            _ => false,
+        }
     }
 }
 
@@ -472,7 +479,7 @@ impl Engine {
         let old = self.staged.get(&new.dn)?.unwrap_or_default();
         let dn = new.dn.clone();
         self.handlers
-            .update(id, &dn, &mut new, &old, command, Selection::All);
+            .update(id, &dn, &mut new, &old, command, Selection::All)?;
         self.store(new);
         Ok(())
     }
@@ -509,7 +516,7 @@ impl Engine {
     fn delete(&mut self, op: &Op) -> Result<(), EngineError> {
         let mut old = op.cached().cloned().unwrap_or_default();
         self.handlers
-            .delete(op.id, &op.dn, &mut old, Command::Delete);
+            .delete(op.id, &op.dn, &mut old, Command::Delete)?;
         if let Some((cached_dn, _)) = &op.cache {
             self.staged.delete(cached_dn);
             if !same_dn(cached_dn, &op.dn) {
@@ -542,7 +549,7 @@ impl Engine {
         self.check_parents(&current_dn, true).await?;
 
         self.handlers
-            .delete(prev.id, &prev.dn, &mut prev_old, Command::ModRdn);
+            .delete(prev.id, &prev.dn, &mut prev_old, Command::ModRdn)?;
         let empty = CacheEntry::default();
         self.handlers.update(
             cur.id,
@@ -551,7 +558,7 @@ impl Engine {
             &empty,
             Command::Add,
             Selection::All,
-        );
+        )?;
         self.store(moved);
         // Only the container's own `r`/`a` are numbered: its cached subtree moves with it.
         // LDAP's fresh `hasSubordinates` says whether there can be any (the cached one
@@ -601,7 +608,7 @@ impl Engine {
             let entry_dn = entry.dn.clone();
             set_single(&mut entry, "entryDN", entry_dn.as_bytes());
             if let Some(old) = &mut old {
-                self.announce_move(&movers, (r_id, a_id), old, &mut entry);
+                self.announce_move(&movers, (r_id, a_id), old, &mut entry)?;
             }
             // Through the cache filter, like the container's moved state.
             self.store_encoded(&entry);
@@ -622,7 +629,7 @@ impl Engine {
         (r_id, a_id): (u64, u64),
         old: &mut CacheEntry,
         moved: &mut CacheEntry,
-    ) {
+    ) -> Result<(), TransientFailure> {
         let old_dn = old.dn.clone();
         let new_dn = moved.dn.clone();
         let empty = CacheEntry::default();
@@ -635,7 +642,7 @@ impl Engine {
                 old,
                 Command::ModRdn,
                 Selection::Only(index),
-            );
+            )?;
             if had && !old.has_module(&name) {
                 moved.remove_module(&name);
             }
@@ -646,8 +653,9 @@ impl Engine {
                 &empty,
                 Command::Add,
                 Selection::Only(index),
-            );
+            )?;
         }
+        Ok(())
     }
 
     /// Reads the subtree below `dn` (one paged search) and hands each entry to the modules
@@ -684,7 +692,7 @@ impl Engine {
             let mut ready = vec![raw];
             while let Some(raw) = ready.pop() {
                 let key = dn::dn_key(&raw.dn);
-                self.add_one(id, raw);
+                self.add_one(id, raw)?;
                 added += 1;
                 if added.is_multiple_of(PROGRESS_EVERY) {
                     tracing::info!("{dn} came into view: added {added} descendants so far");
@@ -700,7 +708,7 @@ impl Engine {
         let mut orphans: Vec<RawEntry> = waiting.into_values().flatten().collect();
         orphans.sort_by_cached_key(|e| dn::depth(&e.dn));
         for raw in orphans {
-            self.add_one(id, raw);
+            self.add_one(id, raw)?;
             added += 1;
         }
         if added > 0 {
@@ -710,7 +718,7 @@ impl Engine {
     }
 
     /// One entry of a subtree that came into view: modules see an add, the cache stores it.
-    fn add_one(&mut self, id: u64, raw: RawEntry) {
+    fn add_one(&mut self, id: u64, raw: RawEntry) -> Result<(), TransientFailure> {
         let mut new = self.to_cache_entry(raw);
         let dn = new.dn.clone();
         self.handlers.update(
@@ -720,8 +728,9 @@ impl Engine {
             &CacheEntry::default(),
             Command::Add,
             Selection::All,
-        );
+        )?;
         self.store_encoded(&new);
+        Ok(())
     }
 
     /// Removes the cached entries below `dn`, deepest first, each announced as a delete to
@@ -738,7 +747,8 @@ impl Engine {
                 continue;
             };
             let old_dn = old.dn.clone();
-            self.handlers.delete(id, &old_dn, &mut old, Command::Delete);
+            self.handlers
+                .delete(id, &old_dn, &mut old, Command::Delete)?;
             self.staged.delete(&old_dn);
             if (done + 1).is_multiple_of(PROGRESS_EVERY) {
                 tracing::info!("removed {} of {} descendants of {dn}", done + 1, keys.len());

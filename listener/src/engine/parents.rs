@@ -42,7 +42,7 @@ impl Engine {
         for dn in missing.into_iter().rev() {
             match self.ldap.read_entry(&dn).await {
                 Ok(Lookup::Found(entry)) => self.update_entry(id, entry, Command::Init)?,
-                Ok(Lookup::Missing) if is_move => self.fake_container(id, &dn),
+                Ok(Lookup::Missing) if is_move => self.fake_container(id, &dn)?,
                 Ok(Lookup::Missing) => tracing::warn!("parent {dn} not found"),
                 Err(e) if e.is_transient() => return Err(e.into()),
                 Err(e) => tracing::error!("cannot read parent {dn}: {e}"),
@@ -65,10 +65,10 @@ impl Engine {
         }
     }
 
-    fn fake_container(&mut self, id: u64, dn: &str) {
+    fn fake_container(&mut self, id: u64, dn: &str) -> Result<(), EngineError> {
         let Some(avas) = first_rdn_avas(dn) else {
             tracing::error!("cannot create a fake container for {dn}: unparsable RDN");
-            return;
+            return Ok(());
         };
         let mut attributes: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
         for ava in &avas {
@@ -78,7 +78,7 @@ impl Engine {
                 "dc" => b"domain",
                 other => {
                     tracing::error!("cannot create a fake container for {dn}: RDN type {other}");
-                    return;
+                    return Ok(());
                 }
             };
             attributes.push(("objectClass".into(), vec![class.to_vec()]));
@@ -103,7 +103,8 @@ impl Engine {
             &CacheEntry::default(),
             Command::Init,
             Selection::All,
-        );
+        )?;
         self.store(fake);
+        Ok(())
     }
 }

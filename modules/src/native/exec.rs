@@ -363,7 +363,7 @@ mod tests {
     fn handler_error(module: &mut Exec, call: &Call<'_>) -> String {
         match module.handler(call) {
             Ok(()) => panic!("handler succeeded"),
-            Err(ModuleError(message)) => message,
+            Err(error) => error.message().to_owned(),
         }
     }
 
