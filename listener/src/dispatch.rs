@@ -814,6 +814,9 @@ mod tests {
         info: ModuleInfo,
         log: Log,
         fail_handler: bool,
+        /// The handler asks for the transaction to be retried.
+        transient: bool,
+        quarantined: usize,
         fail_prerun: bool,
         fail_initialize: bool,
         /// Logs what the tracker says while the handler runs.
@@ -839,11 +842,19 @@ mod tests {
                     call.module, call.function, call.dn
                 ));
             }
-            if self.fail_handler {
+            if self.transient {
+                Err(ModuleError::transient("server down"))
+            } else if self.fail_handler {
                 Err(ModuleError::new("boom"))
             } else {
                 Ok(())
             }
+        }
+        fn quarantined(&self) -> usize {
+            self.quarantined
+        }
+        fn control(&mut self, command: &[&str]) -> Result<String, ModuleError> {
+            Ok(format!("{} did {}", self.info.name, command.join(" ")))
         }
         fn prerun(&mut self) -> Result<(), ModuleError> {
             self.log
@@ -893,6 +904,8 @@ mod tests {
             },
             log: Arc::clone(log),
             fail_handler: false,
+            transient: false,
+            quarantined: 0,
             fail_prerun: false,
             fail_initialize: false,
             tracker: None,
@@ -949,6 +962,59 @@ mod tests {
             ["a", "c", "gone"]
         );
         assert!(changed_attributes(&old.attributes, &old.attributes).is_empty());
+    }
+
+    #[test]
+    fn a_transient_failure_stops_the_calls_and_records_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let mut down = recorder(REPLICATION, Some("(objectClass=*)"), &log);
+        down.transient = true;
+        let h = &mut handlers(
+            dir.path(),
+            vec![down, recorder("later", Some("(objectClass=*)"), &log)],
+        );
+        let old = entry("cn=a", &[("objectClass", &["x"])], &[]);
+        let mut new = entry("cn=a", &[("objectClass", &["y"])], &[]);
+        let error = h
+            .update(3, "cn=a", &mut new, &old, Command::Modify, Selection::All)
+            .unwrap_err();
+        assert_eq!(error.module, REPLICATION);
+        assert_eq!(error.message, "server down");
+        assert!(new.modules.is_empty());
+        // "later" never ran: the transaction is redone as a whole.
+        assert_eq!(
+            take(&log),
+            ["replication prerun", "replication m cn=a new=1 old=1"]
+        );
+        let mut gone = old.clone();
+        assert!(h.delete(4, "cn=a", &mut gone, Command::Delete).is_err());
+        let stats = h.module_stats();
+        assert_eq!(stats[0].stats.failures, 0);
+        assert_eq!(stats[0].condition, Condition::Ready);
+    }
+
+    #[test]
+    fn quarantined_changes_are_unhealthy_and_commands_reach_the_module() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let mut held = recorder(REPLICATION, None, &log);
+        held.quarantined = 2;
+        let h = &mut handlers(dir.path(), vec![held, recorder("other", None, &log)]);
+        let stats = h.module_stats();
+        assert_eq!(stats[0].condition, Condition::Quarantined);
+        assert_eq!(stats[0].quarantined, 2);
+        assert_eq!(stats[1].condition, Condition::Ready);
+        let command = vec!["quarantine".to_owned(), "list".to_owned()];
+        assert_eq!(
+            h.control(REPLICATION, &command).unwrap(),
+            "replication did quarantine list"
+        );
+        assert!(
+            h.control("nosuch", &command)
+                .unwrap_err()
+                .contains("no module")
+        );
     }
 
     #[test]

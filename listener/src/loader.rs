@@ -224,6 +224,41 @@ mod tests {
     }
 
     #[test]
+    fn replication_is_native_on_backup_and_replica_unless_given_or_disabled() {
+        let config = |ucr: &str, native: &[&str]| {
+            let mut args: Vec<String> = [
+                "univention-directory-listener",
+                "-H",
+                "ldap://h/",
+                "-h",
+                "h",
+            ]
+            .map(str::to_owned)
+            .into();
+            for spec in native {
+                args.extend(["--native-module".to_owned(), (*spec).to_owned()]);
+            }
+            let cli = <crate::config::Cli as clap::Parser>::parse_from(args);
+            Config::resolve(cli, daemon::ucr::Ucr::parse(ucr)).unwrap()
+        };
+        let slave = "ldap/base: dc=x\nldap/server/type: slave\n";
+        assert_eq!(
+            native_specs(&config(slave, &["jsonl=/x"])),
+            ["jsonl=/x", "replication"]
+        );
+        assert_eq!(
+            native_specs(&config(slave, &["replication=@/r.conf"])),
+            ["replication=@/r.conf"]
+        );
+        let off = format!("{slave}listener/replication/native: no\n");
+        assert!(native_specs(&config(&off, &[])).is_empty());
+        let master = "ldap/base: dc=x\nldap/server/type: master\n";
+        assert!(native_specs(&config(master, &[])).is_empty());
+        assert!(is_replication_file(Path::new("/m/replication.py")));
+        assert!(!is_replication_file(Path::new("/m/other.py")));
+    }
+
+    #[test]
     fn a_missing_module_path_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nosuch");
