@@ -305,7 +305,12 @@ fn modify(conn: &mut LdapConn, dn: &str, mods: Vec<Mod<Vec<u8>>>) {
 /// subtree, a subtree moved out of view (the replica deletes it deepest first) and
 /// deletes. Returns the number of LDAP writes.
 fn mixed_writes(primary: &Slapd, users: usize, rounds: usize) -> usize {
-    let mut conn = LdapConn::new(&primary.ldap_url()).unwrap();
+    mixed_writes_at(&primary.ldap_url(), users, rounds)
+}
+
+/// [`mixed_writes`] against the primary at `url`.
+fn mixed_writes_at(url: &str, users: usize, rounds: usize) -> usize {
+    let mut conn = LdapConn::new(url).unwrap();
     conn.simple_bind(
         integration_tests::slapd::ADMIN_DN,
         integration_tests::slapd::ADMIN_PW,
@@ -725,6 +730,50 @@ fn a_stopped_replica_makes_the_listener_wait_and_catch_up() {
         &format!("cn=while-down29,{BASE}"),
         'a',
     );
+    assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
+    assert!(
+        !listener.log().contains("quarantined"),
+        "{}",
+        listener.log_tail(40)
+    );
+}
+
+#[test]
+fn a_listener_killed_20_times_during_the_writes_still_replicates_identically() {
+    let primary = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
+    let notifier = Notifier::following_accesslog(&primary, &[], WAIT).unwrap();
+    let replica = Replica::start(&primary, true);
+    let state = tempfile::tempdir().unwrap();
+    let mut listener = replication_listener(&primary, &notifier, &replica, state.path());
+    listener.wait_initialized(WAIT).unwrap();
+
+    let writer = {
+        let url = primary.ldap_url();
+        std::thread::spawn(move || mixed_writes_at(&url, 150, 1_500))
+    };
+    // Kills at varying points of the run: in module calls, between a move's `r` and `a`,
+    // during commits.
+    let mut rng = Lcg(20);
+    let mut kills = 0;
+    while kills < 20 {
+        let processed = listener.notifier_id().unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(50 + rng.next(250) as u64));
+        listener.kill().unwrap();
+        kills += 1;
+        listener.restart().unwrap();
+        // Progress between kills, so the kills land all over the run.
+        if !writer.is_finished() {
+            wait_until("progress after a restart", WAIT, || {
+                Ok(
+                    (listener.notifier_id().unwrap_or(0) > processed || writer.is_finished())
+                        .then_some(()),
+                )
+            })
+            .unwrap();
+        }
+    }
+    writer.join().unwrap();
+    wait_caught_up(&mut listener, &notifier, &last_write(), 'd');
     assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
     assert!(
         !listener.log().contains("quarantined"),
