@@ -1020,6 +1020,44 @@ mod tests {
     }
 
     #[test]
+    fn quarantine_list_and_skip_through_control() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::from_ucr(&Ucr::parse(""));
+        settings.state_dir = dir.path().to_owned();
+        let mut quarantine = Quarantine::open(dir.path()).unwrap();
+        for (id, dn) in [(5, "cn=a,dc=x"), (6, "cn=b,cn=a,dc=x")] {
+            quarantine
+                .push(Record {
+                    id,
+                    dn: dn.into(),
+                    command: "a".into(),
+                    operation: "add".into(),
+                    error: "refused".into(),
+                    ldif: format!("dn: {dn}\nchangetype: add\n"),
+                    at: 1,
+                    move_from: None,
+                    new: Vec::new(),
+                })
+                .unwrap();
+        }
+        let mut module = Replication::new(settings).unwrap();
+        assert_eq!(module.quarantined(), 2);
+        let list: Vec<serde_json::Value> =
+            serde_json::from_str(&module.control(&["quarantine", "list"]).unwrap()).unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[1]["dn"], "cn=b,cn=a,dc=x");
+        assert_eq!(
+            module.control(&["quarantine", "skip", "5"]).unwrap(),
+            "transaction 5 skipped, 1 still quarantined"
+        );
+        assert!(module.control(&["quarantine", "skip", "5"]).is_err());
+        assert!(module.control(&["quarantine", "skip", "x"]).is_err());
+        assert!(module.control(&["bogus"]).is_err());
+        // Durable: a new instance (a restart) sees the same quarantine.
+        assert_eq!(Quarantine::open(dir.path()).unwrap().records().len(), 1);
+    }
+
+    #[test]
     fn writable_drops_excluded_and_rewrites_pwd_attribute() {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = Settings::from_ucr(&Ucr::parse(""));
