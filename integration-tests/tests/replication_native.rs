@@ -652,7 +652,9 @@ fn a_refused_change_is_quarantined_and_retried_after_the_schema_is_fixed() {
     let (listed_ok, list) = ctrl(&listener, &notifier, &["quarantine", "list"]);
     assert!(listed_ok, "{list}");
     let records: Vec<serde_json::Value> = serde_json::from_str(list.trim()).unwrap();
-    assert_eq!(records.len(), 2, "{list}");
+    // The refused add, then what queued behind it (the module's initialisation may
+    // already have met the group and been refused first: one more queued record).
+    assert!(records.len() >= 2, "{list}");
     assert_eq!(records[0]["operation"], "add");
     assert_eq!(records[0]["dn"], group.as_str());
     assert!(
@@ -662,7 +664,10 @@ fn a_refused_change_is_quarantined_and_retried_after_the_schema_is_fixed() {
             .contains("objectClass: posixGroup"),
         "{list}"
     );
-    assert_eq!(records[1]["operation"], "queued");
+    assert!(
+        records[1..].iter().all(|r| r["operation"] == "queued"),
+        "{list}"
+    );
     let (healthy, status) = ctrl(&listener, &notifier, &["status"]);
     assert!(!healthy, "{status}");
     assert!(status.contains("quarantined changes"), "{status}");
@@ -674,7 +679,7 @@ fn a_refused_change_is_quarantined_and_retried_after_the_schema_is_fixed() {
     let (retried, answer) = ctrl(&listener, &notifier, &["quarantine", "retry"]);
     assert!(retried, "{answer}");
     assert!(
-        answer.contains("2 applied, 0 still quarantined"),
+        answer.contains(&format!("{} applied, 0 still quarantined", records.len())),
         "{answer}"
     );
     assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
