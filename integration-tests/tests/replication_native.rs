@@ -540,14 +540,20 @@ fn replication_listener(
     state: &Path,
 ) -> Listener {
     let config = replica.module_config(state);
-    Listener::start(
+    let listener = Listener::start(
         primary,
         notifier,
         ListenerOptions::new()
             .jsonl(false)
             .native_module(format!("replication=@{}", config.display())),
     )
-    .unwrap()
+    .unwrap();
+    // Without the jsonl module `wait_initialized` cannot tell when this one is ready.
+    wait_until("the replication module initialised", WAIT, || {
+        Ok((listener.handler_state("replication") == Some(3)).then_some(()))
+    })
+    .unwrap();
+    listener
 }
 
 /// Waits until the listener has processed the write `command` of `dn` (the last one).
