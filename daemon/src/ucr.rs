@@ -112,6 +112,16 @@ impl Ucr {
             )
         })
     }
+
+    /// UCS's `is_false`: set to a false word (unset is neither true nor false).
+    pub fn is_false(&self, key: &str) -> bool {
+        self.get(key).is_some_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "no" | "false" | "0" | "disable" | "disabled" | "off"
+            )
+        })
+    }
 }
 
 /// The file of `layer` next to the normal layer `base_conf`.

@@ -61,7 +61,7 @@ pub fn parent(dn: &str) -> Option<&str> {
 }
 
 /// The first RDN as written.
-pub(crate) fn first_rdn(dn: &str) -> &str {
+pub fn first_rdn(dn: &str) -> &str {
     first_rdn_end(dn).map_or(dn, |end| &dn[..end])
 }
 

@@ -13,10 +13,11 @@ pub mod rc {
     pub const INVALID_DN_SYNTAX: u32 = 34;
     pub(crate) const INVALID_CREDENTIALS: u32 = 49;
     pub(crate) const INSUFFICIENT_ACCESS: u32 = 50;
-    pub(crate) const BUSY: u32 = 51;
-    pub(crate) const UNAVAILABLE: u32 = 52;
+    pub const BUSY: u32 = 51;
+    pub const UNAVAILABLE: u32 = 52;
     pub const NAMING_VIOLATION: u32 = 64;
     pub const OBJECT_CLASS_VIOLATION: u32 = 65;
+    pub const NOT_ALLOWED_ON_NONLEAF: u32 = 66;
     pub const ALREADY_EXISTS: u32 = 68;
     pub(crate) const SERVER_DOWN: u32 = 81;
 }

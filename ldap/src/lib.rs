@@ -1,7 +1,7 @@
 //! LDAP for every binary of the workspace: decoding entries and syncrepl messages without
 //! panicking on malformed server data ([`decode`]), DN helpers ([`dn`]), connecting and
 //! binding ([`endpoint`], [`connection`]), the reads the daemons and tools make
-//! ([`search`]), `cn=translog` entries ([`translog`]) and errors classified by what the
+//! ([`search`]), writes and their LDIF ([`write`]), `cn=translog` entries ([`translog`]) and errors classified by what the
 //! caller does about them ([`error`]).
 //!
 //! ldap3 does the protocol; its `SearchEntry::construct` and control parsers panic on
@@ -14,6 +14,7 @@ pub mod endpoint;
 pub mod error;
 pub mod search;
 pub mod translog;
+pub mod write;
 
 pub use connection::{Connection, connect};
 pub use decode::RawEntry;

@@ -9,6 +9,7 @@
 //! ```text
 //! STATUS\n              → OK {"pid":…,"state":…,"processed_id":…,…}\n   (a [`Status`])
 //! SNAPSHOT <dir>\n      → OK {"dir":…,"notifier_id":…,…}\n            (a [`SnapshotInfo`])
+//! MODULE <name> <command…>\n → OK <the module's answer>\n
 //! anything else         → ERROR <reason>\n
 //! ```
 //!
@@ -49,6 +50,9 @@ const MAX_REQUEST: u64 = 4096;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 10 });
 /// How long a tool waits for a `STATUS` reply.
 pub(crate) const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a tool waits for a `MODULE` command: the main loop runs it after the
+/// transaction in progress, and a retry may write many changes.
+pub(crate) const MODULE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a tool waits for a `SNAPSHOT`: copying a large cache takes a while.
 pub(crate) const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1800);
 
@@ -131,6 +135,9 @@ pub struct ModuleStatus {
     /// Unix time of the next initialisation attempt, after a failed one.
     #[serde(default)]
     pub next_init: Option<u64>,
+    /// Changes held in the module's quarantine (refused by its target).
+    #[serde(default)]
+    pub quarantined: usize,
 }
 
 /// A module's most recent failure.
@@ -166,6 +173,7 @@ impl ModuleStatus {
             last_error: m.stats.last_error.as_ref().map(ModuleError::from_last),
             init_failures: m.init_failures,
             next_init: m.next_init.map(daemon::time::unix_seconds),
+            quarantined: m.quarantined,
             name: m.name,
             source: m.source,
             state: m.state,
@@ -187,6 +195,8 @@ pub struct SnapshotInfo {
 /// What the server reads to answer.
 #[derive(Debug, Clone)]
 pub struct Context {
+    /// Where `MODULE` requests go: the main loop runs them between transactions.
+    pub signals: Option<Arc<crate::signals::Signals>>,
     pub cache: Arc<Cache>,
     pub metrics: Arc<Metrics>,
     pub cache_dir: PathBuf,
@@ -304,6 +314,23 @@ async fn answer(request: &str, peer_uid: u32, context: &Arc<Context>) -> Result<
                 "SNAPSHOT refused: uid {peer_uid} is neither root nor the listener's user"
             ))
         }
+        "MODULE" if !may_snapshot(peer_uid) => Err(format!(
+            "MODULE refused: uid {peer_uid} is neither root nor the listener's user"
+        )),
+        "MODULE" => {
+            let mut words = argument.split_whitespace().map(str::to_owned);
+            let Some(module) = words.next() else {
+                return Err("MODULE needs a module name and a command".into());
+            };
+            let Some(signals) = &context.signals else {
+                return Err("this listener takes no module commands".into());
+            };
+            // The answer is text of the module's choosing: one line on the wire.
+            signals
+                .ask_module(module, words.collect())
+                .await
+                .map(|text| text.replace('\n', " "))
+        }
         "SNAPSHOT" => {
             let dir = PathBuf::from(argument);
             let context = Arc::clone(context);
@@ -313,7 +340,7 @@ async fn answer(request: &str, peer_uid: u32, context: &Arc<Context>) -> Result<
             to_json(&info)
         }
         _ => Err(format!(
-            "unknown request {command:?}; known: STATUS, SNAPSHOT <dir>"
+            "unknown request {command:?}; known: STATUS, SNAPSHOT <dir>, MODULE <name> <command>"
         )),
     }
 }
@@ -490,6 +517,16 @@ pub fn status_of(cache_dir: &Path) -> Result<Status, ControlError> {
     parse("STATUS", &json)
 }
 
+/// `MODULE <name> <command…>` to the listener serving `cache_dir`: the module's answer.
+pub fn module_command(
+    cache_dir: &Path,
+    module: &str,
+    command: &[String],
+) -> Result<String, ControlError> {
+    let request_line = format!("MODULE {module} {}", command.join(" "));
+    request(cache_dir, &request_line, MODULE_TIMEOUT)
+}
+
 /// `SNAPSHOT <dir>` of the listener serving `cache_dir`.
 pub(crate) fn snapshot_of(cache_dir: &Path, dir: &Path) -> Result<SnapshotInfo, ControlError> {
     let request_line = format!("SNAPSHOT {}", dir.display());
@@ -524,6 +561,7 @@ mod tests {
         metrics.set_notifier_id(12);
         metrics.set_state("waiting");
         Context {
+            signals: None,
             cache,
             metrics,
             cache_dir,

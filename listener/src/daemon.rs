@@ -201,6 +201,7 @@ impl Daemon {
                 }
                 continue;
             }
+            self.serve_module_requests();
             if let Some(reason) = self.stop_reason() {
                 self.pause(&reason).await;
                 continue;
@@ -243,6 +244,30 @@ impl Daemon {
         };
         self.shutdown(&exit).await;
         exit
+    }
+
+    /// Runs the operator commands for modules that arrived over the control socket; only
+    /// between transactions (or while one waits to be retried, rolled back), as modules
+    /// belong to the main loop.
+    fn serve_module_requests(&mut self) {
+        let requests = self.signals.take_module_requests();
+        if requests.is_empty() {
+            return;
+        }
+        for request in requests {
+            tracing::info!(
+                "operator command for module {}: {}",
+                request.module,
+                request.command.join(" ")
+            );
+            let answer = self
+                .engine
+                .handlers_mut()
+                .control(&request.module, &request.command);
+            // The asker may have given up waiting; nothing is lost then.
+            let _ = request.reply.send(answer);
+        }
+        self.publish_modules();
     }
 
     /// The reason processing must pause now, if any.
@@ -291,6 +316,7 @@ impl Daemon {
                 _ = heartbeat.waiting(tokio::time::sleep(PAUSE_POLL)) => {}
                 _ = self.signals.woken() => {}
             }
+            self.serve_module_requests();
             if self.signals.stop_requested()
                 || self.fatal.is_some()
                 || self.engine.handlers().exit_requested().is_some()
@@ -548,6 +574,8 @@ impl Daemon {
                             tracing::error!("reload: {e}");
                         }
                     }
+                    // So does the wait for an operator's module command.
+                    self.serve_module_requests();
                 }
             }
         }
@@ -607,6 +635,7 @@ impl Daemon {
                             );
                             self.publish_status(&format!("retrying transaction {id}: {e}"));
                             self.wait_backoff().await;
+                            self.serve_module_requests();
                             if self.signals.stop_requested() {
                                 return Err(Exit::Stopped);
                             }

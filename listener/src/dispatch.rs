@@ -45,6 +45,8 @@ pub struct ModuleStat {
     pub init_failures: u32,
     /// After a failed initialisation: when the next attempt is due.
     pub next_init: Option<SystemTime>,
+    /// Changes the module holds in its quarantine (refused by its target).
+    pub quarantined: usize,
 }
 
 /// How a module is doing, as `ctrl status` reports it; only [`Condition::Ready`] is
@@ -59,6 +61,8 @@ pub enum Condition {
     /// retried with backoff and the listener does not pass the transaction until it
     /// succeeds.
     Unavailable,
+    /// Ready, but it holds changes its target refused in a quarantine.
+    Quarantined,
     /// Not initialised, no attempt failed yet.
     NotReady,
     /// Its initialisation is running.
@@ -75,6 +79,7 @@ impl Condition {
             Condition::Ready => "ready",
             Condition::Failing => "failing",
             Condition::Unavailable => "unavailable",
+            Condition::Quarantined => "quarantined changes",
             Condition::NotReady => "not ready",
             Condition::Initialising => "initialising",
             Condition::InitFailed => "initialisation failed",
@@ -430,6 +435,8 @@ impl Handlers {
                 Condition::NotReady
             } else if s.stats.consecutive_failures > 0 {
                 Condition::Failing
+            } else if s.module.quarantined() > 0 {
+                Condition::Quarantined
             } else {
                 Condition::Ready
             };
@@ -440,6 +447,7 @@ impl Handlers {
                 stats: s.stats.clone(),
                 condition,
                 init_failures: s.init_failures,
+                quarantined: s.module.quarantined(),
                 next_init: s
                     .next_init
                     .filter(|_| !s.is_ready())
@@ -461,6 +469,7 @@ impl Handlers {
             condition: Condition::FailedToLoad,
             init_failures: 0,
             next_init: None,
+            quarantined: 0,
         });
         loaded.chain(failed).collect()
     }
@@ -679,6 +688,25 @@ impl Handlers {
             if self.handle(index, &call) {
                 old.remove_module(self.name(index));
             }
+        }
+    }
+
+    /// Runs an operator command of the module `name` (the control socket's `MODULE`).
+    pub fn control(&mut self, name: &str, command: &[String]) -> Result<String, String> {
+        let Some(index) = self.slots.iter().position(|s| s.name() == name) else {
+            return Err(format!("no module {name:?} is loaded"));
+        };
+        let words: Vec<&str> = command.iter().map(String::as_str).collect();
+        let mut answer = None;
+        let result = self.call(index, "control", None, |m| {
+            answer = Some(m.control(&words)?);
+            Ok(())
+        });
+        self.publish();
+        match (result, answer) {
+            (Ok(()), Some(answer)) => Ok(answer),
+            (Err(e), _) => Err(e.to_string()),
+            (Ok(()), None) => Err("no answer".into()),
         }
     }
 
@@ -964,6 +992,7 @@ mod tests {
         info: ModuleInfo,
         log: Log,
         fail_handler: bool,
+        quarantined: usize,
         fail_prerun: bool,
         fail_initialize: bool,
         /// The handler asks the listener to exit (as Python's `SystemExit`).
@@ -999,6 +1028,12 @@ mod tests {
             } else {
                 Ok(())
             }
+        }
+        fn quarantined(&self) -> usize {
+            self.quarantined
+        }
+        fn control(&mut self, command: &[&str]) -> Result<String, ModuleError> {
+            Ok(format!("{} did {}", self.info.name, command.join(" ")))
         }
         fn prerun(&mut self) -> Result<(), ModuleError> {
             self.log
@@ -1048,6 +1083,7 @@ mod tests {
             },
             log: Arc::clone(log),
             fail_handler: false,
+            quarantined: 0,
             fail_prerun: false,
             fail_initialize: false,
             exit_handler: false,
@@ -1105,6 +1141,29 @@ mod tests {
             ["a", "c", "gone"]
         );
         assert!(changed_attributes(&old.attributes, &old.attributes).is_empty());
+    }
+
+    #[test]
+    fn quarantined_changes_are_unhealthy_and_commands_reach_the_module() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let mut held = recorder(REPLICATION, None, &log);
+        held.quarantined = 2;
+        let h = &mut handlers(dir.path(), vec![held, recorder("other", None, &log)]);
+        let stats = h.module_stats();
+        assert_eq!(stats[0].condition, Condition::Quarantined);
+        assert_eq!(stats[0].quarantined, 2);
+        assert_eq!(stats[1].condition, Condition::Ready);
+        let command = vec!["quarantine".to_owned(), "list".to_owned()];
+        assert_eq!(
+            h.control(REPLICATION, &command).unwrap(),
+            "replication did quarantine list"
+        );
+        assert!(
+            h.control("nosuch", &command)
+                .unwrap_err()
+                .contains("no module")
+        );
     }
 
     #[test]

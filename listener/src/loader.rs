@@ -79,8 +79,8 @@ pub fn module_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// back after each import (a module may switch at import time).
 pub fn load_modules(config: &Config, privileges: &Privileges) -> Loaded {
     let mut loaded = Loaded::default();
-    for spec in &config.native_modules {
-        match modules::native::load(spec) {
+    for spec in &native_specs(config) {
+        match modules::native::load(spec, &config.ucr) {
             Ok(module) => {
                 tracing::info!(
                     "loaded native module {} ({})",
@@ -101,10 +101,24 @@ pub fn load_modules(config: &Config, privileges: &Privileges) -> Loaded {
             }
         }
     }
+    let native_replication = loaded
+        .modules
+        .iter()
+        .any(|m| m.info().name == modules::REPLICATION);
     let mut files = Vec::new();
     for path in &config.module_paths {
         match module_files(path) {
-            Ok(found) => files.extend(found),
+            Ok(found) => files.extend(found.into_iter().filter(|file| {
+                // One writer of the local LDAP: the native module replaces UCS's.
+                let skip = native_replication && is_replication_file(file);
+                if skip {
+                    tracing::info!(
+                        "{} not loaded: the native replication module runs instead",
+                        file.display()
+                    );
+                }
+                !skip
+            })),
             Err(e) => {
                 tracing::error!("cannot read module directory {}: {e}", path.display());
                 loaded.failures.push(LoadFailure {
@@ -144,6 +158,26 @@ pub fn load_modules(config: &Config, privileges: &Privileges) -> Loaded {
         }
     }
     loaded
+}
+
+/// The `--native-module` specs, plus `replication` on a UCS Backup or Replica
+/// (`ldap/server/type=slave`) unless one is given or UCR `listener/replication/native` is
+/// false (UCS's `replication.py` then runs in the Python host instead).
+pub(crate) fn native_specs(config: &Config) -> Vec<String> {
+    let mut specs = config.native_modules.clone();
+    let given = specs
+        .iter()
+        .any(|s| s.split_once('=').map_or(s.as_str(), |(kind, _)| kind) == "replication");
+    let wanted = config.ucr.get("ldap/server/type") == Some("slave")
+        && !config.ucr.is_false("listener/replication/native");
+    if wanted && !given {
+        specs.push("replication".to_owned());
+    }
+    specs
+}
+
+fn is_replication_file(file: &Path) -> bool {
+    file.file_name().is_some_and(|n| n == "replication.py")
 }
 
 /// A module file that did not load, named as the tools name it without importing: its
@@ -187,6 +221,41 @@ mod tests {
         assert_eq!(module_files(&single).unwrap(), [single]);
         let missing = dir.path().join("nosuch");
         assert!(module_files(&missing).is_err());
+    }
+
+    #[test]
+    fn replication_is_native_on_backup_and_replica_unless_given_or_disabled() {
+        let config = |ucr: &str, native: &[&str]| {
+            let mut args: Vec<String> = [
+                "univention-directory-listener",
+                "-H",
+                "ldap://h/",
+                "-h",
+                "h",
+            ]
+            .map(str::to_owned)
+            .into();
+            for spec in native {
+                args.extend(["--native-module".to_owned(), (*spec).to_owned()]);
+            }
+            let cli = <crate::config::Cli as clap::Parser>::parse_from(args);
+            Config::resolve(cli, daemon::ucr::Ucr::parse(ucr)).unwrap()
+        };
+        let slave = "ldap/base: dc=x\nldap/server/type: slave\n";
+        assert_eq!(
+            native_specs(&config(slave, &["jsonl=/x"])),
+            ["jsonl=/x", "replication"]
+        );
+        assert_eq!(
+            native_specs(&config(slave, &["replication=@/r.conf"])),
+            ["replication=@/r.conf"]
+        );
+        let off = format!("{slave}listener/replication/native: no\n");
+        assert!(native_specs(&config(&off, &[])).is_empty());
+        let master = "ldap/base: dc=x\nldap/server/type: master\n";
+        assert!(native_specs(&config(master, &[])).is_empty());
+        assert!(is_replication_file(Path::new("/m/replication.py")));
+        assert!(!is_replication_file(Path::new("/m/other.py")));
     }
 
     #[test]

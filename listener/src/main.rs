@@ -144,6 +144,7 @@ async fn run_locked(
     metrics.set_state("starting");
     // Served from here on, so tools see a starting or initialising listener too.
     let control = listener::control::Context {
+        signals: Some(Arc::clone(signals)),
         cache: Arc::clone(&cache),
         metrics: Arc::clone(&metrics),
         cache_dir: cache_dir.to_owned(),

@@ -173,6 +173,12 @@ impl Metrics {
                 "Handler calls that failed since the module's last successful one.",
                 |m| m.stats.consecutive_failures.to_string(),
             ),
+            (
+                "udl_module_quarantined",
+                Kind::Gauge,
+                "Changes the module holds in its quarantine because its target refused them.",
+                |m| m.quarantined.to_string(),
+            ),
         ];
         // One series per name: a module that did not load because its name was taken
         // must not repeat the loaded one's labels (loaded modules come first).
@@ -237,6 +243,7 @@ mod tests {
             condition: Condition::Ready,
             init_failures: 0,
             next_init: None,
+            quarantined: 0,
         }]);
         let text = m.render();
         assert!(text.contains("udl_lag 2\n"), "{text}");
@@ -261,6 +268,7 @@ mod tests {
             condition,
             init_failures: 0,
             next_init: None,
+            quarantined: 0,
         };
         m.set_modules(vec![
             stat("a", Condition::Failing),

@@ -2,15 +2,16 @@
 //! SIGUSR1/SIGUSR2 change the log level right away; everything else is acted on by the main
 //! loop at a safe point (never in the middle of a transaction).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use modules::python::PythonHost;
 
 use daemon::logging::Logging;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 
 #[derive(Debug, Default)]
 pub struct Signals {
@@ -18,6 +19,17 @@ pub struct Signals {
     stop_timeout: Duration,
     reload: AtomicBool,
     wake: Notify,
+    /// Operator commands for modules (control socket), run by the main loop between
+    /// transactions: modules belong to it.
+    module_requests: Mutex<VecDeque<ModuleRequest>>,
+}
+
+/// An operator command for one module, with where its answer goes.
+#[derive(Debug)]
+pub struct ModuleRequest {
+    pub module: String,
+    pub command: Vec<String>,
+    pub reply: oneshot::Sender<Result<String, String>>,
 }
 
 impl Signals {
@@ -31,6 +43,32 @@ impl Signals {
         }
         self.wake.notify_waiters();
         self.wake.notify_one();
+    }
+
+    /// Queues an operator command for the main loop and waits for its answer.
+    pub async fn ask_module(&self, module: String, command: Vec<String>) -> Result<String, String> {
+        let (reply, answer) = oneshot::channel();
+        self.module_requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(ModuleRequest {
+                module,
+                command,
+                reply,
+            });
+        self.wake.notify_one();
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the listener stopped before it ran the command".into()))
+    }
+
+    /// The queued operator commands, oldest first.
+    pub(crate) fn take_module_requests(&self) -> Vec<ModuleRequest> {
+        self.module_requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect()
     }
 
     /// True once per SIGHUP.

@@ -340,6 +340,7 @@ mod tests {
             }),
             init_failures: 0,
             next_init: None,
+            quarantined: 0,
         }];
         let states = BTreeMap::from([("a".to_owned(), 3), ("b".to_owned(), 1)]);
         let modules = list_modules(Some(&live), &[], &states);

@@ -224,4 +224,20 @@ pub trait Module: Send {
     fn setdata(&mut self, _key: &str, _value: &str) -> Result<(), ModuleError> {
         Ok(())
     }
+
+    /// Changes the module holds back because their target refused them (a quarantine):
+    /// while there are any the module is unhealthy, whatever its calls return.
+    fn quarantined(&self) -> usize {
+        0
+    }
+
+    /// An operator command (`univention-directory-listener-ctrl module NAME COMMAND…`),
+    /// run by the main loop between transactions; the reply is shown to the operator.
+    fn control(&mut self, command: &[&str]) -> Result<String, ModuleError> {
+        Err(ModuleError::new(format!(
+            "module {} has no operator commands (got {:?})",
+            self.info().name,
+            command.join(" ")
+        )))
+    }
 }

@@ -31,12 +31,16 @@ Output formats:
   modules   \"Modules:\", then \"<state>\\t<name>\\t<file>\" per module (state 3 = ready,
             - = no state file; file - = known only by its state file)
   notifier-id   the id alone
+  quarantine list   the replication module's quarantined changes as a JSON array
+            (id, dn, command, operation, error, at, move_from, ldif)
+  quarantine retry|skip, module   the module's answer, one line
 Colours only on a terminal (and not with NO_COLOR).
 
-Exit status: 0 success (status: healthy); 1 failure (status: not running, paused,
-failed.ldif present, a module not ready, failing, failed to initialise or to load, a module
-call blocked, or the notifier unreachable; backup verify: damaged; restore/resync refused);
-2 usage error or unknown module.";
+Exit status: 0 success (status: healthy); 1 failure (status: not running, paused or
+retrying a transaction, failed.ldif present, a module not ready, failing, holding
+quarantined changes, failed to initialise or to load, a module call blocked, or the
+notifier unreachable; backup verify: damaged; restore/resync refused); 2 usage error or
+unknown module.";
 
 /// Controls the Univention Directory Listener.
 #[derive(Debug, Parser)]
@@ -113,6 +117,27 @@ enum Cmd {
     /// Backup and restore of the listener state (cache, module states, notifier id).
     #[command(subcommand)]
     Backup(BackupCmd),
+    /// Changes the local LDAP server refused, held by the `replication` module.
+    #[command(subcommand)]
+    Quarantine(QuarantineCmd),
+    /// Sends an operator command to a module of the running listener.
+    Module {
+        /// Module name.
+        name: String,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QuarantineCmd {
+    /// Lists the quarantined changes, oldest first.
+    List,
+    /// Applies quarantined changes again, in order: all, or ID and those queued behind it.
+    Retry { id: Option<u64> },
+    /// Drops the quarantined change ID for good (those queued behind it stay).
+    Skip { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,7 +199,28 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Cmd::Backup(BackupCmd::Create { file }) => backup_create(cli, file),
         Cmd::Backup(BackupCmd::Verify { file }) => backup_verify(file),
         Cmd::Backup(BackupCmd::Restore { file }) => backup_restore(cli, file),
+        Cmd::Quarantine(command) => {
+            let words: Vec<String> = match command {
+                QuarantineCmd::List => vec!["quarantine".into(), "list".into()],
+                QuarantineCmd::Retry { id } => ["quarantine".to_owned(), "retry".to_owned()]
+                    .into_iter()
+                    .chain(id.map(|id| id.to_string()))
+                    .collect(),
+                QuarantineCmd::Skip { id } => {
+                    vec!["quarantine".into(), "skip".into(), id.to_string()]
+                }
+            };
+            module_command(cli, "replication", &words)
+        }
+        Cmd::Module { name, command } => module_command(cli, name, command),
     }
+}
+
+/// A module command through the control socket of the running listener.
+fn module_command(cli: &Cli, name: &str, command: &[String]) -> anyhow::Result<ExitCode> {
+    let answer = listener::control::module_command(&cli.cache_dir, name, command)?;
+    println!("{answer}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -340,7 +386,11 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
             path: cli.failed_ldif.clone(),
         },
     };
-    let paused = live.as_ref().is_some_and(|s| s.state.starts_with("paused"));
+    // Retrying a transaction (a module's server down, LDAP unreachable) is no progress
+    // either.
+    let paused = live
+        .as_ref()
+        .is_some_and(|s| s.state.starts_with("paused") || s.state.starts_with("retrying"));
     let current_call = live.as_ref().and_then(|s| s.current_call.clone());
     let blocked = current_call.as_ref().is_some_and(|c| c.blocked);
     let healthy = running

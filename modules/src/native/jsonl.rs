@@ -186,7 +186,11 @@ mod tests {
             format!("name = audit\nfile = {}\nfsync = yes\n", file.display()),
         )
         .unwrap();
-        let mut module = crate::native::load(&format!("jsonl=@{}", conf.display())).unwrap();
+        let mut module = crate::native::load(
+            &format!("jsonl=@{}", conf.display()),
+            &daemon::ucr::Ucr::default(),
+        )
+        .unwrap();
         assert_eq!(module.info().name, "audit");
         module.handler(&call(7, "cn=x", &[])).unwrap();
         module.postrun().unwrap();

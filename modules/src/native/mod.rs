@@ -6,7 +6,10 @@
 //! - `nats=nats://host:4222[,…]`: publishes every change to NATS JetStream, exactly once
 //!   (see `nats.rs` for its config keys and the README for the message format);
 //! - `jsonl=@/path/x.conf`, `exec=@/path/y.conf`, `nats=@/path/z.conf`: the same, set up by
-//!   a config file.
+//!   a config file;
+//! - `replication` or `replication=@/path/r.conf`: writes every change into this host's
+//!   own LDAP server, like UCS's `replication.py` (settings from UCR, then the file; see
+//!   [`replication`]).
 //!
 //! A config file has `key = value` lines (`#` starts a comment line). Keys of both kinds:
 //! `name` (ASCII letters, digits and `,.-_`), `description`, `filter`, `attributes`
@@ -27,14 +30,18 @@ mod exec;
 mod json;
 mod jsonl;
 mod nats;
+mod quarantine;
+pub mod replication;
 
 use std::io;
 use std::path::PathBuf;
 
+use daemon::ucr::Ucr;
+
 use crate::module::{DEFAULT_PRIORITY, Module, ModuleInfo, ModuleSource};
 
 /// The kinds [`load`] knows, for `--help`.
-pub(crate) const KINDS: &[&str] = &["jsonl", "exec", "nats"];
+pub(crate) const KINDS: &[&str] = &["jsonl", "exec", "nats", "replication"];
 
 /// Why a native module could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -63,8 +70,9 @@ pub enum NativeError {
     Runtime { source: io::Error },
 }
 
-/// Loads the native module described by `spec`, the argument of `--native-module`.
-pub fn load(spec: &str) -> Result<Box<dyn Module>, NativeError> {
+/// Loads the native module described by `spec`, the argument of `--native-module`; `ucr`
+/// gives the defaults of modules that follow UCS settings (`replication`).
+pub fn load(spec: &str, ucr: &Ucr) -> Result<Box<dyn Module>, NativeError> {
     let (kind, arg) = spec.split_once('=').unwrap_or((spec, ""));
     if !KINDS.contains(&kind) {
         return Err(NativeError::UnknownKind {
@@ -73,6 +81,21 @@ pub fn load(spec: &str) -> Result<Box<dyn Module>, NativeError> {
         });
     }
     let config = arg.strip_prefix('@');
+    if kind == "replication" {
+        let settings = match config {
+            None if arg.trim().is_empty() => replication::Settings::from_ucr(ucr),
+            Some(path) if !path.trim().is_empty() => {
+                replication::Settings::from_config(path.as_ref(), ucr)?
+            }
+            _ => {
+                return Err(NativeError::MissingArgument {
+                    spec: spec.to_owned(),
+                    kind: kind.to_owned(),
+                });
+            }
+        };
+        return Ok(Box::new(replication::Replication::new(settings)?));
+    }
     if config.unwrap_or(arg).trim().is_empty() {
         return Err(NativeError::MissingArgument {
             spec: spec.to_owned(),
@@ -114,7 +137,7 @@ mod tests {
     use super::*;
 
     fn load_error(spec: &str) -> String {
-        match load(spec) {
+        match load(spec, &Ucr::default()) {
             Ok(module) => panic!("{spec:?} loaded as {:?}", module.info()),
             Err(error) => error.to_string(),
         }
@@ -124,7 +147,7 @@ mod tests {
     fn bad_specs() {
         assert_eq!(
             load_error("csv=/tmp/x"),
-            "native module \"csv=/tmp/x\": unknown kind \"csv\" (known: jsonl, exec, nats)"
+            "native module \"csv=/tmp/x\": unknown kind \"csv\" (known: jsonl, exec, nats, replication)"
         );
         assert_eq!(
             load_error("jsonl"),
@@ -140,12 +163,12 @@ mod tests {
     fn loads_both_kinds_with_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("x.jsonl");
-        let jsonl = load(&format!("jsonl={}", file.display())).unwrap();
+        let jsonl = load(&format!("jsonl={}", file.display()), &Ucr::default()).unwrap();
         assert_eq!(
             jsonl.info(),
             &default_info("jsonl", jsonl::DESCRIPTION, true)
         );
-        let exec = load("exec=true --flag x").unwrap();
+        let exec = load("exec=true --flag x", &Ucr::default()).unwrap();
         assert_eq!(exec.info(), &default_info("exec", exec::DESCRIPTION, false));
     }
 }

@@ -1,0 +1,1079 @@
+//! `replication`: writes every change of the Primary into this host's own LDAP server, the
+//! job of UCS's `replication.py` on Backup and Replica Directory Nodes (spec
+//! replication.md §A), without its silent losses (§B):
+//!
+//! - binds to the local slapd as the update DN (`cn=update,<base>`) with the password from
+//!   `rootpw.conf` (read at every connect, as root);
+//! - "old" is what the local slapd holds (a base read with `*` and `+`), so local writes
+//!   (`univention-passwd` on a Replica) are tolerated; an add becomes a modify when the
+//!   object exists, a modify replaces each changed attribute (compared as value sets)
+//!   except `uniqueMember`, which gets a delete of the removed and an add of the new values;
+//! - UCS's exclude list (ppolicy and overlay attributes), the `pwdAttribute` rewrite to
+//!   `2.5.4.35` (ITS#4025) and `ldap/slave/filter` as the module filter;
+//! - deletes of non-leaf objects remove the subtree deepest first;
+//! - a move (the listener's `r` then `a`) is a modrdn with `deleteoldrdn` set when a value
+//!   of the old RDN is no longer in the object; an object already at the target is written
+//!   to the backup directory as LDIF and removed first. The `r` waits in memory for its `a`,
+//!   which the listener hands over in the same transaction, so move state is part of the
+//!   listener's atomic commit rather than files beside it;
+//! - failures that may pass (server down, busy, timeouts, a failed bind) ask the listener to
+//!   retry ([`ModuleError::transient`]): its id does not advance;
+//! - every change the server refuses goes to the quarantine ([`super::quarantine`]) with the
+//!   error and the change as LDIF; later changes of the same object (or below it) queue
+//!   behind it in order, everything else goes on. The module is unhealthy while the
+//!   quarantine is not empty; `ctrl module replication quarantine list|retry [ID]|skip ID`
+//!   shows and resolves it;
+//! - `clean` + `initialize` (module re-initialisation) remove everything below the base,
+//!   after which the listener's `n` calls rebuild the directory.
+//!
+//! Settings come from UCR (`ldap/base`, `slapd/port`, `ldap/slave/filter`), then from the
+//! config file of `replication=@FILE`: `uri` (default `ldap://127.0.0.1:<slapd/port>`, or an
+//! `ldapi://` socket), `base`, `bind_dn` (default `cn=update,<base>`), `rootpw_file`
+//! (default `/etc/ldap/rootpw.conf`), `state_dir` (the quarantine; default
+//! `/var/lib/univention-directory-replication`), `backup_dir` (default
+//! `/var/univention-backup/replication`), `exclude` (more attributes never written,
+//! space-separated) and `timeout` (seconds per LDAP operation, default 60).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use daemon::ucr::Ucr;
+use ldap::dn::{Ava, depth, first_rdn, first_rdn_avas, parent, same_dn};
+use ldap::endpoint::{Auth, Endpoint, Password, StartTls};
+use ldap::search::{Lookup, read_entry, subtree_dns};
+use ldap::write::{self, Change, ldif};
+use ldap::{Ldap, LdapFailure, rc};
+
+use super::quarantine::{Quarantine, Record, now};
+use super::{NativeError, config};
+use crate::module::{Call, Command, Module, ModuleError, ModuleInfo, ModuleSource, REPLICATION};
+
+pub(super) const DESCRIPTION: &str = "LDAP Replica Node replication";
+
+/// UCS's exclusion list (2023): never written, never compared.
+const EXCLUDED: &[&str] = &[
+    "subschemaSubentry",
+    "hasSubordinates",
+    "entryDN",
+    "authTimestamp",
+    "pwdChangedTime",
+    "pwdAccountLockedTime",
+    "pwdFailureTime",
+    "pwdHistory",
+    "pwdGraceUseTime",
+    "pwdReset",
+    "pwdPolicySubentry",
+];
+
+/// The OID of `userPassword`, which ppolicy needs in `pwdAttribute` (ITS#4025).
+const USER_PASSWORD_OID: &[u8] = b"2.5.4.35";
+
+const SUBSCHEMA_DN: &str = "cn=Subschema";
+
+pub(super) struct Settings {
+    info: ModuleInfo,
+    uri: String,
+    base: Option<String>,
+    bind_dn: Option<String>,
+    rootpw_file: PathBuf,
+    state_dir: PathBuf,
+    backup_dir: PathBuf,
+    exclude: Vec<String>,
+    timeout: Duration,
+}
+
+impl Settings {
+    /// `replication` alone: everything from UCR.
+    pub(super) fn from_ucr(ucr: &Ucr) -> Settings {
+        let port = ucr
+            .get("slapd/port")
+            .and_then(|ports| ports.split(',').next())
+            .and_then(|p| p.trim().parse::<u16>().ok())
+            .unwrap_or(7389);
+        let info = ModuleInfo {
+            name: REPLICATION.to_owned(),
+            description: DESCRIPTION.to_owned(),
+            filter: Some(
+                ucr.get("ldap/slave/filter")
+                    .unwrap_or("(objectClass=*)")
+                    .to_owned(),
+            ),
+            attributes: Vec::new(),
+            handle_every_delete: true,
+            // LDAP moves a subtree in one modrdn: the container's move is all it takes.
+            handle_subtree_moves: false,
+            priority: 0.0,
+            source: ModuleSource::Native(REPLICATION.to_owned()),
+        };
+        Settings {
+            info,
+            uri: format!("ldap://127.0.0.1:{port}/"),
+            base: ucr.get("ldap/base").map(str::to_owned),
+            bind_dn: None,
+            rootpw_file: PathBuf::from("/etc/ldap/rootpw.conf"),
+            state_dir: PathBuf::from("/var/lib/univention-directory-replication"),
+            backup_dir: PathBuf::from("/var/univention-backup/replication"),
+            exclude: Vec::new(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// `replication=@CONFIG`: UCR, then the file.
+    pub(super) fn from_config(path: &Path, ucr: &Ucr) -> Result<Settings, NativeError> {
+        let mut settings = Settings::from_ucr(ucr);
+        let mut info = settings.info.clone();
+        config::read(path, &mut info, |key, value| {
+            match key {
+                "uri" => settings.uri = value.to_owned(),
+                "base" => settings.base = Some(value.to_owned()),
+                "bind_dn" => settings.bind_dn = Some(value.to_owned()),
+                "rootpw_file" => settings.rootpw_file = PathBuf::from(value),
+                "state_dir" => settings.state_dir = PathBuf::from(value),
+                "backup_dir" => settings.backup_dir = PathBuf::from(value),
+                "exclude" => {
+                    settings.exclude = value.split_whitespace().map(str::to_owned).collect();
+                }
+                "timeout" => {
+                    settings.timeout = match value.parse::<u64>() {
+                        Ok(secs) if secs > 0 => Duration::from_secs(secs),
+                        _ => return Err(format!("{value:?} is not a positive number of seconds")),
+                    }
+                }
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        settings.info = info;
+        Ok(settings)
+    }
+}
+
+/// Why a change did not reach the local server.
+enum Failure {
+    /// Retry the transaction later.
+    Transient(String),
+    /// The server refused it: quarantine.
+    Refused {
+        operation: &'static str,
+        error: String,
+        ldif: String,
+    },
+}
+
+use super::quarantine::Attrs;
+
+/// The `r` of a move, waiting for its `a`.
+#[derive(Debug, Clone)]
+struct PendingMove {
+    dn: String,
+    uuid: Option<Vec<u8>>,
+}
+
+pub(super) struct Replication {
+    settings: Settings,
+    excluded: HashSet<String>,
+    /// `basedn` from `setdata`, when neither UCR nor the config file named the base.
+    setdata_base: Option<String>,
+    ldap: Option<Ldap>,
+    /// For calls made outside a multi-threaded runtime (tests, tools).
+    runtime: Option<tokio::runtime::Runtime>,
+    quarantine: Quarantine,
+    pending_move: Option<PendingMove>,
+}
+
+impl Replication {
+    pub(super) fn new(settings: Settings) -> Result<Replication, NativeError> {
+        daemon::fs::create_private_dir(&settings.state_dir).map_err(|source| {
+            NativeError::Open {
+                path: settings.state_dir.clone(),
+                source,
+            }
+        })?;
+        let quarantine =
+            Quarantine::open(&settings.state_dir).map_err(|message| NativeError::Config {
+                path: settings.state_dir.clone(),
+                line: 0,
+                message,
+            })?;
+        let excluded = EXCLUDED
+            .iter()
+            .copied()
+            .chain(settings.exclude.iter().map(String::as_str))
+            .map(str::to_ascii_lowercase)
+            .collect();
+        Ok(Replication {
+            settings,
+            excluded,
+            setdata_base: None,
+            ldap: None,
+            runtime: None,
+            quarantine,
+            pending_move: None,
+        })
+    }
+
+    fn base(&self) -> Option<&str> {
+        self.settings
+            .base
+            .as_deref()
+            .or(self.setdata_base.as_deref())
+    }
+
+    /// Runs LDAP work to completion: on the daemon's runtime when called from its blocking
+    /// section (`run_blocking`), else on a runtime of our own.
+    fn block_on<T>(&mut self, fut: impl Future<Output = T>) -> Result<T, Failure> {
+        if let Ok(handle) = tokio::runtime::Handle::try_current()
+            && handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            return Ok(handle.block_on(fut));
+        }
+        if self.runtime.is_none() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Failure::Transient(format!("cannot start a runtime: {e}")))?;
+            self.runtime = Some(runtime);
+        }
+        match &self.runtime {
+            Some(runtime) => Ok(runtime.block_on(fut)),
+            None => Err(Failure::Transient("no runtime".into())),
+        }
+    }
+
+    /// The connection, binding first if needed. Every failure here is transient: the
+    /// server is down or the credentials are not (yet) right, which no change can fix.
+    fn connection(&mut self) -> Result<Ldap, Failure> {
+        if let Some(ldap) = &mut self.ldap
+            && !ldap.is_closed()
+        {
+            return Ok(ldap.clone());
+        }
+        self.ldap = None;
+        let Some(base) = self.base().map(str::to_owned) else {
+            return Err(Failure::Transient(
+                "no LDAP base: set ldap/base or `base` in the module config".into(),
+            ));
+        };
+        let bind_dn = self
+            .settings
+            .bind_dn
+            .clone()
+            .unwrap_or_else(|| format!("cn=update,{base}"));
+        let file = self.settings.rootpw_file.clone();
+        let password = daemon::privileges::with_root(|| read_rootpw(&file))
+            .map_err(|e| Failure::Transient(format!("{}: {e}", file.display())))?;
+        let endpoint = Endpoint {
+            uri: self.settings.uri.clone(),
+            auth: Auth::Simple {
+                dn: bind_dn,
+                password: Password::Literal(password),
+            },
+            starttls: StartTls::Off,
+            timeout: self.settings.timeout,
+        };
+        let ldap = self
+            .block_on(ldap::connect(&endpoint))?
+            .map_err(|e| Failure::Transient(e.to_string()))?;
+        tracing::debug!("replication: connected to {}", endpoint.uri);
+        self.ldap = Some(ldap.clone());
+        Ok(ldap)
+    }
+
+    /// Runs one LDAP operation; a transient failure drops the connection.
+    fn op<T, Fut>(
+        &mut self,
+        f: impl FnOnce(Ldap, Duration) -> Fut,
+    ) -> Result<Result<T, LdapFailure>, Failure>
+    where
+        Fut: Future<Output = Result<T, LdapFailure>>,
+    {
+        let ldap = self.connection()?;
+        let timeout = self.settings.timeout;
+        match self.block_on(f(ldap, timeout))? {
+            Err(e) if e.is_transient() => {
+                self.ldap = None;
+                Err(Failure::Transient(e.to_string()))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// The local object, excluded attributes removed; `None` if it does not exist.
+    fn read(&mut self, dn: &str) -> Result<Option<Attrs>, Failure> {
+        let dn_owned = dn.to_owned();
+        let lookup =
+            self.op(
+                |mut ldap, timeout| async move { read_entry(&mut ldap, &dn_owned, timeout).await },
+            )?;
+        match lookup {
+            Ok(Lookup::Found(entry)) => Ok(Some(self.writable(&entry.attrs))),
+            Ok(Lookup::Missing) => Ok(None),
+            Err(e) => Err(refused("read", &e, String::new())),
+        }
+    }
+
+    /// What of `attrs` is written: without excluded attributes, `pwdAttribute` rewritten.
+    fn writable(&self, attrs: &[(String, Vec<Vec<u8>>)]) -> Attrs {
+        attrs
+            .iter()
+            .filter(|(name, _)| !self.excluded.contains(&name.to_ascii_lowercase()))
+            .map(|(name, values)| {
+                let values = if name.eq_ignore_ascii_case("pwdAttribute") {
+                    values
+                        .iter()
+                        .map(|v| {
+                            if v.as_slice() == b"userPassword" {
+                                USER_PASSWORD_OID.to_vec()
+                            } else {
+                                v.clone()
+                            }
+                        })
+                        .collect()
+                } else {
+                    values.clone()
+                };
+                (name.clone(), values)
+            })
+            .collect()
+    }
+
+    fn add(&mut self, dn: &str, attrs: &Attrs) -> Result<Result<(), LdapFailure>, Failure> {
+        let dn_owned = dn.to_owned();
+        let attrs_owned = attrs.clone();
+        self.op(|mut ldap, timeout| async move {
+            write::add(&mut ldap, &dn_owned, &attrs_owned, timeout).await
+        })
+    }
+
+    fn modify(&mut self, dn: &str, changes: &[Change]) -> Result<(), Failure> {
+        let dn_owned = dn.to_owned();
+        let changes_owned = changes.to_vec();
+        self.op(|mut ldap, timeout| async move {
+            write::modify(&mut ldap, &dn_owned, &changes_owned, timeout).await
+        })?
+        .map_err(|e| refused("modify", &e, ldif::modify(dn, changes)))
+    }
+
+    fn delete_one(&mut self, dn: &str) -> Result<Result<(), LdapFailure>, Failure> {
+        let dn_owned = dn.to_owned();
+        self.op(
+            |mut ldap, timeout| async move { write::delete(&mut ldap, &dn_owned, timeout).await },
+        )
+    }
+
+    /// Deletes `dn` and, if it has children, its subtree deepest first.
+    fn delete_recursive(&mut self, dn: &str) -> Result<(), Failure> {
+        match self.delete_one(dn)? {
+            Ok(()) => return Ok(()),
+            Err(LdapFailure::Result {
+                rc: rc::NO_SUCH_OBJECT,
+                ..
+            }) => return Ok(()),
+            Err(LdapFailure::Result {
+                rc: rc::NOT_ALLOWED_ON_NONLEAF,
+                ..
+            }) => {}
+            Err(e) => return Err(refused("delete", &e, ldif::delete(dn))),
+        }
+        let dn_owned = dn.to_owned();
+        let mut dns = self
+            .op(|mut ldap, timeout| async move {
+                subtree_dns(&mut ldap, &dn_owned, "(objectClass=*)", timeout).await
+            })?
+            .map_err(|e| refused("delete", &e, ldif::delete(dn)))?;
+        // Deepest first, whatever order the server listed them in.
+        dns.sort_by_key(|d| std::cmp::Reverse(depth(d)));
+        tracing::info!(
+            "replication: deleting {dn} with {} descendants",
+            dns.len().saturating_sub(1)
+        );
+        for child in dns {
+            match self.delete_one(&child)? {
+                Ok(())
+                | Err(LdapFailure::Result {
+                    rc: rc::NO_SUCH_OBJECT,
+                    ..
+                }) => {}
+                Err(e) => return Err(refused("delete", &e, ldif::delete(&child))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `dn`'s local state as LDIF to the backup directory before it is replaced.
+    fn backup(&mut self, dn: &str, attrs: &Attrs) -> Result<(), Failure> {
+        let dir = self.settings.backup_dir.clone();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path = dir.join(format!(
+            "{}.{:09}",
+            stamp / 1_000_000_000,
+            stamp % 1_000_000_000
+        ));
+        let text = ldif::add(dn, attrs);
+        daemon::fs::create_private_dir(&dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                daemon::fs::write_atomic(&path, text.as_bytes(), 0o600).map_err(|e| e.to_string())
+            })
+            // Without its backup the object is not replaced: retry later.
+            .map_err(|e| Failure::Transient(format!("cannot back up {dn}: {e}")))?;
+        tracing::warn!(
+            "replication: {dn} is in the way; backed up to {}",
+            path.display()
+        );
+        Ok(())
+    }
+
+    /// Makes the local object `dn` hold `new`; with `move_from`, the object is first
+    /// renamed from there.
+    fn apply_update(
+        &mut self,
+        dn: &str,
+        new: &Attrs,
+        move_from: Option<&str>,
+    ) -> Result<(), Failure> {
+        if let Some(from) = move_from.filter(|from| !same_dn(from, dn))
+            && let Some(source) = self.read(from)?
+        {
+            if let Some(target) = self.read(dn)? {
+                self.backup(dn, &target)?;
+                self.delete_recursive(dn)?;
+            }
+            self.rename(from, dn, &source, new)?;
+        }
+        match self.read(dn)? {
+            Some(old) => {
+                let changes = modlist(&old, new);
+                if !changes.is_empty() {
+                    self.modify(dn, &changes)?;
+                }
+                Ok(())
+            }
+            None => match self.add(dn, new)? {
+                Ok(()) => Ok(()),
+                // Someone else created it meanwhile: modify it instead.
+                Err(LdapFailure::Result {
+                    rc: rc::ALREADY_EXISTS,
+                    ..
+                }) => match self.read(dn)? {
+                    Some(old) => self.modify(dn, &modlist(&old, new)),
+                    None => Err(Failure::Transient(format!("{dn} exists and does not"))),
+                },
+                Err(e) => Err(refused("add", &e, ldif::add(dn, new))),
+            },
+        }
+    }
+
+    /// modrdn `from` → `to`; the old RDN's values go (`deleteoldrdn`) when `new` does not
+    /// keep all of them.
+    fn rename(&mut self, from: &str, to: &str, source: &Attrs, new: &Attrs) -> Result<(), Failure> {
+        let new_rdn = first_rdn(to).to_owned();
+        let delete_old = first_rdn_avas(from)
+            .unwrap_or_default()
+            .iter()
+            .any(|ava| !holds(new, ava));
+        let superior = match (parent(from), parent(to)) {
+            (Some(a), Some(b)) if same_dn(a, b) => None,
+            (_, b) => b.map(str::to_owned),
+        };
+        let record = ldif::rename(from, &new_rdn, delete_old, superior.as_deref());
+        let (from_owned, rdn, sup) = (from.to_owned(), new_rdn.clone(), superior.clone());
+        let result = self.op(|mut ldap, timeout| async move {
+            write::rename(
+                &mut ldap,
+                &from_owned,
+                &rdn,
+                delete_old,
+                sup.as_deref(),
+                timeout,
+            )
+            .await
+        })?;
+        match result {
+            Ok(()) => {
+                tracing::debug!("replication: renamed {from} to {to}");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!(
+                    "replication: rename of {from} ({} attributes) refused",
+                    source.len()
+                );
+                Err(refused("modrdn", &e, record))
+            }
+        }
+    }
+
+    /// A pending `r` whose `a` never came (the object moved out of the filter): the old
+    /// object goes.
+    fn flush_pending(&mut self) -> Result<(), Failure> {
+        if let Some(pending) = self.pending_move.take() {
+            tracing::info!("replication: {} moved out of view; deleting it", pending.dn);
+            if let Err(failure) = self.delete_recursive(&pending.dn) {
+                self.pending_move = Some(pending);
+                return Err(failure);
+            }
+        }
+        Ok(())
+    }
+
+    fn quarantine(
+        &mut self,
+        call: &Call<'_>,
+        new: &Attrs,
+        move_from: Option<&str>,
+        failure: (&str, String, String),
+    ) -> Result<(), ModuleError> {
+        let (operation, error, ldif) = failure;
+        tracing::error!(
+            "replication: transaction {} ({} {}) quarantined: {operation} refused: {error}",
+            call.id,
+            call.command,
+            call.dn
+        );
+        self.quarantine.push(Record {
+            id: call.id,
+            dn: call.dn.to_owned(),
+            command: call.command.to_string(),
+            operation: operation.to_owned(),
+            error,
+            ldif,
+            at: now(),
+            move_from: move_from.map(str::to_owned),
+            new: Record::encode_state(new),
+        })
+    }
+
+    fn list(&self) -> Result<String, ModuleError> {
+        let shown: Vec<serde_json::Value> = self
+            .quarantine
+            .records()
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.id, "dn": r.dn, "command": r.command, "operation": r.operation,
+                    "error": r.error, "at": r.at, "move_from": r.move_from, "ldif": r.ldif,
+                })
+            })
+            .collect();
+        serde_json::to_string(&shown).map_err(|e| ModuleError::new(e.to_string()))
+    }
+
+    /// Applies the quarantined changes again, in order (all, or record `only` and those
+    /// queued behind it); what the server refuses again stays, with the new error.
+    fn retry(&mut self, only: Option<u64>) -> Result<String, ModuleError> {
+        let selected = |records: &[Record], r: &Record| match only {
+            None => true,
+            Some(id) => records
+                .iter()
+                .find(|x| x.id == id)
+                .is_some_and(|x| x.id == r.id || x.blocks(&r.dn)),
+        };
+        let records = self.quarantine.records().to_vec();
+        let mut kept: Vec<Record> = Vec::new();
+        let mut applied = 0usize;
+        let mut transient = None;
+        for record in &records {
+            let held = transient.is_some()
+                || !selected(&records, record)
+                || kept.iter().any(|k| {
+                    k.blocks(&record.dn) || record.move_from.as_deref().is_some_and(|m| k.blocks(m))
+                });
+            if held {
+                kept.push(record.clone());
+                continue;
+            }
+            let new = record.new_state().map_err(ModuleError::new)?;
+            let result = if new.is_empty() {
+                self.delete_recursive(&record.dn)
+            } else {
+                let new = self.writable(&new);
+                self.apply_update(&record.dn, &new, record.move_from.as_deref())
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(
+                        "replication: quarantined transaction {} ({}) applied",
+                        record.id,
+                        record.dn
+                    );
+                    applied += 1;
+                }
+                Err(Failure::Refused {
+                    operation,
+                    error,
+                    ldif,
+                }) => {
+                    kept.push(Record {
+                        operation: operation.to_owned(),
+                        error,
+                        ldif,
+                        at: now(),
+                        ..record.clone()
+                    });
+                }
+                Err(Failure::Transient(message)) => {
+                    transient = Some(message);
+                    kept.push(record.clone());
+                }
+            }
+        }
+        let left = kept.len();
+        self.quarantine.replace(kept)?;
+        match transient {
+            Some(message) => Err(ModuleError::transient(format!(
+                "{applied} applied, {left} still quarantined, stopped: {message}"
+            ))),
+            None => Ok(format!("{applied} applied, {left} still quarantined")),
+        }
+    }
+
+    fn skip(&mut self, id: u64) -> Result<String, ModuleError> {
+        let mut records = self.quarantine.records().to_vec();
+        let before = records.len();
+        records.retain(|r| r.id != id);
+        if records.len() == before {
+            return Err(ModuleError::new(format!("no quarantined transaction {id}")));
+        }
+        tracing::warn!("replication: quarantined transaction {id} skipped by the operator");
+        self.quarantine.replace(records)?;
+        Ok(format!(
+            "transaction {id} skipped, {} still quarantined",
+            self.quarantine.records().len()
+        ))
+    }
+
+    /// One handler call; `Ok` also when the change went to the quarantine.
+    fn handle(&mut self, call: &Call<'_>) -> Result<(), ModuleError> {
+        let transient = |failure: Failure| match failure {
+            Failure::Transient(message) => Err(ModuleError::transient(message)),
+            Failure::Refused {
+                operation, error, ..
+            } => Err(ModuleError::new(format!("{operation}: {error}"))),
+        };
+        if call.new.is_empty() {
+            // A stale `r` goes before anything else happens.
+            if let Err(failure) = self.flush_pending() {
+                return transient(failure);
+            }
+            if call.command == Command::ModRdn {
+                self.pending_move = Some(PendingMove {
+                    dn: call.dn.to_owned(),
+                    uuid: uuid_of(call.old),
+                });
+                return Ok(());
+            }
+            if let Some(blocker) = self.quarantine.blocker(call.dn, None).map(|b| b.id) {
+                return self.queue(call, &Vec::new(), None, blocker);
+            }
+            return match self.delete_recursive(call.dn) {
+                Ok(()) => Ok(()),
+                Err(Failure::Refused {
+                    operation,
+                    error,
+                    ldif,
+                }) => self.quarantine(call, &Vec::new(), None, (operation, error, ldif)),
+                Err(failure) => transient(failure),
+            };
+        }
+        let move_from = match self.pending_move.take() {
+            Some(pending) if pending.uuid.is_none() || pending.uuid == uuid_of(call.new) => {
+                Some(pending.dn)
+            }
+            Some(pending) => {
+                self.pending_move = Some(pending);
+                if let Err(failure) = self.flush_pending() {
+                    return transient(failure);
+                }
+                None
+            }
+            None => None,
+        };
+        let new = self.writable(call.new);
+        if let Some(blocker) = self
+            .quarantine
+            .blocker(call.dn, move_from.as_deref())
+            .map(|b| b.id)
+        {
+            return self.queue(call, &new, move_from.as_deref(), blocker);
+        }
+        match self.apply_update(call.dn, &new, move_from.as_deref()) {
+            Ok(()) => Ok(()),
+            Err(Failure::Refused {
+                operation,
+                error,
+                ldif,
+            }) => self.quarantine(call, &new, move_from.as_deref(), (operation, error, ldif)),
+            Err(failure) => transient(failure),
+        }
+    }
+
+    fn queue(
+        &mut self,
+        call: &Call<'_>,
+        new: &Attrs,
+        move_from: Option<&str>,
+        blocker: u64,
+    ) -> Result<(), ModuleError> {
+        tracing::warn!(
+            "replication: transaction {} ({} {}) queued behind quarantined transaction {blocker}",
+            call.id,
+            call.command,
+            call.dn
+        );
+        self.quarantine.push(Record {
+            id: call.id,
+            dn: call.dn.to_owned(),
+            command: call.command.to_string(),
+            operation: "queued".into(),
+            error: format!("waits behind quarantined transaction {blocker}"),
+            ldif: String::new(),
+            at: now(),
+            move_from: move_from.map(str::to_owned),
+            new: Record::encode_state(new),
+        })
+    }
+}
+
+impl Module for Replication {
+    fn info(&self) -> &ModuleInfo {
+        &self.settings.info
+    }
+
+    fn handler(&mut self, call: &Call<'_>) -> Result<(), ModuleError> {
+        if call.dn.eq_ignore_ascii_case(SUBSCHEMA_DN) {
+            tracing::debug!("replication: schema update not replicated by this module");
+            return Ok(());
+        }
+        let result = self.handle(call);
+        if result.as_ref().is_err_and(ModuleError::is_transient) {
+            // The transaction is redone from its start, `r` included.
+            self.pending_move = None;
+        }
+        result
+    }
+
+    fn postrun(&mut self) -> Result<(), ModuleError> {
+        // Idle: let the server close nothing under us; reconnect at the next change.
+        self.ldap = None;
+        Ok(())
+    }
+
+    fn clean(&mut self) -> Result<(), ModuleError> {
+        let Some(base) = self.base().map(str::to_owned) else {
+            return Err(ModuleError::new("no LDAP base"));
+        };
+        self.pending_move = None;
+        let base_owned = base.clone();
+        let dns = match self.op(|mut ldap, timeout| async move {
+            subtree_dns(&mut ldap, &base_owned, "(objectClass=*)", timeout).await
+        }) {
+            Ok(Ok(dns)) => dns,
+            Ok(Err(e)) => return Err(ModuleError::new(e.to_string())),
+            Err(Failure::Transient(m) | Failure::Refused { error: m, .. }) => {
+                return Err(ModuleError::new(m));
+            }
+        };
+        let mut dns: Vec<String> = dns.into_iter().filter(|d| !same_dn(d, &base)).collect();
+        dns.sort_by_key(|d| std::cmp::Reverse(depth(d)));
+        tracing::info!(
+            "replication: clean: removing {} local objects below {base}",
+            dns.len()
+        );
+        for dn in dns {
+            match self.delete_one(&dn) {
+                Ok(Ok(())) => {}
+                Ok(Err(LdapFailure::Result {
+                    rc: rc::NO_SUCH_OBJECT,
+                    ..
+                })) => {}
+                Ok(Err(e)) => return Err(ModuleError::new(e.to_string())),
+                Err(Failure::Transient(m) | Failure::Refused { error: m, .. }) => {
+                    return Err(ModuleError::new(m));
+                }
+            }
+        }
+        self.quarantine.replace(Vec::new())
+    }
+
+    fn setdata(&mut self, key: &str, value: &str) -> Result<(), ModuleError> {
+        if key == "basedn" {
+            self.setdata_base = Some(value.to_owned());
+        }
+        Ok(())
+    }
+
+    fn quarantined(&self) -> usize {
+        self.quarantine.records().len()
+    }
+
+    fn control(&mut self, command: &[&str]) -> Result<String, ModuleError> {
+        let id = |arg: &str| {
+            arg.parse::<u64>()
+                .map_err(|_| ModuleError::new(format!("{arg:?} is not a transaction id")))
+        };
+        match command {
+            ["quarantine"] | ["quarantine", "list"] => self.list(),
+            ["quarantine", "retry"] => self.retry(None),
+            ["quarantine", "retry", arg] => self.retry(Some(id(arg)?)),
+            ["quarantine", "skip", arg] => self.skip(id(arg)?),
+            _ => Err(ModuleError::new(format!(
+                "unknown command {:?}; known: quarantine list, quarantine retry [ID], \
+                 quarantine skip ID",
+                command.join(" ")
+            ))),
+        }
+    }
+}
+
+fn refused(operation: &'static str, error: &LdapFailure, ldif: String) -> Failure {
+    Failure::Refused {
+        operation,
+        error: error.to_string(),
+        ldif,
+    }
+}
+
+fn uuid_of(attrs: &[(String, Vec<Vec<u8>>)]) -> Option<Vec<u8>> {
+    attrs
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("entryUUID"))
+        .and_then(|(_, values)| values.first())
+        .map(|v| v.to_ascii_lowercase())
+}
+
+/// Whether `attrs` hold the value of `ava` (attribute names compared without case).
+fn holds(attrs: &Attrs, ava: &Ava) -> bool {
+    attrs
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case(&ava.attr))
+        .any(|(_, values)| values.contains(&ava.value))
+}
+
+/// The modify that turns `old` into `new` (both without excluded attributes): value sets
+/// compared, so order is no change; new attributes added, vanished ones deleted, changed
+/// ones replaced, except `uniqueMember`, whose removed and added values are sent as such
+/// (large groups: a replace would rewrite every member).
+pub(super) fn modlist(old: &Attrs, new: &Attrs) -> Vec<Change> {
+    let find = |attrs: &'_ Attrs, name: &str| -> Option<HashSet<Vec<u8>>> {
+        attrs
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.iter().cloned().collect())
+    };
+    let mut changes = Vec::new();
+    for (name, values) in new {
+        let wanted: HashSet<Vec<u8>> = values.iter().cloned().collect();
+        match find(old, name) {
+            None => changes.push(Change::Add(name.clone(), values.clone())),
+            Some(have) if have == wanted => {}
+            Some(have) if name.eq_ignore_ascii_case("uniqueMember") => {
+                let gone: Vec<Vec<u8>> = have.difference(&wanted).cloned().collect();
+                let added: Vec<Vec<u8>> = values
+                    .iter()
+                    .filter(|v| !have.contains(*v))
+                    .cloned()
+                    .collect();
+                if !gone.is_empty() {
+                    changes.push(Change::Delete(name.clone(), gone));
+                }
+                if !added.is_empty() {
+                    changes.push(Change::Add(name.clone(), added));
+                }
+            }
+            Some(_) => changes.push(Change::Replace(name.clone(), values.clone())),
+        }
+    }
+    for (name, _) in old {
+        if find(new, name).is_none() {
+            changes.push(Change::Delete(name.clone(), Vec::new()));
+        }
+    }
+    // slapd stamps every modify that does not carry these itself (with the update DN and
+    // its own clock): a write carries the Primary's, even unchanged ones.
+    if !changes.is_empty() {
+        for stamp in MODIFY_STAMPS {
+            let named = |c: &Change| match c {
+                Change::Add(n, _) | Change::Delete(n, _) | Change::Replace(n, _) => {
+                    n.eq_ignore_ascii_case(stamp)
+                }
+            };
+            if changes.iter().any(named) {
+                continue;
+            }
+            if let Some((name, values)) = new.iter().find(|(n, _)| n.eq_ignore_ascii_case(stamp)) {
+                changes.push(Change::Replace(name.clone(), values.clone()));
+            }
+        }
+    }
+    changes
+}
+
+/// What slapd sets on every modify unless the request does.
+const MODIFY_STAMPS: [&str; 3] = ["entryCSN", "modifiersName", "modifyTimestamp"];
+
+/// The password of `rootpw.conf`: `rootpw "<password>"` with `\"` and `\\` escaped, as
+/// UCS writes it (and reads it: `^rootpw[ \t]+"((?:[^"\\]|\\["\\])+)"`).
+pub(super) fn read_rootpw(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("rootpw") else {
+            continue;
+        };
+        if !rest.starts_with([' ', '\t']) {
+            continue;
+        }
+        let Some(quoted) = rest.trim_start_matches([' ', '\t']).strip_prefix('"') else {
+            continue;
+        };
+        let mut password = String::new();
+        let mut chars = quoted.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' if !password.is_empty() => return Ok(password),
+                '"' => break,
+                '\\' => match chars.next() {
+                    Some(e @ ('"' | '\\')) => password.push(e),
+                    _ => break,
+                },
+                c => password.push(c),
+            }
+        }
+    }
+    Err("no `rootpw \"…\"` line with a password".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(list: &[(&str, &[&[u8]])]) -> Attrs {
+        list.iter()
+            .map(|(n, v)| ((*n).to_owned(), v.iter().map(|x| x.to_vec()).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn modlist_uses_sets_and_unique_member_deltas() {
+        let old = attrs(&[
+            ("cn", &[b"a", b"b"]),
+            ("mail", &[b"x"]),
+            ("uniqueMember", &[b"u1", b"u2", b"u3"]),
+            ("sn", &[b"gone"]),
+        ]);
+        let new = attrs(&[
+            ("cn", &[b"b", b"a"]),
+            ("mail", &[b"y"]),
+            ("uniqueMember", &[b"u1", b"u3", b"u4"]),
+            ("jpegPhoto", &[b"\xff\xd8"]),
+        ]);
+        assert_eq!(
+            modlist(&old, &new),
+            vec![
+                Change::Replace("mail".into(), vec![b"y".to_vec()]),
+                Change::Delete("uniqueMember".into(), vec![b"u2".to_vec()]),
+                Change::Add("uniqueMember".into(), vec![b"u4".to_vec()]),
+                Change::Add("jpegPhoto".into(), vec![b"\xff\xd8".to_vec()]),
+                Change::Delete("sn".into(), vec![]),
+            ]
+        );
+        assert!(modlist(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn rootpw_as_ucs_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rootpw.conf");
+        std::fs::write(&path, "# x\nrootpw \"a\\\"b\\\\c d\"\n").unwrap();
+        assert_eq!(read_rootpw(&path).unwrap(), "a\"b\\c d");
+        std::fs::write(&path, "rootpwx \"no\"\nrootpw\t\"\"\n").unwrap();
+        assert!(read_rootpw(&path).is_err());
+    }
+
+    #[test]
+    fn settings_from_ucr_and_file() {
+        let ucr = Ucr::parse(
+            "ldap/base: dc=x,dc=y\nslapd/port: 7389,389\nldap/slave/filter: (!(cn=secret))\n",
+        );
+        let settings = Settings::from_ucr(&ucr);
+        assert_eq!(settings.uri, "ldap://127.0.0.1:7389/");
+        assert_eq!(settings.info.filter.as_deref(), Some("(!(cn=secret))"));
+        assert_eq!(settings.info.priority, 0.0);
+        assert!(settings.info.handle_every_delete);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.conf");
+        std::fs::write(
+            &path,
+            "uri = ldapi:///x\nexclude = memberOf  contextCSN\ntimeout = 5\n",
+        )
+        .unwrap();
+        let settings = Settings::from_config(&path, &ucr).unwrap();
+        assert_eq!(settings.uri, "ldapi:///x");
+        assert_eq!(settings.exclude, vec!["memberOf", "contextCSN"]);
+        assert_eq!(settings.timeout, Duration::from_secs(5));
+        assert_eq!(settings.base.as_deref(), Some("dc=x,dc=y"));
+        std::fs::write(&path, "timeout = 0\n").unwrap();
+        assert!(Settings::from_config(&path, &ucr).is_err());
+    }
+
+    #[test]
+    fn quarantine_list_and_skip_through_control() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::from_ucr(&Ucr::parse(""));
+        settings.state_dir = dir.path().to_owned();
+        let mut quarantine = Quarantine::open(dir.path()).unwrap();
+        for (id, dn) in [(5, "cn=a,dc=x"), (6, "cn=b,cn=a,dc=x")] {
+            quarantine
+                .push(Record {
+                    id,
+                    dn: dn.into(),
+                    command: "a".into(),
+                    operation: "add".into(),
+                    error: "refused".into(),
+                    ldif: format!("dn: {dn}\nchangetype: add\n"),
+                    at: 1,
+                    move_from: None,
+                    new: Vec::new(),
+                })
+                .unwrap();
+        }
+        let mut module = Replication::new(settings).unwrap();
+        assert_eq!(module.quarantined(), 2);
+        let list: Vec<serde_json::Value> =
+            serde_json::from_str(&module.control(&["quarantine", "list"]).unwrap()).unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[1]["dn"], "cn=b,cn=a,dc=x");
+        assert_eq!(
+            module.control(&["quarantine", "skip", "5"]).unwrap(),
+            "transaction 5 skipped, 1 still quarantined"
+        );
+        assert!(module.control(&["quarantine", "skip", "5"]).is_err());
+        assert!(module.control(&["quarantine", "skip", "x"]).is_err());
+        assert!(module.control(&["bogus"]).is_err());
+        // Durable: a new instance (a restart) sees the same quarantine.
+        assert_eq!(Quarantine::open(dir.path()).unwrap().records().len(), 1);
+    }
+
+    #[test]
+    fn writable_drops_excluded_and_rewrites_pwd_attribute() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::from_ucr(&Ucr::parse(""));
+        settings.state_dir = dir.path().to_owned();
+        settings.exclude = vec!["memberOf".into()];
+        let module = Replication::new(settings).unwrap();
+        let got = module.writable(&attrs(&[
+            ("cn", &[b"a"]),
+            ("EntryDN", &[b"cn=a"]),
+            ("pwdHistory", &[b"h"]),
+            ("memberof", &[b"g"]),
+            ("pwdAttribute", &[b"userPassword"]),
+        ]));
+        assert_eq!(
+            got,
+            attrs(&[("cn", &[b"a"]), ("pwdAttribute", &[b"2.5.4.35"])])
+        );
+    }
+}
