@@ -128,7 +128,7 @@ impl Metrics {
             self.transactions.load(Ordering::Relaxed),
         );
         let modules = lock(&self.modules);
-        let families: [(&str, Kind, &str, ModuleValue); 7] = [
+        let families: [(&str, Kind, &str, ModuleValue); 8] = [
             (
                 "udl_module_calls_total",
                 Kind::Counter,
