@@ -484,6 +484,20 @@ impl Listener {
         })
     }
 
+    /// Waits until every module in `names` has finished its initialisation pass (state
+    /// file at READY). `wait_initialized` looks at the jsonl module only; modules after it
+    /// in call order run their passes later, and writes made in between would land in
+    /// their passes instead of as changes. Fails at once if the daemon exits.
+    pub fn wait_modules_ready(&mut self, names: &[&str], timeout: Duration) -> Result<()> {
+        let what = format!("modules {} initialised", names.join(", "));
+        self.wait_for(&what, timeout, |listener| {
+            Ok(names
+                .iter()
+                .all(|name| listener.handler_state(name) == Some(HANDLER_READY))
+                .then_some(()))
+        })
+    }
+
     /// Every handler call recorded by the `jsonl` module so far.
     pub fn changes(&self) -> Result<Vec<Change>> {
         match fs::read(self.jsonl_path()) {

@@ -83,6 +83,19 @@ pub struct Process {
     log_path: PathBuf,
 }
 
+/// `log_path` opened for appending, twice: for the child's stdout and stderr.
+fn log_files(log_path: &Path) -> Result<(File, File)> {
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(io_context(format!("opening {}", log_path.display())))?;
+    let log_err = log
+        .try_clone()
+        .map_err(io_context("duplicating the log file"))?;
+    Ok((log, log_err))
+}
+
 impl Process {
     /// Starts `name` with `args`, appending stdout and stderr to `log_path`.
     pub fn spawn(name: &str, args: &[String], log_path: &Path) -> Result<Process> {
@@ -99,14 +112,7 @@ impl Process {
         env: &[(String, Option<String>)],
         log_path: &Path,
     ) -> Result<Process> {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(log_path)
-            .map_err(io_context(format!("opening {}", log_path.display())))?;
-        let log_err = log
-            .try_clone()
-            .map_err(io_context("duplicating the log file"))?;
+        let (log, log_err) = log_files(log_path)?;
         let netns = env
             .iter()
             .find(|(key, _)| key == NETNS_ENV)
@@ -147,14 +153,7 @@ impl Process {
     /// Starts a program that is not one of the project's binaries (e.g. `nats-server`,
     /// found in `PATH`), appending its output to `log_path`.
     pub fn spawn_program(program: &str, args: &[String], log_path: &Path) -> Result<Process> {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(log_path)
-            .map_err(io_context(format!("opening {}", log_path.display())))?;
-        let log_err = log
-            .try_clone()
-            .map_err(io_context("duplicating the log file"))?;
+        let (log, log_err) = log_files(log_path)?;
         let child = apply_process_group(&mut Command::new(program))
             .args(args)
             .stdin(Stdio::null())

@@ -442,11 +442,7 @@ fn a_cluster_node_killed_during_the_run_loses_and_duplicates_nothing() {
 /// only; the nats module runs its pass after it).
 fn wait_both_initialized(listener: &mut Listener) {
     listener.wait_initialized(T).unwrap();
-    listener
-        .wait_until("the nats module to be ready", T, |l| {
-            Ok((l.handler_state("nats") == Some(3)).then_some(()))
-        })
-        .unwrap();
+    listener.wait_modules_ready(&["nats"], T).unwrap();
 }
 
 /// The stream's configured replica count.

@@ -164,14 +164,7 @@ impl Stack {
 }
 
 fn wait_ready(listener: &mut Listener, names: &[&str]) {
-    listener
-        .wait_until("the modules to be initialised", T, |l| {
-            Ok(names
-                .iter()
-                .all(|name| l.handler_state(name) == Some(3))
-                .then_some(()))
-        })
-        .unwrap();
+    listener.wait_modules_ready(names, T).unwrap();
 }
 
 fn read_recorded(path: &Path) -> Vec<Recorded> {

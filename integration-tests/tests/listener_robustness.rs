@@ -720,11 +720,7 @@ fn sighup_reloads_modules_and_initialises_a_reset_one() {
     let script = recording_script(work.path(), &out, &work.path().join("fail"));
     let options = ListenerOptions::new().native_module(format!("exec={}", script.display()));
     let mut listener = start_listener(&slapd, &notifier, options);
-    listener
-        .wait_until("the exec module's initial sync", T, |l| {
-            Ok((l.handler_state("exec") == Some(HANDLER_READY)).then_some(()))
-        })
-        .unwrap();
+    listener.wait_modules_ready(&["exec"], T).unwrap();
     let initial: BTreeSet<String> = recorded(&out)
         .into_iter()
         .filter(|c| c.command == 'n')
@@ -807,11 +803,7 @@ fn sighup_reloads_modules_and_initialises_a_reset_one() {
                 second_round()
             )
         });
-    listener
-        .wait_until("exec's state file back at READY", T, |l| {
-            Ok((l.handler_state("exec") == Some(HANDLER_READY)).then_some(()))
-        })
-        .unwrap();
+    listener.wait_modules_ready(&["exec"], T).unwrap();
     assert_eq!(log_count(&listener, "modules reloaded"), 2);
     assert_eq!(jsonl_n(&listener), jsonl_initial, "jsonl was not reset");
     assert_eq!(listener.handler_state(JSONL_MODULE), Some(HANDLER_READY));

@@ -889,11 +889,7 @@ fn a_handler_that_does_not_return_shows_as_blocked() {
         health_listener(&slapd, &notifier, modules.path(), &["--blocked-after", "1"]);
     // `slow` is initialised after `jsonl`: an object added before that pass ends would
     // block in the pass's `n` call instead of in a transaction.
-    listener
-        .wait_until("module slow to be ready", T, |l| {
-            Ok((l.handler_state("slow") == Some(3)).then_some(()))
-        })
-        .unwrap();
+    listener.wait_modules_ready(&["slow"], T).unwrap();
     let dn = format!("cn=healthslow,{BASE}");
     slapd.admin().unwrap().add_role(&dn, "healthslow").unwrap();
     let id = notifier.wait_transaction(&dn, 'a', T).unwrap();

@@ -116,11 +116,7 @@ fn fed_through_a_long_initialisation_and_not_when_wedged() {
         .args(["--stop-timeout", "1"]);
     let started = Instant::now();
     let mut listener = Listener::start(&slapd, &notifier, options).unwrap();
-    listener
-        .wait_until("the slow module to be initialised", T, |l| {
-            Ok((l.handler_state("slow") == Some(3)).then_some(()))
-        })
-        .unwrap();
+    listener.wait_modules_ready(&["slow"], T).unwrap();
     let initialised = Instant::now();
     assert!(
         initialised - started > WATCHDOG * 2,

@@ -542,7 +542,7 @@ fn replication_listener(
     state: &Path,
 ) -> Listener {
     let config = replica.module_config(state);
-    let listener = Listener::start(
+    let mut listener = Listener::start(
         primary,
         notifier,
         ListenerOptions::new()
@@ -551,10 +551,7 @@ fn replication_listener(
     )
     .unwrap();
     // Without the jsonl module `wait_initialized` cannot tell when this one is ready.
-    wait_until("the replication module initialised", WAIT, || {
-        Ok((listener.handler_state("replication") == Some(3)).then_some(()))
-    })
-    .unwrap();
+    listener.wait_modules_ready(&["replication"], WAIT).unwrap();
     listener
 }
 
