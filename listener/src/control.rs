@@ -138,6 +138,9 @@ pub struct ModuleStatus {
     /// Changes held in the module's quarantine (refused by its target).
     #[serde(default)]
     pub quarantined: usize,
+    /// The lasting problem the module reports.
+    #[serde(default)]
+    pub problem: Option<String>,
 }
 
 /// A module's most recent failure.
@@ -174,6 +177,7 @@ impl ModuleStatus {
             init_failures: m.init_failures,
             next_init: m.next_init.map(daemon::time::unix_seconds),
             quarantined: m.quarantined,
+            problem: m.problem,
             name: m.name,
             source: m.source,
             state: m.state,

@@ -47,6 +47,8 @@ pub struct ModuleStat {
     pub next_init: Option<SystemTime>,
     /// Changes the module holds in its quarantine (refused by its target).
     pub quarantined: usize,
+    /// The lasting problem the module reports ([`Module::problem`]).
+    pub problem: Option<String>,
 }
 
 /// How a module is doing, as `ctrl status` reports it; only [`Condition::Ready`] is
@@ -63,6 +65,8 @@ pub enum Condition {
     Unavailable,
     /// Ready, but it holds changes its target refused in a quarantine.
     Quarantined,
+    /// Ready, but it reports a lasting problem ([`ModuleStat::problem`]).
+    Degraded,
     /// Not initialised, no attempt failed yet.
     NotReady,
     /// Its initialisation is running.
@@ -80,6 +84,7 @@ impl Condition {
             Condition::Failing => "failing",
             Condition::Unavailable => "unavailable",
             Condition::Quarantined => "quarantined changes",
+            Condition::Degraded => "degraded",
             Condition::NotReady => "not ready",
             Condition::Initialising => "initialising",
             Condition::InitFailed => "initialisation failed",
@@ -437,6 +442,8 @@ impl Handlers {
                 Condition::Failing
             } else if s.module.quarantined() > 0 {
                 Condition::Quarantined
+            } else if s.module.problem().is_some() {
+                Condition::Degraded
             } else {
                 Condition::Ready
             };
@@ -448,6 +455,7 @@ impl Handlers {
                 condition,
                 init_failures: s.init_failures,
                 quarantined: s.module.quarantined(),
+                problem: s.module.problem(),
                 next_init: s
                     .next_init
                     .filter(|_| !s.is_ready())
@@ -470,6 +478,7 @@ impl Handlers {
             init_failures: 0,
             next_init: None,
             quarantined: 0,
+            problem: None,
         });
         loaded.chain(failed).collect()
     }

@@ -128,7 +128,7 @@ impl Metrics {
             self.transactions.load(Ordering::Relaxed),
         );
         let modules = lock(&self.modules);
-        let families: [(&str, Kind, &str, ModuleValue); 8] = [
+        let families: [(&str, Kind, &str, ModuleValue); 9] = [
             (
                 "udl_module_calls_total",
                 Kind::Counter,
@@ -178,6 +178,13 @@ impl Metrics {
                 Kind::Gauge,
                 "Changes the module holds in its quarantine because its target refused them.",
                 |m| m.quarantined.to_string(),
+            ),
+            (
+                "udl_module_problem",
+                Kind::Gauge,
+                "1 while the module reports a lasting problem (e.g. a replicated schema its \
+                 target refused; `ctrl status` shows it).",
+                |m| u8::from(m.problem.is_some()).to_string(),
             ),
         ];
         // One series per name: a module that did not load because its name was taken
@@ -244,6 +251,7 @@ mod tests {
             init_failures: 0,
             next_init: None,
             quarantined: 0,
+            problem: None,
         }]);
         let text = m.render();
         assert!(text.contains("udl_lag 2\n"), "{text}");
@@ -269,6 +277,7 @@ mod tests {
             init_failures: 0,
             next_init: None,
             quarantined: 0,
+            problem: None,
         };
         m.set_modules(vec![
             stat("a", Condition::Failing),

@@ -196,6 +196,9 @@ pub struct ModuleEntry {
     pub last_error: Option<control::ModuleError>,
     /// Unix time of the next initialisation attempt, after a failed one.
     pub next_init: Option<u64>,
+    /// The lasting problem a module reports (running listener only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 impl ModuleEntry {
@@ -214,6 +217,7 @@ impl ModuleEntry {
             retries: None,
             last_error: None,
             next_init: None,
+            problem: None,
         }
     }
 
@@ -236,6 +240,7 @@ impl ModuleEntry {
             retries: Some(m.retries),
             last_error: m.last_error.clone(),
             next_init: m.next_init,
+            problem: m.problem.clone(),
             ..base
         }
     }
@@ -341,6 +346,7 @@ mod tests {
             init_failures: 0,
             next_init: None,
             quarantined: 0,
+            problem: None,
         }];
         let states = BTreeMap::from([("a".to_owned(), 3), ("b".to_owned(), 1)]);
         let modules = list_modules(Some(&live), &[], &states);

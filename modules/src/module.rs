@@ -231,6 +231,12 @@ pub trait Module: Send {
         0
     }
 
+    /// A lasting problem the module reports (e.g. a replicated schema its target refused):
+    /// while there is one the module is unhealthy ("degraded"), whatever its calls return.
+    fn problem(&self) -> Option<String> {
+        None
+    }
+
     /// An operator command (`univention-directory-listener-ctrl module NAME COMMAND…`),
     /// run by the main loop between transactions; the reply is shown to the operator.
     fn control(&mut self, command: &[&str]) -> Result<String, ModuleError> {

@@ -536,6 +536,9 @@ fn print_module_health(modules: &[ModuleEntry], colour: bool) {
         if let Some(retries) = m.retries.filter(|n| *n > 0) {
             health.push_str(&format!(", {retries} retries"));
         }
+        if let Some(problem) = &m.problem {
+            health.push_str(&format!(", problem: {}", shorten(problem)));
+        }
         if let Some(at) = m.next_init {
             health.push_str(&format!(", next attempt in {} s", at.saturating_sub(now)));
         }

@@ -32,6 +32,7 @@ mod jsonl;
 mod nats;
 mod quarantine;
 pub mod replication;
+mod schema;
 
 use std::io;
 use std::path::PathBuf;

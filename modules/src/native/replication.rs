@@ -24,7 +24,10 @@
 //!   quarantine is not empty; `ctrl module replication quarantine list|retry [ID]|skip ID`
 //!   shows and resolves it;
 //! - `clean` + `initialize` (module re-initialisation) remove everything below the base,
-//!   after which the listener's `n` calls rebuild the directory.
+//!   after which the listener's `n` calls rebuild the directory;
+//! - `cn=Subschema` (delivered when the Primary's schema id grows) becomes the local schema
+//!   file, checked with `slaptest` before it replaces the live one ([`super::schema`]); a
+//!   refused schema is reported as the module's problem and not installed.
 //!
 //! Settings come from UCR (`ldap/base`, `slapd/port`, `ldap/slave/filter`), then from the
 //! config file of `replication=@FILE`: `uri` (default `ldap://127.0.0.1:<slapd/port>`, or an
@@ -32,7 +35,12 @@
 //! (default `/etc/ldap/rootpw.conf`), `state_dir` (the quarantine; default
 //! `/var/lib/univention-directory-replication`), `backup_dir` (default
 //! `/var/univention-backup/replication`), `exclude` (more attributes never written,
-//! space-separated) and `timeout` (seconds per LDAP operation, default 60).
+//! space-separated) and `timeout` (seconds per LDAP operation, default 60). Schema:
+//! `schema_file` (default `/var/lib/univention-ldap/schema.conf`), `oid_skip` (OIDs never
+//! written; default UCS's `/usr/share/univention-ldap/oid_skip` if present, else a list
+//! built in), `slapd_conf` (the configuration checked with the new schema, default
+//! `/etc/ldap/slapd.conf`), `slaptest` (default `/usr/sbin/slaptest`) and `slapd_restart`
+//! (run by `sh -c` after a new schema went live, default `/etc/init.d/slapd restart`).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -46,6 +54,7 @@ use ldap::write::{self, Change, ldif};
 use ldap::{Ldap, LdapFailure, rc};
 
 use super::quarantine::{Quarantine, Record, now};
+use super::schema::{Outcome, SchemaSettings};
 use super::{NativeError, config};
 use crate::module::{Call, Command, Module, ModuleError, ModuleInfo, ModuleSource, REPLICATION};
 
@@ -81,6 +90,7 @@ pub(super) struct Settings {
     backup_dir: PathBuf,
     exclude: Vec<String>,
     timeout: Duration,
+    schema: SchemaSettings,
 }
 
 impl Settings {
@@ -116,6 +126,7 @@ impl Settings {
             backup_dir: PathBuf::from("/var/univention-backup/replication"),
             exclude: Vec::new(),
             timeout: Duration::from_secs(60),
+            schema: SchemaSettings::default(),
         }
     }
 
@@ -134,6 +145,11 @@ impl Settings {
                 "exclude" => {
                     settings.exclude = value.split_whitespace().map(str::to_owned).collect();
                 }
+                "schema_file" => settings.schema.file = PathBuf::from(value),
+                "oid_skip" => settings.schema.oid_skip = Some(PathBuf::from(value)),
+                "slapd_conf" => settings.schema.slapd_conf = PathBuf::from(value),
+                "slaptest" => settings.schema.slaptest = PathBuf::from(value),
+                "slapd_restart" => settings.schema.restart = value.to_owned(),
                 "timeout" => {
                     settings.timeout = match value.parse::<u64>() {
                         Ok(secs) if secs > 0 => Duration::from_secs(secs),
@@ -180,6 +196,10 @@ pub(super) struct Replication {
     runtime: Option<tokio::runtime::Runtime>,
     quarantine: Quarantine,
     pending_move: Option<PendingMove>,
+    /// Why the last schema from the Primary was not installed.
+    schema_problem: Option<String>,
+    /// A new schema went live but the restart command has not succeeded yet.
+    restart_pending: bool,
 }
 
 impl Replication {
@@ -210,6 +230,8 @@ impl Replication {
             runtime: None,
             quarantine,
             pending_move: None,
+            schema_problem: None,
+            restart_pending: false,
         })
     }
 
@@ -738,6 +760,52 @@ impl Replication {
     }
 }
 
+/// Schema replication.
+impl Replication {
+    /// `cn=Subschema`: the Primary's schema becomes the local schema file if slapd accepts
+    /// it, then slapd restarts. A schema that cannot be checked or is refused is reported
+    /// (log, [`Module::problem`]) and not installed; replication goes on with the old one
+    /// (changes that need the new schema are quarantined). Only a failed restart holds the
+    /// listener: the call is repeated until slapd restarted.
+    fn replicate_schema(&mut self, call: &Call<'_>) -> Result<(), ModuleError> {
+        let schema = self.settings.schema.clone();
+        let scratch = self.settings.state_dir.join("schema-check");
+        let outcome = daemon::privileges::with_root(|| schema.update(call.new, &scratch));
+        match outcome {
+            Ok(Outcome::Unchanged) if !self.restart_pending => {
+                tracing::debug!("replication: schema unchanged");
+                self.schema_problem = None;
+                return Ok(());
+            }
+            Ok(Outcome::Unchanged) => {}
+            Ok(Outcome::Installed) => {
+                tracing::info!(
+                    "replication: new schema from the Primary checked and installed in {}",
+                    schema.file.display()
+                );
+                self.schema_problem = None;
+                self.restart_pending = true;
+            }
+            Ok(Outcome::Refused(reason)) | Err(reason) => {
+                tracing::error!(
+                    "replication: schema from the Primary not installed, {} unchanged: {reason}",
+                    schema.file.display()
+                );
+                self.schema_problem = Some(format!("schema not installed: {reason}"));
+                return Ok(());
+            }
+        }
+        // The connection goes down with slapd.
+        self.ldap = None;
+        daemon::privileges::with_root(|| schema.restart_slapd()).map_err(|e| {
+            ModuleError::transient(format!("restarting slapd for the new schema: {e}"))
+        })?;
+        self.restart_pending = false;
+        tracing::info!("replication: slapd restarted with the new schema");
+        Ok(())
+    }
+}
+
 impl Module for Replication {
     fn info(&self) -> &ModuleInfo {
         &self.settings.info
@@ -745,8 +813,7 @@ impl Module for Replication {
 
     fn handler(&mut self, call: &Call<'_>) -> Result<(), ModuleError> {
         if call.dn.eq_ignore_ascii_case(SUBSCHEMA_DN) {
-            tracing::debug!("replication: schema update not replicated by this module");
-            return Ok(());
+            return self.replicate_schema(call);
         }
         let result = self.handle(call);
         if result.as_ref().is_err_and(ModuleError::is_transient) {
@@ -808,6 +875,10 @@ impl Module for Replication {
 
     fn quarantined(&self) -> usize {
         self.quarantine.records().len()
+    }
+
+    fn problem(&self) -> Option<String> {
+        self.schema_problem.clone()
     }
 
     fn control(&mut self, command: &[&str]) -> Result<String, ModuleError> {
