@@ -246,6 +246,11 @@ access to * by users read by * none
 
     /// The module's config file.
     fn module_config(&self, state: &Path) -> PathBuf {
+        self.module_config_with(state, "")
+    }
+
+    /// The module's config file with `extra` lines at the end.
+    fn module_config_with(&self, state: &Path, extra: &str) -> PathBuf {
         let file = state.join("replication.conf");
         fs::create_dir_all(state).unwrap();
         fs::write(
@@ -253,7 +258,7 @@ access to * by users read by * none
             format!(
                 "uri = {}\nbase = {BASE}\nrootpw_file = {}\nstate_dir = {}\nbackup_dir = {}\n\
                  timeout = 10\n# The primary's accesslog overlay: unknown to a replica.\nexclude = auditContext\n\
-                 schema_file = {}\nslapd_conf = {}\nslapd_restart = {}\n",
+                 schema_file = {}\nslapd_conf = {}\nslapd_restart = {}\n{extra}",
                 self.url(),
                 self.path().join("rootpw.conf").display(),
                 state.join("state").display(),
@@ -1043,5 +1048,164 @@ fn a_schema_slaptest_refuses_is_reported_and_never_reaches_the_live_file() {
     assert!(status.contains("slaptest refused"), "{status}");
     // Replication goes on with the old schema.
     assert!(snapshot(&mut replica.connect()).contains_key(&after));
+    assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
+}
+
+/// A listener whose replication module falls back like UCS (`fallback = MODE`), writing
+/// the listener's own `failed.ldif`.
+fn fallback_listener(
+    primary: &Slapd,
+    notifier: &Notifier,
+    replica: &Replica,
+    state: &Path,
+    mode: &str,
+) -> Listener {
+    let config = state.join("replication.conf");
+    let mut listener = Listener::prepare(
+        primary,
+        notifier,
+        ListenerOptions::new()
+            .jsonl(false)
+            .native_module(format!("replication=@{}", config.display())),
+    )
+    .unwrap();
+    replica.module_config_with(
+        state,
+        &format!(
+            "fallback = {mode}\nfailed_ldif = {}\n",
+            listener.failed_ldif_path().display()
+        ),
+    );
+    listener.restart().unwrap();
+    listener.wait_modules_ready(&["replication"], WAIT).unwrap();
+    listener.wait_initialized(WAIT).unwrap();
+    listener
+}
+
+fn add_posix_group(primary: &Slapd) -> String {
+    let group = format!("cn=posix,{BASE}");
+    primary
+        .admin()
+        .unwrap()
+        .add(
+            &group,
+            &[
+                ("objectClass", &["posixGroup"]),
+                ("cn", &["posix"]),
+                ("gidNumber", &["5000"]),
+                (
+                    "description",
+                    &[&"a long description, longer than sixty columns, folded ".repeat(3)],
+                ),
+            ],
+        )
+        .unwrap();
+    group
+}
+
+#[test]
+fn ldif_fallback_writes_failed_ldif_pauses_and_resumes_after_the_replay() {
+    let primary = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
+    let notifier = Notifier::following_accesslog(&primary, &[], WAIT).unwrap();
+    // The replica lacks nis.schema: posixGroup objects are refused.
+    let mut replica = Replica::start(&primary, false);
+    let state = tempfile::tempdir().unwrap();
+    let mut listener = fallback_listener(&primary, &notifier, &replica, state.path(), "ldif");
+    let started = Instant::now();
+
+    let group = add_posix_group(&primary);
+    let after = format!("cn=after,{BASE}");
+    primary.admin().unwrap().add_role(&after, "after").unwrap();
+    let group_id = notifier.wait_transaction(&group, 'a', WAIT).unwrap();
+    let failed = listener.failed_ldif_path();
+    wait_until("failed.ldif and the listener paused", WAIT, || {
+        Ok((failed.exists() && listener.log().contains("replication stopped")).then_some(()))
+    })
+    .unwrap();
+
+    // UCS's format: one change record, folded at 60 columns, a blank line after it;
+    // readable by root only (it holds what the Primary holds, password hashes included).
+    let text = fs::read_to_string(&failed).unwrap();
+    assert!(
+        text.starts_with(&format!("dn: {group}\nchangetype: add\n")),
+        "{text}"
+    );
+    assert!(text.contains("objectClass: posixGroup\n"), "{text}");
+    assert!(text.ends_with("\n\n"), "{text:?}");
+    assert!(text.lines().all(|l| l.len() <= 61), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with(' ')),
+        "a folded line: {text}"
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        fs::metadata(&failed).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Paused at the group: neither it nor what came after is committed.
+    assert!(listener.notifier_id().unwrap_or(0) < group_id);
+    assert!(!snapshot(&mut replica.connect()).contains_key(&after));
+    let (healthy, status) = ctrl(&listener, &notifier, &["status"]);
+    assert!(!healthy, "{status}");
+
+    // The operator fixes the replica, replays the file as UCS's resync does, moves it away.
+    replica.stop();
+    replica.write_config(true);
+    replica.spawn();
+    let replay = Command::new("ldapmodify")
+        .args([
+            "-x",
+            "-H",
+            &replica.url(),
+            "-D",
+            UPDATE_DN,
+            "-w",
+            UPDATE_PW,
+            "-c",
+            "-f",
+        ])
+        .arg(&failed)
+        .output()
+        .unwrap();
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    fs::rename(&failed, state.path().join("replayed.ldif")).unwrap();
+    wait_caught_up(&mut listener, &notifier, &after, 'a');
+    eprintln!("ldif fallback round trip in {:.1?}", started.elapsed());
+    assert!(listener.log().contains("reloading every module"));
+    assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
+    let (healthy, status) = ctrl(&listener, &notifier, &["status"]);
+    assert!(healthy, "{status}");
+}
+
+#[test]
+fn restart_fallback_exits_without_committing_and_the_restart_redoes_the_change() {
+    let primary = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
+    let notifier = Notifier::following_accesslog(&primary, &[], WAIT).unwrap();
+    let mut replica = Replica::start(&primary, false);
+    let state = tempfile::tempdir().unwrap();
+    let mut listener = fallback_listener(&primary, &notifier, &replica, state.path(), "restart");
+
+    let group = add_posix_group(&primary);
+    let group_id = notifier.wait_transaction(&group, 'a', WAIT).unwrap();
+    let status = listener.wait_exit(WAIT).unwrap();
+    assert_eq!(status.code(), Some(1), "{}", listener.log_tail(30));
+    assert!(listener.notifier_id().unwrap_or(0) < group_id);
+    assert!(
+        listener.log().contains("ldap/replication/fallback=restart"),
+        "{}",
+        listener.log_tail(30)
+    );
+    assert!(!listener.failed_ldif_path().exists());
+
+    // Restarted after the cause is fixed, the listener redoes the change.
+    replica.stop();
+    replica.write_config(true);
+    replica.spawn();
+    listener.restart().unwrap();
+    wait_caught_up(&mut listener, &notifier, &group, 'a');
     assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
 }

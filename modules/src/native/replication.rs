@@ -22,7 +22,11 @@
 //!   error and the change as LDIF; later changes of the same object (or below it) queue
 //!   behind it in order, everything else goes on. The module is unhealthy while the
 //!   quarantine is not empty; `ctrl module replication quarantine list|retry [ID]|skip ID`
-//!   shows and resolves it;
+//!   shows and resolves it. For UCS compatibility `fallback` (UCR
+//!   `ldap/replication/fallback`) selects UCS's behaviour instead: `ldif` appends the
+//!   refused change to `failed.ldif` (and, while that file exists, every later change, as
+//!   UCS does), which pauses the listener until the operator replayed and removed it;
+//!   `restart` asks the listener to exit without committing the transaction;
 //! - `clean` + `initialize` (module re-initialisation) remove everything below the base,
 //!   after which the listener's `n` calls rebuild the directory;
 //! - `cn=Subschema` (delivered when the Primary's schema id grows) becomes the local schema
@@ -41,6 +45,9 @@
 //! built in), `slapd_conf` (the configuration checked with the new schema, default
 //! `/etc/ldap/slapd.conf`), `slaptest` (default `/usr/sbin/slaptest`) and `slapd_restart`
 //! (run by `sh -c` after a new schema went live, default `/etc/init.d/slapd restart`).
+//! Fallback: `fallback` (`quarantine`, the default, `ldif` or `restart`; also from UCR
+//! `ldap/replication/fallback`) and `failed_ldif` (default
+//! `/var/lib/univention-directory-replication/failed.ldif`, the listener's default).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -91,6 +98,32 @@ pub(super) struct Settings {
     exclude: Vec<String>,
     timeout: Duration,
     schema: SchemaSettings,
+    fallback: Fallback,
+    failed_ldif: PathBuf,
+}
+
+/// What becomes of a change the local server refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fallback {
+    /// Held in the quarantine; everything else goes on (ours, the default).
+    Quarantine,
+    /// Appended to `failed.ldif`, which pauses the listener (UCS's default).
+    Ldif,
+    /// The listener exits without committing, to be restarted (UCS's `restart`).
+    Restart,
+}
+
+impl Fallback {
+    fn parse(value: &str) -> Result<Fallback, String> {
+        match value.trim() {
+            "quarantine" => Ok(Fallback::Quarantine),
+            "ldif" => Ok(Fallback::Ldif),
+            "restart" => Ok(Fallback::Restart),
+            other => Err(format!(
+                "fallback {other:?}: expected quarantine, ldif or restart"
+            )),
+        }
+    }
 }
 
 impl Settings {
@@ -127,6 +160,19 @@ impl Settings {
             exclude: Vec::new(),
             timeout: Duration::from_secs(60),
             schema: SchemaSettings::default(),
+            fallback: ucr
+                .get("ldap/replication/fallback")
+                .and_then(|v| match Fallback::parse(v) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        tracing::warn!(
+                            "replication: UCR ldap/replication/fallback: {e}; using quarantine"
+                        );
+                        None
+                    }
+                })
+                .unwrap_or(Fallback::Quarantine),
+            failed_ldif: PathBuf::from("/var/lib/univention-directory-replication/failed.ldif"),
         }
     }
 
@@ -150,6 +196,8 @@ impl Settings {
                 "slapd_conf" => settings.schema.slapd_conf = PathBuf::from(value),
                 "slaptest" => settings.schema.slaptest = PathBuf::from(value),
                 "slapd_restart" => settings.schema.restart = value.to_owned(),
+                "fallback" => settings.fallback = Fallback::parse(value)?,
+                "failed_ldif" => settings.failed_ldif = PathBuf::from(value),
                 "timeout" => {
                     settings.timeout = match value.parse::<u64>() {
                         Ok(secs) if secs > 0 => Duration::from_secs(secs),
@@ -550,6 +598,11 @@ impl Replication {
         failure: (&str, String, String),
     ) -> Result<(), ModuleError> {
         let (operation, error, ldif) = failure;
+        match self.settings.fallback {
+            Fallback::Quarantine => {}
+            Fallback::Ldif => return self.fall_back_to_ldif(call, operation, &error, &ldif),
+            Fallback::Restart => return Err(fall_back_to_restart(call, operation, &error)),
+        }
         tracing::error!(
             "replication: transaction {} ({} {}) quarantined: {operation} refused: {error}",
             call.id,
@@ -670,6 +723,9 @@ impl Replication {
 
     /// One handler call; `Ok` also when the change went to the quarantine.
     fn handle(&mut self, call: &Call<'_>) -> Result<(), ModuleError> {
+        if self.settings.fallback == Fallback::Ldif && self.settings.failed_ldif.exists() {
+            return self.append_while_failed(call);
+        }
         let transient = |failure: Failure| match failure {
             Failure::Transient(message) => Err(ModuleError::transient(message)),
             Failure::Refused {
@@ -804,6 +860,135 @@ impl Replication {
         tracing::info!("replication: slapd restarted with the new schema");
         Ok(())
     }
+}
+
+/// UCS's fallbacks for refused changes (`ldap/replication/fallback`).
+impl Replication {
+    /// `ldif`: the refused change goes to `failed.ldif`; the listener sees the file, does
+    /// not commit the transaction and pauses until the operator replayed and removed it.
+    fn fall_back_to_ldif(
+        &mut self,
+        call: &Call<'_>,
+        operation: &str,
+        error: &str,
+        ldif: &str,
+    ) -> Result<(), ModuleError> {
+        tracing::error!(
+            "replication: transaction {} ({} {}): {operation} refused: {error}; written to {}",
+            call.id,
+            call.command,
+            call.dn,
+            self.settings.failed_ldif.display()
+        );
+        self.append_failed_ldif(ldif)
+    }
+
+    /// While `failed.ldif` exists every change is appended to it instead of written, as
+    /// UCS's module does (its state from the listener's cache, which is all it knows then).
+    fn append_while_failed(&mut self, call: &Call<'_>) -> Result<(), ModuleError> {
+        let new = self.writable(call.new);
+        let old = self.writable(call.old);
+        let record = if call.new.is_empty() {
+            if call.command == Command::ModRdn {
+                self.pending_move = Some(PendingMove {
+                    dn: call.dn.to_owned(),
+                    uuid: uuid_of(call.old),
+                });
+                return Ok(());
+            }
+            ldif::delete(call.dn)
+        } else {
+            let mut record = String::new();
+            if let Some(from) = self.pending_move.take().map(|p| p.dn)
+                && !same_dn(&from, call.dn)
+            {
+                let superior =
+                    parent(call.dn).filter(|p| !parent(&from).is_some_and(|f| same_dn(f, p)));
+                let delete_old = first_rdn_avas(&from)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|ava| !holds(&new, ava));
+                record = ldif::rename(&from, first_rdn(call.dn), delete_old, superior);
+                record.push('\n');
+            }
+            if old.is_empty() {
+                record.push_str(&ldif::add(call.dn, &new));
+            } else {
+                let changes = modlist(&old, &new);
+                if changes.is_empty() {
+                    return Ok(());
+                }
+                record.push_str(&ldif::modify(call.dn, &changes));
+            }
+            record
+        };
+        tracing::warn!(
+            "replication: {} exists: transaction {} ({} {}) appended to it",
+            self.settings.failed_ldif.display(),
+            call.id,
+            call.command,
+            call.dn
+        );
+        self.append_failed_ldif(&record)
+    }
+
+    /// Appends `record` to `failed.ldif` (mode 0600: it holds password hashes), in UCS's
+    /// layout: lines folded at 60 columns, a blank line after each record. Synced before
+    /// the listener is told (UCS only flushes).
+    fn append_failed_ldif(&self, record: &str) -> Result<(), ModuleError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = &self.settings.failed_ldif;
+        let text = format!("{}\n", fold_ldif(record));
+        daemon::privileges::with_root(|| {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()
+        })
+        // Not written means not recorded: the transaction is retried.
+        .map_err(|e| ModuleError::transient(format!("cannot write {}: {e}", path.display())))
+    }
+}
+
+/// `restart`: the listener exits without committing, like UCS's `sys.exit(1)`; the
+/// transaction is processed again after the restart.
+fn fall_back_to_restart(call: &Call<'_>, operation: &str, error: &str) -> ModuleError {
+    let message = format!(
+        "transaction {} ({} {}): {operation} refused: {error}; ldap/replication/fallback=restart",
+        call.id, call.command, call.dn
+    );
+    tracing::error!("replication: {message}");
+    ModuleError::exit_requested(1, message)
+}
+
+/// LDIF lines longer than 60 characters folded as UCS's writer does: 60 characters, then
+/// continuation lines of a space and up to 60 more. Records are ASCII (other values are
+/// base64), so cutting by bytes never splits a character.
+fn fold_ldif(record: &str) -> String {
+    const COLUMNS: usize = 60;
+    let mut out = String::with_capacity(record.len() + record.len() / COLUMNS * 2);
+    for line in record.lines() {
+        if line.len() <= COLUMNS || !line.is_ascii() {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let (first, mut rest) = line.split_at(COLUMNS);
+        out.push_str(first);
+        out.push('\n');
+        while !rest.is_empty() {
+            let (chunk, more) = rest.split_at(rest.len().min(COLUMNS));
+            out.push(' ');
+            out.push_str(chunk);
+            out.push('\n');
+            rest = more;
+        }
+    }
+    out
 }
 
 impl Module for Replication {
