@@ -49,6 +49,8 @@ pub struct Comparison {
     excluded: BTreeSet<String>,
     /// Lower-cased DNs whose subtrees are left out on both sides.
     skipped: Vec<String>,
+    /// Only entries of the left side that match this LDAP filter are compared.
+    left_filter: Option<String>,
 }
 
 impl Default for Comparison {
@@ -57,6 +59,7 @@ impl Default for Comparison {
             base: BASE.to_owned(),
             excluded: DEFAULT_EXCLUDED.iter().map(|a| a.to_lowercase()).collect(),
             skipped: Vec::new(),
+            left_filter: None,
         }
     }
 }
@@ -91,6 +94,14 @@ impl Comparison {
         self
     }
 
+    /// Compares only the entries of the left side that match `filter` (selective
+    /// replication, `ldap/slave/filter`: the replica on the right must hold exactly those);
+    /// the right side is read whole, so an entry the filter hides is reported there.
+    pub fn filter_left(mut self, filter: &str) -> Comparison {
+        self.left_filter = Some(filter.to_owned());
+        self
+    }
+
     /// Compares the main databases of `left` and `right`, each read as root over ldapi
     /// (no ACL hides anything). `Err(HarnessError::Mismatch)` carries the report.
     pub fn check(&self, left: &Slapd, right: &Slapd) -> Result<()> {
@@ -103,8 +114,8 @@ impl Comparison {
     /// The differences between what `left` and `right` show below the base, as a report
     /// (`None`: identical). Both connections must be allowed to read everything compared.
     pub fn diff(&self, left: &mut Directory, right: &mut Directory) -> Result<Option<String>> {
-        let left = self.read(left)?;
-        let right = self.read(right)?;
+        let left = self.read(left, self.left_filter.as_deref())?;
+        let right = self.read(right, None)?;
         let mut findings: Vec<String> = Vec::new();
         for (key, l) in &left {
             match right.get(key) {
@@ -138,9 +149,13 @@ impl Comparison {
     }
 
     /// Every compared entry, by lower-cased DN.
-    fn read(&self, directory: &mut Directory) -> Result<BTreeMap<String, Entry>> {
-        let entries =
-            directory.search(&self.base, Scope::Subtree, "(objectClass=*)", &["*", "+"])?;
+    fn read(
+        &self,
+        directory: &mut Directory,
+        filter: Option<&str>,
+    ) -> Result<BTreeMap<String, Entry>> {
+        let filter = filter.unwrap_or("(objectClass=*)");
+        let entries = directory.search(&self.base, Scope::Subtree, filter, &["*", "+"])?;
         Ok(entries
             .into_iter()
             .map(|entry| (entry.dn.to_lowercase(), entry))

@@ -76,7 +76,8 @@ fn text_set(values: &[&str]) -> HashSet<Vec<u8>> {
 }
 
 impl Directory {
-    pub(crate) fn new(conn: LdapConn) -> Directory {
+    /// Wraps a connection made (and bound) elsewhere, e.g. to a test's own slapd.
+    pub fn new(conn: LdapConn) -> Directory {
         Directory { conn }
     }
 
