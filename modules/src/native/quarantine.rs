@@ -2,10 +2,16 @@
 //! (schema, constraint or object-class violations, …), kept with everything needed to
 //! apply them later, in the order they came.
 //!
-//! One JSON file, replaced atomically and durably ([`daemon::fs::write_atomic`]) before the
-//! handler returns, so a change is in the quarantine before the listener commits its id. A
-//! crash between the two redoes the transaction: the record is found by (id, DN, command)
-//! and not added twice, so the quarantine and the listener's id never disagree.
+//! Stored as `quarantine.log`, one JSON record per line. A new record is appended and
+//! synced before the handler returns, so a change is in the quarantine before the listener
+//! commits its id (one small write however many records queue, where rewriting the whole
+//! file cost ~100 ms per record once thousands had queued). Retries and skips rewrite the
+//! file whole, atomically ([`daemon::fs::write_atomic`]: written beside, synced, renamed
+//! over; a crash leaves the old log or the new one). A crash in the middle of an append
+//! leaves a torn last line: it was never acknowledged, so opening drops it (the listener
+//! redoes that transaction). A crash between append and commit redoes the transaction: the record
+//! is found by (id, DN, command) and not added twice, so the quarantine and the listener's
+//! id never disagree.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -93,17 +99,51 @@ pub struct Quarantine {
     records: Vec<Record>,
 }
 
+/// The file name of the log in the state directory.
+const LOG: &str = "quarantine.log";
+/// The earlier format, one JSON array rewritten per record: read once, then replaced.
+const OLD_JSON: &str = "quarantine.json";
+
 impl Quarantine {
-    /// Opens `<dir>/quarantine.json`; a missing file is an empty quarantine.
+    /// Opens `<dir>/quarantine.log`; a missing file is an empty quarantine. A torn last
+    /// line (a crash during an append) is cut off; anything else unreadable is an error.
     pub fn open(dir: &Path) -> Result<Quarantine, String> {
-        let path = dir.join("quarantine.json");
-        let records = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{}: not a quarantine file: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        let path = dir.join(LOG);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Quarantine::from_old_json(dir, path);
+            }
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
-        Ok(Quarantine { path, records })
+        let (records, good) = parse_log(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut quarantine = Quarantine { path, records };
+        if good < bytes.len() {
+            tracing::warn!(
+                "{}: dropping a torn last record ({} bytes) left by a crash during an append",
+                quarantine.path.display(),
+                bytes.len() - good
+            );
+            quarantine.compact().map_err(|e| e.to_string())?;
+        }
+        Ok(quarantine)
+    }
+
+    fn from_old_json(dir: &Path, path: PathBuf) -> Result<Quarantine, String> {
+        let old = dir.join(OLD_JSON);
+        let records: Vec<Record> = match std::fs::read(&old) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{}: not a quarantine file: {e}", old.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(format!("cannot read {}: {e}", old.display())),
+        };
+        let mut quarantine = Quarantine { path, records };
+        if !quarantine.records.is_empty() {
+            quarantine.compact().map_err(|e| e.to_string())?;
+            std::fs::remove_file(&old)
+                .map_err(|e| format!("cannot remove {}: {e}", old.display()))?;
+        }
+        Ok(quarantine)
     }
 
     pub fn records(&self) -> &[Record] {
@@ -118,8 +158,8 @@ impl Quarantine {
             .find(|r| r.blocks(dn) || also.is_some_and(|a| r.blocks(a)))
     }
 
-    /// Adds `record` durably, unless this change is already there (a transaction redone
-    /// after a crash).
+    /// Adds `record` durably (appended to the log and synced), unless this change is
+    /// already there (a transaction redone after a crash).
     pub fn push(&mut self, record: Record) -> Result<(), ModuleError> {
         let known = self.records.iter().any(|r| {
             r.id == record.id && r.command == record.command && dn_key(&r.dn) == dn_key(&record.dn)
@@ -127,24 +167,86 @@ impl Quarantine {
         if known {
             return Ok(());
         }
-        self.records.push(record);
-        self.save()
-    }
-
-    /// Replaces all records (after a retry or skip) durably.
-    pub fn replace(&mut self, records: Vec<Record>) -> Result<(), ModuleError> {
-        self.records = records;
-        self.save()
-    }
-
-    fn save(&self) -> Result<(), ModuleError> {
-        let json = serde_json::to_vec_pretty(&self.records)
+        let mut line = serde_json::to_vec(&record)
             .map_err(|e| ModuleError::new(format!("cannot encode the quarantine: {e}")))?;
-        // Not writable now means not recorded: the transaction must be retried, never
-        // acknowledged without its change.
-        daemon::fs::write_atomic(&self.path, &json, 0o600)
-            .map_err(|e| ModuleError::transient(format!("cannot write the quarantine: {e}")))
+        line.push(b'\n');
+        self.append(&line)
+            // Not written now means not recorded: the transaction must be retried, never
+            // acknowledged without its change.
+            .map_err(|e| {
+                ModuleError::transient(format!("cannot write {}: {e}", self.path.display()))
+            })?;
+        self.records.push(record);
+        Ok(())
     }
+
+    fn append(&self, line: &[u8]) -> std::io::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let new = !self.path.exists();
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&self.path)?;
+        file.write_all(line)?;
+        file.sync_data()?;
+        if new && let Some(dir) = self.path.parent() {
+            // The new file's name must survive a crash too.
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Replaces all records (after a retry or skip) durably: the log is rewritten.
+    pub fn replace(&mut self, records: Vec<Record>) -> Result<(), ModuleError> {
+        let old = std::mem::replace(&mut self.records, records);
+        if let Err(e) = self.compact() {
+            self.records = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Rewrites the log with exactly the live records, atomically.
+    fn compact(&mut self) -> Result<(), ModuleError> {
+        let mut text = Vec::new();
+        for record in &self.records {
+            serde_json::to_writer(&mut text, record)
+                .map_err(|e| ModuleError::new(format!("cannot encode the quarantine: {e}")))?;
+            text.push(b'\n');
+        }
+        daemon::fs::write_atomic(&self.path, &text, 0o600).map_err(|e| {
+            ModuleError::transient(format!("cannot write {}: {e}", self.path.display()))
+        })?;
+        Ok(())
+    }
+}
+
+/// The records of a log and the length of its intact part. Only the last line may be
+/// incomplete (no newline) or unreadable: an append torn by a crash.
+fn parse_log(bytes: &[u8]) -> Result<(Vec<Record>, usize), String> {
+    let mut records = Vec::new();
+    let mut good = 0;
+    let mut rest = bytes;
+    let mut number = 0;
+    while !rest.is_empty() {
+        number += 1;
+        let (line, complete) = match rest.iter().position(|b| *b == b'\n') {
+            Some(end) => (&rest[..end], true),
+            None => (rest, false),
+        };
+        let last = !complete || line.len() + 1 == rest.len();
+        match serde_json::from_slice::<Record>(line) {
+            Ok(record) if complete => records.push(record),
+            Ok(_) => break,
+            Err(_) if last => break,
+            Err(e) => return Err(format!("line {number} is not a quarantine record: {e}")),
+        }
+        good += line.len() + 1;
+        rest = &rest[line.len() + 1..];
+    }
+    Ok((records, good))
 }
 
 #[cfg(test)]
@@ -183,5 +285,82 @@ mod tests {
         assert!(q.blocker("uid=a,cn=x,dc=y", None).is_some());
         assert!(q.blocker("cn=xx,dc=y", None).is_none());
         assert!(q.blocker("cn=z,dc=y", Some("cn=x,dc=y")).is_some());
+    }
+
+    #[test]
+    fn a_torn_last_append_is_dropped_and_the_log_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Quarantine::open(dir.path()).unwrap();
+        q.push(record(1, "cn=a,dc=y")).unwrap();
+        q.push(record(2, "cn=b,dc=y")).unwrap();
+        let path = dir.path().join(LOG);
+        let intact = std::fs::read(&path).unwrap();
+        // A crash in the middle of the third append: half a line, no newline.
+        let mut third = serde_json::to_vec(&record(3, "cn=c,dc=y")).unwrap();
+        third.truncate(third.len() / 2);
+        let mut torn = intact.clone();
+        torn.extend_from_slice(&third);
+        std::fs::write(&path, &torn).unwrap();
+        let mut q = Quarantine::open(dir.path()).unwrap();
+        assert_eq!(q.records().len(), 2);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            intact,
+            "the torn tail is cut off"
+        );
+        // The redone transaction appends cleanly after it.
+        q.push(record(3, "cn=c,dc=y")).unwrap();
+        let q = Quarantine::open(dir.path()).unwrap();
+        let ids: Vec<u64> = q.records().iter().map(|r| r.id).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        // A damaged line before the last is not a torn append: refused, nothing guessed.
+        let mut bad = b"{not json}\n".to_vec();
+        bad.extend_from_slice(&intact);
+        std::fs::write(&path, &bad).unwrap();
+        assert!(Quarantine::open(dir.path()).unwrap_err().contains("line 1"));
+    }
+
+    #[test]
+    fn appends_are_one_line_each_and_replace_compacts_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOG);
+        let mut q = Quarantine::open(dir.path()).unwrap();
+        for id in 0..200 {
+            let before = std::fs::metadata(&path).map_or(0, |m| m.len());
+            q.push(record(id, &format!("cn=u{id},dc=y"))).unwrap();
+            let line = serde_json::to_vec(&record(id, &format!("cn=u{id},dc=y"))).unwrap();
+            // Appended, not rewritten.
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                before + line.len() as u64 + 1
+            );
+        }
+        let kept: Vec<Record> = q
+            .records()
+            .iter()
+            .filter(|r| r.id % 10 == 0)
+            .cloned()
+            .collect();
+        q.replace(kept).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 20);
+        assert!(!dir.path().join(format!(".{LOG}.tmp")).exists());
+        let reopened = Quarantine::open(dir.path()).unwrap();
+        assert_eq!(reopened.records(), q.records());
+    }
+
+    #[test]
+    fn the_earlier_json_file_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = vec![record(7, "cn=x,dc=y")];
+        std::fs::write(
+            dir.path().join(OLD_JSON),
+            serde_json::to_vec_pretty(&old).unwrap(),
+        )
+        .unwrap();
+        let q = Quarantine::open(dir.path()).unwrap();
+        assert_eq!(q.records(), &old[..]);
+        assert!(!dir.path().join(OLD_JSON).exists());
+        assert_eq!(Quarantine::open(dir.path()).unwrap().records(), &old[..]);
     }
 }
