@@ -860,7 +860,7 @@ fn a_listener_killed_20_times_during_the_writes_still_replicates_identically() {
 
     let writer = {
         let url = primary.ldap_url();
-        std::thread::spawn(move || mixed_writes_at(&url, 150, 1_500))
+        std::thread::spawn(move || mixed_writes_at(&url, 300, 2_700))
     };
     // Kills at varying points of the run: in module calls, between a move's `r` and `a`,
     // during commits.
@@ -883,7 +883,8 @@ fn a_listener_killed_20_times_during_the_writes_still_replicates_identically() {
             .unwrap();
         }
     }
-    writer.join().unwrap();
+    let writes = writer.join().unwrap();
+    assert!(writes >= 3_000, "{writes} writes");
     wait_caught_up(&mut listener, &notifier, &last_write(), 'd');
     assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
     assert!(
@@ -1279,5 +1280,74 @@ fn a_selective_filter_replicates_exactly_what_it_matches() {
         "the filter must hide a good part: {} of {} visible",
         visible.len(),
         all.len()
+    );
+}
+
+/// The replica's slapd is down for 30 s in the middle of a run of more than 3,000 mixed
+/// writes, and writes go on all through the outage; the listener waits at the first change
+/// it cannot write, catches up once slapd is back, and the directories are equal.
+#[test]
+fn a_30_s_replica_outage_during_3000_writes_catches_up_identically() {
+    const OUTAGE: Duration = Duration::from_secs(30);
+    let primary = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
+    let notifier = Notifier::following_accesslog(&primary, &[], WAIT).unwrap();
+    let mut replica = Replica::start(&primary, true);
+    let state = tempfile::tempdir().unwrap();
+    let mut listener = replication_listener(&primary, &notifier, &replica, state.path());
+    listener.wait_initialized(WAIT).unwrap();
+    let started = Instant::now();
+
+    let writer = {
+        let url = primary.ldap_url();
+        std::thread::spawn(move || mixed_writes_at(&url, 300, 2_700))
+    };
+    wait_until("the listener in the middle of the run", WAIT, || {
+        Ok((listener.notifier_id().unwrap_or(0) > 800).then_some(()))
+    })
+    .unwrap();
+    replica.stop();
+    let down_at = Instant::now();
+    let stopped_at = notifier.last_id().unwrap();
+    // Writes all through the outage, also after the mixed run ended.
+    let mut admin = primary.admin().unwrap();
+    let mut during = 0;
+    while down_at.elapsed() < OUTAGE {
+        admin
+            .add_role(&format!("cn=during-outage{during},{BASE}"), "outage")
+            .unwrap();
+        during += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let writes = writer.join().unwrap() + during;
+    assert!(writes >= 3_000, "{writes} writes");
+    let last = notifier
+        .wait_transaction(&format!("cn=during-outage{},{BASE}", during - 1), 'a', WAIT)
+        .unwrap();
+    // Nothing past the first change it could not write.
+    assert!(listener.notifier_id().unwrap_or(0) <= stopped_at + 1);
+    assert!(listener.notifier_id().unwrap_or(0) < last);
+    let (healthy, status) = ctrl(&listener, &notifier, &["status"]);
+    assert!(!healthy, "{status}");
+    assert!(status.contains("unavailable"), "{status}");
+
+    replica.spawn();
+    let back = Instant::now();
+    wait_caught_up(
+        &mut listener,
+        &notifier,
+        &format!("cn=during-outage{},{BASE}", during - 1),
+        'a',
+    );
+    wait_caught_up(&mut listener, &notifier, &last_write(), 'd');
+    eprintln!(
+        "{writes} writes, {OUTAGE:?} outage; caught up {:.1?} after slapd came back, {:.1?} in all",
+        back.elapsed(),
+        started.elapsed()
+    );
+    assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
+    assert!(
+        !listener.log().contains("quarantined"),
+        "{}",
+        listener.log_tail(40)
     );
 }
