@@ -1002,6 +1002,7 @@ mod tests {
         log: Log,
         fail_handler: bool,
         quarantined: usize,
+        problem: Option<String>,
         fail_prerun: bool,
         fail_initialize: bool,
         /// The handler asks the listener to exit (as Python's `SystemExit`).
@@ -1040,6 +1041,9 @@ mod tests {
         }
         fn quarantined(&self) -> usize {
             self.quarantined
+        }
+        fn problem(&self) -> Option<String> {
+            self.problem.clone()
         }
         fn control(&mut self, command: &[&str]) -> Result<String, ModuleError> {
             Ok(format!("{} did {}", self.info.name, command.join(" ")))
@@ -1093,6 +1097,7 @@ mod tests {
             log: Arc::clone(log),
             fail_handler: false,
             quarantined: 0,
+            problem: None,
             fail_prerun: false,
             fail_initialize: false,
             exit_handler: false,
@@ -1158,11 +1163,19 @@ mod tests {
         let log = Log::default();
         let mut held = recorder(REPLICATION, None, &log);
         held.quarantined = 2;
-        let h = &mut handlers(dir.path(), vec![held, recorder("other", None, &log)]);
+        let mut troubled = recorder("troubled", None, &log);
+        troubled.problem = Some("schema not installed".into());
+        let h = &mut handlers(
+            dir.path(),
+            vec![held, recorder("other", None, &log), troubled],
+        );
         let stats = h.module_stats();
         assert_eq!(stats[0].condition, Condition::Quarantined);
         assert_eq!(stats[0].quarantined, 2);
         assert_eq!(stats[1].condition, Condition::Ready);
+        // A lasting problem the module reports makes it unhealthy, with the reason.
+        assert_eq!(stats[2].condition, Condition::Degraded);
+        assert_eq!(stats[2].problem.as_deref(), Some("schema not installed"));
         let command = vec!["quarantine".to_owned(), "list".to_owned()];
         assert_eq!(
             h.control(REPLICATION, &command).unwrap(),

@@ -261,6 +261,7 @@ mod tests {
         assert!(text.contains("udl_module_seconds_total{module=\"jsonl\"} 1.500000\n"));
         assert!(text.contains("udl_module_ready{module=\"jsonl\"} 1\n"));
         assert!(text.contains("udl_module_healthy{module=\"jsonl\"} 1\n"));
+        assert!(text.contains("udl_module_problem{module=\"jsonl\"} 0\n"));
         assert!(text.contains("udl_module_consecutive_failures{module=\"jsonl\"} 0\n"));
         assert_eq!(m.module_counts(), (1, 0));
     }

@@ -1332,4 +1332,78 @@ mod tests {
             attrs(&[("cn", &[b"a"]), ("pwdAttribute", &[b"2.5.4.35"])])
         );
     }
+
+    #[test]
+    fn while_failed_ldif_exists_every_change_is_appended_in_ucs_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::from_ucr(&Ucr::parse("ldap/replication/fallback: ldif\n"));
+        assert_eq!(settings.fallback, Fallback::Ldif);
+        settings.state_dir = dir.path().join("state");
+        settings.failed_ldif = dir.path().join("failed.ldif");
+        // A refusal wrote the file: from now on nothing goes to LDAP (none is running).
+        std::fs::write(
+            &settings.failed_ldif,
+            "dn: cn=first,dc=x\nchangetype: delete\n\n",
+        )
+        .unwrap();
+        let mut module = Replication::new(settings).unwrap();
+        let long = "x".repeat(150);
+        let old = attrs(&[
+            ("cn", &[b"a"]),
+            ("description", &[b"old"]),
+            ("entryUUID", &[b"u1"]),
+        ]);
+        let new = attrs(&[
+            ("cn", &[b"a"]),
+            ("description", &[long.as_bytes()]),
+            ("entryUUID", &[b"u1"]),
+        ]);
+        fn call<'a>(dn: &'a str, command: Command, new: &'a Attrs, old: &'a Attrs) -> Call<'a> {
+            Call {
+                id: 7,
+                dn,
+                command,
+                new,
+                old,
+                transaction: 7,
+                number: 1,
+            }
+        }
+        let (old, new, empty) = (&old, &new, &Attrs::new());
+        module
+            .handler(&call("cn=a,dc=x", Command::Modify, new, old))
+            .unwrap();
+        // A move: the `r` waits, its `a` becomes a modrdn (RDN kept) plus the modify.
+        module
+            .handler(&call("cn=a,dc=x", Command::ModRdn, empty, old))
+            .unwrap();
+        module
+            .handler(&call("cn=a,ou=y,dc=x", Command::Add, new, old))
+            .unwrap();
+        module
+            .handler(&call("cn=b,dc=x", Command::Delete, empty, old))
+            .unwrap();
+        let text = std::fs::read_to_string(dir.path().join("failed.ldif")).unwrap();
+        let records: Vec<&str> = text.split("\n\n").filter(|r| !r.is_empty()).collect();
+        assert_eq!(records.len(), 5, "{text}");
+        assert!(
+            records[1].starts_with("dn: cn=a,dc=x\nchangetype: modify\nreplace: description\n"),
+            "{text}"
+        );
+        assert!(
+            records[1].lines().all(|l| l.len() <= 61),
+            "folded at 60: {text}"
+        );
+        assert!(records[1].lines().any(|l| l.starts_with(' ')), "{text}");
+        assert_eq!(
+            records[2],
+            "dn: cn=a,dc=x\nchangetype: modrdn\nnewrdn: cn=a\ndeleteoldrdn: 0\nnewsuperior: ou=y,dc=x"
+        );
+        assert!(
+            records[3].starts_with("dn: cn=a,ou=y,dc=x\nchangetype: modify\n"),
+            "{text}"
+        );
+        assert_eq!(records[4], "dn: cn=b,dc=x\nchangetype: delete");
+        assert!(text.ends_with("\n\n"));
+    }
 }
