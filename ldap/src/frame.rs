@@ -3,8 +3,8 @@
 //! received frame, not copies.
 //!
 //! ldap3's codec parses every message into a tree of owned tags and then copies it before
-//! its caller sees it: ~2.5 allocations per attribute value. Here an entry costs three
-//! allocations (its DN, its attribute table, its value table) whatever its size.
+//! its caller sees it: ~2.5 allocations per attribute value. Here decoding an entry
+//! allocates nothing: it is checked in one pass and read from the frame when used.
 //!
 //! The walker only reads the fixed shapes of RFC 4511 and never recurses, so nesting depth
 //! is bounded by the protocol's own; lengths are definite, at most [`MAX_FRAME`] and never
@@ -195,53 +195,97 @@ pub fn integer(bytes: &[u8], what: &'static str) -> Result<i64, FrameError> {
     Ok(bytes.iter().fold(init, |acc, &b| (acc << 8) | i64::from(b)))
 }
 
-/// A search result entry; attribute names and values are slices of the received frame.
+/// A search result entry: its DN and attribute list are slices of the received frame,
+/// checked when decoded and walked again when read, so decoding allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SearchEntry {
-    pub dn: String,
-    /// Each attribute's name (checked UTF-8) and the end of its values in `values`.
-    attrs: Vec<(Bytes, usize)>,
-    values: Vec<Bytes>,
+    /// Checked UTF-8.
+    dn: Bytes,
+    /// Content of the attribute list, checked to be well-formed.
+    list: Bytes,
+    values: usize,
+}
+
+/// One attribute of a [`SearchEntry`].
+#[derive(Debug, Clone)]
+pub struct Attribute {
+    /// Checked UTF-8.
+    name: Bytes,
+    set: Bytes,
+}
+
+impl Attribute {
+    pub fn name(&self) -> &str {
+        // Checked when the entry was decoded.
+        std::str::from_utf8(&self.name).unwrap_or_default()
+    }
+
+    /// The values, slices of the frame.
+    pub fn values(&self) -> impl Iterator<Item = Bytes> + use<> {
+        let mut set = Ber::new(self.set.clone());
+        // The entry was checked when decoded: errors cannot occur, and would end the list.
+        std::iter::from_fn(move || {
+            if set.is_empty() {
+                None
+            } else {
+                set.next("attribute value").ok().map(|(_, value)| value)
+            }
+        })
+    }
 }
 
 impl SearchEntry {
-    /// Attributes in server order: name and values.
-    pub fn attrs(&self) -> impl ExactSizeIterator<Item = (&str, &[Bytes])> {
-        self.attrs.iter().enumerate().map(|(i, (name, end))| {
-            let start = if i == 0 { 0 } else { self.attrs[i - 1].1 };
-            // Checked when decoded; never empty for a decoded entry.
-            let name = std::str::from_utf8(name).unwrap_or_default();
-            (name, self.values.get(start..*end).unwrap_or_default())
+    pub fn dn(&self) -> &str {
+        // Checked when decoded.
+        std::str::from_utf8(&self.dn).unwrap_or_default()
+    }
+
+    /// Attributes in server order.
+    pub fn attrs(&self) -> impl Iterator<Item = Attribute> + use<> {
+        let mut list = Ber::new(self.list.clone());
+        std::iter::from_fn(move || {
+            if list.is_empty() {
+                return None;
+            }
+            let mut attr = Ber::new(list.next("attribute").ok()?.1);
+            let name = attr.next("attribute type").ok()?.1;
+            let set = attr.next("attribute values").ok()?.1;
+            Some(Attribute { name, set })
         })
     }
 
     /// Number of attribute values.
     pub fn value_count(&self) -> usize {
-        self.values.len()
+        self.values
     }
 
     /// The entry in the owned form the rest of the listener uses (values copied once).
     pub fn into_raw(self) -> crate::RawEntry {
         let attrs = self
             .attrs()
-            .map(|(name, values)| {
+            .map(|attr| {
                 (
-                    name.to_owned(),
-                    values.iter().map(|v| v.to_vec()).collect::<Vec<_>>(),
+                    attr.name().to_owned(),
+                    attr.values().map(|v| v.to_vec()).collect::<Vec<_>>(),
                 )
             })
             .collect();
-        crate::RawEntry { dn: self.dn, attrs }
+        crate::RawEntry {
+            dn: self.dn().to_owned(),
+            attrs,
+        }
     }
 }
 
 /// Decodes the content of a SearchResultEntry: `objectName`, then `attributes`, a sequence
-/// of (type, set of values). The tables are sized by a first pass over the headers, so
-/// decoding makes exactly three allocations.
+/// of (type, set of values). One pass checks the shape (and UTF-8 names); the values stay
+/// in the frame.
 pub fn parse_search_entry(content: Bytes) -> Result<SearchEntry, FrameError> {
     let mut entry = Ber::new(content);
     let dn = entry.expect(OCTET_STRING, "entry DN")?;
-    let dn = utf8(&dn, "entry DN")?;
+    if std::str::from_utf8(&dn).is_err() {
+        return Err(FrameError::NotUtf8("entry DN"));
+    }
     let list = if entry.is_empty() {
         Bytes::new()
     } else {
@@ -250,38 +294,8 @@ pub fn parse_search_entry(content: Bytes) -> Result<SearchEntry, FrameError> {
     if !entry.is_empty() {
         return Err(FrameError::Malformed("search result entry"));
     }
-    // First pass: count, and check the shape.
-    let (mut n_attrs, mut n_values) = (0usize, 0usize);
+    let mut values = 0usize;
     let mut attrs = Ber::new(list.clone());
-    while !attrs.is_empty() {
-        let mut attr = Ber::new(attrs.expect(SEQUENCE, "attribute")?);
-        attr.expect(OCTET_STRING, "attribute type")?;
-        let mut set = Ber::new(attr.expect(SET, "attribute values")?);
-        if !attr.is_empty() {
-            return Err(FrameError::Malformed("attribute"));
-        }
-        while !set.is_empty() {
-            set.next_range("attribute value").and_then(|(tag, ..)| {
-                if tag == OCTET_STRING {
-                    Ok(())
-                } else {
-                    Err(FrameError::Tag {
-                        what: "attribute value",
-                        found: tag,
-                    })
-                }
-            })?;
-            n_values += 1;
-        }
-        n_attrs += 1;
-    }
-    // Second pass: slice.
-    let mut out = SearchEntry {
-        dn,
-        attrs: Vec::with_capacity(n_attrs),
-        values: Vec::with_capacity(n_values),
-    };
-    let mut attrs = Ber::new(list);
     while !attrs.is_empty() {
         let mut attr = Ber::new(attrs.expect(SEQUENCE, "attribute")?);
         let name = attr.expect(OCTET_STRING, "attribute type")?;
@@ -289,13 +303,21 @@ pub fn parse_search_entry(content: Bytes) -> Result<SearchEntry, FrameError> {
             return Err(FrameError::NotUtf8("attribute type"));
         }
         let mut set = Ber::new(attr.expect(SET, "attribute values")?);
-        while !set.is_empty() {
-            out.values
-                .push(set.expect(OCTET_STRING, "attribute value")?);
+        if !attr.is_empty() {
+            return Err(FrameError::Malformed("attribute"));
         }
-        out.attrs.push((name, out.values.len()));
+        while !set.is_empty() {
+            let (tag, ..) = set.next_range("attribute value")?;
+            if tag != OCTET_STRING {
+                return Err(FrameError::Tag {
+                    what: "attribute value",
+                    found: tag,
+                });
+            }
+            values += 1;
+        }
     }
-    Ok(out)
+    Ok(SearchEntry { dn, list, values })
 }
 
 /// An LDAPResult (RFC 4511 §4.1.9).

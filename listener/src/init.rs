@@ -268,7 +268,7 @@ impl Engine {
         )
         .await?;
         while let Some(entry) = search.next().await? {
-            expected.insert(dn_key(&entry.dn));
+            expected.insert(dn_key(entry.dn()));
         }
         search.finish()?;
         self.update_schema().await?;
