@@ -23,7 +23,7 @@
 //!
 //! Sizes can be lowered for a quick run: BENCH_BACKLOG=4000 BENCH_INIT=10000 BENCH_RSS=20000
 //! BENCH_RSS_CHANGES=1000 BENCH_SEARCHES=8000 BENCH_ROUNDS=1 BENCH_SUBTREE=2000; BENCH_ONLY=d
-//! runs only (d). Listeners log at level 2 (UCS's
+//! runs only (d), BENCH_ONLY=bc only (b) and (c). Listeners log at level 2 (UCS's
 //! default `listener/debug/level`); BENCH_DEBUG=4 measures them at the harness's test level.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -83,12 +83,17 @@ fn main() {
         load_average()
     );
     let subtree = env_usize("BENCH_SUBTREE", 20_000);
-    if std::env::var("BENCH_ONLY").as_deref() != Ok("d") {
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() {
         commit_cost(env_usize("BENCH_COMMITS", 20_000));
         backlog(backlog_changes, searches, rounds, &debug);
+    }
+    if only.is_empty() || only == "bc" {
         initialization_and_rss(init_entries, rss_entries, rss_changes, &debug);
     }
-    subtree_move(subtree, &debug);
+    if only.is_empty() || only == "d" {
+        subtree_move(subtree, &debug);
+    }
     println!(
         "done in {:.0} s (load {})",
         STARTED.get_or_init(Instant::now).elapsed().as_secs_f64(),

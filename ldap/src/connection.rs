@@ -8,7 +8,8 @@ use proto::TransactionId;
 
 use crate::endpoint::{Auth, Endpoint, Password, StartTls, normalize_url};
 use crate::error::{LdapFailure, failure, rc, timed};
-use crate::search::{Lookup, find_by_uuid, read_entry, subtree_dns};
+use crate::search::{Lookup, find_by_uuid, read_entry};
+use crate::searcher::SearchConnection;
 use crate::translog::{TranslogEntry, read_translog};
 
 /// Connects and binds. A simple bind whose password comes from a file re-reads the file once
@@ -172,6 +173,22 @@ impl Connection {
         }
     }
 
+    /// A [`SearchConnection`] to the same server, connected with the same retry rule.
+    pub async fn search_connection(&self) -> Result<SearchConnection, LdapFailure> {
+        let mut attempt: u32 = 0;
+        loop {
+            match SearchConnection::connect(&self.endpoint).await {
+                Err(e) if e.is_transient() && attempt < self.retries => {
+                    let pause = Duration::from_secs(1 << (attempt % 6));
+                    attempt += 1;
+                    tracing::warn!("{e}; retry {attempt}/{} in {pause:?}", self.retries);
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     pub async fn read_entry(&mut self, dn: &str) -> Result<Lookup, LdapFailure> {
         let timeout = self.endpoint.timeout;
         self.run(|mut ldap| async move { read_entry(&mut ldap, dn, timeout).await })
@@ -194,15 +211,5 @@ impl Connection {
             |mut ldap| async move { read_translog(&mut ldap, translog_base, id, timeout).await },
         )
         .await
-    }
-
-    pub async fn subtree_dns(
-        &mut self,
-        base: &str,
-        filter: &str,
-        timeout: Duration,
-    ) -> Result<Vec<String>, LdapFailure> {
-        self.run(|mut ldap| async move { subtree_dns(&mut ldap, base, filter, timeout).await })
-            .await
     }
 }

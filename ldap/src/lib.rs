@@ -4,15 +4,18 @@
 //! ([`search`]), writes and their LDIF ([`write`]), `cn=translog` entries ([`translog`]) and errors classified by what the
 //! caller does about them ([`error`]).
 //!
-//! ldap3 does the protocol; its `SearchEntry::construct` and control parsers panic on
-//! malformed data and are never used.
+//! ldap3 does the protocol, except for bulk searches: [`searcher`] owns a socket and decodes
+//! their responses without copying values ([`frame`]). ldap3's `SearchEntry::construct` and
+//! control parsers panic on malformed data and are never used.
 
 pub mod connection;
 pub mod decode;
 pub mod dn;
 pub mod endpoint;
 pub mod error;
+pub mod frame;
 pub mod search;
+pub mod searcher;
 pub mod translog;
 pub mod write;
 
@@ -21,6 +24,7 @@ pub use decode::RawEntry;
 pub use endpoint::{Auth, Endpoint, Password, StartTls};
 pub use error::{LdapFailure, rc};
 pub use search::{ALL_ATTRS, Lookup, PagedSearch};
+pub use searcher::{FramedSearch, SearchConnection};
 pub use translog::TranslogEntry;
 
 /// ldap3's handle, for callers that issue their own requests (writes, syncrepl).

@@ -1,5 +1,7 @@
-//! Our entry decoder against ldap3's `SearchEntry::construct`: generated entries (binary,
-//! non-UTF-8 and empty values, a 10,000-value attribute) and entries slapd sends.
+//! Our entry decoders (`parse_entry` over ldap3's parse, and the zero-copy
+//! `frame::parse_message` the search connection uses) against ldap3's
+//! `SearchEntry::construct`: generated entries (binary, non-UTF-8 and empty values, a
+//! 10,000-value attribute) and entries slapd sends.
 //!
 //! `UDR_WRITE_CORPUS=1` also stores the captured slapd frames in `fuzz/corpus/`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -62,12 +64,21 @@ fn entry_op(dn: &str, attrs: &[(String, Vec<Vec<u8>>)]) -> Tag {
     })
 }
 
-/// The entry through BER bytes, decoded both ways.
+/// The entry through BER bytes, decoded by ldap3 and by both our decoders (which must
+/// agree).
 fn both_ways(dn: &str, attrs: &[(String, Vec<Vec<u8>>)]) -> (ldap::RawEntry, ldap3::SearchEntry) {
     let bytes = encode(entry_op(dn, attrs));
     let (rest, tag) = parse_tag(&bytes).unwrap();
     assert!(rest.is_empty());
     let ours = parse_entry(ldap3::ResultEntry::new(tag.clone())).unwrap();
+    let mut op = ldap::frame::Ber::new(bytes::Bytes::from(bytes));
+    let framed = ldap::frame::parse_search_entry(op.expect(0x64, "entry").unwrap()).unwrap();
+    assert!(op.is_empty());
+    assert_eq!(
+        framed.value_count(),
+        attrs.iter().map(|(_, v)| v.len()).sum::<usize>()
+    );
+    assert_eq!(framed.into_raw(), ours);
     (
         ours,
         ldap3::SearchEntry::construct(ldap3::ResultEntry::new(tag)),
@@ -244,23 +255,47 @@ fn capture(slapd: &Slapd) -> Vec<Vec<u8>> {
     }
 }
 
+/// Decodes every frame both ways; the number of entries.
+fn frames_decode_like_ldap3(frames: &[Vec<u8>]) -> usize {
+    let mut entries = 0;
+    for (i, frame) in frames.iter().enumerate() {
+        let framed = ldap::frame::parse_message(bytes::Bytes::copy_from_slice(frame)).unwrap();
+        let msg = message(frame).unwrap();
+        match framed.op {
+            ldap::frame::Response::Entry(entry) => {
+                let ours = parse_entry(msg.clone()).unwrap();
+                let theirs = ldap3::SearchEntry::construct(msg);
+                assert!(same_as_ldap3(&ours, &theirs), "{ours:?} vs {theirs:?}");
+                assert_eq!(entry.into_raw(), ours);
+                entries += 1;
+            }
+            // The bind response first, the search result last.
+            ldap::frame::Response::Bind(result) => assert_eq!((i, result.rc), (0, 0)),
+            ldap::frame::Response::Done(result) => {
+                assert_eq!((i, result.rc), (frames.len() - 1, 0));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    entries
+}
+
+#[test]
+fn captured_frames_decode_like_ldap3() {
+    let frames: Vec<Vec<u8>> = support::corpus()
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("slapd-"))
+        .map(|(_, data)| data)
+        .collect();
+    assert_eq!((frames.len(), frames_decode_like_ldap3(&frames)), (45, 43));
+}
+
 #[test]
 fn slapd_frames_decode_like_ldap3() {
     let mut slapd = Slapd::start(SlapdConfig::provider().log_operations(false)).unwrap();
     slapd.slapadd(&frames_ldif()).unwrap();
     let frames = capture(&slapd);
-    let mut entries = 0;
-    for frame in &frames {
-        let msg = message(frame).unwrap();
-        if msg.0.class == TagClass::Application && msg.0.id == 4 {
-            let ours = parse_entry(msg.clone()).unwrap();
-            let theirs = ldap3::SearchEntry::construct(msg);
-            assert!(same_as_ldap3(&ours, &theirs), "{ours:?} vs {theirs:?}");
-            entries += 1;
-        }
-    }
-    // The bind response, 43 entries, the search result.
-    assert_eq!((frames.len(), entries), (45, 43));
+    assert_eq!(frames_decode_like_ldap3(&frames), 43);
     if std::env::var_os("UDR_WRITE_CORPUS").is_some() {
         let dir = support::corpus_dir();
         std::fs::create_dir_all(&dir).unwrap();

@@ -9,6 +9,11 @@
 //! errors are fine, panics are not. A panicking input is written to the test's temporary
 //! directory for reproduction.
 //!
+//! A second test drives the zero-copy framer and walker of the search connection
+//! (`frame::frame_len`, `frame::parse_message`) the same way, with every mutated input
+//! (not only those ldap3 accepts) fed as a byte stream in random chunks, plus truncated
+//! frames, huge lengths and deep nesting.
+//!
 //! `UDR_FUZZ_SECONDS` sets the duration (default 5; CI runs 60), `UDR_FUZZ_SEED` the seed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -17,9 +22,11 @@ mod support;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use ldap::decode::{parse_entry, parse_sync_info, sync_state};
+use ldap::frame::{FrameError, frame_len, parse_message};
 use ldap3::ResultEntry;
-use ldap3::asn1::{PL, StructureTag, TagClass, parse_tag};
+use ldap3::asn1::{PL, StructureTag, TagClass, parse_tag, write};
 use support::{corpus, message};
 
 /// xorshift64*: deterministic for a seed, no dependency.
@@ -176,8 +183,7 @@ fn decode_all(entry: ResultEntry) {
     let _ = parse_entry(entry);
 }
 
-#[test]
-fn decoders_survive_mutated_frames() {
+fn settings() -> (u64, u64) {
     let seconds: u64 = std::env::var("UDR_FUZZ_SECONDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -186,6 +192,12 @@ fn decoders_survive_mutated_frames() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed_1da7);
+    (seconds, seed)
+}
+
+#[test]
+fn decoders_survive_mutated_frames() {
+    let (seconds, seed) = settings();
     let inputs = corpus();
     assert!(inputs.len() > 40, "the corpus is missing");
     // The unmutated corpus first: captured frames decode, hand-made bad ones fail cleanly.
@@ -242,4 +254,146 @@ fn decoders_survive_mutated_frames() {
         reached > 1000,
         "too few inputs reached the decoders: {reached}"
     );
+}
+
+/// Feeds `stream` to the framer in chunks of random size, as the search connection reads
+/// it, decoding every complete frame; stops at the first error. The number of messages.
+fn decode_stream(rng: &mut Rng, stream: &[u8]) -> Result<usize, FrameError> {
+    let mut buf = BytesMut::new();
+    let mut fed = 0;
+    let mut messages = 0;
+    loop {
+        match frame_len(&buf)? {
+            Some(len) if buf.len() >= len => {
+                parse_message(buf.split_to(len).freeze())?;
+                messages += 1;
+                continue;
+            }
+            _ if fed == stream.len() => return Ok(messages),
+            _ => {}
+        }
+        let n = (1 + rng.below(4096)).min(stream.len() - fed);
+        buf.extend_from_slice(&stream[fed..fed + n]);
+        fed += n;
+    }
+}
+
+/// `op` (a parsed protocol operation) in an LDAPMessage envelope, as BER bytes.
+fn envelope(op: StructureTag) -> Vec<u8> {
+    let message = StructureTag {
+        class: TagClass::Universal,
+        id: 16,
+        payload: PL::C(vec![
+            StructureTag {
+                class: TagClass::Universal,
+                id: 2,
+                payload: PL::P(vec![5]),
+            },
+            op,
+        ]),
+    };
+    let mut buf = BytesMut::new();
+    write::encode_into(&mut buf, message).unwrap();
+    buf.to_vec()
+}
+
+/// Runs `f`, writing `data` next to the seed and round if it panics.
+fn no_panic(seed: u64, rounds: u64, data: &[u8], f: impl FnOnce()) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(f)) {
+        let path = std::env::temp_dir().join(format!("udr-fuzz-frame-crash-{seed}-{rounds}"));
+        std::fs::write(&path, data).unwrap();
+        eprintln!("panicking input written to {}", path.display());
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[test]
+fn framer_survives_mutated_streams() {
+    let (seconds, seed) = settings();
+    let inputs = corpus();
+    let mut rng = Rng(seed | 1);
+    // Captured frames decode whole, in one stream, and fail cleanly when cut anywhere.
+    let slapd: Vec<&Vec<u8>> = inputs
+        .iter()
+        .filter(|(name, _)| name.starts_with("slapd-"))
+        .map(|(_, data)| data)
+        .collect();
+    let stream: Vec<u8> = slapd.iter().flat_map(|f| f.iter().copied()).collect();
+    assert_eq!(decode_stream(&mut rng, &stream), Ok(slapd.len()));
+    for frame in slapd.iter().filter(|f| f.len() < 4096) {
+        for cut in 0..frame.len() {
+            let prefix = &frame[..cut];
+            match frame_len(prefix) {
+                Ok(Some(len)) => assert!(len > cut),
+                Ok(None) => {}
+                Err(e) => panic!("prefix of {cut} bytes: {e}"),
+            }
+            assert!(parse_message(Bytes::copy_from_slice(prefix)).is_err());
+        }
+    }
+    // Lengths past the limit or the data, indefinite lengths, deep nesting.
+    let mut nested = Vec::new();
+    for _ in 0..5_000 {
+        nested = [
+            &[0x30u8, 0x84][..],
+            &(nested.len() as u32).to_be_bytes(),
+            &nested,
+        ]
+        .concat();
+    }
+    let huge: &[&[u8]] = &[
+        &[0x30, 0x84, 0xff, 0xff, 0xff, 0xff],
+        &[0x30, 0x88, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        &[0x30, 0x80, 0x02, 0x01, 0x01, 0x00, 0x00],
+        &[
+            0x30, 0x0a, 0x02, 0x01, 0x01, 0x64, 0x05, 0x04, 0x84, 0x7f, 0xff, 0xff, 0xff,
+        ],
+        &[0x30, 0x07, 0x02, 0x01, 0x01, 0x64, 0x02, 0x04, 0x85],
+        &nested,
+    ];
+    for data in huge {
+        assert!(
+            decode_stream(&mut rng, data).is_err(),
+            "{:?}",
+            &data[..8.min(data.len())]
+        );
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let (mut rounds, mut decoded) = (0u64, 0u64);
+    while Instant::now() < deadline {
+        for _ in 0..64 {
+            rounds += 1;
+            let (_, base) = &inputs[rng.below(inputs.len())];
+            let (_, other) = &inputs[rng.below(inputs.len())];
+            let mut data = base.clone();
+            if rng.below(2) == 0 {
+                // Wrong structure in a well-framed message.
+                let Ok((_, mut tag)) = parse_tag(&data) else {
+                    continue;
+                };
+                mutate_tree(&mut rng, &mut tag);
+                let PL::C(mut parts) = tag.payload else {
+                    continue;
+                };
+                if parts.len() < 2 {
+                    continue;
+                }
+                data = envelope(parts.swap_remove(1));
+            } else {
+                mutate_bytes(&mut rng, &mut data, other);
+            }
+            // Followed by a good frame: an error must not be a panic, success must frame
+            // the next message correctly.
+            let good = slapd[rng.below(slapd.len())];
+            let stream = [&data[..], &good[..]].concat();
+            no_panic(seed, rounds, &stream, || {
+                if decode_stream(&mut rng, &stream).is_ok() {
+                    decoded += 1;
+                }
+            });
+        }
+    }
+    eprintln!("{rounds} rounds, {decoded} decoded without error (seed {seed})");
+    assert!(decoded > 100 && decoded < rounds, "{decoded} of {rounds}");
 }

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use cache::CacheEntry;
 use daemon::tasks::run_blocking;
 use ldap::dn::{dn_key, parent};
-use ldap::{ALL_ATTRS, PagedSearch, RawEntry, Scope};
+use ldap::{ALL_ATTRS, FramedSearch, RawEntry, Scope};
 use modules::Command;
 
 use crate::dispatch::{INITIALIZED, READY, Selection};
@@ -252,10 +252,25 @@ impl Engine {
             return self.commit_staged(true);
         };
         let base = self.settings().base.clone();
+        // Both scans go through a connection of our own that decodes entries without
+        // copying their values (ldap3 parses, then copies, every message).
+        let mut conn = self.ldap.search_connection().await?;
         // The DNs first, to know which parents are part of the result.
-        let dns = self.ldap.subtree_dns(&base, &filter, scan_timeout).await?;
-        let expected: HashSet<String> = dns.iter().map(|dn| dn_key(dn)).collect();
-        drop(dns);
+        let mut expected = HashSet::new();
+        let mut search = FramedSearch::start(
+            &mut conn,
+            &base,
+            Scope::Subtree,
+            &filter,
+            &["1.1"],
+            PAGE_SIZE,
+            scan_timeout,
+        )
+        .await?;
+        while let Some(entry) = search.next().await? {
+            expected.insert(dn_key(entry.dn()));
+        }
+        search.finish()?;
         self.update_schema().await?;
 
         let mut progress = Progress::new(name, expected.len());
@@ -267,9 +282,8 @@ impl Engine {
             waiting: HashMap::new(),
             since_commit: 0,
         };
-        let mut handle = self.ldap.handle().await?;
-        let mut search = PagedSearch::start(
-            &mut handle,
+        let mut search = FramedSearch::start(
+            &mut conn,
             &base,
             Scope::Subtree,
             &filter,
@@ -283,12 +297,13 @@ impl Engine {
                 self.commit_staged(true)?;
                 return Err(EngineError::Interrupted);
             }
-            let Some(raw) = search.next().await? else {
+            let Some(entry) = search.next().await? else {
                 break;
             };
-            self.init_entry(&mut pass, raw, &mut progress)?;
+            self.init_entry(&mut pass, entry.into_raw(), &mut progress)?;
         }
-        search.finish().await?;
+        search.finish()?;
+        conn.close().await;
         // Parents that vanished during the scan: their children go now, shortest first.
         let mut orphans: Vec<RawEntry> = pass.waiting.drain().flat_map(|(_, v)| v).collect();
         orphans.sort_by_key(|e| e.dn.len());
