@@ -100,8 +100,10 @@ fn the_forced_layer_wins_for_every_reader() {
          description = 'reads a layered UCR key'\n\
          filter = '(objectClass=organizationalRole)'\n\
          def handler(dn, new, old):\n\
-         \x20   with open(os.path.join(os.path.dirname(__file__), 'ucr.out'), 'w') as f:\n\
-         \x20       f.write(listener.configRegistry['ucr/test/four-readers'])\n",
+         \x20   path = os.path.join(os.path.dirname(__file__), 'ucr.out')\n\
+         \x20   with open(path + '.tmp', 'w') as f:\n\
+         \x20       f.write(listener.configRegistry['ucr/test/four-readers'])\n\
+         \x20   os.rename(path + '.tmp', path)\n",
     )
     .unwrap();
     let out = modules.path().join("ucr.out");
@@ -117,6 +119,7 @@ fn the_forced_layer_wins_for_every_reader() {
         .unwrap()
         .add_role(&format!("cn=ucr-layers,{BASE}"), "ucr-layers")
         .unwrap();
+    // The module renames its output into place, so an existing file is a complete one.
     let value = wait_until("the module to write what UCR says", T, || {
         Ok(fs::read_to_string(&out).ok())
     })
