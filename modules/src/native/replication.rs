@@ -23,8 +23,9 @@
 //!   behind it in order, everything else goes on. The module is unhealthy while the
 //!   quarantine is not empty; `ctrl module replication quarantine list|retry [ID]|skip ID`
 //!   shows and resolves it;
-//! - `clean` + `initialize` (module re-initialisation) remove everything below the base,
-//!   after which the listener's `n` calls rebuild the directory.
+//! - `clean` + `initialize` (module re-initialisation) rebuild the directory: offline with
+//!   `slapadd` when configured ([`offline`]), else online: everything below the base is
+//!   removed and the listener's `n` calls add every object again.
 //!
 //! Settings come from UCR (`ldap/base`, `slapd/port`, `ldap/slave/filter`), then from the
 //! config file of `replication=@FILE`: `uri` (default `ldap://127.0.0.1:<slapd/port>`, or an
@@ -32,7 +33,10 @@
 //! (default `/etc/ldap/rootpw.conf`), `state_dir` (the quarantine; default
 //! `/var/lib/univention-directory-replication`), `backup_dir` (default
 //! `/var/univention-backup/replication`), `exclude` (more attributes never written,
-//! space-separated) and `timeout` (seconds per LDAP operation, default 60).
+//! space-separated) and `timeout` (seconds per LDAP operation, default 60); the offline
+//! initialisation's keys are listed in [`offline`].
+
+mod offline;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -81,6 +85,7 @@ pub(super) struct Settings {
     backup_dir: PathBuf,
     exclude: Vec<String>,
     timeout: Duration,
+    offline: offline::OfflineSettings,
 }
 
 impl Settings {
@@ -116,6 +121,7 @@ impl Settings {
             backup_dir: PathBuf::from("/var/univention-backup/replication"),
             exclude: Vec::new(),
             timeout: Duration::from_secs(60),
+            offline: offline::OfflineSettings::from_ucr(ucr),
         }
     }
 
@@ -140,7 +146,7 @@ impl Settings {
                         _ => return Err(format!("{value:?} is not a positive number of seconds")),
                     }
                 }
-                _ => return Ok(false),
+                other => return settings.offline.set(other, value),
             }
             Ok(true)
         })?;
@@ -180,6 +186,12 @@ pub(super) struct Replication {
     runtime: Option<tokio::runtime::Runtime>,
     quarantine: Quarantine,
     pending_move: Option<PendingMove>,
+    /// The listener's account on the Primary (`setdata`), for the offline build.
+    account: offline::Account,
+    /// What `clean` decided for the next `initialize`.
+    plan: Option<offline::Plan>,
+    /// After an offline build: the objects whose `n` calls need no write.
+    loaded: Option<offline::Loaded>,
 }
 
 impl Replication {
@@ -210,6 +222,9 @@ impl Replication {
             runtime: None,
             quarantine,
             pending_move: None,
+            account: offline::Account::default(),
+            plan: None,
+            loaded: None,
         })
     }
 
@@ -315,27 +330,7 @@ impl Replication {
 
     /// What of `attrs` is written: without excluded attributes, `pwdAttribute` rewritten.
     fn writable(&self, attrs: &[(String, Vec<Vec<u8>>)]) -> Attrs {
-        attrs
-            .iter()
-            .filter(|(name, _)| !self.excluded.contains(&name.to_ascii_lowercase()))
-            .map(|(name, values)| {
-                let values = if name.eq_ignore_ascii_case("pwdAttribute") {
-                    values
-                        .iter()
-                        .map(|v| {
-                            if v.as_slice() == b"userPassword" {
-                                USER_PASSWORD_OID.to_vec()
-                            } else {
-                                v.clone()
-                            }
-                        })
-                        .collect()
-                } else {
-                    values.clone()
-                };
-                (name.clone(), values)
-            })
-            .collect()
+        writable_attrs(&self.excluded, attrs)
     }
 
     fn add(&mut self, dn: &str, attrs: &Attrs) -> Result<Result<(), LdapFailure>, Failure> {
@@ -736,37 +731,13 @@ impl Replication {
             new: Record::encode_state(new),
         })
     }
-}
 
-impl Module for Replication {
-    fn info(&self) -> &ModuleInfo {
-        &self.settings.info
-    }
-
-    fn handler(&mut self, call: &Call<'_>) -> Result<(), ModuleError> {
-        if call.dn.eq_ignore_ascii_case(SUBSCHEMA_DN) {
-            tracing::debug!("replication: schema update not replicated by this module");
-            return Ok(());
-        }
-        let result = self.handle(call);
-        if result.as_ref().is_err_and(ModuleError::is_transient) {
-            // The transaction is redone from its start, `r` included.
-            self.pending_move = None;
-        }
-        result
-    }
-
-    fn postrun(&mut self) -> Result<(), ModuleError> {
-        // Idle: let the server close nothing under us; reconnect at the next change.
-        self.ldap = None;
-        Ok(())
-    }
-
-    fn clean(&mut self) -> Result<(), ModuleError> {
+    /// The online `clean`: every local object below the base is deleted (deepest first)
+    /// and the quarantine emptied; the `n` calls add everything again.
+    fn clean_online(&mut self) -> Result<(), ModuleError> {
         let Some(base) = self.base().map(str::to_owned) else {
             return Err(ModuleError::new("no LDAP base"));
         };
-        self.pending_move = None;
         let base_owned = base.clone();
         let dns = match self.op(|mut ldap, timeout| async move {
             subtree_dns(&mut ldap, &base_owned, "(objectClass=*)", timeout).await
@@ -798,11 +769,55 @@ impl Module for Replication {
         }
         self.quarantine.replace(Vec::new())
     }
+}
+
+impl Module for Replication {
+    fn info(&self) -> &ModuleInfo {
+        &self.settings.info
+    }
+
+    fn handler(&mut self, call: &Call<'_>) -> Result<(), ModuleError> {
+        if call.dn.eq_ignore_ascii_case(SUBSCHEMA_DN) {
+            tracing::debug!("replication: schema update not replicated by this module");
+            return Ok(());
+        }
+        if self.already_loaded(call) {
+            return Ok(());
+        }
+        let result = self.handle(call);
+        if result.as_ref().is_err_and(ModuleError::is_transient) {
+            // The transaction is redone from its start, `r` included.
+            self.pending_move = None;
+        }
+        result
+    }
+
+    fn postrun(&mut self) -> Result<(), ModuleError> {
+        // Idle: let the server close nothing under us; reconnect at the next change.
+        self.ldap = None;
+        self.loaded = None;
+        Ok(())
+    }
+
+    fn clean(&mut self) -> Result<(), ModuleError> {
+        self.pending_move = None;
+        self.loaded = None;
+        match self.plan_initialisation() {
+            offline::Plan::Online => self.clean_online(),
+            // `initialize` replaces the database files.
+            offline::Plan::Offline { .. } => self.quarantine.replace(Vec::new()),
+        }
+    }
+
+    fn initialize(&mut self) -> Result<(), ModuleError> {
+        self.initialize_replica()
+    }
 
     fn setdata(&mut self, key: &str, value: &str) -> Result<(), ModuleError> {
         if key == "basedn" {
             self.setdata_base = Some(value.to_owned());
         }
+        self.account.set(key, value);
         Ok(())
     }
 
@@ -827,6 +842,32 @@ impl Module for Replication {
             ))),
         }
     }
+}
+
+/// What of `attrs` is written (online and offline): without the `excluded` attributes
+/// (lower-cased names), `pwdAttribute` rewritten.
+fn writable_attrs(excluded: &HashSet<String>, attrs: &[(String, Vec<Vec<u8>>)]) -> Attrs {
+    attrs
+        .iter()
+        .filter(|(name, _)| !excluded.contains(&name.to_ascii_lowercase()))
+        .map(|(name, values)| {
+            let values = if name.eq_ignore_ascii_case("pwdAttribute") {
+                values
+                    .iter()
+                    .map(|v| {
+                        if v.as_slice() == b"userPassword" {
+                            USER_PASSWORD_OID.to_vec()
+                        } else {
+                            v.clone()
+                        }
+                    })
+                    .collect()
+            } else {
+                values.clone()
+            };
+            (name.clone(), values)
+        })
+        .collect()
 }
 
 fn refused(operation: &'static str, error: &LdapFailure, ldif: String) -> Failure {
