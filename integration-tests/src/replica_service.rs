@@ -17,10 +17,15 @@ use tempfile::TempDir;
 
 use crate::directory::Directory;
 use crate::net::{free_port, is_listening};
-use crate::slapd::{BASE, HOST_DN, RESTRICTED_DN, SCHEMA_FILES, Slapd, UPDATE_DN, UPDATE_PW};
+use crate::slapd::{
+    ADMIN_DN, ADMIN_PW, BASE, HOST_DN, RESTRICTED_DN, SCHEMA_FILES, Slapd, UPDATE_DN, UPDATE_PW,
+};
 use crate::{HarnessError, Result, io_context, ldap_context, wait_until};
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Set (to anything): every replica runs with `dbnosync` (for benchmarks that look at
+/// where the time of a write goes).
+pub const NOSYNC_ENV: &str = "BENCH_REPL_NOSYNC";
 
 /// A daemonised replica slapd; stopped (by its pid file) on drop.
 pub struct ServiceReplica {
@@ -28,6 +33,10 @@ pub struct ServiceReplica {
     path: PathBuf,
     port: u16,
     primary_url: String,
+    /// A `syncrepl` consumer's line for the main database.
+    database_extra: String,
+    /// `dbnosync` on the main database.
+    nosync: bool,
 }
 
 impl ServiceReplica {
@@ -39,6 +48,28 @@ impl ServiceReplica {
 
     /// A running, empty replica of `primary` that loads `schema`.
     pub fn start_with_schema(primary: &Slapd, schema: &[PathBuf]) -> Result<ServiceReplica> {
+        ServiceReplica::start_with(primary, schema, String::new())
+    }
+
+    /// The reference a replica is measured against: the same replica, but an OpenLDAP
+    /// syncrepl consumer (plain refreshAndPersist, bound as [`ADMIN_DN`]) of `primary`,
+    /// which must run syncprov on its main database (the harness provider does).
+    pub fn start_syncrepl_consumer(primary: &Slapd) -> Result<ServiceReplica> {
+        let schema: Vec<PathBuf> = SCHEMA_FILES.iter().map(PathBuf::from).collect();
+        let syncrepl = format!(
+            "syncrepl rid=001 provider={} bindmethod=simple binddn=\"{ADMIN_DN}\" \
+             credentials={ADMIN_PW} searchbase=\"{BASE}\" type=refreshAndPersist \
+             retry=\"1 +\" timeout=3\n",
+            primary.ldap_url()
+        );
+        ServiceReplica::start_with(primary, &schema, syncrepl)
+    }
+
+    fn start_with(
+        primary: &Slapd,
+        schema: &[PathBuf],
+        database_extra: String,
+    ) -> Result<ServiceReplica> {
         let dir = tempfile::Builder::new()
             .prefix("replica-service-")
             .tempdir_in("/tmp")
@@ -55,6 +86,8 @@ impl ServiceReplica {
             path,
             port: free_port()?,
             primary_url: primary.ldap_url(),
+            database_extra,
+            nosync: std::env::var_os(NOSYNC_ENV).is_some(),
         };
         replica.write_config(schema)?;
         replica.write_script()?;
@@ -65,6 +98,14 @@ impl ServiceReplica {
     /// Rewrites `slapd.conf` to load `schema`; slapd reads it at its next start.
     pub fn write_config(&self, schema: &[PathBuf]) -> Result<()> {
         let d = self.path.display();
+        // What makes the database a shadow that accepts `updateref`: a syncrepl consumer
+        // writes its copy itself (and may not have an `updatedn` as well).
+        let shadow = if self.database_extra.is_empty() {
+            format!("updatedn \"{UPDATE_DN}\"\n")
+        } else {
+            self.database_extra.clone()
+        };
+        let nosync = if self.nosync { "dbnosync\n" } else { "" };
         let mut conf: String = schema
             .iter()
             .map(|file| format!("include {}\n", file.display()))
@@ -79,10 +120,9 @@ database mdb
 suffix \"{BASE}\"
 rootdn \"{UPDATE_DN}\"
 include {d}/rootpw.conf
-updatedn \"{UPDATE_DN}\"
-updateref \"{}\"
+{shadow}updateref \"{}\"
 directory {d}/data
-maxsize 4294967296
+{nosync}maxsize 4294967296
 index objectClass eq
 index entryCSN,entryUUID eq
 index uid,cn eq
@@ -184,6 +224,13 @@ esac
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The `contextCSN` of the base entry (a syncrepl consumer's progress), if any.
+    pub fn context_csn(&self) -> Option<String> {
+        let mut admin = self.admin().ok()?;
+        let entry = admin.get(BASE).ok()??;
+        entry.first("contextCSN").map(str::to_owned)
     }
 
     pub fn ldap_url(&self) -> String {
