@@ -590,3 +590,103 @@ async fn stream(
         keys: done,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Settings;
+    use super::*;
+
+    fn module(config: &str) -> (tempfile::TempDir, Replication) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.conf");
+        std::fs::write(&path, config).unwrap();
+        let ucr = Ucr::parse("ldap/base: dc=x\nldap/master/port: 17389\n");
+        let mut settings = Settings::from_config(&path, &ucr).unwrap();
+        settings.state_dir = dir.path().join("state");
+        (dir, Replication::new(settings).unwrap())
+    }
+
+    fn call<'a>(id: u64, dn: &'a str, command: Command) -> Call<'a> {
+        Call {
+            id,
+            dn,
+            command,
+            new: &[],
+            old: &[],
+            transaction: id,
+            number: 1,
+        }
+    }
+
+    #[test]
+    fn settings_and_the_plan() {
+        let (_dir, mut m) = module("");
+        assert_eq!(m.settings.offline.mode, Mode::Auto);
+        assert_eq!(m.settings.offline.primary_port, 17389);
+        // auto without commands: online, and says why.
+        assert!(m.offline_unavailable().unwrap().contains("slapd_stop"));
+        assert_eq!(m.plan_initialisation(), Plan::Online);
+
+        let (_dir, mut m) = module(
+            "slapd_stop = true\nslapd_start = true\nslapadd = /bin/true\nprimary_starttls = \
+             require\nstart_timeout = 5\n",
+        );
+        assert_eq!(m.settings.offline.primary_starttls, StartTls::Require);
+        assert_eq!(m.settings.offline.start_timeout, Duration::from_secs(5));
+        // The listener's account is still unknown.
+        assert!(m.offline_unavailable().unwrap().contains("without a DN"));
+        for (key, value) in [
+            ("binddn", "cn=h,dc=x"),
+            ("bindpw", "pw"),
+            ("ldapserver", "p"),
+        ] {
+            m.account.set(key, value);
+        }
+        assert_eq!(m.offline_unavailable(), None);
+        assert_eq!(m.plan_initialisation(), Plan::Offline { forced: false });
+        assert_eq!(m.primary_endpoint().unwrap().uri, "ldap://p:17389/");
+
+        let (_dir, mut m) = module("initialize = offline\n");
+        assert_eq!(m.plan_initialisation(), Plan::Offline { forced: true });
+        // Forced offline without its commands fails the initialisation, no fallback.
+        let e = m.initialize_replica().unwrap_err();
+        assert!(e.message().contains("offline initialisation failed"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.conf");
+        for bad in [
+            "initialize = sometimes\n",
+            "start_timeout = 0\n",
+            "primary_starttls = yes\n",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            assert!(
+                Settings::from_config(&path, &Ucr::parse("")).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_n_calls_of_the_load_pass_are_skipped() {
+        let (_dir, mut m) = module("");
+        let loaded = || Loaded {
+            id: None,
+            keys: ["cn=a,dc=x", "cn=b,dc=x"]
+                .iter()
+                .map(|d| dn_key(d))
+                .collect(),
+        };
+        m.loaded = Some(loaded());
+        assert!(m.already_loaded(&call(7, "CN=A,dc=x", Command::Init)));
+        // Not loaded (no parent in the result): written online.
+        assert!(!m.already_loaded(&call(7, "cn=c,dc=x", Command::Init)));
+        // A missing parent fetched by a later transaction is written, whatever was loaded.
+        assert!(!m.already_loaded(&call(8, "cn=b,dc=x", Command::Init)));
+        assert!(m.loaded.is_none());
+
+        m.loaded = Some(loaded());
+        assert!(!m.already_loaded(&call(7, "cn=a,dc=x", Command::Modify)));
+        assert!(!m.already_loaded(&call(7, "cn=b,dc=x", Command::Init)));
+    }
+}
