@@ -1130,11 +1130,15 @@ fn replication(build: usize, changes: usize, debug: &str) {
     let Some((mut listener, replica, _state)) = kept else {
         return;
     };
+    // The same listener without any module: what the catch-up costs before replication.
+    let mut bare = Listener::start(&primary, &notifier, options(false, debug)).unwrap();
+    bare.wait_initialized(LONG).unwrap();
 
     progress(format!(
         "both replicas stopped; {changes} writes on the primary"
     ));
     listener.stop().unwrap();
+    bare.stop().unwrap();
     consumer.service("stop").unwrap();
     let writing = Instant::now();
     replica_writes(&primary, build, changes);
@@ -1156,6 +1160,14 @@ fn replication(build: usize, changes: usize, debug: &str) {
         changes as f64 / theirs.as_secs_f64(),
         cpu_secs(service_pid(&consumer)),
         cpu_secs(slapd_pid(&primary)) - primary_cpu
+    );
+    let alone = catch_up(&mut bare, &primary, target);
+    println!(
+        "    listener, no module   {:>9.2} s   ({:.0} changes/s; {:.2} × syncrepl; {})",
+        alone.secs(),
+        changes as f64 / alone.secs(),
+        alone.secs() / theirs.as_secs_f64(),
+        alone.cpu_line()
     );
     let replica_cpu = cpu_secs(service_pid(&replica));
     let primary_cpu = cpu_secs(slapd_pid(&primary));
