@@ -239,3 +239,44 @@ fn a_listener_killed_during_the_build_rebuilds_at_its_next_start() {
     listener.wait_for_id(id, WAIT).unwrap();
     assert_equal(&primary, &replica, false);
 }
+
+#[test]
+fn a_failing_stop_command_fails_the_build_and_leaves_the_replica_serving() {
+    let primary = primary_with(100);
+    let notifier = Notifier::following_accesslog(&primary, &[], WAIT).unwrap();
+    let replica = ServiceReplica::start(&primary).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let config = replica
+        .module_config(state.path(), &primary.ldap_url(), "initialize = offline")
+        .unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let broken: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("slapd_stop") {
+                "slapd_stop = echo cannot stop >&2; false".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .map(|l| l + "\n")
+        .collect();
+    std::fs::write(&config, broken).unwrap();
+    let mut listener = listener(&primary, &notifier, &config, &[]);
+    wait_until("the failed offline initialisation", WAIT, || {
+        Ok(listener
+            .log()
+            .contains("offline initialisation failed")
+            .then_some(()))
+    })
+    .unwrap();
+    let log = listener.log();
+    assert!(
+        log.contains("slapd_stop") && log.contains("cannot stop"),
+        "{log}"
+    );
+    assert_ne!(listener.handler_state("replication"), Some(READY));
+    // Untouched and still serving.
+    assert_eq!(count(&replica), 0);
+    assert!(replica.admin().is_ok());
+}

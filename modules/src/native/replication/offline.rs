@@ -302,7 +302,15 @@ impl Replication {
             expected.len()
         );
         self.ldap = None;
-        self.stop_local()?;
+        if let Err(e) = self.stop_local() {
+            // Whatever the stop command did, the replica must serve again.
+            if self.local_answers().is_err()
+                && let Err(start) = self.start_local()
+            {
+                tracing::error!("replication: {start}");
+            }
+            return Err(e);
+        }
         let loaded = self.load(primary, &base, &filter, expected);
         if loaded.is_err() {
             // Never leave a half-loaded database: the replica starts empty and is rebuilt.
