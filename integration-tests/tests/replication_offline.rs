@@ -262,7 +262,7 @@ fn a_failing_stop_command_fails_the_build_and_leaves_the_replica_serving() {
         .map(|l| l + "\n")
         .collect();
     std::fs::write(&config, broken).unwrap();
-    let mut listener = listener(&primary, &notifier, &config, &[]);
+    let listener = listener(&primary, &notifier, &config, &[]);
     wait_until("the failed offline initialisation", WAIT, || {
         Ok(listener
             .log()
