@@ -17,13 +17,21 @@
 //!     commit, an `r` + `a` per descendant for the jsonl module), per descendant, and the
 //!     daemon's peak RSS: goal < 100 MB.
 //!
+//! (e) Replica roles: a replica built by the `replication` module (offline with slapadd,
+//!     and online) from a primary of E users, and C changes caught up by the listener +
+//!     module after both replicas were stopped, each next to an OpenLDAP syncrepl consumer
+//!     of the same primary doing the same (full refresh; catch-up until its contextCSN is
+//!     the primary's): goals ≤ 1.0 × the consumer's time.
+//!
 //! Every timed run also prints the CPU seconds the listener and slapd spent in it, to show
 //! where the time goes. Rates are the best of BENCH_ROUNDS rounds (the references too): the
 //! machine may be busy with other work.
 //!
 //! Sizes can be lowered for a quick run: BENCH_BACKLOG=4000 BENCH_INIT=10000 BENCH_RSS=20000
-//! BENCH_RSS_CHANGES=1000 BENCH_SEARCHES=8000 BENCH_ROUNDS=1 BENCH_SUBTREE=2000; BENCH_ONLY=d
-//! runs only (d), BENCH_ONLY=bc only (b) and (c). Listeners log at level 2 (UCS's
+//! BENCH_RSS_CHANGES=1000 BENCH_SEARCHES=8000 BENCH_ROUNDS=1 BENCH_SUBTREE=2000
+//! BENCH_REPL_BUILD=5000 BENCH_REPL_CHANGES=2000 (BENCH_REPL_NOSYNC=1 runs both replicas of
+//! (e) with `dbnosync`, to show what their fsyncs cost); BENCH_ONLY lists the sections to run
+//! (e.g. BENCH_ONLY=bc runs only (b) and (c), BENCH_ONLY=de (d) and (e)). Listeners log at level 2 (UCS's
 //! default `listener/debug/level`); BENCH_DEBUG=4 measures them at the harness's test level.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -35,6 +43,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use integration_tests::listener::LISTENER;
+use integration_tests::replica_service::{NOSYNC_ENV, ServiceReplica, sample_directory_ldif};
 use integration_tests::slapd::{ADMIN_DN, ADMIN_PW, BASE};
 use integration_tests::{
     Directory, Intake, Listener, ListenerOptions, Notifier, Process, Slapd, SlapdConfig, wait_until,
@@ -84,15 +93,23 @@ fn main() {
     );
     let subtree = env_usize("BENCH_SUBTREE", 20_000);
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    if only.is_empty() {
+    let wanted = |part: char| only.is_empty() || only.contains(part);
+    if wanted('a') {
         commit_cost(env_usize("BENCH_COMMITS", 20_000));
         backlog(backlog_changes, searches, rounds, &debug);
     }
-    if only.is_empty() || only == "bc" {
+    if wanted('b') || wanted('c') {
         initialization_and_rss(init_entries, rss_entries, rss_changes, &debug);
     }
-    if only.is_empty() || only == "d" {
+    if wanted('d') {
         subtree_move(subtree, &debug);
+    }
+    if wanted('e') {
+        replication(
+            env_usize("BENCH_REPL_BUILD", 50_000),
+            env_usize("BENCH_REPL_CHANGES", 10_000),
+            &debug,
+        );
     }
     println!(
         "done in {:.0} s (load {})",
@@ -1028,4 +1045,205 @@ fn dir_size(path: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// (e) Replica roles against OpenLDAP's own replication, on one primary in one run: the
+/// build of a replica of `build` users (plus their groups) by the listener's `replication`
+/// module (offline with slapadd, and online with one add per object) next to a syncrepl
+/// consumer's full refresh; then `changes` writes made while both replicas were stopped,
+/// caught up by the listener + module (until its id reaches the notifier's) next to the
+/// consumer (until its contextCSN equals the primary's, polled every 20 ms). Both replicas
+/// are [`ServiceReplica`]s with the same configuration. Goals: ≤ 1.0 × the consumer's time.
+fn replication(build: usize, changes: usize, debug: &str) {
+    println!(
+        "(e) replica build of {build} users and catch-up of {changes} changes: listener + \
+         replication module vs an OpenLDAP syncrepl consumer{} (load {})",
+        if std::env::var_os(NOSYNC_ENV).is_some() {
+            ", both replicas with dbnosync"
+        } else {
+            ""
+        },
+        load_average()
+    );
+    progress(format!(
+        "starting the primary and bulk-loading {build} users"
+    ));
+    let mut primary =
+        Slapd::start(SlapdConfig::provider().dbnosync(true).log_operations(false)).unwrap();
+    primary.slapadd(&sample_directory_ldif(build)).unwrap();
+    let notifier = Notifier::start(&primary, Intake::Accesslog, &["-d", "1"]).unwrap();
+    // What the listener's host account sees (the consumer, bound as the admin, also copies
+    // the one restricted entry).
+    let entries = entry_count(&mut primary.host().unwrap());
+
+    progress("syncrepl consumer: full refresh");
+    let start = Instant::now();
+    let consumer = ServiceReplica::start_syncrepl_consumer(&primary).unwrap();
+    wait_consumer(&primary, &consumer);
+    let refresh = start.elapsed();
+    let consumer_cpu = cpu_secs(service_pid(&consumer));
+    println!(
+        "    syncrepl full refresh {:>9.2} s   ({:.0} entries/s; consumer slapd CPU {consumer_cpu:.2} s)",
+        refresh.as_secs_f64(),
+        entries as f64 / refresh.as_secs_f64()
+    );
+    let mut kept = None;
+    for mode in ["offline", "online"] {
+        progress(format!("listener + replication module: {mode} build"));
+        let state = tempfile::tempdir_in("/var/tmp").unwrap();
+        let replica = ServiceReplica::start(&primary).unwrap();
+        let config = replica
+            .module_config(
+                state.path(),
+                &primary.ldap_url(),
+                &format!("initialize = {mode}"),
+            )
+            .unwrap();
+        let start = Instant::now();
+        let mut listener = Listener::start(
+            &primary,
+            &notifier,
+            options(false, debug)
+                .native_module(format!("replication=@{}", config.display()))
+                .args(["--init-retry", "1"]),
+        )
+        .unwrap();
+        listener.wait_modules_ready(&["replication"], LONG).unwrap();
+        let took = start.elapsed();
+        let pid = listener.process().and_then(|p| p.pid()).unwrap();
+        let loaded = entry_count(&mut replica.admin().unwrap());
+        assert_eq!(
+            loaded, entries,
+            "{mode} build: {loaded} of {entries} entries"
+        );
+        println!(
+            "    {mode:<7} build        {:>9.2} s   ({:.0} entries/s; {:.2} × syncrepl; listener CPU {:.2} s, replica slapd CPU {:.2} s; load {})",
+            took.as_secs_f64(),
+            entries as f64 / took.as_secs_f64(),
+            took.as_secs_f64() / refresh.as_secs_f64(),
+            cpu_secs(pid),
+            cpu_secs(service_pid(&replica)),
+            load_average()
+        );
+        if mode == "offline" {
+            kept = Some((listener, replica, state));
+        }
+    }
+    let Some((mut listener, replica, _state)) = kept else {
+        return;
+    };
+    // The same listener without any module: what the catch-up costs before replication.
+    let mut bare = Listener::start(&primary, &notifier, options(false, debug)).unwrap();
+    bare.wait_initialized(LONG).unwrap();
+
+    progress(format!(
+        "both replicas stopped; {changes} writes on the primary"
+    ));
+    listener.stop().unwrap();
+    bare.stop().unwrap();
+    consumer.service("stop").unwrap();
+    let writing = Instant::now();
+    replica_writes(&primary, build, changes);
+    let target = settled_id(&notifier);
+    progress(format!(
+        "writes took {:.1} s; target id {target}",
+        writing.elapsed().as_secs_f64()
+    ));
+
+    let primary_cpu = cpu_secs(slapd_pid(&primary));
+    let start = Instant::now();
+    consumer.service("start").unwrap();
+    wait_consumer(&primary, &consumer);
+    let theirs = start.elapsed();
+    // A fresh process: all its CPU time is the catch-up's.
+    println!(
+        "    syncrepl catch-up     {:>9.2} s   ({:.0} changes/s; consumer slapd CPU {:.2} s, primary CPU {:.2} s)",
+        theirs.as_secs_f64(),
+        changes as f64 / theirs.as_secs_f64(),
+        cpu_secs(service_pid(&consumer)),
+        cpu_secs(slapd_pid(&primary)) - primary_cpu
+    );
+    let alone = catch_up(&mut bare, &primary, target);
+    println!(
+        "    listener, no module   {:>9.2} s   ({:.0} changes/s; {:.2} × syncrepl; {})",
+        alone.secs(),
+        changes as f64 / alone.secs(),
+        alone.secs() / theirs.as_secs_f64(),
+        alone.cpu_line()
+    );
+    let replica_cpu = cpu_secs(service_pid(&replica));
+    let primary_cpu = cpu_secs(slapd_pid(&primary));
+    let ours = catch_up(&mut listener, &primary, target);
+    println!(
+        "    listener catch-up     {:>9.2} s   ({:.0} changes/s; {:.2} × syncrepl; {}, replica slapd {:.2} s, primary {:.2} s; load {})",
+        ours.secs(),
+        changes as f64 / ours.secs(),
+        ours.secs() / theirs.as_secs_f64(),
+        ours.cpu_line(),
+        cpu_secs(service_pid(&replica)) - replica_cpu,
+        cpu_secs(slapd_pid(&primary)) - primary_cpu,
+        load_average()
+    );
+}
+
+fn entry_count(dir: &mut Directory) -> usize {
+    dir.search(BASE, ldap3::Scope::Subtree, "(objectClass=*)", &["1.1"])
+        .unwrap()
+        .len()
+}
+
+/// Waits until the consumer's contextCSN equals the primary's.
+fn wait_consumer(primary: &Slapd, consumer: &ServiceReplica) {
+    let mut admin = primary.admin().unwrap();
+    let wanted = admin
+        .get(BASE)
+        .unwrap()
+        .and_then(|e| e.first("contextCSN").map(str::to_owned))
+        .expect("the primary's contextCSN");
+    let start = Instant::now();
+    while consumer.context_csn().as_deref() != Some(wanted.as_str()) {
+        assert!(
+            start.elapsed() < LONG,
+            "the syncrepl consumer never caught up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn service_pid(replica: &ServiceReplica) -> u32 {
+    std::fs::read_to_string(replica.dir().join("slapd.pid"))
+        .ok()
+        .and_then(|pid| pid.trim().parse().ok())
+        .expect("slapd.pid")
+}
+
+/// `total` writes from [`WRITERS`] connections: 70 % modifies of the sample users, 20 %
+/// adds, 10 % deletes of those adds.
+fn replica_writes(primary: &Slapd, users: usize, total: usize) {
+    let per = total.div_ceil(WRITERS);
+    std::thread::scope(|scope| {
+        for w in 0..WRITERS {
+            scope.spawn(move || {
+                let mut admin = primary.admin().unwrap();
+                for j in (w * per)..((w + 1) * per).min(total) {
+                    match j % 10 {
+                        7 | 8 => {
+                            let uid = format!("repl{j}");
+                            add_person(&mut admin, &format!("uid={uid},ou=people,{BASE}"), &uid, j);
+                        }
+                        9 => admin
+                            .delete(&format!("uid=repl{},ou=people,{BASE}", j - 2))
+                            .unwrap(),
+                        _ => admin
+                            .replace(
+                                &format!("uid=user{},ou=people,{BASE}", j % users.max(1)),
+                                "description",
+                                &[&format!("Änderung {j}")],
+                            )
+                            .unwrap(),
+                    }
+                }
+            });
+        }
+    });
 }

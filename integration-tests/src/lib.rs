@@ -14,6 +14,7 @@ pub mod net;
 pub mod notifier;
 pub mod pki;
 pub mod process;
+pub mod replica_service;
 pub mod slapd;
 pub mod users;
 pub mod wait;

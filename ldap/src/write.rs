@@ -109,6 +109,20 @@ pub async fn rename(
 pub mod ldif {
     use super::*;
 
+    /// A content record (no `changetype`), as `slapadd` and `slapcat` use, ending in the
+    /// blank line that separates records.
+    pub fn entry(dn: &str, attrs: &Attrs) -> String {
+        let mut out = String::new();
+        line(&mut out, "dn", dn.as_bytes());
+        for (name, values) in attrs {
+            for value in values {
+                line(&mut out, name, value);
+            }
+        }
+        out.push('\n');
+        out
+    }
+
     pub fn add(dn: &str, attrs: &Attrs) -> String {
         let mut out = header(dn, "add");
         for (name, values) in attrs {
@@ -207,5 +221,9 @@ mod tests {
             "dn: cn=x,dc=y\nchangetype: modrdn\nnewrdn: cn=z\ndeleteoldrdn: 1\nnewsuperior: ou=o,dc=y\n"
         );
         assert_eq!(ldif::delete("cn=x"), "dn: cn=x\nchangetype: delete\n");
+        assert_eq!(
+            ldif::entry("cn=J\u{fc}rgen,dc=y", &attrs),
+            "dn:: Y249SsO8cmdlbixkYz15\ncn:: SsO8cmdlbg==\ncn: plain\ndescription:: IGxlYWQ=\n\n"
+        );
     }
 }

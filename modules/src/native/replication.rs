@@ -27,8 +27,9 @@
 //!   refused change to `failed.ldif` (and, while that file exists, every later change, as
 //!   UCS does), which pauses the listener until the operator replayed and removed it;
 //!   `restart` asks the listener to exit without committing the transaction;
-//! - `clean` + `initialize` (module re-initialisation) remove everything below the base,
-//!   after which the listener's `n` calls rebuild the directory;
+//! - `clean` + `initialize` (module re-initialisation) rebuild the directory: offline with
+//!   `slapadd` when configured ([`offline`]), else online: everything below the base is
+//!   removed and the listener's `n` calls add every object again;
 //! - `cn=Subschema` (delivered when the Primary's schema id grows) becomes the local schema
 //!   file, checked with `slaptest` before it replaces the live one ([`super::schema`]); a
 //!   refused schema is reported as the module's problem and not installed.
@@ -47,7 +48,10 @@
 //! (run by `sh -c` after a new schema went live, default `/etc/init.d/slapd restart`).
 //! Fallback: `fallback` (`quarantine`, the default, `ldif` or `restart`; also from UCR
 //! `ldap/replication/fallback`) and `failed_ldif` (default
-//! `/var/lib/univention-directory-replication/failed.ldif`, the listener's default).
+//! `/var/lib/univention-directory-replication/failed.ldif`, the listener's default). The
+//! offline initialisation's keys are listed in [`offline`].
+
+mod offline;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -100,6 +104,7 @@ pub(super) struct Settings {
     schema: SchemaSettings,
     fallback: Fallback,
     failed_ldif: PathBuf,
+    offline: offline::OfflineSettings,
 }
 
 /// What becomes of a change the local server refuses.
@@ -173,6 +178,7 @@ impl Settings {
                 })
                 .unwrap_or(Fallback::Quarantine),
             failed_ldif: PathBuf::from("/var/lib/univention-directory-replication/failed.ldif"),
+            offline: offline::OfflineSettings::from_ucr(ucr),
         }
     }
 
@@ -204,7 +210,7 @@ impl Settings {
                         _ => return Err(format!("{value:?} is not a positive number of seconds")),
                     }
                 }
-                _ => return Ok(false),
+                other => return settings.offline.set(other, value),
             }
             Ok(true)
         })?;
@@ -248,6 +254,12 @@ pub(super) struct Replication {
     schema_problem: Option<String>,
     /// A new schema went live but the restart command has not succeeded yet.
     restart_pending: bool,
+    /// The listener's account on the Primary (`setdata`), for the offline build.
+    account: offline::Account,
+    /// What `clean` decided for the next `initialize`.
+    plan: Option<offline::Plan>,
+    /// After an offline build: the objects whose `n` calls need no write.
+    loaded: Option<offline::Loaded>,
 }
 
 impl Replication {
@@ -280,6 +292,9 @@ impl Replication {
             pending_move: None,
             schema_problem: None,
             restart_pending: false,
+            account: offline::Account::default(),
+            plan: None,
+            loaded: None,
         })
     }
 
@@ -385,27 +400,7 @@ impl Replication {
 
     /// What of `attrs` is written: without excluded attributes, `pwdAttribute` rewritten.
     fn writable(&self, attrs: &[(String, Vec<Vec<u8>>)]) -> Attrs {
-        attrs
-            .iter()
-            .filter(|(name, _)| !self.excluded.contains(&name.to_ascii_lowercase()))
-            .map(|(name, values)| {
-                let values = if name.eq_ignore_ascii_case("pwdAttribute") {
-                    values
-                        .iter()
-                        .map(|v| {
-                            if v.as_slice() == b"userPassword" {
-                                USER_PASSWORD_OID.to_vec()
-                            } else {
-                                v.clone()
-                            }
-                        })
-                        .collect()
-                } else {
-                    values.clone()
-                };
-                (name.clone(), values)
-            })
-            .collect()
+        writable_attrs(&self.excluded, attrs)
     }
 
     fn add(&mut self, dn: &str, attrs: &Attrs) -> Result<Result<(), LdapFailure>, Failure> {
@@ -991,34 +986,14 @@ fn fold_ldif(record: &str) -> String {
     out
 }
 
-impl Module for Replication {
-    fn info(&self) -> &ModuleInfo {
-        &self.settings.info
-    }
-
-    fn handler(&mut self, call: &Call<'_>) -> Result<(), ModuleError> {
-        if call.dn.eq_ignore_ascii_case(SUBSCHEMA_DN) {
-            return self.replicate_schema(call);
-        }
-        let result = self.handle(call);
-        if result.as_ref().is_err_and(ModuleError::is_transient) {
-            // The transaction is redone from its start, `r` included.
-            self.pending_move = None;
-        }
-        result
-    }
-
-    fn postrun(&mut self) -> Result<(), ModuleError> {
-        // Idle: let the server close nothing under us; reconnect at the next change.
-        self.ldap = None;
-        Ok(())
-    }
-
-    fn clean(&mut self) -> Result<(), ModuleError> {
+/// Module re-initialisation.
+impl Replication {
+    /// The online `clean`: every local object below the base is deleted (deepest first)
+    /// and the quarantine emptied; the `n` calls add everything again.
+    fn clean_online(&mut self) -> Result<(), ModuleError> {
         let Some(base) = self.base().map(str::to_owned) else {
             return Err(ModuleError::new("no LDAP base"));
         };
-        self.pending_move = None;
         let base_owned = base.clone();
         let dns = match self.op(|mut ldap, timeout| async move {
             subtree_dns(&mut ldap, &base_owned, "(objectClass=*)", timeout).await
@@ -1050,11 +1025,53 @@ impl Module for Replication {
         }
         self.quarantine.replace(Vec::new())
     }
+}
+
+impl Module for Replication {
+    fn info(&self) -> &ModuleInfo {
+        &self.settings.info
+    }
+
+    fn handler(&mut self, call: &Call<'_>) -> Result<(), ModuleError> {
+        if call.dn.eq_ignore_ascii_case(SUBSCHEMA_DN) {
+            return self.replicate_schema(call);
+        }
+        if self.already_loaded(call) {
+            return Ok(());
+        }
+        let result = self.handle(call);
+        if result.as_ref().is_err_and(ModuleError::is_transient) {
+            // The transaction is redone from its start, `r` included.
+            self.pending_move = None;
+        }
+        result
+    }
+
+    fn postrun(&mut self) -> Result<(), ModuleError> {
+        // Idle: let the server close nothing under us; reconnect at the next change.
+        self.ldap = None;
+        self.loaded = None;
+        Ok(())
+    }
+
+    fn clean(&mut self) -> Result<(), ModuleError> {
+        self.pending_move = None;
+        self.loaded = None;
+        match self.plan_initialisation() {
+            offline::Plan::Online => self.clean_online(),
+            offline::Plan::Offline { .. } => self.quarantine.replace(Vec::new()),
+        }
+    }
+
+    fn initialize(&mut self) -> Result<(), ModuleError> {
+        self.initialize_replica()
+    }
 
     fn setdata(&mut self, key: &str, value: &str) -> Result<(), ModuleError> {
         if key == "basedn" {
             self.setdata_base = Some(value.to_owned());
         }
+        self.account.set(key, value);
         Ok(())
     }
 
@@ -1200,6 +1217,32 @@ pub(super) fn read_rootpw(path: &Path) -> Result<String, String> {
         }
     }
     Err("no `rootpw \"…\"` line with a password".into())
+}
+
+/// What of `attrs` is written (online and offline): without the `excluded` attributes
+/// (lower-cased names), `pwdAttribute` rewritten.
+fn writable_attrs(excluded: &HashSet<String>, attrs: &[(String, Vec<Vec<u8>>)]) -> Attrs {
+    attrs
+        .iter()
+        .filter(|(name, _)| !excluded.contains(&name.to_ascii_lowercase()))
+        .map(|(name, values)| {
+            let values = if name.eq_ignore_ascii_case("pwdAttribute") {
+                values
+                    .iter()
+                    .map(|v| {
+                        if v.as_slice() == b"userPassword" {
+                            USER_PASSWORD_OID.to_vec()
+                        } else {
+                            v.clone()
+                        }
+                    })
+                    .collect()
+            } else {
+                values.clone()
+            };
+            (name.clone(), values)
+        })
+        .collect()
 }
 
 #[cfg(test)]
