@@ -147,7 +147,7 @@ impl Daemon {
         signals: Arc<Signals>,
         metrics: Arc<Metrics>,
         notifier: Option<NotifierClient>,
-    ) -> Daemon {
+    ) -> Result<Daemon, CascadeError> {
         let position = engine.master().notifier_id;
         let prefetcher = Prefetcher::new(
             PREFETCH_WINDOW,
@@ -156,8 +156,11 @@ impl Daemon {
             config.ldap_timeout,
             Arc::clone(engine.cache()),
         );
-        let cascade = config.cascade.then(|| Cascade::new(&config.ldap_dir));
-        Daemon {
+        let cascade = match config.cascade {
+            true => Some(Cascade::new(&config.ldap_dir, &config.cache_dir)?),
+            false => None,
+        };
+        let daemon = Daemon {
             server,
             engine,
             privileges,
@@ -179,11 +182,51 @@ impl Daemon {
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             reconnect: Backoff::new(Duration::from_millis(250), RECONNECT_MAX),
             config,
+        };
+        daemon.publish_held();
+        Ok(daemon)
+    }
+
+    /// Whether the local slapd holds every change so far: no module holds a quarantined
+    /// change (spec replication.md §B.6).
+    fn cascade_gate_open(&self) -> bool {
+        self.engine.handlers().quarantined() == 0
+    }
+
+    /// Hands the held cascade lines to the local notifier once the quarantine is empty.
+    fn release_held(&mut self) {
+        if self.cascade.as_ref().is_none_or(|c| c.held().is_empty()) || !self.cascade_gate_open() {
+            return;
         }
+        let Some(cascade) = self.cascade.as_mut() else {
+            return;
+        };
+        let (Some(first), Some(last)) = (
+            cascade.held().first().map(|l| l.id),
+            cascade.held().last().map(|l| l.id),
+        ) else {
+            return;
+        };
+        match cascade.release() {
+            Ok(n) => tracing::warn!(
+                "cascade: the quarantine is empty, {n} held transaction(s) {first}..{last} \
+                 handed to the local notifier"
+            ),
+            Err(e) => tracing::error!("cascade: cannot release the held transactions: {e}"),
+        }
+        self.publish_held();
+    }
+
+    fn publish_held(&self) {
+        let held = self.cascade.as_ref().map_or(&[][..], |c| c.held());
+        self.metrics
+            .set_cascade_held(held.len() as u64, held.first().map_or(0, |l| l.id));
     }
 
     pub async fn run(mut self) -> Exit {
         self.publish_status("running");
+        // Held lines whose quarantine was emptied while the listener was down.
+        self.release_held();
         let exit = loop {
             self.engine.handlers().heartbeat().beat();
             if let Some(fatal) = self.fatal.take() {
@@ -268,6 +311,8 @@ impl Daemon {
             let _ = request.reply.send(answer);
         }
         self.publish_modules();
+        // A retry or skip may have emptied the quarantine.
+        self.release_held();
     }
 
     /// The reason processing must pause now, if any.
@@ -674,8 +719,20 @@ impl Daemon {
             }
             let mut lines: Vec<Line> = self.stashed_line.take().into_iter().collect();
             lines.push(received.line.clone());
-            if let Some(cascade) = &self.cascade
-                && let Err(e) = cascade.append(&lines)
+            let open = self.cascade_gate_open();
+            if let Some(cascade) = &mut self.cascade
+                && cascade.held().is_empty()
+                && !open
+            {
+                tracing::warn!(
+                    "cascade: transaction {id} and every later one are held back from the \
+                     local notifier: {} change(s) quarantined, the local LDAP lacks them; \
+                     released when the quarantine is retried or skipped",
+                    self.engine.handlers().quarantined()
+                );
+            }
+            if let Some(cascade) = &mut self.cascade
+                && let Err(e) = cascade.write(&lines, open)
             {
                 tracing::error!("cascade output: {e}; transaction {id} will be retried");
                 self.engine.rollback(checkpoint);
@@ -690,6 +747,9 @@ impl Daemon {
             }
             self.position = id;
             self.unflushed += 1;
+            if self.cascade.is_some() {
+                self.publish_held();
+            }
             self.metrics.add_transactions(1);
             self.metrics.set_processed(id);
             self.backoff.reset();

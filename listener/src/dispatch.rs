@@ -418,6 +418,12 @@ impl Handlers {
         self.slots.iter().map(|s| (s.name(), &s.stats, s.state))
     }
 
+    /// Changes all modules hold in their quarantines: while any are held, the local slapd
+    /// lacks a change and the cascade gate is closed (`cascade.rs`).
+    pub fn quarantined(&self) -> usize {
+        self.slots.iter().map(|s| s.module.quarantined()).sum()
+    }
+
     /// Every module with its source, state, counters and condition, then the modules that
     /// failed to load, for metrics and `ctrl status`.
     pub fn module_stats(&self) -> Vec<ModuleStat> {
