@@ -158,3 +158,77 @@ pub fn ctrl(listener: &Listener, notifier: &Notifier, args: &[&str]) -> Result<(
         ),
     ))
 }
+
+/// `univention-directory-backup2master` for `backup`, the old Primary at `old_ldap_port`
+/// and `old_notifier_port` on 127.0.0.1, with state and log below `log_dir`; `extra` adds
+/// options (`--execute`, `--force`), `kill_after` the test hook that SIGKILLs the run after
+/// a step. Exit status (`None`: killed by a signal) and output.
+pub fn backup2master(
+    backup: &Backup,
+    old_ldap_port: u16,
+    old_notifier_port: u16,
+    log_dir: &Path,
+    extra: &[&str],
+    kill_after: Option<&str>,
+) -> Result<(Option<i32>, String)> {
+    let listener = &backup.host.listener;
+    let mut args: Vec<String> = vec![
+        "--no-restart".into(),
+        "--intake".into(),
+        "accesslog".into(),
+        "--accesslog-uri".into(),
+        backup.host.slapd.ldapi_url(),
+        "--ucr-file".into(),
+        backup.notifier.ucr_file().display().to_string(),
+        "-c".into(),
+        listener.cache_dir().display().to_string(),
+        "--ldap-dir".into(),
+        backup.notifier.ldap_dir().display().to_string(),
+        "--replication-state".into(),
+        backup.host.module_state().display().to_string(),
+        "--failed-ldif".into(),
+        listener.failed_ldif_path().display().to_string(),
+        "--log-dir".into(),
+        log_dir.display().to_string(),
+        "--old-primary".into(),
+        "127.0.0.1".into(),
+        "--old-ldap-port".into(),
+        old_ldap_port.to_string(),
+        "--old-notifier-port".into(),
+        old_notifier_port.to_string(),
+        "--notifier-port".into(),
+        backup.notifier.port().to_string(),
+        "--fqdn".into(),
+        "127.0.0.1".into(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let mut command = std::process::Command::new(crate::process::binary(
+        "univention-directory-backup2master",
+    )?);
+    command.args(&args);
+    match kill_after {
+        Some(step) => command.env("UDR_BACKUP2MASTER_KILL_AFTER", step),
+        None => command.env_remove("UDR_BACKUP2MASTER_KILL_AFTER"),
+    };
+    let out = command
+        .output()
+        .map_err(io_context("running univention-directory-backup2master"))?;
+    Ok((
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// What an administrator does after `backup2master --no-restart` on this Backup: slapd
+/// restarted as a Primary (its templates no longer make it a shadow of the old Primary) and
+/// the notifier restarted with the intake the promotion set in UCR.
+pub fn restart_as_primary(backup: &mut Backup) -> Result<()> {
+    backup.host.slapd.reconfigure(|c| c.replica_of = None)?;
+    let uri = backup.host.slapd.ldapi_url();
+    backup.notifier.add_args(&["--accesslog-uri", &uri]);
+    backup.notifier.restart()
+}

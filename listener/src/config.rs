@@ -463,7 +463,10 @@ impl Config {
             ldap_dir: cli.ldap_dir,
             purge: cli.purge || cli.init_only,
             mode,
-            cascade: cli.cascade,
+            // A promoted Backup keeps its -o in UDL_OPTS until the templates are redone: on a
+            // Primary the local notifier numbers slapd's own changes, and a cascade would
+            // announce every transaction a second time.
+            cascade: cli.cascade && role.as_deref() != Some(role::MASTER),
             postrun_delay: seconds("--postrun-delay", cli.postrun_delay)?,
             alive_interval: seconds("--alive-interval", cli.alive_interval)?,
             alive_timeout: seconds("--alive-timeout", cli.alive_timeout)?,

@@ -122,6 +122,8 @@ pub struct Daemon {
     held: Option<Received>,
     /// Last id handled (a stashed `r` is handled but not yet persisted).
     position: u64,
+    /// Why the configured notifier is not followed: its last id is below ours.
+    notifier_refused: Option<String>,
     /// Highest id the notifier reported.
     last_known: u64,
     unflushed: u64,
@@ -173,6 +175,7 @@ impl Daemon {
             pending_prefetch: None,
             held: None,
             position,
+            notifier_refused: None,
             last_known: position,
             unflushed: 0,
             last_flush: Instant::now(),
@@ -227,6 +230,12 @@ impl Daemon {
         self.publish_status("running");
         // Held lines whose quarantine was emptied while the listener was down.
         self.release_held();
+        // The connection made at start must continue this listener's ids like any later one.
+        if let Some(mut client) = self.notifier.take()
+            && self.check_continuation(&mut client).await.is_ok()
+        {
+            self.notifier = Some(client);
+        }
         let exit = loop {
             self.engine.handlers().heartbeat().beat();
             if let Some(fatal) = self.fatal.take() {
@@ -424,6 +433,8 @@ impl Daemon {
             )
             .await?;
             log_connected(&client, &self.config.notifier_tls);
+            let mut client = client;
+            self.check_continuation(&mut client).await?;
             self.notifier = Some(client);
             self.reconnect.reset();
         }
@@ -433,6 +444,42 @@ impl Daemon {
                 peer: self.server.notifier_host.clone(),
             }),
         }
+    }
+
+    /// A notifier this listener (re)connects to must continue its id space: its last id may
+    /// not be below the listener's. A lower one is another domain's notifier, a Primary
+    /// restored from an old backup, or a Backup promoted while it lagged; following it
+    /// would wait for ids that mean other changes. The listener refuses it, says why
+    /// (status `paused: …`, unhealthy), reconnects with backoff, and never re-initialises
+    /// a module over it: the operator points it at the right notifier.
+    async fn check_continuation(&mut self, client: &mut NotifierClient) -> Result<(), ClientError> {
+        let last = client.get_id(self.config.notifier_timeout).await?;
+        if last >= self.position {
+            if self.notifier_refused.take().is_some() {
+                tracing::info!(
+                    "the notifier at {} is at id {last}, this listener at {}: following it",
+                    client.peer(),
+                    self.position
+                );
+            }
+            return Ok(());
+        }
+        let reason = format!(
+            "the notifier at {} has last id {last}, below this listener's id {}: its ids do \
+             not continue this listener's (another domain, a restored or lagging Primary); \
+             not following it and re-initialising nothing, point the listener at the right \
+             notifier (UCR ldap/master, notifier/server)",
+            client.peer(),
+            self.position
+        );
+        tracing::error!("{reason}");
+        self.notifier_refused = Some(reason.clone());
+        self.publish_status("paused: refused notifier");
+        Err(ClientError::BadReply {
+            request: "GET_ID".into(),
+            body: last.to_string(),
+            reason,
+        })
     }
 
     /// Transaction `next`, waiting for it if needed; `None` if a signal interrupted.
@@ -958,6 +1005,14 @@ impl Daemon {
     }
 
     fn publish_status(&self, what: &str) {
+        let refused;
+        let what = match &self.notifier_refused {
+            Some(reason) if !what.starts_with("stopping") => {
+                refused = format!("paused: {reason}");
+                refused.as_str()
+            }
+            _ => what,
+        };
         self.metrics.set_state(what);
         let (ok, failed) = self.metrics.module_counts();
         let status = format!(

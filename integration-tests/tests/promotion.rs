@@ -1,0 +1,391 @@
+//! Promotion without renumbering (issue 14): three hosts on loopback. A Primary (slapd +
+//! notifier), a Backup (replica slapd, replicating listener with cascade, its own notifier)
+//! and a Replica (jsonl + replication) following the Primary. Mixed writes; the Primary's
+//! slapd and notifier SIGKILLed; `univention-directory-backup2master --execute` on the
+//! Backup (also SIGKILLed after every step once and run again); the Replica repointed;
+//! mixed writes on the new Primary. Ids continue without reuse or gap, the Replica sees
+//! every transaction at most once and in order, its LDAP equals the new Primary's, and no
+//! module was initialised again. Refusals: an old Primary that still answers, a Backup
+//! with a quarantine, a listener pointed at a notifier whose ids went backwards.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use integration_tests::compare::Comparison;
+use integration_tests::hosts::{Backup, backup2master, ctrl, restart_as_primary, start_replica};
+use integration_tests::slapd::{BASE, RESTRICTED_DN};
+use integration_tests::{
+    Directory, Intake, ListenerOptions, Notifier, Slapd, SlapdConfig, wait_until,
+};
+use ldap3::Mod;
+
+const WAIT: Duration = Duration::from_secs(120);
+const STEPS: [&str; 6] = [
+    "stop-listener",
+    "release-held",
+    "drain-cascade",
+    "switch-intake",
+    "set-ucr",
+    "restart-services",
+];
+
+fn comparison() -> Comparison {
+    Comparison::new()
+        .exclude("contextCSN")
+        .exclude("auditContext")
+        .exclude("entryDN")
+        .exclude("subschemaSubentry")
+        .exclude("hasSubordinates")
+        // The Replica's machine account cannot see it.
+        .skip_subtree(RESTRICTED_DN)
+}
+
+/// Adds, modifies, a rename, a move across containers and deletes below `ou=<tag>`;
+/// returns the last DN, written with `d`.
+fn mixed_writes(admin: &mut Directory, tag: &str, n: usize) -> String {
+    let ou = format!("ou={tag},{BASE}");
+    admin
+        .add(
+            &ou,
+            &[("objectClass", &["organizationalUnit"]), ("ou", &[tag])],
+        )
+        .unwrap();
+    for i in 0..n {
+        let dn = format!("cn=r{i},{ou}");
+        admin.add_role(&dn, &format!("r{i}")).unwrap();
+        admin
+            .modify(
+                &dn,
+                vec![Mod::Replace(
+                    b"description".to_vec(),
+                    [format!("{tag} {i} Ü").into_bytes()].into(),
+                )],
+            )
+            .unwrap();
+    }
+    admin
+        .modrdn(
+            &format!("cn=r0,{ou}"),
+            &format!("cn={tag}-renamed"),
+            true,
+            None,
+        )
+        .unwrap();
+    admin
+        .modrdn(
+            &format!("cn=r1,{ou}"),
+            &format!("cn={tag}-moved"),
+            true,
+            Some(BASE),
+        )
+        .unwrap();
+    admin.delete(&format!("cn={tag}-moved,{BASE}")).unwrap();
+    let last = format!("cn=r2,{ou}");
+    admin.delete(&last).unwrap();
+    last
+}
+
+/// `(id, line)` of a notifier's transaction log.
+fn journal(notifier: &Notifier) -> Vec<(u64, String)> {
+    notifier
+        .transactions()
+        .lines()
+        .map(|l| (l.split_once(' ').unwrap().0.parse().unwrap(), l.to_owned()))
+        .collect()
+}
+
+fn primary() -> (Slapd, Notifier) {
+    let primary = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
+    let notifier = Notifier::following_accesslog(&primary, &[], WAIT).unwrap();
+    (primary, notifier)
+}
+
+fn backup_of(primary: &Slapd, notifier: &Notifier) -> Backup {
+    Backup::start(
+        primary,
+        notifier,
+        |c| c,
+        ListenerOptions::new().jsonl(false).bind_admin(),
+        WAIT,
+    )
+    .unwrap()
+}
+
+fn wait_same_transactions(upstream: &Notifier, notifier: &Notifier) {
+    wait_until(
+        "the Backup's notifier to log the Primary's transactions",
+        WAIT,
+        || {
+            let want = upstream.transactions();
+            Ok((!want.is_empty() && notifier.transactions() == want).then_some(()))
+        },
+    )
+    .unwrap();
+}
+
+fn promote(kill_each_step: bool) {
+    let (mut primary, mut notifier) = primary();
+    let mut backup = backup_of(&primary, &notifier);
+    let mut replica =
+        start_replica(&primary, &primary, &notifier, ListenerOptions::new(), WAIT).unwrap();
+    let states = replica.listener.handler_states();
+
+    let last = mixed_writes(&mut primary.admin().unwrap(), "before", 15);
+    let last_id = notifier.wait_transaction(&last, 'd', WAIT).unwrap();
+    wait_same_transactions(&notifier, &backup.notifier);
+    replica.listener.wait_for_id(last_id, WAIT).unwrap();
+    let old_journal = journal(&notifier);
+    let (old_ldap, old_notifier) = (primary.port(), notifier.port());
+
+    // The Primary dies.
+    primary.kill().unwrap();
+    notifier.kill().unwrap();
+
+    // The administrator stops the Backup's listener (--no-restart), rehearses, promotes.
+    backup.listener().stop().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let (code, plan) =
+        backup2master(&backup, old_ldap, old_notifier, logs.path(), &[], None).unwrap();
+    assert_eq!(code, Some(0), "{plan}");
+    assert!(plan.contains("rehearsal only: nothing changed"), "{plan}");
+    assert!(
+        plan.contains(&format!(
+            "last id heard from the old Primary: {last_id}; local notifier: {last_id}; behind: 0"
+        )),
+        "{plan}"
+    );
+    eprintln!("--- rehearsal ---\n{plan}");
+    if kill_each_step {
+        for step in STEPS {
+            let (code, out) = backup2master(
+                &backup,
+                old_ldap,
+                old_notifier,
+                logs.path(),
+                &["--execute"],
+                Some(step),
+            )
+            .unwrap();
+            assert_eq!(code, None, "not killed after {step}: {out}");
+            assert!(out.contains(&format!("killed after {step}")), "{out}");
+        }
+    }
+    let (code, out) = backup2master(
+        &backup,
+        old_ldap,
+        old_notifier,
+        logs.path(),
+        &["--execute"],
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("the next write gets id {}", last_id + 1)),
+        "{out}"
+    );
+    let log = std::fs::read_to_string(logs.path().join("backup2master.log")).unwrap();
+    for step in STEPS {
+        assert_eq!(
+            log.matches(&format!("step {step}: done")).count(),
+            1,
+            "{log}"
+        );
+    }
+    // Run once more: nothing left to do.
+    let (code, again) = backup2master(
+        &backup,
+        old_ldap,
+        old_notifier,
+        logs.path(),
+        &["--execute"],
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, Some(0), "{again}");
+    assert!(!again.contains("step "), "{again}");
+    restart_as_primary(&mut backup).unwrap();
+
+    // The Replica follows the new Primary from where it stopped.
+    let log_before = replica.listener.log().len();
+    replica.listener.repoint(backup.slapd(), &backup.notifier);
+    replica.listener.restart().unwrap();
+
+    let last = mixed_writes(&mut backup.slapd().admin().unwrap(), "after", 15);
+    let new_last = backup.notifier.wait_transaction(&last, 'd', WAIT).unwrap();
+    replica.listener.wait_for_id(new_last, WAIT).unwrap();
+
+    // Ids: the old Primary's, then consecutive, and only the new writes got new ids.
+    let new_journal = journal(&backup.notifier);
+    assert_eq!(new_journal[..old_journal.len()], old_journal[..]);
+    let ids: Vec<u64> = new_journal.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, (1..=new_last).collect::<Vec<_>>());
+    assert!(
+        new_journal[old_journal.len()..]
+            .iter()
+            .all(|(_, line)| line.contains("after")),
+        "a replicated write was numbered again: {:?}",
+        &new_journal[old_journal.len()..]
+    );
+    // The Replica: each transaction at most once, in order, up to the last.
+    let seen: Vec<u64> = replica
+        .listener
+        .changes()
+        .unwrap()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    let mut distinct = seen.clone();
+    distinct.dedup();
+    assert!(distinct.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert_eq!(distinct.last(), Some(&new_last));
+    for tag in ["before", "after"] {
+        let dn = format!("cn={tag}-renamed,ou={tag},{BASE}");
+        assert!(
+            replica
+                .listener
+                .changes()
+                .unwrap()
+                .iter()
+                .any(|c| c.dn.eq_ignore_ascii_case(&dn)),
+            "{dn} never reached the Replica"
+        );
+    }
+    comparison().check(backup.slapd(), &replica.slapd).unwrap();
+    // No module initialised again.
+    let after_log = &replica.listener.log()[log_before..];
+    assert!(!after_log.contains("initializing module"), "{after_log}");
+    assert_eq!(replica.listener.handler_states(), states);
+}
+
+#[test]
+fn a_backup_is_promoted_and_the_ids_continue() {
+    promote(false);
+}
+
+#[test]
+fn a_promotion_killed_after_every_step_completes_when_run_again() {
+    promote(true);
+}
+
+#[test]
+fn an_answering_old_primary_or_a_quarantine_refuses_the_promotion() {
+    let (primary, notifier) = primary();
+    let without_nis: Vec<PathBuf> = integration_tests::slapd::SCHEMA_FILES
+        .iter()
+        .filter(|f| !f.contains("nis"))
+        .map(PathBuf::from)
+        .collect();
+    let mut backup = Backup::start(
+        &primary,
+        &notifier,
+        move |mut c| {
+            c.schema = without_nis;
+            c
+        },
+        ListenerOptions::new().jsonl(false).bind_admin(),
+        WAIT,
+    )
+    .unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let run = |backup: &Backup, extra: &[&str]| {
+        backup2master(
+            backup,
+            primary.port(),
+            notifier.port(),
+            logs.path(),
+            extra,
+            None,
+        )
+        .unwrap()
+    };
+    let (code, out) = run(&backup, &["--execute"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("still answers"), "{out}");
+    assert!(out.contains("REFUSED"), "{out}");
+    assert!(
+        !backup
+            .notifier
+            .ldap_dir()
+            .join("backup2master.state")
+            .exists()
+    );
+
+    // A quarantined change on the Backup refuses it too, even with the old Primary gone.
+    let mut admin = primary.admin().unwrap();
+    let group = format!("cn=posix,{BASE}");
+    admin
+        .add(
+            &group,
+            &[
+                ("objectClass", &["posixGroup"]),
+                ("cn", &["posix"]),
+                ("gidNumber", &["5000"]),
+            ],
+        )
+        .unwrap();
+    let id = notifier.wait_transaction(&group, 'a', WAIT).unwrap();
+    backup.listener().wait_for_id(id, WAIT).unwrap();
+    let (code, out) = backup2master(&backup, 1, 1, logs.path(), &["--execute"], None).unwrap();
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("change(s) in the replication quarantine"),
+        "{out}"
+    );
+    assert!(out.contains("cascade line(s) from id"), "{out}");
+    assert!(
+        !backup
+            .notifier
+            .ldap_dir()
+            .join("backup2master.state")
+            .exists()
+    );
+    let _ = ctrl(backup.listener(), &notifier, &["status"]).unwrap();
+}
+
+#[test]
+fn a_listener_refuses_a_notifier_whose_ids_went_backwards() {
+    let (primary, notifier) = primary();
+    let mut listener =
+        integration_tests::Listener::start(&primary, &notifier, ListenerOptions::new()).unwrap();
+    listener.wait_initialized(WAIT).unwrap();
+    let last = mixed_writes(&mut primary.admin().unwrap(), "w", 3);
+    let id = notifier.wait_transaction(&last, 'd', WAIT).unwrap();
+    listener.wait_for_id(id, WAIT).unwrap();
+    let states = listener.handler_states();
+
+    // A notifier that has numbered only two transactions.
+    let behind = Notifier::start(&primary, Intake::QueueFile, &["--no-translog"]).unwrap();
+    behind
+        .queue(&format!("1 cn=x,{BASE} a\n2 cn=y,{BASE} a\n"))
+        .unwrap();
+    wait_until("the second notifier at id 2", WAIT, || {
+        Ok((behind.last_id()? == 2).then_some(()))
+    })
+    .unwrap();
+    let log_before = listener.log().len();
+    listener.repoint(&primary, &behind);
+    listener.restart().unwrap();
+    wait_until("the refusal in the status", WAIT, || {
+        let (healthy, status) = ctrl(&listener, &behind, &["status"])?;
+        Ok(
+            (!healthy && status.contains(&format!("has last id 2, below this listener's id {id}")))
+                .then_some(status),
+        )
+    })
+    .unwrap();
+    assert!(listener.is_running());
+    assert_eq!(listener.notifier_id(), Some(id));
+    let after = &listener.log()[log_before..];
+    assert!(!after.contains("initializing module"), "{after}");
+    assert_eq!(listener.handler_states(), states);
+
+    // Pointed back at the right notifier, it goes on.
+    listener.repoint(&primary, &notifier);
+    listener.restart().unwrap();
+    let last = mixed_writes(&mut primary.admin().unwrap(), "v", 3);
+    let id = notifier.wait_transaction(&last, 'd', WAIT).unwrap();
+    listener.wait_for_id(id, WAIT).unwrap();
+}
