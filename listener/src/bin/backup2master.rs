@@ -19,7 +19,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use daemon::paths::QueueFiles;
 use daemon::ucr::Ucr;
 use listener::cascade::{Cascade, HELD_FILE, read_held};
@@ -48,11 +48,12 @@ struct Cli {
     #[arg(
         short = 'c',
         long,
+        env = "UDL_CACHE_DIR",
         default_value = "/var/lib/univention-directory-listener"
     )]
     cache_dir: PathBuf,
     /// The LDAP state directory shared by listener (cascade) and notifier.
-    #[arg(long, default_value = "/var/lib/univention-ldap")]
+    #[arg(long, env = "UDN_LDAP_DIR", default_value = "/var/lib/univention-ldap")]
     ldap_dir: PathBuf,
     /// The replication module's state directory (its quarantine.json).
     #[arg(long, default_value = "/var/lib/univention-directory-replication")]
@@ -147,6 +148,9 @@ struct Run {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = daemon::man::print_if_requested(Cli::command, daemon::man::SECTION_DAEMON) {
+        return code;
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
