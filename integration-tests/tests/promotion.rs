@@ -157,6 +157,25 @@ fn promote(kill_each_step: bool) {
         "{plan}"
     );
     eprintln!("--- rehearsal ---\n{plan}");
+    // The README shows this rehearsal: its plan lines are the tool's.
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let section = &readme[readme.find("### Replacing the Primary").unwrap()..];
+    let shown: Vec<&str> = section
+        .lines()
+        .skip_while(|l| !l.starts_with("checks:"))
+        .take_while(|l| !l.starts_with("```"))
+        .filter(|l| l.contains("[todo]") || l.starts_with("plan (") || l.contains("ok: the"))
+        .collect();
+    assert!(shown.len() >= 9, "{shown:?}");
+    for line in shown {
+        let line = line.split(" at 127.0.0.1:").next().unwrap();
+        assert!(
+            plan.contains(line),
+            "README line {line:?} not in the rehearsal:\n{plan}"
+        );
+    }
     if kill_each_step {
         for step in STEPS {
             let (code, out) = backup2master(
