@@ -408,3 +408,58 @@ fn a_listener_refuses_a_notifier_whose_ids_went_backwards() {
     let id = notifier.wait_transaction(&last, 'd', WAIT).unwrap();
     listener.wait_for_id(id, WAIT).unwrap();
 }
+
+/// A Backup that lagged when the Primary died: the rehearsal says how many transactions
+/// it heard announced but does not hold (they would be lost), from what the listener
+/// recorded when it stopped.
+#[test]
+fn the_rehearsal_reports_what_a_lagging_backup_lacks() {
+    let (mut primary, mut notifier) = primary();
+    let mut backup = backup_of(&primary, &notifier);
+    let mut admin = primary.admin().unwrap();
+    admin
+        .add_role(&format!("cn=first,{BASE}"), "first")
+        .unwrap();
+    wait_same_transactions(&notifier, &backup.notifier);
+    let held = backup.notifier.last_id().unwrap();
+
+    // The Backup's slapd stops: its listener waits on the first change it cannot write.
+    backup.host.slapd.stop(Duration::from_secs(10)).unwrap();
+    for i in 0..3 {
+        admin
+            .add_role(&format!("cn=late{i},{BASE}"), "late")
+            .unwrap();
+    }
+    let last = notifier
+        .wait_transaction(&format!("cn=late2,{BASE}"), 'a', WAIT)
+        .unwrap();
+    wait_until("the Backup's listener to wait on its slapd", WAIT, || {
+        let (_, status) = ctrl(backup.listener(), &notifier, &["status"])?;
+        Ok(status.contains("unavailable").then_some(()))
+    })
+    .unwrap();
+    primary.kill().unwrap();
+    notifier.kill().unwrap();
+    backup.listener().stop().unwrap();
+    backup.host.slapd.restart().unwrap();
+
+    let logs = tempfile::tempdir().unwrap();
+    let (code, plan) = backup2master(&backup, 1, 1, logs.path(), &[], None).unwrap();
+    assert_eq!(code, Some(0), "{plan}");
+    let line = plan
+        .lines()
+        .find(|l| l.contains("last id heard from the old Primary"))
+        .unwrap();
+    let heard: u64 = line
+        .split("Primary: ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(heard > held && heard <= last, "{plan}");
+    assert!(
+        line.contains(&format!("behind: {} transaction(s) (lost", heard - held)),
+        "{plan}"
+    );
+}

@@ -880,6 +880,15 @@ impl Daemon {
         if let Err(e) = cache::write_legacy_notifier_id(&self.config.cache_dir, id) {
             tracing::error!("cannot write the notifier_id file: {e}");
         }
+        // The highest id the upstream notifier announced, for a promotion to say how much
+        // a Backup lacks once that notifier is gone. Informational, so not synced apart.
+        let upstream = self.last_known.max(id);
+        if let Err(e) = std::fs::write(
+            self.config.cache_dir.join(UPSTREAM_ID_FILE),
+            format!("{upstream}\n"),
+        ) {
+            tracing::warn!("cannot write {UPSTREAM_ID_FILE}: {e}");
+        }
         self.unflushed = 0;
         self.last_flush = Instant::now();
         self.publish_status("running");
@@ -1022,6 +1031,18 @@ impl Daemon {
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
     }
+}
+
+/// `<cache>/upstream_id`: the highest id the notifier announced, as of the last flush.
+pub const UPSTREAM_ID_FILE: &str = "upstream_id";
+
+/// The id in `<cache>/upstream_id`, if any.
+pub fn read_upstream_id(cache_dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(cache_dir.join(UPSTREAM_ID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// `<cache>/exit_request`: why the listener last exited at a module's request, for

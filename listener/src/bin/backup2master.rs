@@ -173,6 +173,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(e).context(format!("reading {}", state_file.display())),
     };
     let log = if cli.execute {
+        // Every line also goes to the journal, where there is one (not in containers
+        // without journald): the administrator's record survives the log directory.
+        if let Ok(journal) = tracing_journald::layer() {
+            use tracing_subscriber::layer::SubscriberExt as _;
+            let subscriber = tracing_subscriber::registry()
+                .with(journal.with_syslog_identifier("univention-directory-backup2master".into()));
+            let _ = tracing::subscriber::set_global_default(subscriber);
+        }
         std::fs::create_dir_all(&cli.log_dir).ok();
         let path = cli.log_dir.join("backup2master.log");
         Some(
@@ -199,6 +207,7 @@ impl Run {
     fn say(&mut self, line: &str) {
         println!("{line}");
         if let Some(log) = self.log.as_mut() {
+            tracing::info!("{line}");
             let _ = writeln!(
                 log,
                 "{} {line}",
@@ -360,10 +369,17 @@ impl Run {
         }
         // How far behind: the highest id the listener heard from the old Primary (running
         // listener) or processed (stopped), against what the local notifier serves.
-        let heard = match listener::control::status_of(&self.cli.cache_dir) {
-            Ok(status) => Some(status.notifier_id.max(status.processed_id)),
-            Err(_) => cache::read_legacy_notifier_id(&self.cli.cache_dir),
-        };
+        let live = listener::control::status_of(&self.cli.cache_dir)
+            .ok()
+            .map(|s| s.notifier_id.max(s.processed_id));
+        let heard = [
+            live,
+            listener::daemon::read_upstream_id(&self.cli.cache_dir),
+            cache::read_legacy_notifier_id(&self.cli.cache_dir),
+        ]
+        .into_iter()
+        .flatten()
+        .max();
         let local = local_last_id(self.cli.notifier_port);
         let held = read_held(&self.cli.cache_dir.join(HELD_FILE))?;
         match (heard, &local) {
