@@ -719,6 +719,15 @@ mod tests {
     }
 
     #[test]
+    fn a_promoted_backup_ignores_its_cascade_option() {
+        let args = ["-x", "-H", "ldap://10.0.0.5:7389/", "-b", "dc=x", "-o"];
+        let backup = resolve(&args, "server/role: domaincontroller_backup\n").unwrap();
+        assert!(backup.cascade);
+        let primary = resolve(&args, "server/role: domaincontroller_master\n").unwrap();
+        assert!(!primary.cascade);
+    }
+
+    #[test]
     fn notifier_host_comes_from_the_uri_when_no_host_is_given() {
         let config = resolve(&["-x", "-H", "ldap://10.0.0.5:7389/", "-b", "dc=x"], "").unwrap();
         let LdapTarget::Fixed(server) = &config.ldap else {

@@ -464,6 +464,13 @@ mod tests {
         let config = Config::resolve(parse(&["-C", "7", "-v", "2"]), &ucr).unwrap();
         assert_eq!(config.cache_size, 7);
         assert_eq!(config.min_version, 2);
+        assert_eq!(config.intake, IntakeKind::File);
+        // A promotion sets the intake in UCR; the command line still wins.
+        let promoted = Ucr::parse("notifier/intake: accesslog\n");
+        let config = Config::resolve(parse(&[]), &promoted).unwrap();
+        assert_eq!(config.intake, IntakeKind::Accesslog);
+        let config = Config::resolve(parse(&["--intake", "file"]), &promoted).unwrap();
+        assert_eq!(config.intake, IntakeKind::File);
     }
 
     #[test]
