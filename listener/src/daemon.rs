@@ -191,9 +191,9 @@ impl Daemon {
     }
 
     /// Whether the local slapd holds every change so far: no module holds a quarantined
-    /// change (spec replication.md §B.6).
+    /// change and the replication module is ready (spec replication.md §B.6).
     fn cascade_gate_open(&self) -> bool {
-        self.engine.handlers().quarantined() == 0
+        self.engine.handlers().local_ldap_incomplete().is_none()
     }
 
     /// Hands the held cascade lines to the local notifier once the quarantine is empty.
@@ -212,8 +212,8 @@ impl Daemon {
         };
         match cascade.release() {
             Ok(n) => tracing::warn!(
-                "cascade: the quarantine is empty, {n} held transaction(s) {first}..{last} \
-                 handed to the local notifier"
+                "cascade: the local LDAP holds every change again, {n} held transaction(s) \
+                 {first}..{last} handed to the local notifier"
             ),
             Err(e) => tracing::error!("cascade: cannot release the held transactions: {e}"),
         }
@@ -254,6 +254,7 @@ impl Daemon {
                 continue;
             }
             self.serve_module_requests();
+            self.release_held();
             if let Some(reason) = self.stop_reason() {
                 self.pause(&reason).await;
                 continue;
@@ -773,9 +774,12 @@ impl Daemon {
             {
                 tracing::warn!(
                     "cascade: transaction {id} and every later one are held back from the \
-                     local notifier: {} change(s) quarantined, the local LDAP lacks them; \
-                     released when the quarantine is retried or skipped",
-                    self.engine.handlers().quarantined()
+                     local notifier: {}, the local LDAP may lack them; released when the \
+                     quarantine is retried or skipped and replication is ready",
+                    self.engine
+                        .handlers()
+                        .local_ldap_incomplete()
+                        .unwrap_or_default()
                 );
             }
             if let Some(cascade) = &mut self.cascade
@@ -986,6 +990,8 @@ impl Daemon {
         self.idle = false;
         self.publish_modules();
         self.publish_status("running");
+        // A replication module that is ready now lets held cascade lines go.
+        self.release_held();
         result
     }
 
