@@ -273,6 +273,8 @@ fn promote(kill_each_step: bool) {
         );
     }
     comparison().check(backup.slapd(), &replica.slapd).unwrap();
+    let (healthy, status) = ctrl(&replica.listener, &backup.notifier, &["status"]).unwrap();
+    assert!(healthy, "{status}");
     // No module initialised again.
     let after_log = &replica.listener.log()[log_before..];
     assert!(!after_log.contains("initializing module"), "{after_log}");
