@@ -161,7 +161,7 @@ pub fn ctrl(listener: &Listener, notifier: &Notifier, args: &[&str]) -> Result<(
 
 /// `univention-directory-backup2master` for `backup`, the old Primary at `old_ldap_port`
 /// and `old_notifier_port` on 127.0.0.1, with state and log below `log_dir`; `extra` adds
-/// options (`--execute`, `--force`), `kill_after` the test hook that SIGKILLs the run after
+/// options (`--execute`, `--force`, `--intake file`; accesslog by default), `kill_after` the test hook that SIGKILLs the run after
 /// a step. Exit status (`None`: killed by a signal) and output.
 pub fn backup2master(
     backup: &Backup,
@@ -172,10 +172,11 @@ pub fn backup2master(
     kill_after: Option<&str>,
 ) -> Result<(Option<i32>, String)> {
     let listener = &backup.host.listener;
-    let mut args: Vec<String> = vec![
-        "--no-restart".into(),
-        "--intake".into(),
-        "accesslog".into(),
+    let mut args: Vec<String> = vec!["--no-restart".into()];
+    if !extra.contains(&"--intake") {
+        args.extend(["--intake".into(), "accesslog".into()]);
+    }
+    args.extend([
         "--accesslog-uri".into(),
         backup.host.slapd.ldapi_url(),
         "--ucr-file".into(),
@@ -200,7 +201,7 @@ pub fn backup2master(
         backup.notifier.port().to_string(),
         "--fqdn".into(),
         "127.0.0.1".into(),
-    ];
+    ]);
     args.extend(extra.iter().map(|a| (*a).to_owned()));
     let mut command = std::process::Command::new(crate::process::binary(
         "univention-directory-backup2master",

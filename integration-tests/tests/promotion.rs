@@ -465,3 +465,61 @@ fn the_rehearsal_reports_what_a_lagging_backup_lacks() {
         "{plan}"
     );
 }
+
+/// With UCS's translog overlay (`--intake file`) the intake stays the queue file and the
+/// overlay's `last_id` is set to the last id, so slapd's next write gets last id + 1.
+#[test]
+fn a_promotion_for_the_translog_overlay_sets_its_last_id() {
+    let (mut primary, mut notifier) = primary();
+    let mut backup = backup_of(&primary, &notifier);
+    let last = mixed_writes(&mut primary.admin().unwrap(), "t", 3);
+    let last_id = notifier.wait_transaction(&last, 'd', WAIT).unwrap();
+    wait_same_transactions(&notifier, &backup.notifier);
+    let (old_ldap, old_notifier) = (primary.port(), notifier.port());
+    primary.kill().unwrap();
+    notifier.kill().unwrap();
+    backup.listener().stop().unwrap();
+    // A stale value from before, as a Backup may have.
+    let last_id_file = backup.notifier.ldap_dir().join("last_id");
+    std::fs::write(&last_id_file, "3").unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let (code, out) = backup2master(
+        &backup,
+        old_ldap,
+        old_notifier,
+        logs.path(),
+        &["--execute", "--intake", "file"],
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&last_id_file).unwrap(),
+        last_id.to_string()
+    );
+    assert!(
+        !backup
+            .notifier
+            .ldap_dir()
+            .join("notify/accesslog.position")
+            .exists()
+    );
+    let ucr = std::fs::read_to_string(backup.notifier.ucr_file()).unwrap();
+    for line in [
+        "server/role: domaincontroller_master",
+        "ldap/server/type: master",
+        "ldap/master: 127.0.0.1",
+        "notifier/intake: file",
+    ] {
+        assert!(ucr.contains(line), "{ucr}");
+    }
+    // What slapd's overlay appends next is numbered on, by the same notifier.
+    backup
+        .notifier
+        .queue(&format!("{} cn=next,{BASE} a\n", last_id + 1))
+        .unwrap();
+    wait_until("the notifier to number the overlay's line", WAIT, || {
+        Ok((backup.notifier.last_id()? == last_id + 1).then_some(()))
+    })
+    .unwrap();
+}

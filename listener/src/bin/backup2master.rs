@@ -122,7 +122,8 @@ const STEPS: [(&str, &str); 6] = [
     ),
     (
         "switch-intake",
-        "point the local notifier's intake at the local LDAP at last id + 1",
+        "point the local notifier's intake at the local LDAP at last id + 1 (accesslog \
+         position, or the translog overlay's last_id)",
     ),
     (
         "set-ucr",
@@ -514,6 +515,16 @@ impl Run {
 
     fn switch_intake(&mut self) -> anyhow::Result<()> {
         let last = self.recorded("last_id").context("no recorded last id")?;
+        if self.intake() == Intake::File {
+            // UCS's translog overlay numbers from this file (a decimal, no newline); on a
+            // Backup it is absent or stale.
+            let path = self.cli.ldap_dir.join("last_id");
+            daemon::fs::write_atomic(&path, last.as_bytes(), 0o644)?;
+            self.say(&format!(
+                "  {}: slapd's translog overlay continues at id {last} + 1",
+                path.display()
+            ));
+        }
         if self.intake() == Intake::Accesslog {
             let csn = self.recorded("csn").unwrap_or_default();
             let path = self.cli.ldap_dir.join("notify/accesslog.position");
