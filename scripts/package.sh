@@ -19,6 +19,7 @@ EXPECTED=(
   univention-directory-notifier univention-translog
   univention-directory-listener univention-directory-listener-dump
   univention-directory-listener-verify univention-directory-listener-ctrl get_notifier_id
+  univention-directory-backup2master
 )
 
 build=1

@@ -136,6 +136,33 @@ fn layer_path(base_conf: &Path, layer: Layer) -> PathBuf {
 }
 
 /// `(key, value)` pairs of one layer file, later duplicates winning (as a dict update).
+/// Sets `values` in the layer file `path` (normally `base.conf`) as `ucr set` would: an
+/// existing `key: value` line is replaced, a new key appended, comments and other lines
+/// kept; the file is replaced atomically. For hosts without the `ucr` tool (tests, stock
+/// Debian); on UCS use `ucr set`, which also runs the templates.
+pub fn set_in_file(path: &Path, values: &[(&str, &str)]) -> Result<(), crate::fs::FileError> {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(crate::fs::file_err("read", path)(e)),
+    };
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    for (key, value) in values {
+        let line = format!("{key}: {value}");
+        let existing = lines.iter().position(|l| {
+            !l.trim_start().starts_with('#')
+                && l.split_once(':').is_some_and(|(k, _)| k.trim() == *key)
+        });
+        match existing {
+            Some(i) => lines[i] = line,
+            None => lines.push(line),
+        }
+    }
+    let mut out = lines.join("\n");
+    out.push('\n');
+    crate::fs::write_atomic(path, out.as_bytes(), 0o644)
+}
+
 fn parse_lines(text: &str) -> Vec<(String, String)> {
     let normalised = text.replace("\r\n", "\n").replace('\r', "\n");
     let mut pairs: Vec<(String, String)> = Vec::new();
@@ -162,6 +189,34 @@ fn parse_lines(text: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_in_file_replaces_and_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base.conf");
+        std::fs::write(
+            &path,
+            "# c: x\nserver/role: domaincontroller_backup\nother: 1\n",
+        )
+        .unwrap();
+        set_in_file(
+            &path,
+            &[
+                ("server/role", "domaincontroller_master"),
+                ("ldap/master", "b.x"),
+            ],
+        )
+        .unwrap();
+        let ucr = Ucr::load(&path);
+        assert_eq!(ucr.get("server/role"), Some("domaincontroller_master"));
+        assert_eq!(ucr.get("ldap/master"), Some("b.x"));
+        assert_eq!(ucr.get("other"), Some("1"));
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .starts_with("# c: x\n")
+        );
+    }
 
     #[test]
     fn parses_key_value_lines_and_ignores_comments() {

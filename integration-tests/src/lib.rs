@@ -7,6 +7,7 @@
 
 pub mod compare;
 pub mod directory;
+pub mod hosts;
 pub mod listener;
 pub mod lockf;
 pub mod nats;

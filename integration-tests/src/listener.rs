@@ -75,6 +75,8 @@ pub struct ListenerOptions {
     /// SASL EXTERNAL over ldapi instead of a simple bind (see
     /// [`ListenerOptions::sasl_external_ldapi`]).
     sasl_external_ldapi: bool,
+    /// `-l` elsewhere than the listener's own directory (a notifier's, for `-o`).
+    ldap_dir: Option<PathBuf>,
 }
 
 impl Default for ListenerOptions {
@@ -91,6 +93,7 @@ impl Default for ListenerOptions {
             postrun_delay: Duration::from_secs(1),
             env: Vec::new(),
             sasl_external_ldapi: false,
+            ldap_dir: None,
         }
     }
 }
@@ -158,6 +161,14 @@ impl ListenerOptions {
     }
 
     /// `--postrun-delay`; whole seconds are passed as an integer.
+    /// Cascade output (`-o`) into `notifier`'s queue file: `-l` is its `--ldap-dir`, as on
+    /// a UCS Backup where both use `/var/lib/univention-ldap`.
+    pub fn cascade_into(mut self, notifier: &Notifier) -> ListenerOptions {
+        self.ldap_dir = Some(notifier.ldap_dir());
+        self.extra_args.push("-o".into());
+        self
+    }
+
     pub fn postrun_delay(mut self, delay: Duration) -> ListenerOptions {
         self.postrun_delay = delay;
         self
@@ -170,6 +181,7 @@ impl ListenerOptions {
 pub struct Listener {
     dir: Option<TempDir>,
     path: PathBuf,
+    ldap_dir: PathBuf,
     args: Vec<String>,
     jsonl: bool,
     /// Environment changes applied to every process started (see [`ListenerOptions::env`]).
@@ -199,7 +211,10 @@ impl Listener {
             .tempdir_in("/tmp")
             .map_err(io_context("creating the listener directory"))?;
         let path = dir.path().to_path_buf();
-        let ldap_dir = path.join("ldap");
+        let ldap_dir = options
+            .ldap_dir
+            .clone()
+            .unwrap_or_else(|| path.join("ldap"));
         for sub in [
             path.join("cache"),
             ldap_dir.join("listener"),
@@ -272,6 +287,7 @@ impl Listener {
         Ok(Listener {
             dir: Some(dir),
             path,
+            ldap_dir,
             args,
             jsonl: options.jsonl,
             env: options.env,
@@ -343,6 +359,23 @@ impl Listener {
         Ok(())
     }
 
+    /// Points the listener at another LDAP server and notifier (a promoted Backup), as the
+    /// UCR variables `ldap/master` and `notifier/server` would: the next (re)start uses
+    /// them; the cache and module states stay.
+    pub fn repoint(&mut self, slapd: &Slapd, notifier: &Notifier) {
+        let mut args = self.args.iter_mut();
+        while let Some(arg) = args.next() {
+            let value = match arg.as_str() {
+                "-H" => slapd.ldap_url(),
+                "--notifier-port" => notifier.port().to_string(),
+                _ => continue,
+            };
+            if let Some(next) = args.next() {
+                *next = value;
+            }
+        }
+    }
+
     /// Starts the daemon again with the same arguments and directories; a running one is
     /// stopped first.
     pub fn restart(&mut self) -> Result<()> {
@@ -405,7 +438,7 @@ impl Listener {
     }
 
     pub fn ldap_dir(&self) -> PathBuf {
-        self.path.join("ldap")
+        self.ldap_dir.clone()
     }
 
     pub fn ucr_file(&self) -> PathBuf {

@@ -178,6 +178,16 @@ impl Notifier {
         }
     }
 
+    /// Adds `extra` to the command line for every later (re)start.
+    pub fn add_args(&mut self, extra: &[&str]) {
+        self.args.extend(extra.iter().map(|a| (*a).to_owned()));
+    }
+
+    /// Its UCR file (`--ucr-file`).
+    pub fn ucr_file(&self) -> PathBuf {
+        self.path.join("base.conf")
+    }
+
     /// SIGTERM and wait for a clean exit; a notifier that already exited is only reaped.
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut process) = self.process.take()

@@ -137,6 +137,17 @@ impl SlapdConfig {
         self
     }
 
+    /// A DC Backup's server: a [`SlapdConfig::replica_of`] the primary with the
+    /// accesslog overlay (the change feed a promoted Backup's notifier follows) and the
+    /// `cn=translog` database its own notifier writes.
+    pub fn backup_of(primary: &Slapd) -> SlapdConfig {
+        SlapdConfig {
+            accesslog: true,
+            translog: true,
+            ..SlapdConfig::replica_of(primary)
+        }
+    }
+
     pub fn log_operations(mut self, on: bool) -> SlapdConfig {
         self.log_operations = on;
         self
@@ -428,6 +439,21 @@ impl Slapd {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.kill()
+    }
+
+    /// Stops slapd, changes its configuration (e.g. the schema files, or a replica that
+    /// becomes a primary as UCR's templates would rewrite it) and starts it again on the
+    /// same port and databases.
+    pub fn reconfigure(&mut self, change: impl FnOnce(&mut SlapdConfig)) -> Result<()> {
+        self.stop(Duration::from_secs(10))?;
+        change(&mut self.config);
+        fs::write(self.conf_path(), self.render_config())
+            .map_err(io_context("writing slapd.conf"))?;
+        self.restart()
+    }
+
+    pub fn config(&self) -> &SlapdConfig {
+        &self.config
     }
 
     /// Kills and starts slapd again on the same port and databases.

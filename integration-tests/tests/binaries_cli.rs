@@ -33,6 +33,11 @@ const BINARIES: &[(&str, &str, &[&str])] = &[
         &["UDL_CACHE_DIR"],
     ),
     ("get_notifier_id", "1", &[]),
+    (
+        "univention-directory-backup2master",
+        "8",
+        &["UDL_CACHE_DIR", "UDN_LDAP_DIR"],
+    ),
 ];
 
 fn run(name: &str, args: &[&str]) -> Output {

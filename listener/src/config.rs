@@ -463,7 +463,10 @@ impl Config {
             ldap_dir: cli.ldap_dir,
             purge: cli.purge || cli.init_only,
             mode,
-            cascade: cli.cascade,
+            // A promoted Backup keeps its -o in UDL_OPTS until the templates are redone: on a
+            // Primary the local notifier numbers slapd's own changes, and a cascade would
+            // announce every transaction a second time.
+            cascade: cli.cascade && role.as_deref() != Some(role::MASTER),
             postrun_delay: seconds("--postrun-delay", cli.postrun_delay)?,
             alive_interval: seconds("--alive-interval", cli.alive_interval)?,
             alive_timeout: seconds("--alive-timeout", cli.alive_timeout)?,
@@ -713,6 +716,15 @@ mod tests {
         assert_eq!(dn, "cn=host,dc=example,dc=com");
         assert_eq!(password.current(), "s3cret");
         assert!(!format!("{:?}", config.auth).contains("s3cret"));
+    }
+
+    #[test]
+    fn a_promoted_backup_ignores_its_cascade_option() {
+        let args = ["-x", "-H", "ldap://10.0.0.5:7389/", "-b", "dc=x", "-o"];
+        let backup = resolve(&args, "server/role: domaincontroller_backup\n").unwrap();
+        assert!(backup.cascade);
+        let primary = resolve(&args, "server/role: domaincontroller_master\n").unwrap();
+        assert!(!primary.cascade);
     }
 
     #[test]

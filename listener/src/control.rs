@@ -86,6 +86,16 @@ pub struct Status {
     /// `--blocked-after`).
     #[serde(default)]
     pub blocked_after: f64,
+    /// Transactions held back from the local notifier (`-o`) because a module's quarantine
+    /// is not empty: the local LDAP lacks a change.
+    #[serde(default)]
+    pub cascade_held: Option<CascadeHeld>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CascadeHeld {
+    pub transactions: u64,
+    pub from_id: u64,
 }
 
 /// A module call in progress.
@@ -390,6 +400,12 @@ fn status(context: &Context) -> Status {
             }
         }),
         blocked_after: context.blocked_after.as_secs_f64(),
+        cascade_held: metrics
+            .cascade_held()
+            .map(|(transactions, from_id)| CascadeHeld {
+                transactions,
+                from_id,
+            }),
     }
 }
 

@@ -122,6 +122,8 @@ pub struct Daemon {
     held: Option<Received>,
     /// Last id handled (a stashed `r` is handled but not yet persisted).
     position: u64,
+    /// Why the configured notifier is not followed: its last id is below ours.
+    notifier_refused: Option<String>,
     /// Highest id the notifier reported.
     last_known: u64,
     unflushed: u64,
@@ -147,7 +149,7 @@ impl Daemon {
         signals: Arc<Signals>,
         metrics: Arc<Metrics>,
         notifier: Option<NotifierClient>,
-    ) -> Daemon {
+    ) -> Result<Daemon, CascadeError> {
         let position = engine.master().notifier_id;
         let prefetcher = Prefetcher::new(
             PREFETCH_WINDOW,
@@ -156,8 +158,11 @@ impl Daemon {
             config.ldap_timeout,
             Arc::clone(engine.cache()),
         );
-        let cascade = config.cascade.then(|| Cascade::new(&config.ldap_dir));
-        Daemon {
+        let cascade = match config.cascade {
+            true => Some(Cascade::new(&config.ldap_dir, &config.cache_dir)?),
+            false => None,
+        };
+        let daemon = Daemon {
             server,
             engine,
             privileges,
@@ -170,6 +175,7 @@ impl Daemon {
             pending_prefetch: None,
             held: None,
             position,
+            notifier_refused: None,
             last_known: position,
             unflushed: 0,
             last_flush: Instant::now(),
@@ -179,11 +185,57 @@ impl Daemon {
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             reconnect: Backoff::new(Duration::from_millis(250), RECONNECT_MAX),
             config,
+        };
+        daemon.publish_held();
+        Ok(daemon)
+    }
+
+    /// Whether the local slapd holds every change so far: no module holds a quarantined
+    /// change and the replication module is ready (spec replication.md §B.6).
+    fn cascade_gate_open(&self) -> bool {
+        self.engine.handlers().local_ldap_incomplete().is_none()
+    }
+
+    /// Hands the held cascade lines to the local notifier once the quarantine is empty.
+    fn release_held(&mut self) {
+        if self.cascade.as_ref().is_none_or(|c| c.held().is_empty()) || !self.cascade_gate_open() {
+            return;
         }
+        let Some(cascade) = self.cascade.as_mut() else {
+            return;
+        };
+        let (Some(first), Some(last)) = (
+            cascade.held().first().map(|l| l.id),
+            cascade.held().last().map(|l| l.id),
+        ) else {
+            return;
+        };
+        match cascade.release() {
+            Ok(n) => tracing::warn!(
+                "cascade: the local LDAP holds every change again, {n} held transaction(s) \
+                 {first}..{last} handed to the local notifier"
+            ),
+            Err(e) => tracing::error!("cascade: cannot release the held transactions: {e}"),
+        }
+        self.publish_held();
+    }
+
+    fn publish_held(&self) {
+        let held = self.cascade.as_ref().map_or(&[][..], |c| c.held());
+        self.metrics
+            .set_cascade_held(held.len() as u64, held.first().map_or(0, |l| l.id));
     }
 
     pub async fn run(mut self) -> Exit {
         self.publish_status("running");
+        // Held lines whose quarantine was emptied while the listener was down.
+        self.release_held();
+        // The connection made at start must continue this listener's ids like any later one.
+        if let Some(mut client) = self.notifier.take()
+            && self.check_continuation(&mut client).await.is_ok()
+        {
+            self.notifier = Some(client);
+        }
         let exit = loop {
             self.engine.handlers().heartbeat().beat();
             if let Some(fatal) = self.fatal.take() {
@@ -202,6 +254,7 @@ impl Daemon {
                 continue;
             }
             self.serve_module_requests();
+            self.release_held();
             if let Some(reason) = self.stop_reason() {
                 self.pause(&reason).await;
                 continue;
@@ -268,6 +321,8 @@ impl Daemon {
             let _ = request.reply.send(answer);
         }
         self.publish_modules();
+        // A retry or skip may have emptied the quarantine.
+        self.release_held();
     }
 
     /// The reason processing must pause now, if any.
@@ -379,6 +434,8 @@ impl Daemon {
             )
             .await?;
             log_connected(&client, &self.config.notifier_tls);
+            let mut client = client;
+            self.check_continuation(&mut client).await?;
             self.notifier = Some(client);
             self.reconnect.reset();
         }
@@ -388,6 +445,42 @@ impl Daemon {
                 peer: self.server.notifier_host.clone(),
             }),
         }
+    }
+
+    /// A notifier this listener (re)connects to must continue its id space: its last id may
+    /// not be below the listener's. A lower one is another domain's notifier, a Primary
+    /// restored from an old backup, or a Backup promoted while it lagged; following it
+    /// would wait for ids that mean other changes. The listener refuses it, says why
+    /// (status `paused: …`, unhealthy), reconnects with backoff, and never re-initialises
+    /// a module over it: the operator points it at the right notifier.
+    async fn check_continuation(&mut self, client: &mut NotifierClient) -> Result<(), ClientError> {
+        let last = client.get_id(self.config.notifier_timeout).await?;
+        if last >= self.position {
+            if self.notifier_refused.take().is_some() {
+                tracing::info!(
+                    "the notifier at {} is at id {last}, this listener at {}: following it",
+                    client.peer(),
+                    self.position
+                );
+            }
+            return Ok(());
+        }
+        let reason = format!(
+            "the notifier at {} has last id {last}, below this listener's id {}: its ids do \
+             not continue this listener's (another domain, a restored or lagging Primary); \
+             not following it and re-initialising nothing, point the listener at the right \
+             notifier (UCR ldap/master, notifier/server)",
+            client.peer(),
+            self.position
+        );
+        tracing::error!("{reason}");
+        self.notifier_refused = Some(reason.clone());
+        self.publish_status("paused: refused notifier");
+        Err(ClientError::BadReply {
+            request: "GET_ID".into(),
+            body: last.to_string(),
+            reason,
+        })
     }
 
     /// Transaction `next`, waiting for it if needed; `None` if a signal interrupted.
@@ -674,8 +767,23 @@ impl Daemon {
             }
             let mut lines: Vec<Line> = self.stashed_line.take().into_iter().collect();
             lines.push(received.line.clone());
-            if let Some(cascade) = &self.cascade
-                && let Err(e) = cascade.append(&lines)
+            let open = self.cascade_gate_open();
+            if let Some(cascade) = &mut self.cascade
+                && cascade.held().is_empty()
+                && !open
+            {
+                tracing::warn!(
+                    "cascade: transaction {id} and every later one are held back from the \
+                     local notifier: {}, the local LDAP may lack them; released when the \
+                     quarantine is retried or skipped and replication is ready",
+                    self.engine
+                        .handlers()
+                        .local_ldap_incomplete()
+                        .unwrap_or_default()
+                );
+            }
+            if let Some(cascade) = &mut self.cascade
+                && let Err(e) = cascade.write(&lines, open)
             {
                 tracing::error!("cascade output: {e}; transaction {id} will be retried");
                 self.engine.rollback(checkpoint);
@@ -690,6 +798,9 @@ impl Daemon {
             }
             self.position = id;
             self.unflushed += 1;
+            if self.cascade.is_some() {
+                self.publish_held();
+            }
             self.metrics.add_transactions(1);
             self.metrics.set_processed(id);
             self.backoff.reset();
@@ -772,6 +883,15 @@ impl Daemon {
         let id = self.engine.master().notifier_id;
         if let Err(e) = cache::write_legacy_notifier_id(&self.config.cache_dir, id) {
             tracing::error!("cannot write the notifier_id file: {e}");
+        }
+        // The highest id the upstream notifier announced, for a promotion to say how much
+        // a Backup lacks once that notifier is gone. Informational, so not synced apart.
+        let upstream = self.last_known.max(id);
+        if let Err(e) = std::fs::write(
+            self.config.cache_dir.join(UPSTREAM_ID_FILE),
+            format!("{upstream}\n"),
+        ) {
+            tracing::warn!("cannot write {UPSTREAM_ID_FILE}: {e}");
         }
         self.unflushed = 0;
         self.last_flush = Instant::now();
@@ -870,6 +990,8 @@ impl Daemon {
         self.idle = false;
         self.publish_modules();
         self.publish_status("running");
+        // A replication module that is ready now lets held cascade lines go.
+        self.release_held();
         result
     }
 
@@ -898,6 +1020,14 @@ impl Daemon {
     }
 
     fn publish_status(&self, what: &str) {
+        let refused;
+        let what = match &self.notifier_refused {
+            Some(reason) if !what.starts_with("stopping") => {
+                refused = format!("paused: {reason}");
+                refused.as_str()
+            }
+            _ => what,
+        };
         self.metrics.set_state(what);
         let (ok, failed) = self.metrics.module_counts();
         let status = format!(
@@ -907,6 +1037,18 @@ impl Daemon {
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
     }
+}
+
+/// `<cache>/upstream_id`: the highest id the notifier announced, as of the last flush.
+pub const UPSTREAM_ID_FILE: &str = "upstream_id";
+
+/// The id in `<cache>/upstream_id`, if any.
+pub fn read_upstream_id(cache_dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(cache_dir.join(UPSTREAM_ID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// `<cache>/exit_request`: why the listener last exited at a module's request, for

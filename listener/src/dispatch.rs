@@ -423,6 +423,26 @@ impl Handlers {
         self.slots.iter().map(|s| (s.name(), &s.stats, s.state))
     }
 
+    /// Changes all modules hold in their quarantines.
+    pub fn quarantined(&self) -> usize {
+        self.slots.iter().map(|s| s.module.quarantined()).sum()
+    }
+
+    /// Why the local LDAP server may lack a change the listener passed, if it may: a
+    /// module holds quarantined changes, or the module that writes it (`replication`,
+    /// native or UCS's `replication.py`) is loaded but not ready, so it is skipped. While
+    /// this is `Some`, the cascade gate is closed (`cascade.rs`).
+    pub fn local_ldap_incomplete(&self) -> Option<String> {
+        let quarantined = self.quarantined();
+        if quarantined > 0 {
+            return Some(format!("{quarantined} change(s) quarantined"));
+        }
+        self.slots
+            .iter()
+            .find(|s| s.name() == REPLICATION && !s.is_ready())
+            .map(|_| "the replication module is not ready".to_owned())
+    }
+
     /// Every module with its source, state, counters and condition, then the modules that
     /// failed to load, for metrics and `ctrl status`.
     pub fn module_stats(&self) -> Vec<ModuleStat> {
@@ -1158,6 +1178,28 @@ mod tests {
     }
 
     #[test]
+    fn the_local_ldap_is_incomplete_while_replication_is_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let mut h = handlers(
+            dir.path(),
+            vec![
+                recorder(REPLICATION, None, &log),
+                recorder("other", None, &log),
+            ],
+        );
+        assert_eq!(h.local_ldap_incomplete(), None);
+        // Another module not being ready says nothing about the local LDAP.
+        h.set_state(1, 0).unwrap();
+        assert_eq!(h.local_ldap_incomplete(), None);
+        h.set_state(0, INITIALIZED).unwrap();
+        assert_eq!(
+            h.local_ldap_incomplete().as_deref(),
+            Some("the replication module is not ready")
+        );
+    }
+
+    #[test]
     fn quarantined_changes_are_unhealthy_and_commands_reach_the_module() {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::default();
@@ -1172,6 +1214,10 @@ mod tests {
         let stats = h.module_stats();
         assert_eq!(stats[0].condition, Condition::Quarantined);
         assert_eq!(stats[0].quarantined, 2);
+        assert_eq!(
+            h.local_ldap_incomplete().as_deref(),
+            Some("2 change(s) quarantined")
+        );
         assert_eq!(stats[1].condition, Condition::Ready);
         // A lasting problem the module reports makes it unhealthy, with the reason.
         assert_eq!(stats[2].condition, Condition::Degraded);

@@ -298,7 +298,8 @@ async fn run_locked(
         Arc::clone(signals),
         metrics,
         Some(notifier),
-    );
+    )
+    .context("cascade output")?;
     let exit = daemon.run().await;
     Ok(match exit {
         Exit::Stopped => ExitCode::SUCCESS,

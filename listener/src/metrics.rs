@@ -23,6 +23,9 @@ pub struct Metrics {
     /// Unix seconds when `processed_id` last changed, 0 for not since start: the "seconds
     /// since progress" of `ctrl status`. An atomic keeps the per-transaction path lock-free.
     last_progress: AtomicU64,
+    /// Cascade lines held back by the gate (`cascade.rs`) and the first held id.
+    cascade_held: AtomicU64,
+    cascade_held_from: AtomicU64,
 }
 
 impl Metrics {
@@ -55,6 +58,19 @@ impl Metrics {
 
     pub fn state(&self) -> String {
         lock(&self.state).clone()
+    }
+
+    pub(crate) fn set_cascade_held(&self, count: u64, first: u64) {
+        self.cascade_held_from.store(first, Ordering::Relaxed);
+        self.cascade_held.store(count, Ordering::Relaxed);
+    }
+
+    /// Cascade lines held back from the local notifier and the first held id, if any.
+    pub fn cascade_held(&self) -> Option<(u64, u64)> {
+        match self.cascade_held.load(Ordering::Relaxed) {
+            0 => None,
+            count => Some((count, self.cascade_held_from.load(Ordering::Relaxed))),
+        }
     }
 
     /// The tracker the handlers publish their calls to (shared, not copied).
@@ -126,6 +142,12 @@ impl Metrics {
             Kind::Counter,
             "Transactions processed since start.",
             self.transactions.load(Ordering::Relaxed),
+        )
+        .single(
+            "udl_cascade_held",
+            Kind::Gauge,
+            "Transactions held back from the local notifier until the local LDAP holds them.",
+            self.cascade_held.load(Ordering::Relaxed),
         );
         let modules = lock(&self.modules);
         let families: [(&str, Kind, &str, ModuleValue); 9] = [

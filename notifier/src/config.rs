@@ -34,7 +34,7 @@ pub enum IntakeKind {
 /// Defaults come from UCR (`/etc/univention/base.conf`) when it exists: notifier/debug/level,
 /// notifier/cache/size, notifier/lock/count, notifier/lock/time, notifier/protocol/version,
 /// ldap/base, notifier/tls/policy, notifier/tls/certificate, notifier/tls/key,
-/// notifier/tls/ca, notifier/allow, hostname, domainname.
+/// notifier/tls/ca, notifier/allow, notifier/intake, hostname, domainname.
 #[derive(Debug, Parser)]
 #[command(
     name = "univention-directory-notifier",
@@ -88,9 +88,10 @@ pub struct Cli {
         default_value = "/var/lib/univention-ldap"
     )]
     pub ldap_dir: PathBuf,
-    /// Where transactions come from.
-    #[arg(long, value_enum, default_value_t = IntakeKind::File)]
-    pub intake: IntakeKind,
+    /// Where transactions come from (default: UCR notifier/intake, which a promotion sets,
+    /// else file).
+    #[arg(long, value_enum)]
+    pub intake: Option<IntakeKind>,
     /// LDAP server holding cn=accesslog (accesslog intake).
     #[arg(long, value_name = "URI", default_value = "ldapi:///")]
     pub accesslog_uri: String,
@@ -376,7 +377,10 @@ impl Config {
             port: cli.port,
             listen: cli.listen.map(|ip| SocketAddr::new(ip, cli.port)),
             ldap_dir: cli.ldap_dir,
-            intake: cli.intake,
+            intake: cli.intake.unwrap_or(match ucr.get("notifier/intake") {
+                Some("accesslog") => IntakeKind::Accesslog,
+                _ => IntakeKind::File,
+            }),
             accesslog_uri: cli.accesslog_uri,
             accesslog_base: cli.accesslog_base,
             accesslog_auth,
@@ -460,6 +464,13 @@ mod tests {
         let config = Config::resolve(parse(&["-C", "7", "-v", "2"]), &ucr).unwrap();
         assert_eq!(config.cache_size, 7);
         assert_eq!(config.min_version, 2);
+        assert_eq!(config.intake, IntakeKind::File);
+        // A promotion sets the intake in UCR; the command line still wins.
+        let promoted = Ucr::parse("notifier/intake: accesslog\n");
+        let config = Config::resolve(parse(&[]), &promoted).unwrap();
+        assert_eq!(config.intake, IntakeKind::Accesslog);
+        let config = Config::resolve(parse(&["--intake", "file"]), &promoted).unwrap();
+        assert_eq!(config.intake, IntakeKind::File);
     }
 
     #[test]

@@ -319,6 +319,8 @@ struct StatusReport {
     current_call: Option<control::CurrentCall>,
     /// The listener's `--blocked-after`, seconds.
     blocked_after: Option<f64>,
+    /// Transactions held back from the local notifier until the local LDAP holds them.
+    cascade_held: Option<control::CascadeHeld>,
 }
 
 #[derive(Debug, Serialize)]
@@ -393,8 +395,10 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
         .is_some_and(|s| s.state.starts_with("paused") || s.state.starts_with("retrying"));
     let current_call = live.as_ref().and_then(|s| s.current_call.clone());
     let blocked = current_call.as_ref().is_some_and(|c| c.blocked);
+    let cascade_held = live.as_ref().and_then(|s| s.cascade_held.clone());
     let healthy = running
         && live_error.is_none()
+        && cascade_held.is_none()
         && !paused
         && !blocked
         && !failed_ldif.present
@@ -431,6 +435,7 @@ fn status(cli: &Cli, ucr: &Ucr, json: bool) -> anyhow::Result<ExitCode> {
         modules,
         current_call,
         blocked_after: live.as_ref().map(|s| s.blocked_after),
+        cascade_held,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -467,6 +472,14 @@ fn print_status(r: &StatusReport, colour: bool) {
             call.function,
             call.seconds,
             r.blocked_after.unwrap_or_default()
+        );
+        println!(" {}", paint(&line, false, colour));
+    }
+    if let Some(held) = &r.cascade_held {
+        let line = format!(
+            "cascade held back: {} transaction(s) from id {} wait for the quarantine \
+             (the local LDAP lacks a change; the local notifier gets them after retry or skip)",
+            held.transactions, held.from_id
         );
         println!(" {}", paint(&line, false, colour));
     }
