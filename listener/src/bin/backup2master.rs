@@ -55,7 +55,7 @@ struct Cli {
     /// The LDAP state directory shared by listener (cascade) and notifier.
     #[arg(long, env = "UDN_LDAP_DIR", default_value = "/var/lib/univention-ldap")]
     ldap_dir: PathBuf,
-    /// The replication module's state directory (its quarantine.json).
+    /// The replication module's state directory (its quarantine).
     #[arg(long, default_value = "/var/lib/univention-directory-replication")]
     replication_state: PathBuf,
     #[arg(
@@ -401,19 +401,15 @@ impl Run {
             (_, Err(e)) => self.say(&format!("  local notifier: {e}")),
             (None, _) => self.say("  last id heard from the old Primary: unknown"),
         }
-        let quarantine = self.cli.replication_state.join("quarantine.json");
-        let quarantined = std::fs::read(&quarantine)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Vec<serde_json::Value>>(&b).ok())
-            .map_or(0, |v| v.len());
-        if quarantined > 0 {
-            failed.push(format!(
+        let state = &self.cli.replication_state;
+        match modules::native::quarantined_changes(state) {
+            Ok(0) => self.say("  ok: the replication quarantine is empty"),
+            Ok(quarantined) => failed.push(format!(
                 "{quarantined} change(s) in the replication quarantine ({}): the local LDAP \
                  lacks them; retry or skip them first",
-                quarantine.display()
-            ));
-        } else {
-            self.say("  ok: the replication quarantine is empty");
+                state.display()
+            )),
+            Err(e) => failed.push(format!("the replication quarantine cannot be read: {e}")),
         }
         if !held.is_empty() {
             failed.push(format!(

@@ -34,6 +34,11 @@ mod quarantine;
 pub mod replication;
 mod schema;
 
+/// How many changes the replication quarantine in `state_dir` holds (read-only).
+pub fn quarantined_changes(state_dir: &std::path::Path) -> Result<usize, String> {
+    quarantine::Quarantine::count(state_dir)
+}
+
 use std::io;
 use std::path::PathBuf;
 

@@ -129,6 +129,28 @@ impl Quarantine {
         Ok(quarantine)
     }
 
+    /// How many changes the quarantine in `dir` holds, read without changing anything (for
+    /// tools that must not repair another process's files).
+    pub fn count(dir: &Path) -> Result<usize, String> {
+        let path = dir.join(LOG);
+        match std::fs::read(&path) {
+            Ok(bytes) => parse_log(&bytes)
+                .map(|(records, _)| records.len())
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let old = dir.join(OLD_JSON);
+                match std::fs::read(&old) {
+                    Ok(bytes) => serde_json::from_slice::<Vec<Record>>(&bytes)
+                        .map(|records| records.len())
+                        .map_err(|e| format!("{}: not a quarantine file: {e}", old.display())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+                    Err(e) => Err(format!("cannot read {}: {e}", old.display())),
+                }
+            }
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
     fn from_old_json(dir: &Path, path: PathBuf) -> Result<Quarantine, String> {
         let old = dir.join(OLD_JSON);
         let records: Vec<Record> = match std::fs::read(&old) {
@@ -362,5 +384,23 @@ mod tests {
         assert_eq!(q.records(), &old[..]);
         assert!(!dir.path().join(OLD_JSON).exists());
         assert_eq!(Quarantine::open(dir.path()).unwrap().records(), &old[..]);
+    }
+
+    #[test]
+    fn count_reads_either_format_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Quarantine::count(dir.path()), Ok(0));
+        let old = vec![record(7, "cn=x,dc=y"), record(8, "cn=z,dc=y")];
+        std::fs::write(dir.path().join(OLD_JSON), serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(Quarantine::count(dir.path()), Ok(2));
+        assert!(dir.path().join(OLD_JSON).exists(), "count must not migrate");
+        let mut q = Quarantine::open(dir.path()).unwrap();
+        q.push(record(9, "cn=w,dc=y")).unwrap();
+        let log = dir.path().join(LOG);
+        let mut torn = std::fs::read(&log).unwrap();
+        torn.extend_from_slice(b"{\"id\":10");
+        std::fs::write(&log, &torn).unwrap();
+        assert_eq!(Quarantine::count(dir.path()), Ok(3));
+        assert_eq!(std::fs::read(&log).unwrap(), torn, "count must not repair");
     }
 }
