@@ -22,8 +22,8 @@
 //! machine may be busy with other work.
 //!
 //! Sizes can be lowered for a quick run: BENCH_BACKLOG=4000 BENCH_INIT=10000 BENCH_RSS=20000
-//! BENCH_RSS_CHANGES=1000 BENCH_SEARCHES=8000 BENCH_ROUNDS=1 BENCH_SUBTREE=2000; BENCH_ONLY=d
-//! runs only (d). Listeners log at level 2 (UCS's
+//! BENCH_RSS_CHANGES=1000 BENCH_SEARCHES=8000 BENCH_ROUNDS=1 BENCH_SUBTREE=2000; BENCH_ONLY=a,
+//! b or d runs only (0) + (a), (b) + (c), or (d). Listeners log at level 2 (UCS's
 //! default `listener/debug/level`); BENCH_DEBUG=4 measures them at the harness's test level.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -83,12 +83,18 @@ fn main() {
         load_average()
     );
     let subtree = env_usize("BENCH_SUBTREE", 20_000);
-    if std::env::var("BENCH_ONLY").as_deref() != Ok("d") {
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let runs = |part: &str| only.is_empty() || only == part;
+    if runs("a") {
         commit_cost(env_usize("BENCH_COMMITS", 20_000));
         backlog(backlog_changes, searches, rounds, &debug);
+    }
+    if runs("b") {
         initialization_and_rss(init_entries, rss_entries, rss_changes, &debug);
     }
-    subtree_move(subtree, &debug);
+    if runs("d") {
+        subtree_move(subtree, &debug);
+    }
     println!(
         "done in {:.0} s (load {})",
         STARTED.get_or_init(Instant::now).elapsed().as_secs_f64(),
