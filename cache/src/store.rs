@@ -250,10 +250,14 @@ impl Cache {
             let _writer = self.lock_writer();
             self.apply_pending()
         };
-        applied.err().map(Err).into_iter().chain(self.db.scan_prefix(ENTRY_PREFIX).map(|item| {
-            let (key, value) = item.map_err(store_error)?;
-            decode_entry(&key, &value)
-        }))
+        applied
+            .err()
+            .map(Err)
+            .into_iter()
+            .chain(self.db.scan_prefix(ENTRY_PREFIX).map(|item| {
+                let (key, value) = item.map_err(store_error)?;
+                decode_entry(&key, &value)
+            }))
     }
 
     /// The cache keys ([`dn_key`]) of every entry below `dn`, parents before their
@@ -1270,7 +1274,10 @@ mod tests {
         assert_eq!(cache.iter().count(), cache.len());
         assert_eq!(cache.get("cn=49,ou=c").unwrap(), None);
         assert_eq!(cache.get_by_uuid("u48").unwrap().unwrap().dn, "cn=48,ou=c");
-        assert_eq!(cache.get_by_uuid("last").unwrap().unwrap().dn, "cn=last,ou=c");
+        assert_eq!(
+            cache.get_by_uuid("last").unwrap().unwrap().dn,
+            "cn=last,ou=c"
+        );
         assert_eq!(cache.master().unwrap().unwrap().notifier_id, 49);
     }
 
