@@ -19,6 +19,8 @@ use std::time::Duration;
 use cache::{Cache, CacheEntry, MasterRecord};
 
 const CHILD_ENV: &str = "CACHE_CRASH_CHILD_DIR";
+/// Commits between durable ones in the child (default [`DURABLE_EVERY`]).
+const DURABLE_ENV: &str = "CACHE_CRASH_DURABLE_EVERY";
 /// Each transaction deletes the entry written this many transactions earlier.
 const LIVE: u64 = 3;
 const DURABLE_EVERY: u64 = 7;
@@ -45,6 +47,10 @@ fn crash_child() {
     let Some(dir) = std::env::var_os(CHILD_ENV) else {
         return;
     };
+    let durable_every = std::env::var(DURABLE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(DURABLE_EVERY);
     let cache = Cache::open(dir.as_ref()).unwrap();
     let mut id = cache.master().unwrap().map_or(0, |m| m.notifier_id);
     let mut out = std::io::stdout().lock();
@@ -59,7 +65,7 @@ fn crash_child() {
             notifier_id: id,
             schema_id: 1,
         });
-        let durable = id.is_multiple_of(DURABLE_EVERY);
+        let durable = id.is_multiple_of(durable_every);
         cache.commit(b, durable).unwrap();
         writeln!(out, "committed {id}").unwrap();
         out.flush().unwrap();
@@ -94,13 +100,27 @@ fn check_consistent(cache: &Cache, min_id: u64) -> u64 {
 
 #[test]
 fn killed_writer_leaves_a_consistent_cache() {
+    kill_rounds(DURABLE_EVERY, 20, |round| (round * 3) % 11);
+}
+
+/// As above with few flushes, so thousands of commits are collected in memory (not yet in
+/// sled) or being applied to sled in chunks when the kill lands.
+#[test]
+fn killed_writer_with_commits_collected_in_memory_leaves_a_consistent_cache() {
+    kill_rounds(5000, 8, |round| 300 + (round * 997) % 4000);
+}
+
+/// Starts the child `rounds` times (flushing every `durable_every` commits) and kills it
+/// after `kill_after(round)` + 1 reported commits; checks the cache after each kill.
+fn kill_rounds(durable_every: u64, rounds: u64, kill_after: impl Fn(u64) -> u64) {
     let tmp = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut last_master = 0;
-    for round in 1..=20u64 {
+    for round in 1..=rounds {
         let mut child = Command::new(&exe)
             .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, tmp.path())
+            .env(DURABLE_ENV, durable_every.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -118,7 +138,7 @@ fn killed_writer_leaves_a_consistent_cache() {
         // Kill after a different number of commits each round, so the kill lands at
         // different points of the commit cycle (between flushes, too).
         let mut committed = 0;
-        for _ in 0..=(round * 3) % 11 {
+        for _ in 0..=kill_after(round) {
             committed = rx
                 .recv_timeout(Duration::from_secs(30))
                 .expect("the child commits");
