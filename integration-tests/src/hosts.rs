@@ -233,3 +233,85 @@ pub fn restart_as_primary(backup: &mut Backup) -> Result<()> {
     backup.notifier.add_args(&["--accesslog-uri", &uri]);
     backup.notifier.restart()
 }
+
+/// What differs between a Primary and the hosts that copy it, by nature.
+pub fn host_comparison() -> crate::compare::Comparison {
+    crate::compare::Comparison::new()
+        .exclude("contextCSN")
+        .exclude("auditContext")
+        .exclude("entryDN")
+        .exclude("subschemaSubentry")
+        .exclude("hasSubordinates")
+}
+
+/// A Primary: slapd with accesslog and a notifier following it.
+pub fn start_primary(wait: Duration) -> Result<(Slapd, Notifier)> {
+    let primary = Slapd::start(SlapdConfig::provider().dbnosync(true))?;
+    let notifier = Notifier::following_accesslog(&primary, &[], wait)?;
+    Ok((primary, notifier))
+}
+
+/// Adds, modifies, a rename, a move across containers and deletes below `ou=<tag>`, with
+/// `pace` called after every write; returns the last DN, written with `d`.
+pub fn mixed_writes(
+    admin: &mut crate::Directory,
+    tag: &str,
+    n: usize,
+    pace: &mut dyn FnMut(),
+) -> Result<String> {
+    let ou = format!("ou={tag},{BASE}");
+    admin.add(
+        &ou,
+        &[("objectClass", &["organizationalUnit"]), ("ou", &[tag])],
+    )?;
+    pace();
+    for i in 0..n {
+        let dn = format!("cn=r{i},{ou}");
+        admin.add_role(&dn, &format!("r{i}"))?;
+        pace();
+        admin.modify(
+            &dn,
+            vec![ldap3::Mod::Replace(
+                b"description".to_vec(),
+                [format!("{tag} {i} Ü").into_bytes()].into(),
+            )],
+        )?;
+        pace();
+    }
+    admin.modrdn(
+        &format!("cn=r0,{ou}"),
+        &format!("cn={tag}-renamed"),
+        true,
+        None,
+    )?;
+    pace();
+    admin.modrdn(
+        &format!("cn=r1,{ou}"),
+        &format!("cn={tag}-moved"),
+        true,
+        Some(BASE),
+    )?;
+    pace();
+    admin.delete(&format!("cn={tag}-moved,{BASE}"))?;
+    pace();
+    let last = format!("cn=r2,{ou}");
+    admin.delete(&last)?;
+    pace();
+    Ok(last)
+}
+
+/// Waits until `notifier` (a Backup's) has logged exactly the transactions `upstream` has.
+pub fn wait_same_transactions(
+    upstream: &Notifier,
+    notifier: &Notifier,
+    wait: Duration,
+) -> Result<()> {
+    crate::wait_until(
+        "the Backup's notifier to log the Primary's transactions",
+        wait,
+        || {
+            let want = upstream.transactions();
+            Ok((!want.is_empty() && notifier.transactions() == want).then_some(()))
+        },
+    )
+}

@@ -10,85 +10,23 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use integration_tests::compare::Comparison;
-use integration_tests::hosts::{Backup, ctrl, start_replica};
+use integration_tests::hosts::{
+    Backup, ctrl, host_comparison, mixed_writes, start_primary, start_replica,
+    wait_same_transactions,
+};
 use integration_tests::slapd::BASE;
-use integration_tests::{Directory, ListenerOptions, Notifier, Slapd, SlapdConfig, wait_until};
-use ldap3::Mod;
+use integration_tests::{Directory, ListenerOptions, Notifier, wait_until};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// Differ between servers by nature.
-fn comparison() -> Comparison {
-    Comparison::new()
-        .exclude("contextCSN")
-        .exclude("auditContext")
-        .exclude("entryDN")
-        .exclude("subschemaSubentry")
-        .exclude("hasSubordinates")
-}
-
-/// Adds, modifies, a rename, a move and deletes; returns the last DN written with `d`.
-fn mixed_writes(admin: &mut Directory, tag: &str, n: usize) -> String {
-    let ou = format!("ou={tag},{BASE}");
-    admin
-        .add(
-            &ou,
-            &[("objectClass", &["organizationalUnit"]), ("ou", &[tag])],
-        )
-        .unwrap();
-    for i in 0..n {
-        let dn = format!("cn=r{i},{ou}");
-        admin.add_role(&dn, &format!("r{i}")).unwrap();
-        admin
-            .modify(
-                &dn,
-                vec![Mod::Replace(
-                    b"description".to_vec(),
-                    [format!("v{i} Ü").into_bytes()].into(),
-                )],
-            )
-            .unwrap();
-    }
-    admin
-        .modrdn(&format!("cn=r0,{ou}"), "cn=renamed", true, None)
-        .unwrap();
-    admin
-        .modrdn(&format!("cn=r1,{ou}"), "cn=r1", true, Some(BASE))
-        .unwrap();
-    admin.delete(&format!("cn=r1,{BASE}")).unwrap();
-    let last = format!("cn=r2,{ou}");
-    admin.delete(&last).unwrap();
-    last
-}
-
-fn primary() -> (Slapd, Notifier) {
-    let primary = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
-    let notifier = Notifier::following_accesslog(&primary, &[], WAIT).unwrap();
-    (primary, notifier)
-}
 
 fn backup_options() -> ListenerOptions {
     // A Backup's machine account reads everything, as the admin here.
     ListenerOptions::new().jsonl(false).bind_admin()
 }
 
-/// Waits until `notifier` has logged every transaction `upstream` has.
-fn wait_same_transactions(upstream: &Notifier, notifier: &Notifier) {
-    wait_until(
-        "the Backup's notifier to log the Primary's transactions",
-        WAIT,
-        || {
-            let want = upstream.transactions();
-            Ok((!want.is_empty() && notifier.transactions() == want).then_some(()))
-        },
-    )
-    .unwrap();
-}
-
 #[test]
 fn a_backup_serves_the_primarys_ids_and_its_replicas_follow_it() {
-    let (primary, notifier) = primary();
+    let (primary, notifier) = start_primary(WAIT).unwrap();
     let mut backup = Backup::start(&primary, &notifier, |c| c, backup_options(), WAIT).unwrap();
     let mut replica = start_replica(
         &primary,
@@ -99,9 +37,9 @@ fn a_backup_serves_the_primarys_ids_and_its_replicas_follow_it() {
     )
     .unwrap();
 
-    let last = mixed_writes(&mut primary.admin().unwrap(), "mixed", 20);
+    let last = mixed_writes(&mut primary.admin().unwrap(), "mixed", 20, &mut || {}).unwrap();
     let id = notifier.wait_transaction(&last, 'd', WAIT).unwrap();
-    wait_same_transactions(&notifier, &backup.notifier);
+    wait_same_transactions(&notifier, &backup.notifier, WAIT).unwrap();
     replica.listener.wait_for_id(id, WAIT).unwrap();
 
     // The Replica saw every transaction of the Primary once, in order, with its ids.
@@ -135,9 +73,9 @@ fn a_backup_serves_the_primarys_ids_and_its_replicas_follow_it() {
         "{ids:?} not all in {logged:?}"
     );
     assert_eq!(ids.last(), Some(&id));
-    comparison().check(&primary, backup.slapd()).unwrap();
+    host_comparison().check(&primary, backup.slapd()).unwrap();
     // The Replica's machine account cannot see the restricted subtree.
-    comparison()
+    host_comparison()
         .skip_subtree(integration_tests::slapd::RESTRICTED_DN)
         .check(&primary, &replica.slapd)
         .unwrap();
@@ -176,7 +114,7 @@ fn quarantined_ids(backup: &mut Backup, notifier: &Notifier) -> Vec<u64> {
 /// the change applied.
 #[test]
 fn the_cascade_waits_while_the_backup_lacks_a_change() {
-    let (primary, notifier) = primary();
+    let (primary, notifier) = start_primary(WAIT).unwrap();
     let without_nis: Vec<PathBuf> = integration_tests::slapd::SCHEMA_FILES
         .iter()
         .filter(|f| !f.contains("nis"))
@@ -197,7 +135,7 @@ fn the_cascade_waits_while_the_backup_lacks_a_change() {
     admin
         .add_role(&format!("cn=before,{BASE}"), "before")
         .unwrap();
-    wait_same_transactions(&notifier, &backup.notifier);
+    wait_same_transactions(&notifier, &backup.notifier, WAIT).unwrap();
 
     // Skip: the held transactions reach the Backup's notifier without the change.
     let skipped = posix_group(&mut admin, "skipped");
@@ -240,7 +178,7 @@ fn the_cascade_waits_while_the_backup_lacks_a_change() {
         .unwrap();
         assert!(ok, "{answer}");
     }
-    wait_same_transactions(&notifier, &backup.notifier);
+    wait_same_transactions(&notifier, &backup.notifier, WAIT).unwrap();
     assert!(
         backup
             .slapd()
@@ -277,7 +215,7 @@ fn the_cascade_waits_while_the_backup_lacks_a_change() {
         .unwrap();
     let (ok, answer) = ctrl(backup.listener(), &notifier, &["quarantine", "retry"]).unwrap();
     assert!(ok, "{answer}");
-    wait_same_transactions(&notifier, &backup.notifier);
+    wait_same_transactions(&notifier, &backup.notifier, WAIT).unwrap();
     assert!(
         backup
             .slapd()

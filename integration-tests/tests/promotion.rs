@@ -13,13 +13,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use integration_tests::compare::Comparison;
-use integration_tests::hosts::{Backup, backup2master, ctrl, restart_as_primary, start_replica};
-use integration_tests::slapd::{BASE, RESTRICTED_DN};
-use integration_tests::{
-    Directory, Intake, Listener, ListenerOptions, Notifier, Slapd, SlapdConfig, wait_until,
+use integration_tests::hosts::{
+    Backup, backup2master, ctrl, host_comparison, mixed_writes, restart_as_primary, start_primary,
+    start_replica, wait_same_transactions,
 };
-use ldap3::Mod;
+use integration_tests::slapd::{BASE, RESTRICTED_DN};
+use integration_tests::{Intake, Listener, ListenerOptions, Notifier, Slapd, wait_until};
 
 const WAIT: Duration = Duration::from_secs(120);
 const STEPS: [&str; 6] = [
@@ -31,74 +30,6 @@ const STEPS: [&str; 6] = [
     "restart-services",
 ];
 
-fn comparison() -> Comparison {
-    Comparison::new()
-        .exclude("contextCSN")
-        .exclude("auditContext")
-        .exclude("entryDN")
-        .exclude("subschemaSubentry")
-        .exclude("hasSubordinates")
-        // The Replica's machine account cannot see it.
-        .skip_subtree(RESTRICTED_DN)
-}
-
-/// Adds, modifies, a rename, a move across containers and deletes below `ou=<tag>`;
-/// returns the last DN, written with `d`.
-fn mixed_writes(admin: &mut Directory, tag: &str, n: usize) -> String {
-    paced_writes(admin, tag, n, &mut || {})
-}
-
-/// [`mixed_writes`] with `pace` called after every write.
-fn paced_writes(admin: &mut Directory, tag: &str, n: usize, pace: &mut dyn FnMut()) -> String {
-    let ou = format!("ou={tag},{BASE}");
-    admin
-        .add(
-            &ou,
-            &[("objectClass", &["organizationalUnit"]), ("ou", &[tag])],
-        )
-        .unwrap();
-    pace();
-    for i in 0..n {
-        let dn = format!("cn=r{i},{ou}");
-        admin.add_role(&dn, &format!("r{i}")).unwrap();
-        pace();
-        admin
-            .modify(
-                &dn,
-                vec![Mod::Replace(
-                    b"description".to_vec(),
-                    [format!("{tag} {i} Ü").into_bytes()].into(),
-                )],
-            )
-            .unwrap();
-        pace();
-    }
-    admin
-        .modrdn(
-            &format!("cn=r0,{ou}"),
-            &format!("cn={tag}-renamed"),
-            true,
-            None,
-        )
-        .unwrap();
-    pace();
-    admin
-        .modrdn(
-            &format!("cn=r1,{ou}"),
-            &format!("cn={tag}-moved"),
-            true,
-            Some(BASE),
-        )
-        .unwrap();
-    pace();
-    admin.delete(&format!("cn={tag}-moved,{BASE}")).unwrap();
-    pace();
-    let last = format!("cn=r2,{ou}");
-    admin.delete(&last).unwrap();
-    pace();
-    last
-}
-
 /// `(id, line)` of a notifier's transaction log.
 fn journal(notifier: &Notifier) -> Vec<(u64, String)> {
     notifier
@@ -106,12 +37,6 @@ fn journal(notifier: &Notifier) -> Vec<(u64, String)> {
         .lines()
         .map(|l| (l.split_once(' ').unwrap().0.parse().unwrap(), l.to_owned()))
         .collect()
-}
-
-fn primary() -> (Slapd, Notifier) {
-    let primary = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
-    let notifier = Notifier::following_accesslog(&primary, &[], WAIT).unwrap();
-    (primary, notifier)
 }
 
 fn backup_of(primary: &Slapd, notifier: &Notifier) -> Backup {
@@ -123,18 +48,6 @@ fn backup_of(primary: &Slapd, notifier: &Notifier) -> Backup {
         WAIT,
     )
     .unwrap()
-}
-
-fn wait_same_transactions(upstream: &Notifier, notifier: &Notifier) {
-    wait_until(
-        "the Backup's notifier to log the Primary's transactions",
-        WAIT,
-        || {
-            let want = upstream.transactions();
-            Ok((!want.is_empty() && notifier.transactions() == want).then_some(()))
-        },
-    )
-    .unwrap();
 }
 
 /// After a write: waits until `notifier` numbered it and `listener` handled it.
@@ -152,7 +65,7 @@ fn pace<'a>(notifier: &'a Notifier, listener: &'a mut Listener) -> impl FnMut() 
 }
 
 fn promote(kill_each_step: bool) {
-    let (mut primary, mut notifier) = primary();
+    let (mut primary, mut notifier) = start_primary(WAIT).unwrap();
     let mut backup = backup_of(&primary, &notifier);
     let mut replica =
         start_replica(&primary, &primary, &notifier, ListenerOptions::new(), WAIT).unwrap();
@@ -160,14 +73,15 @@ fn promote(kill_each_step: bool) {
 
     // Paced: the Replica handles every write before the next one, so each becomes a
     // handler call of its own (a modify read after a later one would collapse into it).
-    let last = paced_writes(
+    let last = mixed_writes(
         &mut primary.admin().unwrap(),
         "before",
         15,
         &mut pace(&notifier, &mut replica.listener),
-    );
+    )
+    .unwrap();
     let last_id = notifier.wait_transaction(&last, 'd', WAIT).unwrap();
-    wait_same_transactions(&notifier, &backup.notifier);
+    wait_same_transactions(&notifier, &backup.notifier, WAIT).unwrap();
     replica.listener.wait_for_id(last_id, WAIT).unwrap();
     let old_journal = journal(&notifier);
     let (old_ldap, old_notifier) = (primary.port(), notifier.port());
@@ -265,12 +179,13 @@ fn promote(kill_each_step: bool) {
     replica.listener.repoint(backup.slapd(), &backup.notifier);
     replica.listener.restart().unwrap();
 
-    let last = paced_writes(
+    let last = mixed_writes(
         &mut backup.slapd().admin().unwrap(),
         "after",
         15,
         &mut pace(&backup.notifier, &mut replica.listener),
-    );
+    )
+    .unwrap();
     let new_last = backup.notifier.wait_transaction(&last, 'd', WAIT).unwrap();
     replica.listener.wait_for_id(new_last, WAIT).unwrap();
 
@@ -306,7 +221,10 @@ fn promote(kill_each_step: bool) {
         let calls = changes.iter().filter(|c| **c == (*id, command)).count();
         assert_eq!(calls, 1, "transaction {line}: {calls} calls in {changes:?}");
     }
-    comparison().check(backup.slapd(), &replica.slapd).unwrap();
+    host_comparison()
+        .skip_subtree(RESTRICTED_DN)
+        .check(backup.slapd(), &replica.slapd)
+        .unwrap();
     let (healthy, status) = ctrl(&replica.listener, &backup.notifier, &["status"]).unwrap();
     assert!(healthy, "{status}");
     // No module initialised again.
@@ -327,7 +245,7 @@ fn a_promotion_killed_after_every_step_completes_when_run_again() {
 
 #[test]
 fn an_answering_old_primary_or_a_quarantine_refuses_the_promotion() {
-    let (primary, notifier) = primary();
+    let (primary, notifier) = start_primary(WAIT).unwrap();
     let without_nis: Vec<PathBuf> = integration_tests::slapd::SCHEMA_FILES
         .iter()
         .filter(|f| !f.contains("nis"))
@@ -402,11 +320,11 @@ fn an_answering_old_primary_or_a_quarantine_refuses_the_promotion() {
 
 #[test]
 fn a_listener_refuses_a_notifier_whose_ids_went_backwards() {
-    let (primary, notifier) = primary();
+    let (primary, notifier) = start_primary(WAIT).unwrap();
     let mut listener =
         integration_tests::Listener::start(&primary, &notifier, ListenerOptions::new()).unwrap();
     listener.wait_initialized(WAIT).unwrap();
-    let last = mixed_writes(&mut primary.admin().unwrap(), "w", 3);
+    let last = mixed_writes(&mut primary.admin().unwrap(), "w", 3, &mut || {}).unwrap();
     let id = notifier.wait_transaction(&last, 'd', WAIT).unwrap();
     listener.wait_for_id(id, WAIT).unwrap();
     let states = listener.handler_states();
@@ -440,7 +358,7 @@ fn a_listener_refuses_a_notifier_whose_ids_went_backwards() {
     // Pointed back at the right notifier, it goes on.
     listener.repoint(&primary, &notifier);
     listener.restart().unwrap();
-    let last = mixed_writes(&mut primary.admin().unwrap(), "v", 3);
+    let last = mixed_writes(&mut primary.admin().unwrap(), "v", 3, &mut || {}).unwrap();
     let id = notifier.wait_transaction(&last, 'd', WAIT).unwrap();
     listener.wait_for_id(id, WAIT).unwrap();
 }
@@ -450,13 +368,13 @@ fn a_listener_refuses_a_notifier_whose_ids_went_backwards() {
 /// recorded when it stopped.
 #[test]
 fn the_rehearsal_reports_what_a_lagging_backup_lacks() {
-    let (mut primary, mut notifier) = primary();
+    let (mut primary, mut notifier) = start_primary(WAIT).unwrap();
     let mut backup = backup_of(&primary, &notifier);
     let mut admin = primary.admin().unwrap();
     admin
         .add_role(&format!("cn=first,{BASE}"), "first")
         .unwrap();
-    wait_same_transactions(&notifier, &backup.notifier);
+    wait_same_transactions(&notifier, &backup.notifier, WAIT).unwrap();
     let held = backup.notifier.last_id().unwrap();
 
     // The Backup's slapd stops: its listener waits on the first change it cannot write.
@@ -504,11 +422,11 @@ fn the_rehearsal_reports_what_a_lagging_backup_lacks() {
 /// overlay's `last_id` is set to the last id, so slapd's next write gets last id + 1.
 #[test]
 fn a_promotion_for_the_translog_overlay_sets_its_last_id() {
-    let (mut primary, mut notifier) = primary();
+    let (mut primary, mut notifier) = start_primary(WAIT).unwrap();
     let mut backup = backup_of(&primary, &notifier);
-    let last = mixed_writes(&mut primary.admin().unwrap(), "t", 3);
+    let last = mixed_writes(&mut primary.admin().unwrap(), "t", 3, &mut || {}).unwrap();
     let last_id = notifier.wait_transaction(&last, 'd', WAIT).unwrap();
-    wait_same_transactions(&notifier, &backup.notifier);
+    wait_same_transactions(&notifier, &backup.notifier, WAIT).unwrap();
     let (old_ldap, old_notifier) = (primary.port(), notifier.port());
     primary.kill().unwrap();
     notifier.kill().unwrap();
