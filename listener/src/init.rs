@@ -30,7 +30,11 @@ struct InitPass {
     id: u64,
     /// Cache keys of every DN the scan returns.
     expected: HashSet<String>,
+    /// Cache keys stored by this pass (the objects handed to the module, and the schema).
     done: HashSet<String>,
+    /// The cache held no entry when the pass began, so the only cached objects are those
+    /// in `done`: the others need no cache read, and are stored without one.
+    fresh: bool,
     /// Entries whose parent (key) is expected but not done yet.
     waiting: HashMap<String, Vec<RawEntry>>,
     since_commit: usize,
@@ -233,6 +237,8 @@ impl Engine {
         let id = self.master().notifier_id;
         self.handlers.begin_transaction(id);
         let empty = CacheEntry::default();
+        let fresh = self.cache().is_empty();
+        let mut done = HashSet::new();
 
         if let Some(mut schema) = self.staged.get(SUBSCHEMA_DN)? {
             self.handlers.update(
@@ -243,6 +249,7 @@ impl Engine {
                 Command::Init,
                 Selection::Only(index),
             );
+            done.insert(dn_key(&schema.dn));
             self.store(schema);
             self.check_exit_request()?;
         }
@@ -278,7 +285,8 @@ impl Engine {
             index,
             id,
             expected,
-            done: HashSet::new(),
+            done,
+            fresh,
             waiting: HashMap::new(),
             since_commit: 0,
         };
@@ -350,7 +358,9 @@ impl Engine {
         progress: &mut Progress,
     ) -> Result<(), EngineError> {
         let key = dn_key(&raw.dn);
-        let mut entry = match self.staged.get(&raw.dn)? {
+        let new = pass.fresh && !pass.done.contains(&key);
+        let cached = if new { None } else { self.staged.get(&raw.dn)? };
+        let mut entry = match cached {
             Some(cached) => cached,
             None => self.to_cache_entry(raw),
         };
@@ -367,7 +377,11 @@ impl Engine {
         if self.handlers.interrupted() {
             return Err(EngineError::Interrupted);
         }
-        self.store(entry);
+        if new {
+            self.store_new(&entry);
+        } else {
+            self.store(entry);
+        }
         pass.done.insert(key);
         progress.step();
         pass.since_commit += 1;

@@ -508,6 +508,16 @@ impl Engine {
         }
     }
 
+    /// Like [`Engine::store_encoded`] for an entry the cache does not hold yet (see
+    /// [`cache::Batch::put_new`]): the bulk load of an initialisation into an empty cache.
+    pub(crate) fn store_new(&mut self, entry: &CacheEntry) {
+        if self.excluded(entry) {
+            self.staged.delete(&entry.dn);
+        } else {
+            self.staged.put_new(entry);
+        }
+    }
+
     /// Whether `listener/cache/filter` keeps `entry` out of the cache.
     fn excluded(&self, entry: &CacheEntry) -> bool {
         self.cache_filter

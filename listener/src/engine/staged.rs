@@ -61,6 +61,13 @@ impl Staged {
         self.overlay.insert(dn_key(&entry.dn), Overlay::InBatch);
     }
 
+    /// Like [`Staged::put_encoded`] for an entry the cache does not hold yet (see
+    /// [`Batch::put_new`]).
+    pub fn put_new(&mut self, entry: &CacheEntry) {
+        self.batch.put_new(entry);
+        self.overlay.insert(dn_key(&entry.dn), Overlay::InBatch);
+    }
+
     pub fn delete(&mut self, dn: &str) {
         self.batch.delete(dn);
         self.overlay.insert(dn_key(dn), Overlay::Entry(None));
