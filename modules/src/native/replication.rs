@@ -4,10 +4,14 @@
 //!
 //! - binds to the local slapd as the update DN (`cn=update,<base>`) with the password from
 //!   `rootpw.conf` (read at every connect, as root);
-//! - "old" is what the local slapd holds (a base read with `*` and `+`), so local writes
-//!   (`univention-passwd` on a Replica) are tolerated; an add becomes a modify when the
-//!   object exists, a modify replaces each changed attribute (compared as value sets)
-//!   except `uniqueMember`, which gets a delete of the removed and an add of the new values;
+//! - a change is first written from the listener's old state without reading the local
+//!   object: a modify asserting (RFC 4528) the old state's `entryCSN`, which every write of
+//!   this module carries from the Primary, or an add when the listener knew no object. If
+//!   that is refused, "old" is what the local slapd holds (a base read with `*` and `+`),
+//!   so local writes (`univention-passwd` on a Replica) are tolerated; an add becomes a
+//!   modify when the object exists, a modify replaces each changed attribute (compared as
+//!   value sets) except `uniqueMember`, which gets a delete of the removed and an add of
+//!   the new values;
 //! - UCS's exclude list (ppolicy and overlay attributes), the `pwdAttribute` rewrite to
 //!   `2.5.4.35` (ITS#4025) and `ldap/slave/filter` as the module filter;
 //! - deletes of non-leaf objects remove the subtree deepest first;
