@@ -26,6 +26,20 @@ fn level_filter(level: u8) -> LevelFilter {
     }
 }
 
+/// The same level for the `log` facade: ldap3 logs every request and response through it,
+/// and `try_init` leaves its max level at the subscriber's widest hint (TRACE, from the
+/// per-target filter), so each such call went through the log→tracing bridge to be dropped
+/// there. Capped here, a filtered `log` call is one atomic load.
+fn log_level(level: u8) -> log::LevelFilter {
+    match level {
+        0 => log::LevelFilter::Error,
+        1 => log::LevelFilter::Warn,
+        2 => log::LevelFilter::Info,
+        3 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    }
+}
+
 /// The level in force, process-wide: `univention.debug.get_level()` in Python modules
 /// reads it (one logging setup per process, like the global subscriber).
 static CURRENT: AtomicU8 = AtomicU8::new(DEFAULT_LEVEL);
@@ -84,6 +98,7 @@ impl Logging {
             .with(fmt_layer)
             .try_init()
             .map_err(io::Error::other)?;
+        log::set_max_level(log_level(level));
         CURRENT.store(level.min(4), Ordering::Relaxed);
         Ok(Logging { handle, file })
     }
@@ -100,7 +115,10 @@ impl Logging {
 
     fn set(&self, level: u8) {
         CURRENT.store(level, Ordering::Relaxed);
-        if let Err(err) = self.handle.modify(|filter| *filter = level_filter(level)) {
+        let result = self.handle.modify(|filter| *filter = level_filter(level));
+        // After the reload, which sets `log`'s level from the subscriber's widest hint.
+        log::set_max_level(log_level(level));
+        if let Err(err) = result {
             tracing::warn!("cannot change the log level: {err}");
         } else {
             tracing::warn!("debug level is now {level}");
@@ -170,5 +188,33 @@ impl<'a> MakeWriter<'a> for SharedFile {
 
     fn make_writer(&'a self) -> FileWriter {
         FileWriter(Arc::clone(&self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `log` records (ldap3's) follow `-d` and SIGUSR1/2 like tracing's own: cut off at
+    /// the facade below the level, written at and above it.
+    #[test]
+    fn log_records_follow_the_level() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        let logging = Logging::init(1, Some(&path)).expect("init");
+        assert_eq!(log::max_level(), log::LevelFilter::Warn);
+        log::debug!(target: "ldap3::conn", "filtered at level 1");
+        log::warn!(target: "ldap3::conn", "shown at level 1");
+        for _ in 0..3 {
+            logging.raise();
+        }
+        assert_eq!(log::max_level(), log::LevelFilter::Trace);
+        log::debug!(target: "ldap3::conn", "shown at level 4");
+        logging.lower();
+        assert_eq!(log::max_level(), log::LevelFilter::Debug);
+        let text = std::fs::read_to_string(&path).expect("read log");
+        assert!(!text.contains("filtered at level 1"), "{text}");
+        assert!(text.contains("shown at level 1"), "{text}");
+        assert!(text.contains("shown at level 4"), "{text}");
     }
 }

@@ -724,6 +724,98 @@ fn mixed_writes_reach_the_replica_identically() {
     );
 }
 
+/// The module writes a modify from the listener's old state without reading the replica,
+/// asserting the old entryCSN. An object changed on the replica behind its back (new CSN)
+/// fails that assertion, and the read + compare path makes it the Primary's again: a value
+/// the listener never saw is removed, a changed one restored.
+#[test]
+fn an_object_changed_on_the_replica_behind_the_module_converges_at_its_next_change() {
+    let primary = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
+    let notifier = Notifier::following_accesslog(&primary, &[], WAIT).unwrap();
+    let replica = Replica::start(&primary, true);
+    let state = tempfile::tempdir().unwrap();
+    let mut listener = replication_listener(&primary, &notifier, &replica, state.path());
+    listener.wait_initialized(WAIT).unwrap();
+
+    let mut conn = LdapConn::new(&primary.ldap_url()).unwrap();
+    conn.simple_bind(
+        integration_tests::slapd::ADMIN_DN,
+        integration_tests::slapd::ADMIN_PW,
+    )
+    .unwrap()
+    .success()
+    .unwrap();
+    let dn = format!("cn=drifted,{BASE}");
+    add(
+        &mut conn,
+        &dn,
+        &[
+            ("objectClass", &[b"organizationalRole"]),
+            ("cn", &[b"drifted"]),
+            ("description", &[b"first"]),
+            ("l", &[b"primary"]),
+        ],
+    );
+    wait_caught_up(&mut listener, &notifier, &dn, 'a');
+    // A plain modify keeps to the fast path (nothing changed locally).
+    modify(
+        &mut conn,
+        &dn,
+        vec![Mod::Replace(b"description".to_vec(), set(&[b"second"]))],
+    );
+    wait_caught_up(&mut listener, &notifier, &dn, 'm');
+    assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
+    let fell_back = "is not as the listener last saw it";
+    assert!(
+        !listener.log().contains(fell_back),
+        "{}",
+        listener.log_tail(40)
+    );
+
+    // Behind the module's back, as the replica's rootdn.
+    let mut local = replica.connect();
+    ok(
+        local.modify(
+            &dn,
+            vec![
+                Mod::Replace(b"l".to_vec(), set(&[b"replica"])),
+                Mod::Add(b"telephoneNumber".to_vec(), set(&[b"+49 421 0"])),
+            ],
+        ),
+        "local modify",
+    );
+    modify(
+        &mut conn,
+        &dn,
+        vec![Mod::Replace(b"description".to_vec(), set(&[b"third"]))],
+    );
+    // `wait_caught_up` finds the first `m` of the DN: a later write marks the end.
+    let marker = format!("cn=marker,{BASE}");
+    add(
+        &mut conn,
+        &marker,
+        &[
+            ("objectClass", &[b"organizationalRole"]),
+            ("cn", &[b"marker"]),
+        ],
+    );
+    wait_caught_up(&mut listener, &notifier, &marker, 'a');
+    assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
+    // The shortcut was tried and refused by the assertion (result code 122).
+    let log = listener.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(fell_back) && l.contains("result code 122")),
+        "{}",
+        listener.log_tail(40)
+    );
+    assert!(
+        !listener.log().contains("quarantined"),
+        "{}",
+        listener.log_tail(40)
+    );
+}
+
 #[test]
 fn a_refused_change_is_quarantined_and_retried_after_the_schema_is_fixed() {
     let primary = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();

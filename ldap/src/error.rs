@@ -19,6 +19,8 @@ pub mod rc {
     pub const OBJECT_CLASS_VIOLATION: u32 = 65;
     pub const NOT_ALLOWED_ON_NONLEAF: u32 = 66;
     pub const ALREADY_EXISTS: u32 = 68;
+    /// RFC 4528: the object does not match the request's assertion control.
+    pub const ASSERTION_FAILED: u32 = 122;
     pub(crate) const SERVER_DOWN: u32 = 81;
 }
 

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use ldap3::{Ldap, Mod};
+use ldap3::controls::{Assertion, MakeCritical as _};
+use ldap3::{Ldap, LdapError, Mod, ldap_escape, parse_filter};
 
 use crate::error::{LdapFailure, failure, timed};
 
@@ -65,6 +66,36 @@ pub async fn modify(
     let mods: Vec<Mod<Vec<u8>>> = changes.iter().map(Change::to_mod).collect();
     timed(&what, timeout, async {
         ldap.modify(dn, mods)
+            .await
+            .and_then(|r| r.success())
+            .map(drop)
+            .map_err(|e| failure(&what, e))
+    })
+    .await
+}
+
+/// A modify that the server applies only while the object's `attr` holds `value` (RFC 4528
+/// assertion control with the filter `(attr=value)`, sent critical so a server without the
+/// control refuses rather than ignores it). A mismatch is [`rc::ASSERTION_FAILED`].
+///
+/// [`rc::ASSERTION_FAILED`]: crate::rc::ASSERTION_FAILED
+pub async fn modify_if_equal(
+    ldap: &mut Ldap,
+    dn: &str,
+    changes: &[Change],
+    (attr, value): (&str, &str),
+    timeout: Duration,
+) -> Result<(), LdapFailure> {
+    let what = format!("modify {dn}");
+    let filter = format!("({attr}={})", ldap_escape(value));
+    // ldap3 encodes the control's filter with a panic on bad syntax: check it first.
+    if parse_filter(&filter).is_err() {
+        return Err(failure(&what, LdapError::FilterParsing));
+    }
+    let mods: Vec<Mod<Vec<u8>>> = changes.iter().map(Change::to_mod).collect();
+    timed(&what, timeout, async {
+        ldap.with_controls(Assertion { filter }.critical())
+            .modify(dn, mods)
             .await
             .and_then(|r| r.success())
             .map(drop)

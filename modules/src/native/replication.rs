@@ -4,10 +4,14 @@
 //!
 //! - binds to the local slapd as the update DN (`cn=update,<base>`) with the password from
 //!   `rootpw.conf` (read at every connect, as root);
-//! - "old" is what the local slapd holds (a base read with `*` and `+`), so local writes
-//!   (`univention-passwd` on a Replica) are tolerated; an add becomes a modify when the
-//!   object exists, a modify replaces each changed attribute (compared as value sets)
-//!   except `uniqueMember`, which gets a delete of the removed and an add of the new values;
+//! - a change is first written from the listener's old state without reading the local
+//!   object: a modify asserting (RFC 4528) the old state's `entryCSN`, which every write of
+//!   this module carries from the Primary, or an add when the listener knew no object. If
+//!   that is refused, "old" is what the local slapd holds (a base read with `*` and `+`),
+//!   so local writes (`univention-passwd` on a Replica) are tolerated; an add becomes a
+//!   modify when the object exists, a modify replaces each changed attribute (compared as
+//!   value sets) except `uniqueMember`, which gets a delete of the removed and an add of
+//!   the new values;
 //! - UCS's exclude list (ppolicy and overlay attributes), the `pwdAttribute` rewrite to
 //!   `2.5.4.35` (ITS#4025) and `ldap/slave/filter` as the module filter;
 //! - deletes of non-leaf objects remove the subtree deepest first;
@@ -420,6 +424,27 @@ impl Replication {
         .map_err(|e| refused("modify", &e, ldif::modify(dn, changes)))
     }
 
+    /// A modify applied only if the local object's `entryCSN` is `csn`.
+    fn modify_asserted(
+        &mut self,
+        dn: &str,
+        changes: &[Change],
+        csn: &str,
+    ) -> Result<Result<(), LdapFailure>, Failure> {
+        let (dn_owned, changes_owned, csn_owned) =
+            (dn.to_owned(), changes.to_vec(), csn.to_owned());
+        self.op(|mut ldap, timeout| async move {
+            write::modify_if_equal(
+                &mut ldap,
+                &dn_owned,
+                &changes_owned,
+                ("entryCSN", &csn_owned),
+                timeout,
+            )
+            .await
+        })
+    }
+
     fn delete_one(&mut self, dn: &str) -> Result<Result<(), LdapFailure>, Failure> {
         let dn_owned = dn.to_owned();
         self.op(
@@ -493,14 +518,38 @@ impl Replication {
     }
 
     /// Makes the local object `dn` hold `new`; with `move_from`, the object is first
-    /// renamed from there.
+    /// renamed from there. `expected` is what the listener last handed over for `dn` (its
+    /// cache's old state, writable part): when the local object provably still holds it,
+    /// the write goes out without reading the object first ([`first_attempt`]).
     fn apply_update(
         &mut self,
         dn: &str,
         new: &Attrs,
         move_from: Option<&str>,
+        expected: Option<&Attrs>,
     ) -> Result<(), Failure> {
-        if let Some(from) = move_from.filter(|from| !same_dn(from, dn))
+        let moving = move_from.filter(|from| !same_dn(from, dn));
+        if moving.is_none()
+            && let Some(expected) = expected
+        {
+            // Any refusal of the shortcut (assertion failed, object present or missing,
+            // anything else) leaves the object untouched: the full path below decides.
+            let outcome = match first_attempt(expected, new) {
+                Attempt::Add => Some(self.add(dn, new)?),
+                Attempt::AssertedModify { changes, csn } => {
+                    Some(self.modify_asserted(dn, &changes, &csn)?)
+                }
+                Attempt::ReadFirst => None,
+            };
+            match outcome {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) => tracing::debug!(
+                    "replication: {dn} is not as the listener last saw it ({e}); reading it"
+                ),
+                None => {}
+            }
+        }
+        if let Some(from) = moving
             && let Some(source) = self.read(from)?
         {
             if let Some(target) = self.read(dn)? {
@@ -661,7 +710,7 @@ impl Replication {
                 self.delete_recursive(&record.dn)
             } else {
                 let new = self.writable(&new);
-                self.apply_update(&record.dn, &new, record.move_from.as_deref())
+                self.apply_update(&record.dn, &new, record.move_from.as_deref(), None)
             };
             match result {
                 Ok(()) => {
@@ -773,7 +822,8 @@ impl Replication {
         {
             return self.queue(call, &new, move_from.as_deref(), blocker);
         }
-        match self.apply_update(call.dn, &new, move_from.as_deref()) {
+        let expected = self.writable(call.old);
+        match self.apply_update(call.dn, &new, move_from.as_deref(), Some(&expected)) {
             Ok(()) => Ok(()),
             Err(Failure::Refused {
                 operation,
@@ -1102,6 +1152,47 @@ impl Module for Replication {
     }
 }
 
+/// How a change of an object that does not move is first written, before (or instead of)
+/// reading the local object.
+#[derive(Debug, PartialEq, Eq)]
+enum Attempt {
+    /// The listener knew no object: add it; if one is there after all, read it.
+    Add,
+    /// The modify from the listener's old state, applied only while the local object still
+    /// carries the old state's `entryCSN`. Every write of this module carries the
+    /// Primary's `entryCSN` and any other write gets a fresh one from the local slapd, so an
+    /// equal CSN means the object holds exactly what this module wrote for that state.
+    AssertedModify { changes: Vec<Change>, csn: String },
+    /// Read the local object and write the difference (no CSN to assert, or nothing
+    /// changed as far as the listener knows: the read repairs a local change then).
+    ReadFirst,
+}
+
+fn first_attempt(expected: &Attrs, new: &Attrs) -> Attempt {
+    if expected.is_empty() {
+        return Attempt::Add;
+    }
+    let csn = match expected
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("entryCSN"))
+        .map(|(_, values)| values.as_slice())
+    {
+        Some([csn]) => match std::str::from_utf8(csn) {
+            Ok(csn) if !csn.is_empty() => csn,
+            _ => return Attempt::ReadFirst,
+        },
+        _ => return Attempt::ReadFirst,
+    };
+    let changes = modlist(expected, new);
+    if changes.is_empty() {
+        return Attempt::ReadFirst;
+    }
+    Attempt::AssertedModify {
+        changes,
+        csn: csn.to_owned(),
+    }
+}
+
 fn refused(operation: &'static str, error: &LdapFailure, ldif: String) -> Failure {
     Failure::Refused {
         operation,
@@ -1253,6 +1344,42 @@ mod tests {
         list.iter()
             .map(|(n, v)| ((*n).to_owned(), v.iter().map(|x| x.to_vec()).collect()))
             .collect()
+    }
+
+    #[test]
+    fn the_first_write_skips_the_read_only_when_the_old_state_is_provable() {
+        let csn: &[u8] = b"20261206170000.000001Z#000000#000#000000";
+        let old = attrs(&[
+            ("cn", &[b"a"]),
+            ("description", &[b"old"]),
+            ("entryCSN", &[csn]),
+        ]);
+        let new = attrs(&[
+            ("cn", &[b"a"]),
+            ("description", &[b"new"]),
+            ("entryCSN", &[b"20261206170001.000001Z#000000#000#000000"]),
+        ]);
+        // Known old state with its CSN: the modify from it, asserting the CSN.
+        assert_eq!(
+            first_attempt(&old, &new),
+            Attempt::AssertedModify {
+                changes: modlist(&old, &new),
+                csn: String::from_utf8_lossy(csn).into_owned(),
+            }
+        );
+        // No old state: add.
+        assert_eq!(first_attempt(&Attrs::new(), &new), Attempt::Add);
+        // Nothing to assert (no CSN, several, empty or not text): read first.
+        let without = attrs(&[("cn", &[b"a"]), ("description", &[b"old"])]);
+        assert_eq!(first_attempt(&without, &new), Attempt::ReadFirst);
+        let two = attrs(&[("cn", &[b"a"]), ("entryCSN", &[csn, csn])]);
+        assert_eq!(first_attempt(&two, &new), Attempt::ReadFirst);
+        let empty = attrs(&[("cn", &[b"a"]), ("entryCSN", &[b""])]);
+        assert_eq!(first_attempt(&empty, &new), Attempt::ReadFirst);
+        let binary = attrs(&[("cn", &[b"a"]), ("entryCSN", &[b"\xff"])]);
+        assert_eq!(first_attempt(&binary, &new), Attempt::ReadFirst);
+        // Unchanged as far as the listener knows: read, so a local change gets repaired.
+        assert_eq!(first_attempt(&old, &old), Attempt::ReadFirst);
     }
 
     #[test]
