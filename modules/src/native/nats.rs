@@ -45,7 +45,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, stream};
 use async_nats::{ConnectOptions, ServerAddr};
 use serde::Serialize;
@@ -384,14 +384,27 @@ struct Publisher {
     stream: String,
     shared: Arc<Shared>,
     queue: VecDeque<Entry>,
+    /// `ack_timeout`: the longest wait for any one step (a publish, an acknowledgement, a
+    /// request), so that a connection that died under a step cannot stall the publisher.
+    timeout: Duration,
     /// Set while publishing is broken: when to try again and the wait after that.
-    retry: Option<(tokio::time::Instant, Duration)>,
+    retry: Option<tokio::time::Instant>,
+    /// The wait after the next failure: doubles with every failure, back to the first
+    /// once an acknowledgement comes (failing acknowledgements back off too, so rounds of
+    /// timed-out publishes do not pile up).
+    backoff: Duration,
+    /// The last sign of progress (an acknowledgement, or a send to an idle publisher):
+    /// when the oldest message has no answer for twice `ack_timeout` after it, the
+    /// publisher fails and recovers whatever the reason (a lost answer, a stuck step).
+    progress_at: tokio::time::Instant,
 }
 
 impl Publisher {
     async fn run(mut self, mut jobs: tokio::sync::mpsc::UnboundedReceiver<Job>) {
         loop {
-            let retry_at = self.retry.map(|(at, _)| at);
+            let retry_at = self.retry;
+            let stall_at = (self.retry.is_none() && !self.queue.is_empty())
+                .then(|| self.progress_at + self.timeout * 2);
             tokio::select! {
                 biased;
                 job = jobs.recv() => match job {
@@ -399,9 +412,12 @@ impl Publisher {
                     Some(Job::Resume(messages)) => {
                         self.queue.extend(messages.into_iter().map(|message| Entry { message, ack: None }));
                         // Check the stream before anything goes out.
-                        self.retry = Some((tokio::time::Instant::now(), REPUBLISH_FIRST));
+                        self.retry = Some(tokio::time::Instant::now());
                     }
                     Some(Job::Publish(message)) => {
+                        if self.queue.is_empty() {
+                            self.progress_at = tokio::time::Instant::now();
+                        }
                         self.queue.push_back(Entry { message, ack: None });
                         if self.retry.is_none() {
                             self.send(self.queue.len() - 1).await;
@@ -413,11 +429,17 @@ impl Publisher {
                         if ack.duplicate {
                             tracing::info!("nats: {id} was stored before (duplicate dropped by NATS)");
                         }
+                        self.backoff = REPUBLISH_FIRST;
+                        self.progress_at = tokio::time::Instant::now();
                         self.shared.acknowledged(1);
                     }
-                    Err(e) => self.fail(format!("no acknowledgement for {id}: {e}"), REPUBLISH_FIRST),
+                    Err(e) => self.fail(format!("no acknowledgement for {id}: {e}")),
                 },
                 () = sleep_until(retry_at) => self.republish().await,
+                () = sleep_until(stall_at) => {
+                    let id = self.queue.front().map(|e| e.message.id.clone()).unwrap_or_default();
+                    self.fail(format!("no answer for {id} within {:?}", self.timeout * 2));
+                }
             }
         }
     }
@@ -441,42 +463,64 @@ impl Publisher {
             message = message.expected_last_message_id(after);
         }
         let subject = entry.message.subject.clone();
-        match self
-            .connection
-            .jetstream
-            .send_publish(subject, message)
-            .await
-        {
-            Ok(ack) => {
+        // Bounded as a whole: waiting for a publish permit is not.
+        let sent = tokio::time::timeout(
+            self.timeout,
+            self.connection.jetstream.send_publish(subject, message),
+        )
+        .await;
+        match sent {
+            Ok(Ok(ack)) => {
                 if let Some(entry) = self.queue.get_mut(index) {
-                    entry.ack = Some(ack.into_future());
+                    let ack = ack.into_future();
+                    let timeout = self.timeout;
+                    // The client bounds the wait as well; this makes sure nothing hangs.
+                    entry.ack = Some(Box::pin(async move {
+                        tokio::time::timeout(timeout, ack)
+                            .await
+                            .unwrap_or_else(|_| Err(PublishError::new(PublishErrorKind::TimedOut)))
+                    }));
                 }
             }
-            Err(e) => self.fail(format!("cannot publish {id}: {e}"), REPUBLISH_FIRST),
+            Ok(Err(e)) => self.fail(format!("cannot publish {id}: {e}")),
+            Err(_) => self.fail(format!(
+                "cannot publish {id}: no room to send within {:?}",
+                self.timeout
+            )),
         }
     }
 
-    /// Publishing broke: nothing sent is waited for any more; all of it goes out again.
-    fn fail(&mut self, error: String, wait: Duration) {
+    /// Publishing broke: nothing sent is waited for any more; all of it goes out again
+    /// after the backoff. Every failure comes here, logged with its reason.
+    fn fail(&mut self, error: String) {
         if self.retry.is_some() {
             return;
         }
-        tracing::warn!("nats: {error}; publishing the unacknowledged messages again");
+        let wait = self.backoff;
+        self.backoff = (wait * 2).min(REPUBLISH_MAX);
+        tracing::warn!("nats: {error}; publishing the unacknowledged messages again in {wait:?}");
         for entry in &mut self.queue {
             entry.ack = None;
         }
         self.shared.failing(error);
-        self.retry = Some((tokio::time::Instant::now() + wait, wait));
+        self.retry = Some(tokio::time::Instant::now() + wait);
     }
 
     async fn republish(&mut self) {
-        let Some((_, wait)) = self.retry.take() else {
+        if self.retry.take().is_none() {
             return;
-        };
-        let next_wait = (wait * 2).min(REPUBLISH_MAX);
-        let last = match last_message_id(self.connection.clone(), self.stream.clone()).await {
-            Ok(last) => last,
-            Err(e) => return self.fail(e, next_wait),
+        }
+        let lookup = last_message_id(self.connection.clone(), self.stream.clone());
+        // Three requests, each bounded by the client; the whole bounded here.
+        let last = match tokio::time::timeout(self.timeout * 3, lookup).await {
+            Ok(Ok(last)) => last,
+            Ok(Err(e)) => return self.fail(e),
+            Err(_) => {
+                return self.fail(format!(
+                    "no answer within {:?} for the stream's last message",
+                    self.timeout * 3
+                ));
+            }
         };
         // The stream stores these messages in order: if its last message is one of them,
         // so are the ones before it.
@@ -485,6 +529,7 @@ impl Publisher {
             .and_then(|last| self.queue.iter().position(|e| &e.message.id == last));
         if let Some(at) = stored {
             self.queue.drain(..=at);
+            self.backoff = REPUBLISH_FIRST;
             self.shared.acknowledged(at + 1);
         }
         if self.queue.is_empty() {
@@ -495,12 +540,11 @@ impl Publisher {
             "nats: publishing {} unacknowledged message(s) again",
             self.queue.len()
         );
+        self.progress_at = tokio::time::Instant::now();
         for index in 0..self.queue.len() {
             self.send(index).await;
-            if let Some((at, _)) = &mut self.retry {
-                // Failed again: wait longer.
-                *at = tokio::time::Instant::now() + next_wait;
-                self.retry = Some((*at, next_wait));
+            if self.retry.is_some() {
+                // `send` failed and scheduled the next round.
                 return;
             }
         }
@@ -694,7 +738,10 @@ impl Nats {
             stream,
             shared: Arc::clone(&self.shared),
             queue: VecDeque::new(),
+            timeout: self.settings.ack_timeout,
             retry: None,
+            backoff: REPUBLISH_FIRST,
+            progress_at: tokio::time::Instant::now(),
         };
         runtime.spawn(publisher.run(receiver));
         if !self.resumed && self.outbox.len() > 0 {
@@ -808,8 +855,13 @@ async fn connect(
         .connect(settings.servers.as_slice())
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
-    let mut jetstream = jetstream::new(client);
-    jetstream.set_timeout(settings.ack_timeout);
+    // Acknowledgements dropped after a failure hold a publish permit until they come or
+    // time out: bounded by `ack_timeout` too (the default, 30 s, could use up the permits
+    // over a few republish rounds and block the next publish for that long).
+    let jetstream = jetstream::ContextBuilder::new()
+        .timeout(settings.ack_timeout)
+        .ack_timeout(settings.ack_timeout)
+        .build(client);
     let stream = if settings.create_stream {
         jetstream
             .get_or_create_stream(settings.stream_config())
