@@ -552,15 +552,23 @@ impl Publisher {
 }
 
 /// The oldest publish's acknowledgement with its message id (never ready while nothing is
-/// in flight).
+/// in flight). Only an acknowledged message leaves the queue: a failed one stays first, to
+/// be found in the stream or published again.
 async fn next_ack(
     queue: &mut VecDeque<Entry>,
 ) -> (String, Result<jetstream::publish::PublishAck, PublishError>) {
-    let Some(ack) = queue.front_mut().and_then(|e| e.ack.as_mut()) else {
+    let Some(entry) = queue.front_mut() else {
+        return std::future::pending().await;
+    };
+    let Some(ack) = entry.ack.as_mut() else {
         return std::future::pending().await;
     };
     let result = ack.as_mut().await;
-    let id = queue.pop_front().map(|e| e.message.id).unwrap_or_default();
+    entry.ack = None;
+    let id = entry.message.id.clone();
+    if result.is_ok() {
+        queue.pop_front();
+    }
     (id, result)
 }
 
@@ -745,7 +753,20 @@ impl Nats {
         };
         runtime.spawn(publisher.run(receiver));
         if !self.resumed && self.outbox.len() > 0 {
-            let messages = self.outbox.pending().cloned().collect();
+            // Subjects as configured now: a changed `subject_prefix` applies to what the
+            // last run left too (the command is the subject's last token).
+            let prefix = &self.settings.prefix;
+            let messages = self
+                .outbox
+                .pending()
+                .map(|message| {
+                    let command = message.subject.rsplit('.').next().unwrap_or_default();
+                    Message {
+                        subject: format!("{prefix}.{command}"),
+                        ..message.clone()
+                    }
+                })
+                .collect();
             sender
                 .send(Job::Resume(messages))
                 .map_err(|_| ModuleError::transient("the module's publisher stopped"))?;
