@@ -1164,6 +1164,38 @@ mod tests {
         }
     }
 
+    /// A failed acknowledgement must leave its message first in the queue (it is looked
+    /// up in the stream and published again); an acknowledged one leaves the queue.
+    #[test]
+    fn only_an_acknowledged_message_leaves_the_queue() {
+        let entry = |id: &str, ack: AckFuture| Entry {
+            message: Message {
+                id: id.to_owned(),
+                subject: "p.a".to_owned(),
+                payload: bytes::Bytes::new(),
+            },
+            ack: Some(ack),
+        };
+        let failed: AckFuture =
+            Box::pin(async { Err(PublishError::new(PublishErrorKind::TimedOut)) });
+        let stored: AckFuture =
+            Box::pin(async { Ok(serde_json::from_str(r#"{"stream":"s","seq":1}"#).unwrap()) });
+        let mut queue = VecDeque::from([entry("x:1:1", failed), entry("x:1:2", stored)]);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (id, result) = runtime.block_on(next_ack(&mut queue));
+        assert_eq!(id, "x:1:1");
+        assert!(result.is_err());
+        assert_eq!(queue.len(), 2, "the failed message stays queued");
+        assert!(queue[0].ack.is_none(), "and waits to be published again");
+        queue.pop_front();
+        let (id, result) = runtime.block_on(next_ack(&mut queue));
+        assert_eq!((id.as_str(), result.is_ok()), ("x:1:2", true));
+        assert!(queue.is_empty());
+    }
+
     #[test]
     fn unreachable_server_is_a_transient_failure() {
         // A port nobody listens on: bound, then closed.
