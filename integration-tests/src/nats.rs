@@ -233,6 +233,33 @@ pub fn read_stream(servers: &str, stream: &str) -> Result<Vec<StreamMessage>> {
     runtime.block_on(read_stream_async(servers, stream))
 }
 
+/// How many messages `stream` holds.
+pub fn stream_message_count(servers: &str, stream: &str) -> Result<u64> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_context("starting a runtime"))?;
+    runtime.block_on(async {
+        let servers: Vec<&str> = servers.split(',').collect();
+        let client = async_nats::connect(servers.as_slice())
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(nats_error("connecting"))?;
+        let mut handle = async_nats::jetstream::new(client)
+            .get_stream(stream)
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(nats_error("finding the stream"))?;
+        Ok(handle
+            .info()
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(nats_error("reading the stream info"))?
+            .state
+            .messages)
+    })
+}
+
 fn nats_error(what: &str) -> impl FnOnce(String) -> HarnessError + '_ {
     move |e| HarnessError::Listener(format!("NATS: {what}: {e}"))
 }

@@ -22,18 +22,30 @@ use integration_tests::{
 const T: Duration = Duration::from_secs(180);
 const STREAM: &str = "udl-test";
 
-/// The module's config file: the given servers, short timeouts so outages show quickly.
+/// The module's config file: the given servers, short timeouts so outages show quickly
+/// (unless `extra` sets `ack_timeout`), the outbox in `<dir>/nats-state`.
 fn nats_conf(dir: &Path, servers: &str, extra: &str) -> PathBuf {
     let path = dir.join("nats.conf");
+    let ack_timeout = if extra.contains("ack_timeout") {
+        ""
+    } else {
+        "ack_timeout = 2\n"
+    };
     std::fs::write(
         &path,
         format!(
             "servers = {servers}\nstream = {STREAM}\nsubject_prefix = udl\n\
-             ack_timeout = 2\nconnect_timeout = 1\n{extra}"
+             {ack_timeout}connect_timeout = 1\nstate_dir = {}\n{extra}",
+            dir.join("nats-state").display()
         ),
     )
     .unwrap();
     path
+}
+
+/// The outbox file of the module configured by [`nats_conf`].
+fn outbox_size(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join("nats-state/nats.outbox")).map_or(0, |m| m.len())
 }
 
 fn start_listener(slapd: &Slapd, notifier: &Notifier, conf: &Path) -> Listener {
@@ -260,6 +272,13 @@ fn nats_down_at_start_events_wait_and_arrive_once_it_is_up() {
     listener.stop().unwrap();
 }
 
+/// The jsonl module's lines so far (handler calls, with repeats after crashes).
+fn jsonl_lines(listener: &Listener) -> usize {
+    std::fs::read(listener.jsonl_path())
+        .map(|bytes| bytes.iter().filter(|&&b| b == b'\n').count())
+        .unwrap_or(0)
+}
+
 /// A small deterministic pseudo-random sequence (the seed is printed to replay a run).
 struct Lcg(u64);
 
@@ -331,18 +350,20 @@ fn mixed_writes(admin: &mut Directory, prefix: &str, writes: usize) -> (String, 
     last
 }
 
-/// 2,000 mixed changes; the listener is SIGKILLed at 20 random points while it works
+/// 4,000 mixed changes; the listener is SIGKILLed at 20 random points while it works
 /// through them and NATS is restarted twice: the stream holds exactly one message per
 /// handler call, in transaction order, none missing.
 #[test]
 fn sigkills_and_nats_restarts_lose_and_duplicate_nothing() {
-    const WRITES: usize = 2000;
+    const WRITES: usize = 4000;
     const KILLS: usize = 20;
     let slapd = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
     let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut server = NatsServer::start(dir.path()).unwrap();
-    let conf = nats_conf(dir.path(), &server.url(), "");
+    // A small outbox: while NATS is away the listener runs ahead only that far, then waits
+    // with a full outbox (so the kills still land in the backlog).
+    let conf = nats_conf(dir.path(), &server.url(), "outbox_limit = 50\n");
     let mut listener = start_listener(&slapd, &notifier, &conf);
     // Stopped during its initialisation, the module would make a second snapshot.
     wait_both_initialized(&mut listener);
@@ -360,15 +381,17 @@ fn sigkills_and_nats_restarts_lose_and_duplicate_nothing() {
     let mut random = Lcg(seed);
     // Small steps: a kill lands some way after the step is reached, and all KILLS must
     // land before the backlog is done.
-    let per_round = (last / (3 * KILLS as u64)).max(2);
+    let per_round = (last / (6 * KILLS as u64)).max(2);
     let mut kills = 0;
     for round in 0..KILLS {
         listener.restart().unwrap();
-        let before = listener.changes().unwrap().len();
+        let before = jsonl_lines(&listener);
         let step = 1 + random.next(per_round * 2) as usize;
         listener
             .wait_until("progress through the backlog", T, |l| {
-                let now = l.changes()?.len();
+                // Lines, not parsed changes: parsing a growing file on every poll let the
+                // listener run far past the kill point.
+                let now = jsonl_lines(l);
                 Ok((now >= before + step || l.notifier_id() >= Some(last)).then_some(()))
             })
             .unwrap();
@@ -400,6 +423,54 @@ fn sigkills_and_nats_restarts_lose_and_duplicate_nothing() {
     assert!(expected >= WRITES / 2, "only {expected} handler calls");
     let stream = wait_stream(&server.url(), expected);
     assert_exactly_once(&stream, &changes);
+    listener.stop().unwrap();
+}
+
+/// NATS stops under the running listener, which goes on: the handler returns once a
+/// message is in the outbox, so the listener passes transactions whose messages are only
+/// there. It is SIGKILLed in that state; after NATS and the listener are back, the outbox
+/// is published (without waiting for a new change), every call once, in order.
+#[test]
+fn a_kill_while_the_outbox_holds_unacknowledged_messages_loses_and_duplicates_nothing() {
+    const WRITES: usize = 200;
+    let slapd = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
+    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = NatsServer::start(dir.path()).unwrap();
+    // No acknowledgement times out while NATS is away: everything piles up in the outbox.
+    let conf = nats_conf(dir.path(), &server.url(), "ack_timeout = 120\n");
+    let mut listener = start_listener(&slapd, &notifier, &conf);
+    wait_both_initialized(&mut listener);
+    let published = wait_stream(&server.url(), 1).len();
+
+    server.stop().unwrap();
+    let mut admin = slapd.admin().unwrap();
+    let (dn, command) = mixed_writes(&mut admin, "o", WRITES);
+    let last = notifier.wait_transaction(&dn, command, T).unwrap();
+    listener.wait_for_id(last, T).unwrap();
+    let held = outbox_size(dir.path());
+    let calls = jsonl_calls(&listener.changes().unwrap()).len();
+    assert!(
+        held > 0 && calls > published,
+        "the listener passed {calls} calls with NATS down, outbox {held} bytes"
+    );
+    listener.kill().unwrap();
+
+    server.restart().unwrap();
+    listener.restart().unwrap();
+    let changes = listener.changes().unwrap();
+    let stream = wait_stream(&server.url(), jsonl_calls(&changes).len());
+    assert_exactly_once(&stream, &changes);
+    let added: Vec<&str> = stream
+        .iter()
+        .filter(|m| m.payload["id"].as_u64() == Some(last))
+        .map(|m| m.payload["dn"].as_str().unwrap())
+        .collect();
+    assert_eq!(added, [dn.as_str()], "the last transaction is there");
+    wait_until("the outbox to be emptied", T, || {
+        Ok((outbox_size(dir.path()) == 0).then_some(()))
+    })
+    .unwrap();
     listener.stop().unwrap();
 }
 

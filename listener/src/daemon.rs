@@ -863,9 +863,16 @@ impl Daemon {
         if self.unflushed == 0 && !force {
             return;
         }
+        // Modules' own files first (the nats outbox): a commit that is durable has them.
+        let synced = self.engine.handlers_mut().sync();
         let cache = self.engine.cache();
-        let flushed = daemon::failpoint::check("cache-flush")
-            .map_err(|e| cache::CacheError::Store(e.to_string()))
+        let flushed = synced
+            .map_err(cache::CacheError::Store)
+            .and_then(|()| {
+                daemon::failpoint::check("cache-flush")
+                    .map_err(|e| e.to_string())
+                    .map_err(cache::CacheError::Store)
+            })
             .and_then(|()| run_blocking(|| cache.flush()));
         if let Err(e) = flushed {
             // Like an fsync error: retrying may "succeed" with the data gone. Stop; the

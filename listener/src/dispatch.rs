@@ -762,6 +762,17 @@ impl Handlers {
         }
     }
 
+    /// `sync` for every module, before the listener makes its commits durable: the first
+    /// failure (the caller stops as after a failed flush of its own).
+    pub fn sync(&mut self) -> Result<(), String> {
+        for slot in &mut self.slots {
+            if let Err(e) = run_blocking(|| slot.module.sync()) {
+                return Err(format!("{}: sync failed: {e}", slot.name()));
+            }
+        }
+        Ok(())
+    }
+
     /// Runs one handler call with the lazy `prerun`; true on success.
     fn handle(&mut self, index: usize, call: &Call<'_>) -> bool {
         let Some(slot) = self.slots.get(index) else {

@@ -210,6 +210,14 @@ pub trait Module: Send {
         Ok(())
     }
 
+    /// Called before the listener makes its commits durable (fsync): a module that keeps
+    /// output for a committed transaction in a file of its own (the `nats` outbox) syncs it
+    /// here, so no commit survives a power loss without it. An error stops the listener
+    /// like a failed flush of its own.
+    fn sync(&mut self) -> Result<(), ModuleError> {
+        Ok(())
+    }
+
     /// First half of (re)initialisation: forget everything derived from earlier objects.
     fn clean(&mut self) -> Result<(), ModuleError> {
         Ok(())

@@ -30,6 +30,7 @@ mod exec;
 mod json;
 mod jsonl;
 mod nats;
+mod outbox;
 mod quarantine;
 pub mod replication;
 mod schema;

@@ -3,22 +3,28 @@
 //!
 //! One message per handler call, subject `<subject_prefix>.<command>` (`a`, `m`, `d`, `r`,
 //! `n`: the module API's command codes, so a consumer filters e.g. `udl.d`), payload the
-//! JSON of [`payload`]. Exactly once rests on three things:
+//! JSON of [`payload`]. Exactly once rests on these:
 //!
 //! - the message id (`Nats-Msg-Id`) is `<identity>:<transaction>:<number>` ([`Call::number`]
 //!   is the same on every attempt of a transaction), so the stream drops a repeat within its
 //!   duplicate window: after a lost acknowledgement, a timeout or a crash of the listener;
-//! - before repeating a message, the module looks at the stream's last message: if that is
-//!   this one (or a later call of the same transaction), it was stored and is not sent
-//!   again, which also covers a repeat after the duplicate window (one publisher per
-//!   stream, see README);
-//! - the handler returns only after the stream's acknowledgement (PubAck), and while NATS
-//!   cannot be reached it fails *transiently*: the listener waits at the transaction and
-//!   repeats the call with backoff, so its id never passes an event that is not stored.
-//!
-//! The module API hands over one call at a time and the listener commits each transaction
-//! after its calls, so publishes are not pipelined: each waits for its acknowledgement,
-//! which is also what keeps the stream in transaction order when a publish fails.
+//! - the outbox ([`super::outbox`]): the handler appends the message to a file in
+//!   `state_dir` and hands it to the publisher task, which publishes without waiting and
+//!   collects the acknowledgements (PubAcks) in order; acknowledged messages leave the
+//!   outbox. So the handler returns before the acknowledgement and publishes overlap, but a
+//!   message the listener has passed is in the outbox or in the stream. At start and after
+//!   a failed publish the outbox is published again, in order, before anything new;
+//! - each message names the one published before it (`Nats-Expected-Last-Msg-Id`) unless
+//!   that was acknowledged already: the stream refuses a message whose predecessor was lost,
+//!   so a lost publish cannot be overtaken and the stream stays in transaction order;
+//! - before publishing the outbox again, the module looks at the stream's last message:
+//!   the outbox messages up to it are stored (in order, see above) and are not sent again,
+//!   and neither are later calls of a transaction whose last message is there, which also
+//!   covers a repeat after the duplicate window (one publisher per stream, see README);
+//! - while NATS cannot be reached, acknowledgements stall or the outbox is full
+//!   (`outbox_limit`), the handler fails *transiently*: the listener waits at the
+//!   transaction and repeats the call with backoff, so its id never passes an event that
+//!   is neither stored nor in the outbox.
 //!
 //! Config keys besides the common ones (`nats=@FILE` only): `servers` (required,
 //! comma-separated URLs), `stream` (default `univention-directory`), `subject_prefix`
@@ -26,20 +32,26 @@
 //! `user` and `password_file`, `tls_ca`, `tls_cert` and `tls_key`, `create_stream`
 //! (default yes) and the settings of a created stream: `replicas` (1), `retention`
 //! (`limits`, `interest` or `workqueue`), `max_age` (seconds, 0 = unlimited),
-//! `duplicate_window` (seconds, default 3600); `ack_timeout` (seconds, default 10) and
-//! `connect_timeout` (seconds, default 5).
+//! `duplicate_window` (seconds, default 3600); `ack_timeout` (seconds, default 10),
+//! `connect_timeout` (seconds, default 5), `state_dir` (the outbox `<name>.outbox`;
+//! default `/var/lib/univention-directory-listener/nats`) and `outbox_limit` (messages
+//! not yet acknowledged before the listener waits, default 1000).
 
-use std::future::Future;
+use std::collections::VecDeque;
+use std::future::{Future, IntoFuture as _};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, stream};
 use async_nats::{ConnectOptions, ServerAddr};
 use serde::Serialize;
 
 use super::json::AttributeMap;
+use super::outbox::{Message, Outbox, OutboxError};
 use super::{NativeError, config, default_info};
 use crate::module::{Call, Command, Module, ModuleError, ModuleInfo, changed_attributes};
 
@@ -52,6 +64,10 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Long enough to cover a listener restart and an ordinary NATS outage; the check of the
 /// stream's last message covers longer ones.
 const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(3600);
+const DEFAULT_STATE_DIR: &str = "/var/lib/univention-directory-listener/nats";
+/// Enough to keep publishes overlapping and to ride out a short hiccup of NATS; small
+/// enough that a replay after an outage is quick.
+const DEFAULT_OUTBOX_LIMIT: usize = 1000;
 
 #[derive(Debug, Clone)]
 pub(super) struct Settings {
@@ -74,6 +90,8 @@ pub(super) struct Settings {
     duplicate_window: Duration,
     ack_timeout: Duration,
     connect_timeout: Duration,
+    state_dir: PathBuf,
+    outbox_limit: usize,
 }
 
 impl Settings {
@@ -108,6 +126,8 @@ impl Settings {
             duplicate_window: DEFAULT_DUPLICATE_WINDOW,
             ack_timeout: DEFAULT_ACK_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            outbox_limit: DEFAULT_OUTBOX_LIMIT,
         }
     }
 
@@ -152,6 +172,14 @@ impl Settings {
                 "duplicate_window" => s.duplicate_window = parse_seconds(value, false)?,
                 "ack_timeout" => s.ack_timeout = parse_seconds(value, false)?,
                 "connect_timeout" => s.connect_timeout = parse_seconds(value, false)?,
+                "state_dir" => s.state_dir = PathBuf::from(value),
+                "outbox_limit" => {
+                    s.outbox_limit = value
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| format!("{value:?} is not a positive message count"))?;
+                }
                 _ => return Ok(false),
             }
             Ok(true)
@@ -289,22 +317,288 @@ struct Connection {
     jetstream: jetstream::Context,
 }
 
+/// What the publisher task reports back to the handler.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Messages acknowledged by the stream (or found stored) so far, in publish order.
+    acknowledged: usize,
+    /// Why publishing stopped, until the next acknowledgement: the task publishes the
+    /// unacknowledged messages again after a backoff, and the handler takes no new ones.
+    failing: Option<String>,
+}
+
+/// The publisher task's reports and a condition to wait for the next one.
+#[derive(Default)]
+struct Shared {
+    progress: Mutex<Progress>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn acknowledged(&self, count: usize) {
+        let mut progress = self.lock();
+        progress.acknowledged += count;
+        progress.failing = None;
+        drop(progress);
+        self.changed.notify_all();
+    }
+
+    fn failing(&self, error: String) {
+        self.lock().failing = Some(error);
+        self.changed.notify_all();
+    }
+}
+
+/// Work for the publisher task.
+enum Job {
+    /// The outbox as the last run left it: checked against the stream, then published.
+    Resume(Vec<Message>),
+    /// A new message, after everything handed over before.
+    Publish(Message),
+}
+
+type AckFuture =
+    Pin<Box<dyn Future<Output = Result<jetstream::publish::PublishAck, PublishError>> + Send>>;
+
+/// A message not yet acknowledged, with its acknowledgement to come (none while it has
+/// to be sent again).
+struct Entry {
+    message: Message,
+    ack: Option<AckFuture>,
+}
+
+/// First and longest wait before the unacknowledged messages are published again.
+const REPUBLISH_FIRST: Duration = Duration::from_millis(250);
+const REPUBLISH_MAX: Duration = Duration::from_secs(5);
+
+/// Publishes messages in order without waiting for acknowledgements and collects those in
+/// order. When a publish fails, every unacknowledged message is published again after a
+/// backoff: first those the stream already has (its last message is one of them) are
+/// counted as acknowledged, then the rest go out again, chained, in order.
+struct Publisher {
+    connection: Connection,
+    stream: String,
+    shared: Arc<Shared>,
+    queue: VecDeque<Entry>,
+    /// `ack_timeout`: the longest wait for any one step (a publish, an acknowledgement, a
+    /// request), so that a connection that died under a step cannot stall the publisher.
+    timeout: Duration,
+    /// Set while publishing is broken: when to try again and the wait after that.
+    retry: Option<tokio::time::Instant>,
+    /// The wait after the next failure: doubles with every failure, back to the first
+    /// once an acknowledgement comes (failing acknowledgements back off too, so rounds of
+    /// timed-out publishes do not pile up).
+    backoff: Duration,
+    /// The last sign of progress (an acknowledgement, or a send to an idle publisher):
+    /// when the oldest message has no answer for twice `ack_timeout` after it, the
+    /// publisher fails and recovers whatever the reason (a lost answer, a stuck step).
+    progress_at: tokio::time::Instant,
+}
+
+impl Publisher {
+    async fn run(mut self, mut jobs: tokio::sync::mpsc::UnboundedReceiver<Job>) {
+        loop {
+            let retry_at = self.retry;
+            let stall_at = (self.retry.is_none() && !self.queue.is_empty())
+                .then(|| self.progress_at + self.timeout * 2);
+            tokio::select! {
+                biased;
+                job = jobs.recv() => match job {
+                    None => return,
+                    Some(Job::Resume(messages)) => {
+                        self.queue.extend(messages.into_iter().map(|message| Entry { message, ack: None }));
+                        // Check the stream before anything goes out.
+                        self.retry = Some(tokio::time::Instant::now());
+                    }
+                    Some(Job::Publish(message)) => {
+                        if self.queue.is_empty() {
+                            self.progress_at = tokio::time::Instant::now();
+                        }
+                        self.queue.push_back(Entry { message, ack: None });
+                        if self.retry.is_none() {
+                            self.send(self.queue.len() - 1).await;
+                        }
+                    }
+                },
+                (id, result) = next_ack(&mut self.queue), if self.retry.is_none() => match result {
+                    Ok(ack) => {
+                        if ack.duplicate {
+                            tracing::info!("nats: {id} was stored before (duplicate dropped by NATS)");
+                        }
+                        self.backoff = REPUBLISH_FIRST;
+                        self.progress_at = tokio::time::Instant::now();
+                        self.shared.acknowledged(1);
+                    }
+                    Err(e) => self.fail(format!("no acknowledgement for {id}: {e}")),
+                },
+                () = sleep_until(retry_at) => self.republish().await,
+                () = sleep_until(stall_at) => {
+                    let id = self.queue.front().map(|e| e.message.id.clone()).unwrap_or_default();
+                    self.fail(format!("no answer for {id} within {:?}", self.timeout * 2));
+                }
+            }
+        }
+    }
+
+    /// Publishes entry `index`, naming the one before it (unacknowledged) as the stream's
+    /// expected last message.
+    async fn send(&mut self, index: usize) {
+        let after = index
+            .checked_sub(1)
+            .and_then(|i| self.queue.get(i))
+            .map(|e| e.message.id.clone());
+        let Some(entry) = self.queue.get(index) else {
+            return;
+        };
+        let id = entry.message.id.clone();
+        let mut message = jetstream::message::PublishMessage::build()
+            .payload(entry.message.payload.clone())
+            .message_id(&id)
+            .expected_stream(&self.stream);
+        if let Some(after) = &after {
+            message = message.expected_last_message_id(after);
+        }
+        let subject = entry.message.subject.clone();
+        // Bounded as a whole: waiting for a publish permit is not.
+        let sent = tokio::time::timeout(
+            self.timeout,
+            self.connection.jetstream.send_publish(subject, message),
+        )
+        .await;
+        match sent {
+            Ok(Ok(ack)) => {
+                if let Some(entry) = self.queue.get_mut(index) {
+                    let ack = ack.into_future();
+                    let timeout = self.timeout;
+                    // The client bounds the wait as well; this makes sure nothing hangs.
+                    entry.ack = Some(Box::pin(async move {
+                        tokio::time::timeout(timeout, ack)
+                            .await
+                            .unwrap_or_else(|_| Err(PublishError::new(PublishErrorKind::TimedOut)))
+                    }));
+                }
+            }
+            Ok(Err(e)) => self.fail(format!("cannot publish {id}: {e}")),
+            Err(_) => self.fail(format!(
+                "cannot publish {id}: no room to send within {:?}",
+                self.timeout
+            )),
+        }
+    }
+
+    /// Publishing broke: nothing sent is waited for any more; all of it goes out again
+    /// after the backoff. Every failure comes here, logged with its reason.
+    fn fail(&mut self, error: String) {
+        if self.retry.is_some() {
+            return;
+        }
+        let wait = self.backoff;
+        self.backoff = (wait * 2).min(REPUBLISH_MAX);
+        tracing::warn!("nats: {error}; publishing the unacknowledged messages again in {wait:?}");
+        for entry in &mut self.queue {
+            entry.ack = None;
+        }
+        self.shared.failing(error);
+        self.retry = Some(tokio::time::Instant::now() + wait);
+    }
+
+    async fn republish(&mut self) {
+        if self.retry.take().is_none() {
+            return;
+        }
+        let lookup = last_message_id(self.connection.clone(), self.stream.clone());
+        // Three requests, each bounded by the client; the whole bounded here.
+        let last = match tokio::time::timeout(self.timeout * 3, lookup).await {
+            Ok(Ok(last)) => last,
+            Ok(Err(e)) => return self.fail(e),
+            Err(_) => {
+                return self.fail(format!(
+                    "no answer within {:?} for the stream's last message",
+                    self.timeout * 3
+                ));
+            }
+        };
+        // The stream stores these messages in order: if its last message is one of them,
+        // so are the ones before it.
+        let stored = last
+            .as_ref()
+            .and_then(|last| self.queue.iter().position(|e| &e.message.id == last));
+        if let Some(at) = stored {
+            self.queue.drain(..=at);
+            self.backoff = REPUBLISH_FIRST;
+            self.shared.acknowledged(at + 1);
+        }
+        if self.queue.is_empty() {
+            self.shared.acknowledged(0);
+            return;
+        }
+        tracing::info!(
+            "nats: publishing {} unacknowledged message(s) again",
+            self.queue.len()
+        );
+        self.progress_at = tokio::time::Instant::now();
+        for index in 0..self.queue.len() {
+            self.send(index).await;
+            if self.retry.is_some() {
+                // `send` failed and scheduled the next round.
+                return;
+            }
+        }
+    }
+}
+
+/// The oldest publish's acknowledgement with its message id (never ready while nothing is
+/// in flight). Only an acknowledged message leaves the queue: a failed one stays first, to
+/// be found in the stream or published again.
+async fn next_ack(
+    queue: &mut VecDeque<Entry>,
+) -> (String, Result<jetstream::publish::PublishAck, PublishError>) {
+    let Some(entry) = queue.front_mut() else {
+        return std::future::pending().await;
+    };
+    let Some(ack) = entry.ack.as_mut() else {
+        return std::future::pending().await;
+    };
+    let result = ack.as_mut().await;
+    entry.ack = None;
+    let id = entry.message.id.clone();
+    if result.is_ok() {
+        queue.pop_front();
+    }
+    (id, result)
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 pub(super) struct Nats {
     settings: Arc<Settings>,
     /// The module's own runtime (one worker): the handler runs on the listener's main loop
     /// (blocking work) and waits for its futures here, whatever runtime it is called from.
     runtime: Option<tokio::runtime::Runtime>,
-    connection: Option<Connection>,
+    /// Messages published and not yet acknowledged, on disk.
+    outbox: Outbox,
+    /// The publisher task's queue (there once connected).
+    jobs: Option<tokio::sync::mpsc::UnboundedSender<Job>>,
+    shared: Arc<Shared>,
+    /// How many of the publisher's acknowledgements the outbox has dropped.
+    applied: usize,
+    /// Whether the outbox left by the last run was handed to the publisher.
+    resumed: bool,
+    /// The last message id known to be stored or in the outbox at start, while the calls
+    /// of its transaction are repeated (a crash cut it short): every call up to it is
+    /// there already.
+    stored_last: Option<String>,
     /// The LDAP base from `setdata`, the default identity.
     basedn: Option<String>,
-    /// The message whose last publish failed: before it is sent again, the stream is asked
-    /// whether it got it. At start every first message is such a repeat (a crash may have
-    /// cut the transaction short after some of its messages were stored).
-    unsure: Option<String>,
-    started: bool,
-    /// The stream's last message id as read at the last check, while the calls of its
-    /// transaction go on: every call up to it is in the stream already.
-    stored_last: Option<String>,
     /// Start of the current initialisation pass (unix nanoseconds), part of the ids of its
     /// `n` messages: every pass is a new snapshot.
     init_pass: u128,
@@ -320,14 +614,37 @@ impl Nats {
             .enable_all()
             .build()
             .map_err(|source| NativeError::Runtime { source })?;
+        let state_error = |message: String| NativeError::Argument {
+            kind: "nats",
+            message,
+        };
+        daemon::fs::create_private_dir(&settings.state_dir).map_err(|e| {
+            state_error(format!(
+                "cannot create the state directory {}: {e}",
+                settings.state_dir.display()
+            ))
+        })?;
+        let path = settings
+            .state_dir
+            .join(format!("{}.outbox", settings.info.name));
+        let outbox = Outbox::open(&path).map_err(|e| state_error(e.to_string()))?;
+        if outbox.len() > 0 {
+            tracing::info!(
+                "nats: {} message(s) in the outbox {} are published again first",
+                outbox.len(),
+                path.display()
+            );
+        }
         Ok(Nats {
             settings: Arc::new(settings),
             runtime: Some(runtime),
-            connection: None,
-            basedn: None,
-            unsure: None,
-            started: false,
+            outbox,
+            jobs: None,
+            shared: Arc::default(),
+            applied: 0,
+            resumed: false,
             stored_last: None,
+            basedn: None,
             init_pass: 0,
             last_event: Arc::new(Mutex::new(None)),
         })
@@ -372,22 +689,33 @@ impl Nats {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let servers = &self.settings.servers_text;
+        let outbox = match self.outbox.len() {
+            0 => String::new(),
+            n => format!("; {n} message(s) wait in the outbox"),
+        };
         match event {
             Some(event) => ModuleError::transient(format!(
-                "NATS {servers} (stream {}): {what} (connection: {event})",
+                "NATS {servers} (stream {}): {what} (connection: {event}){outbox}",
                 self.settings.stream
             )),
             None => ModuleError::transient(format!(
-                "NATS {servers} (stream {}): {what}",
+                "NATS {servers} (stream {}): {what}{outbox}",
                 self.settings.stream
             )),
         }
     }
 
-    /// The connection, made (and the stream checked or created) if there is none.
-    fn connection(&mut self) -> Result<Connection, ModuleError> {
-        if let Some(connection) = &self.connection {
-            return Ok(connection.clone());
+    fn outbox_error(&self, error: OutboxError) -> ModuleError {
+        // The disk may come back (space freed): retried like an unreachable server, and
+        // nothing passes a message that is not on disk.
+        ModuleError::transient(error.to_string())
+    }
+
+    /// The publisher's queue, once connected (the stream checked or created) and the
+    /// outbox of the last run handed over.
+    fn publisher(&mut self) -> Result<tokio::sync::mpsc::UnboundedSender<Job>, ModuleError> {
+        if let Some(jobs) = &self.jobs {
+            return Ok(jobs.clone());
         }
         let settings = Arc::clone(&self.settings);
         let events = Arc::clone(&self.last_event);
@@ -399,8 +727,53 @@ impl Nats {
             self.settings.stream,
             self.settings.prefix
         );
-        self.connection = Some(connection.clone());
-        Ok(connection)
+        let stream = self.settings.stream.clone();
+        if !self.resumed {
+            // A call repeated after a crash is in the outbox (its tail) or in the stream.
+            self.stored_last = match self.outbox.last_id() {
+                Some(last) => Some(last.to_owned()),
+                None => self
+                    .wait(last_message_id(connection.clone(), stream.clone()))?
+                    .map_err(|e| self.unavailable(e))?,
+            };
+        }
+        let Some(runtime) = &self.runtime else {
+            return Err(ModuleError::transient("the module's runtime is gone"));
+        };
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let publisher = Publisher {
+            connection,
+            stream,
+            shared: Arc::clone(&self.shared),
+            queue: VecDeque::new(),
+            timeout: self.settings.ack_timeout,
+            retry: None,
+            backoff: REPUBLISH_FIRST,
+            progress_at: tokio::time::Instant::now(),
+        };
+        runtime.spawn(publisher.run(receiver));
+        if !self.resumed && self.outbox.len() > 0 {
+            // Subjects as configured now: a changed `subject_prefix` applies to what the
+            // last run left too (the command is the subject's last token).
+            let prefix = &self.settings.prefix;
+            let messages = self
+                .outbox
+                .pending()
+                .map(|message| {
+                    let command = message.subject.rsplit('.').next().unwrap_or_default();
+                    Message {
+                        subject: format!("{prefix}.{command}"),
+                        ..message.clone()
+                    }
+                })
+                .collect();
+            sender
+                .send(Job::Resume(messages))
+                .map_err(|_| ModuleError::transient("the module's publisher stopped"))?;
+        }
+        self.resumed = true;
+        self.jobs = Some(sender.clone());
+        Ok(sender)
     }
 
     fn message_id(&self, identity: &str, call: &Call<'_>) -> String {
@@ -411,6 +784,50 @@ impl Nats {
             )
         } else {
             format!("{identity}:{}:{}", call.transaction, call.number)
+        }
+    }
+
+    /// Drops what the stream acknowledged from the outbox; why publishing is failing, if
+    /// it is.
+    fn collect(&mut self) -> Result<Option<String>, ModuleError> {
+        let (acknowledged, failing) = {
+            let progress = self.shared.lock();
+            (progress.acknowledged, progress.failing.clone())
+        };
+        if acknowledged > self.applied {
+            self.outbox
+                .acknowledge(acknowledged - self.applied)
+                .map_err(|e| self.outbox_error(e))?;
+            self.applied = acknowledged;
+        }
+        Ok(failing)
+    }
+
+    /// Waits until the outbox holds fewer than `most` messages; fails while publishing
+    /// fails or when no acknowledgement comes for `ack_timeout` (acks stall).
+    fn wait_acknowledged(&mut self, most: usize) -> Result<(), ModuleError> {
+        loop {
+            if let Some(failing) = self.collect()? {
+                return Err(self.unavailable(failing));
+            }
+            if self.outbox.len() < most {
+                return Ok(());
+            }
+            let progress = self.shared.lock();
+            if progress.acknowledged == self.applied && progress.failing.is_none() {
+                let (progress, timeout) = self
+                    .shared
+                    .changed
+                    .wait_timeout(progress, self.settings.ack_timeout)
+                    .unwrap_or_else(PoisonError::into_inner);
+                if timeout.timed_out() && progress.acknowledged == self.applied {
+                    drop(progress);
+                    return Err(self.unavailable(format!(
+                        "no acknowledgement within {:?} (outbox full)",
+                        self.settings.ack_timeout
+                    )));
+                }
+            }
         }
     }
 }
@@ -425,7 +842,7 @@ async fn connect(
         .connection_timeout(settings.connect_timeout)
         .request_timeout(Some(settings.ack_timeout))
         // Once connected the client reconnects for ever; publishes meanwhile time out and
-        // are repeated by the listener.
+        // are repeated from the outbox.
         .max_reconnects(None)
         .event_callback(move |event| {
             let events = Arc::clone(&events);
@@ -459,8 +876,13 @@ async fn connect(
         .connect(settings.servers.as_slice())
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
-    let mut jetstream = jetstream::new(client);
-    jetstream.set_timeout(settings.ack_timeout);
+    // Acknowledgements dropped after a failure hold a publish permit until they come or
+    // time out: bounded by `ack_timeout` too (the default, 30 s, could use up the permits
+    // over a few republish rounds and block the next publish for that long).
+    let jetstream = jetstream::ContextBuilder::new()
+        .timeout(settings.ack_timeout)
+        .ack_timeout(settings.ack_timeout)
+        .build(client);
     let stream = if settings.create_stream {
         jetstream
             .get_or_create_stream(settings.stream_config())
@@ -484,18 +906,31 @@ async fn connect(
     Ok(Connection { jetstream })
 }
 
-/// The message id of the stream's last message, if it can be read.
-async fn last_message_id(connection: Connection, stream: String) -> Option<String> {
-    let mut stream = connection.jetstream.get_stream(&stream).await.ok()?;
-    let last = stream.info().await.ok()?.state.last_sequence;
+/// The message id of the stream's last message (`None`: the stream is empty or its last
+/// message has no id).
+async fn last_message_id(connection: Connection, stream: String) -> Result<Option<String>, String> {
+    let mut stream = connection
+        .jetstream
+        .get_stream(&stream)
+        .await
+        .map_err(|e| format!("cannot look up the stream: {e}"))?;
+    let last = stream
+        .info()
+        .await
+        .map_err(|e| format!("cannot read the stream's state: {e}"))?
+        .state
+        .last_sequence;
     if last == 0 {
-        return None;
+        return Ok(None);
     }
-    let message = stream.get_raw_message(last).await.ok()?;
-    message
+    let message = stream
+        .get_raw_message(last)
+        .await
+        .map_err(|e| format!("cannot read the stream's last message: {e}"))?;
+    Ok(message
         .headers
         .get(async_nats::header::NATS_MESSAGE_ID)
-        .map(|id| id.as_str().to_owned())
+        .map(|id| id.as_str().to_owned()))
 }
 
 /// Whether `stored` (the stream's last message id) shows that `id` was stored: the same
@@ -511,28 +946,6 @@ fn already_stored(stored: &str, id: &str) -> bool {
     }
 }
 
-/// Publishes one message and waits for the stream's acknowledgement.
-async fn publish(
-    connection: Connection,
-    stream: String,
-    subject: String,
-    id: String,
-    payload: Vec<u8>,
-) -> Result<bool, String> {
-    let message = jetstream::message::PublishMessage::build()
-        .payload(payload.into())
-        .message_id(&id)
-        .expected_stream(&stream);
-    let ack = connection
-        .jetstream
-        .send_publish(subject, message)
-        .await
-        .map_err(|e| format!("cannot publish {id}: {e}"))?
-        .await
-        .map_err(|e| format!("no acknowledgement for {id}: {e}"))?;
-    Ok(ack.duplicate)
-}
-
 impl Module for Nats {
     fn info(&self) -> &ModuleInfo {
         &self.settings.info
@@ -543,40 +956,42 @@ impl Module for Nats {
         let id = self.message_id(&identity, call);
         let payload = payload(call, SystemTime::now())
             .map_err(|e| ModuleError::new(format!("cannot encode {id}: {e}")))?;
-        let connection = self.connection()?;
-        if !self.started || self.unsure.as_deref() == Some(id.as_str()) {
-            let stream = self.settings.stream.clone();
-            self.stored_last = self.wait(last_message_id(connection.clone(), stream))?;
-            self.started = true;
-        }
+        let jobs = self.publisher()?;
         if let Some(stored) = &self.stored_last {
             if already_stored(stored, &id) {
-                tracing::info!("nats: {id} is already in the stream (last there: {stored})");
-                self.unsure = None;
+                tracing::info!("nats: {id} is already in the stream or outbox (last: {stored})");
                 return Ok(());
             }
             self.stored_last = None;
         }
-        let subject = self.settings.subject(call.command);
-        let stream = self.settings.stream.clone();
-        match self.wait(publish(connection, stream, subject, id.clone(), payload))? {
-            Ok(duplicate) => {
-                if duplicate {
-                    tracing::info!("nats: {id} was stored before (duplicate dropped by NATS)");
-                }
-                self.unsure = None;
-                Ok(())
-            }
-            Err(e) => {
-                self.unsure = Some(id);
-                Err(self.unavailable(e))
-            }
-        }
+        // While publishing fails, or the outbox is full and acknowledgements stall, the
+        // listener waits here (transiently failing) and nothing new is taken.
+        self.wait_acknowledged(self.settings.outbox_limit)?;
+        let message = Message {
+            id,
+            subject: self.settings.subject(call.command),
+            payload: payload.into(),
+        };
+        self.outbox
+            .append(message.clone())
+            .map_err(|e| self.outbox_error(e))?;
+        jobs.send(Job::Publish(message)).map_err(|_| {
+            // On disk: published with the outbox after a restart of the listener.
+            ModuleError::transient("the module's publisher stopped")
+        })
     }
 
     fn setdata(&mut self, key: &str, value: &str) -> Result<(), ModuleError> {
         if key == "basedn" {
             self.basedn = Some(value.to_owned());
+            // At load: what a crash left in the outbox goes out now, not at the next
+            // change (which may be far off). If NATS is not there, the next call retries.
+            if !self.resumed && self.outbox.len() > 0 {
+                match self.publisher() {
+                    Ok(_) => tracing::info!("nats: the outbox is being published"),
+                    Err(e) => tracing::warn!("nats: the outbox waits for the next change: {e}"),
+                }
+            }
         }
         Ok(())
     }
@@ -586,6 +1001,46 @@ impl Module for Nats {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         Ok(())
+    }
+
+    fn postrun(&mut self) -> Result<(), ModuleError> {
+        // Idle or stopping: let the acknowledgements in, so a clean stop leaves an empty
+        // outbox. A failure is only logged; the next call publishes the outbox again.
+        if self.jobs.is_some() {
+            self.wait_acknowledged(1)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), ModuleError> {
+        // Before the listener makes its commits durable: a transaction that survives a
+        // power loss has its messages in the outbox (or in the stream).
+        let _ = self.collect();
+        self.outbox
+            .sync()
+            .map_err(|e| ModuleError::new(e.to_string()))
+    }
+
+    fn control(&mut self, command: &[&str]) -> Result<String, ModuleError> {
+        match command {
+            ["outbox"] => {
+                let _ = self.collect();
+                Ok(format!(
+                    "{} message(s) not yet acknowledged by the stream in {}{}",
+                    self.outbox.len(),
+                    self.outbox.path().display(),
+                    match self.outbox.pending().next() {
+                        Some(first) => format!(" (oldest {})", first.id),
+                        None => String::new(),
+                    }
+                ))
+            }
+            _ => Err(ModuleError::new(format!(
+                "module {}: unknown command {:?} (known: outbox)",
+                self.settings.info.name,
+                command.join(" ")
+            ))),
+        }
     }
 }
 
@@ -709,6 +1164,38 @@ mod tests {
         }
     }
 
+    /// A failed acknowledgement must leave its message first in the queue (it is looked
+    /// up in the stream and published again); an acknowledged one leaves the queue.
+    #[test]
+    fn only_an_acknowledged_message_leaves_the_queue() {
+        let entry = |id: &str, ack: AckFuture| Entry {
+            message: Message {
+                id: id.to_owned(),
+                subject: "p.a".to_owned(),
+                payload: bytes::Bytes::new(),
+            },
+            ack: Some(ack),
+        };
+        let failed: AckFuture =
+            Box::pin(async { Err(PublishError::new(PublishErrorKind::TimedOut)) });
+        let stored: AckFuture =
+            Box::pin(async { Ok(serde_json::from_str(r#"{"stream":"s","seq":1}"#).unwrap()) });
+        let mut queue = VecDeque::from([entry("x:1:1", failed), entry("x:1:2", stored)]);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (id, result) = runtime.block_on(next_ack(&mut queue));
+        assert_eq!(id, "x:1:1");
+        assert!(result.is_err());
+        assert_eq!(queue.len(), 2, "the failed message stays queued");
+        assert!(queue[0].ack.is_none(), "and waits to be published again");
+        queue.pop_front();
+        let (id, result) = runtime.block_on(next_ack(&mut queue));
+        assert_eq!((id.as_str(), result.is_ok()), ("x:1:2", true));
+        assert!(queue.is_empty());
+    }
+
     #[test]
     fn unreachable_server_is_a_transient_failure() {
         // A port nobody listens on: bound, then closed.
@@ -719,6 +1206,8 @@ mod tests {
             .port();
         let mut settings = Settings::from_arg(&format!("nats://127.0.0.1:{port}")).unwrap();
         settings.connect_timeout = Duration::from_secs(1);
+        let dir = tempfile::tempdir().unwrap();
+        settings.state_dir = dir.path().to_owned();
         let mut module = Nats::new(settings).unwrap();
         module.setdata("basedn", "dc=x").unwrap();
         let call = Call {
