@@ -466,7 +466,12 @@ fn a_kill_while_the_outbox_holds_unacknowledged_messages_loses_and_duplicates_no
         .filter(|m| m.payload["id"].as_u64() == Some(last))
         .map(|m| m.payload["dn"].as_str().unwrap())
         .collect();
-    assert_eq!(added, [dn.as_str()], "the last transaction is there");
+    // A move's two calls can share the last transaction with it, so: among its calls
+    // (their number is checked against jsonl above).
+    assert!(
+        added.contains(&dn.as_str()),
+        "the last transaction is there: {added:?}"
+    );
     wait_until("the outbox to be emptied", T, || {
         Ok((outbox_size(dir.path()) == 0).then_some(()))
     })

@@ -907,7 +907,9 @@ impl Daemon {
 
     /// Idle: postrun for prepared modules and close the LDAP connections (UCS after 15 s).
     async fn go_idle(&mut self) {
-        self.flush(false);
+        // Forced, so modules settle their own files even when nothing was committed since
+        // the start (the nats module drops what the stream acknowledged from its outbox).
+        self.flush(true);
         if !self.idle {
             self.engine.handlers_mut().postrun();
             self.prefetcher.clear();
