@@ -902,11 +902,24 @@ fn a_stopped_replica_makes_the_listener_wait_and_catch_up() {
     let mut listener = replication_listener(&primary, &notifier, &replica, state.path());
     listener.wait_initialized(WAIT).unwrap();
 
+    let mut admin = primary.admin().unwrap();
+    admin
+        .add_role(&format!("cn=to-move,{BASE}"), "to-move")
+        .unwrap();
     mixed_writes(&primary, 40, 100);
     wait_caught_up(&mut listener, &notifier, &last_write(), 'd');
     replica.stop();
     let stopped_at = notifier.last_id().unwrap();
-    let mut admin = primary.admin().unwrap();
+    // The first change the listener cannot write is a move: its `a` is retried in place,
+    // and the retry must still know the `r` (else the old DN stays on the replica).
+    admin
+        .modrdn(
+            &format!("cn=to-move,{BASE}"),
+            "cn=moved-while-down",
+            true,
+            None,
+        )
+        .unwrap();
     for i in 0..30 {
         admin
             .add_role(&format!("cn=while-down{i},{BASE}"), "down")

@@ -907,9 +907,15 @@ impl Daemon {
 
     /// Idle: postrun for prepared modules and close the LDAP connections (UCS after 15 s).
     async fn go_idle(&mut self) {
-        // Forced, so modules settle their own files even when nothing was committed since
-        // the start (the nats module drops what the stream acknowledged from its outbox).
-        self.flush(true);
+        if self.unflushed > 0 {
+            self.flush(false);
+        } else if let Err(e) = self.engine.handlers_mut().sync() {
+            // Modules settle their own files even when nothing was committed since the
+            // start (the nats module drops what the stream acknowledged from its outbox);
+            // the status stays what it is (a pause must keep saying so).
+            tracing::error!("{e}; stopping (uncommitted work is redone at the next start)");
+            self.fatal.get_or_insert(Exit::CacheUnwritable(e));
+        }
         if !self.idle {
             self.engine.handlers_mut().postrun();
             self.prefetcher.clear();

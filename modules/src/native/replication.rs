@@ -1089,10 +1089,14 @@ impl Module for Replication {
         if self.already_loaded(call) {
             return Ok(());
         }
+        // The listener repeats a transiently failed call in place (not the whole
+        // transaction), so the `r` this call consumed must be there again for the retry:
+        // without it the retried `a` adds the new DN and the old one stays. Repeating a
+        // move is safe: a rename already done finds no source and goes on to the update.
+        let pending = self.pending_move.clone();
         let result = self.handle(call);
         if result.as_ref().is_err_and(ModuleError::is_transient) {
-            // The transaction is redone from its start, `r` included.
-            self.pending_move = None;
+            self.pending_move = pending;
         }
         result
     }
