@@ -1012,20 +1012,25 @@ fn change_primary_schema(primary: &Slapd, notifier: &Notifier, name: &str, defs:
     }
     let attrs: Vec<&str> = attrs.iter().map(strip).collect();
     let classes: Vec<&str> = classes.iter().map(strip).collect();
-    let names = [name];
-    let mut entry: Vec<(&str, &[&str])> =
-        vec![("objectClass", &["olcSchemaConfig"]), ("cn", &names)];
-    if !attrs.is_empty() {
-        entry.push(("olcAttributeTypes", &attrs));
-    }
-    if !classes.is_empty() {
-        entry.push(("olcObjectClasses", &classes));
-    }
-    primary
-        .root()
-        .unwrap()
-        .add(&format!("cn={name},cn=schema,cn=config"), &entry)
+    // One schema entry per definition, in order: ldap3 sends an attribute's values as a
+    // set, and a type naming its SUP must reach slapd after that SUP.
+    let mut root = primary.root().unwrap();
+    let definitions = attrs
+        .iter()
+        .map(|d| ("olcAttributeTypes", d))
+        .chain(classes.iter().map(|d| ("olcObjectClasses", d)));
+    for (n, (attr, definition)) in definitions.enumerate() {
+        let cn = format!("{name}-{n}");
+        root.add(
+            &format!("cn={cn},cn=schema,cn=config"),
+            &[
+                ("objectClass", &["olcSchemaConfig"]),
+                ("cn", &[cn.as_str()]),
+                (attr, &[definition]),
+            ],
+        )
         .unwrap();
+    }
     let id_file = notifier.ldap_dir().join("schema/id/id");
     let id = fs::read_to_string(&id_file)
         .ok()
