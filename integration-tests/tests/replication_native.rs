@@ -18,7 +18,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::net::{free_port, is_listening};
-use integration_tests::process::binary;
 use integration_tests::slapd::{BASE, HOST_DN, HOST_PW, RESTRICTED_DN};
 use integration_tests::{Listener, ListenerOptions, Notifier, Slapd, SlapdConfig, wait_until};
 use ldap3::{LdapConn, Mod, Scope, SearchEntry};
@@ -666,32 +665,7 @@ fn wait_caught_up(listener: &mut Listener, notifier: &Notifier, dn: &str, comman
 }
 
 fn ctrl(listener: &Listener, notifier: &Notifier, args: &[&str]) -> (bool, String) {
-    let mut all = vec![
-        "-c".to_owned(),
-        listener.cache_dir().display().to_string(),
-        "--ucr-file".to_owned(),
-        listener.ucr_file().display().to_string(),
-        "--failed-ldif".to_owned(),
-        listener.failed_ldif_path().display().to_string(),
-        "--notifier-host".to_owned(),
-        "127.0.0.1".to_owned(),
-        "--notifier-port".to_owned(),
-        notifier.port().to_string(),
-    ];
-    all.extend(args.iter().map(|a| (*a).to_owned()));
-    let out = Command::new(binary("univention-directory-listener-ctrl").unwrap())
-        .args(&all)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    integration_tests::hosts::ctrl(listener, notifier, args).unwrap()
 }
 
 #[test]
