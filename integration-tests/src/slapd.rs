@@ -48,6 +48,16 @@ pub const SCHEMA_FILES: &[&str] = &[
 ];
 pub const ACCESSLOG_BASE: &str = "cn=accesslog";
 
+/// [`SCHEMA_FILES`] without `nis.schema`: a replica that refuses the primary's
+/// `posixGroup` and `posixAccount` objects, to provoke refused changes.
+pub fn schema_without_nis() -> Vec<std::path::PathBuf> {
+    SCHEMA_FILES
+        .iter()
+        .filter(|f| !f.contains("nis"))
+        .map(std::path::PathBuf::from)
+        .collect()
+}
+
 const SLAPD: &str = "/usr/sbin/slapd";
 /// The cn=config template Debian's slapd package loads into a fresh `slapd.d` on
 /// installation (its postinst fills in the suffix and the admin password).

@@ -115,11 +115,7 @@ fn quarantined_ids(backup: &mut Backup, notifier: &Notifier) -> Vec<u64> {
 #[test]
 fn the_cascade_waits_while_the_backup_lacks_a_change() {
     let (primary, notifier) = start_primary(WAIT).unwrap();
-    let without_nis: Vec<PathBuf> = integration_tests::slapd::SCHEMA_FILES
-        .iter()
-        .filter(|f| !f.contains("nis"))
-        .map(PathBuf::from)
-        .collect();
+    let without_nis = integration_tests::slapd::schema_without_nis();
     let mut backup = Backup::start(
         &primary,
         &notifier,

@@ -246,11 +246,7 @@ fn a_promotion_killed_after_every_step_completes_when_run_again() {
 #[test]
 fn an_answering_old_primary_or_a_quarantine_refuses_the_promotion() {
     let (primary, notifier) = start_primary(WAIT).unwrap();
-    let without_nis: Vec<PathBuf> = integration_tests::slapd::SCHEMA_FILES
-        .iter()
-        .filter(|f| !f.contains("nis"))
-        .map(PathBuf::from)
-        .collect();
+    let without_nis = integration_tests::slapd::schema_without_nis();
     let mut backup = Backup::start(
         &primary,
         &notifier,
