@@ -664,6 +664,16 @@ fn wait_caught_up(listener: &mut Listener, notifier: &Notifier, dn: &str, comman
     listener.wait_for_id(id, WAIT).unwrap();
 }
 
+/// While the replica is down: the listener stays at or before the first change it could
+/// not write (after `stopped_at`, before `last`) and says it is unavailable.
+fn assert_waiting_at(listener: &Listener, notifier: &Notifier, stopped_at: u64, last: u64) {
+    assert!(listener.notifier_id().unwrap_or(0) <= stopped_at + 1);
+    assert!(listener.notifier_id().unwrap_or(0) < last);
+    let (healthy, status) = ctrl(listener, notifier, &["status"]);
+    assert!(!healthy, "{status}");
+    assert!(status.contains("unavailable"), "{status}");
+}
+
 fn ctrl(listener: &Listener, notifier: &Notifier, args: &[&str]) -> (bool, String) {
     integration_tests::hosts::ctrl(listener, notifier, args).unwrap()
 }
@@ -910,11 +920,7 @@ fn a_stopped_replica_makes_the_listener_wait_and_catch_up() {
             .then_some(()))
     })
     .unwrap();
-    assert!(listener.notifier_id().unwrap_or(0) <= stopped_at + 1);
-    assert!(listener.notifier_id().unwrap_or(0) < last);
-    let (healthy, status) = ctrl(&listener, &notifier, &["status"]);
-    assert!(!healthy, "{status}");
-    assert!(status.contains("unavailable"), "{status}");
+    assert_waiting_at(&listener, &notifier, stopped_at, last);
 
     replica.spawn();
     wait_caught_up(
@@ -1411,11 +1417,7 @@ fn a_30_s_replica_outage_during_3000_writes_catches_up_identically() {
         .wait_transaction(&format!("cn=during-outage{},{BASE}", during - 1), 'a', WAIT)
         .unwrap();
     // Nothing past the first change it could not write.
-    assert!(listener.notifier_id().unwrap_or(0) <= stopped_at + 1);
-    assert!(listener.notifier_id().unwrap_or(0) < last);
-    let (healthy, status) = ctrl(&listener, &notifier, &["status"]);
-    assert!(!healthy, "{status}");
-    assert!(status.contains("unavailable"), "{status}");
+    assert_waiting_at(&listener, &notifier, stopped_at, last);
 
     replica.spawn();
     let back = Instant::now();
