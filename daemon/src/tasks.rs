@@ -7,7 +7,8 @@
 //!   through [`run_blocking`] (`block_in_place`: the worker hands its other tasks to another
 //!   thread meanwhile); one-off work that owns its data (the journal commit, a snapshot)
 //!   goes to `spawn_blocking`;
-//! - Python runs only on the Python host's own thread, never on a runtime thread;
+//! - Python runs only on the listener's main loop thread (the runtime's `block_on` thread),
+//!   never on a runtime worker;
 //! - no `std` lock guard is held across an `.await` (`clippy::await_holding_lock` denies it).
 //!
 //! [`TaskSet`] holds the long-running tasks of a daemon (server, control socket, metrics,

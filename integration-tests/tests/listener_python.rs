@@ -25,7 +25,7 @@ const T: Duration = Duration::from_secs(60);
 /// Appends one JSON line per call to `<module dir>/<name>.calls`. `HEADER` declares the
 /// module (name, filter, modrdn, …).
 const RECORDER: &str = r#"
-import json, os
+import json, os, threading
 HEADER
 
 _OUT = os.path.join(os.path.dirname(__file__), name + ".calls")
@@ -37,6 +37,8 @@ def _uuid(entry):
 def _record(function, **fields):
     fields["fn"] = function
     fields["euid"] = os.geteuid()
+    current = threading.current_thread()
+    fields["thread"] = "main" if current is threading.main_thread() else current.name
     with open(_OUT, "a") as out:
         out.write(json.dumps(fields) + "\n")
 
@@ -79,6 +81,8 @@ struct Recorded {
     #[serde(default)]
     key: Option<String>,
     euid: u32,
+    /// `main` when called on Python's main thread (the one that started the interpreter).
+    thread: String,
 }
 
 impl Recorded {
@@ -344,6 +348,16 @@ fn python_modules_see_the_same_calls_as_jsonl() {
         Some(true),
         "a after r: old = {{}}"
     );
+    // Every call of every module on the one thread that started Python, as in UCS: module
+    // state (thread-locals, `threading.current_thread()`) never changes threads.
+    for name in ["with_modrdn", "without_modrdn"] {
+        let elsewhere: Vec<_> = stack
+            .recorded(name)
+            .into_iter()
+            .filter(|r| r.thread != "main")
+            .collect();
+        assert!(elsewhere.is_empty(), "{name}: {elsewhere:?}");
+    }
     listener.stop().unwrap();
 }
 

@@ -1,13 +1,14 @@
-//! The interpreter thread: it initialises CPython, imports the module files and runs every
-//! call; the rest of the listener talks to it through a bounded channel and waits for the
-//! answer of each call, so calls keep their order and module state never changes threads.
+//! The interpreter and the loaded modules. CPython is initialised on the thread that starts
+//! the host, which becomes Python's main thread; in the listener that is the main loop's
+//! thread (the runtime's `block_on` thread, never a worker), which makes every module call
+//! itself, as UCS's listener does. A call takes the host's lock, then the GIL, and gives
+//! both back when it returns, so threads a module started run between calls; no hand-over
+//! to another thread, no copy of the call data.
 
 use std::collections::{HashMap, HashSet};
-use std::ops::Range;
-use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Instant;
 
 use pyo3::exceptions::PySystemExit;
 use pyo3::prelude::*;
@@ -15,126 +16,59 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyModule, PyString};
 
 use super::builtins::{self, CurrentCall, SHARED, Shared};
 use super::{HostOptions, PythonError};
-use crate::Command;
 use crate::module::DEFAULT_PRIORITY;
 use crate::module::{Call, ModuleError, ModuleInfo, ModuleSource, REPLICATION};
 
-/// Requests waiting for the interpreter; the caller blocks on each answer anyway, so a
-/// short queue is enough.
-const QUEUE: usize = 16;
-/// How long the caller polls for an answer before it sleeps: a hand-over through a sleeping
-/// thread costs microseconds of wake-up each way, more than most handler calls.
-const ANSWER_SPIN: Duration = Duration::from_micros(50);
-/// How long the interpreter thread polls for the next request: long enough for the next
-/// call of the same transaction, short enough not to burn CPU between transactions.
-const REQUEST_SPIN: Duration = Duration::from_micros(10);
-
-/// Attributes copied into one buffer for the trip to the interpreter thread: a handful of
-/// allocations instead of one per name and value (freeing on another thread is what makes
-/// many small allocations expensive).
-#[derive(Default)]
-pub(crate) struct FlatAttrs {
-    data: Vec<u8>,
-    /// Per attribute: its name in `data`, and its values as a range of `values`.
-    attrs: Vec<(Range<usize>, Range<usize>)>,
-    values: Vec<Range<usize>>,
-}
-
-impl FlatAttrs {
-    fn new(attrs: &crate::Attributes) -> FlatAttrs {
-        let size = attrs
-            .iter()
-            .map(|(name, values)| name.len() + values.iter().map(Vec::len).sum::<usize>())
-            .sum();
-        let mut flat = FlatAttrs {
-            data: Vec::with_capacity(size),
-            attrs: Vec::with_capacity(attrs.len()),
-            values: Vec::with_capacity(attrs.iter().map(|(_, v)| v.len()).sum()),
-        };
-        for (name, values) in attrs {
-            let name_start = flat.data.len();
-            flat.data.extend_from_slice(name.as_bytes());
-            let first_value = flat.values.len();
-            for value in values {
-                let start = flat.data.len();
-                flat.data.extend_from_slice(value);
-                flat.values.push(start..flat.data.len());
-            }
-            flat.attrs.push((
-                name_start..name_start + name.len(),
-                first_value..flat.values.len(),
-            ));
-        }
-        flat
+/// `new`/`old` as UCS hands them over: `dict[str, list[bytes]]`.
+fn to_dict<'py>(
+    py: Python<'py>,
+    attrs: &crate::Attributes,
+    names: &mut NameCache,
+) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    for (name, values) in attrs {
+        let list = PyList::new(py, values.iter().map(|v| PyBytes::new(py, v)))?;
+        dict.set_item(names.get(py, name), list)?;
     }
-
-    fn to_dict<'py>(&self, py: Python<'py>, names: &mut NameCache) -> PyResult<Bound<'py, PyDict>> {
-        let bytes = |range: &Range<usize>| self.data.get(range.clone()).unwrap_or_default();
-        let dict = PyDict::new(py);
-        for (name, values) in &self.attrs {
-            let name = names.get(py, bytes(name));
-            let values = self.values.get(values.clone()).unwrap_or_default();
-            let list = PyList::new(py, values.iter().map(|v| PyBytes::new(py, bytes(v))))?;
-            dict.set_item(name, list)?;
-        }
-        Ok(dict)
-    }
+    Ok(dict)
 }
 
 /// Attribute names as Python strings, made once: the schema bounds how many there are, and
 /// a reused string also keeps its hash for the dict insertions.
 #[derive(Default)]
-struct NameCache(HashMap<Box<[u8]>, Py<PyString>>);
+struct NameCache(HashMap<Box<str>, Py<PyString>>);
 
 impl NameCache {
     /// More distinct names than any schema has means something else is going on.
     const LIMIT: usize = 10_000;
 
-    fn get<'py>(&mut self, py: Python<'py>, name: &[u8]) -> Bound<'py, PyString> {
+    fn get<'py>(&mut self, py: Python<'py>, name: &str) -> Bound<'py, PyString> {
         if let Some(cached) = self.0.get(name) {
             return cached.bind(py).clone();
         }
         if self.0.len() >= Self::LIMIT {
             self.0.clear();
         }
-        let string = PyString::new(py, &String::from_utf8_lossy(name));
+        let string = PyString::new(py, name);
         self.0.insert(name.into(), string.clone().unbind());
         string
     }
 }
 
-/// One lifecycle call, with the data copied so it can cross to the interpreter thread.
-pub(crate) enum Work {
-    Handler {
-        // Shared with the current-call record, so naming the call costs no copy.
-        dn: Arc<str>,
-        command: Command,
-        new: FlatAttrs,
-        old: FlatAttrs,
-    },
+/// One lifecycle call.
+pub(crate) enum Work<'a> {
+    Handler(&'a Call<'a>),
     Prerun,
     Postrun,
     Clean,
     Initialize,
-    Setdata {
-        key: String,
-        value: String,
-    },
+    Setdata { key: &'a str, value: &'a str },
 }
 
-impl Work {
-    pub(crate) fn from_call(call: &Call<'_>) -> Work {
-        Work::Handler {
-            dn: call.dn.into(),
-            command: call.command,
-            new: FlatAttrs::new(call.new),
-            old: FlatAttrs::new(call.old),
-        }
-    }
-
+impl Work<'_> {
     fn function(&self) -> &'static str {
         match self {
-            Work::Handler { .. } => "handler",
+            Work::Handler(_) => "handler",
             Work::Prerun => "prerun",
             Work::Postrun => "postrun",
             Work::Clean => "clean",
@@ -144,91 +78,75 @@ impl Work {
     }
 }
 
-enum Request {
-    Load { path: PathBuf },
-    Call { slot: usize, work: Work },
-    Unload { slot: usize },
+/// The loaded modules, by slot, and what their calls reuse.
+#[derive(Default)]
+struct State {
+    slots: Vec<Option<Loaded>>,
+    names: NameCache,
 }
 
-/// Answers to `Load` and `Call`, in request order (`Unload` has none).
-enum Reply {
-    Loaded(Result<(usize, ModuleInfo), PythonError>),
-    Called(Result<(), ModuleError>),
-}
-
-/// The two directions; locked for a whole request and its answer, so answers always
-/// belong to the request just sent.
-struct Channel {
-    requests: SyncSender<Request>,
-    replies: Receiver<Reply>,
-}
-
-impl Channel {
-    fn ask(&self, request: Request) -> Option<Reply> {
-        self.requests.send(request).ok()?;
-        receive(&self.replies, ANSWER_SPIN)
-    }
-}
-
-/// Handle to the interpreter thread; cheap to clone.
+/// Handle to the interpreter; cheap to clone.
 #[derive(Clone)]
 pub struct PythonHost {
-    channel: Arc<Mutex<Channel>>,
-}
-
-/// Waits for the next message, polling briefly before sleeping; `None` once the other side
-/// is gone.
-fn receive<T>(receiver: &Receiver<T>, spin: Duration) -> Option<T> {
-    let deadline = Instant::now() + spin;
-    loop {
-        match receiver.try_recv() {
-            Ok(message) => return Some(message),
-            Err(TryRecvError::Disconnected) => return None,
-            Err(TryRecvError::Empty) if Instant::now() >= deadline => {
-                return receiver.recv().ok();
-            }
-            Err(TryRecvError::Empty) => std::thread::yield_now(),
-        }
-    }
+    state: Arc<Mutex<State>>,
 }
 
 static HOST: OnceLock<Result<PythonHost, PythonError>> = OnceLock::new();
 
 impl PythonHost {
-    /// Starts the interpreter thread, once per process; later calls return the same host
-    /// (their options are ignored: the identity and UCR file do not change at run time).
+    /// Starts the interpreter on the calling thread, once per process; later calls return
+    /// the same host (their options are ignored: the identity and UCR file do not change at
+    /// run time).
     pub fn start(options: HostOptions) -> Result<PythonHost, PythonError> {
-        HOST.get_or_init(|| spawn(options)).clone()
+        HOST.get_or_init(|| start_here(options)).clone()
+    }
+
+    /// Runs `f` with the modules and the GIL. The lock is always taken before the GIL: a
+    /// thread waiting for the lock holds no GIL, so a call that releases the GIL (a module
+    /// sleeping, a module's own threads) cannot deadlock with it. A call made from a thread
+    /// other than the one that started the host works too (the GIL serialises it), with a
+    /// Python thread state of its own; the listener makes none.
+    fn with_state<T>(&self, f: impl FnOnce(Python<'_>, &mut State) -> T) -> T {
+        // A panic inside a call leaves the slots as they were: still usable.
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        Python::attach(|py| f(py, &mut state))
     }
 
     /// Imports one module file and reads its declarations (spec §4.1–4.2).
-    fn ask(&self, request: Request) -> Option<Reply> {
-        self.channel.lock().ok()?.ask(request)
-    }
-
     pub(crate) fn load(&self, path: &Path) -> Result<(usize, ModuleInfo), PythonError> {
-        match self.ask(Request::Load {
-            path: path.to_owned(),
-        }) {
-            Some(Reply::Loaded(result)) => result,
-            _ => Err(PythonError::Stopped),
-        }
+        self.with_state(|py, state| {
+            let loaded = load(py, path)?;
+            let info = loaded.info.clone();
+            let slot = match state.slots.iter().position(Option::is_none) {
+                Some(free) => {
+                    state.slots[free] = Some(loaded);
+                    free
+                }
+                None => {
+                    state.slots.push(Some(loaded));
+                    state.slots.len() - 1
+                }
+            };
+            Ok((slot, info))
+        })
     }
 
-    pub(crate) fn call(&self, slot: usize, work: Work) -> Result<(), ModuleError> {
-        match self.ask(Request::Call { slot, work }) {
-            Some(Reply::Called(result)) => result,
-            _ => Err(ModuleError::new(
-                "the Python interpreter thread has stopped",
-            )),
-        }
+    pub(crate) fn call(&self, slot: usize, work: Work<'_>) -> Result<(), ModuleError> {
+        self.with_state(|py, state| {
+            let State { slots, names } = state;
+            match slots.get(slot).and_then(Option::as_ref) {
+                Some(loaded) => run(py, loaded, work, names),
+                None => Err(ModuleError::new("module was unloaded")),
+            }
+        })
     }
 
     pub(crate) fn unload(&self, slot: usize) {
-        // Best effort: a stopped interpreter has nothing left to unload.
-        if let Ok(channel) = self.channel.lock() {
-            let _ = channel.requests.send(Request::Unload { slot });
-        }
+        self.with_state(|py, state| {
+            if let Some(loaded) = state.slots.get_mut(slot).and_then(Option::take) {
+                unload(py, &loaded);
+            }
+        });
     }
 
     /// The module call running right now, if any (for status reports and for the log line
@@ -238,85 +156,20 @@ impl PythonHost {
     }
 }
 
-fn spawn(options: HostOptions) -> Result<PythonHost, PythonError> {
-    let (requests, receiver) = sync_channel(QUEUE);
-    let (reply, replies) = sync_channel(QUEUE);
-    let (ready, started) = sync_channel(1);
-    std::thread::Builder::new()
-        .name("python".into())
-        .spawn(move || interpreter_thread(options, receiver, reply, ready))
-        .map_err(|e| PythonError::Start(format!("cannot start the interpreter thread: {e}")))?;
-    started
-        .recv()
-        .map_err(|_| PythonError::Start("the interpreter thread ended during start-up".into()))??;
-    Ok(PythonHost {
-        channel: Arc::new(Mutex::new(Channel { requests, replies })),
-    })
-}
-
-fn interpreter_thread(
-    options: HostOptions,
-    requests: Receiver<Request>,
-    reply: SyncSender<Reply>,
-    ready: SyncSender<Result<(), PythonError>>,
-) {
+fn start_here(options: HostOptions) -> Result<PythonHost, PythonError> {
     let _ = SHARED.set(Shared {
         daemon_uid: options.daemon_uid,
         ucr_file: options.ucr_file,
         module_files: Mutex::new(HashSet::new()),
         current: Mutex::new(None),
     });
-    if let Err(message) = initialize_interpreter() {
-        let _ = ready.send(Err(PythonError::Start(message)));
-        return;
-    }
+    initialize_interpreter().map_err(PythonError::Start)?;
     Python::attach(|py| {
-        if let Err(e) = builtins::install(py) {
-            let message = format_exception(py, &e);
-            let _ = ready.send(Err(PythonError::Start(message)));
-            return;
-        }
-        let _ = ready.send(Ok(()));
-        let mut slots: Vec<Option<Loaded>> = Vec::new();
-        let mut names = NameCache::default();
-        // Release the GIL while waiting, so threads a module started keep running. (The
-        // mutex only makes the receiver shareable with the detached closure.)
-        let requests = Mutex::new(requests);
-        let next = || requests.lock().ok().and_then(|r| receive(&r, REQUEST_SPIN));
-        while let Some(request) = py.detach(next) {
-            match request {
-                Request::Load { path } => {
-                    let result = load(py, &path).map(|loaded| {
-                        let info = loaded.info.clone();
-                        let slot = match slots.iter().position(Option::is_none) {
-                            Some(free) => {
-                                slots[free] = Some(loaded);
-                                free
-                            }
-                            None => {
-                                slots.push(Some(loaded));
-                                slots.len() - 1
-                            }
-                        };
-                        (slot, info)
-                    });
-                    let _ = reply.send(Reply::Loaded(result));
-                }
-                Request::Call { slot, work } => {
-                    let result = match slots.get(slot).and_then(Option::as_ref) {
-                        Some(loaded) => run(py, loaded, work, &mut names),
-                        None => Err(ModuleError::new("module was unloaded")),
-                    };
-                    let _ = reply.send(Reply::Called(result));
-                }
-                Request::Unload { slot } => {
-                    if let Some(loaded) = slots.get_mut(slot).and_then(Option::take) {
-                        unload(py, &loaded);
-                    }
-                }
-            }
-        }
-    });
+        builtins::install(py).map_err(|e| PythonError::Start(format_exception(py, &e)))
+    })?;
+    Ok(PythonHost {
+        state: Arc::new(Mutex::new(State::default())),
+    })
 }
 
 /// Starts CPython the way the listener needs it: no Python signal handlers (the daemon owns
@@ -576,11 +429,11 @@ fn set_current(call: Option<CurrentCall>) {
 fn run(
     py: Python<'_>,
     loaded: &Loaded,
-    work: Work,
+    work: Work<'_>,
     names: &mut NameCache,
 ) -> Result<(), ModuleError> {
     let function = match &work {
-        Work::Handler { .. } => Some(&loaded.handler),
+        Work::Handler(_) => Some(&loaded.handler),
         Work::Prerun => loaded.prerun.as_ref(),
         Work::Postrun => loaded.postrun.as_ref(),
         Work::Clean => loaded.clean.as_ref(),
@@ -594,26 +447,20 @@ fn run(
         module: Arc::clone(&loaded.name),
         function: work.function(),
         dn: match &work {
-            Work::Handler { dn, .. } => Some(Arc::clone(dn)),
+            Work::Handler(call) => Some(call.dn.into()),
             _ => None,
         },
         started: Instant::now(),
     }));
     let result = match work {
-        Work::Handler {
-            dn,
-            command,
-            new,
-            old,
-        } => new
-            .to_dict(py, names)
-            .and_then(|new| Ok((new, old.to_dict(py, names)?)))
+        Work::Handler(call) => to_dict(py, call.new, names)
+            .and_then(|new| Ok((new, to_dict(py, call.old, names)?)))
             .and_then(|(new, old)| {
                 if loaded.modrdn {
-                    let command = command.as_char().to_string();
-                    function.call1(py, (&*dn, new, old, command))
+                    let command = call.command.as_char().to_string();
+                    function.call1(py, (call.dn, new, old, command))
                 } else {
-                    function.call1(py, (&*dn, new, old))
+                    function.call1(py, (call.dn, new, old))
                 }
             }),
         Work::Setdata { key, value } => function.call1(py, (key, value)),

@@ -2,12 +2,12 @@
 //! imported by an embedded CPython, with the UCS legacy API, the built-in `listener`
 //! module and the `univention.*` compatibility packages.
 //!
-//! One dedicated interpreter thread owns every module ([`PythonHost`]); a [`PythonModule`]
-//! is the engine's handle to one of them and forwards each lifecycle call through a bounded
-//! channel, then waits for its result. A call that never returns blocks the engine (as in
-//! UCS) but not the daemon's signal handling: the listener logs [`PythonHost::current_call`]
-//! and exits after its stop grace period, leaving the transaction to be processed again at
-//! the next start.
+//! One interpreter per process ([`PythonHost`]), started on the listener's main loop thread,
+//! which then runs every module call itself, like UCS's listener; a [`PythonModule`] is the
+//! engine's handle to one loaded module. A call that never returns blocks the engine (as in
+//! UCS) but not the daemon's signal handling, control socket or watchdog, which run on other
+//! threads: the listener logs [`PythonHost::current_call`] and exits after its stop grace
+//! period, leaving the transaction to be processed again at the next start.
 
 mod builtins;
 mod host;
@@ -36,8 +36,6 @@ pub enum PythonError {
     Start(String),
     #[error("import of filename={} failed: {message}", file.display())]
     Import { file: PathBuf, message: String },
-    #[error("the Python interpreter thread has stopped")]
-    Stopped,
 }
 
 /// A module file loaded into the interpreter.
@@ -72,7 +70,7 @@ impl Module for PythonModule {
     }
 
     fn handler(&mut self, call: &Call<'_>) -> Result<(), ModuleError> {
-        self.host.call(self.slot, Work::from_call(call))
+        self.host.call(self.slot, Work::Handler(call))
     }
 
     fn prerun(&mut self) -> Result<(), ModuleError> {
@@ -92,12 +90,6 @@ impl Module for PythonModule {
     }
 
     fn setdata(&mut self, key: &str, value: &str) -> Result<(), ModuleError> {
-        self.host.call(
-            self.slot,
-            Work::Setdata {
-                key: key.to_owned(),
-                value: value.to_owned(),
-            },
-        )
+        self.host.call(self.slot, Work::Setdata { key, value })
     }
 }
