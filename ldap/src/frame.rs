@@ -177,6 +177,18 @@ impl Ber {
     }
 }
 
+/// The contents of the elements inside an element already checked to be well-formed (an
+/// entry's attribute list, attribute or value set); an error, which cannot occur, ends it.
+fn elements(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = data;
+    std::iter::from_fn(move || {
+        let (_, head, len) = header(rest, "element").ok()??;
+        let content = rest.get(head..head.checked_add(len)?)?;
+        rest = rest.get(head + len..)?;
+        Some(content)
+    })
+}
+
 fn utf8(bytes: &[u8], what: &'static str) -> Result<String, FrameError> {
     std::str::from_utf8(bytes)
         .map(str::to_owned)
@@ -260,13 +272,19 @@ impl SearchEntry {
     }
 
     /// The entry in the owned form the rest of the listener uses (values copied once).
+    ///
+    /// Walks the list as plain slices: a `Bytes` slice per value would cost two atomic
+    /// reference-count updates on the shared frame per value, a tenth of `-i`'s CPU.
     pub fn into_raw(self) -> crate::RawEntry {
-        let attrs = self
-            .attrs()
+        let attrs = elements(&self.list)
             .map(|attr| {
+                let mut parts = elements(attr);
+                let name = parts.next().unwrap_or_default();
+                let set = parts.next().unwrap_or_default();
                 (
-                    attr.name().to_owned(),
-                    attr.values().map(|v| v.to_vec()).collect::<Vec<_>>(),
+                    // Checked when the entry was decoded.
+                    std::str::from_utf8(name).unwrap_or_default().to_owned(),
+                    elements(set).map(<[u8]>::to_vec).collect::<Vec<_>>(),
                 )
             })
             .collect();

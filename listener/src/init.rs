@@ -2,7 +2,9 @@
 //! every object matching the module's filter with command `n`, parents first. Objects the
 //! cache holds are passed as cached (so a pending transaction still finds its old state);
 //! the others come from one paged search with all attributes (UCS read every object
-//! separately, which costs slapd ten times the work).
+//! separately, which costs slapd ten times the work). The DNs of the result, which say
+//! whether a parent is still to come, are searched at the same time on a second connection;
+//! the pass waits for them only at the first object whose parent it has not handled yet.
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -11,9 +13,10 @@ use std::collections::{HashMap, HashSet};
 
 use cache::CacheEntry;
 use daemon::tasks::run_blocking;
-use ldap::dn::{dn_key, parent};
-use ldap::{ALL_ATTRS, FramedSearch, RawEntry, Scope};
+use ldap::dn::{dn_key, is_below, parent};
+use ldap::{ALL_ATTRS, FramedSearch, LdapFailure, RawEntry, Scope};
 use modules::Command;
+use tokio::task::JoinHandle;
 
 use crate::dispatch::{INITIALIZED, READY, Selection};
 use crate::engine::{Engine, EngineError, SUBSCHEMA_DN};
@@ -28,8 +31,10 @@ const COMMIT_EVERY: usize = 1000;
 struct InitPass {
     index: usize,
     id: u64,
-    /// Cache keys of every DN the scan returns.
-    expected: HashSet<String>,
+    /// Cache keys of every DN the scan returns; `None` until the DN scan is needed.
+    expected: Option<HashSet<String>>,
+    /// Cache key of the search base: parents above it are never part of the result.
+    base: String,
     /// Cache keys stored by this pass (the objects handed to the module, and the schema).
     done: HashSet<String>,
     /// The cache held no entry when the pass began, so the only cached objects are those
@@ -38,6 +43,70 @@ struct InitPass {
     /// Entries whose parent (key) is expected but not done yet.
     waiting: HashMap<String, Vec<RawEntry>>,
     since_commit: usize,
+}
+
+impl InitPass {
+    /// Whether `dn` may have to wait for its parent: the parent is inside the search base
+    /// and not handled yet. Only then does the pass need the DN scan.
+    fn may_wait(&self, dn: &str) -> bool {
+        parent(dn).is_some_and(|parent| {
+            let key = dn_key(parent);
+            !self.done.contains(&key) && (key == self.base || is_below(&key, &self.base))
+        })
+    }
+}
+
+/// The DN scan running on its own connection; aborted if the pass ends without it.
+struct DnScan(JoinHandle<Result<HashSet<String>, LdapFailure>>);
+
+impl DnScan {
+    fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+
+    /// Cache keys of every DN the filter matches.
+    async fn result(mut self) -> Result<HashSet<String>, EngineError> {
+        match (&mut self.0).await {
+            Ok(result) => Ok(result?),
+            Err(e) => Err(EngineError::Ldap(LdapFailure::Down {
+                what: "search of the DNs to initialise".into(),
+                reason: e.to_string(),
+            })),
+        }
+    }
+}
+
+impl Drop for DnScan {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The DNs (as cache keys) the filter matches below `base`: which parents are part of the
+/// result.
+async fn scan_dns(
+    mut conn: ldap::SearchConnection,
+    base: String,
+    filter: String,
+    timeout: Duration,
+) -> Result<HashSet<String>, LdapFailure> {
+    let mut expected = HashSet::new();
+    let mut search = FramedSearch::start(
+        &mut conn,
+        &base,
+        Scope::Subtree,
+        &filter,
+        &["1.1"],
+        PAGE_SIZE,
+        timeout,
+    )
+    .await?;
+    while let Some(entry) = search.next().await? {
+        expected.insert(dn_key(entry.dn()));
+    }
+    search.finish()?;
+    conn.close().await;
+    Ok(expected)
 }
 
 /// Count, rate and ETA of an initialisation: a rewritten line on a terminal, a log line
@@ -67,8 +136,15 @@ impl Progress {
     fn line(&self) -> String {
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
         let rate = self.done as f64 / secs;
+        if self.total == 0 {
+            // The DN scan, which counts them, is not in yet.
+            return format!(
+                "initializing {}: {} objects, {rate:.0}/s",
+                self.module, self.done
+            );
+        }
         let eta = if rate > 0.0 {
-            (self.total - self.done) as f64 / rate
+            self.total.saturating_sub(self.done) as f64 / rate
         } else {
             0.0
         };
@@ -76,6 +152,11 @@ impl Progress {
             "initializing {}: {}/{} objects, {rate:.0}/s, ETA {eta:.0}s",
             self.module, self.done, self.total
         )
+    }
+
+    /// The number of objects, known once the DN scan is in.
+    fn set_total(&mut self, total: usize) {
+        self.total = total;
     }
 
     fn step(&mut self) {
@@ -259,37 +340,29 @@ impl Engine {
             return self.commit_staged(true);
         };
         let base = self.settings().base.clone();
-        // Both scans go through a connection of our own that decodes entries without
-        // copying their values (ldap3 parses, then copies, every message).
+        // Both scans go through connections of our own that decode entries without copying
+        // their values (ldap3 parses, then copies, every message).
         let mut conn = self.ldap.search_connection().await?;
-        // The DNs first, to know which parents are part of the result.
-        let mut expected = HashSet::new();
-        let mut search = FramedSearch::start(
-            &mut conn,
-            &base,
-            Scope::Subtree,
-            &filter,
-            &["1.1"],
-            PAGE_SIZE,
+        let dns = DnScan(tokio::spawn(scan_dns(
+            self.ldap.search_connection().await?,
+            base.clone(),
+            filter.clone(),
             scan_timeout,
-        )
-        .await?;
-        while let Some(entry) = search.next().await? {
-            expected.insert(dn_key(entry.dn()));
-        }
-        search.finish()?;
+        )));
         self.update_schema().await?;
 
-        let mut progress = Progress::new(name, expected.len());
+        let mut progress = Progress::new(name, 0);
         let mut pass = InitPass {
             index,
             id,
-            expected,
+            expected: None,
+            base: dn_key(&base),
             done,
             fresh,
             waiting: HashMap::new(),
             since_commit: 0,
         };
+        let mut dns = Some(dns);
         let mut search = FramedSearch::start(
             &mut conn,
             &base,
@@ -308,10 +381,24 @@ impl Engine {
             let Some(entry) = search.next().await? else {
                 break;
             };
-            self.init_entry(&mut pass, entry.into_raw(), &mut progress)?;
+            let raw = entry.into_raw();
+            let scanned = dns.as_ref().is_some_and(DnScan::is_finished);
+            if pass.expected.is_none()
+                && (scanned || pass.may_wait(&raw.dn))
+                && let Some(dns) = dns.take()
+            {
+                let expected = dns.result().await?;
+                progress.set_total(expected.len());
+                pass.expected = Some(expected);
+            }
+            self.init_entry(&mut pass, raw, &mut progress)?;
         }
         search.finish()?;
         conn.close().await;
+        // Its errors count even when no object needed it.
+        if let Some(dns) = dns {
+            progress.set_total(dns.result().await?.len());
+        }
         // Parents that vanished during the scan: their children go now, shortest first.
         let mut orphans: Vec<RawEntry> = pass.waiting.drain().flat_map(|(_, v)| v).collect();
         orphans.sort_by_key(|e| e.dn.len());
@@ -333,7 +420,11 @@ impl Engine {
     ) -> Result<(), EngineError> {
         if let Some(parent) = parent(&raw.dn) {
             let parent_key = dn_key(parent);
-            if pass.expected.contains(&parent_key) && !pass.done.contains(&parent_key) {
+            let expected = pass
+                .expected
+                .as_ref()
+                .is_some_and(|expected| expected.contains(&parent_key));
+            if expected && !pass.done.contains(&parent_key) {
                 pass.waiting.entry(parent_key).or_default().push(raw);
                 return Ok(());
             }
@@ -406,5 +497,40 @@ impl Engine {
         let cache = self.cache();
         run_blocking(|| cache.commit(batch, durable))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pass(done: &[&str]) -> InitPass {
+        InitPass {
+            index: 0,
+            id: 0,
+            expected: None,
+            base: dn_key("dc=Example,dc=com"),
+            done: done.iter().map(|dn| dn_key(dn)).collect(),
+            fresh: true,
+            waiting: HashMap::new(),
+            since_commit: 0,
+        }
+    }
+
+    #[test]
+    fn only_a_pending_parent_inside_the_base_needs_the_dn_scan() {
+        let pass = pass(&["dc=example,dc=com", "ou=Done,dc=example,dc=com"]);
+        // The base itself: its parent is outside the search.
+        assert!(!pass.may_wait("dc=example,dc=com"));
+        // Parents already handled (compared as cache keys).
+        assert!(!pass.may_wait("ou=a,dc=EXAMPLE,dc=com"));
+        assert!(!pass.may_wait("uid=x,ou=done,dc=example,dc=com"));
+        // A parent below the base not handled yet may still come.
+        assert!(pass.may_wait("uid=x,ou=later,dc=example,dc=com"));
+        // Unless nothing is handled yet: the base is then a parent still to come.
+        assert!(self::pass(&[]).may_wait("ou=a,dc=example,dc=com"));
+        // No parent at all, or one outside the base.
+        assert!(!pass.may_wait("dc=com"));
+        assert!(!pass.may_wait("uid=x,ou=elsewhere,dc=org"));
     }
 }

@@ -24,15 +24,30 @@ pub(crate) fn change_json(
     call: &Call<'_>,
     time: SystemTime,
 ) -> Result<Vec<u8>, serde_json::Error> {
-    serde_json::to_vec(&Change {
-        time: daemon::time::rfc3339_micros(time),
-        id: call.id,
-        module,
-        command: call.command.as_char(),
-        dn: call.dn,
-        old: AttributeMap(call.old),
-        new: AttributeMap(call.new),
-    })
+    let mut out = Vec::new();
+    write_change_json(&mut out, module, call, time)?;
+    Ok(out)
+}
+
+/// [`change_json`] appended to `out`, for a caller that reuses its buffer.
+pub(crate) fn write_change_json(
+    out: &mut Vec<u8>,
+    module: &str,
+    call: &Call<'_>,
+    time: SystemTime,
+) -> Result<(), serde_json::Error> {
+    serde_json::to_writer(
+        out,
+        &Change {
+            time: daemon::time::rfc3339_micros(time),
+            id: call.id,
+            module,
+            command: call.command.as_char(),
+            dn: call.dn,
+            old: AttributeMap(call.old),
+            new: AttributeMap(call.new),
+        },
+    )
 }
 
 // Field order is the JSON key order.
