@@ -767,6 +767,11 @@ impl Daemon {
             }
             let mut lines: Vec<Line> = self.stashed_line.take().into_iter().collect();
             lines.push(received.line.clone());
+            if self.cascade.is_some() {
+                // The line says the local slapd holds the change: writes still in flight
+                // are waited for first (any left unconfirmed close the gate).
+                self.engine.handlers_mut().confirm();
+            }
             let open = self.cascade_gate_open();
             if let Some(cascade) = &mut self.cascade
                 && cascade.held().is_empty()
