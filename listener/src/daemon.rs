@@ -228,6 +228,8 @@ impl Daemon {
 
     pub async fn run(mut self) -> Exit {
         self.publish_status("running");
+        // Changes a module sent before a crash without their confirmation go first.
+        self.engine.handlers_mut().confirm();
         // Held lines whose quarantine was emptied while the listener was down.
         self.release_held();
         // The connection made at start must continue this listener's ids like any later one.
