@@ -1444,9 +1444,11 @@ fn a_write_left_in_flight(
         .unwrap();
     replica.signal(libc::SIGSTOP);
     listener.signal(libc::SIGCONT).unwrap();
-    wait_until("the listener committing a write still in flight", WAIT, || {
-        Ok((listener.notifier_id().unwrap_or(0) >= first).then_some(()))
-    })
+    wait_until(
+        "the listener committing a write still in flight",
+        WAIT,
+        || Ok((listener.notifier_id().unwrap_or(0) >= first).then_some(())),
+    )
     .unwrap();
     // It waits before the end (the notifier may have announced more than the first at
     // once: those went out in flight with it).
@@ -1573,7 +1575,10 @@ fn a_refusal_collected_after_the_commit_is_quarantined_and_later_changes_queue_b
     replica.spawn();
     let (retried, answer) = ctrl(&listener, &notifier, &["quarantine", "retry"]);
     assert!(retried, "{answer}");
-    assert!(answer.contains("2 applied, 0 still quarantined"), "{answer}");
+    assert!(
+        answer.contains("2 applied, 0 still quarantined"),
+        "{answer}"
+    );
     assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
 }
 

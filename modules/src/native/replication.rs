@@ -70,10 +70,10 @@ use ldap::write::{self, Change, ldif};
 use ldap::{Ldap, LdapFailure, rc};
 
 use super::quarantine::{Quarantine, Record, now};
-use pipeline::{InFlight, WINDOW, WriteLog, relation_key};
 use super::schema::{Outcome, SchemaSettings};
 use super::{NativeError, config};
 use crate::module::{Call, Command, Module, ModuleError, ModuleInfo, ModuleSource, REPLICATION};
+use pipeline::{InFlight, WINDOW, WriteLog, relation_key};
 
 pub(super) const DESCRIPTION: &str = "LDAP Replica Node replication";
 
@@ -485,6 +485,17 @@ impl Replication {
         })
     }
 
+    /// `Ok` if the local object's `entryCSN` is `csn`.
+    fn verify(&mut self, dn: &str, csn: &str) -> Result<Result<(), LdapFailure>, Failure> {
+        let (dn_owned, csn_owned) = (dn.to_owned(), csn.to_owned());
+        self.op(|mut ldap, timeout| async move {
+            verified(
+                &dn_owned,
+                write::holds(&mut ldap, &dn_owned, ("entryCSN", &csn_owned), timeout).await,
+            )
+        })
+    }
+
     fn delete_one(&mut self, dn: &str) -> Result<Result<(), LdapFailure>, Failure> {
         let dn_owned = dn.to_owned();
         self.op(
@@ -579,6 +590,7 @@ impl Replication {
                 Attempt::AssertedModify { changes, csn } => {
                     Some(self.modify_asserted(dn, &changes, &csn)?)
                 }
+                Attempt::Verify { csn } => Some(self.verify(dn, &csn)?),
                 Attempt::ReadFirst => None,
             };
             match outcome {
@@ -862,6 +874,7 @@ impl Replication {
         if self.pending_move.is_none() && self.can_pipeline() {
             let new = self.writable(call.new);
             let attempt = first_attempt(&self.writable(call.old), &new);
+
             if attempt != Attempt::ReadFirst {
                 self.collect_related(call.dn)
                     .map_err(ModuleError::transient)?;
@@ -963,9 +976,9 @@ impl Replication {
             self.collect_first()?;
         }
         let ldap = self.connection().map_err(failure_text)?;
-        self.log.append(&entry.record()).map_err(|e| {
-            format!("cannot write {}: {e}", self.log.path().display())
-        })?;
+        self.log
+            .append(&entry.record())
+            .map_err(|e| format!("cannot write {}: {e}", self.log.path().display()))?;
         let timeout = self.settings.timeout;
         let (dn, mut ldap) = (entry.dn.clone(), ldap);
         let task = match &entry.attempt {
@@ -978,6 +991,15 @@ impl Replication {
                 tokio::spawn(async move {
                     write::modify_if_equal(&mut ldap, &dn, &changes, ("entryCSN", &csn), timeout)
                         .await
+                })
+            }
+            Attempt::Verify { csn } => {
+                let csn = csn.clone();
+                tokio::spawn(async move {
+                    verified(
+                        &dn,
+                        write::holds(&mut ldap, &dn, ("entryCSN", &csn), timeout).await,
+                    )
                 })
             }
             // Never sent blind: collected by the full path.
@@ -1105,6 +1127,20 @@ impl Replication {
         self.log
             .clear()
             .map_err(|e| format!("cannot empty {}: {e}", self.log.path().display()))
+    }
+}
+
+/// A compare's answer as a write's: `false` is a refusal that sends the change down the
+/// full path.
+fn verified(dn: &str, holds: Result<bool, LdapFailure>) -> Result<(), LdapFailure> {
+    match holds {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(LdapFailure::Result {
+            what: format!("compare {dn}"),
+            rc: rc::ASSERTION_FAILED,
+            message: "the object is not as the listener last saw it".into(),
+        }),
+        Err(e) => Err(e),
     }
 }
 
@@ -1395,7 +1431,9 @@ impl Module for Replication {
 
     fn confirm(&mut self) -> usize {
         if let Err(e) = self.collect_all() {
-            tracing::warn!("replication: the local LDAP server has not confirmed every change: {e}");
+            tracing::warn!(
+                "replication: the local LDAP server has not confirmed every change: {e}"
+            );
         }
         self.in_flight.len()
     }
@@ -1489,8 +1527,11 @@ pub(super) enum Attempt {
     /// Primary's `entryCSN` and any other write gets a fresh one from the local slapd, so an
     /// equal CSN means the object holds exactly what this module wrote for that state.
     AssertedModify { changes: Vec<Change>, csn: String },
-    /// Read the local object and write the difference (no CSN to assert, or nothing
-    /// changed as far as the listener knows: the read repairs a local change then).
+    /// Nothing changed as far as the listener knows (it read a later state at an earlier
+    /// change): a compare of the old state's `entryCSN`. Equal means the object holds it;
+    /// anything else (a local change got a fresh CSN) reads the object and repairs it.
+    Verify { csn: String },
+    /// Read the local object and write the difference (no CSN to assert).
     ReadFirst,
 }
 
@@ -1511,7 +1552,9 @@ fn first_attempt(expected: &Attrs, new: &Attrs) -> Attempt {
     };
     let changes = modlist(expected, new);
     if changes.is_empty() {
-        return Attempt::ReadFirst;
+        return Attempt::Verify {
+            csn: csn.to_owned(),
+        };
     }
     Attempt::AssertedModify {
         changes,
@@ -1704,8 +1747,14 @@ mod tests {
         assert_eq!(first_attempt(&empty, &new), Attempt::ReadFirst);
         let binary = attrs(&[("cn", &[b"a"]), ("entryCSN", &[b"\xff"])]);
         assert_eq!(first_attempt(&binary, &new), Attempt::ReadFirst);
-        // Unchanged as far as the listener knows: read, so a local change gets repaired.
-        assert_eq!(first_attempt(&old, &old), Attempt::ReadFirst);
+        // Unchanged as far as the listener knows: compare the CSN (a local change, with a
+        // fresh CSN, is read and repaired).
+        assert_eq!(
+            first_attempt(&old, &old),
+            Attempt::Verify {
+                csn: String::from_utf8_lossy(csn).into_owned()
+            }
+        );
     }
 
     #[test]

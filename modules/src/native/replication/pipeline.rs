@@ -237,10 +237,7 @@ mod tests {
         bytes.extend_from_slice(b"{\"id\":3,\"dn");
         std::fs::write(&path, bytes).unwrap();
         let (mut log, records) = WriteLog::open(dir.path()).unwrap();
-        assert_eq!(
-            records.iter().map(|r| r.id).collect::<Vec<_>>(),
-            vec![1, 2]
-        );
+        assert_eq!(records.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(records[1].new_state().unwrap()[0].1, vec![b"e2".to_vec()]);
         log.append(&entry(4)).unwrap();
         log.sync().unwrap();
