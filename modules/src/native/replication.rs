@@ -591,7 +591,7 @@ impl Replication {
                     Some(self.modify_asserted(dn, &changes, &csn)?)
                 }
                 Attempt::Verify { csn } => Some(self.verify(dn, &csn)?),
-                Attempt::ReadFirst => None,
+                Attempt::ReadFirst | Attempt::Delete => None,
             };
             match outcome {
                 Some(Ok(())) => return Ok(()),
@@ -846,6 +846,23 @@ impl Replication {
         // not take makes the listener wait here.
         self.collect_finished().map_err(ModuleError::transient)?;
         if call.new.is_empty() {
+            if call.command != Command::ModRdn && self.pending_move.is_none() && self.can_pipeline()
+            {
+                // A delete: after what is in flight of the object or below it.
+                self.collect_related(call.dn)
+                    .map_err(ModuleError::transient)?;
+                if let Some(blocker) = self.quarantine.blocker(call.dn, None).map(|b| b.id) {
+                    return self.queue(call, &Vec::new(), None, blocker);
+                }
+                let entry = InFlight::new(
+                    call.id,
+                    call.dn,
+                    call.command.to_string(),
+                    Vec::new(),
+                    Attempt::Delete,
+                );
+                return self.send(entry).map_err(ModuleError::transient);
+            }
             self.settle().map_err(ModuleError::transient)?;
             // A stale `r` goes before anything else happens.
             if let Err(failure) = self.flush_pending() {
@@ -1002,6 +1019,16 @@ impl Replication {
                     )
                 })
             }
+            Attempt::Delete => tokio::spawn(async move {
+                match write::delete(&mut ldap, &dn, timeout).await {
+                    // Already gone: what the delete wanted.
+                    Err(LdapFailure::Result {
+                        rc: rc::NO_SUCH_OBJECT,
+                        ..
+                    }) => Ok(()),
+                    other => other,
+                }
+            }),
             // Never sent blind: collected by the full path.
             Attempt::ReadFirst => {
                 self.in_flight.push_back(entry);
@@ -1064,6 +1091,16 @@ impl Replication {
         let change = (entry.id, entry.dn.as_str(), entry.command.clone());
         let outcome = match self.quarantine.blocker(&entry.dn, None).map(|b| b.id) {
             Some(blocker) => self.queue_change(change, &entry.new, None, blocker),
+            // A delete (an object with children, or replayed from the log).
+            None if entry.new.is_empty() => match self.delete_recursive(&entry.dn) {
+                Ok(()) => Ok(()),
+                Err(Failure::Refused {
+                    operation,
+                    error,
+                    ldif,
+                }) => self.quarantine_change(change, &entry.new, None, (operation, error, ldif)),
+                Err(Failure::Transient(message)) => Err(ModuleError::transient(message)),
+            },
             None => match self.apply_update(&entry.dn, &entry.new, None, None) {
                 Ok(()) => Ok(()),
                 Err(Failure::Refused {
@@ -1119,8 +1156,8 @@ impl Replication {
         Ok(())
     }
 
-    /// Before a write the log does not record (delete, move, read-first update, schema,
-    /// operator command): everything earlier is applied, and the log is emptied, as
+    /// Before a write the log does not record (move, read-first update, schema, operator
+    /// retry): everything earlier is applied, and the log is emptied, as
     /// replaying it after this write could undo it.
     fn settle(&mut self) -> Result<(), String> {
         self.collect_all()?;
@@ -1533,6 +1570,9 @@ pub(super) enum Attempt {
     Verify { csn: String },
     /// Read the local object and write the difference (no CSN to assert).
     ReadFirst,
+    /// A delete of one object (pipelined only): one with children is deleted with its
+    /// subtree when its result is collected.
+    Delete,
 }
 
 fn first_attempt(expected: &Attrs, new: &Attrs) -> Attempt {

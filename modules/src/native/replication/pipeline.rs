@@ -1,5 +1,6 @@
 //! Pipelined replica writes: a change whose write needs no read of the local object (an
-//! add, or a modify asserting the old `entryCSN`) is sent and the handler returns; the
+//! add, a modify asserting the old `entryCSN`, a compare of it when nothing changed, a
+//! delete) is sent and the handler returns; the
 //! result is collected later, in order. The listener commits the transaction meanwhile, so
 //! until the result is in, the change is the module's to deliver:
 //!
@@ -10,7 +11,7 @@
 //!   idempotent) before any new change, so a crash with writes in flight loses nothing;
 //! - results are collected before anything that depends on them: a write of the same
 //!   object, an ancestor or a descendant waits for the earlier one, and every other kind of
-//!   change (delete, move, one that reads first) and every operator command waits for all;
+//!   change (move, one that reads first, schema) and an operator's retry wait for all;
 //!   `sync` (before every cache flush), `confirm` (before a Backup's cascade line) and
 //!   `postrun` collect everything;
 //! - a refused write is then handled as if refused at once (read, modlist, write; what is
@@ -21,7 +22,8 @@
 //!   transiently, so the listener waits, and the log keeps the change across restarts.
 //!
 //! The log is emptied whenever nothing is in flight before a write that is not logged (a
-//! delete, a move): replaying an older change after a later unlogged one could undo it.
+//! move, a read-first update): replaying an older change after a later unlogged one could
+//! undo it.
 //!
 //! [`Module::sync`]: crate::module::Module::sync
 
