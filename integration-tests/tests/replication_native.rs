@@ -237,6 +237,22 @@ access to * by users read by * none
         format!("ldap://127.0.0.1:{}/", self.port)
     }
 
+    /// Sends `signal` to the slapd this test started (SIGSTOP: it keeps its connections
+    /// and takes requests into the socket buffer, but answers none).
+    fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("a replica started by the test");
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
+    /// SIGKILL (also of a stopped slapd): requests it had not read are gone with it.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
     fn connect(&self) -> LdapConn {
         let mut conn = LdapConn::new(&self.url()).unwrap();
         conn.simple_bind(UPDATE_DN, UPDATE_PW)
@@ -1379,6 +1395,193 @@ fn a_selective_filter_replicates_exactly_what_it_matches() {
 /// The replica's slapd is down for 30 s in the middle of a run of more than 3,000 mixed
 /// writes, and writes go on all through the outage; the listener waits at the first change
 /// it cannot write, catches up once slapd is back, and the directories are equal.
+/// A listener whose connection to the replica stays open while it is idle (no postrun).
+fn lasting_replication_listener(
+    primary: &Slapd,
+    notifier: &Notifier,
+    replica: &Replica,
+    state: &Path,
+) -> Listener {
+    let config = replica.module_config(state);
+    let mut listener = Listener::start(
+        primary,
+        notifier,
+        ListenerOptions::new()
+            .jsonl(false)
+            .postrun_delay(Duration::from_secs(600))
+            .native_module(format!("replication=@{}", config.display())),
+    )
+    .unwrap();
+    listener.wait_modules_ready(&["replication"], WAIT).unwrap();
+    listener
+}
+
+/// Adds `count` roles `cn=<prefix>N` while the listener is stopped (SIGSTOP), stops the
+/// replica (SIGSTOP: it keeps the listener's connection but answers nothing) and lets the
+/// listener go on: it sends the first write(s) and commits their transactions although the
+/// writes are unanswered (the flush gives up waiting after the module's timeout and keeps
+/// them unconfirmed); at the next change it waits. Returns the first change's id.
+fn a_write_left_in_flight(
+    primary: &Slapd,
+    notifier: &Notifier,
+    listener: &Listener,
+    replica: &Replica,
+    prefix: &str,
+    count: usize,
+) -> u64 {
+    listener.signal(libc::SIGSTOP).unwrap();
+    let mut admin = primary.admin().unwrap();
+    for i in 0..count {
+        admin
+            .add_role(&format!("cn={prefix}{i},{BASE}"), "in flight")
+            .unwrap();
+    }
+    let first = notifier
+        .wait_transaction(&format!("cn={prefix}0,{BASE}"), 'a', WAIT)
+        .unwrap();
+    let last = notifier
+        .wait_transaction(&format!("cn={prefix}{},{BASE}", count - 1), 'a', WAIT)
+        .unwrap();
+    replica.signal(libc::SIGSTOP);
+    listener.signal(libc::SIGCONT).unwrap();
+    wait_until(
+        "the listener committing a write still in flight",
+        WAIT,
+        || Ok((listener.notifier_id().unwrap_or(0) >= first).then_some(())),
+    )
+    .unwrap();
+    // It waits before the end (the notifier may have announced more than the first at
+    // once: those went out in flight with it).
+    assert!(listener.notifier_id().unwrap_or(0) < last);
+    first
+}
+
+#[test]
+fn writes_in_flight_when_the_replica_dies_are_sent_again() {
+    let primary = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
+    let notifier = Notifier::following_accesslog(&primary, &[], WAIT).unwrap();
+    let mut replica = Replica::start(&primary, true);
+    let state = tempfile::tempdir().unwrap();
+    let mut listener = lasting_replication_listener(&primary, &notifier, &replica, state.path());
+    mixed_writes(&primary, 20, 40);
+    wait_caught_up(&mut listener, &notifier, &last_write(), 'd');
+
+    a_write_left_in_flight(&primary, &notifier, &listener, &replica, "lost", 20);
+    // The slapd that had it in its socket buffer dies: it was never applied.
+    replica.kill();
+    replica.spawn();
+    let held = snapshot(&mut replica.connect());
+    assert!(!held.contains_key(&format!("cn=lost0,{BASE}")));
+    // The listener sends it again before the next change.
+    wait_caught_up(&mut listener, &notifier, &format!("cn=lost19,{BASE}"), 'a');
+    assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
+    assert!(
+        !listener.log().contains("quarantined"),
+        "{}",
+        listener.log_tail(40)
+    );
+}
+
+#[test]
+fn writes_in_flight_when_the_listener_and_the_replica_die_are_applied_after_the_restart() {
+    let primary = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
+    let notifier = Notifier::following_accesslog(&primary, &[], WAIT).unwrap();
+    let mut replica = Replica::start(&primary, true);
+    let state = tempfile::tempdir().unwrap();
+    let mut listener = lasting_replication_listener(&primary, &notifier, &replica, state.path());
+    mixed_writes(&primary, 20, 40);
+    wait_caught_up(&mut listener, &notifier, &last_write(), 'd');
+
+    a_write_left_in_flight(&primary, &notifier, &listener, &replica, "lost", 20);
+    // The listener has committed it; only the module's log still knows it is not
+    // confirmed.
+    let log = state.path().join("state").join("unconfirmed.log");
+    let logged = fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("cn=lost0,"), "{logged}");
+    listener.kill().unwrap();
+    replica.kill();
+    replica.spawn();
+    assert!(!snapshot(&mut replica.connect()).contains_key(&format!("cn=lost0,{BASE}")));
+
+    // Applied again at the start, then the rest.
+    listener.restart().unwrap();
+    wait_caught_up(&mut listener, &notifier, &format!("cn=lost19,{BASE}"), 'a');
+    assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
+    assert!(
+        listener
+            .log()
+            .contains("were never confirmed; applying them again"),
+        "{}",
+        listener.log_tail(40)
+    );
+    assert!(
+        !listener.log().contains("quarantined"),
+        "{}",
+        listener.log_tail(40)
+    );
+}
+
+#[test]
+fn a_refusal_collected_after_the_commit_is_quarantined_and_later_changes_queue_behind_it() {
+    let primary = Slapd::start(SlapdConfig::provider().dbnosync(true)).unwrap();
+    let notifier = Notifier::following_accesslog(&primary, &[], WAIT).unwrap();
+    // No nis.schema: the posixGroup is refused.
+    let mut replica = Replica::start(&primary, false);
+    let state = tempfile::tempdir().unwrap();
+    let mut listener = replication_listener(&primary, &notifier, &replica, state.path());
+    listener.wait_initialized(WAIT).unwrap();
+
+    // The add is sent and the listener commits it before the (stopped) replica refuses.
+    replica.signal(libc::SIGSTOP);
+    let group = add_posix_group(&primary);
+    let added = notifier.wait_transaction(&group, 'a', WAIT).unwrap();
+    wait_until("the listener committing the add in flight", WAIT, || {
+        Ok((listener.notifier_id().unwrap_or(0) >= added).then_some(()))
+    })
+    .unwrap();
+    let mut admin = primary.admin().unwrap();
+    admin.replace(&group, "gidNumber", &["5001"]).unwrap();
+    admin
+        .add_role(&format!("cn=after,{BASE}"), "after")
+        .unwrap();
+    replica.signal(libc::SIGCONT);
+    wait_caught_up(&mut listener, &notifier, &format!("cn=after,{BASE}"), 'a');
+
+    let (listed, list) = ctrl(&listener, &notifier, &["quarantine", "list"]);
+    assert!(listed, "{list}");
+    let records: Vec<serde_json::Value> = serde_json::from_str(list.trim()).unwrap();
+    assert_eq!(records.len(), 2, "{list}");
+    assert_eq!(records[0]["id"], added);
+    assert_eq!(records[0]["dn"], group.as_str());
+    assert_eq!(records[0]["command"], "a");
+    assert_eq!(records[0]["operation"], "add");
+    assert!(!records[0]["error"].as_str().unwrap().is_empty(), "{list}");
+    assert!(
+        records[0]["ldif"]
+            .as_str()
+            .unwrap()
+            .contains("objectClass: posixGroup"),
+        "{list}"
+    );
+    assert_eq!(records[1]["operation"], "queued");
+    assert_eq!(records[1]["dn"], group.as_str());
+    let held = snapshot(&mut replica.connect());
+    assert!(held.contains_key(&format!("cn=after,{BASE}")));
+    assert!(!held.contains_key(&group));
+
+    // With the schema fixed the retry applies both, in order.
+    replica.stop();
+    replica.write_config(true);
+    replica.spawn();
+    let (retried, answer) = ctrl(&listener, &notifier, &["quarantine", "retry"]);
+    assert!(retried, "{answer}");
+    assert!(
+        answer.contains("2 applied, 0 still quarantined"),
+        "{answer}"
+    );
+    assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
+}
+
 #[test]
 fn a_30_s_replica_outage_during_3000_writes_catches_up_identically() {
     const OUTAGE: Duration = Duration::from_secs(30);

@@ -104,6 +104,26 @@ pub async fn modify_if_equal(
     .await
 }
 
+/// Whether the object `dn` holds `value` in `attr` (an LDAP compare): `Ok(false)` when it
+/// does not (or has no such attribute), [`rc::NO_SUCH_OBJECT`] when there is no object.
+///
+/// [`rc::NO_SUCH_OBJECT`]: crate::rc::NO_SUCH_OBJECT
+pub async fn holds(
+    ldap: &mut Ldap,
+    dn: &str,
+    (attr, value): (&str, &str),
+    timeout: Duration,
+) -> Result<bool, LdapFailure> {
+    let what = format!("compare {dn}");
+    timed(&what, timeout, async {
+        ldap.compare(dn, attr, value)
+            .await
+            .and_then(|r| r.equal())
+            .map_err(|e| failure(&what, e))
+    })
+    .await
+}
+
 pub async fn delete(ldap: &mut Ldap, dn: &str, timeout: Duration) -> Result<(), LdapFailure> {
     let what = format!("delete {dn}");
     timed(&what, timeout, async {

@@ -228,6 +228,8 @@ impl Daemon {
 
     pub async fn run(mut self) -> Exit {
         self.publish_status("running");
+        // Changes a module sent before a crash without their confirmation go first.
+        self.engine.handlers_mut().confirm();
         // Held lines whose quarantine was emptied while the listener was down.
         self.release_held();
         // The connection made at start must continue this listener's ids like any later one.
@@ -767,6 +769,11 @@ impl Daemon {
             }
             let mut lines: Vec<Line> = self.stashed_line.take().into_iter().collect();
             lines.push(received.line.clone());
+            if self.cascade.is_some() {
+                // The line says the local slapd holds the change: writes still in flight
+                // are waited for first (any left unconfirmed close the gate).
+                self.engine.handlers_mut().confirm();
+            }
             let open = self.cascade_gate_open();
             if let Some(cascade) = &mut self.cascade
                 && cascade.held().is_empty()

@@ -437,6 +437,12 @@ impl Handlers {
         if quarantined > 0 {
             return Some(format!("{quarantined} change(s) quarantined"));
         }
+        let unconfirmed: usize = self.slots.iter().map(|s| s.module.unconfirmed()).sum();
+        if unconfirmed > 0 {
+            return Some(format!(
+                "{unconfirmed} change(s) not confirmed by the local LDAP server"
+            ));
+        }
         self.slots
             .iter()
             .find(|s| s.name() == REPLICATION && !s.is_ready())
@@ -764,6 +770,15 @@ impl Handlers {
 
     /// `sync` for every module, before the listener makes its commits durable: the first
     /// failure (the caller stops as after a failed flush of its own).
+    /// Waits until every module's target confirmed what it was handed
+    /// ([`Module::confirm`]); returns how many changes remain unconfirmed.
+    pub fn confirm(&mut self) -> usize {
+        self.slots
+            .iter_mut()
+            .map(|slot| run_blocking(|| slot.module.confirm()))
+            .sum()
+    }
+
     pub fn sync(&mut self) -> Result<(), String> {
         for slot in &mut self.slots {
             if let Err(e) = run_blocking(|| slot.module.sync()) {

@@ -493,6 +493,12 @@ impl Engine {
 
     /// Commits what is staged, with the current master record.
     pub fn commit_staged(&mut self, durable: bool) -> Result<(), EngineError> {
+        if durable {
+            // Modules' own files (and writes in flight) first, as before every flush.
+            self.handlers
+                .sync()
+                .map_err(|e| EngineError::Cache(cache::CacheError::Store(e)))?;
+        }
         let batch = self.take_master_batch();
         let cache = self.cache();
         run_blocking(|| cache.commit(batch, durable))?;

@@ -218,6 +218,19 @@ pub trait Module: Send {
         Ok(())
     }
 
+    /// Waits until the module's target confirmed every change handed over so far (a
+    /// module that leaves writes in flight after its handler returned, the native
+    /// `replication`); returns how many remain unconfirmed (the target is unreachable:
+    /// they stay the module's to deliver). Called before a Backup's cascade line.
+    fn confirm(&mut self) -> usize {
+        0
+    }
+
+    /// Changes handed over whose application the target has not confirmed yet.
+    fn unconfirmed(&self) -> usize {
+        0
+    }
+
     /// First half of (re)initialisation: forget everything derived from earlier objects.
     fn clean(&mut self) -> Result<(), ModuleError> {
         Ok(())

@@ -247,7 +247,7 @@ impl Quarantine {
 
 /// The records of a log and the length of its intact part. Only the last line may be
 /// incomplete (no newline) or unreadable: an append torn by a crash.
-fn parse_log(bytes: &[u8]) -> Result<(Vec<Record>, usize), String> {
+pub(super) fn parse_log(bytes: &[u8]) -> Result<(Vec<Record>, usize), String> {
     let mut records = Vec::new();
     let mut good = 0;
     let mut rest = bytes;
