@@ -1091,25 +1091,25 @@ impl Replication {
         let change = (entry.id, entry.dn.as_str(), entry.command.clone());
         let outcome = match self.quarantine.blocker(&entry.dn, None).map(|b| b.id) {
             Some(blocker) => self.queue_change(change, &entry.new, None, blocker),
-            // A delete (an object with children, or replayed from the log).
-            None if entry.new.is_empty() => match self.delete_recursive(&entry.dn) {
-                Ok(()) => Ok(()),
-                Err(Failure::Refused {
-                    operation,
-                    error,
-                    ldif,
-                }) => self.quarantine_change(change, &entry.new, None, (operation, error, ldif)),
-                Err(Failure::Transient(message)) => Err(ModuleError::transient(message)),
-            },
-            None => match self.apply_update(&entry.dn, &entry.new, None, None) {
-                Ok(()) => Ok(()),
-                Err(Failure::Refused {
-                    operation,
-                    error,
-                    ldif,
-                }) => self.quarantine_change(change, &entry.new, None, (operation, error, ldif)),
-                Err(Failure::Transient(message)) => Err(ModuleError::transient(message)),
-            },
+            None => {
+                let applied = if entry.new.is_empty() {
+                    // A delete (an object with children, or replayed from the log).
+                    self.delete_recursive(&entry.dn)
+                } else {
+                    self.apply_update(&entry.dn, &entry.new, None, None)
+                };
+                match applied {
+                    Ok(()) => Ok(()),
+                    Err(Failure::Refused {
+                        operation,
+                        error,
+                        ldif,
+                    }) => {
+                        self.quarantine_change(change, &entry.new, None, (operation, error, ldif))
+                    }
+                    Err(Failure::Transient(message)) => Err(ModuleError::transient(message)),
+                }
+            }
         };
         match outcome {
             Ok(()) => {
