@@ -472,6 +472,15 @@ impl Listener {
         tail(&self.log(), lines)
     }
 
+    /// Fails the test, showing the log's end, if the daemon ever logged `text`.
+    pub fn assert_log_lacks(&self, text: &str) {
+        assert!(
+            !self.log().contains(text),
+            "logged {text:?}:\n{}",
+            self.log_tail(40)
+        );
+    }
+
     /// The last processed transaction (`<cache>/notifier_id`); `None` when the file is
     /// missing or does not hold a number.
     pub fn notifier_id(&self) -> Option<u64> {

@@ -717,11 +717,7 @@ fn mixed_writes_reach_the_replica_identically() {
     assert_same(&expected, &snapshot(&mut replica.connect()));
     let (healthy, status) = ctrl(&listener, &notifier, &["status"]);
     assert!(healthy, "{status}");
-    assert!(
-        !listener.log().contains("quarantined"),
-        "{}",
-        listener.log_tail(40)
-    );
+    listener.assert_log_lacks("quarantined");
 }
 
 /// The module writes a modify from the listener's old state without reading the replica,
@@ -809,11 +805,7 @@ fn an_object_changed_on_the_replica_behind_the_module_converges_at_its_next_chan
         "{}",
         listener.log_tail(40)
     );
-    assert!(
-        !listener.log().contains("quarantined"),
-        "{}",
-        listener.log_tail(40)
-    );
+    listener.assert_log_lacks("quarantined");
 }
 
 #[test]
@@ -946,11 +938,7 @@ fn a_stopped_replica_makes_the_listener_wait_and_catch_up() {
         'a',
     );
     assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
-    assert!(
-        !listener.log().contains("quarantined"),
-        "{}",
-        listener.log_tail(40)
-    );
+    listener.assert_log_lacks("quarantined");
 }
 
 #[test]
@@ -991,11 +979,7 @@ fn a_listener_killed_20_times_during_the_writes_still_replicates_identically() {
     assert!(writes >= 3_000, "{writes} writes");
     wait_caught_up(&mut listener, &notifier, &last_write(), 'd');
     assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
-    assert!(
-        !listener.log().contains("quarantined"),
-        "{}",
-        listener.log_tail(40)
-    );
+    listener.assert_log_lacks("quarantined");
 }
 
 /// Adds schema `name` to the running primary's cn=config (as root over ldapi) and bumps
@@ -1110,7 +1094,7 @@ fn a_schema_change_on_the_primary_reaches_the_replica_and_its_entries_follow() {
     assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
     let (healthy, status) = ctrl(&listener, &notifier, &["status"]);
     assert!(healthy, "{status}");
-    assert!(!listener.log().contains("quarantined"));
+    listener.assert_log_lacks("quarantined");
 }
 
 /// The primary may use a definition from a module it loads (here `reqStart` of the
@@ -1475,11 +1459,7 @@ fn writes_in_flight_when_the_replica_dies_are_sent_again() {
     // The listener sends it again before the next change.
     wait_caught_up(&mut listener, &notifier, &format!("cn=lost19,{BASE}"), 'a');
     assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
-    assert!(
-        !listener.log().contains("quarantined"),
-        "{}",
-        listener.log_tail(40)
-    );
+    listener.assert_log_lacks("quarantined");
 }
 
 #[test]
@@ -1514,11 +1494,7 @@ fn writes_in_flight_when_the_listener_and_the_replica_die_are_applied_after_the_
         "{}",
         listener.log_tail(40)
     );
-    assert!(
-        !listener.log().contains("quarantined"),
-        "{}",
-        listener.log_tail(40)
-    );
+    listener.assert_log_lacks("quarantined");
 }
 
 #[test]
@@ -1637,9 +1613,5 @@ fn a_30_s_replica_outage_during_3000_writes_catches_up_identically() {
         started.elapsed()
     );
     assert_same(&primary_view(&primary), &snapshot(&mut replica.connect()));
-    assert!(
-        !listener.log().contains("quarantined"),
-        "{}",
-        listener.log_tail(40)
-    );
+    listener.assert_log_lacks("quarantined");
 }

@@ -134,11 +134,7 @@ fn an_empty_replica_is_built_offline_and_replication_continues() {
     let id = notifier.wait_transaction(&last, 'a', WAIT).unwrap();
     listener.wait_for_id(id, WAIT).unwrap();
     assert_equal(&primary, &replica, false);
-    assert!(
-        !listener.log().contains("quarantined"),
-        "{}",
-        listener.log_tail(40)
-    );
+    listener.assert_log_lacks("quarantined");
 }
 
 #[test]
@@ -228,7 +224,7 @@ fn a_listener_killed_during_the_build_rebuilds_at_its_next_start() {
     })
     .unwrap();
     listener.kill().unwrap();
-    assert!(!listener.log().contains("offline initialisation loaded"));
+    listener.assert_log_lacks("offline initialisation loaded");
     assert_ne!(listener.handler_state("replication"), Some(READY));
     listener.restart().unwrap();
     listener.wait_modules_ready(&["replication"], WAIT).unwrap();
