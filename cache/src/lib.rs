@@ -1,6 +1,6 @@
 //! The listener cache: the last known state of every replicated LDAP object (attributes as
-//! exact bytes, plus the modules that handled it), an entryUUID index, and the master record
-//! (last notifier id, schema id), kept in sled.
+//! exact bytes, plus the modules that handled it) and the master record (last notifier id,
+//! schema id), kept in sled.
 //!
 //! The change engine reads the old state of an object here, runs the handler modules, and
 //! then commits the new state, the module list and the notifier id as one atomic [`Batch`]

@@ -2,7 +2,7 @@
 //!
 //! Keys (one sled tree, so one batch covers all of them):
 //! - `e:` + [`crate::dn_key`] → entry record,
-//! - `u:` + ASCII-lower-cased entryUUID → index record (the entry's dn_key),
+//! - `u:`: entryUUID index records of earlier versions, removed at open,
 //! - `m` → master record,
 //! - `n` → number of entries (derived data, kept so that opening needs no scan),
 //! - `s` → sequence number of the last commit (see [`crate::wal`]).
@@ -27,6 +27,7 @@ use crate::entry::{CacheEntry, MasterRecord};
 pub(crate) const FORMAT_VERSION: u8 = 1;
 
 pub(crate) const ENTRY_PREFIX: &[u8] = b"e:";
+/// Retired: see [`crate::store`]'s open.
 pub(crate) const UUID_PREFIX: &[u8] = b"u:";
 pub(crate) const MASTER_KEY: &[u8] = b"m";
 pub(crate) const COUNT_KEY: &[u8] = b"n";
@@ -34,12 +35,6 @@ pub(crate) const SEQ_KEY: &[u8] = b"s";
 
 pub(crate) fn entry_key(dn_key: &str) -> Vec<u8> {
     prefixed(ENTRY_PREFIX, dn_key)
-}
-
-/// Index key of an entryUUID. UUIDs match case-insensitively in LDAP (`UUIDMatch`), so the
-/// key is ASCII-lower-cased; OpenLDAP already returns them in lower case.
-pub(crate) fn uuid_key(uuid: &str) -> Vec<u8> {
-    prefixed(UUID_PREFIX, &uuid.to_ascii_lowercase())
 }
 
 fn prefixed(prefix: &[u8], rest: &str) -> Vec<u8> {
@@ -168,36 +163,6 @@ pub(crate) fn decode_entry(key: &[u8], value: &[u8]) -> Result<CacheEntry, Cache
             .collect(),
         modules: record.modules.into_iter().map(str::to_owned).collect(),
     })
-}
-
-/// Only the entryUUID of a stored entry (ASCII-lower-cased), without copying the rest: what
-/// a commit needs to keep the index in step when it overwrites or deletes the entry.
-pub(crate) fn decode_entry_uuid(key: &[u8], value: &[u8]) -> Result<Option<String>, CacheError> {
-    let record: EntryRecordIn<'_> = decode(key, value)?;
-    Ok(record
-        .attributes
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case("entryUUID"))
-        .and_then(|(_, values)| values.first())
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .map(str::to_ascii_lowercase))
-}
-
-// ---- uuid index record --------------------------------------------------------------------
-
-#[derive(DeriveSerialize, Deserialize)]
-struct IndexRecord<'a> {
-    #[serde(borrow)]
-    dn_key: &'a str,
-}
-
-pub(crate) fn encode_index(dn_key: &str) -> Result<Vec<u8>, String> {
-    encode(&IndexRecord { dn_key })
-}
-
-pub(crate) fn decode_index(key: &[u8], value: &[u8]) -> Result<String, CacheError> {
-    let record: IndexRecord<'_> = decode(key, value)?;
-    Ok(record.dn_key.to_owned())
 }
 
 // ---- master record ------------------------------------------------------------------------
@@ -329,7 +294,6 @@ mod tests {
         let bytes = encode_entry(&e).unwrap();
         assert_eq!(bytes[0], FORMAT_VERSION);
         assert_eq!(decode_entry(b"e:x", &bytes).unwrap(), e);
-        assert_eq!(decode_entry_uuid(b"e:x", &bytes).unwrap(), None);
     }
 
     #[test]
@@ -345,18 +309,6 @@ mod tests {
             assert_eq!(bytes.len(), entry_capacity(&e), "length foreseen");
             assert_eq!(bytes.capacity(), entry_capacity(&e), "reallocated");
         }
-    }
-
-    #[test]
-    fn entry_uuid_is_found_without_full_decode() {
-        let mut e = sample();
-        e.attributes
-            .push(("EntryUUID".into(), vec![b"ABC-def".to_vec(), b"x".to_vec()]));
-        let bytes = encode_entry(&e).unwrap();
-        assert_eq!(
-            decode_entry_uuid(b"e:x", &bytes).unwrap().as_deref(),
-            Some("abc-def")
-        );
     }
 
     #[test]
@@ -379,7 +331,7 @@ mod tests {
     }
 
     #[test]
-    fn master_and_index_round_trip() {
+    fn master_and_count_round_trip() {
         let m = MasterRecord {
             notifier_id: u64::MAX,
             schema_id: 7,
@@ -389,8 +341,6 @@ mod tests {
             decode_count(&encode_count(100_000).unwrap()).unwrap(),
             100_000
         );
-        let bytes = encode_index("cn=x,dc=y").unwrap();
-        assert_eq!(decode_index(b"u:1", &bytes).unwrap(), "cn=x,dc=y");
     }
 
     #[test]
@@ -440,8 +390,7 @@ mod tests {
     }
 
     #[test]
-    fn uuid_keys_ignore_ascii_case() {
-        assert_eq!(uuid_key("AB-cd"), b"u:ab-cd");
+    fn entry_keys_are_prefixed() {
         assert_eq!(entry_key("cn=a"), b"e:cn=a");
     }
 }

@@ -1,8 +1,7 @@
 //! The sled-backed store: [`Cache`] and its write unit [`Batch`].
 //!
 //! Everything lives in sled's default tree under the key prefixes of [`crate::record`], so
-//! one `sled::Batch` covers entries, the entryUUID index, the entry count and the master
-//! record: a crash leaves either all of a commit or none of it (DESIGN.md decision 4).
+//! one `sled::Batch` covers entries, the entry count and the master record: a crash leaves either all of a commit or none of it (DESIGN.md decision 4).
 //! Every commit is first appended to the commit log ([`crate::wal`]), so a process crash
 //! loses no commit that returned, without an fsync per commit.
 //!
@@ -24,9 +23,9 @@ use crate::CacheError;
 use crate::entry::{CacheEntry, MasterRecord};
 use crate::files::{bad_cache_path, bad_cache_reason, is_marked_bad};
 use crate::record::{
-    COUNT_KEY, ENTRY_PREFIX, MASTER_KEY, SEQ_KEY, decode_count, decode_entry, decode_entry_uuid,
-    decode_index, decode_master, decode_seq, encode_count, encode_entry, encode_index,
-    encode_master, encode_seq, entry_key, key_text, uuid_key,
+    COUNT_KEY, ENTRY_PREFIX, MASTER_KEY, SEQ_KEY, UUID_PREFIX, decode_count, decode_entry,
+    decode_master, decode_seq, encode_count, encode_entry, encode_master, encode_seq, entry_key,
+    key_text,
 };
 use crate::wal::{Wal, Writes};
 use ldap::dn::dn_key;
@@ -104,7 +103,7 @@ impl Drop for OpenGuard {
 /// The listener cache in `<dir>/cache.sled`.
 ///
 /// Reads may happen from any thread at any time. Commits are serialised internally, because a
-/// commit reads the records it replaces to keep the entryUUID index in step.
+/// commit reads whether the records it writes exist, to keep the entry count exact.
 pub struct Cache {
     db: sled::Db,
     path: PathBuf,
@@ -154,6 +153,7 @@ impl Cache {
             source,
         })?;
         let recovered = recover(&db, &mut wal)?;
+        drop_retired_index(&db)?;
         let entries = stored_count(&db)?;
         Ok(Cache {
             db,
@@ -176,30 +176,6 @@ impl Cache {
         self.get_by_key(&dn_key(dn))
     }
 
-    /// The entry whose entryUUID is `uuid` (ASCII case ignored). When several entries carry
-    /// the same entryUUID (UCS's fake containers all use the nil UUID), this is the one
-    /// stored last.
-    pub fn get_by_uuid(&self, uuid: &str) -> Result<Option<CacheEntry>, CacheError> {
-        let index_key = uuid_key(uuid);
-        let Some(value) = self.read(&index_key)? else {
-            return Ok(None);
-        };
-        let target = decode_index(&index_key, &value)?;
-        let Some(entry) = self.get_by_key(&target)? else {
-            return Ok(None);
-        };
-        // Commits keep the index exact; this only guards against an index record left
-        // behind when a commit replaced an entry record it could not read.
-        if entry
-            .entry_uuid()
-            .is_some_and(|u| u.eq_ignore_ascii_case(uuid))
-        {
-            Ok(Some(entry))
-        } else {
-            Ok(None)
-        }
-    }
-
     /// The master record; `None` on a fresh cache.
     pub fn master(&self) -> Result<Option<MasterRecord>, CacheError> {
         match self.read(MASTER_KEY)? {
@@ -213,8 +189,7 @@ impl Cache {
         Batch::default()
     }
 
-    /// Applies `batch` atomically: its entries, their index updates and the master record
-    /// become visible together and survive a crash together. Once it returns, the commit
+    /// Applies `batch` atomically: its entries and the master record become visible together and survive a crash together. Once it returns, the commit
     /// survives a crash of the process (it is in the commit log); with `durable` it is also
     /// flushed (fsync) and survives a power loss, otherwise that takes the next [`flush`]
     /// (or sled's background flush), which allows group commit.
@@ -325,7 +300,7 @@ impl Cache {
         Ok(changed)
     }
 
-    /// Deletes all entries, the index and the master record in one atomic batch, then
+    /// Deletes all entries and the master record in one atomic batch, then
     /// flushes: the cache is as fresh, so a crash cannot leave an id without its entries.
     pub fn clear(&self) -> Result<(), CacheError> {
         let mut writer = self.lock_writer();
@@ -569,7 +544,6 @@ pub struct Batch {
 enum Op {
     Put {
         key: String,
-        uuid: Option<String>,
         value: Vec<u8>,
         /// Stored with [`Batch::put_new`]: the commit does not read the record it replaces.
         new: bool,
@@ -587,11 +561,9 @@ impl Batch {
     }
 
     /// Like [`Batch::put`] for an entry the cache does not hold (outside this batch): the
-    /// commit then skips the two reads a put costs (the record it replaces, for the count
-    /// and its entryUUID, and the index record of the new entryUUID), which a bulk load
-    /// into an empty cache would spend on every entry. If the cache did hold the DN after
-    /// all, the stored entry count is one too high and the old entryUUID's index record
-    /// stays behind (which [`Cache::get_by_uuid`] ignores): the caller must know.
+    /// commit then skips the read a put costs (whether the record exists, for the count),
+    /// which a bulk load into an empty cache would spend on every entry. If the cache did
+    /// hold the DN after all, the stored entry count is one too high: the caller must know.
     pub fn put_new(&mut self, entry: &CacheEntry) {
         self.push_put(dn_key(&entry.dn), entry, true);
     }
@@ -635,12 +607,7 @@ impl Batch {
     fn push_put(&mut self, key: String, entry: &CacheEntry, new: bool) {
         // Encoded now, so the batch does not hold a second copy of the entry.
         match encode_entry(entry) {
-            Ok(value) => self.ops.push(Op::Put {
-                key,
-                uuid: entry.entry_uuid().map(str::to_ascii_lowercase),
-                value,
-                new,
-            }),
+            Ok(value) => self.ops.push(Op::Put { key, value, new }),
             Err(e) => {
                 if self.error.is_none() {
                     self.error = Some(format!("cannot encode the entry {}: {e}", entry.dn));
@@ -650,26 +617,6 @@ impl Batch {
     }
 }
 
-/// An entry's state while a batch is planned.
-#[derive(Clone)]
-enum Slot {
-    Absent,
-    /// Present, with its (lower-cased) entryUUID.
-    Present(Option<String>),
-}
-
-/// A uuid index record's state while a batch is planned.
-#[derive(Clone, PartialEq)]
-enum IndexState {
-    Absent,
-    /// Points to this dn_key.
-    To(String),
-    /// Present but undecodable: replaced or removed whenever it is touched.
-    Unreadable,
-}
-
-/// Turns a [`Batch`] into sled writes, tracking the state the earlier operations of the same
-/// batch leave behind, so that several operations on one DN or uuid compose correctly.
 /// Writes of commits that are in the commit log but not yet in sled: the final value per
 /// key (`None` = removed), as after the last of them.
 #[derive(Debug, Default)]
@@ -679,10 +626,12 @@ struct Pending {
     bytes: usize,
 }
 
+/// Turns a [`Batch`] into sled writes, tracking which entries the earlier operations of the
+/// same batch leave behind, so that several operations on one DN compose correctly.
 struct Plan<'a> {
     cache: &'a Cache,
-    entries: HashMap<String, Slot>,
-    index: HashMap<String, IndexState>,
+    /// Whether the entry with this dn_key exists.
+    entries: HashMap<String, bool>,
     /// Final value per key (`None` = remove). A BTreeMap keeps the sled batch deterministic.
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     delta: isize,
@@ -693,7 +642,6 @@ impl<'a> Plan<'a> {
         Plan {
             cache,
             entries: HashMap::new(),
-            index: HashMap::new(),
             writes: BTreeMap::new(),
             delta: 0,
         }
@@ -701,45 +649,24 @@ impl<'a> Plan<'a> {
 
     fn add(&mut self, op: Op) -> Result<(), CacheError> {
         match op {
-            Op::Put {
-                key,
-                uuid,
-                value,
-                new,
-            } => {
-                let slot = match self.entries.get(&key) {
-                    None if new => Slot::Absent,
-                    _ => self.entry(&key)?,
+            Op::Put { key, value, new } => {
+                let present = match self.entries.get(&key) {
+                    None if new => false,
+                    _ => self.exists(&key)?,
                 };
-                match slot {
-                    Slot::Absent => self.delta += 1,
-                    Slot::Present(Some(old)) if uuid.as_ref() != Some(&old) => {
-                        self.unindex(&old, &key)?;
-                    }
-                    Slot::Present(_) => {}
-                }
-                if let Some(uuid) = &uuid {
-                    if new && !self.index.contains_key(uuid) {
-                        // Written unread: at worst it rewrites a record that already
-                        // pointed here.
-                        self.index.insert(uuid.clone(), IndexState::Absent);
-                    }
-                    self.index_to(uuid, &key)?;
+                if !present {
+                    self.delta += 1;
                 }
                 self.writes.insert(entry_key(&key), Some(value));
-                self.entries.insert(key, Slot::Present(uuid));
+                self.entries.insert(key, true);
             }
-            Op::Delete { key } => match self.entry(&key)? {
-                Slot::Absent => {}
-                Slot::Present(uuid) => {
-                    if let Some(uuid) = uuid {
-                        self.unindex(&uuid, &key)?;
-                    }
+            Op::Delete { key } => {
+                if self.exists(&key)? {
                     self.delta -= 1;
                     self.writes.insert(entry_key(&key), None);
-                    self.entries.insert(key, Slot::Absent);
+                    self.entries.insert(key, false);
                 }
-            },
+            }
             Op::SetMaster(master) => {
                 let value = encode_master(master).map_err(CacheError::Store)?;
                 self.writes.insert(MASTER_KEY.to_vec(), Some(value));
@@ -752,62 +679,13 @@ impl<'a> Plan<'a> {
         (self.writes, self.delta)
     }
 
-    fn entry(&mut self, key: &str) -> Result<Slot, CacheError> {
-        if let Some(slot) = self.entries.get(key) {
-            return Ok(slot.clone());
+    fn exists(&mut self, key: &str) -> Result<bool, CacheError> {
+        if let Some(&present) = self.entries.get(key) {
+            return Ok(present);
         }
-        let raw_key = entry_key(key);
-        let slot = match self.cache.read(&raw_key)? {
-            None => Slot::Absent,
-            // A record that cannot be read is being replaced or deleted, which repairs it;
-            // its index record, if any, is then left to get_by_uuid's consistency check.
-            Some(value) => Slot::Present(decode_entry_uuid(&raw_key, &value).unwrap_or(None)),
-        };
-        self.entries.insert(key.to_owned(), slot.clone());
-        Ok(slot)
-    }
-
-    fn index(&mut self, uuid: &str) -> Result<IndexState, CacheError> {
-        if let Some(state) = self.index.get(uuid) {
-            return Ok(state.clone());
-        }
-        let raw_key = uuid_key(uuid);
-        let state = match self.cache.read(&raw_key)? {
-            None => IndexState::Absent,
-            Some(value) => match decode_index(&raw_key, &value) {
-                Ok(target) => IndexState::To(target),
-                Err(_) => IndexState::Unreadable,
-            },
-        };
-        self.index.insert(uuid.to_owned(), state.clone());
-        Ok(state)
-    }
-
-    /// Points `uuid` at `key` (the entry stored last wins).
-    fn index_to(&mut self, uuid: &str, key: &str) -> Result<(), CacheError> {
-        if let IndexState::To(target) = self.index(uuid)?
-            && target == key
-        {
-            return Ok(());
-        }
-        let value = encode_index(key).map_err(CacheError::Store)?;
-        self.writes.insert(uuid_key(uuid), Some(value));
-        self.index
-            .insert(uuid.to_owned(), IndexState::To(key.to_owned()));
-        Ok(())
-    }
-
-    /// Removes the index record of `uuid` if it belongs to `key`; if it points to another
-    /// entry (which took over the uuid, as in a rename), it stays.
-    fn unindex(&mut self, uuid: &str, key: &str) -> Result<(), CacheError> {
-        match self.index(uuid)? {
-            IndexState::To(target) if target != key => return Ok(()),
-            IndexState::Absent => return Ok(()),
-            IndexState::To(_) | IndexState::Unreadable => {}
-        }
-        self.writes.insert(uuid_key(uuid), None);
-        self.index.insert(uuid.to_owned(), IndexState::Absent);
-        Ok(())
+        let present = self.cache.read(&entry_key(key))?.is_some();
+        self.entries.insert(key.to_owned(), present);
+        Ok(present)
     }
 }
 
@@ -884,6 +762,30 @@ fn recover(db: &sled::Db, wal: &mut Wal) -> Result<usize, CacheError> {
     wal.truncate().map_err(io("truncate", wal))?;
     wal.set_seq(seq);
     Ok(replayed)
+}
+
+/// Removes the entryUUID index records (`u:`) that caches written by earlier versions hold:
+/// nothing reads them, and keeping them cost a write per entry. In chunks, so the removal
+/// needs little memory; a crash in between leaves the rest for the next open.
+fn drop_retired_index(db: &sled::Db) -> Result<(), CacheError> {
+    let mut removed = 0;
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut keys = 0;
+        for key in db.scan_prefix(UUID_PREFIX).keys().take(APPLY_CHUNK) {
+            batch.remove(key.map_err(store_error)?);
+            keys += 1;
+        }
+        if keys == 0 {
+            break;
+        }
+        db.apply_batch(batch).map_err(store_error)?;
+        removed += keys;
+    }
+    if removed > 0 {
+        db.flush().map_err(store_error)?;
+    }
+    Ok(())
 }
 
 /// The stored entry count; recounted (a full scan) when the record is missing or unreadable,
@@ -1036,7 +938,6 @@ mod tests {
         cache.put_raw(b"e:cn=b", b"\x01garbage");
         put(&cache, &entry("cn=A", "u-a"));
         assert_eq!(cache.get("cn=a").unwrap().unwrap().dn, "cn=A");
-        assert_eq!(cache.get_by_uuid("u-a").unwrap().unwrap().dn, "cn=A");
         let mut b = cache.batch();
         b.delete("cn=b");
         cache.commit(b, false).unwrap();
@@ -1045,23 +946,22 @@ mod tests {
     }
 
     #[test]
-    fn stale_index_record_is_ignored() {
+    fn index_records_of_earlier_versions_are_removed_at_open() {
         let dir = tempfile::tempdir().unwrap();
+        {
+            let cache = Cache::open(dir.path()).unwrap();
+            put(&cache, &entry("cn=a", "u-a"));
+            // More than one chunk of them, some undecodable.
+            for i in 0..2_500 {
+                cache.put_raw(format!("u:u-{i}").as_bytes(), b"\x01\x04cn=a");
+            }
+            cache.put_raw(b"u:bad", b"\xff");
+            cache.flush().unwrap();
+        }
         let cache = Cache::open(dir.path()).unwrap();
-        put(&cache, &entry("cn=a", "u-a"));
-        // An index record pointing at an entry with another uuid, or at nothing.
-        cache.put_raw(b"u:u-x", &encode_index("cn=a").unwrap());
-        cache.put_raw(b"u:u-y", &encode_index("cn=gone").unwrap());
-        assert_eq!(cache.get_by_uuid("u-x").unwrap(), None);
-        assert_eq!(cache.get_by_uuid("u-y").unwrap(), None);
-        // An undecodable index record is an error when read, replaced when written.
-        cache.put_raw(b"u:u-z", b"\x01\xff");
-        assert!(matches!(
-            cache.get_by_uuid("u-z"),
-            Err(CacheError::Corrupt { .. })
-        ));
-        put(&cache, &entry("cn=z", "u-z"));
-        assert_eq!(cache.get_by_uuid("u-z").unwrap().unwrap().dn, "cn=z");
+        assert_eq!(cache.db.scan_prefix(UUID_PREFIX).count(), 0);
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.get("cn=a").unwrap().unwrap().dn, "cn=a");
     }
 
     #[test]
@@ -1104,7 +1004,7 @@ mod tests {
     }
 
     #[test]
-    fn export_copies_entries_index_count_and_master() {
+    fn export_copies_entries_count_and_master() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(&dir.path().join("a")).unwrap();
         let mut b = cache.batch();
@@ -1131,7 +1031,7 @@ mod tests {
                 schema_id: 7
             })
         );
-        assert_eq!(copy.get_by_uuid("u17").unwrap().unwrap().dn, "cn=17");
+        assert_eq!(copy.get("cn=17").unwrap().unwrap(), entry("cn=17", "u17"));
         assert_eq!(copy.get("cn=later").unwrap(), None);
         assert_eq!(copy.iter().count(), 2500);
         // A second export into a cache that holds data is refused.
@@ -1190,40 +1090,11 @@ mod tests {
         assert_eq!(copy.master().unwrap().unwrap().notifier_id, 119);
         assert_eq!(copy.get("cn=during19").unwrap().unwrap().dn, "cn=during19");
         assert_eq!(copy.get("cn=7").unwrap(), None);
-        assert_eq!(copy.get_by_uuid("d3").unwrap().unwrap().dn, "cn=during3");
+        assert_eq!(
+            copy.get("cn=during3").unwrap().unwrap(),
+            entry("cn=during3", "d3")
+        );
         assert_eq!(copy.len(), 100_000 - 1 + 20);
-    }
-
-    #[test]
-    fn index_records_are_exact_after_renames() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::open(dir.path()).unwrap();
-        put(&cache, &entry("cn=a", "U1"));
-        let mut b = cache.batch();
-        b.put(&entry("cn=b", "u1"));
-        b.delete("cn=a");
-        cache.commit(b, false).unwrap();
-        // The index records as sled holds them once the collected commits reached it.
-        cache.flush().unwrap();
-        let index: Vec<_> = cache
-            .db
-            .scan_prefix(crate::record::UUID_PREFIX)
-            .map(|kv| {
-                let (k, v) = kv.unwrap();
-                (key_text(&k), decode_index(&k, &v).unwrap())
-            })
-            .collect();
-        assert_eq!(index, [("u:u1".to_owned(), "cn=b".to_owned())]);
-        // Changing the uuid of an entry drops its old index record.
-        put(&cache, &entry("cn=b", "u2"));
-        cache.flush().unwrap();
-        let keys: Vec<_> = cache
-            .db
-            .scan_prefix(crate::record::UUID_PREFIX)
-            .keys()
-            .map(|k| key_text(&k.unwrap()))
-            .collect();
-        assert_eq!(keys, ["u:u2"]);
     }
 
     #[test]
@@ -1284,7 +1155,10 @@ mod tests {
             }
             assert!(!cache.lock_pending().writes.is_empty(), "nothing collected");
             assert_eq!(cache.get("cn=5,ou=c").unwrap(), None);
-            assert_eq!(cache.get_by_uuid("u45").unwrap().unwrap().dn, "cn=45,ou=c");
+            assert_eq!(
+                cache.get("cn=45,ou=c").unwrap(),
+                Some(entry("cn=45,ou=c", "u45"))
+            );
             assert_eq!(cache.master().unwrap().unwrap().notifier_id, 49);
             assert_eq!(cache.descendant_keys("ou=c").unwrap().len(), 10);
             // A commit too big to collect goes to sled after the collected ones.
@@ -1302,10 +1176,13 @@ mod tests {
         assert_eq!(cache.len(), 10 + APPLY_CHUNK + 10);
         assert_eq!(cache.iter().count(), cache.len());
         assert_eq!(cache.get("cn=49,ou=c").unwrap(), None);
-        assert_eq!(cache.get_by_uuid("u48").unwrap().unwrap().dn, "cn=48,ou=c");
         assert_eq!(
-            cache.get_by_uuid("last").unwrap().unwrap().dn,
-            "cn=last,ou=c"
+            cache.get("cn=48,ou=c").unwrap(),
+            Some(entry("cn=48,ou=c", "u48"))
+        );
+        assert_eq!(
+            cache.get("cn=last,ou=c").unwrap(),
+            Some(entry("cn=last,ou=c", "last"))
         );
         assert_eq!(cache.master().unwrap().unwrap().notifier_id, 49);
     }
@@ -1327,7 +1204,7 @@ mod tests {
             }
             cache.commit(b, false).unwrap();
             assert_eq!(cache.len(), APPLY_CHUNK * 2);
-            assert_eq!(cache.get_by_uuid("u7").unwrap().unwrap().dn, "cn=7,ou=b");
+            assert_eq!(cache.get("cn=7,ou=b").unwrap(), Some(entries[7].clone()));
             // Undo all but the first chunk's writes in sled, as a crash between chunks
             // would leave them; the commit log still holds the commit.
             let mut batch = sled::Batch::default();
@@ -1349,9 +1226,8 @@ mod tests {
         assert_eq!(cache.get("cn=1999,ou=b").unwrap().unwrap(), entries[1999]);
     }
 
-    /// The unread puts of a bulk load leave exactly what reading puts would: the entries,
-    /// their count (also after a reopen) and their index, also when the same batch puts a
-    /// DN or an entryUUID twice.
+    /// The unread puts of a bulk load leave exactly what reading puts would: the entries and
+    /// their count (also after a reopen), also when the same batch puts a DN twice.
     #[test]
     fn put_new_stores_like_put_without_reading() {
         let dir = tempfile::tempdir().unwrap();
@@ -1362,21 +1238,18 @@ mod tests {
             b.put_new(&entry("cn=b", "u2"));
             // The same DN again in the batch: replaces, not counted twice.
             b.put(&entry("CN=A", "u3"));
-            // The same uuid on a new DN: the index follows the entry stored last.
             b.put_new(&entry("cn=c", "u2"));
             cache.commit(b, true).unwrap();
             assert_eq!(cache.len(), 3);
             assert_eq!(cache.get("cn=a").unwrap(), Some(entry("CN=A", "u3")));
-            assert_eq!(cache.get_by_uuid("u1").unwrap(), None);
-            assert_eq!(cache.get_by_uuid("u3").unwrap(), Some(entry("CN=A", "u3")));
-            assert_eq!(cache.get_by_uuid("U2").unwrap(), Some(entry("cn=c", "u2")));
+            assert_eq!(cache.get("cn=c").unwrap(), Some(entry("cn=c", "u2")));
 
             let mut b = cache.batch();
             b.put_new(&entry("cn=d", "u4"));
             b.delete("cn=b");
             cache.commit(b, true).unwrap();
             assert_eq!(cache.len(), 3);
-            assert_eq!(cache.get_by_uuid("u4").unwrap(), Some(entry("cn=d", "u4")));
+            assert_eq!(cache.get("cn=d").unwrap(), Some(entry("cn=d", "u4")));
         }
         let cache = Cache::open(dir.path()).unwrap();
         assert_eq!(cache.len(), 3);

@@ -1,5 +1,5 @@
 //! The public API of the cache as the listener uses it: commits, lookups by DN and
-//! entryUUID, the master record, module lists and persistence across reopen.
+//! the master record, module lists and persistence across reopen.
 
 // Test helpers outside #[test] functions are not covered by clippy.toml's test exemption.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -102,77 +102,6 @@ fn put_in_another_case_replaces_the_entry() {
 }
 
 #[test]
-fn uuid_index_follows_renames_and_deletes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cache = Cache::open(tmp.path()).unwrap();
-    put(&cache, &entry("cn=old,dc=x", "u-1", &["m"]));
-    assert_eq!(cache.get_by_uuid("u-1").unwrap().unwrap().dn, "cn=old,dc=x");
-    assert_eq!(cache.get_by_uuid("missing").unwrap(), None);
-
-    // Rename as the move code does it: store the new DN, then delete the old one.
-    let mut b = cache.batch();
-    b.put(&entry("cn=new,dc=x", "u-1", &["m"]));
-    b.delete("cn=old,dc=x");
-    cache.commit(b, false).unwrap();
-    assert_eq!(cache.get_by_uuid("u-1").unwrap().unwrap().dn, "cn=new,dc=x");
-    assert_eq!(cache.get("cn=old,dc=x").unwrap(), None);
-
-    // The other order, in separate commits.
-    delete(&cache, "cn=new,dc=x");
-    assert_eq!(cache.get_by_uuid("u-1").unwrap(), None);
-    put(&cache, &entry("cn=newer,dc=x", "u-1", &["m"]));
-    assert_eq!(
-        cache.get_by_uuid("u-1").unwrap().unwrap().dn,
-        "cn=newer,dc=x"
-    );
-
-    // Put under the new DN first, delete the old one in a later commit.
-    put(&cache, &entry("cn=newest,dc=x", "u-1", &["m"]));
-    delete(&cache, "cn=newer,dc=x");
-    assert_eq!(
-        cache.get_by_uuid("u-1").unwrap().unwrap().dn,
-        "cn=newest,dc=x"
-    );
-
-    // UUIDs match case-insensitively.
-    assert_eq!(
-        cache.get_by_uuid("U-1").unwrap().unwrap().dn,
-        "cn=newest,dc=x"
-    );
-
-    // A changed entryUUID (object deleted and re-created under the same DN) moves the index.
-    put(&cache, &entry("cn=newest,dc=x", "u-2", &["m"]));
-    assert_eq!(cache.get_by_uuid("u-1").unwrap(), None);
-    assert_eq!(
-        cache.get_by_uuid("u-2").unwrap().unwrap().dn,
-        "cn=newest,dc=x"
-    );
-
-    // An entry without entryUUID has no index record.
-    let mut e = entry("cn=newest,dc=x", "", &["m"]);
-    e.attributes.retain(|(n, _)| n != "entryUUID");
-    put(&cache, &e);
-    assert_eq!(cache.get_by_uuid("u-2").unwrap(), None);
-
-    delete(&cache, "cn=newest,dc=x");
-    assert!(cache.is_empty());
-}
-
-#[test]
-fn shared_uuid_points_to_the_entry_stored_last() {
-    // UCS's fake intermediate containers all carry the nil UUID.
-    let nil = "00000000-0000-0000-0000-000000000000";
-    let tmp = tempfile::tempdir().unwrap();
-    let cache = Cache::open(tmp.path()).unwrap();
-    put(&cache, &entry("ou=a,dc=x", nil, &["m"]));
-    put(&cache, &entry("ou=b,dc=x", nil, &["m"]));
-    assert_eq!(cache.get_by_uuid(nil).unwrap().unwrap().dn, "ou=b,dc=x");
-    // Deleting the other holder leaves the index alone.
-    delete(&cache, "ou=a,dc=x");
-    assert_eq!(cache.get_by_uuid(nil).unwrap().unwrap().dn, "ou=b,dc=x");
-}
-
-#[test]
 fn operations_in_one_batch_apply_in_order() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = Cache::open(tmp.path()).unwrap();
@@ -186,18 +115,20 @@ fn operations_in_one_batch_apply_in_order() {
     assert_eq!(b.len(), 5);
     cache.commit(b, false).unwrap();
     assert_eq!(cache.get("cn=a").unwrap(), None);
-    assert_eq!(cache.get_by_uuid("u-a").unwrap(), None);
-    assert_eq!(cache.get("cn=b").unwrap().unwrap().modules, ["n"]);
-    assert_eq!(cache.get_by_uuid("u-b").unwrap(), None);
-    assert_eq!(cache.get_by_uuid("u-b2").unwrap().unwrap().dn, "cn=B");
+    assert_eq!(
+        cache.get("cn=b").unwrap(),
+        Some(entry("cn=B", "u-b2", &["n"]))
+    );
     assert_eq!(cache.len(), 1);
 
     let mut b = cache.batch();
     b.delete("cn=b");
     b.put(&entry("cn=b", "u-b3", &["o"]));
     cache.commit(b, false).unwrap();
-    assert_eq!(cache.get_by_uuid("u-b3").unwrap().unwrap().modules, ["o"]);
-    assert_eq!(cache.get_by_uuid("u-b2").unwrap(), None);
+    assert_eq!(
+        cache.get("cn=b").unwrap(),
+        Some(entry("cn=b", "u-b3", &["o"]))
+    );
     assert_eq!(cache.len(), 1);
 
     // An empty batch is a no-op.
@@ -260,10 +191,8 @@ fn durable_commit_survives_reopen() {
         cache.flush().unwrap();
     }
     let cache = Cache::open(tmp.path()).unwrap();
-    assert_eq!(cache.get("cn=persistent,dc=x").unwrap(), Some(e.clone()));
-    assert_eq!(cache.get_by_uuid("u-p").unwrap(), Some(e));
+    assert_eq!(cache.get("cn=persistent,dc=x").unwrap(), Some(e));
     assert_eq!(cache.get("cn=gone").unwrap(), None);
-    assert_eq!(cache.get_by_uuid("u-g").unwrap(), None);
     assert_eq!(cache.master().unwrap(), Some(master));
     assert_eq!(cache.len(), 1);
 }
@@ -287,7 +216,10 @@ fn group_commit_then_one_flush_survives_reopen() {
     let cache = Cache::open(tmp.path()).unwrap();
     assert_eq!(cache.len(), 20);
     assert_eq!(cache.master().unwrap().unwrap().notifier_id, 20);
-    assert_eq!(cache.get_by_uuid("u-13").unwrap().unwrap().dn, "cn=13");
+    assert_eq!(
+        cache.get("cn=13").unwrap(),
+        Some(entry("cn=13", "u-13", &["m"]))
+    );
 }
 
 #[test]
@@ -349,9 +281,6 @@ fn remove_module_everywhere_deletes_entries_left_without_modules() {
         cache.get("cn=m-and-n").unwrap().unwrap().modules,
         ["n", "o"]
     );
-    assert_eq!(cache.get_by_uuid("u1").unwrap(), None);
-    assert_eq!(cache.get_by_uuid("u4").unwrap(), None);
-    assert_eq!(cache.get_by_uuid("u2").unwrap().unwrap().dn, "cn=m-and-n");
     assert_eq!(cache.len(), 2);
     // Nothing left to do.
     assert_eq!(cache.remove_module_everywhere("m").unwrap(), 0);
@@ -393,7 +322,7 @@ fn clear_removes_everything() {
         cache.clear().unwrap();
         assert!(cache.is_empty());
         assert_eq!(cache.master().unwrap(), None);
-        assert_eq!(cache.get_by_uuid("u-a").unwrap(), None);
+        assert_eq!(cache.get("cn=a").unwrap(), None);
         put(&cache, &entry("cn=b", "u-b", &["m"]));
         cache.flush().unwrap();
     }
@@ -491,14 +420,8 @@ fn ten_thousand_entries_in_batches_of_one_hundred() {
     }
     assert_eq!(n, 10_000);
     assert_eq!(cache.master().unwrap().unwrap().notifier_id, 100);
-    assert_eq!(
-        cache
-            .get_by_uuid("00001234-0000-1000-8000-000000000000")
-            .unwrap()
-            .unwrap()
-            .dn,
-        format!("uid=user{},cn=users,dc=example,dc=org", 0x1234)
-    );
+    let dn = format!("uid=user{},cn=users,dc=example,dc=org", 0x1234);
+    assert_eq!(cache.get(&dn).unwrap().unwrap().dn, dn);
     eprintln!(
         "10k entries committed in {committed:?}, scanned in {:?} total, {} bytes on disk",
         started.elapsed(),
@@ -584,10 +507,6 @@ proptest! {
             let got = cache.get(&e.dn).unwrap().unwrap();
             // Only the last entry per key survives; it must be one of the inputs.
             prop_assert!(entries.contains(&got));
-            if let Some(uuid) = got.entry_uuid() {
-                let by_uuid = cache.get_by_uuid(uuid).unwrap();
-                prop_assert!(by_uuid.is_some());
-            }
         }
     }
 }

@@ -1,8 +1,8 @@
 //! Crash consistency: a child process commits transactions the way the listener does (entry
 //! put + older entry deleted + master record, one batch each, durable every few) and is
 //! killed with SIGKILL at an arbitrary moment. After each kill the cache must hold exactly
-//! the state of some committed transaction N: the master record says N, the entries and the
-//! entryUUID index are those after N, and N is not older than the last commit that
+//! the state of some committed transaction N: the master record says N, the entries are
+//! those after N, and N is not older than the last commit that
 //! returned, durable or not (a process crash loses no commit: the commit log).
 //!
 //! The child is this test binary itself, re-executed with `CACHE_CRASH_CHILD_DIR` set (the
@@ -89,11 +89,10 @@ fn check_consistent(cache: &Cache, min_id: u64) -> u64 {
     assert_eq!(live, expected, "entries after transaction {n}");
     assert_eq!(cache.len(), expected.len());
     for id in first..=n {
-        let e = cache.get_by_uuid(&format!("uuid-{id}")).unwrap();
-        assert_eq!(e, Some(entry(id)));
+        assert_eq!(cache.get(&entry(id).dn).unwrap(), Some(entry(id)));
     }
     for id in [first.saturating_sub(1), n + 1] {
-        assert_eq!(cache.get_by_uuid(&format!("uuid-{id}")).unwrap(), None);
+        assert_eq!(cache.get(&entry(id).dn).unwrap(), None);
     }
     n
 }

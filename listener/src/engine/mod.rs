@@ -588,7 +588,7 @@ impl Engine {
     }
 
     /// Re-keys the cached entries below `old_dn` to the same place below `new_dn` (DN and
-    /// `entryDN` rewritten, entryUUID index following), staged in the container's batch so
+    /// `entryDN` rewritten), staged in the container's batch so
     /// the subtree moves atomically with it. Modules with `handle_subtree_moves` get an `r`
     /// (the container's `r` id) and an `a` (its `a` id) for each, parents first; the
     /// others are not called and keep the entry under its new DN.
