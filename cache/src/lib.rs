@@ -30,6 +30,23 @@ pub use files::{
 };
 pub use store::{Batch, Cache, DB_DIR, Exported};
 
+/// glibc's mmap threshold while a process uses a cache ([`bound_heap`]).
+const MMAP_THRESHOLD: i32 = 256 * 1024;
+
+/// Keeps sled's large buffers out of the heap. Filling a cache, sled allocates and frees node
+/// buffers of a few hundred KiB at a high rate; glibc raises its mmap threshold (up to 32 MiB)
+/// whenever such a buffer is freed and then serves them from the heap, where freed ones stay
+/// resident. Measured writing 50,000 user entries the way `-i` does: peak RSS 119 MB, with
+/// the threshold fixed at 256 KiB 54 MB (100,000 entries: 126 → 56 MB), the writes ~15 %
+/// slower. Call at the start of a process that uses a cache, before it starts threads.
+pub fn bound_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; no memory is touched.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("cannot {op} {path}: {source}")]

@@ -1226,6 +1226,8 @@ fn replication(build: usize, changes: usize, debug: &str) {
 /// into an empty cache the way initialisation writes them (new entries, a commit per
 /// 1,000, a durable one at the end). Wall and CPU seconds, and the number of entries.
 fn cache_store_alone(dir: &std::path::Path) -> (f64, f64, usize) {
+    // As the listener's process.
+    cache::bound_heap();
     let entries: Vec<cache::CacheEntry> = {
         let filled = cache::Cache::open(dir).unwrap();
         filled.iter().map(Result::unwrap).collect()

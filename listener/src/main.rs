@@ -37,6 +37,7 @@ const EXIT_BAD_CACHE: u8 = 3;
 const TASK_GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
+    cache::bound_heap();
     if let Some(code) = daemon::man::print_if_requested(Cli::command, daemon::man::SECTION_DAEMON) {
         return code;
     }

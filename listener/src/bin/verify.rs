@@ -87,6 +87,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    cache::bound_heap();
     if let Some(code) = daemon::man::print_if_requested(Cli::command, daemon::man::SECTION_TOOL) {
         return code;
     }
