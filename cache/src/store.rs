@@ -11,12 +11,18 @@
 //! entry applied to sled on its own cost ~85 µs of CPU and ~10 KB written (its fragments
 //! and page rewrites, the master record and sequence number rewritten every time); a key
 //! written by many commits between two flushes is now written to sled once.
+//!
+//! When enough has collected, the writes go to sled on a thread of their own ([`Applier`])
+//! while commits go on collecting the next set; at most one set is on its way at a time
+//! (the next commit to fill up waits for it), so memory stays bounded.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::CacheError;
@@ -58,6 +64,9 @@ const APPLY_CHUNK: usize = 1000;
 /// of the collected writes); catch-up gains nothing beyond a few thousand keys.
 const PENDING_KEYS: usize = 2048;
 const PENDING_BYTES: usize = 4 * 1024 * 1024;
+
+/// Failpoint ([`daemon::failpoint`]) that fails the applier's next set.
+pub const APPLY_FAILPOINT: &str = "cache-apply";
 
 /// Records per sled batch while [`Cache::export_to`] copies, bounding its memory.
 const EXPORT_CHUNK: usize = 1000;
@@ -109,8 +118,11 @@ pub struct Cache {
     path: PathBuf,
     /// The commit log; held while a commit computes, logs and applies its changes.
     writer: Mutex<Wal>,
-    /// Writes of logged commits not yet applied to sled; changed only under `writer`.
-    pending: Mutex<Pending>,
+    /// Writes of logged commits not yet applied to sled; changed only under `writer`, and
+    /// by the applier when it is done with a set.
+    pending: Arc<Shared>,
+    /// The thread applying a full set of collected writes to sled.
+    applier: Option<Applier>,
     /// Number of entries (`e:` keys), also stored under `n` by every commit that changes it:
     /// sled only counts by scanning, and a scan makes sled 0.34 keep every page it read in
     /// memory, whatever its cache capacity.
@@ -155,11 +167,19 @@ impl Cache {
         let recovered = recover(&db, &mut wal)?;
         drop_retired_index(&db)?;
         let entries = stored_count(&db)?;
+        let pending = Arc::new(Shared::default());
+        let applier =
+            Applier::start(db.clone(), Arc::clone(&pending)).map_err(|source| CacheError::Io {
+                op: "start the applier thread for",
+                path: path.clone(),
+                source,
+            })?;
         Ok(Cache {
             db,
             path,
             writer: Mutex::new(wal),
-            pending: Mutex::new(Pending::default()),
+            pending,
+            applier: Some(applier),
             entries: AtomicUsize::new(entries),
             recovered,
             _guard: guard,
@@ -401,29 +421,65 @@ impl Cache {
         self.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The stored value of `key`: a collected commit's write, else sled's.
+    /// The stored value of `key`: a collected commit's write, else one on its way to sled,
+    /// else sled's. The applier forgets a set only after sled has it, so a key that is in
+    /// neither map is in sled.
     fn read(&self, key: &[u8]) -> Result<Option<sled::IVec>, CacheError> {
-        if let Some(write) = self.lock_pending().writes.get(key) {
-            return Ok(write.as_deref().map(sled::IVec::from));
+        {
+            let pending = self.lock_pending();
+            let write = pending.writes.get(key).or_else(|| {
+                pending
+                    .applying
+                    .as_ref()
+                    .and_then(|applying| applying.get(key))
+            });
+            if let Some(write) = write {
+                return Ok(write.as_deref().map(sled::IVec::from));
+            }
         }
         self.db.get(key).map_err(store_error)
     }
 
     fn lock_pending(&self) -> MutexGuard<'_, Pending> {
-        // Only ever replaced or extended whole under the lock; a panic cannot half-change it.
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+        self.pending.lock()
     }
 
     /// Applies the collected commits to sled, the sequence number with the last chunk (see
-    /// [`Cache::write`]), then forgets them. The caller holds the writer lock. Readers wait
-    /// meanwhile, so none misses a write that is on its way into sled.
+    /// [`Cache::write`]), then forgets them, after the set the applier may be applying. The
+    /// caller holds the writer lock. Readers wait meanwhile, so none misses a write that is
+    /// on its way into sled.
     fn apply_pending(&self) -> Result<(), CacheError> {
-        let mut pending = self.lock_pending();
+        let mut pending = self.pending.idle()?;
         if pending.writes.is_empty() {
             return Ok(());
         }
         apply_chunked(&self.db, &pending.writes)?;
-        *pending = Pending::default();
+        pending.writes = Writes::new();
+        pending.bytes = 0;
+        Ok(())
+    }
+
+    /// Hands the collected commits to the applier, once it is done with the previous set.
+    /// The caller holds the writer lock.
+    fn hand_off(&self) -> Result<(), CacheError> {
+        let Some(applier) = &self.applier else {
+            return self.apply_pending();
+        };
+        let set = {
+            let mut pending = self.pending.idle()?;
+            let set = Arc::new(std::mem::take(&mut pending.writes));
+            pending.bytes = 0;
+            pending.applying = Some(Arc::clone(&set));
+            set
+        };
+        if applier.jobs.send(set).is_err() {
+            // It cannot end while the cache lives; if it did, its set stays readable and
+            // the commit log replays it at the next open.
+            let reason = "the thread applying commits to the cache has ended".to_owned();
+            self.lock_pending().failed = Some(reason.clone());
+            self.pending.applied.notify_all();
+            return Err(CacheError::Store(reason));
+        }
         Ok(())
     }
 
@@ -474,6 +530,24 @@ impl Cache {
     /// between chunks leaves sled's sequence number below the commit's and the open
     /// replays all of it ([`recover`]).
     fn write(&self, wal: &mut Wal, mut writes: Writes) -> Result<(), CacheError> {
+        // Refused before it is logged when the applier failed, and a commit that fills the
+        // set waits for the applier's previous one first: so a commit that returns an error
+        // was not logged, and the next open does not replay it.
+        let fills = {
+            let pending = self.lock_pending();
+            if let Some(reason) = &pending.failed {
+                return Err(CacheError::Store(reason.clone()));
+            }
+            let bytes: usize = writes
+                .iter()
+                .map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len))
+                .sum();
+            pending.writes.len() + writes.len() + 1 >= PENDING_KEYS
+                || pending.bytes + bytes >= PENDING_BYTES
+        };
+        if fills {
+            drop(self.pending.idle()?);
+        }
         let seq = wal.seq() + 1;
         writes.insert(SEQ_KEY.to_vec(), Some(encode_seq(seq)));
         wal.record(&writes);
@@ -482,30 +556,16 @@ impl Cache {
             path: wal.path().to_owned(),
             source,
         })?;
-        if writes.len() <= APPLY_CHUNK {
-            let mut pending = self.lock_pending();
-            for (key, value) in writes {
-                pending.bytes += key.len() + value.as_ref().map_or(0, Vec::len);
-                pending.writes.insert(key, value);
-            }
-            let full = pending.writes.len() >= PENDING_KEYS || pending.bytes >= PENDING_BYTES;
-            drop(pending);
-            return if full { self.apply_pending() } else { Ok(()) };
-        }
-        // A big commit (a subtree move) goes to sled directly, after everything before it.
-        self.apply_pending()?;
-        let seq_write = writes.remove(SEQ_KEY);
-        let mut chunk = Writes::new();
+        // A big commit (a subtree move, or a thousand objects of an initialisation) fills
+        // the set at once and goes to the applier with it.
+        let mut pending = self.lock_pending();
         for (key, value) in writes {
-            chunk.insert(key, value);
-            if chunk.len() >= APPLY_CHUNK {
-                self.db
-                    .apply_batch(to_batch(std::mem::take(&mut chunk)))
-                    .map_err(store_error)?;
-            }
+            pending.bytes += key.len() + value.as_ref().map_or(0, Vec::len);
+            pending.writes.insert(key, value);
         }
-        chunk.insert(SEQ_KEY.to_vec(), seq_write.flatten());
-        self.db.apply_batch(to_batch(chunk)).map_err(store_error)
+        let full = pending.writes.len() >= PENDING_KEYS || pending.bytes >= PENDING_BYTES;
+        drop(pending);
+        if full { self.hand_off() } else { Ok(()) }
     }
 
     /// Writes raw bytes under a raw key, to plant corrupt records in tests.
@@ -624,6 +684,88 @@ struct Pending {
     writes: Writes,
     /// Keys and values held, roughly.
     bytes: usize,
+    /// The earlier set the applier is writing to sled (older than `writes`).
+    applying: Option<Arc<Writes>>,
+    /// Why the applier could not write its set; every later write fails with it (the
+    /// commit log still holds the set: the next open replays it).
+    failed: Option<String>,
+}
+
+/// [`Pending`] and the signal that the applier is done with its set.
+#[derive(Debug, Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    applied: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // Only ever replaced or extended whole under the lock; a panic cannot half-change it.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The lock, once the applier has no set on its way to sled.
+    fn idle(&self) -> Result<MutexGuard<'_, Pending>, CacheError> {
+        let mut pending = self.lock();
+        loop {
+            if let Some(reason) = &pending.failed {
+                return Err(CacheError::Store(reason.clone()));
+            }
+            if pending.applying.is_none() {
+                return Ok(pending);
+            }
+            pending = self
+                .applied
+                .wait(pending)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// The thread that applies full sets of collected writes to sled, in the order handed over.
+struct Applier {
+    jobs: SyncSender<Arc<Writes>>,
+    thread: JoinHandle<()>,
+}
+
+impl Applier {
+    fn start(db: sled::Db, shared: Arc<Shared>) -> std::io::Result<Applier> {
+        let (jobs, queue) = sync_channel::<Arc<Writes>>(1);
+        let thread = std::thread::Builder::new()
+            .name("cache-apply".into())
+            .spawn(move || {
+                for set in queue {
+                    let result = daemon::failpoint::check(APPLY_FAILPOINT)
+                        .map_err(|e| CacheError::Store(e.to_string()))
+                        .and_then(|()| apply_chunked(&db, &set));
+                    let mut pending = shared.lock();
+                    match result {
+                        Ok(()) => pending.applying = None,
+                        // Kept in `applying`, so reads still find the writes.
+                        Err(e) => {
+                            let reason = match e {
+                                CacheError::Store(reason) => reason,
+                                other => other.to_string(),
+                            };
+                            pending.failed = Some(format!("cannot apply commits: {reason}"));
+                        }
+                    }
+                    drop(pending);
+                    shared.applied.notify_all();
+                }
+            })?;
+        Ok(Applier { jobs, thread })
+    }
+}
+
+impl Drop for Cache {
+    /// Lets the applier finish its set and end before sled is closed.
+    fn drop(&mut self) {
+        if let Some(Applier { jobs, thread }) = self.applier.take() {
+            drop(jobs);
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Turns a [`Batch`] into sled writes, tracking which entries the earlier operations of the

@@ -19,6 +19,8 @@ use std::time::Duration;
 use cache::{Cache, CacheEntry, MasterRecord};
 
 const CHILD_ENV: &str = "CACHE_CRASH_CHILD_DIR";
+/// Set in the child of [`a_failed_apply_fails_the_later_commits_and_the_open_replays_it`].
+const APPLY_CHILD_ENV: &str = "CACHE_APPLY_CHILD_DIR";
 /// Commits between durable ones in the child (default [`DURABLE_EVERY`]).
 const DURABLE_ENV: &str = "CACHE_CRASH_DURABLE_EVERY";
 /// Each transaction deletes the entry written this many transactions earlier.
@@ -156,4 +158,69 @@ fn kill_rounds(durable_every: u64, rounds: u64, kill_after: impl Fn(u64) -> u64)
         );
         last_master = n;
     }
+}
+
+/// Runs only inside the child: commits until one fails, with the applier's first set
+/// failing (failpoint); reports what it saw.
+#[test]
+fn apply_child() {
+    let Some(dir) = std::env::var_os(APPLY_CHILD_ENV) else {
+        return;
+    };
+    let cache = Cache::open(dir.as_ref()).unwrap();
+    let mut id = 0;
+    let error = loop {
+        id += 1;
+        let mut b = cache.batch();
+        b.put(&entry(id));
+        b.set_master(MasterRecord {
+            notifier_id: id,
+            schema_id: 1,
+        });
+        if let Err(e) = cache.commit(b, false) {
+            break e;
+        }
+        assert!(id < 100_000, "no commit failed");
+    };
+    // What reached neither sled nor a later commit is still read back.
+    assert_eq!(cache.get(&entry(1).dn).unwrap(), Some(entry(1)));
+    // On a line of its own: the test harness has begun one.
+    println!("\nfailed {id}: {error}");
+}
+
+/// A set the applier cannot write to sled fails the commits after it before they are
+/// logged (none is reported done while sled lacks what came before), and the next open
+/// replays the set, and every commit that returned, from the commit log.
+#[test]
+fn a_failed_apply_fails_the_later_commits_and_the_open_replays_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "apply_child", "--nocapture", "--test-threads=1"])
+        .env(APPLY_CHILD_ENV, tmp.path())
+        .env(
+            daemon::failpoint::ENV,
+            format!("{}=1", cache::APPLY_FAILPOINT),
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("failed "))
+        .unwrap_or_else(|| panic!("no commit failed: {stdout}"));
+    let (failed, error) = line.split_once(": ").unwrap();
+    let failed: u64 = failed.parse().unwrap();
+    assert!(error.contains("cannot apply commits"), "{error}");
+    assert!(error.contains(cache::APPLY_FAILPOINT), "{error}");
+
+    let cache = Cache::open(tmp.path()).unwrap();
+    assert!(cache.recovered() > 0);
+    assert_eq!(
+        cache.master().unwrap().unwrap().notifier_id,
+        failed - 1,
+        "every commit that returned, none after"
+    );
+    assert_eq!(cache.len(), failed as usize - 1);
+    assert_eq!(cache.get(&entry(1).dn).unwrap(), Some(entry(1)));
 }

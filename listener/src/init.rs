@@ -16,7 +16,6 @@ use daemon::tasks::run_blocking;
 use ldap::dn::{dn_key, is_below, parent};
 use ldap::{ALL_ATTRS, FramedSearch, LdapFailure, RawEntry, Scope};
 use modules::Command;
-use tokio::task::JoinHandle;
 
 use crate::dispatch::{INITIALIZED, READY, Selection};
 use crate::engine::{Engine, EngineError, SUBSCHEMA_DN};
@@ -53,32 +52,6 @@ impl InitPass {
             let key = dn_key(parent);
             !self.done.contains(&key) && (key == self.base || is_below(&key, &self.base))
         })
-    }
-}
-
-/// The DN scan running on its own connection; aborted if the pass ends without it.
-struct DnScan(JoinHandle<Result<HashSet<String>, LdapFailure>>);
-
-impl DnScan {
-    fn is_finished(&self) -> bool {
-        self.0.is_finished()
-    }
-
-    /// Cache keys of every DN the filter matches.
-    async fn result(mut self) -> Result<HashSet<String>, EngineError> {
-        match (&mut self.0).await {
-            Ok(result) => Ok(result?),
-            Err(e) => Err(EngineError::Ldap(LdapFailure::Down {
-                what: "search of the DNs to initialise".into(),
-                reason: e.to_string(),
-            })),
-        }
-    }
-}
-
-impl Drop for DnScan {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -343,12 +316,6 @@ impl Engine {
         // Both scans go through connections of our own that decode entries without copying
         // their values (ldap3 parses, then copies, every message).
         let mut conn = self.ldap.search_connection().await?;
-        let dns = DnScan(tokio::spawn(scan_dns(
-            self.ldap.search_connection().await?,
-            base.clone(),
-            filter.clone(),
-            scan_timeout,
-        )));
         self.update_schema().await?;
 
         let mut progress = Progress::new(name, 0);
@@ -362,7 +329,6 @@ impl Engine {
             waiting: HashMap::new(),
             since_commit: 0,
         };
-        let mut dns = Some(dns);
         let mut search = FramedSearch::start(
             &mut conn,
             &base,
@@ -382,12 +348,11 @@ impl Engine {
                 break;
             };
             let raw = entry.into_raw();
-            let scanned = dns.as_ref().is_some_and(DnScan::is_finished);
-            if pass.expected.is_none()
-                && (scanned || pass.may_wait(&raw.dn))
-                && let Some(dns) = dns.take()
-            {
-                let expected = dns.result().await?;
+            if pass.expected.is_none() && pass.may_wait(&raw.dn) {
+                // Only now, on a connection of its own: the server's order has parents
+                // first except after moves, so most passes never need it.
+                let scan = self.ldap.search_connection().await?;
+                let expected = scan_dns(scan, base.clone(), filter.clone(), scan_timeout).await?;
                 progress.set_total(expected.len());
                 pass.expected = Some(expected);
             }
@@ -395,10 +360,6 @@ impl Engine {
         }
         search.finish()?;
         conn.close().await;
-        // Its errors count even when no object needed it.
-        if let Some(dns) = dns {
-            progress.set_total(dns.result().await?.len());
-        }
         // Parents that vanished during the scan: their children go now, shortest first.
         let mut orphans: Vec<RawEntry> = pass.waiting.drain().flat_map(|(_, v)| v).collect();
         orphans.sort_by_key(|e| e.dn.len());
