@@ -1,7 +1,8 @@
 //! The sled-backed store: [`Cache`] and its write unit [`Batch`].
 //!
 //! Everything lives in sled's default tree under the key prefixes of [`crate::record`], so
-//! one `sled::Batch` covers entries, the entry count and the master record: a crash leaves either all of a commit or none of it (DESIGN.md decision 4).
+//! one `sled::Batch` covers entries, the entry count and the master record: a crash leaves
+//! either all of a commit or none of it (DESIGN.md decision 4).
 //! Every commit is first appended to the commit log ([`crate::wal`]), so a process crash
 //! loses no commit that returned, without an fsync per commit.
 //!
@@ -209,10 +210,11 @@ impl Cache {
         Batch::default()
     }
 
-    /// Applies `batch` atomically: its entries and the master record become visible together and survive a crash together. Once it returns, the commit
-    /// survives a crash of the process (it is in the commit log); with `durable` it is also
-    /// flushed (fsync) and survives a power loss, otherwise that takes the next [`flush`]
-    /// (or sled's background flush), which allows group commit.
+    /// Applies `batch` atomically: its entries and the master record become visible together
+    /// and survive a crash together. Once it returns, the commit survives a crash of the
+    /// process (it is in the commit log); with `durable` it is also flushed (fsync) and
+    /// survives a power loss, otherwise that takes the next [`flush`] (or sled's background
+    /// flush), which allows group commit.
     ///
     /// [`flush`]: Cache::flush
     pub fn commit(&self, batch: Batch, durable: bool) -> Result<(), CacheError> {
@@ -522,13 +524,12 @@ impl Cache {
         Ok(())
     }
 
-    /// Logs `writes` as the next commit, then applies them with its sequence number.
+    /// Logs `writes` as the next commit, then collects them with its sequence number.
     ///
-    /// A commit of more than [`APPLY_CHUNK`] writes (a subtree move) is applied to sled in
-    /// chunks, the sequence number with the last one: its atomicity then comes from the
-    /// commit log, which holds the whole commit before anything is applied, so a crash
-    /// between chunks leaves sled's sequence number below the commit's and the open
-    /// replays all of it ([`recover`]).
+    /// A set reaches sled in chunks of [`APPLY_CHUNK`], the sequence number with the last
+    /// one: a commit's atomicity then comes from the commit log, which holds the whole
+    /// commit before anything is applied, so a crash between chunks leaves sled's sequence
+    /// number below the commit's and the open replays all of it ([`recover`]).
     fn write(&self, wal: &mut Wal, mut writes: Writes) -> Result<(), CacheError> {
         // Refused before it is logged when the applier failed, and a commit that fills the
         // set waits for the applier's previous one first: so a commit that returns an error
