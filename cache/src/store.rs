@@ -531,6 +531,12 @@ impl Cache {
     /// commit before anything is applied, so a crash between chunks leaves sled's sequence
     /// number below the commit's and the open replays all of it ([`recover`]).
     fn write(&self, wal: &mut Wal, mut writes: Writes) -> Result<(), CacheError> {
+        let seq = wal.seq() + 1;
+        writes.insert(SEQ_KEY.to_vec(), Some(encode_seq(seq)));
+        let bytes: usize = writes
+            .iter()
+            .map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len))
+            .sum();
         // Refused before it is logged when the applier failed, and a commit that fills the
         // set waits for the applier's previous one first: so a commit that returns an error
         // was not logged, and the next open does not replay it.
@@ -539,18 +545,12 @@ impl Cache {
             if let Some(reason) = &pending.failed {
                 return Err(CacheError::Store(reason.clone()));
             }
-            let bytes: usize = writes
-                .iter()
-                .map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len))
-                .sum();
-            pending.writes.len() + writes.len() + 1 >= PENDING_KEYS
+            pending.writes.len() + writes.len() >= PENDING_KEYS
                 || pending.bytes + bytes >= PENDING_BYTES
         };
         if fills {
             drop(self.pending.idle()?);
         }
-        let seq = wal.seq() + 1;
-        writes.insert(SEQ_KEY.to_vec(), Some(encode_seq(seq)));
         wal.record(&writes);
         wal.append(seq, &writes).map_err(|source| CacheError::Io {
             op: "append to",
@@ -560,10 +560,8 @@ impl Cache {
         // A big commit (a subtree move, or a thousand objects of an initialisation) fills
         // the set at once and goes to the applier with it.
         let mut pending = self.lock_pending();
-        for (key, value) in writes {
-            pending.bytes += key.len() + value.as_ref().map_or(0, Vec::len);
-            pending.writes.insert(key, value);
-        }
+        pending.bytes += bytes;
+        pending.writes.extend(writes);
         let full = pending.writes.len() >= PENDING_KEYS || pending.bytes >= PENDING_BYTES;
         drop(pending);
         if full { self.hand_off() } else { Ok(()) }
