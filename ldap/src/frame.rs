@@ -177,6 +177,41 @@ impl Ber {
     }
 }
 
+/// [`Ber`] over a borrowed slice: checking a frame's shape this way costs no reference-count
+/// updates on the shared frame (two per element with `Bytes` slices).
+struct BerSlice<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> BerSlice<'a> {
+    fn new(data: &'a [u8]) -> BerSlice<'a> {
+        BerSlice { rest: data }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn next(&mut self, what: &'static str) -> Result<(u8, &'a [u8]), FrameError> {
+        let (tag, head, len) = header(self.rest, what)?.ok_or(FrameError::Truncated(what))?;
+        let end = head.checked_add(len).ok_or(FrameError::Truncated(what))?;
+        let content = self
+            .rest
+            .get(head..end)
+            .ok_or(FrameError::Truncated(what))?;
+        self.rest = self.rest.get(end..).unwrap_or_default();
+        Ok((tag, content))
+    }
+
+    fn expect(&mut self, tag: u8, what: &'static str) -> Result<&'a [u8], FrameError> {
+        let (found, content) = self.next(what)?;
+        if found != tag {
+            return Err(FrameError::Tag { what, found });
+        }
+        Ok(content)
+    }
+}
+
 /// The contents of the elements inside an element already checked to be well-formed (an
 /// entry's attribute list, attribute or value set); an error, which cannot occur, ends it.
 fn elements(data: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -313,19 +348,19 @@ pub fn parse_search_entry(content: Bytes) -> Result<SearchEntry, FrameError> {
         return Err(FrameError::Malformed("search result entry"));
     }
     let mut values = 0usize;
-    let mut attrs = Ber::new(list.clone());
+    let mut attrs = BerSlice::new(&list);
     while !attrs.is_empty() {
-        let mut attr = Ber::new(attrs.expect(SEQUENCE, "attribute")?);
+        let mut attr = BerSlice::new(attrs.expect(SEQUENCE, "attribute")?);
         let name = attr.expect(OCTET_STRING, "attribute type")?;
-        if std::str::from_utf8(&name).is_err() {
+        if std::str::from_utf8(name).is_err() {
             return Err(FrameError::NotUtf8("attribute type"));
         }
-        let mut set = Ber::new(attr.expect(SET, "attribute values")?);
+        let mut set = BerSlice::new(attr.expect(SET, "attribute values")?);
         if !attr.is_empty() {
             return Err(FrameError::Malformed("attribute"));
         }
         while !set.is_empty() {
-            let (tag, ..) = set.next_range("attribute value")?;
+            let (tag, _) = set.next("attribute value")?;
             if tag != OCTET_STRING {
                 return Err(FrameError::Tag {
                     what: "attribute value",
