@@ -28,7 +28,8 @@ pub use files::{
     BAD_CACHE_FILE, NOTIFIER_ID_FILE, is_marked_bad, mark_bad, read_legacy_notifier_id,
     write_legacy_notifier_id,
 };
-pub use store::{APPLY_FAILPOINT, Batch, Cache, DB_DIR, Exported};
+pub use store::{APPLY_FAILPOINT, APPLY_PANIC_FAILPOINT, Batch, Cache, DB_DIR, Exported};
+pub use wal::APPEND_FAILPOINT;
 
 /// glibc's mmap threshold while a process uses a cache ([`bound_heap`]).
 const MMAP_THRESHOLD: i32 = 256 * 1024;

@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -68,6 +69,19 @@ const PENDING_BYTES: usize = 4 * 1024 * 1024;
 
 /// Failpoint ([`daemon::failpoint`]) that fails the applier's next set.
 pub const APPLY_FAILPOINT: &str = "cache-apply";
+/// Failpoint that makes the applier panic on its next set, as the storage engine might.
+pub const APPLY_PANIC_FAILPOINT: &str = "cache-apply-panic";
+
+/// [`APPLY_PANIC_FAILPOINT`]: failpoints fire in debug builds only.
+fn panic_failpoint() -> Result<(), CacheError> {
+    if daemon::failpoint::check(APPLY_PANIC_FAILPOINT).is_err() {
+        #[allow(clippy::panic)]
+        {
+            panic!("failpoint {APPLY_PANIC_FAILPOINT}");
+        }
+    }
+    Ok(())
+}
 
 /// Records per sled batch while [`Cache::export_to`] copies, bounding its memory.
 const EXPORT_CHUNK: usize = 1000;
@@ -242,7 +256,9 @@ impl Cache {
     }
 
     /// All entries in key ([`dn_key`]) order. An undecodable record yields an error item and
-    /// iteration continues with the next one.
+    /// iteration continues with the next one. The scan reads sled as it goes: a large commit
+    /// that another thread makes meanwhile can show in part (the listener commits on the
+    /// thread that scans).
     pub fn iter(&self) -> impl Iterator<Item = Result<CacheEntry, CacheError>> + '_ {
         // Scans read sled alone: the collected commits go there first.
         let applied = {
@@ -475,8 +491,8 @@ impl Cache {
             set
         };
         if applier.jobs.send(set).is_err() {
-            // It cannot end while the cache lives; if it did, its set stays readable and
-            // the commit log replays it at the next open.
+            // It ends only when the cache is dropped (a panic becomes a failed set); if it
+            // did, its set stays readable and the commit log replays it at the next open.
             let reason = "the thread applying commits to the cache has ended".to_owned();
             self.lock_pending().failed = Some(reason.clone());
             self.pending.applied.notify_all();
@@ -551,7 +567,6 @@ impl Cache {
         if fills {
             drop(self.pending.idle()?);
         }
-        wal.record(&writes);
         wal.append(seq, &writes).map_err(|source| CacheError::Io {
             op: "append to",
             path: wal.path().to_owned(),
@@ -734,9 +749,24 @@ impl Applier {
             .name("cache-apply".into())
             .spawn(move || {
                 for set in queue {
-                    let result = daemon::failpoint::check(APPLY_FAILPOINT)
-                        .map_err(|e| CacheError::Store(e.to_string()))
-                        .and_then(|()| apply_chunked(&db, &set));
+                    // A panic (sled 0.34 asserts internally) must not end the thread with its
+                    // set still marked as on its way: every later wait for it would hang.
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        daemon::failpoint::check(APPLY_FAILPOINT)
+                            .map_err(|e| CacheError::Store(e.to_string()))
+                            .and_then(|()| panic_failpoint())
+                            .and_then(|()| apply_chunked(&db, &set))
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        Err(CacheError::Store(format!(
+                            "the storage engine panicked: {what}"
+                        )))
+                    });
                     let mut pending = shared.lock();
                     match result {
                         Ok(()) => pending.applying = None,

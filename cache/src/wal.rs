@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 /// The file inside the sled directory, so it always travels with its database.
 pub(crate) const WAL_FILE: &str = "commits.log";
 const MAGIC: &[u8; 4] = b"UDLW";
+/// Failpoint ([`daemon::failpoint`]) that makes an append write half its record and fail.
+pub const APPEND_FAILPOINT: &str = "cache-log-append";
 const HEADER_LEN: usize = 4 + 8 + 4 + 4;
 
 /// The final state of the keys one commit touches (`None` = removed).
@@ -39,6 +41,9 @@ pub(crate) struct Wal {
     len: u64,
     /// While an export copies the database: every commit's writes, in order.
     recording: Option<Vec<Writes>>,
+    /// Why a partial record could not be cut off after a failed append; appends are
+    /// refused until a truncation empties the file.
+    torn: Option<String>,
 }
 
 impl Wal {
@@ -58,6 +63,7 @@ impl Wal {
             seq: 0,
             len,
             recording: None,
+            torn: None,
         })
     }
 
@@ -87,16 +93,39 @@ impl Wal {
     }
 
     /// Appends the record of commit `seq` in one write; the caller applies the writes only
-    /// after this returned.
+    /// after this returned. A write that fails part way (a full disk) leaves no partial
+    /// record behind: the replay stops at the first torn record, so one left in place would
+    /// hide every later commit.
     pub(crate) fn append(&mut self, seq: u64, writes: &Writes) -> io::Result<()> {
+        if let Some(reason) = &self.torn {
+            return Err(io::Error::other(format!(
+                "{} ends in a partial record that could not be cut off ({reason}); commits \
+                 wait for the next flush to empty it",
+                self.path.display()
+            )));
+        }
         let record = encode(seq, writes);
-        self.file.write_all(&record)?;
+        let written = match daemon::failpoint::check(APPEND_FAILPOINT) {
+            Ok(()) => self.file.write_all(&record),
+            // Half a record, then the error: what a disk filling up mid-write leaves.
+            Err(e) => self.file.write_all(&record[..record.len() / 2]).and(Err(e)),
+        };
+        if let Err(error) = written {
+            if let Err(cut) = self.file.set_len(self.len) {
+                self.torn = Some(cut.to_string());
+            }
+            return Err(error);
+        }
         self.len += record.len() as u64;
         self.seq = seq;
+        // Only a logged commit goes into an export's copy.
+        if let Some(recorded) = &mut self.recording {
+            recorded.push(writes.clone());
+        }
         Ok(())
     }
 
-    /// From now on, keeps a copy of every commit's writes (see `Cache::export_to`).
+    /// From now on, keeps a copy of every logged commit's writes (see `Cache::export_to`).
     pub(crate) fn start_recording(&mut self) {
         self.recording = Some(Vec::new());
     }
@@ -106,12 +135,6 @@ impl Wal {
         self.recording.is_some()
     }
 
-    pub(crate) fn record(&mut self, writes: &Writes) {
-        if let Some(recorded) = &mut self.recording {
-            recorded.push(writes.clone());
-        }
-    }
-
     /// The commits recorded since [`Wal::start_recording`]; recording ends.
     pub(crate) fn stop_recording(&mut self) -> Vec<Writes> {
         self.recording.take().unwrap_or_default()
@@ -119,9 +142,10 @@ impl Wal {
 
     /// Empties the log once everything in it is durable in sled.
     pub(crate) fn truncate(&mut self) -> io::Result<()> {
-        if self.len > 0 {
+        if self.len > 0 || self.torn.is_some() {
             self.file.set_len(0)?;
             self.len = 0;
+            self.torn = None;
         }
         Ok(())
     }
@@ -216,6 +240,23 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec())))
             .collect()
+    }
+
+    #[test]
+    fn a_failed_append_is_neither_kept_nor_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path()).unwrap();
+        wal.start_recording();
+        wal.append(1, &writes(&[("a", Some("1"))])).unwrap();
+        // A file that takes no writes (and no truncation): every append fails.
+        wal.file = File::open(dir.path().join(WAL_FILE)).unwrap();
+        assert!(wal.append(2, &writes(&[("b", Some("2"))])).is_err());
+        // What it may have written could not be cut off either: refused until emptied.
+        let refused = wal.append(2, &writes(&[("b", Some("2"))])).unwrap_err();
+        assert!(refused.to_string().contains("partial record"), "{refused}");
+        assert_eq!(wal.seq(), 1);
+        assert_eq!(wal.stop_recording(), vec![writes(&[("a", Some("1"))])]);
+        assert_eq!(wal.records().unwrap().len(), 1);
     }
 
     #[test]

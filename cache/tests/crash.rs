@@ -188,21 +188,27 @@ fn apply_child() {
     println!("\nfailed {id}: {error}");
 }
 
-/// A set the applier cannot write to sled fails the commits after it before they are
-/// logged (none is reported done while sled lacks what came before), and the next open
-/// replays the set, and every commit that returned, from the commit log.
-#[test]
-fn a_failed_apply_fails_the_later_commits_and_the_open_replays_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
+/// Runs [`apply_child`] with `failpoint` armed at its first hit; the id of the commit that
+/// failed and its error.
+fn failing_apply(dir: &std::path::Path, failpoint: &str) -> (u64, String) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "apply_child", "--nocapture", "--test-threads=1"])
-        .env(APPLY_CHILD_ENV, tmp.path())
-        .env(
-            daemon::failpoint::ENV,
-            format!("{}=1", cache::APPLY_FAILPOINT),
-        )
-        .output()
+        .env(APPLY_CHILD_ENV, dir)
+        .env(daemon::failpoint::ENV, format!("{failpoint}=1"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
         .unwrap();
+    // A cache that waits forever for a set must fail the test, not hang it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the child still runs after 60 s: a commit waits for the applier");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     let line = stdout
@@ -210,11 +216,12 @@ fn a_failed_apply_fails_the_later_commits_and_the_open_replays_it() {
         .find_map(|l| l.strip_prefix("failed "))
         .unwrap_or_else(|| panic!("no commit failed: {stdout}"));
     let (failed, error) = line.split_once(": ").unwrap();
-    let failed: u64 = failed.parse().unwrap();
-    assert!(error.contains("cannot apply commits"), "{error}");
-    assert!(error.contains(cache::APPLY_FAILPOINT), "{error}");
+    (failed.parse().unwrap(), error.to_owned())
+}
 
-    let cache = Cache::open(tmp.path()).unwrap();
+/// The reopened cache holds every commit before `failed` and none after.
+fn replayed_up_to(dir: &std::path::Path, failed: u64) {
+    let cache = Cache::open(dir).unwrap();
     assert!(cache.recovered() > 0);
     assert_eq!(
         cache.master().unwrap().unwrap().notifier_id,
@@ -223,4 +230,85 @@ fn a_failed_apply_fails_the_later_commits_and_the_open_replays_it() {
     );
     assert_eq!(cache.len(), failed as usize - 1);
     assert_eq!(cache.get(&entry(1).dn).unwrap(), Some(entry(1)));
+}
+
+/// A set the applier cannot write to sled fails the commits after it before they are
+/// logged (none is reported done while sled lacks what came before), and the next open
+/// replays the set, and every commit that returned, from the commit log.
+#[test]
+fn a_failed_apply_fails_the_later_commits_and_the_open_replays_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (failed, error) = failing_apply(tmp.path(), cache::APPLY_FAILPOINT);
+    assert!(error.contains("cannot apply commits"), "{error}");
+    assert!(error.contains(cache::APPLY_FAILPOINT), "{error}");
+    replayed_up_to(tmp.path(), failed);
+}
+
+/// A panic of the storage engine on the applier's thread is a failed apply, not a thread
+/// gone with its set still marked as on its way (every later wait for it would hang).
+#[test]
+fn a_panicking_apply_fails_the_later_commits_instead_of_hanging() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (failed, error) = failing_apply(tmp.path(), cache::APPLY_PANIC_FAILPOINT);
+    assert!(error.contains("panicked"), "{error}");
+    assert!(error.contains(cache::APPLY_PANIC_FAILPOINT), "{error}");
+    replayed_up_to(tmp.path(), failed);
+}
+
+/// Set in the child of [`a_torn_append_hides_no_later_commit`].
+const APPEND_CHILD_ENV: &str = "CACHE_APPEND_CHILD_DIR";
+/// Commits the append child makes; the fifth one's append fails half-way.
+const APPEND_COMMITS: u64 = 12;
+const TORN: u64 = 5;
+
+/// Runs only inside the child: commits [`APPEND_COMMITS`] transactions while one append
+/// fails half-way (failpoint), then ends without closing the cache, as a crash would.
+#[test]
+fn append_child() {
+    let Some(dir) = std::env::var_os(APPEND_CHILD_ENV) else {
+        return;
+    };
+    let cache = Cache::open(dir.as_ref()).unwrap();
+    for id in 1..=APPEND_COMMITS {
+        let mut b = cache.batch();
+        b.put(&entry(id));
+        b.set_master(MasterRecord {
+            notifier_id: id,
+            schema_id: 1,
+        });
+        let result = cache.commit(b, false);
+        assert_eq!(result.is_err(), id == TORN, "commit {id}: {result:?}");
+    }
+    std::process::exit(0);
+}
+
+/// An append that fails part way (a disk full for a moment) leaves no partial record: the
+/// replay stops at the first torn record, so one left behind would drop every commit that
+/// returned after it.
+#[test]
+fn a_torn_append_hides_no_later_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "append_child", "--nocapture", "--test-threads=1"])
+        .env(APPEND_CHILD_ENV, tmp.path())
+        .env(
+            daemon::failpoint::ENV,
+            format!("{}={TORN}*1", cache::APPEND_FAILPOINT),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let cache = Cache::open(tmp.path()).unwrap();
+    assert_eq!(cache.recovered() as u64, APPEND_COMMITS - 1);
+    assert_eq!(cache.master().unwrap().unwrap().notifier_id, APPEND_COMMITS);
+    assert_eq!(cache.len() as u64, APPEND_COMMITS - 1);
+    assert_eq!(cache.get(&entry(TORN).dn).unwrap(), None);
+    assert_eq!(
+        cache.get(&entry(APPEND_COMMITS).dn).unwrap(),
+        Some(entry(APPEND_COMMITS))
+    );
 }
