@@ -1090,6 +1090,18 @@ impl Replication {
         }
         let change = (entry.id, entry.dn.as_str(), entry.command.clone());
         let outcome = match self.quarantine.blocker(&entry.dn, None).map(|b| b.id) {
+            // Only a change replayed from the log can be older than what blocks it: results
+            // are collected in order, so it was applied before the later one was refused.
+            // Queued behind it, a retry would write its older state last.
+            Some(blocker) if blocker > entry.id => {
+                tracing::debug!(
+                    "replication: transaction {} ({}) was applied before {blocker} was \
+                     quarantined; not replayed",
+                    entry.id,
+                    entry.dn
+                );
+                Ok(())
+            }
             Some(blocker) => self.queue_change(change, &entry.new, None, blocker),
             None => {
                 let applied = if entry.new.is_empty() {
@@ -1161,8 +1173,11 @@ impl Replication {
     /// replaying it after this write could undo it.
     fn settle(&mut self) -> Result<(), String> {
         self.collect_all()?;
+        // Synced before the write it precedes: after a power loss a stale log would replay
+        // older states over that write (a move's source added back, say).
         self.log
             .clear()
+            .and_then(|()| self.log.sync())
             .map_err(|e| format!("cannot empty {}: {e}", self.log.path().display()))
     }
 }
@@ -1531,8 +1546,9 @@ impl Module for Replication {
             arg.parse::<u64>()
                 .map_err(|_| ModuleError::new(format!("{arg:?} is not a transaction id")))
         };
-        if command.get(1) == Some(&"retry") {
-            // A retry writes without the log, after what was sent earlier.
+        if matches!(command.get(1), Some(&"retry" | &"skip")) {
+            // A retry writes without the log, after what was sent earlier; and the log may
+            // still hold a skipped change, which its replay at the next start would apply.
             self.settle().map_err(|e| {
                 ModuleError::transient(format!(
                     "changes sent earlier are not confirmed by the local LDAP server: {e}"
@@ -1896,6 +1912,82 @@ mod tests {
         assert!(module.control(&["bogus"]).is_err());
         // Durable: a new instance (a restart) sees the same quarantine.
         assert_eq!(Quarantine::open(dir.path()).unwrap().records().len(), 1);
+    }
+
+    fn refused(id: u64, dn: &str) -> Record {
+        Record {
+            id,
+            dn: dn.into(),
+            command: "m".into(),
+            operation: "modify".into(),
+            error: "refused".into(),
+            ldif: String::new(),
+            at: 1,
+            move_from: None,
+            new: Record::encode_state(&[("cn".into(), vec![b"x".to_vec()])]),
+        }
+    }
+
+    /// Logs `id` for `dn` in the state directory, as a write sent before a crash.
+    fn logged(dir: &std::path::Path, id: u64, dn: &str) {
+        let (mut log, _) = WriteLog::open(dir).unwrap();
+        let sent = InFlight::new(
+            id,
+            dn,
+            "m".into(),
+            vec![("cn".into(), vec![b"x".to_vec()])],
+            Attempt::ReadFirst,
+        );
+        log.append(&sent.record()).unwrap();
+    }
+
+    #[test]
+    fn a_replayed_change_older_than_its_blocker_is_not_queued_behind_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::from_ucr(&Ucr::parse(""));
+        settings.state_dir = dir.path().to_owned();
+        // Applied, then a later change of the same object was refused; the crash came
+        // before the log was emptied.
+        logged(dir.path(), 5, "cn=a,dc=x");
+        Quarantine::open(dir.path())
+            .unwrap()
+            .push(refused(6, "cn=a,dc=x"))
+            .unwrap();
+        let mut module = Replication::new(settings).unwrap();
+        assert_eq!(module.unconfirmed(), 1);
+        assert_eq!(module.confirm(), 0);
+        let ids: Vec<u64> = module.quarantine.records().iter().map(|r| r.id).collect();
+        assert_eq!(ids, [6], "a retry would write 5's older state after 6");
+    }
+
+    #[test]
+    fn a_skipped_change_is_not_replayed_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = || {
+            let mut settings = Settings::from_ucr(&Ucr::parse(""));
+            settings.state_dir = dir.path().to_owned();
+            settings
+        };
+        // Sent, then refused twice: quarantined while the log still holds it (no flush
+        // since, or one that could not empty the log during an outage).
+        logged(dir.path(), 6, "cn=a,dc=x");
+        Quarantine::open(dir.path())
+            .unwrap()
+            .push(refused(6, "cn=a,dc=x"))
+            .unwrap();
+        {
+            let mut module = Replication::new(settings()).unwrap();
+            assert_eq!(
+                module.control(&["quarantine", "skip", "6"]).unwrap(),
+                "transaction 6 skipped, 0 still quarantined"
+            );
+        }
+        let module = Replication::new(settings()).unwrap();
+        assert_eq!(
+            module.unconfirmed(),
+            0,
+            "the skipped change would be applied"
+        );
     }
 
     #[test]

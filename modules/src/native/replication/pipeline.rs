@@ -43,6 +43,9 @@ pub(super) const WINDOW: usize = 64;
 /// The file name of the log in the state directory.
 const LOG: &str = "unconfirmed.log";
 
+/// Failpoint ([`daemon::failpoint`]) that makes an append write half its line and fail.
+pub const LOG_APPEND_FAILPOINT: &str = "replication-log-append";
+
 /// A change handed to the server (or to be handed again) whose result is not in yet.
 pub(super) struct InFlight {
     pub id: u64,
@@ -118,6 +121,9 @@ pub(super) struct WriteLog {
     len: u64,
     /// Written or cut since the last sync.
     dirty: bool,
+    /// A failed append left a partial line that could not be cut off: appends are refused
+    /// until [`WriteLog::clear`] empties the file.
+    torn: bool,
 }
 
 impl WriteLog {
@@ -139,6 +145,7 @@ impl WriteLog {
             file: None,
             len,
             dirty: false,
+            torn: false,
         };
         // The torn tail goes before anything is appended behind it.
         log.file()
@@ -166,11 +173,29 @@ impl WriteLog {
         &self.path
     }
 
-    /// Appends `record` with one `write` (not synced).
+    /// Appends `record` with one `write` (not synced). A write that fails part way (a full
+    /// disk) is cut off again: the next line would continue it, and a damaged line that is
+    /// not the last one stops the module from loading.
     pub fn append(&mut self, record: &Record) -> std::io::Result<()> {
+        if self.torn {
+            return Err(std::io::Error::other(format!(
+                "{} ends in a partial line that could not be cut off",
+                self.path.display()
+            )));
+        }
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        self.file()?.write_all(&line)?;
+        let len = self.len;
+        let file = self.file()?;
+        let written = match daemon::failpoint::check(LOG_APPEND_FAILPOINT) {
+            Ok(()) => file.write_all(&line),
+            // Half a line, then the error: what a disk filling up mid-write leaves.
+            Err(e) => file.write_all(&line[..line.len() / 2]).and(Err(e)),
+        };
+        if let Err(error) = written {
+            self.torn = file.set_len(len).is_err();
+            return Err(error);
+        }
         self.len += line.len() as u64;
         self.dirty = true;
         Ok(())
@@ -178,9 +203,10 @@ impl WriteLog {
 
     /// Empties the log (every change in it is confirmed).
     pub fn clear(&mut self) -> std::io::Result<()> {
-        if self.len > 0 {
+        if self.len > 0 || self.torn {
             self.file()?.set_len(0)?;
             self.len = 0;
+            self.torn = false;
             self.dirty = true;
         }
         Ok(())
@@ -213,6 +239,60 @@ mod tests {
         assert!(!related(&k("uid=a,ou=p,dc=x"), &k("uid=b,ou=p,dc=x")));
         assert!(!related(&k("uid=a,ou=p,dc=x"), &k("xou=p,dc=x")));
         assert!(!related(&k("ou=p,dc=x"), &k("ou=q,dc=x")));
+    }
+
+    /// Set in the child of [`a_failed_append_is_cut_off`].
+    const APPEND_CHILD_ENV: &str = "REPLICATION_APPEND_CHILD_DIR";
+
+    fn logged(id: u64) -> Record {
+        InFlight::new(
+            id,
+            &format!("cn=e{id},dc=x"),
+            "m".into(),
+            vec![("cn".into(), vec![format!("e{id}").into_bytes()])],
+            Attempt::ReadFirst,
+        )
+        .record()
+    }
+
+    /// Runs only inside the child: three appends, the second failing half-way.
+    #[test]
+    fn append_child() {
+        let Some(dir) = std::env::var_os(APPEND_CHILD_ENV) else {
+            return;
+        };
+        let (mut log, _) = WriteLog::open(dir.as_ref()).unwrap();
+        log.append(&logged(1)).unwrap();
+        assert!(log.append(&logged(2)).is_err());
+        log.append(&logged(3)).unwrap();
+    }
+
+    /// A line written half-way before an error is cut off, so the next append starts a line
+    /// of its own and the log still loads.
+    #[test]
+    fn a_failed_append_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "native::replication::pipeline::tests::append_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(APPEND_CHILD_ENV, dir.path())
+            .env(
+                daemon::failpoint::ENV,
+                format!("{LOG_APPEND_FAILPOINT}=2*1"),
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let (_, records) = WriteLog::open(dir.path()).unwrap();
+        assert_eq!(records.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1, 3]);
     }
 
     #[test]
