@@ -587,6 +587,51 @@ fn a_new_schema_id_hands_the_subschema_to_the_modules_once() {
     assert_eq!(subschema_calls, 1, "after {second}");
 }
 
+/// The subschema entry and the raised schema id are one staged change: when the
+/// transaction that carried them fails (transiently, once), both are redone with it, so the
+/// cache never says it holds a schema it lost.
+#[test]
+fn a_schema_update_whose_transaction_failed_is_redone() {
+    let (slapd, notifier) = stack();
+    // listener::engine::SCHEMA_FAILPOINT: a transient error right after the schema update.
+    let options = ListenerOptions::new().env(daemon::failpoint::ENV, "engine-after-schema=1*1");
+    let mut listener = start_listener(&slapd, &notifier, options);
+    fs::write(notifier.ldap_dir().join("schema/id/id"), "5").unwrap();
+    wait_until("the notifier serving schema id 5", T, || {
+        let mut client = notifier.client()?;
+        client.handshake(3)?;
+        let answer = client.request(1, "GET_SCHEMA_ID")?;
+        Ok(answer
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.trim() == "5")
+            .then_some(()))
+    })
+    .unwrap();
+
+    let (_, id) = add(&slapd, &notifier, "after-schema");
+    wait_call(&mut listener, id);
+    let subschema_calls = listener
+        .changes()
+        .unwrap()
+        .iter()
+        .filter(|c| c.dn == "cn=Subschema")
+        .count();
+    assert_eq!(
+        subschema_calls, 2,
+        "the failed attempt's call and the redo's"
+    );
+    assert!(listener.log().contains("engine-after-schema"));
+    listener.stop().unwrap();
+
+    let cache = cache::Cache::open(&listener.cache_dir()).unwrap();
+    assert_eq!(cache.master().unwrap().unwrap().schema_id, 5);
+    assert!(
+        cache.get("cn=Subschema").unwrap().is_some(),
+        "the schema id says 5 but the subschema entry is missing"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. A second listener on the same cache
 // ---------------------------------------------------------------------------------------

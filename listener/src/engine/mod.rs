@@ -123,7 +123,15 @@ pub struct Engine {
     master: MasterRecord,
     /// Latest schema id the notifier reported.
     notifier_schema_id: u64,
+    /// The schema id before a schema update that is staged but not committed: the id goes
+    /// with the subschema entry, so discarding the one restores the other (else the entry
+    /// would be lost while the raised id says it is stored).
+    staged_schema_from: Option<u64>,
 }
+
+/// Failpoint ([`daemon::failpoint`]): a transient error right after a schema update, before
+/// its transaction commits.
+pub const SCHEMA_FAILPOINT: &str = "engine-after-schema";
 
 impl Engine {
     pub fn new(
@@ -146,6 +154,7 @@ impl Engine {
             ldap,
             local,
             prev: None,
+            staged_schema_from: None,
             vanished_r: None,
             master,
             notifier_schema_id: master.schema_id,
@@ -188,9 +197,17 @@ impl Engine {
     /// Forgets everything staged since `checkpoint` (its handlers have run; they run again
     /// when the transaction is retried, like UCS after a restart).
     pub(crate) fn rollback(&mut self, checkpoint: Checkpoint) {
-        self.staged.discard();
+        self.discard_staged();
         self.prev = checkpoint.prev;
         self.vanished_r = checkpoint.vanished_r;
+    }
+
+    /// Forgets the staged writes, and a schema id raised with them.
+    fn discard_staged(&mut self) {
+        self.staged.discard();
+        if let Some(schema_id) = self.staged_schema_from.take() {
+            self.master.schema_id = schema_id;
+        }
     }
 
     /// Records the notifier's schema id; the next object found in LDAP triggers the update.
@@ -210,11 +227,12 @@ impl Engine {
     /// commit, as one batch.
     pub(crate) fn take_batch(&mut self, id: u64) -> cache::Batch {
         self.master.notifier_id = id;
-        self.staged.take_batch(self.master)
+        self.take_master_batch()
     }
 
     /// Stages the current master record alone (startup, schema updates during init).
     pub(crate) fn take_master_batch(&mut self) -> cache::Batch {
+        self.staged_schema_from = None;
         self.staged.take_batch(self.master)
     }
 
@@ -233,7 +251,7 @@ impl Engine {
             result = Err(EngineError::Interrupted);
         }
         if result.is_err() {
-            self.staged.discard();
+            self.discard_staged();
         }
         result
     }
@@ -788,6 +806,7 @@ impl Engine {
             Err(e) if e.is_transient() => return Err(e.into()),
             Err(e) => tracing::error!("cannot read {SUBSCHEMA_DN}: {e}"),
         }
+        self.staged_schema_from.get_or_insert(self.master.schema_id);
         self.master.schema_id = new_id;
         if let Err(e) = daemon::fs::write_decimal(&self.settings.schema_id_file, new_id) {
             tracing::warn!(
@@ -795,6 +814,10 @@ impl Engine {
                 self.settings.schema_id_file.display()
             );
         }
+        daemon::failpoint::check(SCHEMA_FAILPOINT).map_err(|e| LdapFailure::Down {
+            what: "the transaction after a schema update".to_owned(),
+            reason: e.to_string(),
+        })?;
         Ok(())
     }
 }
