@@ -1461,6 +1461,65 @@ fn protocol_2_and_3_see_the_same_calls() {
     );
 }
 
+/// A reload (SIGHUP) between a move's `r` and its `a` waits for the `a`. Run in between,
+/// it initialised a reset module from the moved object, and the `a` then completed the move
+/// from the cache state before that: the module got the object twice, the move last, and
+/// the cache lost what the initialisation stored.
+#[test]
+fn a_reload_between_the_r_and_the_a_of_a_move_waits_for_the_a() {
+    use integration_tests::Intake;
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::start(&slapd, Intake::QueueFile, &[]).unwrap();
+    let mut admin = slapd.admin().unwrap();
+    let mut listener =
+        Listener::start(&slapd, &notifier, ListenerOptions::new().bind_admin()).unwrap();
+    listener.wait_initialized(WAIT).unwrap();
+    let old_dn = format!("cn=m1,{BASE}");
+    let new_dn = format!("cn=m2,{BASE}");
+    admin.add_role(&old_dn, "m1").unwrap();
+    notifier.queue(&format!("1 {old_dn} a\n")).unwrap();
+    listener.wait_for_id(1, WAIT).unwrap();
+
+    admin.modrdn(&old_dn, "cn=m2", true, None).unwrap();
+    notifier.queue(&format!("2 {old_dn} r\n")).unwrap();
+    listener
+        .wait_until("the r to be stashed", WAIT, |l| {
+            Ok(l.log()
+                .contains(&format!("transaction 2 (r {old_dn}) stashed"))
+                .then_some(()))
+        })
+        .unwrap();
+    // The jsonl module reset (as `ctrl resync` does), then a reload to initialise it.
+    fs::remove_file(listener.cache_dir().join("handlers").join(JSONL_MODULE)).unwrap();
+    listener.signal(libc::SIGHUP).unwrap();
+    listener
+        .wait_until("the reload to be postponed", WAIT, |l| {
+            Ok(l.log().contains("reload postponed").then_some(()))
+        })
+        .unwrap();
+    notifier.queue(&format!("3 {new_dn} a\n")).unwrap();
+    listener.wait_for_id(3, WAIT).unwrap();
+    listener
+        .wait_until("the jsonl module initialised again", WAIT, |l| {
+            Ok(l.changes()?
+                .iter()
+                .any(|c| c.command == 'n' && c.dn == new_dn)
+                .then_some(()))
+        })
+        .unwrap();
+
+    let calls: Vec<char> = listener
+        .changes()
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.dn == new_dn)
+        .map(|c| c.command)
+        .collect();
+    assert_eq!(calls.last(), Some(&'n'), "the move came last: {calls:?}");
+    assert_eq!(calls.iter().filter(|c| **c == 'n').count(), 1, "{calls:?}");
+    listener.stop().unwrap();
+}
+
 /// An object renamed and deleted before the listener reads the rename's `a`: modules know
 /// it under its old DN, so that is the DN whose removal they get. The queue-file intake
 /// lets the test hand the notifier the `r` and the `a` apart, with the delete in between.

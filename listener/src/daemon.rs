@@ -249,7 +249,7 @@ impl Daemon {
             if self.signals.stop_requested() {
                 break Exit::Stopped;
             }
-            if self.signals.take_reload() {
+            if !self.move_stashed() && self.signals.take_reload() {
                 if let Err(exit) = self.reload().await {
                     break exit;
                 }
@@ -371,7 +371,7 @@ impl Daemon {
             let heartbeat = self.engine.handlers().heartbeat();
             tokio::select! {
                 _ = heartbeat.waiting(tokio::time::sleep(PAUSE_POLL)) => {}
-                _ = self.signals.woken() => {}
+                _ = self.signals.woken_with_reload(!self.move_stashed()) => {}
             }
             self.serve_module_requests();
             if self.signals.stop_requested()
@@ -420,7 +420,8 @@ impl Daemon {
         let heartbeat = self.engine.handlers().heartbeat();
         tokio::select! {
             _ = heartbeat.waiting(tokio::time::sleep(delay)) => {}
-            _ = self.signals.woken() => {}
+            // A reload postponed for a stashed move must not cut every wait short.
+            _ = self.signals.woken_with_reload(!self.move_stashed()) => {}
         }
     }
 
@@ -621,7 +622,14 @@ impl Daemon {
             let idle = self.idle;
             // A module whose initialisation failed is retried while the listener waits
             // too: an idle listener would otherwise never get to it.
-            let retry_at = self.engine.handlers().next_init_due();
+            // Neither a retried initialisation nor a reload while a move's `r` waits for
+            // its `a` ([`Daemon::move_stashed`]).
+            let move_stashed = self.move_stashed();
+            let retry_at = if move_stashed {
+                None
+            } else {
+                self.engine.handlers().next_init_due()
+            };
             let Some(client) = self.notifier.as_mut() else {
                 return Err(ClientError::Closed {
                     peer: self.server.notifier_host.clone(),
@@ -633,7 +641,7 @@ impl Daemon {
                 _ = sleep_until(alive_at) => WaitEvent::Alive,
                 _ = sleep_until(retry_at.map_or(alive_at, tokio::time::Instant::from_std)),
                     if retry_at.is_some() => WaitEvent::InitRetry,
-                _ = self.signals.woken() => WaitEvent::Signal,
+                _ = self.signals.woken_with_reload(!move_stashed) => WaitEvent::Signal,
             };
             match event {
                 WaitEvent::Reply(reply) => {
@@ -663,7 +671,13 @@ impl Daemon {
                     if self.signals.stop_requested() {
                         return Ok(None);
                     }
-                    if self.signals.take_reload() {
+                    if move_stashed {
+                        if self.signals.reload_requested() {
+                            tracing::info!(
+                                "reload postponed until the move whose r is stashed is complete"
+                            );
+                        }
+                    } else if self.signals.take_reload() {
                         // The wait stays outstanding; its reply is kept for later.
                         if let Err(e) = self.reload_modules().await {
                             tracing::error!("reload: {e}");
@@ -992,10 +1006,19 @@ impl Daemon {
 
     /// Whether a module whose initialisation failed is due to be tried again.
     fn init_retry_due(&self) -> bool {
-        self.engine
-            .handlers()
-            .next_init_due()
-            .is_some_and(|due| due <= Instant::now())
+        !self.move_stashed()
+            && self
+                .engine
+                .handlers()
+                .next_init_due()
+                .is_some_and(|due| due <= Instant::now())
+    }
+
+    /// Whether an `r` waits for its `a`. Modules are neither reloaded nor initialised
+    /// meanwhile: the `a` completes the move from the cache state the `r` saw, and would
+    /// overwrite what an initialisation stored in between (handing the object twice).
+    fn move_stashed(&self) -> bool {
+        self.stashed_line.is_some()
     }
 
     /// Initialises the modules whose retry is due; each that fails again waits longer.

@@ -76,9 +76,20 @@ impl Signals {
         self.reload.swap(false, Ordering::SeqCst)
     }
 
+    /// Whether a SIGHUP waits to be taken ([`Signals::take_reload`]).
+    pub(crate) fn reload_requested(&self) -> bool {
+        self.reload.load(Ordering::SeqCst)
+    }
+
     /// Resolves when a signal needs the main loop's attention.
     pub async fn woken(&self) {
-        if self.stop_requested() || self.reload.load(Ordering::SeqCst) {
+        self.woken_with_reload(true).await;
+    }
+
+    /// [`Signals::woken`], where a pending reload counts only with `reload` (while it is
+    /// postponed it must not wake the caller over and over; a new signal still does).
+    pub(crate) async fn woken_with_reload(&self, reload: bool) {
+        if self.stop_requested() || (reload && self.reload_requested()) {
             return;
         }
         self.wake.notified().await;
