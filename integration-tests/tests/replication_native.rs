@@ -1400,11 +1400,11 @@ fn lasting_replication_listener(
     listener
 }
 
-/// Adds `count` roles `cn=<prefix>N` while the listener is stopped (SIGSTOP), stops the
-/// replica (SIGSTOP: it keeps the listener's connection but answers nothing) and lets the
-/// listener go on: it sends the first write(s) and commits their transactions although the
-/// writes are unanswered (the flush gives up waiting after the module's timeout and keeps
-/// them unconfirmed); at the next change it waits. Returns the first change's id.
+/// Stops the replica (SIGSTOP: it keeps the listener's connection but answers nothing) and
+/// adds the role `cn=<prefix>0`: the listener sends its write and commits the transaction
+/// although the write is unanswered (the flush gives up waiting after the module's timeout
+/// and keeps it unconfirmed). Then adds `cn=<prefix>1…` up to `count`: at the first of them
+/// the listener waits. Returns the first change's id.
 fn a_write_left_in_flight(
     primary: &Slapd,
     notifier: &Notifier,
@@ -1413,29 +1413,32 @@ fn a_write_left_in_flight(
     prefix: &str,
     count: usize,
 ) -> u64 {
-    listener.signal(libc::SIGSTOP).unwrap();
     let mut admin = primary.admin().unwrap();
-    for i in 0..count {
+    let mut add = |i: usize| {
         admin
             .add_role(&format!("cn={prefix}{i},{BASE}"), "in flight")
             .unwrap();
-    }
+    };
+    replica.signal(libc::SIGSTOP);
+    // The first alone, so that it is the last the listener knows of and it flushes after
+    // it (announced together with the rest, all went out in flight before any flush).
+    add(0);
     let first = notifier
         .wait_transaction(&format!("cn={prefix}0,{BASE}"), 'a', WAIT)
         .unwrap();
-    let last = notifier
-        .wait_transaction(&format!("cn={prefix}{},{BASE}", count - 1), 'a', WAIT)
-        .unwrap();
-    replica.signal(libc::SIGSTOP);
-    listener.signal(libc::SIGCONT).unwrap();
     wait_until(
         "the listener committing a write still in flight",
         WAIT,
         || Ok((listener.notifier_id().unwrap_or(0) >= first).then_some(())),
     )
     .unwrap();
-    // It waits before the end (the notifier may have announced more than the first at
-    // once: those went out in flight with it).
+    for i in 1..count {
+        add(i);
+    }
+    let last = notifier
+        .wait_transaction(&format!("cn={prefix}{},{BASE}", count - 1), 'a', WAIT)
+        .unwrap();
+    // It waits before the end.
     assert!(listener.notifier_id().unwrap_or(0) < last);
     first
 }
