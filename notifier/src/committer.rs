@@ -11,7 +11,7 @@ use proto::{Command, Transaction, TransactionId};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::journal::{Journal, JournalError};
+use crate::journal::{Journal, JournalError, MAX_UNSYNCED};
 use crate::metrics::Metrics;
 use crate::translog::TranslogWriter;
 use daemon::backoff::Backoff;
@@ -225,18 +225,27 @@ impl Committer {
     async fn append_and_sync(&self, txs: Arc<[Transaction]>) -> Result<u64, CommitError> {
         let journal = Arc::clone(&self.journal);
         tokio::task::spawn_blocking(move || {
+            // An earlier attempt may have appended part of this batch before failing; ids
+            // are consecutive, so what is already there is a prefix.
+            let last = journal.read().map_err(|_| CommitError::Poisoned)?.last_id();
+            let done = txs.iter().take_while(|tx| tx.id.get() <= last).count();
+            let rest = txs.get(done..).unwrap_or_default();
+            // Synced in parts: the open trusts the log before its last MAX_UNSYNCED lines
+            // (and synced once even when an earlier attempt appended it all).
+            for part in rest
+                .chunks(MAX_UNSYNCED)
+                .chain(rest.is_empty().then_some(rest))
             {
-                let mut journal = journal.write().map_err(|_| CommitError::Poisoned)?;
-                // An earlier attempt may have appended part of this batch before failing.
-                let last = journal.last_id();
-                // Ids are consecutive, so what is already there is a prefix.
-                let done = txs.iter().take_while(|tx| tx.id.get() <= last).count();
-                journal.append(txs.get(done..).unwrap_or_default())?;
+                journal
+                    .write()
+                    .map_err(|_| CommitError::Poisoned)?
+                    .append(part)?;
+                // Synced under the read lock so clients can still look up older
+                // transactions.
+                let journal = journal.read().map_err(|_| CommitError::Poisoned)?;
+                journal.sync().map_err(CommitError::SyncFailed)?;
             }
-            // Sync under the read lock so clients can still look up older transactions.
-            let journal = journal.read().map_err(|_| CommitError::Poisoned)?;
-            journal.sync().map_err(CommitError::SyncFailed)?;
-            Ok(journal.last_id())
+            Ok(journal.read().map_err(|_| CommitError::Poisoned)?.last_id())
         })
         .await?
     }

@@ -285,11 +285,14 @@ impl Journal {
             repairs.push(repair_tail(&file, &path, tail)?);
             file.set_len(offset)
                 .map_err(|source| io_err("truncate", &path, source))?;
-            // The cut must survive a second crash before anything new is appended.
-            file.sync_data()
-                .map_err(|source| io_err("sync", &path, source))?;
             len = offset;
         }
+        // Synced before anything is served: lines a crashed process wrote but never synced
+        // are complete in the page cache and read as committed, and the ids served from
+        // them must survive a power loss. The cut of a torn tail must survive a second crash
+        // before anything new is appended.
+        file.sync_data()
+            .map_err(|source| io_err("sync", &path, source))?;
         repairs.extend(index_repair);
 
         Ok(Journal {
@@ -543,9 +546,14 @@ struct FastOpen {
 }
 
 /// How many transactions before the index's last entry the validated tail starts, at least:
-/// far enough back to lie before the last `fdatasync` of any realistic commit batch, so that
-/// the anchor and everything before it is durable, and only about a megabyte to read.
+/// far enough back to lie before the last `fdatasync` ([`MAX_UNSYNCED`] guarantees it), so
+/// that the anchor and everything before it is durable, and only about a megabyte to read.
 const TAIL_SPAN: u64 = 16 * 1024;
+
+/// Most transactions appended between two syncs: a larger batch (a gap filled with up to
+/// `--max-gap` no-ops) is synced in parts, so no unsynced line lies before the tail the
+/// fast open validates.
+pub const MAX_UNSYNCED: usize = (TAIL_SPAN / 2) as usize;
 
 /// Opens the log through its index without reading all of it, see the module documentation;
 /// `None` when a full scan is needed: no usable index, no entry that checks out, or a tail
