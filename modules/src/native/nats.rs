@@ -46,6 +46,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, stream};
 use async_nats::{ConnectOptions, ServerAddr};
 use serde::Serialize;
@@ -795,11 +796,12 @@ impl Nats {
             (progress.acknowledged, progress.failing.clone())
         };
         if acknowledged > self.applied {
-            self.outbox
-                .acknowledge(acknowledged - self.applied)
-                .map_err(|e| self.outbox_error(e))?;
+            // Counted before the file shrinks: a shrink that fails is retried at the next
+            // call, and must not make the next call forget more messages.
+            self.outbox.acknowledge(acknowledged - self.applied);
             self.applied = acknowledged;
         }
+        self.outbox.shrink().map_err(|e| self.outbox_error(e))?;
         Ok(failing)
     }
 
@@ -906,27 +908,30 @@ async fn connect(
     Ok(Connection { jetstream })
 }
 
-/// The message id of the stream's last message (`None`: the stream is empty or its last
-/// message has no id).
+/// The message id of the stream's last message (`None`: the stream is empty, its last
+/// message has no id, or it is gone).
 async fn last_message_id(connection: Connection, stream: String) -> Result<Option<String>, String> {
     let mut stream = connection
         .jetstream
         .get_stream(&stream)
         .await
         .map_err(|e| format!("cannot look up the stream: {e}"))?;
-    let last = stream
+    let info = stream
         .info()
         .await
-        .map_err(|e| format!("cannot read the stream's state: {e}"))?
-        .state
-        .last_sequence;
-    if last == 0 {
+        .map_err(|e| format!("cannot read the stream's state: {e}"))?;
+    let (messages, last) = (info.state.messages, info.state.last_sequence);
+    if messages == 0 || last == 0 {
         return Ok(None);
     }
-    let message = stream
-        .get_raw_message(last)
-        .await
-        .map_err(|e| format!("cannot read the stream's last message: {e}"))?;
+    // The last sequence stays after its message is removed (work-queue or interest
+    // retention, max_age, a purge): its id is then unknown, and the pending messages are
+    // published again (the stream's de-duplication drops those it holds).
+    let message = match stream.get_raw_message(last).await {
+        Ok(message) => message,
+        Err(e) if matches!(e.kind(), RawMessageErrorKind::NoMessageFound) => return Ok(None),
+        Err(e) => return Err(format!("cannot read the stream's last message: {e}")),
+    };
     Ok(message
         .headers
         .get(async_nats::header::NATS_MESSAGE_ID)

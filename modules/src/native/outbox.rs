@@ -47,13 +47,21 @@ pub(super) struct OutboxError {
 pub(super) struct Outbox {
     path: PathBuf,
     file: File,
+    /// Bytes of whole records in the file.
+    len: u64,
     /// The messages not yet acknowledged, oldest first, with their record sizes.
     pending: VecDeque<(Message, u64)>,
     /// Size of the acknowledged records still at the front of the file.
     acknowledged_bytes: u64,
     /// Whether something was appended since the last sync.
     unsynced: bool,
+    /// Why appends are refused until the file is rewritten or emptied: a partial record
+    /// could not be cut off, or the rewritten file could not be reopened.
+    broken: Option<String>,
 }
+
+/// Failpoint ([`daemon::failpoint`]) that makes an append write half its record and fail.
+pub(super) const APPEND_FAILPOINT: &str = "nats-outbox-append";
 
 impl Outbox {
     /// Opens (or creates) the outbox at `path` and reads the messages it holds.
@@ -84,9 +92,11 @@ impl Outbox {
         Ok(Outbox {
             path: path.to_owned(),
             file,
+            len: whole as u64,
             pending: pending.into(),
             acknowledged_bytes: 0,
             unsynced: false,
+            broken: None,
         })
     }
 
@@ -117,23 +127,55 @@ impl Outbox {
     }
 
     /// Appends `message` in one write: once this returns it survives a crash of the process.
+    /// A write that fails part way (a full disk) is cut off again: opening stops at the
+    /// first torn record, so one left in place would hide every later message.
     pub(super) fn append(&mut self, message: Message) -> Result<(), OutboxError> {
+        if let Some(reason) = &self.broken {
+            return Err(OutboxError {
+                op: "append to",
+                path: self.path.clone(),
+                source: io::Error::other(format!("{reason}; appends wait until it is rewritten")),
+            });
+        }
         let record = encode(&message);
-        // One unbuffered write into an O_APPEND file; a short write would leave a torn
-        // record that opening cuts off, so the error is reported and nothing is recorded.
-        (&self.file)
-            .write_all(&record)
-            .map_err(self.err("append"))?;
+        let written = match daemon::failpoint::check(APPEND_FAILPOINT) {
+            Ok(()) => (&self.file).write_all(&record),
+            // Half a record, then the error: what a disk filling up mid-write leaves.
+            Err(e) => (&self.file)
+                .write_all(&record[..record.len() / 2])
+                .and(Err(e)),
+        };
+        if let Err(error) = written {
+            if let Err(cut) = self.file.set_len(self.len) {
+                self.broken = Some(format!("a partial record could not be cut off: {cut}"));
+            }
+            return Err(OutboxError {
+                op: "append to",
+                path: self.path.clone(),
+                source: error,
+            });
+        }
+        self.len += record.len() as u64;
         self.pending.push_back((message, record.len() as u64));
         self.unsynced = true;
         Ok(())
     }
 
-    /// Forgets the `count` oldest messages (acknowledged by the stream) and shrinks the file
-    /// when that is cheap or due.
-    pub(super) fn acknowledge(&mut self, count: usize) -> Result<(), OutboxError> {
+    /// Forgets the `count` oldest messages (acknowledged by the stream). Infallible, so the
+    /// caller's count of acknowledged messages always moves with it; the file shrinks in
+    /// [`Outbox::shrink`].
+    pub(super) fn acknowledge(&mut self, count: usize) {
         for (_, size) in self.pending.drain(..count.min(self.pending.len())) {
             self.acknowledged_bytes += size;
+        }
+    }
+
+    /// Drops acknowledged records from the file when that is cheap or due; a failure is
+    /// retried at the next call.
+    pub(super) fn shrink(&mut self) -> Result<(), OutboxError> {
+        if self.broken.is_some() {
+            // The open file may be the replaced one: only a rewrite and reopen mends it.
+            return self.compact();
         }
         if self.acknowledged_bytes == 0 {
             return Ok(());
@@ -142,6 +184,7 @@ impl Outbox {
             // Every message in the file is in the stream: an empty file is as good, and a
             // crash before the truncation only re-publishes duplicates the stream drops.
             self.file.set_len(0).map_err(self.err("truncate"))?;
+            self.len = 0;
             self.acknowledged_bytes = 0;
         } else if self.acknowledged_bytes >= COMPACT_BYTES {
             self.compact()?;
@@ -160,13 +203,17 @@ impl Outbox {
             path: self.path.clone(),
             source: io::Error::other(e.to_string()),
         })?;
+        // Until the new file is open, appends would go to the replaced one.
+        self.broken = Some("the rewritten file is not open yet".to_owned());
         self.file = OpenOptions::new()
             .read(true)
             .append(true)
             .open(&self.path)
             .map_err(self.err("reopen"))?;
+        self.len = data.len() as u64;
         self.acknowledged_bytes = 0;
         self.unsynced = false;
+        self.broken = None;
         Ok(())
     }
 
@@ -257,6 +304,69 @@ mod tests {
         outbox.pending().map(|m| m.id.clone()).collect()
     }
 
+    /// Set in the child of [`a_failed_append_is_cut_off`].
+    const APPEND_CHILD_ENV: &str = "NATS_OUTBOX_APPEND_CHILD";
+
+    /// Runs only inside the child: three appends, the second failing half-way.
+    #[test]
+    fn append_child() {
+        let Some(path) = std::env::var_os(APPEND_CHILD_ENV) else {
+            return;
+        };
+        let mut outbox = Outbox::open(path.as_ref()).unwrap();
+        outbox.append(message(1)).unwrap();
+        assert!(outbox.append(message(2)).is_err());
+        outbox.append(message(3)).unwrap();
+    }
+
+    /// A record written half-way before an error is cut off: left in place, it would hide
+    /// every later message at the next open.
+    #[test]
+    fn a_failed_append_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nats.outbox");
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "native::outbox::tests::append_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(APPEND_CHILD_ENV, &path)
+            .env(daemon::failpoint::ENV, format!("{APPEND_FAILPOINT}=2*1"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(ids(&Outbox::open(&path).unwrap()), ["dc=x:1:1", "dc=x:3:1"]);
+    }
+
+    /// An outbox whose file could not be mended refuses appends, and the next shrink
+    /// rewrites it from the pending messages.
+    #[test]
+    fn a_broken_outbox_refuses_appends_until_shrink_rewrites_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nats.outbox");
+        let mut outbox = Outbox::open(&path).unwrap();
+        outbox.append(message(1)).unwrap();
+        // A file that takes neither the write nor the cut.
+        outbox.file = File::open(&path).unwrap();
+        assert!(outbox.append(message(2)).is_err());
+        outbox.file = OpenOptions::new().append(true).open(&path).unwrap();
+        let refused = outbox.append(message(3)).unwrap_err();
+        assert!(
+            refused.to_string().contains("could not be cut off"),
+            "{refused}"
+        );
+        outbox.shrink().unwrap();
+        outbox.append(message(4)).unwrap();
+        drop(outbox);
+        assert_eq!(ids(&Outbox::open(&path).unwrap()), ["dc=x:1:1", "dc=x:4:1"]);
+    }
+
     #[test]
     fn reopen_returns_what_was_appended_and_not_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
@@ -265,7 +375,8 @@ mod tests {
         for n in 1..=5 {
             outbox.append(message(n)).unwrap();
         }
-        outbox.acknowledge(2).unwrap();
+        outbox.acknowledge(2);
+        outbox.shrink().unwrap();
         outbox.sync().unwrap();
         drop(outbox);
         // The acknowledged records stay in the file until it is shrunk: reopening
@@ -274,7 +385,8 @@ mod tests {
         let got: Vec<Message> = outbox.pending().cloned().collect();
         assert_eq!(got, (1..=5).map(message).collect::<Vec<_>>());
         assert_eq!(outbox.last_id(), Some("dc=x:5:1"));
-        outbox.acknowledge(5).unwrap();
+        outbox.acknowledge(5);
+        outbox.shrink().unwrap();
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
             0,
@@ -340,7 +452,8 @@ mod tests {
                 })
                 .unwrap();
         }
-        outbox.acknowledge(count - 2).unwrap();
+        outbox.acknowledge(count - 2);
+        outbox.shrink().unwrap();
         let size = std::fs::metadata(&path).unwrap().len();
         assert!(
             size < 2 * (70 << 10),
