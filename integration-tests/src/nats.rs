@@ -260,6 +260,32 @@ pub fn stream_message_count(servers: &str, stream: &str) -> Result<u64> {
     })
 }
 
+/// Removes every message of `stream` (its last sequence number stays).
+pub fn purge_stream(servers: &str, stream: &str) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_context("starting a runtime"))?;
+    runtime.block_on(async {
+        let servers: Vec<&str> = servers.split(',').collect();
+        let client = async_nats::connect(servers.as_slice())
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(nats_error("connecting"))?;
+        let handle = async_nats::jetstream::new(client)
+            .get_stream(stream)
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(nats_error("finding the stream"))?;
+        handle
+            .purge()
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(nats_error("purging the stream"))?;
+        Ok(())
+    })
+}
+
 fn nats_error(what: &str) -> impl FnOnce(String) -> HarnessError + '_ {
     move |e| HarnessError::Listener(format!("NATS: {what}: {e}"))
 }

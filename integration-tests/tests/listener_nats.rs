@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use integration_tests::nats::{StreamMessage, read_stream};
+use integration_tests::nats::{StreamMessage, purge_stream, read_stream};
 use integration_tests::process::binary;
 use integration_tests::slapd::BASE;
 use integration_tests::{
@@ -269,6 +269,44 @@ fn nats_down_at_start_events_wait_and_arrive_once_it_is_up() {
     })
     .unwrap();
     assert_eq!(module(&report, "nats")["condition"], "ready", "{code}");
+    listener.stop().unwrap();
+}
+
+/// A stream whose messages were removed (consumed under work-queue retention, expired,
+/// purged) keeps its last sequence number but not the message: the module starts and
+/// publishes anyway instead of failing for ever to read that message.
+#[test]
+fn a_stream_whose_last_message_is_gone_does_not_stop_the_module() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path()).unwrap();
+    let conf = nats_conf(dir.path(), &server.url(), "");
+    let mut listener = start_listener(&slapd, &notifier, &conf);
+    let mut admin = slapd.admin().unwrap();
+    let before = format!("cn=gone,{BASE}");
+    admin.add_role(&before, "gone").unwrap();
+    let id = notifier.wait_transaction(&before, 'a', T).unwrap();
+    listener.wait_for_id(id, T).unwrap();
+    wait_until("the add in the stream", T, || {
+        Ok(read_stream(&server.url(), STREAM)
+            .unwrap_or_default()
+            .iter()
+            .any(|m| m.payload["dn"] == before.as_str())
+            .then_some(()))
+    })
+    .unwrap();
+    listener.stop().unwrap();
+    assert_eq!(outbox_size(dir.path()), 0, "everything acknowledged");
+    purge_stream(&server.url(), STREAM).unwrap();
+
+    listener.restart().unwrap();
+    let after = format!("cn=after-purge,{BASE}");
+    admin.add_role(&after, "after").unwrap();
+    let id = notifier.wait_transaction(&after, 'a', T).unwrap();
+    listener.wait_for_id(id, T).unwrap();
+    let stream = wait_stream(&server.url(), 1);
+    assert_eq!(stream[0].payload["dn"], after.as_str(), "{stream:?}");
     listener.stop().unwrap();
 }
 
