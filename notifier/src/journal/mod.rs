@@ -8,7 +8,10 @@
 //! Start-up does not read the whole log: the index names the offset of a recent transaction
 //! (the anchor), the line there must carry that id, and only the lines from the anchor to
 //! the end are validated, torn tail cut and index entries written as before. Everything
-//! before the anchor was validated when it was appended. Without a usable index (missing,
+//! before the anchor was validated when it was appended, and was synced: the committer syncs
+//! at least every [`MAX_UNSYNCED`] lines, and the anchor lies further back than that. The
+//! open then syncs the file, so lines a crashed process left unsynced are durable before
+//! their ids are served. Without a usable index (missing,
 //! foreign, no entry that checks out) the log is scanned once from the start and the index
 //! rebuilt. Nothing is kept in memory per transaction: every index entry used is checked
 //! against the id on its line, and a wrong one is found again by bisecting the log (whose
