@@ -235,21 +235,7 @@ pub fn read_stream(servers: &str, stream: &str) -> Result<Vec<StreamMessage>> {
 
 /// How many messages `stream` holds.
 pub fn stream_message_count(servers: &str, stream: &str) -> Result<u64> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(io_context("starting a runtime"))?;
-    runtime.block_on(async {
-        let servers: Vec<&str> = servers.split(',').collect();
-        let client = async_nats::connect(servers.as_slice())
-            .await
-            .map_err(|e| e.to_string())
-            .map_err(nats_error("connecting"))?;
-        let mut handle = async_nats::jetstream::new(client)
-            .get_stream(stream)
-            .await
-            .map_err(|e| e.to_string())
-            .map_err(nats_error("finding the stream"))?;
+    with_stream(servers, stream, |mut handle| async move {
         Ok(handle
             .info()
             .await
@@ -262,6 +248,25 @@ pub fn stream_message_count(servers: &str, stream: &str) -> Result<u64> {
 
 /// Removes every message of `stream` (its last sequence number stays).
 pub fn purge_stream(servers: &str, stream: &str) -> Result<()> {
+    with_stream(servers, stream, |handle| async move {
+        handle
+            .purge()
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(nats_error("purging the stream"))?;
+        Ok(())
+    })
+}
+
+/// Runs `work` on the handle of `stream` (`servers`: comma-separated URLs).
+fn with_stream<T, F>(
+    servers: &str,
+    stream: &str,
+    work: impl FnOnce(async_nats::jetstream::stream::Stream) -> F,
+) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -277,12 +282,7 @@ pub fn purge_stream(servers: &str, stream: &str) -> Result<()> {
             .await
             .map_err(|e| e.to_string())
             .map_err(nats_error("finding the stream"))?;
-        handle
-            .purge()
-            .await
-            .map_err(|e| e.to_string())
-            .map_err(nats_error("purging the stream"))?;
-        Ok(())
+        work(handle).await
     })
 }
 

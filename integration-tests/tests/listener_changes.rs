@@ -1461,12 +1461,19 @@ fn protocol_2_and_3_see_the_same_calls() {
     );
 }
 
-/// A reload (SIGHUP) between a move's `r` and its `a` waits for the `a`. Run in between,
-/// it initialised a reset module from the moved object, and the `a` then completed the move
-/// from the cache state before that: the module got the object twice, the move last, and
-/// the cache lost what the initialisation stored.
-#[test]
-fn a_reload_between_the_r_and_the_a_of_a_move_waits_for_the_a() {
+/// A listener behind a queue-file notifier (which lets a test hand over a move's `r` and
+/// `a` apart) that has handled `cn=<old>` and holds the `r` of its rename to `cn=<new>`
+/// (made in LDAP) stashed until the test queues the `a` as transaction 3.
+struct StashedMove {
+    slapd: Slapd,
+    notifier: Notifier,
+    admin: Directory,
+    listener: Listener,
+    old_dn: String,
+    new_dn: String,
+}
+
+fn stashed_move(old: &str, new: &str) -> StashedMove {
     use integration_tests::Intake;
     let slapd = Slapd::provider().unwrap();
     let notifier = Notifier::start(&slapd, Intake::QueueFile, &[]).unwrap();
@@ -1474,13 +1481,15 @@ fn a_reload_between_the_r_and_the_a_of_a_move_waits_for_the_a() {
     let mut listener =
         Listener::start(&slapd, &notifier, ListenerOptions::new().bind_admin()).unwrap();
     listener.wait_initialized(WAIT).unwrap();
-    let old_dn = format!("cn=m1,{BASE}");
-    let new_dn = format!("cn=m2,{BASE}");
-    admin.add_role(&old_dn, "m1").unwrap();
+    let old_dn = format!("cn={old},{BASE}");
+    let new_dn = format!("cn={new},{BASE}");
+    admin.add_role(&old_dn, old).unwrap();
     notifier.queue(&format!("1 {old_dn} a\n")).unwrap();
     listener.wait_for_id(1, WAIT).unwrap();
 
-    admin.modrdn(&old_dn, "cn=m2", true, None).unwrap();
+    admin
+        .modrdn(&old_dn, &format!("cn={new}"), true, None)
+        .unwrap();
     notifier.queue(&format!("2 {old_dn} r\n")).unwrap();
     listener
         .wait_until("the r to be stashed", WAIT, |l| {
@@ -1489,6 +1498,29 @@ fn a_reload_between_the_r_and_the_a_of_a_move_waits_for_the_a() {
                 .then_some(()))
         })
         .unwrap();
+    StashedMove {
+        slapd,
+        notifier,
+        admin,
+        listener,
+        old_dn,
+        new_dn,
+    }
+}
+
+/// A reload (SIGHUP) between a move's `r` and its `a` waits for the `a`. Run in between,
+/// it initialised a reset module from the moved object, and the `a` then completed the move
+/// from the cache state before that: the module got the object twice, the move last, and
+/// the cache lost what the initialisation stored.
+#[test]
+fn a_reload_between_the_r_and_the_a_of_a_move_waits_for_the_a() {
+    let StashedMove {
+        slapd: _slapd,
+        notifier,
+        mut listener,
+        new_dn,
+        ..
+    } = stashed_move("m1", "m2");
     // The jsonl module reset (as `ctrl resync` does), then a reload to initialise it.
     fs::remove_file(listener.cache_dir().join("handlers").join(JSONL_MODULE)).unwrap();
     listener.signal(libc::SIGHUP).unwrap();
@@ -1525,29 +1557,14 @@ fn a_reload_between_the_r_and_the_a_of_a_move_waits_for_the_a() {
 /// lets the test hand the notifier the `r` and the `a` apart, with the delete in between.
 #[test]
 fn a_move_whose_add_finds_nothing_removes_the_dn_modules_know() {
-    use integration_tests::Intake;
-    let slapd = Slapd::provider().unwrap();
-    let notifier = Notifier::start(&slapd, Intake::QueueFile, &[]).unwrap();
-    let mut admin = slapd.admin().unwrap();
-    let mut listener =
-        Listener::start(&slapd, &notifier, ListenerOptions::new().bind_admin()).unwrap();
-    listener.wait_initialized(WAIT).unwrap();
-    let old_dn = format!("cn=e16,{BASE}");
-    let new_dn = format!("cn=e43,{BASE}");
-
-    admin.add_role(&old_dn, "e16").unwrap();
-    notifier.queue(&format!("1 {old_dn} a\n")).unwrap();
-    listener.wait_for_id(1, WAIT).unwrap();
-
-    admin.modrdn(&old_dn, "cn=e43", true, None).unwrap();
-    notifier.queue(&format!("2 {old_dn} r\n")).unwrap();
-    listener
-        .wait_until("the r to be stashed", WAIT, |l| {
-            Ok(l.log()
-                .contains(&format!("transaction 2 (r {old_dn}) stashed"))
-                .then_some(()))
-        })
-        .unwrap();
+    let StashedMove {
+        slapd: _slapd,
+        notifier,
+        mut admin,
+        mut listener,
+        old_dn,
+        new_dn,
+    } = stashed_move("e16", "e43");
     admin.delete(&new_dn).unwrap();
     notifier.queue(&format!("3 {new_dn} a\n")).unwrap();
     listener.wait_for_id(3, WAIT).unwrap();

@@ -532,22 +532,27 @@ fn a_corrupt_record_marks_the_cache_bad_and_stops_with_status_3() {
     assert_eq!(status.code(), Some(3), "{log}");
 }
 
-#[test]
-fn a_new_schema_id_hands_the_subschema_to_the_modules_once() {
-    let (slapd, notifier) = stack();
-    let mut listener = start_listener(&slapd, &notifier, ListenerOptions::new());
-    fs::write(notifier.ldap_dir().join("schema/id/id"), "5").unwrap();
-    wait_until("the notifier serving schema id 5", T, || {
+/// Sets the notifier's schema id to `id` and waits until it serves it.
+fn raise_schema_id(notifier: &Notifier, id: u64) {
+    fs::write(notifier.ldap_dir().join("schema/id/id"), id.to_string()).unwrap();
+    wait_until(&format!("the notifier serving schema id {id}"), T, || {
         let mut client = notifier.client()?;
         client.handshake(3)?;
         let answer = client.request(1, "GET_SCHEMA_ID")?;
         Ok(answer
             .lines()
             .nth(1)
-            .is_some_and(|l| l.trim() == "5")
+            .is_some_and(|l| l.trim() == id.to_string())
             .then_some(()))
     })
     .unwrap();
+}
+
+#[test]
+fn a_new_schema_id_hands_the_subschema_to_the_modules_once() {
+    let (slapd, notifier) = stack();
+    let mut listener = start_listener(&slapd, &notifier, ListenerOptions::new());
+    raise_schema_id(&notifier, 5);
 
     let (first, id) = add(&slapd, &notifier, "after-schema");
     wait_call(&mut listener, id);
@@ -596,18 +601,7 @@ fn a_schema_update_whose_transaction_failed_is_redone() {
     // listener::engine::SCHEMA_FAILPOINT: a transient error right after the schema update.
     let options = ListenerOptions::new().env(daemon::failpoint::ENV, "engine-after-schema=1*1");
     let mut listener = start_listener(&slapd, &notifier, options);
-    fs::write(notifier.ldap_dir().join("schema/id/id"), "5").unwrap();
-    wait_until("the notifier serving schema id 5", T, || {
-        let mut client = notifier.client()?;
-        client.handshake(3)?;
-        let answer = client.request(1, "GET_SCHEMA_ID")?;
-        Ok(answer
-            .lines()
-            .nth(1)
-            .is_some_and(|l| l.trim() == "5")
-            .then_some(()))
-    })
-    .unwrap();
+    raise_schema_id(&notifier, 5);
 
     let (_, id) = add(&slapd, &notifier, "after-schema");
     wait_call(&mut listener, id);

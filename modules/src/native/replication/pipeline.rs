@@ -298,16 +298,7 @@ mod tests {
     #[test]
     fn the_log_keeps_appends_drops_a_torn_tail_and_clears() {
         let dir = tempfile::tempdir().unwrap();
-        let entry = |id: u64| {
-            InFlight::new(
-                id,
-                &format!("cn=e{id},dc=x"),
-                "m".into(),
-                vec![("cn".into(), vec![format!("e{id}").into_bytes()])],
-                Attempt::ReadFirst,
-            )
-            .record()
-        };
+        let entry = logged;
         let (mut log, records) = WriteLog::open(dir.path()).unwrap();
         assert!(records.is_empty());
         log.append(&entry(1)).unwrap();
