@@ -532,6 +532,16 @@ fn a_corrupt_record_marks_the_cache_bad_and_stops_with_status_3() {
     assert_eq!(status.code(), Some(3), "{log}");
 }
 
+/// How often the modules got `cn=Subschema`.
+fn subschema_calls(listener: &Listener) -> usize {
+    listener
+        .changes()
+        .unwrap()
+        .iter()
+        .filter(|c| c.dn == "cn=Subschema")
+        .count()
+}
+
 /// Sets the notifier's schema id to `id` and waits until it serves it.
 fn raise_schema_id(notifier: &Notifier, id: u64) {
     fs::write(notifier.ldap_dir().join("schema/id/id"), id.to_string()).unwrap();
@@ -583,12 +593,7 @@ fn a_new_schema_id_hands_the_subschema_to_the_modules_once() {
     // The same schema id again: no second subschema call.
     let (second, id) = add(&slapd, &notifier, "later");
     wait_call(&mut listener, id);
-    let subschema_calls = listener
-        .changes()
-        .unwrap()
-        .iter()
-        .filter(|c| c.dn == "cn=Subschema")
-        .count();
+    let subschema_calls = subschema_calls(&listener);
     assert_eq!(subschema_calls, 1, "after {second}");
 }
 
@@ -605,12 +610,7 @@ fn a_schema_update_whose_transaction_failed_is_redone() {
 
     let (_, id) = add(&slapd, &notifier, "after-schema");
     wait_call(&mut listener, id);
-    let subschema_calls = listener
-        .changes()
-        .unwrap()
-        .iter()
-        .filter(|c| c.dn == "cn=Subschema")
-        .count();
+    let subschema_calls = subschema_calls(&listener);
     assert_eq!(
         subschema_calls, 2,
         "the failed attempt's call and the redo's"
