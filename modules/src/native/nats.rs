@@ -32,8 +32,8 @@
 //! `user` and `password_file`, `tls_ca`, `tls_cert` and `tls_key`, `create_stream`
 //! (default yes) and the settings of a created stream: `replicas` (1), `retention`
 //! (`limits`, `interest` or `workqueue`), `max_age` (seconds, 0 = unlimited),
-//! `duplicate_window` (seconds, default 3600); `ack_timeout` (seconds, default 10),
-//! `connect_timeout` (seconds, default 5), `state_dir` (the outbox `<name>.outbox`;
+//! `duplicate_window` (seconds, default 3600); `ack_timeout` (seconds, default 10, at most a day),
+//! `connect_timeout` (seconds, default 5, at most a day), `state_dir` (the outbox `<name>.outbox`;
 //! default `/var/lib/univention-directory-listener/nats`) and `outbox_limit` (messages
 //! not yet acknowledged before the listener waits, default 1000).
 
@@ -171,8 +171,8 @@ impl Settings {
                 }
                 "max_age" => s.max_age = parse_seconds(value, true)?,
                 "duplicate_window" => s.duplicate_window = parse_seconds(value, false)?,
-                "ack_timeout" => s.ack_timeout = parse_seconds(value, false)?,
-                "connect_timeout" => s.connect_timeout = parse_seconds(value, false)?,
+                "ack_timeout" => s.ack_timeout = parse_timeout(value)?,
+                "connect_timeout" => s.connect_timeout = parse_timeout(value)?,
                 "state_dir" => s.state_dir = PathBuf::from(value),
                 "outbox_limit" => {
                     s.outbox_limit = value
@@ -251,6 +251,21 @@ fn parse_name(value: &str, forbidden: &[char]) -> Result<String, String> {
         return Err(format!("{value:?} may not contain any of {forbidden:?}"));
     }
     Ok(value.to_owned())
+}
+
+/// Longest `ack_timeout` / `connect_timeout`: the publisher waits multiples of them, which
+/// must not overflow, and a day is already no timeout an operator wants.
+const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+
+fn parse_timeout(value: &str) -> Result<Duration, String> {
+    let timeout = parse_seconds(value, false)?;
+    if timeout > MAX_TIMEOUT {
+        return Err(format!(
+            "{value:?} seconds is longer than the longest timeout, {} seconds",
+            MAX_TIMEOUT.as_secs()
+        ));
+    }
+    Ok(timeout)
 }
 
 fn parse_seconds(value: &str, zero_allowed: bool) -> Result<Duration, String> {
@@ -1161,6 +1176,10 @@ mod tests {
                 "missing required key \"password_file\"",
             ),
             ("name = x", "missing required key \"servers\""),
+            (
+                "servers = nats://x\nack_timeout = 1e19",
+                "longer than the longest timeout",
+            ),
         ];
         for (text, needle) in cases {
             std::fs::write(&conf, text).unwrap();
