@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, Read as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
@@ -105,16 +105,11 @@ impl Wal {
             )));
         }
         let record = encode(seq, writes);
-        let written = match daemon::failpoint::check(APPEND_FAILPOINT) {
-            Ok(()) => self.file.write_all(&record),
-            // Half a record, then the error: what a disk filling up mid-write leaves.
-            Err(e) => self.file.write_all(&record[..record.len() / 2]).and(Err(e)),
-        };
-        if let Err(error) = written {
-            if let Err(cut) = self.file.set_len(self.len) {
-                self.torn = Some(cut.to_string());
-            }
-            return Err(error);
+        if let Err(failed) =
+            daemon::fs::append_whole(&self.file, self.len, &record, APPEND_FAILPOINT)
+        {
+            self.torn = failed.cut.map(|cut| cut.to_string());
+            return Err(failed.error);
         }
         self.len += record.len() as u64;
         self.seq = seq;

@@ -159,6 +159,38 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), FileError
     new.commit(None)
 }
 
+/// A failed [`append_whole`].
+#[derive(Debug)]
+pub struct AppendError {
+    /// Why the write failed.
+    pub error: io::Error,
+    /// Why what it wrote could not be cut off again: the file then ends in a partial record.
+    pub cut: Option<io::Error>,
+}
+
+/// Appends `record` in one write to `file`, opened with `O_APPEND` and holding `len` bytes
+/// of whole records. A write that fails part way (a full disk) is cut back to `len`: logs
+/// are read up to their first torn record, so one left in place would hide every record
+/// appended after it. The failpoint `failpoint` ([`crate::failpoint`]) makes the write stop
+/// half-way and fail.
+pub fn append_whole(
+    mut file: &File,
+    len: u64,
+    record: &[u8],
+    failpoint: &str,
+) -> Result<(), AppendError> {
+    let written = match crate::failpoint::check(failpoint) {
+        Ok(()) => file.write_all(record),
+        Err(e) => file
+            .write_all(record.get(..record.len() / 2).unwrap_or_default())
+            .and(Err(e)),
+    };
+    written.map_err(|error| AppendError {
+        error,
+        cut: file.set_len(len).err(),
+    })
+}
+
 /// Writes `n` in decimal without newline, atomically ([`write_atomic`], mode 0600): the UCS
 /// format of `notifier_id`, the module state files and the schema id file.
 pub fn write_decimal(path: &Path, n: u64) -> Result<(), FileError> {

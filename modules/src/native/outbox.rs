@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, Read as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
@@ -138,21 +138,16 @@ impl Outbox {
             });
         }
         let record = encode(&message);
-        let written = match daemon::failpoint::check(APPEND_FAILPOINT) {
-            Ok(()) => (&self.file).write_all(&record),
-            // Half a record, then the error: what a disk filling up mid-write leaves.
-            Err(e) => (&self.file)
-                .write_all(&record[..record.len() / 2])
-                .and(Err(e)),
-        };
-        if let Err(error) = written {
-            if let Err(cut) = self.file.set_len(self.len) {
+        if let Err(failed) =
+            daemon::fs::append_whole(&self.file, self.len, &record, APPEND_FAILPOINT)
+        {
+            if let Some(cut) = failed.cut {
                 self.broken = Some(format!("a partial record could not be cut off: {cut}"));
             }
             return Err(OutboxError {
                 op: "append to",
                 path: self.path.clone(),
-                source: error,
+                source: failed.error,
             });
         }
         self.len += record.len() as u64;

@@ -28,7 +28,6 @@
 //! [`Module::sync`]: crate::module::Module::sync
 
 use std::fs::File;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use ldap::LdapFailure;
@@ -186,15 +185,11 @@ impl WriteLog {
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let len = self.len;
-        let file = self.file()?;
-        let written = match daemon::failpoint::check(LOG_APPEND_FAILPOINT) {
-            Ok(()) => file.write_all(&line),
-            // Half a line, then the error: what a disk filling up mid-write leaves.
-            Err(e) => file.write_all(&line[..line.len() / 2]).and(Err(e)),
-        };
-        if let Err(error) = written {
-            self.torn = file.set_len(len).is_err();
-            return Err(error);
+        if let Err(failed) =
+            daemon::fs::append_whole(self.file()?, len, &line, LOG_APPEND_FAILPOINT)
+        {
+            self.torn = failed.cut.is_some();
+            return Err(failed.error);
         }
         self.len += line.len() as u64;
         self.dirty = true;
