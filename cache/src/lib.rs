@@ -1,21 +1,24 @@
 //! The listener cache: the last known state of every replicated LDAP object (attributes as
 //! exact bytes, plus the modules that handled it) and the master record (last notifier id,
-//! schema id), kept in sled.
+//! schema id), kept in LMDB.
 //!
 //! The change engine reads the old state of an object here, runs the handler modules, and
 //! then commits the new state, the module list and the notifier id as one atomic [`Batch`]
-//! (DESIGN.md decision 4). Only this crate knows sled; records carry a format version byte so
-//! the engine can be swapped by export/import (decision 5). The UCS LMDB format is not
-//! reused.
+//! (DESIGN.md decision 4). Only this crate knows the storage engine; records carry a format
+//! version byte so the engine can be swapped by export/import (decision 5), as it was from
+//! sled to LMDB ([`migrate`]). The UCS LMDB format is not reused.
 //!
 //! Layout of the cache directory (`/var/lib/univention-directory-listener`):
-//! - `cache.sled/` — the database ([`Cache`]),
+//! - `cache.lmdb/` — the database ([`Cache`]): LMDB's `data.mdb` and `lock.mdb`, and the
+//!   commit log `commits.log`,
 //! - `bad_cache` — corruption marker ([`mark_bad`]); its presence makes [`Cache::open`] fail,
 //! - `notifier_id` — the legacy last id for monitoring ([`write_legacy_notifier_id`]).
 
 mod entry;
 mod files;
+mod kv;
 pub mod ldif;
+mod migrate;
 mod record;
 mod store;
 mod wal;
@@ -28,6 +31,7 @@ pub use files::{
     BAD_CACHE_FILE, NOTIFIER_ID_FILE, is_marked_bad, mark_bad, read_legacy_notifier_id,
     write_legacy_notifier_id,
 };
+pub use migrate::SLED_DIR;
 pub use store::{APPLY_FAILPOINT, APPLY_PANIC_FAILPOINT, Batch, Cache, DB_DIR, Exported};
 pub use wal::APPEND_FAILPOINT;
 

@@ -1,6 +1,6 @@
 //! The stored format: keys and versioned values.
 //!
-//! Keys (one sled tree, so one batch covers all of them):
+//! Keys (one LMDB table, so one transaction covers all of them):
 //! - `e:` + [`crate::dn_key`] → entry record,
 //! - `u:`: entryUUID index records of earlier versions, removed at open,
 //! - `m` → master record,

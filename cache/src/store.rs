@@ -1,35 +1,33 @@
-//! The sled-backed store: [`Cache`] and its write unit [`Batch`].
+//! The store: [`Cache`] and its write unit [`Batch`], over LMDB ([`crate::kv`]).
 //!
-//! Everything lives in sled's default tree under the key prefixes of [`crate::record`], so
-//! one `sled::Batch` covers entries, the entry count and the master record: a crash leaves
-//! either all of a commit or none of it (DESIGN.md decision 4).
+//! Everything lives in one LMDB table under the key prefixes of [`crate::record`], and a set
+//! of writes reaches it in one write transaction, so a commit's entries, the entry count and
+//! the master record land together (DESIGN.md decision 4).
 //! Every commit is first appended to the commit log ([`crate::wal`]), so a process crash
-//! loses no commit that returned, without an fsync per commit.
+//! loses no commit that returned, without a write transaction (and its sync) per commit.
 //!
-//! Since the log already holds every commit since the last flush, sled need not see each
-//! one: commits collect in memory ([`Pending`], read before sled) and reach sled together,
-//! at a flush or when too many collected. Measured with sled 0.34.7, a commit of one user
-//! entry applied to sled on its own cost ~85 µs of CPU and ~10 KB written (its fragments
-//! and page rewrites, the master record and sequence number rewritten every time); a key
-//! written by many commits between two flushes is now written to sled once.
+//! Since the log already holds every commit since the last flush, LMDB need not see each
+//! one: commits collect in memory ([`Pending`], read before LMDB) and reach it together, at
+//! a flush or when too many collected; a key written by many commits between two flushes is
+//! written once.
 //!
-//! When enough has collected, the writes go to sled on a thread of their own ([`Applier`])
+//! When enough has collected, the writes go to LMDB on a thread of their own ([`Applier`])
 //! while commits go on collecting the next set; at most one set is on its way at a time
 //! (the next commit to fill up waits for it), so memory stays bounded.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use crate::CacheError;
 use crate::entry::{CacheEntry, MasterRecord};
 use crate::files::{bad_cache_path, bad_cache_reason, is_marked_bad};
+use crate::kv::{Store, is_hashed};
 use crate::record::{
     COUNT_KEY, ENTRY_PREFIX, MASTER_KEY, SEQ_KEY, UUID_PREFIX, decode_count, decode_entry,
     decode_master, decode_seq, encode_count, encode_entry, encode_master, encode_seq, entry_key,
@@ -38,32 +36,17 @@ use crate::record::{
 use crate::wal::{Wal, Writes};
 use ldap::dn::dn_key;
 
-/// Name of the sled database directory inside the cache directory.
-pub const DB_DIR: &str = "cache.sled";
-
-/// sled's page cache. Its default (1 GiB) would dominate the listener's memory; the working
-/// set of the change engine is the few entries of the current transactions, and a full scan
-/// (dump, module initialisation) is sequential, so a small cache costs little speed.
-///
-/// Caveat, measured with sled 0.34.7: pages brought in by *reads* are not held to this
-/// bound. Reading every entry of a 100k-entry cache (75 MB of records) leaves about 80-95 MB
-/// resident even with an 8 MiB capacity; writes stay near the bound. Hence no scan on open.
-const PAGE_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+/// Name of the database directory inside the cache directory (LMDB's `data.mdb` and
+/// `lock.mdb`, and the commit log).
+pub const DB_DIR: &str = "cache.lmdb";
 
 /// Entries changed per commit by [`Cache::remove_module_everywhere`], bounding the memory of
-/// one sled batch on large caches.
+/// one commit on large caches.
 const REMOVE_MODULE_CHUNK: usize = 1000;
 
-/// Writes per sled batch when a commit is applied. sled 0.34 holds about 5 KB per
-/// operation of a batch until the batch is applied: measured, re-keying 20,000 entries of
-/// ~1 KB (40,000 writes) grew the RSS by 196 MB in one sled batch and by 7 MB in batches
-/// of 1,000. See [`Cache::write`] for why the commit stays atomic.
-const APPLY_CHUNK: usize = 1000;
-
-/// Collected commits are applied to sled before they hold more keys or bytes than this,
+/// Collected commits are applied to LMDB before they hold more keys or bytes than this,
 /// bounding the memory of [`Pending`] when nobody flushes (a long module initialisation).
-/// At 8,192 keys / 16 MiB `-i` over 100,000 entries peaked at 110 MB (sled's pages on top
-/// of the collected writes); catch-up gains nothing beyond a few thousand keys.
+/// Each set costs a write transaction with its sync, so a set should not be small either.
 const PENDING_KEYS: usize = 2048;
 const PENDING_BYTES: usize = 4 * 1024 * 1024;
 
@@ -83,83 +66,47 @@ fn panic_failpoint() -> Result<(), CacheError> {
     Ok(())
 }
 
-/// Records per sled batch while [`Cache::export_to`] copies, bounding its memory.
-const EXPORT_CHUNK: usize = 1000;
+/// Records per read transaction of a scan, and per write transaction while
+/// [`Cache::export_to`] copies: bounds memory, and keeps read transactions short (a long
+/// one keeps LMDB from reusing the pages that later writes free).
+const SCAN_CHUNK: usize = 1000;
 
-/// How long [`Cache::open`] waits for sled's file lock. sled releases the lock of a dropped
-/// database only when its I/O threads let go of the file, a moment after the drop, so a
-/// reopen in the same process can briefly find it taken.
-const LOCK_WAIT: Duration = Duration::from_secs(1);
-const LOCK_POLL: Duration = Duration::from_millis(10);
-
-/// Databases open in this process. sled's lock cannot tell a second open in this process
-/// from the delayed release described at [`LOCK_WAIT`], so this set does.
-static OPEN_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
-
-/// Removes its path from [`OPEN_DIRS`] when dropped.
-struct OpenGuard(PathBuf);
-
-impl OpenGuard {
-    fn claim(path: &Path) -> Result<OpenGuard, CacheError> {
-        let key = path.canonicalize().map_err(|source| CacheError::Io {
-            op: "resolve",
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut open = OPEN_DIRS.lock().unwrap_or_else(PoisonError::into_inner);
-        if !open.insert(key.clone()) {
-            return Err(CacheError::Store(format!(
-                "{} is already open in this process",
-                path.display()
-            )));
-        }
-        Ok(OpenGuard(key))
-    }
-}
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        let mut open = OPEN_DIRS.lock().unwrap_or_else(PoisonError::into_inner);
-        open.remove(&self.0);
-    }
-}
-
-/// The listener cache in `<dir>/cache.sled`.
+/// The listener cache in `<dir>/cache.lmdb`.
 ///
 /// Reads may happen from any thread at any time. Commits are serialised internally, because a
 /// commit reads whether the records it writes exist, to keep the entry count exact.
 pub struct Cache {
-    db: sled::Db,
-    path: PathBuf,
+    db: Arc<Store>,
     /// The commit log; held while a commit computes, logs and applies its changes.
     writer: Mutex<Wal>,
-    /// Writes of logged commits not yet applied to sled; changed only under `writer`, and
+    /// Writes of logged commits not yet applied to LMDB; changed only under `writer`, and
     /// by the applier when it is done with a set.
     pending: Arc<Shared>,
-    /// The thread applying a full set of collected writes to sled.
+    /// The thread applying a full set of collected writes to LMDB.
     applier: Option<Applier>,
-    /// Number of entries (`e:` keys), also stored under `n` by every commit that changes it:
-    /// sled only counts by scanning, and a scan makes sled 0.34 keep every page it read in
-    /// memory, whatever its cache capacity.
+    /// Number of entries (`e:` keys), also stored under `n` by every commit that changes it,
+    /// so that opening needs no scan.
     entries: AtomicUsize,
-    /// Commits replayed from the commit log at open (lost by sled in a crash).
+    /// Commits replayed from the commit log at open (lost by LMDB in a crash).
     recovered: usize,
-    // Dropped after `db`.
-    _guard: OpenGuard,
+    /// Entries imported from an earlier version's database at open.
+    migrated: Option<usize>,
 }
 
 impl fmt::Debug for Cache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cache")
-            .field("path", &self.path)
+            .field("path", &self.db.path())
             .field("entries", &self.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Cache {
-    /// Opens or creates `<dir>/cache.sled`, creating `dir` (mode 0700) if needed. Refuses with
-    /// [`CacheError::BadCache`] while `<dir>/bad_cache` exists.
+    /// Opens or creates `<dir>/cache.lmdb`, creating `dir` (mode 0700) if needed; imports the
+    /// database of an earlier version first ([`crate::migrate`]). Refuses with
+    /// [`CacheError::BadCache`] while `<dir>/bad_cache` exists, and with
+    /// [`CacheError::Store`] while another process or handle has the cache open.
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
         if is_marked_bad(dir) {
             return Err(CacheError::BadCache {
@@ -168,12 +115,12 @@ impl Cache {
             });
         }
         create_private_dir(dir)?;
+        let migrated = crate::migrate::from_sled(dir)?;
         let path = dir.join(DB_DIR);
-        // Created here rather than by sled so that it is private too: the cache holds
+        // Created here rather than by LMDB so that it is private too: the cache holds
         // password hashes and other secrets of every replicated object.
         create_private_dir(&path)?;
-        let guard = OpenGuard::claim(&path)?;
-        let db = open_db(&path)?;
+        let db = Arc::new(Store::open(&path)?);
         let mut wal = Wal::open(&path).map_err(|source| CacheError::Io {
             op: "open",
             path: path.join(crate::wal::WAL_FILE),
@@ -183,22 +130,28 @@ impl Cache {
         drop_retired_index(&db)?;
         let entries = stored_count(&db)?;
         let pending = Arc::new(Shared::default());
-        let applier =
-            Applier::start(db.clone(), Arc::clone(&pending)).map_err(|source| CacheError::Io {
+        let applier = Applier::start(Arc::clone(&db), Arc::clone(&pending)).map_err(|source| {
+            CacheError::Io {
                 op: "start the applier thread for",
                 path: path.clone(),
                 source,
-            })?;
+            }
+        })?;
         Ok(Cache {
             db,
-            path,
             writer: Mutex::new(wal),
             pending,
             applier: Some(applier),
             entries: AtomicUsize::new(entries),
             recovered,
-            _guard: guard,
+            migrated,
         })
+    }
+
+    /// Entries imported at open from the database of an earlier version (`cache.sled`), if
+    /// this open imported one.
+    pub fn migrated(&self) -> Option<usize> {
+        self.migrated
     }
 
     /// Commits a crash had left only in the commit log, replayed when the cache was opened.
@@ -226,9 +179,8 @@ impl Cache {
 
     /// Applies `batch` atomically: its entries and the master record become visible together
     /// and survive a crash together. Once it returns, the commit survives a crash of the
-    /// process (it is in the commit log); with `durable` it is also flushed (fsync) and
-    /// survives a power loss, otherwise that takes the next [`flush`] (or sled's background
-    /// flush), which allows group commit.
+    /// process (it is in the commit log); with `durable` it is also synced and survives a
+    /// power loss, otherwise that takes the next [`flush`], which allows group commit.
     ///
     /// [`flush`]: Cache::flush
     pub fn commit(&self, batch: Batch, durable: bool) -> Result<(), CacheError> {
@@ -243,55 +195,61 @@ impl Cache {
 
     /// Makes every commit so far durable and empties the commit log.
     pub fn flush(&self) -> Result<(), CacheError> {
-        // Under the writer lock: a commit logged after sled's flush began must stay in the
-        // log until the next flush.
+        // Under the writer lock: a commit logged after the sync began must stay in the log
+        // until the next flush.
         let mut wal = self.lock_writer();
         self.apply_pending()?;
-        self.db.flush().map_err(store_error)?;
+        self.db.sync()?;
         wal.truncate().map_err(|source| CacheError::Io {
             op: "truncate",
             path: wal.path().to_owned(),
             source,
-        })
+        })?;
+        self.db.release_mapped_pages();
+        Ok(())
     }
 
     /// All entries in key ([`dn_key`]) order. An undecodable record yields an error item and
-    /// iteration continues with the next one. The scan reads sled as it goes: a large commit
-    /// that another thread makes meanwhile can show in part (the listener commits on the
-    /// thread that scans).
+    /// iteration continues with the next one. The scan reads LMDB in chunks as it goes: a
+    /// large commit that another thread makes meanwhile can show in part (the listener
+    /// commits on the thread that scans).
     pub fn iter(&self) -> impl Iterator<Item = Result<CacheEntry, CacheError>> + '_ {
-        // Scans read sled alone: the collected commits go there first.
+        // Scans read LMDB alone: the collected commits go there first.
         let applied = {
             let _writer = self.lock_writer();
             self.apply_pending()
         };
-        applied
-            .err()
-            .map(Err)
-            .into_iter()
-            .chain(self.db.scan_prefix(ENTRY_PREFIX).map(|item| {
-                let (key, value) = item.map_err(store_error)?;
-                decode_entry(&key, &value)
-            }))
+        applied.err().map(Err).into_iter().chain(EntryScan {
+            db: &self.db,
+            after: None,
+            chunk: Vec::new().into_iter(),
+            done: false,
+        })
     }
 
     /// The cache keys ([`dn_key`]) of every entry below `dn`, parents before their
     /// children. Keys sort by the whole DN, so a subtree is no key range: this streams over
-    /// the entry keys and decodes none of the records; only the matching keys are kept.
-    /// Callers run it only for entries that can have children.
+    /// the entry keys and decodes none of the records (but those of DNs too long to be
+    /// their own key); only the matching keys are kept. Callers run it only for entries
+    /// that can have children.
     pub fn descendant_keys(&self, dn: &str) -> Result<Vec<String>, CacheError> {
         {
             let _writer = self.lock_writer();
             self.apply_pending()?;
         }
         let mut keys = Vec::new();
-        for raw_key in self.db.scan_prefix(ENTRY_PREFIX).keys() {
-            let raw_key = raw_key.map_err(store_error)?;
-            let key = stored_dn_key(&raw_key)?;
-            if ldap::dn::is_below(&key, dn) {
-                keys.push(key);
-            }
-        }
+        self.db
+            .scan_in_chunks(ENTRY_PREFIX, SCAN_CHUNK, |raw_key, value| {
+                let key = if is_hashed(raw_key) {
+                    dn_key(&decode_entry(raw_key, value)?.dn)
+                } else {
+                    stored_dn_key(raw_key)?
+                };
+                if ldap::dn::is_below(&key, dn) {
+                    keys.push(key);
+                }
+                Ok(())
+            })?;
         keys.sort_by_cached_key(|key| ldap::dn::depth(key));
         Ok(keys)
     }
@@ -313,52 +271,45 @@ impl Cache {
         let mut writer = self.lock_writer();
         self.apply_pending()?;
         let mut changed = 0;
-        let mut batch = Batch::default();
-        for item in self.db.scan_prefix(ENTRY_PREFIX) {
-            let (raw_key, value) = item.map_err(store_error)?;
-            let mut entry = decode_entry(&raw_key, &value)?;
-            let key = stored_dn_key(&raw_key)?;
-            let had = entry.has_module(module);
-            entry.remove_module(module);
-            if entry.modules.is_empty() {
-                batch.ops.push(Op::Delete { key });
-            } else if had {
-                batch.push_put(key, &entry, false);
-            } else {
-                continue;
+        let mut after = None;
+        loop {
+            // The commits below only change entries already visited, so the scan may go on
+            // reading LMDB while they are on their way there.
+            let records = self
+                .db
+                .chunk(ENTRY_PREFIX, after.as_deref(), REMOVE_MODULE_CHUNK)?;
+            let Some((last, _)) = records.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            let mut batch = Batch::default();
+            for (raw_key, value) in records {
+                let mut entry = decode_entry(&raw_key, &value)?;
+                let key = if is_hashed(&raw_key) {
+                    dn_key(&entry.dn)
+                } else {
+                    stored_dn_key(&raw_key)?
+                };
+                let had = entry.has_module(module);
+                entry.remove_module(module);
+                if entry.modules.is_empty() {
+                    batch.ops.push(Op::Delete { key });
+                } else if had {
+                    batch.push_put(key, &entry, false);
+                } else {
+                    continue;
+                }
+                changed += 1;
             }
-            changed += 1;
-            if batch.len() >= REMOVE_MODULE_CHUNK {
-                self.apply(&mut writer, std::mem::take(&mut batch))?;
-            }
+            self.apply(&mut writer, batch)?;
         }
-        self.apply(&mut writer, batch)?;
         drop(writer);
         self.flush()?;
         Ok(changed)
     }
 
-    /// Deletes all entries and the master record in one atomic batch, then
-    /// flushes: the cache is as fresh, so a crash cannot leave an id without its entries.
-    pub fn clear(&self) -> Result<(), CacheError> {
-        let mut writer = self.lock_writer();
-        self.apply_pending()?;
-        let mut writes = Writes::new();
-        for key in self.db.iter().keys() {
-            writes.insert(key.map_err(store_error)?.to_vec(), None);
-        }
-        writes.insert(
-            COUNT_KEY.to_vec(),
-            Some(encode_count(0).map_err(CacheError::Store)?),
-        );
-        self.write(&mut writer, writes)?;
-        self.entries.store(0, Ordering::Relaxed);
-        drop(writer);
-        self.flush()
-    }
-
     /// Writes a consistent copy of the database into the cache directory `dir`, which must
-    /// be missing or empty (`<dir>/cache.sled`, mode 0700), and flushes it; returns what it
+    /// be missing or empty (`<dir>/cache.lmdb`, mode 0700), and flushes it; returns what it
     /// holds.
     ///
     /// It holds the state after some commit and never part of one, and the master record in
@@ -367,7 +318,7 @@ impl Cache {
     /// under the lock, those commits are applied to the copy in order, which sets every key
     /// they touched to its value after the last of them (the keys they did not touch never
     /// changed during the copy). This is how tools and backups read the cache while the
-    /// listener runs: sled's file lock keeps a second process from opening the original.
+    /// listener runs: the store's lock keeps a second process from opening the original.
     pub fn export_to(&self, dir: &Path) -> Result<Exported, CacheError> {
         // Checked and opened before taking the writer lock, so commits wait for the copy only.
         match std::fs::read_dir(dir) {
@@ -390,7 +341,7 @@ impl Cache {
         }
         let copy = Cache::open(dir)?;
         {
-            // The copy reads sled: everything committed so far goes there first.
+            // The copy reads LMDB: everything committed so far goes there first.
             let mut writer = self.lock_writer();
             self.apply_pending()?;
             writer.start_recording();
@@ -400,7 +351,7 @@ impl Cache {
         let meanwhile = writer.stop_recording();
         copied?;
         for writes in meanwhile {
-            copy.db.apply_batch(to_batch(writes)).map_err(store_error)?;
+            copy.db.apply(&writes)?;
         }
         let exported = Exported {
             entries: self.len(),
@@ -413,36 +364,35 @@ impl Cache {
 
     /// Copies every record into `copy`, in chunks, without the writer lock.
     fn copy_records(&self, copy: &Cache) -> Result<(), CacheError> {
-        let mut batch = sled::Batch::default();
-        let mut pending = 0;
-        for item in self.db.iter() {
-            let (key, value) = item.map_err(store_error)?;
-            batch.insert(key, value);
-            pending += 1;
-            if pending >= EXPORT_CHUNK {
-                copy.db
-                    .apply_batch(std::mem::take(&mut batch))
-                    .map_err(store_error)?;
-                pending = 0;
-            }
+        let mut after = None;
+        loop {
+            let records = self.db.chunk(b"", after.as_deref(), SCAN_CHUNK)?;
+            let Some((last, _)) = records.last() else {
+                return Ok(());
+            };
+            after = Some(last.clone());
+            copy.db.apply_all(
+                records
+                    .iter()
+                    .map(|(key, value)| (key.as_slice(), Some(value.as_slice()))),
+            )?;
         }
-        copy.db.apply_batch(batch).map_err(store_error)
     }
 
-    /// Bytes used by the database files.
+    /// Bytes used by the database file.
     pub fn size_on_disk(&self) -> Result<u64, CacheError> {
-        self.db.size_on_disk().map_err(store_error)
+        self.db.size_on_disk()
     }
 
     fn lock_writer(&self) -> MutexGuard<'_, Wal> {
-        // The guarded state is sled's, which a panicking writer cannot leave half-applied.
+        // The guarded state is LMDB's, which a panicking writer cannot leave half-applied.
         self.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The stored value of `key`: a collected commit's write, else one on its way to sled,
-    /// else sled's. The applier forgets a set only after sled has it, so a key that is in
-    /// neither map is in sled.
-    fn read(&self, key: &[u8]) -> Result<Option<sled::IVec>, CacheError> {
+    /// The stored value of `key`: a collected commit's write, else one on its way to LMDB,
+    /// else LMDB's. The applier forgets a set only after LMDB has it, so a key that is in
+    /// neither map is in LMDB.
+    fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CacheError> {
         {
             let pending = self.lock_pending();
             let write = pending.writes.get(key).or_else(|| {
@@ -452,26 +402,25 @@ impl Cache {
                     .and_then(|applying| applying.get(key))
             });
             if let Some(write) = write {
-                return Ok(write.as_deref().map(sled::IVec::from));
+                return Ok(write.clone());
             }
         }
-        self.db.get(key).map_err(store_error)
+        self.db.get(key)
     }
 
     fn lock_pending(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock()
     }
 
-    /// Applies the collected commits to sled, the sequence number with the last chunk (see
-    /// [`Cache::write`]), then forgets them, after the set the applier may be applying. The
-    /// caller holds the writer lock. Readers wait meanwhile, so none misses a write that is
-    /// on its way into sled.
+    /// Applies the collected commits to LMDB in one transaction, then forgets them, after
+    /// the set the applier may be applying. The caller holds the writer lock. Readers wait
+    /// meanwhile, so none misses a write that is on its way into LMDB.
     fn apply_pending(&self) -> Result<(), CacheError> {
         let mut pending = self.pending.idle()?;
         if pending.writes.is_empty() {
             return Ok(());
         }
-        apply_chunked(&self.db, &pending.writes)?;
+        self.db.apply(&pending.writes)?;
         pending.writes = Writes::new();
         pending.bytes = 0;
         Ok(())
@@ -509,8 +458,8 @@ impl Cache {
         }
     }
 
-    /// Computes the writes of `batch` against the current records and applies them as one
-    /// sled batch. The caller holds the writer lock, so the records read here are the ones
+    /// Computes the writes of `batch` against the current records and collects them as one
+    /// commit. The caller holds the writer lock, so the records read here are the ones
     /// being replaced.
     fn apply(&self, wal: &mut Wal, batch: Batch) -> Result<(), CacheError> {
         if let Some(reason) = batch.error {
@@ -540,12 +489,9 @@ impl Cache {
         Ok(())
     }
 
-    /// Logs `writes` as the next commit, then collects them with its sequence number.
-    ///
-    /// A set reaches sled in chunks of [`APPLY_CHUNK`], the sequence number with the last
-    /// one: a commit's atomicity then comes from the commit log, which holds the whole
-    /// commit before anything is applied, so a crash between chunks leaves sled's sequence
-    /// number below the commit's and the open replays all of it ([`recover`]).
+    /// Logs `writes` as the next commit, then collects them with its sequence number, which
+    /// reaches LMDB in the same transaction as the writes: the open replays from the commit
+    /// log every commit above it ([`recover`]).
     fn write(&self, wal: &mut Wal, mut writes: Writes) -> Result<(), CacheError> {
         let seq = wal.seq() + 1;
         writes.insert(SEQ_KEY.to_vec(), Some(encode_seq(seq)));
@@ -587,7 +533,8 @@ impl Cache {
     pub(crate) fn put_raw(&self, key: &[u8], value: &[u8]) {
         let _writer = self.lock_writer();
         self.apply_pending().unwrap();
-        let old = self.db.insert(key, value).unwrap();
+        let old = self.db.get(key).unwrap();
+        self.db.apply_all([(key, Some(value))]).unwrap();
         if key.starts_with(ENTRY_PREFIX) && old.is_none() {
             self.entries.fetch_add(1, Ordering::Relaxed);
         }
@@ -691,14 +638,14 @@ impl Batch {
     }
 }
 
-/// Writes of commits that are in the commit log but not yet in sled: the final value per
+/// Writes of commits that are in the commit log but not yet in LMDB: the final value per
 /// key (`None` = removed), as after the last of them.
 #[derive(Debug, Default)]
 struct Pending {
     writes: Writes,
     /// Keys and values held, roughly.
     bytes: usize,
-    /// The earlier set the applier is writing to sled (older than `writes`).
+    /// The earlier set the applier is writing to LMDB (older than `writes`).
     applying: Option<Arc<Writes>>,
     /// Why the applier could not write its set; every later write fails with it (the
     /// commit log still holds the set: the next open replays it).
@@ -718,7 +665,7 @@ impl Shared {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The lock, once the applier has no set on its way to sled.
+    /// The lock, once the applier has no set on its way to LMDB.
     fn idle(&self) -> Result<MutexGuard<'_, Pending>, CacheError> {
         let mut pending = self.lock();
         loop {
@@ -736,26 +683,26 @@ impl Shared {
     }
 }
 
-/// The thread that applies full sets of collected writes to sled, in the order handed over.
+/// The thread that applies full sets of collected writes to LMDB, in the order handed over.
 struct Applier {
     jobs: SyncSender<Arc<Writes>>,
     thread: JoinHandle<()>,
 }
 
 impl Applier {
-    fn start(db: sled::Db, shared: Arc<Shared>) -> std::io::Result<Applier> {
+    fn start(db: Arc<Store>, shared: Arc<Shared>) -> std::io::Result<Applier> {
         let (jobs, queue) = sync_channel::<Arc<Writes>>(1);
         let thread = std::thread::Builder::new()
             .name("cache-apply".into())
             .spawn(move || {
                 for set in queue {
-                    // A panic (sled 0.34 asserts internally) must not end the thread with its
+                    // A panic (of the storage engine or its bindings) must not end the thread with its
                     // set still marked as on its way: every later wait for it would hang.
                     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         daemon::failpoint::check(APPLY_FAILPOINT)
                             .map_err(|e| CacheError::Store(e.to_string()))
                             .and_then(|()| panic_failpoint())
-                            .and_then(|()| apply_chunked(&db, &set))
+                            .and_then(|()| db.apply(&set))
                     }))
                     .unwrap_or_else(|panic| {
                         let what = panic
@@ -788,7 +735,7 @@ impl Applier {
 }
 
 impl Drop for Cache {
-    /// Lets the applier finish its set and end before sled is closed.
+    /// Lets the applier finish its set and end before LMDB is closed.
     fn drop(&mut self) {
         if let Some(Applier { jobs, thread }) = self.applier.take() {
             drop(jobs);
@@ -797,13 +744,13 @@ impl Drop for Cache {
     }
 }
 
-/// Turns a [`Batch`] into sled writes, tracking which entries the earlier operations of the
+/// Turns a [`Batch`] into key writes, tracking which entries the earlier operations of the
 /// same batch leave behind, so that several operations on one DN compose correctly.
 struct Plan<'a> {
     cache: &'a Cache,
     /// Whether the entry with this dn_key exists.
     entries: HashMap<String, bool>,
-    /// Final value per key (`None` = remove). A BTreeMap keeps the sled batch deterministic.
+    /// Final value per key (`None` = remove). A BTreeMap writes LMDB in key order.
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     delta: isize,
 }
@@ -860,48 +807,10 @@ impl<'a> Plan<'a> {
     }
 }
 
-/// Applies `writes` in sled batches of [`APPLY_CHUNK`], the sequence number with the last:
-/// until that one is applied, sled's sequence number says the writes are still to be
-/// replayed from the commit log.
-fn apply_chunked(db: &sled::Db, writes: &Writes) -> Result<(), CacheError> {
-    let mut chunk = sled::Batch::default();
-    let mut in_chunk = 0;
-    for (key, value) in writes.iter().filter(|(k, _)| k.as_slice() != SEQ_KEY) {
-        match value {
-            Some(value) => chunk.insert(key.as_slice(), value.as_slice()),
-            None => chunk.remove(key.as_slice()),
-        }
-        in_chunk += 1;
-        if in_chunk >= APPLY_CHUNK {
-            db.apply_batch(std::mem::take(&mut chunk))
-                .map_err(store_error)?;
-            in_chunk = 0;
-        }
-    }
-    match writes.get(SEQ_KEY) {
-        Some(Some(value)) => chunk.insert(SEQ_KEY, value.as_slice()),
-        Some(None) => chunk.remove(SEQ_KEY),
-        None => {}
-    }
-    db.apply_batch(chunk).map_err(store_error)
-}
-
-/// The sled batch of `writes`.
-fn to_batch(writes: Writes) -> sled::Batch {
-    let mut batch = sled::Batch::default();
-    for (key, value) in writes {
-        match value {
-            Some(value) => batch.insert(key, value),
-            None => batch.remove(key),
-        }
-    }
-    batch
-}
-
-/// Replays the commits sled lost in a crash (sequence numbers above its own, without a
+/// Replays the commits LMDB lost in a crash (sequence numbers above its own, without a
 /// gap), makes them durable and empties the log; returns how many there were.
-fn recover(db: &sled::Db, wal: &mut Wal) -> Result<usize, CacheError> {
-    let mut seq = match db.get(SEQ_KEY).map_err(store_error)? {
+fn recover(db: &Store, wal: &mut Wal) -> Result<usize, CacheError> {
+    let mut seq = match db.get(SEQ_KEY)? {
         Some(value) => decode_seq(&value)?,
         None => 0,
     };
@@ -911,9 +820,7 @@ fn recover(db: &sled::Db, wal: &mut Wal) -> Result<usize, CacheError> {
     };
     let records = wal.records().map_err(io("read", wal))?;
     let mut replayed = 0;
-    // Merged in order, then applied in a few chunks with the sequence number last (as
-    // `Cache::apply_pending`): the final value of every key, without one sled batch per
-    // record (thousands of small batches at an open have stalled sled 0.34).
+    // Merged in order, then applied in one transaction: the final value of every key.
     let mut merged = Writes::new();
     for (record_seq, writes) in records {
         if record_seq <= seq {
@@ -927,8 +834,8 @@ fn recover(db: &sled::Db, wal: &mut Wal) -> Result<usize, CacheError> {
         replayed += 1;
     }
     if replayed > 0 {
-        apply_chunked(db, &merged)?;
-        db.flush().map_err(store_error)?;
+        db.apply(&merged)?;
+        db.sync()?;
     }
     wal.truncate().map_err(io("truncate", wal))?;
     wal.set_seq(seq);
@@ -936,67 +843,85 @@ fn recover(db: &sled::Db, wal: &mut Wal) -> Result<usize, CacheError> {
 }
 
 /// Removes the entryUUID index records (`u:`) that caches written by earlier versions hold:
-/// nothing reads them, and keeping them cost a write per entry. In chunks, so the removal
-/// needs little memory; a crash in between leaves the rest for the next open.
-fn drop_retired_index(db: &sled::Db) -> Result<(), CacheError> {
-    let mut removed = 0;
-    loop {
-        let mut batch = sled::Batch::default();
-        let mut keys = 0;
-        for key in db.scan_prefix(UUID_PREFIX).keys().take(APPLY_CHUNK) {
-            batch.remove(key.map_err(store_error)?);
-            keys += 1;
-        }
-        if keys == 0 {
-            break;
-        }
-        db.apply_batch(batch).map_err(store_error)?;
-        removed += keys;
-    }
-    if removed > 0 {
-        db.flush().map_err(store_error)?;
+/// nothing reads them, and keeping them cost a write per entry.
+fn drop_retired_index(db: &Store) -> Result<(), CacheError> {
+    let mut retired = Writes::new();
+    db.scan(UUID_PREFIX, None, |key, _| {
+        retired.insert(key.to_vec(), None);
+        Ok(true)
+    })?;
+    if !retired.is_empty() {
+        db.apply(&retired)?;
+        db.sync()?;
     }
     Ok(())
 }
 
 /// The stored entry count; recounted (a full scan) when the record is missing or unreadable,
 /// which it can be because it is derived data.
-fn stored_count(db: &sled::Db) -> Result<usize, CacheError> {
-    if let Some(value) = db.get(COUNT_KEY).map_err(store_error)?
+fn stored_count(db: &Store) -> Result<usize, CacheError> {
+    if let Some(value) = db.get(COUNT_KEY)?
         && let Ok(count) = decode_count(&value)
         && let Ok(count) = usize::try_from(count)
     {
         return Ok(count);
     }
     let mut entries = 0;
-    for key in db.scan_prefix(ENTRY_PREFIX).keys() {
-        key.map_err(store_error)?;
+    db.scan_in_chunks(ENTRY_PREFIX, SCAN_CHUNK, |_, _| {
         entries += 1;
-    }
+        Ok(())
+    })?;
     Ok(entries)
 }
 
-fn open_db(path: &Path) -> Result<sled::Db, CacheError> {
-    let config = sled::Config::new()
-        .path(path)
-        .cache_capacity(PAGE_CACHE_BYTES);
-    let mut waited = Duration::ZERO;
-    loop {
-        match config.open() {
-            Ok(db) => return Ok(db),
-            // sled 0.34 reports a taken lock only as text (ErrorKind::Other).
-            Err(sled::Error::Io(e))
-                if waited < LOCK_WAIT && e.to_string().contains("could not acquire lock") =>
-            {
-                std::thread::sleep(LOCK_POLL);
-                waited += LOCK_POLL;
+/// [`Cache::iter`]: entries read a chunk per read transaction, so no transaction stays open
+/// while the caller works on an entry.
+struct EntryScan<'a> {
+    db: &'a Store,
+    /// The stored key of the last entry read.
+    after: Option<Vec<u8>>,
+    chunk: std::vec::IntoIter<Result<CacheEntry, CacheError>>,
+    done: bool,
+}
+
+impl Iterator for EntryScan<'_> {
+    type Item = Result<CacheEntry, CacheError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(item) = self.chunk.next() {
+                return Some(item);
             }
-            Err(e) => return Err(store_error(e)),
+            if self.done {
+                return None;
+            }
+            let mut entries = Vec::new();
+            let mut last = None;
+            let scanned = self
+                .db
+                .scan(ENTRY_PREFIX, self.after.as_deref(), |key, value| {
+                    entries.push(decode_entry(key, value));
+                    if entries.len() < SCAN_CHUNK {
+                        return Ok(true);
+                    }
+                    last = Some(key.to_vec());
+                    Ok(false)
+                });
+            if let Err(e) = scanned {
+                self.done = true;
+                return Some(Err(e));
+            }
+            // A chunk that ended before the limit ended at the last entry.
+            match last {
+                Some(last) => self.after = Some(last),
+                None => self.done = true,
+            }
+            self.chunk = entries.into_iter();
         }
     }
 }
 
-/// The dn_key part of a stored entry key.
+/// The dn_key part of a stored entry key that is not hashed ([`is_hashed`]).
 fn stored_dn_key(raw_key: &[u8]) -> Result<String, CacheError> {
     let rest = raw_key.strip_prefix(ENTRY_PREFIX).unwrap_or(raw_key);
     String::from_utf8(rest.to_vec()).map_err(|_| CacheError::Corrupt {
@@ -1011,23 +936,6 @@ fn create_private_dir(dir: &Path) -> Result<(), CacheError> {
         path: dir.to_owned(),
         source,
     })
-}
-
-/// sled errors become text so that no sled type leaks into the API; sled's own corruption
-/// report maps to [`CacheError::Corrupt`] so the caller marks the cache bad.
-fn store_error(error: sled::Error) -> CacheError {
-    match error {
-        // sled's own text for these prints a backtrace with Debug formatting.
-        sled::Error::Corruption { at, .. } => CacheError::Corrupt {
-            key: DB_DIR.to_owned(),
-            reason: match at {
-                Some(at) => format!("corrupted data at {at}"),
-                None => "corrupted data".to_owned(),
-            },
-        },
-        sled::Error::Io(e) => CacheError::Store(e.to_string()),
-        other => CacheError::Store(other.to_string()),
-    }
 }
 
 #[cfg(test)]
@@ -1130,7 +1038,7 @@ mod tests {
             cache.flush().unwrap();
         }
         let cache = Cache::open(dir.path()).unwrap();
-        assert_eq!(cache.db.scan_prefix(UUID_PREFIX).count(), 0);
+        assert!(cache.db.chunk(UUID_PREFIX, None, 10).unwrap().is_empty());
         assert_eq!(cache.len(), 1);
         assert_eq!(cache.get("cn=a").unwrap().unwrap().dn, "cn=a");
     }
@@ -1156,7 +1064,7 @@ mod tests {
                 4
             );
             cache.flush().unwrap();
-            cache.db.remove(COUNT_KEY).unwrap();
+            cache.db.apply_all([(COUNT_KEY, None)]).unwrap();
             cache.flush().unwrap();
         }
         {
@@ -1167,11 +1075,6 @@ mod tests {
         }
         let cache = Cache::open(dir.path()).unwrap();
         assert_eq!(cache.len(), 4);
-        cache.clear().unwrap();
-        assert_eq!(
-            decode_count(&cache.read(COUNT_KEY).unwrap().unwrap()).unwrap(),
-            0
-        );
     }
 
     #[test]
@@ -1304,7 +1207,7 @@ mod tests {
         );
     }
 
-    /// Commits collected in memory (not yet in sled) are what every read sees, scans
+    /// Commits collected in memory (not yet in LMDB) are what every read sees, scans
     /// included; a big commit after them lands on top of them; and dropped without a flush,
     /// as a crash would, they all come back from the commit log.
     #[test]
@@ -1332,19 +1235,19 @@ mod tests {
             );
             assert_eq!(cache.master().unwrap().unwrap().notifier_id, 49);
             assert_eq!(cache.descendant_keys("ou=c").unwrap().len(), 10);
-            // A commit too big to collect goes to sled after the collected ones.
+            // A commit too big to collect goes to LMDB after the collected ones.
             let mut b = cache.batch();
-            for i in 0..APPLY_CHUNK + 10 {
+            for i in 0..SCAN_CHUNK + 10 {
                 b.put(&entry(&format!("cn=big{i},ou=c"), &format!("big{i}")));
             }
             b.delete("cn=49,ou=c");
             cache.commit(b, false).unwrap();
             put(&cache, &entry("cn=last,ou=c", "last"));
-            assert_eq!(cache.len(), 10 + APPLY_CHUNK + 10 - 1 + 1);
+            assert_eq!(cache.len(), 10 + SCAN_CHUNK + 10 - 1 + 1);
             assert_eq!(cache.iter().count(), cache.len());
         }
         let cache = Cache::open(dir.path()).unwrap();
-        assert_eq!(cache.len(), 10 + APPLY_CHUNK + 10);
+        assert_eq!(cache.len(), 10 + SCAN_CHUNK + 10);
         assert_eq!(cache.iter().count(), cache.len());
         assert_eq!(cache.get("cn=49,ou=c").unwrap(), None);
         assert_eq!(
@@ -1358,13 +1261,12 @@ mod tests {
         assert_eq!(cache.master().unwrap().unwrap().notifier_id, 49);
     }
 
-    /// A commit applied in several sled batches is still all-or-nothing after a crash: with
-    /// only its first chunk applied (the sequence number comes with the last), the open
-    /// replays the whole commit from the log.
+    /// A commit LMDB lost in a crash comes back whole: with its sequence number and part of
+    /// its writes undone in LMDB, the open replays the whole commit from the log.
     #[test]
-    fn a_commit_applied_in_chunks_is_replayed_whole() {
+    fn a_commit_lost_in_part_is_replayed_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let entries: Vec<CacheEntry> = (0..APPLY_CHUNK * 2)
+        let entries: Vec<CacheEntry> = (0..SCAN_CHUNK * 2)
             .map(|i| entry(&format!("cn={i},ou=b"), &format!("u{i}")))
             .collect();
         {
@@ -1374,26 +1276,29 @@ mod tests {
                 b.put(e);
             }
             cache.commit(b, false).unwrap();
-            assert_eq!(cache.len(), APPLY_CHUNK * 2);
+            assert_eq!(cache.len(), SCAN_CHUNK * 2);
             assert_eq!(cache.get("cn=7,ou=b").unwrap(), Some(entries[7].clone()));
-            // Undo all but the first chunk's writes in sled, as a crash between chunks
-            // would leave them; the commit log still holds the commit.
-            let mut batch = sled::Batch::default();
-            batch.insert(SEQ_KEY, encode_seq(0));
-            for key in cache
+            cache.iter().count();
+            let mut undo = Writes::new();
+            undo.insert(SEQ_KEY.to_vec(), Some(encode_seq(0)));
+            cache
                 .db
-                .scan_prefix(ENTRY_PREFIX)
-                .keys()
-                .skip(APPLY_CHUNK / 2)
-            {
-                batch.remove(key.unwrap());
+                .scan(ENTRY_PREFIX, None, |key, _| {
+                    undo.insert(key.to_vec(), None);
+                    Ok(true)
+                })
+                .unwrap();
+            let kept: Vec<_> = undo.keys().take(SCAN_CHUNK / 2).cloned().collect();
+            for key in kept {
+                undo.remove(&key);
             }
-            cache.db.apply_batch(batch).unwrap();
-            cache.db.flush().unwrap();
+            undo.insert(SEQ_KEY.to_vec(), Some(encode_seq(0)));
+            cache.db.apply(&undo).unwrap();
+            cache.db.sync().unwrap();
         }
         let cache = Cache::open(dir.path()).unwrap();
         assert_eq!(cache.recovered(), 1);
-        assert_eq!(cache.iter().count(), APPLY_CHUNK * 2);
+        assert_eq!(cache.iter().count(), SCAN_CHUNK * 2);
         assert_eq!(cache.get("cn=1999,ou=b").unwrap().unwrap(), entries[1999]);
     }
 

@@ -1,15 +1,15 @@
 //! The commit log that makes every commit survive a process crash at the cost of one
 //! `write(2)`.
 //!
-//! sled buffers applied batches in memory and writes them out on a flush (ours, or its own
-//! every half second), so a SIGKILL, an OOM kill or an abort loses the commits since the
-//! last flush. Flushing per transaction would cost an fsync each. Instead every commit
-//! first appends its final key/value writes to `<cache.sled>/commits.log` in one `write`:
-//! once that returns the kernel holds the record, whatever happens to the process. A flush
-//! makes sled durable and empties the log. Opening replays the records sled lacks (each
-//! batch stores its sequence number under `s`), in order, up to the first torn or missing
-//! one. A power loss can still take the writes since the last flush (at most the flush
-//! interval): the log itself is never fsynced.
+//! Commits collect in memory and reach LMDB in sets (see [`crate::store`]), so a SIGKILL, an
+//! OOM kill or an abort would lose the commits since the last set; a write transaction per
+//! commit would cost a sync each. Instead every commit first appends its final key/value
+//! writes to `<cache.lmdb>/commits.log` in one `write`: once that returns the kernel holds
+//! the record, whatever happens to the process. A flush makes LMDB durable and empties the
+//! log. Opening replays the records LMDB lacks (each set stores the sequence number of its
+//! last commit under `s`), in order, up to the first torn or missing one. A power loss can
+//! still take the writes since the last flush (at most the flush interval): the log itself
+//! is never fsynced.
 //!
 //! Record: `UDLW` | seq (u64 LE) | payload length (u32 LE) | CRC-32 of seq and payload |
 //! payload = per write: key length (u32 LE), key, 0 (remove) or 1 + value length (u32 LE)
@@ -21,7 +21,7 @@ use std::io::{self, Read as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
-/// The file inside the sled directory, so it always travels with its database.
+/// The file inside the database directory, so it always travels with its database.
 pub(crate) const WAL_FILE: &str = "commits.log";
 const MAGIC: &[u8; 4] = b"UDLW";
 /// Failpoint ([`daemon::failpoint`]) that makes an append write half its record and fail.
@@ -47,9 +47,9 @@ pub(crate) struct Wal {
 }
 
 impl Wal {
-    /// Opens (creating, mode 0600) the log in `sled_dir`.
-    pub(crate) fn open(sled_dir: &Path) -> io::Result<Wal> {
-        let path = sled_dir.join(WAL_FILE);
+    /// Opens (creating, mode 0600) the log in the database directory `db_dir`.
+    pub(crate) fn open(db_dir: &Path) -> io::Result<Wal> {
+        let path = db_dir.join(WAL_FILE);
         let file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -135,7 +135,7 @@ impl Wal {
         self.recording.take().unwrap_or_default()
     }
 
-    /// Empties the log once everything in it is durable in sled.
+    /// Empties the log once everything in it is durable in LMDB.
     pub(crate) fn truncate(&mut self) -> io::Result<()> {
         if self.len > 0 || self.torn.is_some() {
             self.file.set_len(0)?;

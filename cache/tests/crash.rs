@@ -33,7 +33,7 @@ fn entry(id: u64) -> CacheEntry {
         attributes: vec![
             ("cn".into(), vec![format!("Tx{id}").into_bytes()]),
             ("entryUUID".into(), vec![format!("uuid-{id}").into_bytes()]),
-            // Some bulk, so that commits span more than one sled buffer now and then.
+            // Some bulk, so that commits span more than one collected set now and then.
             (
                 "description".into(),
                 vec![vec![b'd'; (id % 17 * 300) as usize]],
@@ -105,7 +105,7 @@ fn killed_writer_leaves_a_consistent_cache() {
 }
 
 /// As above with few flushes, so thousands of commits are collected in memory (not yet in
-/// sled) or being applied to sled in chunks when the kill lands.
+/// LMDB) or being applied to LMDB when the kill lands.
 #[test]
 fn killed_writer_with_commits_collected_in_memory_leaves_a_consistent_cache() {
     kill_rounds(5000, 8, |round| 300 + (round * 997) % 4000);
@@ -182,7 +182,7 @@ fn apply_child() {
         }
         assert!(id < 100_000, "no commit failed");
     };
-    // What reached neither sled nor a later commit is still read back.
+    // What reached neither LMDB nor a later commit is still read back.
     assert_eq!(cache.get(&entry(1).dn).unwrap(), Some(entry(1)));
     // On a line of its own: the test harness has begun one.
     println!("\nfailed {id}: {error}");
@@ -232,8 +232,8 @@ fn replayed_up_to(dir: &std::path::Path, failed: u64) {
     assert_eq!(cache.get(&entry(1).dn).unwrap(), Some(entry(1)));
 }
 
-/// A set the applier cannot write to sled fails the commits after it before they are
-/// logged (none is reported done while sled lacks what came before), and the next open
+/// A set the applier cannot write to LMDB fails the commits after it before they are
+/// logged (none is reported done while LMDB lacks what came before), and the next open
 /// replays the set, and every commit that returned, from the commit log.
 #[test]
 fn a_failed_apply_fails_the_later_commits_and_the_open_replays_it() {

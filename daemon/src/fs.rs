@@ -128,7 +128,7 @@ impl TempFile {
 
 /// Syncs the directory holding `path`, which makes a rename or create in it durable;
 /// failing only weakens crash safety, so it is not an error.
-pub(crate) fn sync_parent(path: &Path) {
+pub fn sync_parent(path: &Path) {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),

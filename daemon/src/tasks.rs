@@ -1,7 +1,7 @@
 //! Tasks and threads.
 //!
 //! **The blocking rule.** Async tasks never block a runtime worker:
-//! - module calls (native or Python), sled commits, flushes and scans of the listener's main
+//! - module calls (native or Python), cache commits, flushes and scans of the listener's main
 //!   loop, and the notifier's journal append + fsync are blocking work. The listener's main
 //!   loop owns its modules and cache and needs them back at once, so it runs such work
 //!   through [`run_blocking`] (`block_in_place`: the worker hands its other tasks to another

@@ -940,8 +940,10 @@ fn initialization_and_rss(init_entries: usize, rss_entries: usize, changes: usiz
     let hwm = status_kb(pid, "VmHWM:");
     let cache_kb = dir_size(&listener.cache_dir()) / 1024;
     println!(
-        "    daemon VmRSS         {:>10.1} MB   (goal < 64 MB)",
-        rss as f64 / 1024.0
+        "    daemon VmRSS         {:>10.1} MB   (goal < 64 MB; anonymous {:.1} MB, file pages {:.1} MB)",
+        rss as f64 / 1024.0,
+        status_kb(pid, "RssAnon:") as f64 / 1024.0,
+        status_kb(pid, "RssFile:") as f64 / 1024.0
     );
     println!(
         "    daemon VmHWM         {:>10.1} MB   (goal < 100 MB)",

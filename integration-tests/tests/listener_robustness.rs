@@ -505,15 +505,26 @@ fn a_corrupt_record_marks_the_cache_bad_and_stops_with_status_3() {
     assert!(listener.stop().unwrap().success());
 
     // Version byte 1, then bytes no record decodes from.
-    let db = sled::open(listener.cache_dir().join(cache::DB_DIR)).unwrap();
+    // SAFETY: the listener has stopped; nothing else maps the files.
+    let env = unsafe {
+        heed::EnvOpenOptions::new()
+            .map_size(1 << 30)
+            .open(listener.cache_dir().join(cache::DB_DIR))
+            .unwrap()
+    };
+    let mut txn = env.write_txn().unwrap();
+    let db: heed::Database<heed::types::Bytes, heed::types::Bytes> =
+        env.open_database(&txn, None).unwrap().unwrap();
     let key = [b"e:".as_slice(), ldap::dn::dn_key(&dn).as_bytes()].concat();
     assert!(
-        db.get(&key).unwrap().is_some(),
+        db.get(&txn, &key).unwrap().is_some(),
         "the entry is cached under {key:?}"
     );
-    db.insert(key, vec![1u8, 0xff, 0xff, 0xff, 0xff]).unwrap();
-    db.flush().unwrap();
-    drop(db);
+    db.put(&mut txn, &key, &[1u8, 0xff, 0xff, 0xff, 0xff])
+        .unwrap();
+    txn.commit().unwrap();
+    env.force_sync().unwrap();
+    drop(env);
 
     listener.restart().unwrap();
     slapd

@@ -213,15 +213,17 @@ fn parse_header(json: &str) -> Result<Header, BackupError> {
     serde_json::from_str(json).map_err(|e| BackupError::NotABackup(format!("bad header: {e}")))
 }
 
-/// Replaces the listener state in `cache_dir` with the backup: a new cache is built next
-/// to the old one and swapped in (the old one stays as [`BEFORE_RESTORE`], replacing an
-/// older one), then the module states and `notifier_id` are replaced
-/// and a `bad_cache` marker is removed. The caller holds `cache.lock`. The whole file is
-/// read and checked (entries, count, checksum) into the new cache before the swap, so a
-/// damaged file leaves the old cache in place.
-/// Where [`restore`] keeps the replaced cache database, inside the cache directory.
-pub const BEFORE_RESTORE: &str = "cache.sled.before-restore";
+/// Suffix of the replaced cache database that [`restore`] keeps in the cache directory:
+/// `cache.lmdb.before-restore`, or `cache.sled.before-restore` when it replaced a database
+/// of an earlier version not yet imported.
+pub const BEFORE_RESTORE: &str = ".before-restore";
 
+/// Replaces the listener state in `cache_dir` with the backup: a new cache is built next
+/// to the old one and swapped in (the old one stays as `<name>`[`BEFORE_RESTORE`],
+/// replacing an older one of that name), then the module states and `notifier_id` are
+/// replaced and a `bad_cache` marker is removed. The caller holds `cache.lock`. The whole
+/// file is read and checked (entries, count, checksum) into the new cache before the swap,
+/// so a damaged file leaves the old cache in place.
 pub fn restore(input: impl BufRead, cache_dir: &Path) -> Result<Header, BackupError> {
     let work = tempfile::Builder::new()
         .prefix(".restore-")
@@ -243,20 +245,29 @@ pub fn restore(input: impl BufRead, cache_dir: &Path) -> Result<Header, BackupEr
     drop(fresh);
 
     let live = cache_dir.join(cache::DB_DIR);
+    // The database being replaced: an earlier version's one, which the next open would
+    // import, when there is no current one.
+    let replaced = [cache::DB_DIR, cache::SLED_DIR]
+        .into_iter()
+        .find(|name| cache_dir.join(name).exists());
     // Kept in the cache directory, not in the work directory that is removed at the end:
     // the replaced cache outlives a crash halfway through and an unwanted restore.
-    let old = cache_dir.join(BEFORE_RESTORE);
-    if live.exists() {
-        match fs::remove_dir_all(&old) {
+    let kept = replaced.map(|name| {
+        let from = cache_dir.join(name);
+        let to = cache_dir.join(format!("{name}{BEFORE_RESTORE}"));
+        (from, to)
+    });
+    if let Some((from, to)) = &kept {
+        match fs::remove_dir_all(to) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
             _ => {}
         }
-        fs::rename(&live, &old)?;
+        fs::rename(from, to)?;
     }
     if let Err(e) = fs::rename(work.path().join(cache::DB_DIR), &live) {
         // Put the old cache back rather than leave none.
-        if old.exists() {
-            let _ = fs::rename(&old, &live);
+        if let Some((from, to)) = &kept {
+            let _ = fs::rename(to, from);
         }
         return Err(e.into());
     }
@@ -280,6 +291,10 @@ pub fn restore(input: impl BufRead, cache_dir: &Path) -> Result<Header, BackupEr
 mod tests {
     use super::*;
     use cache::CacheEntry;
+
+    fn kept_name() -> String {
+        format!("{}{BEFORE_RESTORE}", cache::DB_DIR)
+    }
 
     fn seed(dir: &Path) {
         let cache = Cache::open(dir).unwrap();
@@ -374,15 +389,37 @@ mod tests {
         let kept = |name: &str| {
             let dir = dir.path().join(name);
             fs::create_dir(&dir).unwrap();
-            fs::rename(target.join(BEFORE_RESTORE), dir.join(cache::DB_DIR)).unwrap();
+            fs::rename(target.join(kept_name()), dir.join(cache::DB_DIR)).unwrap();
             Cache::open(&dir).unwrap()
         };
         assert!(kept("kept1").get("cn=stale").unwrap().is_some());
         // An older kept copy is replaced by the next restore.
-        fs::create_dir(target.join(BEFORE_RESTORE)).unwrap();
-        fs::write(target.join(BEFORE_RESTORE).join("older"), "x").unwrap();
+        fs::create_dir(target.join(kept_name())).unwrap();
+        fs::write(target.join(kept_name()).join("older"), "x").unwrap();
         restore(&file[..], &target).unwrap();
         assert_eq!(kept("kept2").len(), 1500);
+    }
+
+    /// Restoring over an earlier version's database that was never imported keeps it
+    /// under its own name; the next open does not import it over the restored cache.
+    #[test]
+    fn a_restore_over_an_earlier_versions_database_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("source");
+        seed(&source);
+        let mut file = Vec::new();
+        write(&mut file, &source, origin()).unwrap();
+        let target = dir.path().join("target");
+        let old = target.join(cache::SLED_DIR);
+        fs::create_dir_all(&old).unwrap();
+        fs::write(old.join("db"), "earlier version").unwrap();
+        restore(&file[..], &target).unwrap();
+        let kept = target.join(format!("{}{BEFORE_RESTORE}", cache::SLED_DIR));
+        assert_eq!(fs::read(kept.join("db")).unwrap(), b"earlier version");
+        assert!(!old.exists());
+        let restored = Cache::open(&target).unwrap();
+        assert_eq!(restored.migrated(), None);
+        assert_eq!(restored.len(), 1500);
     }
 
     #[test]

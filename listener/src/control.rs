@@ -1,7 +1,7 @@
 //! The listener's control socket, `<cache_dir>/control.sock`: how the operator tools talk to
 //! a running daemon.
 //!
-//! sled locks its database for one process, so while the listener runs no tool can open the
+//! The cache is locked for one process, so while the listener runs no tool can open the
 //! cache. Instead a tool connects here (a unix stream socket, mode 0600: root and the
 //! listener user only), sends one request line and reads one reply line, then the
 //! connection closes:
@@ -14,7 +14,7 @@
 //! ```
 //!
 //! `SNAPSHOT` writes a consistent copy of the listener state into the existing, empty,
-//! absolute directory `<dir>`: `cache.sled/` ([`cache::Cache::export_to`]: the state after
+//! absolute directory `<dir>`: `cache.lmdb/` ([`cache::Cache::export_to`]: the state after
 //! one commit, while commits go on), `handlers/<name>` (the module state files) and
 //! `notifier_id` (the id of the copied master record). Afterwards `<dir>` is a cache
 //! directory the tools open like the real one. The copy runs on a blocking thread of this

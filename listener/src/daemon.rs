@@ -897,7 +897,7 @@ impl Daemon {
             .and_then(|()| run_blocking(|| cache.flush()));
         if let Err(e) = flushed {
             // Like an fsync error: retrying may "succeed" with the data gone. Stop; the
-            // next start recovers from what is on disk (commit log and sled).
+            // next start recovers from what is on disk (commit log and LMDB).
             tracing::error!(
                 "cache flush failed: {e}; stopping (uncommitted work is redone at the next start)"
             );

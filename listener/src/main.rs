@@ -141,6 +141,19 @@ async fn run_locked(
         Ok(cache) => Arc::new(cache),
         Err(e) => return Ok(cache_failure(cache_dir, e)),
     };
+    if let Some(entries) = cache.migrated() {
+        tracing::info!(
+            "imported {entries} entries from {} of an earlier version into {}",
+            cache::SLED_DIR,
+            cache::DB_DIR
+        );
+    }
+    if cache.recovered() > 0 {
+        tracing::info!(
+            "replayed {} cache commits from the commit log after an unclean stop",
+            cache.recovered()
+        );
+    }
     let metrics = Arc::new(Metrics::default());
     metrics.set_state("starting");
     // Served from here on, so tools see a starting or initialising listener too.

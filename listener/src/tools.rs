@@ -64,7 +64,7 @@ pub enum StateAccess {
 }
 
 impl StateAccess {
-    /// The directory to read: `cache.sled/`, `handlers/`, `notifier_id`.
+    /// The directory to read: `cache.lmdb/`, `handlers/`, `notifier_id`.
     pub fn dir(&self) -> &Path {
         match self {
             StateAccess::Direct { dir, .. } => dir,

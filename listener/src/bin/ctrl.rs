@@ -147,7 +147,7 @@ enum BackupCmd {
     /// Checks FILE completely and prints what it holds.
     Verify { file: PathBuf },
     /// Replaces the listener state with FILE; refused while the listener runs. The replaced
-    /// cache stays as cache.sled.before-restore in the cache directory (an older one goes).
+    /// cache stays as cache.lmdb.before-restore in the cache directory (an older one goes).
     Restore { file: PathBuf },
 }
 
