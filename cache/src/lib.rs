@@ -38,12 +38,13 @@ pub use wal::APPEND_FAILPOINT;
 /// glibc's mmap threshold while a process uses a cache ([`bound_heap`]).
 const MMAP_THRESHOLD: i32 = 256 * 1024;
 
-/// Keeps sled's large buffers out of the heap. Filling a cache, sled allocates and frees node
-/// buffers of a few hundred KiB at a high rate; glibc raises its mmap threshold (up to 32 MiB)
-/// whenever such a buffer is freed and then serves them from the heap, where freed ones stay
-/// resident. Measured writing 50,000 user entries the way `-i` does: peak RSS 119 MB, with
-/// the threshold fixed at 256 KiB 54 MB (100,000 entries: 126 → 56 MB), the writes ~15 %
-/// slower. Call at the start of a process that uses a cache, before it starts threads.
+/// Keeps large short-lived buffers out of the heap: glibc raises its mmap threshold (up to
+/// 32 MiB) whenever such a buffer is freed and then serves them from the heap, where freed
+/// ones stay resident. Measured with sled, the store of earlier versions, whose node buffers
+/// of a few hundred KiB made `-i` over 50,000 entries peak at 119 MB instead of 54 MB; it
+/// still matters for the commit log's records of large commits and for the import of such
+/// a cache ([`migrate`]). Call at the start of a process that uses a cache, before it starts
+/// threads.
 pub fn bound_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator parameter; no memory is touched.

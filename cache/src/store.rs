@@ -198,6 +198,11 @@ impl Cache {
         // Under the writer lock: a commit logged after the sync began must stay in the log
         // until the next flush.
         let mut wal = self.lock_writer();
+        self.flush_locked(&mut wal)
+    }
+
+    /// [`Cache::flush`] for a caller that holds the writer lock.
+    fn flush_locked(&self, wal: &mut Wal) -> Result<(), CacheError> {
         self.apply_pending()?;
         self.db.sync()?;
         wal.truncate().map_err(|source| CacheError::Io {
@@ -468,6 +473,11 @@ impl Cache {
         if batch.ops.is_empty() {
             return Ok(());
         }
+        if !batch.unlogged && wal.has_unlogged() {
+            // The unlogged commits before it become durable first: replayed after a crash
+            // without them, this one would leave a state no sequence of commits had.
+            self.flush_locked(wal)?;
+        }
         let mut plan = Plan::new(self);
         for op in batch.ops {
             plan.add(op)?;
@@ -484,17 +494,19 @@ impl Cache {
             let value = encode_count(entries as u64).map_err(CacheError::Store)?;
             writes.insert(COUNT_KEY.to_vec(), Some(value));
         }
-        self.write(wal, writes)?;
+        self.write(wal, writes, !batch.unlogged)?;
         self.entries.store(entries, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Logs `writes` as the next commit, then collects them with its sequence number, which
-    /// reaches LMDB in the same transaction as the writes: the open replays from the commit
-    /// log every commit above it ([`recover`]).
-    fn write(&self, wal: &mut Wal, mut writes: Writes) -> Result<(), CacheError> {
-        let seq = wal.seq() + 1;
-        writes.insert(SEQ_KEY.to_vec(), Some(encode_seq(seq)));
+    /// Logs `writes` as the next commit (unless not `logged`), then collects them with its
+    /// sequence number, which reaches LMDB in the same transaction as the writes: the open
+    /// replays from the commit log every commit above it ([`recover`]).
+    fn write(&self, wal: &mut Wal, mut writes: Writes, logged: bool) -> Result<(), CacheError> {
+        let seq = logged.then(|| wal.seq() + 1);
+        if let Some(seq) = seq {
+            writes.insert(SEQ_KEY.to_vec(), Some(encode_seq(seq)));
+        }
         let bytes: usize = writes
             .iter()
             .map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len))
@@ -513,11 +525,14 @@ impl Cache {
         if fills {
             drop(self.pending.idle()?);
         }
-        wal.append(seq, &writes).map_err(|source| CacheError::Io {
-            op: "append to",
-            path: wal.path().to_owned(),
-            source,
-        })?;
+        match seq {
+            Some(seq) => wal.append(seq, &writes).map_err(|source| CacheError::Io {
+                op: "append to",
+                path: wal.path().to_owned(),
+                source,
+            })?,
+            None => wal.skip(&writes),
+        }
         // A big commit (a subtree move, or a thousand objects of an initialisation) fills
         // the set at once and goes to the applier with it.
         let mut pending = self.lock_pending();
@@ -559,6 +574,8 @@ pub struct Batch {
     /// The first entry that could not be encoded; reported by `commit`, which then writes
     /// nothing, so a batch is never applied partially.
     error: Option<String>,
+    /// See [`Batch::unlogged`].
+    unlogged: bool,
 }
 
 #[derive(Debug)]
@@ -592,6 +609,15 @@ impl Batch {
     /// Deletes the entry cached for `dn`, if any.
     pub fn delete(&mut self, dn: &str) {
         self.ops.push(Op::Delete { key: dn_key(dn) });
+    }
+
+    /// Commits this batch without writing it to the commit log, which saves writing every
+    /// value a second time, for bulk loads that end with a durable commit (a module
+    /// initialisation). The cost: a process crash before the next flush can lose it. The
+    /// next logged commit flushes first, so a crash still leaves the cache as after some
+    /// commit, with every logged commit that returned.
+    pub fn unlogged(&mut self) {
+        self.unlogged = true;
     }
 
     /// Sets the master record (last notifier id and schema id).
@@ -1300,6 +1326,52 @@ mod tests {
         assert_eq!(cache.recovered(), 1);
         assert_eq!(cache.iter().count(), SCAN_CHUNK * 2);
         assert_eq!(cache.get("cn=1999,ou=b").unwrap().unwrap(), entries[1999]);
+    }
+
+    /// An unlogged commit is lost with a crash before the next flush, alone; a logged
+    /// commit after it flushes it first, so it is never replayed without it.
+    #[test]
+    fn unlogged_commits_are_flushed_before_a_logged_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = |cache: &Cache, dn: &str, unlogged: bool| {
+            let mut b = cache.batch();
+            b.put(&entry(dn, dn));
+            if unlogged {
+                b.unlogged();
+            }
+            cache.commit(b, false).unwrap();
+        };
+        {
+            let cache = Cache::open(dir.path()).unwrap();
+            commit(&cache, "cn=logged", false);
+            commit(&cache, "cn=bulk", true);
+            assert_eq!(
+                cache.get("cn=bulk").unwrap(),
+                Some(entry("cn=bulk", "cn=bulk"))
+            );
+            commit(&cache, "cn=after", false);
+            commit(&cache, "cn=lost", true);
+            // Dropped without a flush, as a crash would leave it.
+        }
+        let cache = Cache::open(dir.path()).unwrap();
+        let dns: Vec<_> = cache.iter().map(|e| e.unwrap().dn).collect();
+        assert_eq!(dns, ["cn=after", "cn=bulk", "cn=logged"]);
+        assert_eq!(cache.len(), 3);
+    }
+
+    /// An export sees unlogged commits made while it copies.
+    #[test]
+    fn an_export_records_unlogged_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&dir.path().join("a")).unwrap();
+        let mut writer = cache.lock_writer();
+        writer.start_recording();
+        drop(writer);
+        let mut b = cache.batch();
+        b.put(&entry("cn=bulk", "u"));
+        b.unlogged();
+        cache.commit(b, false).unwrap();
+        assert_eq!(cache.lock_writer().stop_recording().len(), 1);
     }
 
     /// The unread puts of a bulk load leave exactly what reading puts would: the entries and

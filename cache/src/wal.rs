@@ -44,6 +44,8 @@ pub(crate) struct Wal {
     /// Why a partial record could not be cut off after a failed append; appends are
     /// refused until a truncation empties the file.
     torn: Option<String>,
+    /// Whether a commit since the last truncation was not logged ([`Wal::skip`]).
+    unlogged: bool,
 }
 
 impl Wal {
@@ -64,6 +66,7 @@ impl Wal {
             len,
             recording: None,
             torn: None,
+            unlogged: false,
         })
     }
 
@@ -120,6 +123,20 @@ impl Wal {
         Ok(())
     }
 
+    /// Notes a commit that is not logged (`Batch::unlogged`), and records its writes for a
+    /// running export.
+    pub(crate) fn skip(&mut self, writes: &Writes) {
+        self.unlogged = true;
+        if let Some(recorded) = &mut self.recording {
+            recorded.push(writes.clone());
+        }
+    }
+
+    /// Whether a commit since the last truncation was not logged.
+    pub(crate) fn has_unlogged(&self) -> bool {
+        self.unlogged
+    }
+
     /// From now on, keeps a copy of every logged commit's writes (see `Cache::export_to`).
     pub(crate) fn start_recording(&mut self) {
         self.recording = Some(Vec::new());
@@ -142,6 +159,7 @@ impl Wal {
             self.len = 0;
             self.torn = None;
         }
+        self.unlogged = false;
         Ok(())
     }
 }

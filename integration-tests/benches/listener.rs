@@ -787,7 +787,13 @@ fn ldapsearch(slapd: &Slapd, attrs: &[&str]) -> Usage {
             "-w",
             ADMIN_PW,
         ])
-        .args(["-b", BASE, "-E", "pr=1000/noprompt", "(objectClass=*)"])
+        .args([
+            "-b",
+            BASE,
+            "-E",
+            &format!("pr={}/noprompt", listener::init::PAGE_SIZE),
+        ])
+        .arg("(objectClass=*)")
         .args(attrs)
         .stdout(Stdio::null())
         .status()
@@ -858,8 +864,9 @@ fn initialization_and_rss(init_entries: usize, rss_entries: usize, changes: usiz
     );
     println!("    jsonl handler calls  {calls}");
     println!(
-        "    paged ldapsearch     {:>10.2} s   (rootdn, -E pr=1000, * +, to /dev/null; slapd CPU {:.2} s)",
+        "    paged ldapsearch     {:>10.2} s   (rootdn, -E pr={} as the listener, * +, to /dev/null; slapd CPU {:.2} s)",
         search.secs(),
+        listener::init::PAGE_SIZE,
         search.slapd_cpu
     );
     println!(

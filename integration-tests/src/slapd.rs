@@ -89,6 +89,8 @@ pub struct SlapdConfig {
     /// updatedn [`UPDATE_DN`], `updateref` to the primary, empty at start (not even the
     /// base entry: replication creates every entry, with the primary's entryUUID).
     pub replica_of: Option<String>,
+    /// `size.pr` for the host account: the largest page it may ask for.
+    pub host_page_limit: Option<u32>,
 }
 
 fn default_schema() -> Vec<PathBuf> {
@@ -108,6 +110,7 @@ impl SlapdConfig {
             listen_all: false,
             schema: default_schema(),
             replica_of: None,
+            host_page_limit: None,
         }
     }
 
@@ -123,6 +126,7 @@ impl SlapdConfig {
             listen_all: false,
             schema: default_schema(),
             replica_of: None,
+            host_page_limit: None,
         }
     }
 
@@ -156,6 +160,11 @@ impl SlapdConfig {
             translog: true,
             ..SlapdConfig::replica_of(primary)
         }
+    }
+
+    pub fn host_page_limit(mut self, limit: u32) -> SlapdConfig {
+        self.host_page_limit = Some(limit);
+        self
     }
 
     pub fn log_operations(mut self, on: bool) -> SlapdConfig {
@@ -688,6 +697,9 @@ access to attrs=userPassword by dn.exact=\"{ROOT_PEERCRED}\" manage by self writ
 access to * by dn.exact=\"{ROOT_PEERCRED}\" manage by users read by * none
 "
         );
+        if let Some(limit) = self.config.host_page_limit {
+            let _ = writeln!(conf, "limits dn.exact=\"{HOST_DN}\" size.pr={limit}");
+        }
         if let Some(primary) = &self.config.replica_of {
             // `updatedn` makes the database a shadow (the update DN may write entryUUID,
             // entryCSN, timestamps); `updateref` must follow it.

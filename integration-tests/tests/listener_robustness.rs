@@ -1149,3 +1149,30 @@ fn metrics_match_the_processed_transactions() {
     assert!(samples.contains_key("udl_module_seconds_total{module=\"jsonl\"}"));
     assert_eq!(listener.notifier_id(), Some(last));
 }
+
+/// A server whose `size.pr` limit is below the listener's page size refuses the search
+/// ("illegal pagedResults page size"); the initialisation asks again with smaller pages and
+/// sees every entry.
+#[test]
+fn an_initialisation_under_a_page_size_limit_uses_smaller_pages() {
+    let slapd = Slapd::start(SlapdConfig::provider().host_page_limit(150)).unwrap();
+    let notifier = start_notifier(&slapd);
+    let mut admin = slapd.admin().unwrap();
+    let roles: Vec<String> = (0..260).map(|i| dn(&format!("paged{i}"))).collect();
+    for (i, role) in roles.iter().enumerate() {
+        admin.add_role(role, &format!("paged{i}")).unwrap();
+    }
+    let mut listener = Listener::prepare(&slapd, &notifier, ListenerOptions::new()).unwrap();
+    let (status, log) = listener.run_once(&["-i"], T).unwrap();
+    assert!(status.success(), "-i exited with {status}:\n{log}");
+    let seen: BTreeSet<String> = listener
+        .changes()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.dn)
+        .collect();
+    for role in &roles {
+        assert!(seen.contains(role), "{role} was initialised: {log}");
+    }
+    assert_eq!(listener.handler_state(JSONL_MODULE), Some(HANDLER_READY));
+}

@@ -8,6 +8,7 @@ use ldap3::LdapError;
 /// LDAP result codes the daemons and tools react to.
 pub mod rc {
     pub const SUCCESS: u32 = 0;
+    pub(crate) const ADMIN_LIMIT_EXCEEDED: u32 = 11;
     pub const INVALID_ATTRIBUTE_SYNTAX: u32 = 21;
     pub const NO_SUCH_OBJECT: u32 = 32;
     pub const INVALID_DN_SYNTAX: u32 = 34;

@@ -378,8 +378,13 @@ fn message(buf: &mut BytesMut, id: i32, op: impl FnOnce(&mut BytesMut)) {
     });
 }
 
+/// Smallest page size [`FramedSearch`] falls back to when the server refuses a bigger one.
+const MIN_PAGE_SIZE: i32 = 100;
+
 /// A paged search over a [`SearchConnection`], handing out entries as they arrive;
-/// continuation references are skipped (as ldap3's `EntriesOnly` does).
+/// continuation references are skipped (as ldap3's `EntriesOnly` does). A server that
+/// refuses the page size (adminLimitExceeded before the first entry) is asked again with a
+/// tenth of it, down to [`MIN_PAGE_SIZE`].
 pub struct FramedSearch<'c> {
     conn: &'c mut SearchConnection,
     /// The SearchRequest without the message envelope and controls; the same for every
@@ -387,6 +392,9 @@ pub struct FramedSearch<'c> {
     request: Bytes,
     page_size: i32,
     id: i32,
+    /// Whether an entry or a later page came: only the first page's request is retried
+    /// with a smaller page size.
+    started: bool,
     /// Limit for each step (sending a page request, receiving a message).
     timeout: Duration,
     what: String,
@@ -432,6 +440,7 @@ impl<'c> FramedSearch<'c> {
             request: request.freeze(),
             page_size,
             id: 0,
+            started: false,
             timeout,
             what,
             result: None,
@@ -479,9 +488,28 @@ impl<'c> FramedSearch<'c> {
                 ));
             }
             match message.op {
-                Response::Entry(entry) => return Ok(Some(entry)),
+                Response::Entry(entry) => {
+                    self.started = true;
+                    return Ok(Some(entry));
+                }
                 Response::Reference(_) | Response::Intermediate { .. } => {}
+                Response::Done(result)
+                    if result.rc == rc::ADMIN_LIMIT_EXCEEDED
+                        && !self.started
+                        && self.page_size > MIN_PAGE_SIZE =>
+                {
+                    // A `size.pr` limit below our page size ("illegal pagedResults page
+                    // size"): ask again with smaller pages.
+                    self.page_size = (self.page_size / 10).max(MIN_PAGE_SIZE);
+                    tracing::debug!(
+                        "{}: the server refused the page size, trying {}",
+                        self.what,
+                        self.page_size
+                    );
+                    self.request_page(b"").await?;
+                }
                 Response::Done(result) => {
+                    self.started = true;
                     let cookie = if result.rc == rc::SUCCESS {
                         paged_cookie(&message.controls).map_err(|e| undecodable(&self.what, e))?
                     } else {
