@@ -13,19 +13,10 @@ const T: Duration = Duration::from_secs(120);
 /// The READY bit of a module state file.
 const READY: u32 = 2;
 
-/// A module killed in the middle of its initialisation is not marked ready: it is
-/// initialised again at the next start and then has seen every object.
-#[test]
-fn a_crash_during_initialisation_initialises_again() {
-    const OBJECTS: usize = 40;
-    let slapd = Slapd::provider().unwrap();
-    let mut admin = slapd.admin().unwrap();
-    let dns: Vec<String> = (0..OBJECTS).map(|i| format!("cn=init{i},{BASE}")).collect();
-    for (i, dn) in dns.iter().enumerate() {
-        admin.add_role(dn, &format!("init{i}")).unwrap();
-    }
-    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
-    let modules = integration_tests::listener::module_dir(
+/// A Python module `slow` that records `initialize` and every handled DN in `slow.calls`
+/// next to itself, 50 ms per object, for the `cn=init*` roles.
+fn slow_module() -> tempfile::TempDir {
+    integration_tests::listener::module_dir(
         "slow.py",
         "import os, time\n\
          name = 'slow'\n\
@@ -40,17 +31,34 @@ fn a_crash_during_initialisation_initialises_again() {
          \x20   time.sleep(0.05)\n\
          \x20   _record(dn)\n",
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn recorded_calls(record: &std::path::Path) -> Vec<String> {
+    fs::read_to_string(record)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A module killed in the middle of its initialisation is not marked ready: it is
+/// initialised again at the next start and then has seen every object.
+#[test]
+fn a_crash_during_initialisation_initialises_again() {
+    const OBJECTS: usize = 40;
+    let slapd = Slapd::provider().unwrap();
+    let mut admin = slapd.admin().unwrap();
+    let dns: Vec<String> = (0..OBJECTS).map(|i| format!("cn=init{i},{BASE}")).collect();
+    for (i, dn) in dns.iter().enumerate() {
+        admin.add_role(dn, &format!("init{i}")).unwrap();
+    }
+    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
+    let modules = slow_module();
     let record = modules.path().join("slow.calls");
     let options = ListenerOptions::new().module_dir(modules.path());
     let mut listener = Listener::start(&slapd, &notifier, options).unwrap();
-    let calls = || {
-        fs::read_to_string(&record)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
+    let calls = || recorded_calls(&record);
     integration_tests::wait_until("the initialisation to be under way", T, || {
         Ok((calls().len() > 10).then_some(()))
     })
@@ -87,6 +95,55 @@ fn a_crash_during_initialisation_initialises_again() {
     let mut expected: Vec<&str> = dns.iter().map(String::as_str).collect();
     expected.sort_unstable();
     assert_eq!(second, expected);
+    listener.stop().unwrap();
+}
+
+/// A module reset by removing its state file and reloaded with SIGHUP is initialised
+/// again; killed in the middle of that pass, it is not ready on disk either (the reload
+/// must not write the old ready state back), so the next start initialises it once more.
+#[test]
+fn a_crash_during_an_initialisation_after_a_reload_initialises_again() {
+    const OBJECTS: usize = 40;
+    let slapd = Slapd::provider().unwrap();
+    let mut admin = slapd.admin().unwrap();
+    for i in 0..OBJECTS {
+        admin
+            .add_role(&format!("cn=init{i},{BASE}"), &format!("init{i}"))
+            .unwrap();
+    }
+    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
+    let modules = slow_module();
+    let record = modules.path().join("slow.calls");
+    let options = ListenerOptions::new().module_dir(modules.path());
+    let mut listener = Listener::start(&slapd, &notifier, options).unwrap();
+    listener.wait_modules_ready(&["slow"], T).unwrap();
+    let first_pass = recorded_calls(&record).len();
+
+    fs::remove_file(listener.cache_dir().join("handlers/slow")).unwrap();
+    listener.signal(libc::SIGHUP).unwrap();
+    integration_tests::wait_until("the second initialisation to be under way", T, || {
+        Ok((recorded_calls(&record).len() > first_pass + 10).then_some(()))
+    })
+    .unwrap();
+    listener.kill().unwrap();
+    assert!(
+        recorded_calls(&record).len() < 2 * first_pass,
+        "the second pass finished before the kill"
+    );
+    let state = listener.handler_state("slow").unwrap_or(0);
+    assert_eq!(
+        state & READY,
+        0,
+        "killed mid-pass, marked ready (state {state})"
+    );
+
+    listener.restart().unwrap();
+    listener.wait_modules_ready(&["slow"], T).unwrap();
+    let passes = recorded_calls(&record)
+        .iter()
+        .filter(|c| *c == "initialize")
+        .count();
+    assert_eq!(passes, 3);
     listener.stop().unwrap();
 }
 

@@ -242,7 +242,9 @@ impl Engine {
         }
         // READY is persisted only after the whole pass: a crash (or the stop guard's
         // exit) in the middle must not leave a module marked ready that saw part of the
-        // directory.
+        // directory. Written now too: the file may say ready although the module is not
+        // (a reload writes the old handlers' states back over a removed file).
+        self.set_state(index, state & !READY);
         self.handlers.begin_initialising(index);
         let result = self
             .run_initialization(index, &name, scan_timeout, signals)
@@ -324,6 +326,9 @@ impl Engine {
         // their values (ldap3 parses, then copies, every message).
         let mut conn = self.ldap.search_connection().await?;
         self.update_schema().await?;
+        // A schema update calls every module: committed like a transaction, not with the
+        // pass's unlogged chunks.
+        self.commit_staged(false)?;
 
         let mut progress = Progress::new(name, 0);
         let mut pass = InitPass {
