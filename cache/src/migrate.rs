@@ -138,25 +138,13 @@ fn copy(db: &sled::Db, old: &Path, store: &Store) -> Result<usize, CacheError> {
     store.apply(&chunk)?;
 
     // The commits sled lacks, as the open of earlier versions replayed them.
-    let mut seq = match db.get(SEQ_KEY).map_err(sled_error)? {
+    let seq = match db.get(SEQ_KEY).map_err(sled_error)? {
         Some(value) => decode_seq(&value)?,
         None => 0,
     };
-    let mut wal = Wal::open(old).map_err(io("open", &old.join(crate::wal::WAL_FILE)))?;
-    let records = wal
-        .records()
-        .map_err(io("read", &old.join(crate::wal::WAL_FILE)))?;
-    let mut replayed = Writes::new();
-    for (record_seq, writes) in records {
-        if record_seq <= seq {
-            continue;
-        }
-        if record_seq != seq + 1 {
-            break;
-        }
-        replayed.extend(writes);
-        seq = record_seq;
-    }
+    let log = old.join(crate::wal::WAL_FILE);
+    let mut wal = Wal::open(old).map_err(io("open", &log))?;
+    let (replayed, _, _) = wal.replay_after(seq).map_err(io("read", &log))?;
     store.apply(&replayed)?;
     let mut entries = 0;
     store.scan(ENTRY_PREFIX, None, |_, _| {

@@ -836,7 +836,7 @@ impl<'a> Plan<'a> {
 /// Replays the commits LMDB lost in a crash (sequence numbers above its own, without a
 /// gap), makes them durable and empties the log; returns how many there were.
 fn recover(db: &Store, wal: &mut Wal) -> Result<usize, CacheError> {
-    let mut seq = match db.get(SEQ_KEY)? {
+    let seq = match db.get(SEQ_KEY)? {
         Some(value) => decode_seq(&value)?,
         None => 0,
     };
@@ -844,21 +844,8 @@ fn recover(db: &Store, wal: &mut Wal) -> Result<usize, CacheError> {
         let path = wal.path().to_owned();
         move |source| CacheError::Io { op, path, source }
     };
-    let records = wal.records().map_err(io("read", wal))?;
-    let mut replayed = 0;
-    // Merged in order, then applied in one transaction: the final value of every key.
-    let mut merged = Writes::new();
-    for (record_seq, writes) in records {
-        if record_seq <= seq {
-            continue;
-        }
-        if record_seq != seq + 1 {
-            break;
-        }
-        merged.extend(writes);
-        seq = record_seq;
-        replayed += 1;
-    }
+    // Applied in one transaction: the final value of every key.
+    let (merged, seq, replayed) = wal.replay_after(seq).map_err(io("read", wal))?;
     if replayed > 0 {
         db.apply(&merged)?;
         db.sync()?;

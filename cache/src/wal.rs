@@ -95,6 +95,26 @@ impl Wal {
         Ok(records)
     }
 
+    /// The commits after `seq` that the log holds without a gap, merged in order into the
+    /// final value of every key they touch; the sequence number of the last of them and
+    /// how many there were.
+    pub(crate) fn replay_after(&mut self, mut seq: u64) -> io::Result<(Writes, u64, usize)> {
+        let mut merged = Writes::new();
+        let mut replayed = 0;
+        for (record_seq, writes) in self.records()? {
+            if record_seq <= seq {
+                continue;
+            }
+            if record_seq != seq + 1 {
+                break;
+            }
+            merged.extend(writes);
+            seq = record_seq;
+            replayed += 1;
+        }
+        Ok((merged, seq, replayed))
+    }
+
     /// Appends the record of commit `seq` in one write; the caller applies the writes only
     /// after this returned. A write that fails part way (a full disk) leaves no partial
     /// record behind: the replay stops at the first torn record, so one left in place would
