@@ -14,7 +14,7 @@
 //!   (`flock`) for as long as the store is open, by this and any other process.
 //! - **Mapped pages.** LMDB reads through a shared read-only map of `data.mdb`. On each
 //!   page fault the kernel maps up to 64 KiB of neighbouring pages that are in the page
-//!   cache (fault-around, which `MADV_RANDOM` does not stop), so random lookups soon have
+//!   cache (fault-around, which `MDB_NORDAHEAD` does not stop), so random lookups soon have
 //!   the whole file in the listener's RSS, counted as its memory though it is page cache.
 //!   [`Store::release_mapped_pages`] drops the mappings (not the cached pages) at each
 //!   flush, so RSS shows what the process uses, not the size of the cache.
@@ -51,6 +51,9 @@ const MAP_SIZE: usize = if usize::BITS >= 64 {
 } else {
     1 << 30
 };
+/// Smaller reservations tried in turn when the address space is limited (`ulimit -v`,
+/// systemd's `LimitAS=`): 64 GiB, then 8 GiB on 64-bit.
+const FALLBACK_MAP_SIZES: [usize; 2] = [MAP_SIZE >> 4, MAP_SIZE >> 7];
 
 /// The key `key` is stored under.
 pub(crate) fn stored_key(key: &[u8]) -> Cow<'_, [u8]> {
@@ -108,15 +111,28 @@ impl Store {
             }
         }
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
-        options.map_size(MAP_SIZE).max_dbs(0);
-        // SAFETY: NO_META_SYNC keeps the file consistent (see the module documentation);
-        // the directory lock above keeps every other process and handle out of the files
-        // LMDB maps, which is what `open` requires.
-        let env = unsafe {
-            options.flags(EnvFlags::NO_META_SYNC | EnvFlags::NO_READ_AHEAD);
-            options.open(path)
+        options.max_dbs(0);
+        // SAFETY: NO_META_SYNC keeps the file consistent (see the module documentation).
+        unsafe {
+            options.flags(EnvFlags::NO_META_SYNC);
         }
-        .map_err(store_error)?;
+        let mut sizes = std::iter::once(MAP_SIZE)
+            .chain(FALLBACK_MAP_SIZES)
+            .peekable();
+        let env = loop {
+            let Some(size) = sizes.next() else {
+                unreachable!("the sizes end only after an error returned");
+            };
+            options.map_size(size);
+            // SAFETY: the directory lock above keeps every other process and handle out of
+            // the files LMDB maps, which is what `open` requires.
+            match unsafe { options.open(path) } {
+                Ok(env) => break env,
+                Err(heed::Error::Io(e))
+                    if e.raw_os_error() == Some(libc::ENOMEM) && sizes.peek().is_some() => {}
+                Err(e) => return Err(store_error(e)),
+            }
+        };
         // Reader slots of a process that died with a read transaction open.
         env.clear_stale_readers().map_err(store_error)?;
         let mut txn = env.write_txn().map_err(store_error)?;
@@ -408,6 +424,50 @@ mod tests {
             rss_file_kb()
         );
         read_all();
+    }
+
+    const LIMITED_CHILD: &str = "CACHE_KV_LIMITED_CHILD";
+
+    /// Under an address space limit (`ulimit -v`) that the 1 TiB map exceeds, the store
+    /// opens with a smaller one. Run in a child process, which the limit would otherwise
+    /// affect as a whole.
+    #[test]
+    fn opens_under_an_address_space_limit() {
+        let name = "kv::tests::opens_under_an_address_space_limit";
+        if let Ok(dir) = std::env::var(LIMITED_CHILD) {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let vm_kb: u64 = status
+                .lines()
+                .find(|l| l.starts_with("VmSize:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .unwrap()
+                .parse()
+                .unwrap();
+            // Room for 8 GiB more, not for 64 GiB.
+            let limit = vm_kb * 1024 + (32 << 30);
+            let rlimit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: setrlimit only reads the struct passed.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &rlimit) }, 0);
+            let store = Store::open(Path::new(&dir)).unwrap();
+            let mut writes = Writes::new();
+            writes.insert(b"k".to_vec(), Some(b"v".to_vec()));
+            store.apply(&writes).unwrap();
+            assert_eq!(store.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--nocapture"])
+            .env(LIMITED_CHILD, dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "the child ran the test: {text}");
     }
 
     #[test]
