@@ -990,3 +990,43 @@ fn the_control_socket_refuses_another_user() {
     );
     listener.stop().unwrap();
 }
+
+/// The cache of the version before the LMDB store (sled), as a crash left it, is imported
+/// at its first open, here by the dump tool: the flushed entries, the commit that was only
+/// in its commit log, the master record; the old directory goes. See `fixtures/README.md`.
+#[test]
+fn the_cache_of_the_previous_version_is_imported_at_its_first_open() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/sled-cache/cache.sled");
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join(cache::SLED_DIR);
+    fs::create_dir(&old).unwrap();
+    // sled's empty `blobs/` directory is not in git; sled creates it again.
+    for file in fs::read_dir(&fixture).unwrap() {
+        let file = file.unwrap();
+        fs::copy(file.path(), old.join(file.file_name())).unwrap();
+    }
+    let cache_dir = dir.path().display().to_string();
+
+    let ids = tool(DUMP, &["-c", &cache_dir, "-i"]);
+    assert_eq!((ids.code, ids.stdout.as_str()), (0, "9 3\n"), "{ids:?}");
+    assert!(!old.exists(), "the old database is removed");
+    assert!(dir.path().join(cache::DB_DIR).join("data.mdb").exists());
+
+    let dump = tool(DUMP, &["-c", &cache_dir]);
+    assert_eq!(dump.code, 0, "{dump:?}");
+    let dns: Vec<&str> = dump
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("dn:"))
+        .collect();
+    assert_eq!(dns.len(), 21, "{}", dump.stdout);
+    assert!(dump.stdout.contains("dn: cn=old19,dc=example,dc=com\n"));
+    assert!(!dump.stdout.contains("dn: cn=old0,dc=example,dc=com\n"));
+    // The DN only in the commit log; not ASCII, so base64.
+    assert!(
+        dump.stdout
+            .contains("dn:: Y249QsOkcixkYz1leGFtcGxlLGRjPWNvbQ==\n"),
+        "{}",
+        dump.stdout
+    );
+}
