@@ -258,6 +258,37 @@ pub fn purge_stream(servers: &str, stream: &str) -> Result<()> {
     })
 }
 
+/// Creates `stream` for `subjects`, refusing messages over `max_message_size` bytes.
+pub fn create_stream(
+    servers: &str,
+    stream: &str,
+    subjects: &str,
+    max_message_size: i32,
+) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_context("starting a runtime"))?;
+    runtime.block_on(async {
+        let servers: Vec<&str> = servers.split(',').collect();
+        let client = async_nats::connect(servers.as_slice())
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(nats_error("connecting"))?;
+        async_nats::jetstream::new(client)
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: stream.to_owned(),
+                subjects: vec![subjects.to_owned()],
+                max_message_size,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(nats_error("creating the stream"))?;
+        Ok(())
+    })
+}
+
 /// Runs `work` on the handle of `stream` (`servers`: comma-separated URLs).
 fn with_stream<T, F>(
     servers: &str,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use integration_tests::nats::{StreamMessage, purge_stream, read_stream};
+use integration_tests::nats::{StreamMessage, create_stream, purge_stream, read_stream};
 use integration_tests::process::binary;
 use integration_tests::slapd::BASE;
 use integration_tests::{
@@ -307,6 +307,55 @@ fn a_stream_whose_last_message_is_gone_does_not_stop_the_module() {
     listener.wait_for_id(id, T).unwrap();
     let stream = wait_stream(&server.url(), 1);
     assert_eq!(stream[0].payload["dn"], after.as_str(), "{stream:?}");
+    listener.stop().unwrap();
+}
+
+/// A change whose message the stream refuses by its size fails its call (visible in the
+/// log and in the module's status) instead of being published again for ever: the
+/// listener goes on, and the next change is exported.
+#[test]
+fn a_message_too_large_for_the_stream_fails_its_call_and_the_listener_goes_on() {
+    let slapd = Slapd::provider().unwrap();
+    let notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path()).unwrap();
+    create_stream(&server.url(), STREAM, "udl.>", 4096).unwrap();
+    let conf = nats_conf(dir.path(), &server.url(), "create_stream = no\n");
+    let mut listener = start_listener(&slapd, &notifier, &conf);
+    let mut admin = slapd.admin().unwrap();
+    let big = format!("cn=big,{BASE}");
+    let description = "x".repeat(8000);
+    admin
+        .add(
+            &big,
+            &[
+                ("objectClass", &["organizationalRole"]),
+                ("cn", &["big"]),
+                ("description", &[description.as_str()]),
+            ],
+        )
+        .unwrap();
+    let after = format!("cn=after-big,{BASE}");
+    admin.add_role(&after, "after").unwrap();
+    let id = notifier.wait_transaction(&after, 'a', T).unwrap();
+    listener.wait_for_id(id, T).unwrap();
+    let stream = wait_until("the later add in the stream", T, || {
+        let stream = read_stream(&server.url(), STREAM).unwrap_or_default();
+        Ok(stream
+            .iter()
+            .any(|m| m.payload["dn"] == after.as_str())
+            .then_some(stream))
+    })
+    .unwrap();
+    assert!(
+        !stream.iter().any(|m| m.payload["dn"] == big.as_str()),
+        "{stream:?}"
+    );
+    assert!(
+        listener.log().contains("larger than NATS accepts"),
+        "{}",
+        listener.log()
+    );
     listener.stop().unwrap();
 }
 

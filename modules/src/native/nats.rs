@@ -331,7 +331,13 @@ pub(crate) fn payload(call: &Call<'_>, time: SystemTime) -> Result<Vec<u8>, serd
 #[derive(Clone)]
 struct Connection {
     jetstream: jetstream::Context,
+    /// The largest message (headers and payload) the server and the stream accept.
+    max_message: usize,
 }
+
+/// Room for the headers of a message besides its two ids and the stream name
+/// (`NATS/1.0`, the header names, line ends).
+const HEADER_ROOM: usize = 128;
 
 /// What the publisher task reports back to the handler.
 #[derive(Debug, Default)]
@@ -620,6 +626,8 @@ pub(super) struct Nats {
     init_pass: u128,
     /// Why the connection is down, from the client's events, for the error messages.
     last_event: Arc<Mutex<Option<String>>>,
+    /// [`Connection::max_message`], once connected.
+    max_message: Option<usize>,
 }
 
 impl Nats {
@@ -663,6 +671,7 @@ impl Nats {
             basedn: None,
             init_pass: 0,
             last_event: Arc::new(Mutex::new(None)),
+            max_message: None,
         })
     }
 
@@ -743,6 +752,7 @@ impl Nats {
             self.settings.stream,
             self.settings.prefix
         );
+        self.max_message = Some(connection.max_message);
         let stream = self.settings.stream.clone();
         if !self.resumed {
             // A call repeated after a crash is in the outbox (its tail) or in the stream.
@@ -893,6 +903,11 @@ async fn connect(
         .connect(settings.servers.as_slice())
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
+    // 0: the server's INFO not seen (it comes with the handshake); no limit assumed.
+    let server_max = match client.server_info().max_payload {
+        0 => usize::MAX,
+        max => max,
+    };
     // Acknowledgements dropped after a failure hold a publish permit until they come or
     // time out: bounded by `ack_timeout` too (the default, 30 s, could use up the permits
     // over a few republish rounds and block the next publish for that long).
@@ -920,7 +935,15 @@ async fn connect(
             settings.duplicate_window
         );
     }
-    Ok(Connection { jetstream })
+    // -1: no limit of the stream's own.
+    let max_message = match usize::try_from(stream.cached_info().config.max_message_size) {
+        Ok(stream_max) if stream_max > 0 => stream_max.min(server_max),
+        _ => server_max,
+    };
+    Ok(Connection {
+        jetstream,
+        max_message,
+    })
 }
 
 /// The message id of the stream's last message (`None`: the stream is empty, its last
@@ -977,6 +1000,18 @@ impl Module for Nats {
         let payload = payload(call, SystemTime::now())
             .map_err(|e| ModuleError::new(format!("cannot encode {id}: {e}")))?;
         let jobs = self.publisher()?;
+        // A message the server or the stream refuses by its size would be published again
+        // for ever, and the listener would wait at it: it fails this call instead, like any
+        // module error (logged, the object not marked as handled by this module).
+        let size = payload.len() + 2 * id.len() + self.settings.stream.len() + HEADER_ROOM;
+        if let Some(max) = self.max_message.filter(|max| size > *max) {
+            return Err(ModuleError::new(format!(
+                "{id}: the message of {size} bytes is larger than NATS accepts ({max} bytes: \
+                 the server's max_payload or the stream's max_msg_size); the change of {} is \
+                 not exported",
+                call.dn
+            )));
+        }
         if let Some(stored) = &self.stored_last {
             if already_stored(stored, &id) {
                 tracing::info!("nats: {id} is already in the stream or outbox (last: {stored})");
