@@ -226,11 +226,7 @@ pub struct StreamMessage {
 /// Reads every message of `stream` in stream order with an ordered consumer (the stream is
 /// left as it is). `servers`: comma-separated URLs.
 pub fn read_stream(servers: &str, stream: &str) -> Result<Vec<StreamMessage>> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(io_context("starting a runtime"))?;
-    runtime.block_on(read_stream_async(servers, stream))
+    with_jetstream(servers, |jetstream| read_stream_async(jetstream, stream))
 }
 
 /// How many messages `stream` holds.
@@ -265,17 +261,8 @@ pub fn create_stream(
     subjects: &str,
     max_message_size: i32,
 ) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(io_context("starting a runtime"))?;
-    runtime.block_on(async {
-        let servers: Vec<&str> = servers.split(',').collect();
-        let client = async_nats::connect(servers.as_slice())
-            .await
-            .map_err(|e| e.to_string())
-            .map_err(nats_error("connecting"))?;
-        async_nats::jetstream::new(client)
+    with_jetstream(servers, |jetstream| async move {
+        jetstream
             .create_stream(async_nats::jetstream::stream::Config {
                 name: stream.to_owned(),
                 subjects: vec![subjects.to_owned()],
@@ -298,6 +285,25 @@ fn with_stream<T, F>(
 where
     F: std::future::Future<Output = Result<T>>,
 {
+    with_jetstream(servers, |jetstream| async move {
+        let handle = jetstream
+            .get_stream(stream)
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(nats_error("finding the stream"))?;
+        work(handle).await
+    })
+}
+
+/// Runs `work` with a JetStream context on a runtime of its own (`servers`:
+/// comma-separated URLs).
+fn with_jetstream<T, F>(
+    servers: &str,
+    work: impl FnOnce(async_nats::jetstream::Context) -> F,
+) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -308,12 +314,7 @@ where
             .await
             .map_err(|e| e.to_string())
             .map_err(nats_error("connecting"))?;
-        let handle = async_nats::jetstream::new(client)
-            .get_stream(stream)
-            .await
-            .map_err(|e| e.to_string())
-            .map_err(nats_error("finding the stream"))?;
-        work(handle).await
+        work(async_nats::jetstream::new(client)).await
     })
 }
 
@@ -321,13 +322,10 @@ fn nats_error(what: &str) -> impl FnOnce(String) -> HarnessError + '_ {
     move |e| HarnessError::Listener(format!("NATS: {what}: {e}"))
 }
 
-async fn read_stream_async(servers: &str, stream: &str) -> Result<Vec<StreamMessage>> {
-    let servers: Vec<&str> = servers.split(',').collect();
-    let client = async_nats::connect(servers.as_slice())
-        .await
-        .map_err(|e| e.to_string())
-        .map_err(nats_error("connecting"))?;
-    let jetstream = async_nats::jetstream::new(client);
+async fn read_stream_async(
+    jetstream: async_nats::jetstream::Context,
+    stream: &str,
+) -> Result<Vec<StreamMessage>> {
     let mut handle = jetstream
         .get_stream(stream)
         .await
