@@ -353,3 +353,45 @@ fn a_quiet_file_intake_names_its_queue_file() {
     .unwrap();
     assert!(notifier.log().contains("(last id 0)"), "{}", notifier.log());
 }
+
+/// A translog entry left from another numbering (a transaction log restored or recreated)
+/// is made to say what the transaction log says, so protocol-2 and protocol-3 listeners see
+/// the same change under one id.
+#[test]
+fn a_stale_translog_entry_is_replaced_with_the_logs_transaction() {
+    let slapd = Slapd::provider().unwrap();
+    let mut root = slapd.root().unwrap();
+    // The base may exist already; the stale entry below it is what matters.
+    let _ = root.add(
+        TRANSLOG_BASE,
+        &[("objectClass", &["auditContainer"]), ("cn", &["translog"])],
+    );
+    let stale = format!("cn=stale,{BASE}");
+    root.add(
+        &format!("reqSession=1,{TRANSLOG_BASE}"),
+        &[
+            ("objectClass", &["auditObject"]),
+            ("reqStart", &["20200101000000Z"]),
+            ("reqSession", &["1"]),
+            ("reqDN", &[stale.as_str()]),
+            ("reqType", &["d"]),
+        ],
+    )
+    .unwrap();
+    let notifier = Notifier::start(&slapd, Intake::QueueFile, &[]).unwrap();
+    notifier.queue(&format!("1 cn=a,{BASE} a\n")).unwrap();
+    wait_for_id(&notifier, 1);
+    let entry = slapd
+        .host()
+        .unwrap()
+        .get(&format!("reqSession=1,{TRANSLOG_BASE}"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry.first("reqDN"), Some(format!("cn=a,{BASE}").as_str()));
+    assert_eq!(entry.first("reqType"), Some("a"));
+    assert!(
+        notifier.log().contains("replacing it"),
+        "{}",
+        notifier.log()
+    );
+}

@@ -12,6 +12,7 @@ use daemon::backoff::Backoff;
 use daemon::time::generalized_time;
 use ldap::dn::dn_key;
 use ldap::translog::{base_attrs, entry_attrs, session_dn};
+use ldap::write::Change;
 use ldap::{Endpoint, LdapFailure, connect, rc};
 
 /// Adds in flight at once on the one (multiplexed) connection.
@@ -65,11 +66,12 @@ impl TranslogWriter {
                 }
             };
             let base = self.base.clone();
+            let timeout = self.endpoint.timeout;
             let outcomes: Vec<(&Transaction, AddOutcome)> = futures::stream::iter(pending.iter())
                 .map(|tx| {
                     let mut ldap = ldap.clone();
                     let base = base.as_str();
-                    async move { (*tx, add_entry(&mut ldap, base, tx).await) }
+                    async move { (*tx, add_entry(&mut ldap, base, tx, timeout).await) }
                 })
                 .buffer_unordered(PIPELINE_DEPTH)
                 .collect()
@@ -189,13 +191,17 @@ impl TranslogWriter {
     }
 }
 
-async fn add_entry(ldap: &mut Ldap, base: &str, tx: &Transaction) -> AddOutcome {
+async fn add_entry(ldap: &mut Ldap, base: &str, tx: &Transaction, timeout: Duration) -> AddOutcome {
     let dn = session_dn(tx.id.get(), base);
     let attrs = entry_attrs(tx, &generalized_time(SystemTime::now()));
     match ldap.add(&dn, attrs).await {
         Err(err) => AddOutcome::Retry(err.to_string()),
         Ok(result) => match result.rc {
-            rc::SUCCESS | rc::ALREADY_EXISTS => AddOutcome::Done,
+            rc::SUCCESS => AddOutcome::Done,
+            // Written by an earlier run (a crash before the id was committed, a replayed
+            // queue) or left from another numbering (a transaction log restored or
+            // recreated): the entry must say what this log says.
+            rc::ALREADY_EXISTS => match_existing(ldap, &dn, tx, timeout).await,
             rc::NO_SUCH_OBJECT => AddOutcome::MissingBase,
             rc::INVALID_ATTRIBUTE_SYNTAX
             | rc::INVALID_DN_SYNTAX
@@ -205,5 +211,60 @@ async fn add_entry(ldap: &mut Ldap, base: &str, tx: &Transaction) -> AddOutcome 
             }
             other => AddOutcome::Retry(format!("LDAP result {other}: {}", result.text)),
         },
+    }
+}
+
+/// Makes the existing entry `dn` describe `tx`: protocol-3 listeners read the change from
+/// it, protocol-2 listeners from the transaction log, and both must see the same one.
+async fn match_existing(
+    ldap: &mut Ldap,
+    dn: &str,
+    tx: &Transaction,
+    timeout: Duration,
+) -> AddOutcome {
+    let found = search_one(
+        ldap,
+        dn,
+        Scope::Base,
+        "(objectClass=*)",
+        &["reqDN", "reqType"],
+        timeout,
+    )
+    .await;
+    let entry = match found {
+        Ok(Lookup::Found(entry)) => entry,
+        // Gone again meanwhile: the next round adds it.
+        Ok(_) => return AddOutcome::Retry(format!("{dn} vanished after it existed")),
+        Err(err) => return AddOutcome::Retry(err.to_string()),
+    };
+    let text = |name: &str| {
+        entry
+            .values(name)
+            .unwrap_or_default()
+            .first()
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+    };
+    let (req_dn, req_type) = (text("reqDN"), text("reqType"));
+    let command = tx.command.to_string();
+    if req_dn.as_deref().map(dn_key) == Some(dn_key(&tx.dn))
+        && req_type.as_deref() == Some(command.as_str())
+    {
+        return AddOutcome::Done;
+    }
+    tracing::warn!(
+        "translog entry {dn} says {} {}, the transaction log says {} {}: replacing it",
+        req_dn.as_deref().unwrap_or("(no reqDN)"),
+        req_type.as_deref().unwrap_or("(no reqType)"),
+        tx.dn,
+        command
+    );
+    let changes = [
+        Change::Replace("reqDN".to_owned(), vec![tx.dn.clone().into_bytes()]),
+        Change::Replace("reqType".to_owned(), vec![command.into_bytes()]),
+    ];
+    match ldap::write::modify(ldap, dn, &changes, timeout).await {
+        Ok(()) => AddOutcome::Done,
+        Err(err) => AddOutcome::Retry(err.to_string()),
     }
 }
