@@ -181,6 +181,10 @@ impl Outbox {
             self.file.set_len(0).map_err(self.err("truncate"))?;
             self.len = 0;
             self.acknowledged_bytes = 0;
+            // Made durable with the next sync (before the listener's next flush): after a
+            // power loss the acknowledged messages would otherwise come back, and a restart
+            // beyond the stream's duplicate window would store them twice.
+            self.unsynced = true;
         } else if self.acknowledged_bytes >= COMPACT_BYTES {
             self.compact()?;
         }
