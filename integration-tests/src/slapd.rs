@@ -91,6 +91,8 @@ pub struct SlapdConfig {
     pub replica_of: Option<String>,
     /// `size.pr` for the host account: the largest page it may ask for.
     pub host_page_limit: Option<u32>,
+    /// The accesslog overlay's `logpurge <age> <interval>` (default a week, daily).
+    pub accesslog_purge: Option<&'static str>,
 }
 
 fn default_schema() -> Vec<PathBuf> {
@@ -111,6 +113,7 @@ impl SlapdConfig {
             schema: default_schema(),
             replica_of: None,
             host_page_limit: None,
+            accesslog_purge: None,
         }
     }
 
@@ -127,6 +130,7 @@ impl SlapdConfig {
             schema: default_schema(),
             replica_of: None,
             host_page_limit: None,
+            accesslog_purge: None,
         }
     }
 
@@ -160,6 +164,11 @@ impl SlapdConfig {
             translog: true,
             ..SlapdConfig::replica_of(primary)
         }
+    }
+
+    pub fn accesslog_purge(mut self, age_and_interval: &'static str) -> SlapdConfig {
+        self.accesslog_purge = Some(age_and_interval);
+        self
     }
 
     pub fn host_page_limit(mut self, limit: u32) -> SlapdConfig {
@@ -706,6 +715,7 @@ access to * by dn.exact=\"{ROOT_PEERCRED}\" manage by users read by * none
             let _ = write!(conf, "updatedn \"{UPDATE_DN}\"\nupdateref \"{primary}\"\n");
         }
         if self.config.accesslog {
+            let purge = self.config.accesslog_purge.unwrap_or("07+00:00 01+00:00");
             let _ = write!(
                 conf,
                 "overlay syncprov
@@ -714,7 +724,7 @@ overlay accesslog
 logdb {ACCESSLOG_BASE}
 logops writes
 logsuccess TRUE
-logpurge 07+00:00 01+00:00
+logpurge {purge}
 "
             );
         }

@@ -262,3 +262,40 @@ fn accesslog_errors_name_the_uri() {
     let log = notifier.log();
     assert!(log.contains("bind as"), "{log}");
 }
+
+/// Writes purged from the access log (logpurge) while the notifier was down cannot be
+/// numbered any more; the notifier says so at its start instead of going on silently.
+/// Entries live 5 s here: long enough for the running notifier to read the first write.
+#[test]
+fn writes_purged_while_the_notifier_was_down_are_reported() {
+    let slapd = Slapd::start(SlapdConfig::provider().accesslog_purge("00:00:05 00:00:01")).unwrap();
+    let mut notifier = Notifier::following_accesslog(&slapd, &[], T).unwrap();
+    add(&slapd, "before-purge");
+    notifier
+        .wait_transaction(&format!("cn=before-purge,{BASE}"), 'a', T)
+        .unwrap();
+    notifier.stop().unwrap();
+    add(&slapd, "purged");
+    // Once the purge has run, the log holds none of the writes.
+    let mut root = slapd.root().unwrap();
+    wait_until("the access log purged", T, || {
+        let left = root
+            .search(
+                integration_tests::slapd::ACCESSLOG_BASE,
+                ldap3::Scope::OneLevel,
+                "(objectClass=auditWriteObject)",
+                &["1.1"],
+            )
+            .unwrap();
+        Ok(left.is_empty().then_some(()))
+    })
+    .unwrap();
+    notifier.restart().unwrap();
+    wait_until("the purge reported", T, || {
+        Ok(notifier
+            .log()
+            .contains("may have been purged")
+            .then_some(()))
+    })
+    .unwrap();
+}

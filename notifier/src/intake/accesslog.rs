@@ -181,8 +181,9 @@ impl AccesslogIntake {
         let Some(mut current) = position.take() else {
             return Ok(());
         };
+        let mut retention_checked = false;
         loop {
-            let ldap = match connect(&self.config.endpoint).await {
+            let mut ldap = match connect(&self.config.endpoint).await {
                 Ok(ldap) => ldap,
                 Err(err) => {
                     tracing::error!(
@@ -195,6 +196,22 @@ impl AccesslogIntake {
                     continue;
                 }
             };
+            if !retention_checked {
+                match retention_gap(&mut ldap, &self.config.base, &current.csn).await {
+                    Ok(None) => {}
+                    Ok(Some(newest)) => tracing::error!(
+                        "the access log no longer holds the last write the notifier read \
+                         (CSN {}) but has newer ones (up to {newest}): writes in between may \
+                         have been purged (logpurge) before the notifier read them, and then \
+                         they are missing from the transaction log; compare the listeners' \
+                         caches with the directory (univention-directory-listener-verify)",
+                        current.csn
+                    ),
+                    // Not worth a retry loop: only a warning depends on it.
+                    Err(err) => tracing::warn!("cannot check the access log's retention: {err}"),
+                }
+                retention_checked = true;
+            }
             tracing::info!(
                 "following {} after CSN {:?} (last id {})",
                 self.config.base,
@@ -395,6 +412,44 @@ impl AccesslogIntake {
         self.metrics.set_intake_lag(0);
         Ok(())
     }
+}
+
+/// Whether writes after `csn` may have been purged from the access log before they were
+/// read: the entry of `csn` is gone although newer ones exist (purging removes the oldest
+/// entries first, so while that entry is there nothing after it is gone). Returns the
+/// log's newest CSN then.
+async fn retention_gap(ldap: &mut Ldap, base: &str, csn: &str) -> Result<Option<String>, String> {
+    if csn.is_empty() {
+        return Ok(None);
+    }
+    let (entries, _) = ldap
+        .search(base, Scope::Base, "(objectClass=*)", vec!["contextCSN"])
+        .await
+        .and_then(|r| r.success())
+        .map_err(|e| e.to_string())?;
+    let newest = entries
+        .into_iter()
+        .filter_map(|e| parse_entry(e).ok())
+        .flat_map(|e| {
+            e.values("contextCSN")
+                .unwrap_or_default()
+                .iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect::<Vec<_>>()
+        })
+        .max()
+        .unwrap_or_default();
+    // CSNs start with a generalized time, so they order as strings.
+    if newest.as_str() <= csn {
+        return Ok(None);
+    }
+    let filter = format!("(entryCSN={})", ldap3::ldap_escape(csn));
+    let (found, _) = ldap
+        .search(base, Scope::Subtree, &filter, vec!["1.1"])
+        .await
+        .and_then(|r| r.success())
+        .map_err(|e| e.to_string())?;
+    Ok(found.is_empty().then_some(newest))
 }
 
 /// Runs the syncrepl search and forwards writes in log order until it fails.
