@@ -304,29 +304,9 @@ impl AccesslogIntake {
         let mut ldap = connect(&self.config.endpoint)
             .await
             .map_err(|e| e.to_string())?;
-        let mut stream = ldap
-            .streaming_search(
-                &self.config.base,
-                Scope::Base,
-                "(objectClass=*)",
-                vec!["contextCSN"],
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut newest = String::new();
-        while let Some(entry) = stream.next().await.map_err(|e| e.to_string())? {
-            let entry = parse_entry(entry).map_err(|e| e.to_string())?;
-            for csn in entry.values("contextCSN").unwrap_or_default() {
-                let csn = String::from_utf8_lossy(csn).into_owned();
-                // CSNs start with a generalized time, so they order as strings.
-                if csn > newest {
-                    newest = csn;
-                }
-            }
-        }
-        let _ = stream.finish().await;
+        let newest = newest_context_csn(&mut ldap, &self.config.base).await;
         let _ = ldap.unbind().await;
-        Ok(newest)
+        newest
     }
 
     /// Commits what the follower delivers. `Ok(true)`: the connection was lost, reconnect;
@@ -422,24 +402,7 @@ async fn retention_gap(ldap: &mut Ldap, base: &str, csn: &str) -> Result<Option<
     if csn.is_empty() {
         return Ok(None);
     }
-    let (entries, _) = ldap
-        .search(base, Scope::Base, "(objectClass=*)", vec!["contextCSN"])
-        .await
-        .and_then(|r| r.success())
-        .map_err(|e| e.to_string())?;
-    let newest = entries
-        .into_iter()
-        .filter_map(|e| parse_entry(e).ok())
-        .flat_map(|e| {
-            e.values("contextCSN")
-                .unwrap_or_default()
-                .iter()
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .collect::<Vec<_>>()
-        })
-        .max()
-        .unwrap_or_default();
-    // CSNs start with a generalized time, so they order as strings.
+    let newest = newest_context_csn(ldap, base).await?;
     if newest.as_str() <= csn {
         return Ok(None);
     }
@@ -450,6 +413,28 @@ async fn retention_gap(ldap: &mut Ldap, base: &str, csn: &str) -> Result<Option<
         .and_then(|r| r.success())
         .map_err(|e| e.to_string())?;
     Ok(found.is_empty().then_some(newest))
+}
+
+/// The newest `contextCSN` of the access log's base entry (empty when it has none).
+async fn newest_context_csn(ldap: &mut Ldap, base: &str) -> Result<String, String> {
+    let (entries, _) = ldap
+        .search(base, Scope::Base, "(objectClass=*)", vec!["contextCSN"])
+        .await
+        .and_then(|r| r.success())
+        .map_err(|e| e.to_string())?;
+    // CSNs start with a generalized time, so they order as strings.
+    Ok(entries
+        .into_iter()
+        .filter_map(|e| parse_entry(e).ok())
+        .flat_map(|e| {
+            e.values("contextCSN")
+                .unwrap_or_default()
+                .iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect::<Vec<_>>()
+        })
+        .max()
+        .unwrap_or_default())
 }
 
 /// Runs the syncrepl search and forwards writes in log order until it fails.
