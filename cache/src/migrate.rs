@@ -172,25 +172,18 @@ fn open_sled(path: &Path) -> Result<sled::Db, CacheError> {
     }
 }
 
-/// Gives `dir` and the files in it to the owner of `like`, where they differ, when running
-/// as root (nobody else may).
+/// Gives `dir` and the files in it to the owner of `like` ([`daemon::fs::give_to_owner_of`]).
 fn give_to_owner_of(dir: &Path, like: &Path) -> Result<(), CacheError> {
-    use std::os::unix::fs::MetadataExt as _;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Ok(());
-    }
-    let owner = std::fs::metadata(like).map_err(io("read the owner of", like))?;
     let mut paths = vec![dir.to_owned()];
     for item in std::fs::read_dir(dir).map_err(io("read", dir))? {
         paths.push(item.map_err(io("read", dir))?.path());
     }
     for path in paths {
-        let meta = std::fs::metadata(&path).map_err(io("read the owner of", &path))?;
-        if (meta.uid(), meta.gid()) != (owner.uid(), owner.gid()) {
-            std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid()))
-                .map_err(io("change the owner of", &path))?;
-        }
+        daemon::fs::give_to_owner_of(&path, like).map_err(|e| CacheError::Io {
+            op: e.op,
+            path: e.path,
+            source: e.source,
+        })?;
     }
     Ok(())
 }

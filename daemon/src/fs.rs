@@ -126,6 +126,23 @@ impl TempFile {
     }
 }
 
+/// Hands `path` to the owner of `like` where they differ, when running as root (nobody else
+/// may change an owner): files a root tool or import creates for a daemon that runs as its
+/// own user.
+pub fn give_to_owner_of(path: &Path, like: &Path) -> Result<(), FileError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let owner = fs::metadata(like).map_err(file_err("read the owner of", like))?;
+    let meta = fs::metadata(path).map_err(file_err("read the owner of", path))?;
+    if (meta.uid(), meta.gid()) != (owner.uid(), owner.gid()) {
+        std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid()))
+            .map_err(file_err("change the owner of", path))?;
+    }
+    Ok(())
+}
+
 /// Syncs the directory holding `path`, which makes a rename or create in it durable;
 /// failing only weakens crash safety, so it is not an error.
 pub fn sync_parent(path: &Path) {

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -133,21 +132,10 @@ pub fn open_state(cache_dir: &Path) -> Result<StateAccess, ToolError> {
 /// Hands `path` to the owner of `like` when running as root: the listener runs as its own
 /// user and must be able to write the snapshot.
 pub fn give_to_owner_of(path: &Path, like: &Path) -> Result<(), ToolError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Ok(());
-    }
-    let meta = std::fs::metadata(like).map_err(|source| ToolError::Io {
-        what: "read the owner of",
-        path: like.to_owned(),
-        source,
-    })?;
-    std::os::unix::fs::chown(path, Some(meta.uid()), Some(meta.gid())).map_err(|source| {
-        ToolError::Io {
-            what: "change the owner of",
-            path: path.to_owned(),
-            source,
-        }
+    daemon::fs::give_to_owner_of(path, like).map_err(|e| ToolError::Io {
+        what: e.op,
+        path: e.path,
+        source: e.source,
     })
 }
 
