@@ -887,13 +887,13 @@ fn stored_count(db: &Store) -> Result<usize, CacheError> {
     Ok(entries)
 }
 
-/// [`Cache::iter`]: entries read a chunk per read transaction, so no transaction stays open
-/// while the caller works on an entry.
+/// [`Cache::iter`]: entries read a chunk per read transaction ([`Store::chunk`]), so no
+/// transaction stays open while the caller works on an entry.
 struct EntryScan<'a> {
     db: &'a Store,
     /// The stored key of the last entry read.
     after: Option<Vec<u8>>,
-    chunk: std::vec::IntoIter<Result<CacheEntry, CacheError>>,
+    chunk: std::vec::IntoIter<crate::kv::Record>,
     done: bool,
 }
 
@@ -902,34 +902,27 @@ impl Iterator for EntryScan<'_> {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            if let Some(item) = self.chunk.next() {
-                return Some(item);
+            if let Some((key, value)) = self.chunk.next() {
+                return Some(decode_entry(&key, &value));
             }
             if self.done {
                 return None;
             }
-            let mut entries = Vec::new();
-            let mut last = None;
-            let scanned = self
+            match self
                 .db
-                .scan(ENTRY_PREFIX, self.after.as_deref(), |key, value| {
-                    entries.push(decode_entry(key, value));
-                    if entries.len() < SCAN_CHUNK {
-                        return Ok(true);
-                    }
-                    last = Some(key.to_vec());
-                    Ok(false)
-                });
-            if let Err(e) = scanned {
-                self.done = true;
-                return Some(Err(e));
+                .chunk(ENTRY_PREFIX, self.after.as_deref(), SCAN_CHUNK)
+            {
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                Ok(records) => {
+                    // A chunk that ended before the limit ended at the last entry.
+                    self.done = records.len() < SCAN_CHUNK;
+                    self.after = records.last().map(|(key, _)| key.clone());
+                    self.chunk = records.into_iter();
+                }
             }
-            // A chunk that ended before the limit ended at the last entry.
-            match last {
-                Some(last) => self.after = Some(last),
-                None => self.done = true,
-            }
-            self.chunk = entries.into_iter();
         }
     }
 }
