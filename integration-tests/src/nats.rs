@@ -32,9 +32,11 @@ pub struct NatsServer {
 impl NatsServer {
     /// A single server with its store below `dir`.
     pub fn start(dir: &Path) -> Result<NatsServer> {
-        let mut server = NatsServer::unstarted(dir)?;
-        server.restart()?;
-        Ok(server)
+        on_free_ports(|| {
+            let mut server = NatsServer::unstarted(dir)?;
+            server.restart()?;
+            Ok(server)
+        })
     }
 
     /// A single server with its ports and store chosen, not started yet
@@ -174,8 +176,31 @@ pub struct NatsCluster {
     _dir: TempDir,
 }
 
+/// Attempts at starting on free ports: a port [`free_port`] found free can be taken by
+/// another test before the server binds it.
+const PORT_ATTEMPTS: usize = 5;
+
+/// Runs `start` again (it picks new ports) while a server fails because a port was taken.
+fn on_free_ports<T>(mut start: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut attempt = 1;
+    loop {
+        match start() {
+            Err(e)
+                if attempt < PORT_ATTEMPTS && e.to_string().contains("address already in use") =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 impl NatsCluster {
     pub fn start() -> Result<NatsCluster> {
+        on_free_ports(NatsCluster::start_once)
+    }
+
+    fn start_once() -> Result<NatsCluster> {
         let dir = tempfile::Builder::new()
             .prefix("udl-nats-cluster-")
             .tempdir()
